@@ -1,0 +1,165 @@
+"""The contract between drivers and the daemon's SensorHub.
+
+A configured device is built by its driver's factory from a typed config struct and the
+shared `Resources` (one async I2C bus worker per bus number, one async serial port per
+URL), and is then either *polled* (the hub calls `read()` on absolute deadlines at
+`rate_hz`) or *streamed* (the hub iterates `frames()` for instruments that talk on
+their own, e.g. NMEA GPS, line instruments).
+
+Faults: a driver raises `DeviceError` for bus/port faults (NACK, EIO, timeout, device node
+gone, wrong chip id) and `FrameError` for one bad frame (CRC, checksum, garbage); the hub
+counts both, retries/backs off, and marks the sensor failed after `fail_after` consecutive
+failures. Drivers never swallow a fault silently: they count it in `counters` too.
+
+Config structs are msgspec tagged unions on `driver:`; each driver's struct subclasses
+`SensorConfig` with `tag="<driver name>"` and adds its own keys (units in key names).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+import msgspec
+
+from drivers.errors import DeviceError, FrameError
+
+__all__ = [
+    "ActuatorConfig",
+    "ActuatorDriver",
+    "AsyncI2CBusLike",
+    "AsyncSerialPortLike",
+    "ChannelInfo",
+    "DeviceError",
+    "FrameError",
+    "PolledSensor",
+    "Quality",
+    "Reading",
+    "Resources",
+    "Sample",
+    "SensorConfig",
+    "StreamSensor",
+]
+
+
+class Quality(enum.IntEnum):
+    GOOD = 0
+    UNCERTAIN = 1  # plausible but suspicious (stuck, out of sensor range, stale fix)
+    BAD = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    name: str
+    unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One channel's value from one acquisition, as the driver returns it."""
+
+    channel: str
+    value: float
+    quality: Quality = Quality.GOOD
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A reading stamped by the hub: what control loops and telemetry consume."""
+
+    sensor_id: str
+    channel: str
+    t_mono: float  # time.monotonic() when the read completed (loop.time() base)
+    t_wall: float  # time.time() at the same instant
+    value: float
+    unit: str
+    quality: Quality = Quality.GOOD
+
+
+class SensorConfig(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="driver"
+):
+    """Keys common to every sensor. Driver structs subclass this with `tag="name"`."""
+
+    id: str
+    enabled: bool = True
+    rate_hz: float = 1.0
+    read_timeout_ms: int = 500
+    retries: int = 2  # immediate retries of one read before it counts as a failure
+    fail_after: int = 3  # consecutive failed reads before the sensor is `failed`
+    reprobe_s: float = 10.0  # how often a failed sensor is re-opened
+    window: int = 1024  # samples kept per channel in the hub's ring buffer
+
+
+class ActuatorConfig(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="driver"
+):
+    """Keys common to every actuator. Driver structs subclass this with `tag="name"`."""
+
+    safe_value: float = 0.0  # applied at start, on shutdown and on fault
+    write_timeout_ms: int = 200
+
+
+T = TypeVar("T")
+
+
+class AsyncI2CBusLike(Protocol):
+    """One I2C bus, all transactions serialised on one worker thread (drivers/i2c/bus.py)."""
+
+    bus_id: str
+
+    async def read_block(self, addr: int, reg: int, length: int) -> bytes: ...
+    async def write_byte(self, addr: int, reg: int, value: int) -> None: ...
+    async def write_block(self, addr: int, reg: int, data: bytes) -> None: ...
+    async def transfer(
+        self, addr: int, write: bytes, read_length: int, delay_s: float = 0.0
+    ) -> bytes: ...
+    async def call(self, fn: Callable[[Any], T]) -> T: ...
+
+
+class AsyncSerialPortLike(Protocol):
+    """One serial port driven by the event loop (drivers/serial/port.py)."""
+
+    url: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def write(self, data: bytes) -> None: ...
+    async def read_some(self, max_bytes: int = 4096) -> bytes: ...
+
+
+class Resources(Protocol):
+    """Shared transports, created lazily by the hub and closed by it."""
+
+    def i2c_bus(self, bus: int) -> AsyncI2CBusLike: ...
+    def serial_port(self, url: str, **settings: Any) -> AsyncSerialPortLike: ...
+
+
+@runtime_checkable
+class PolledSensor(Protocol):
+    mode: Literal["poll"]
+    channels: Sequence[ChannelInfo]
+    counters: dict[str, int]
+
+    async def open(self) -> None: ...
+    async def read(self) -> Sequence[Reading]: ...
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamSensor(Protocol):
+    mode: Literal["stream"]
+    channels: Sequence[ChannelInfo]
+    counters: dict[str, int]
+
+    async def open(self) -> None: ...
+    def frames(self) -> AsyncIterator[Sequence[Reading]]: ...
+    async def close(self) -> None: ...
+
+
+class ActuatorDriver(Protocol):
+    async def open(self) -> None: ...
+    async def write(self, value: float) -> None: ...
+    async def close(self) -> None: ...

@@ -1,0 +1,169 @@
+"""What the composition root hands to every component.
+
+`Context` is built once by edgerund/daemon.py. It carries the validated config, the logger,
+the event bus (anomaly, sensor-state and update events flowing to telemetry and the log),
+the supervisor that owns every background task, and a name -> component map through which
+components find each other's *public* API (e.g. `ctx.require("hub")`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
+
+log = structlog.get_logger("edgerund")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened, for telemetry `evt` and the log ring.
+
+    kind: dotted name, e.g. "anomaly.start", "anomaly.end", "sensor.state", "update.result".
+    source: the component or object id it concerns (loop id, sensor id, model name).
+    """
+
+    kind: str
+    source: str
+    t_wall: float
+    t_mono: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Synchronous fan-out. Subscribers must be cheap (append to a queue) and not raise."""
+
+    def __init__(self) -> None:
+        self._subs: list[Subscriber] = []
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        self._subs.append(fn)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subs.remove(fn)
+
+        return unsubscribe
+
+    def publish(self, kind: str, source: str, **fields: Any) -> Event:
+        ev = Event(kind, source, time.time(), time.monotonic(), fields)
+        for fn in list(self._subs):
+            try:
+                fn(ev)
+            except Exception:  # one bad subscriber must not starve the others
+                log.exception("event_subscriber_failed", kind=kind)
+        return ev
+
+
+class FatalComponentError(Exception):
+    """A non-restartable task of a component failed: the daemon exits non-zero."""
+
+    def __init__(self, task_name: str, exc: BaseException) -> None:
+        self.task_name = task_name
+        self.exc = exc
+        super().__init__(f"{task_name} failed: {exc!r}")
+
+
+class Supervisor:
+    """Owns every background task of the daemon.
+
+    `spawn(name, factory, restart=True)`: a crash is logged once with the task's name and
+    the task restarts after a capped, jittered exponential backoff (reset after a minute of
+    healthy running). With `restart=False` a crash stops the daemon with a non-zero exit
+    so systemd restarts the whole service (used where in-process recovery is unsafe).
+    """
+
+    def __init__(self, on_fatal: Callable[[FatalComponentError], None]) -> None:
+        self._on_fatal = on_fatal
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.restarts: dict[str, int] = {}
+
+    def spawn(
+        self,
+        name: str,
+        factory: Callable[[], Awaitable[None]],
+        *,
+        restart: bool = True,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(
+            self._run(name, factory, restart, backoff_initial_s, backoff_max_s), name=name
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run(
+        self,
+        name: str,
+        factory: Callable[[], Awaitable[None]],
+        restart: bool,
+        backoff_initial_s: float,
+        backoff_max_s: float,
+    ) -> None:
+        backoff = backoff_initial_s
+        while True:
+            started = time.monotonic()
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not restart:
+                    log.error("task_failed_fatal", task=name, error=repr(exc), exc_info=True)
+                    self._on_fatal(FatalComponentError(name, exc))
+                    return
+                if time.monotonic() - started > 60.0:
+                    backoff = backoff_initial_s
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                log.error("task_failed_restarting", task=name, error=repr(exc),
+                          restart_in_s=round(backoff, 2), exc_info=True)
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(backoff * 2, backoff_max_s)
+
+    async def cancel_all(self, timeout_s: float = 5.0) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+
+@dataclass
+class Context:
+    config: Config
+    config_path: Path
+    supervisor: Supervisor
+    events: EventBus = field(default_factory=EventBus)
+    simulate: bool = False
+    started_wall: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    components: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str) -> Any | None:
+        return self.components.get(name)
+
+    def require(self, name: str) -> Any:
+        comp = self.components.get(name)
+        if comp is None:
+            raise LookupError(f"component {name!r} is not configured or not built yet")
+        return comp
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config.paths.state_dir)

@@ -78,9 +78,7 @@ class Sample:
     quality: Quality = Quality.GOOD
 
 
-class SensorConfig(
-    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="driver"
-):
+class SensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="driver"):
     """Keys common to every sensor. Driver structs subclass this with `tag="name"`."""
 
     id: str
@@ -93,9 +91,7 @@ class SensorConfig(
     window: int = 1024  # samples kept per channel in the hub's ring buffer
 
 
-class ActuatorConfig(
-    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="driver"
-):
+class ActuatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="driver"):
     """Keys common to every actuator. Driver structs subclass this with `tag="name"`."""
 
     safe_value: float = 0.0  # applied at start, on shutdown and on fault

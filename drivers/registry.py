@@ -26,7 +26,14 @@ SENSOR_MODULES: tuple[str, ...] = (
     "drivers.serial.modbus",
     "drivers.serial.cobs",
 )
-ACTUATOR_MODULES: tuple[str, ...] = ()
+ACTUATOR_MODULES: tuple[str, ...] = (
+    "drivers.i2c.actuator",
+    "drivers.serial.actuator",
+    "drivers.serial.modbus_actuator",
+    "drivers.gpio",
+    "drivers.mqtt_command",
+    "drivers.emulated.actuator",
+)
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,12 @@ class Supervisor:
     def __init__(self, on_fatal: Callable[[FatalComponentError], None]) -> None:
         self._on_fatal = on_fatal
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tg: asyncio.TaskGroup | None = None
         self.restarts: dict[str, int] = {}
+
+    def attach(self, tg: asyncio.TaskGroup) -> None:
+        """Own every later task through the daemon's TaskGroup."""
+        self._tg = tg
 
     def spawn(
         self,
@@ -100,8 +105,11 @@ class Supervisor:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(
-            self._run(name, factory, restart, backoff_initial_s, backoff_max_s), name=name
+        coro = self._run(name, factory, restart, backoff_initial_s, backoff_max_s)
+        task = (
+            self._tg.create_task(coro, name=name)
+            if self._tg is not None
+            else asyncio.create_task(coro, name=name)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -131,8 +139,13 @@ class Supervisor:
                 if time.monotonic() - started > 60.0:
                     backoff = backoff_initial_s
                 self.restarts[name] = self.restarts.get(name, 0) + 1
-                log.error("task_failed_restarting", task=name, error=repr(exc),
-                          restart_in_s=round(backoff, 2), exc_info=True)
+                log.error(
+                    "task_failed_restarting",
+                    task=name,
+                    error=repr(exc),
+                    restart_in_s=round(backoff, 2),
+                    exc_info=True,
+                )
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, backoff_max_s)
 

@@ -25,8 +25,14 @@ class EdgerundError(Exception):
 class ConfigError(EdgerundError):
     """A configuration problem. `str()` is the full `FILE:LINE: key.path: message` text."""
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 path: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        path: str | None = None,
+    ) -> None:
         self.file = file
         self.line = line
         self.path = path

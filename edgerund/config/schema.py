@@ -14,6 +14,7 @@ from drivers.base import ActuatorConfig, SensorConfig
 from drivers.registry import actuator_drivers, sensor_drivers
 from edgerund.config.base import Section
 from edgerund.control.config import LoopConfig
+from edgerund.hub.config import SimulationConfig
 from edgerund.identity.config import IdentityConfig
 from edgerund.inference.config import ModelConfig
 from edgerund.telemetry.config import TelemetryConfig, UplinkConfig
@@ -85,3 +86,4 @@ class Config(Section):
     updates: UpdatesConfig = msgspec.field(default_factory=UpdatesConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     uplink: UplinkConfig = msgspec.field(default_factory=UplinkConfig)
+    simulation: SimulationConfig = msgspec.field(default_factory=SimulationConfig)

@@ -1,9 +1,100 @@
-"""Schema of the `updates` section (owned by the updates component)."""
+"""Schema of the `updates` section (owned by the updates component).
+
+Everything that bounds an update lives here with its unit in the key name: how big a bundle
+may be, how far a security counter may jump, how long the precheck subprocess may run, how
+long the probation lasts and how many crashed trials are tolerated before a rollback.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import msgspec
+
 from edgerund.config.base import Section
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
+
+
+class ProbationConfig(Section):
+    """What the probation watches after a new model is swapped in (thresholds are deltas
+    accumulated during the probation window)."""
+
+    max_faults: int = 0  # model faults (exceptions) tolerated during probation
+    max_nan_outputs: int = 0  # NaN/Inf outputs tolerated during probation
+    max_missed_ticks: int = 0  # control-loop missed ticks tolerated during probation
+    poll_interval_ms: int = 250  # how often models.stats()/loops.status() are sampled
 
 
 class UpdatesConfig(Section):
     enabled: bool = False
+    # Device keyring (JSON, see docs/updates.md). Relative paths are relative to
+    # paths.state_dir. The keyring may be rotated at run time (`bundle keyring rotate`
+    # produces the signed successor; the daemon stores the accepted one in state_dir).
+    keyring_file: str = "keyring.json"
+    bundle_max_mb: float = 64.0  # refused before a single byte is read when larger
+    file_max_mb: float = 64.0  # each payload file inside a bundle
+    manifest_max_kb: int = 256  # manifest.json (and manifest.sig) read into memory
+    max_counter_jump: int = 16  # security counter may rise by at most this much per bundle
+    max_version_jump: int = 0  # 0 = unlimited; else the major version may rise by at most this
+    inbox_dir: str = ""  # watched directory (a technician's USB stick); "" = off
+    inbox_poll_ms: int = 2000
+    probation_s: float = 30.0  # default when the bundle's health criteria name none
+    probation_max_s: float = 3600.0  # a bundle may not ask for a longer probation
+    precheck_timeout_s: float = 60.0  # the subprocess is killed after this
+    precheck_cpu_s: float = 0.0  # RLIMIT_CPU of the precheck child; 0 = precheck_timeout_s
+    precheck_runs: int = 50  # timed runs (after warm-up) for the latency p95
+    attempts: int = 2  # crashed trials (daemon died in TRIAL/PROBATION) before rollback
+    max_state_writes: int = 64  # per deployment, like Mender's loop breaker
+    # MQTT chunked transfer (cmd/update): resumable, size-capped.
+    mqtt_enabled: bool = True
+    mqtt_chunk_max_kb: int = 256
+    mqtt_transfer_ttl_s: float = 3600.0  # a transfer with no chunk for this long is dropped
+    mqtt_max_transfers: int = 2
+    counter_file: str = "updates/security_counter"  # used when identity is not a TPM
+    probation: ProbationConfig = msgspec.field(default_factory=ProbationConfig)
+
+
+def cross_check(cfg: Config) -> list[tuple[str, str]]:
+    """Cross-field checks of the updates section against the rest of the config."""
+    errors: list[tuple[str, str]] = []
+    u = cfg.updates
+    if not u.enabled:
+        return errors
+    if u.bundle_max_mb <= 0:
+        errors.append(("updates.bundle_max_mb", f"expected > 0, got {u.bundle_max_mb}"))
+    if u.file_max_mb <= 0:
+        errors.append(("updates.file_max_mb", f"expected > 0, got {u.file_max_mb}"))
+    if u.max_counter_jump < 1:
+        errors.append(("updates.max_counter_jump", f"expected >= 1, got {u.max_counter_jump}"))
+    if u.max_version_jump < 0:
+        errors.append(("updates.max_version_jump", f"expected >= 0, got {u.max_version_jump}"))
+    if u.attempts < 1:
+        errors.append(("updates.attempts", f"expected >= 1, got {u.attempts}"))
+    if u.precheck_timeout_s <= 0:
+        errors.append(("updates.precheck_timeout_s", f"expected > 0, got {u.precheck_timeout_s}"))
+    if u.probation_s < 0 or u.probation_s > u.probation_max_s:
+        errors.append(
+            (
+                "updates.probation_s",
+                f"expected 0..{u.probation_max_s} (probation_max_s), got {u.probation_s}",
+            )
+        )
+    if u.mqtt_chunk_max_kb < 1 or u.mqtt_chunk_max_kb > 16384:
+        errors.append(
+            ("updates.mqtt_chunk_max_kb", f"expected 1..16384, got {u.mqtt_chunk_max_kb}")
+        )
+    if u.max_state_writes < 16:
+        errors.append(("updates.max_state_writes", f"expected >= 16, got {u.max_state_writes}"))
+    if not cfg.models:
+        errors.append(
+            ("updates.enabled", "expected at least one entry in models[] to update, got none")
+        )
+    names = [m.name for m in cfg.models]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            errors.append((f"models[{i}].name", f"expected unique model names, got {n!r} twice"))
+        if not n or "/" in n or n.startswith(".") or n in ("staging",):
+            errors.append((f"models[{i}].name", f"expected a plain directory name, got {n!r}"))
+    return errors

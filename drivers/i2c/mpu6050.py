@@ -1,0 +1,300 @@
+"""InvenSense MPU-6050 6-axis accelerometer + gyroscope (driver name `mpu6050`).
+
+Theory of operation
+-------------------
+Protocol part (pure): the register map (RM-MPU-6000A rev 4.2), the full-scale range
+fields of GYRO_CONFIG / ACCEL_CONFIG and their sensitivities (accelerometer 16384, 8192,
+4096, 2048 LSB/g for ±2/4/8/16 g; gyro 131, 65.5, 32.8, 16.4 LSB/(°/s) for ±250/500/
+1000/2000 °/s), the DLPF settings of CONFIG (accelerometer bandwidth 260 .. 5 Hz), the
+sample-rate divider (rate = gyro output rate / (1 + SMPLRT_DIV), the gyro output rate
+being 8 kHz with the DLPF off and 1 kHz otherwise) and the temperature formula
+(TEMP_OUT / 340 + 36.53 °C). `decode_burst` turns the 14 bytes from ACCEL_XOUT_H (0x3B)
+.. GYRO_ZOUT_L (0x48) into raw counts; one burst is one coherent sample because the part
+latches the output registers for the duration of a read.
+
+Driver part: this is the vibration source of the anomaly model, so `read()` is exactly one
+14-byte burst (one executor hop, 1.56 ms on a 100 kHz bus, 0.39 ms at 400 kHz: use 400 kHz
+for rates above ~200 Hz). `open()` checks WHO_AM_I (0x68; MPU-6500/9250 answer 0x70/0x71),
+resets the part, takes it out of sleep with the X-gyro PLL as clock, and writes the
+divider, DLPF and ranges. Every 256 reads PWR_MGMT_1 is re-read: a part that browned out
+comes back asleep with frozen outputs, which the driver notices and re-initialises.
+`read_fifo()` drains the 1024-byte FIFO for consumers that want every sample at the full
+output rate rather than one per poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from drivers.base import (
+    AsyncI2CBusLike,
+    ChannelInfo,
+    DeviceError,
+    Quality,
+    Reading,
+    Resources,
+    SensorConfig,
+)
+from drivers.i2c.common import StuckDetector, check_address, check_bus, check_choice, new_counters
+from drivers.registry import SensorSpec
+
+# -- protocol ------------------------------------------------------------------------------
+
+REG_SMPLRT_DIV = 0x19
+REG_CONFIG = 0x1A
+REG_GYRO_CONFIG = 0x1B
+REG_ACCEL_CONFIG = 0x1C
+REG_FIFO_EN = 0x23
+REG_INT_STATUS = 0x3A
+REG_ACCEL_XOUT_H = 0x3B  # .. 0x48: accel xyz, temp, gyro xyz
+REG_USER_CTRL = 0x6A
+REG_PWR_MGMT_1 = 0x6B
+REG_FIFO_COUNT_H = 0x72
+REG_FIFO_R_W = 0x74
+REG_WHO_AM_I = 0x75
+WHO_AM_I = 0x68
+OTHER_CHIPS = {0x70: "MPU-6500", 0x71: "MPU-9250", 0x73: "MPU-9255", 0x98: "ICM-20689"}
+
+PWR_RESET = 0x80
+PWR_SLEEP = 0x40
+CLKSEL_PLL_XGYRO = 0x01
+USER_CTRL_FIFO_EN = 0x40
+USER_CTRL_FIFO_RESET = 0x04
+FIFO_EN_TEMP_GYRO_ACCEL = 0x80 | 0x70 | 0x08  # FIFO record = 14 bytes, register order
+INT_DATA_RDY = 0x01
+INT_FIFO_OFLOW = 0x10
+FIFO_SIZE = 1024
+BURST_LEN = 14
+
+ADDRESSES = {0x68: "AD0 low", 0x69: "AD0 high"}
+ACCEL_RANGES_G = (2, 4, 8, 16)
+ACCEL_LSB_PER_G = (16384.0, 8192.0, 4096.0, 2048.0)
+GYRO_RANGES_DPS = (250, 500, 1000, 2000)
+GYRO_LSB_PER_DPS = (131.0, 65.5, 32.8, 16.4)
+# DLPF_CFG code -> accelerometer bandwidth (Hz); 0 means the DLPF is off (260 Hz)
+DLPF_HZ = (260, 184, 94, 44, 21, 10, 5)
+DLPF_DELAY_MS = (0.0, 2.0, 3.0, 4.9, 8.5, 13.8, 19.0)  # accelerometer delay, RM Table 26
+
+
+def gyro_output_rate_hz(dlpf_code: int) -> int:
+    return 8000 if dlpf_code in (0, 7) else 1000
+
+
+def sample_rate_hz(dlpf_code: int, smplrt_div: int) -> float:
+    return gyro_output_rate_hz(dlpf_code) / (1 + smplrt_div)
+
+
+def divider_for(rate_hz: float, dlpf_code: int) -> int:
+    """SMPLRT_DIV giving exactly `rate_hz`; ValueError if no integer divider does."""
+    base = gyro_output_rate_hz(dlpf_code)
+    div = base / rate_hz - 1
+    if abs(div - round(div)) > 1e-9 or not 0 <= round(div) <= 255:
+        raise ValueError(
+            f"sample_rate_hz {rate_hz:g} is not {base} Hz / (1 + n) for n in 0..255 "
+            f"(e.g. 1000, 500, 250, 200, 125, 100 with the DLPF on)"
+        )
+    return round(div)
+
+
+def decode_burst(data: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """14 bytes from 0x3B -> (ax, ay, az, temp, gx, gy, gz) signed counts."""
+    if len(data) != BURST_LEN:
+        raise ValueError(f"MPU-6050 burst is {BURST_LEN} bytes, got {len(data)}")
+    return struct.unpack(">7h", data)  # type: ignore[return-value]
+
+
+def temp_counts_to_c(counts: int) -> float:
+    return counts / 340.0 + 36.53
+
+
+def decode_fifo(data: bytes, accel_lsb: float, gyro_lsb: float) -> np.ndarray:
+    """FIFO bytes (whole 14-byte records) -> float array (n, 7): ax ay az T gx gy gz."""
+    n = len(data) // BURST_LEN
+    raw = np.frombuffer(data[: n * BURST_LEN], dtype=">i2").reshape(n, 7).astype(np.float64)
+    out = raw.copy()
+    out[:, 0:3] /= accel_lsb
+    out[:, 3] = raw[:, 3] / 340.0 + 36.53
+    out[:, 4:7] /= gyro_lsb
+    return out
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+class MPU6050Config(SensorConfig, tag="mpu6050"):
+    """```yaml
+    - id: motor_vib
+      driver: mpu6050
+      bus: 1
+      address: 0x68            # 0x68 (AD0 low) or 0x69 (AD0 high)
+      rate_hz: 200             # poll rate (one 14-byte burst per poll)
+      accel_range_g: 4         # 2, 4, 8, 16
+      gyro_range_dps: 500      # 250, 500, 1000, 2000
+      dlpf_hz: 94              # 260 (off), 184, 94, 44, 21, 10, 5: accelerometer bandwidth
+      sample_rate_hz: 1000     # output data rate: gyro rate / (1 + SMPLRT_DIV)
+    ```"""
+
+    bus: int = 1
+    address: int = 0x68
+    accel_range_g: int = 4
+    gyro_range_dps: int = 500
+    dlpf_hz: int = 94
+    sample_rate_hz: float = 1000.0
+    stuck_after_reads: int = 100  # identical 14-byte bursts in a row -> UNCERTAIN
+
+    def __post_init__(self) -> None:
+        check_bus(self.bus)
+        check_address("MPU-6050", self.address, ADDRESSES)
+        check_choice("accel_range_g", self.accel_range_g, ACCEL_RANGES_G, " g")
+        check_choice("gyro_range_dps", self.gyro_range_dps, GYRO_RANGES_DPS, " °/s")
+        check_choice("dlpf_hz", self.dlpf_hz, DLPF_HZ, " Hz")
+        divider_for(self.sample_rate_hz, DLPF_HZ.index(self.dlpf_hz))
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+CHANNELS = (
+    ChannelInfo("accel_x", "g"),
+    ChannelInfo("accel_y", "g"),
+    ChannelInfo("accel_z", "g"),
+    ChannelInfo("temperature", "°C"),
+    ChannelInfo("gyro_x", "°/s"),
+    ChannelInfo("gyro_y", "°/s"),
+    ChannelInfo("gyro_z", "°/s"),
+)
+HEALTH_CHECK_EVERY = 256
+
+
+class MPU6050:
+    mode: Literal["poll"] = "poll"
+    channels: Sequence[ChannelInfo] = CHANNELS
+
+    def __init__(self, cfg: MPU6050Config, bus: AsyncI2CBusLike) -> None:
+        self.cfg = cfg
+        self.bus = bus
+        self.addr = cfg.address
+        self.counters = new_counters("config_lost", "fifo_overflows")
+        self._afs = ACCEL_RANGES_G.index(cfg.accel_range_g)
+        self._fs = GYRO_RANGES_DPS.index(cfg.gyro_range_dps)
+        self._dlpf = DLPF_HZ.index(cfg.dlpf_hz)
+        self._div = divider_for(cfg.sample_rate_hz, self._dlpf)
+        self.accel_lsb = ACCEL_LSB_PER_G[self._afs]
+        self.gyro_lsb = GYRO_LSB_PER_DPS[self._fs]
+        self._stuck = StuckDetector(cfg.stuck_after_reads)
+        self._since_check = 0
+        self._need_init = True
+        self._fifo_on = False
+
+    async def open(self) -> None:
+        who = (await self.bus.read_block(self.addr, REG_WHO_AM_I, 1))[0]
+        if who != WHO_AM_I:
+            other = OTHER_CHIPS.get(who)
+            what = f" (that is an {other})" if other else ""
+            raise DeviceError(
+                f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: WHO_AM_I 0x{who:02x}{what}, "
+                f"expected 0x{WHO_AM_I:02x} (MPU-6050)"
+            )
+        await self._init()
+
+    async def _init(self) -> None:
+        await self.bus.write_byte(self.addr, REG_PWR_MGMT_1, PWR_RESET)
+        await asyncio.sleep(0.1)  # reset; the part comes back asleep
+        await self.bus.write_byte(self.addr, REG_PWR_MGMT_1, CLKSEL_PLL_XGYRO)  # wake, PLL
+        await self.bus.write_byte(self.addr, REG_SMPLRT_DIV, self._div)
+        await self.bus.write_byte(self.addr, REG_CONFIG, self._dlpf)
+        await self.bus.write_byte(self.addr, REG_GYRO_CONFIG, self._fs << 3)
+        await self.bus.write_byte(self.addr, REG_ACCEL_CONFIG, self._afs << 3)
+        await asyncio.sleep(0.03)  # gyro start-up time (PS §6.1: 30 ms)
+        self._stuck.reset()
+        self._since_check = 0
+        self._fifo_on = False
+        self._need_init = False
+
+    async def _check_config(self) -> None:
+        pwr = (await self.bus.read_block(self.addr, REG_PWR_MGMT_1, 1))[0]
+        if pwr != CLKSEL_PLL_XGYRO:
+            self.counters["config_lost"] += 1
+            self._need_init = True
+            raise DeviceError(
+                f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: MPU-6050 PWR_MGMT_1 reads "
+                f"0x{pwr:02x}, expected 0x{CLKSEL_PLL_XGYRO:02x} (reset/asleep): re-initialising"
+            )
+
+    async def read(self) -> Sequence[Reading]:
+        try:
+            if self._need_init:
+                await self._init()
+            self._since_check += 1
+            if self._since_check >= HEALTH_CHECK_EVERY:
+                self._since_check = 0
+                await self._check_config()
+            data = await self.bus.read_block(self.addr, REG_ACCEL_XOUT_H, BURST_LEN)
+        except DeviceError:
+            self.counters["bus_errors"] += 1
+            raise
+        self.counters["reads"] += 1
+        ax, ay, az, t, gx, gy, gz = decode_burst(data)
+        q = Quality.GOOD
+        if self._stuck.update(data):
+            self.counters["stuck_reads"] += 1
+            q = Quality.UNCERTAIN
+        a, g = self.accel_lsb, self.gyro_lsb
+        return (
+            Reading("accel_x", ax / a, q),
+            Reading("accel_y", ay / a, q),
+            Reading("accel_z", az / a, q),
+            Reading("temperature", temp_counts_to_c(t), q),
+            Reading("gyro_x", gx / g, q),
+            Reading("gyro_y", gy / g, q),
+            Reading("gyro_z", gz / g, q),
+        )
+
+    async def read_fifo(self, max_samples: int = 73) -> np.ndarray:
+        """Drain up to `max_samples` whole records -> (n, 7) array, oldest first.
+
+        Enables the FIFO on first use. An overflow (more than 1024 bytes queued) loses the
+        oldest data and misaligns records, so the FIFO is reset and the overflow counted.
+        """
+        if not self._fifo_on:
+            await self.bus.write_byte(self.addr, REG_USER_CTRL, USER_CTRL_FIFO_RESET)
+            await self.bus.write_byte(self.addr, REG_FIFO_EN, FIFO_EN_TEMP_GYRO_ACCEL)
+            await self.bus.write_byte(self.addr, REG_USER_CTRL, USER_CTRL_FIFO_EN)
+            self._fifo_on = True
+            return np.empty((0, 7))
+        status = (await self.bus.read_block(self.addr, REG_INT_STATUS, 1))[0]
+        if status & INT_FIFO_OFLOW:
+            self.counters["fifo_overflows"] += 1
+            await self.bus.write_byte(
+                self.addr, REG_USER_CTRL, USER_CTRL_FIFO_EN | USER_CTRL_FIFO_RESET
+            )
+            return np.empty((0, 7))
+        count = int.from_bytes(await self.bus.read_block(self.addr, REG_FIFO_COUNT_H, 2), "big")
+        n = min(count // BURST_LEN, max_samples)
+        if n == 0:
+            return np.empty((0, 7))
+        data = await self.bus.read_block(self.addr, REG_FIFO_R_W, n * BURST_LEN)
+        return decode_fifo(data, self.accel_lsb, self.gyro_lsb)
+
+    async def close(self) -> None:
+        try:  # sleep mode: ~5 µA instead of ~4 mA
+            await self.bus.write_byte(self.addr, REG_PWR_MGMT_1, PWR_SLEEP | CLKSEL_PLL_XGYRO)
+        except DeviceError:
+            pass
+
+
+def _factory(cfg: Any, resources: Resources) -> MPU6050:
+    return MPU6050(cfg, resources.i2c_bus(cfg.bus))
+
+
+SENSOR = SensorSpec(
+    name="mpu6050",
+    config_type=MPU6050Config,
+    factory=_factory,
+    transport="i2c",
+    summary="InvenSense MPU-6050 accelerometer (g), gyro (°/s), temperature, I2C 0x68/0x69",
+)

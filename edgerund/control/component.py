@@ -1,0 +1,248 @@
+"""The "loops" component: builds every configured control loop and owns its task.
+
+Theory of operation
+-------------------
+`build(ctx)` returns None when no loop is configured. `__aenter__`:
+
+1. checks what the config alone could not: every input and rule channel exists on the hub
+   (`hub.channels()`), and, when the model is already loaded, its manifest's input ABI
+   fits the loop's inputs. Both are ConfigErrors naming the loop key and both sides;
+2. opens each loop's actuator through drivers.registry (`actuator_drivers()`, shared
+   transports from `hub.resources`) and writes its safe state before the first tick; an
+   `mqtt` actuator is bound to the event bus (`actuator.command` events, forwarded by the
+   telemetry uplink);
+3. spawns one task per loop through the supervisor, *not* restartable: a loop that crashed
+   on a bug has already driven its actuator safe, and the daemon exits so systemd restarts
+   it rather than running a loop in an unknown state. Device faults and model faults do
+   not crash a loop (they are counted and handled by fallback/safe state).
+
+`__aexit__` (shutdown, or the daemon unwinding after a fault) cancels the loop tasks, then
+drives every actuator to its safe state while the hub's buses are still open (the daemon
+exits components in reverse order), and closes the drivers. It also runs the safe-state
+writes when start-up fails half way.
+
+Timing environment: the daemon installs uvloop when available and calls `gc.freeze()`
+after start-up (edgerund/daemon.py); the scheduler copes with uvloop's early wake-ups.
+Status: `{"loops": [...]}`; socket command `loops` (optional `id`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+import structlog
+
+from drivers.base import ActuatorDriver
+from drivers.registry import actuator_drivers
+from edgerund.component import Command, CommandError, Peer
+from edgerund.context import Context
+from edgerund.control.config import LoopConfig, actuator_driver_name
+from edgerund.control.loop import ControlLoop, _Input, abi_mismatch
+from edgerund.errors import ConfigError, DeviceError
+
+log = structlog.get_logger("edgerund.control")
+
+STALE_SAMPLE_PERIODS = 3.0  # default staleness: this many sensor sample periods + one tick
+
+
+def build(ctx: Context) -> LoopsComponent | None:
+    if not ctx.config.loops:
+        return None
+    return LoopsComponent(ctx)
+
+
+class LoopsComponent:
+    name = "loops"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.loops: list[ControlLoop] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._drivers: list[tuple[ControlLoop | None, ActuatorDriver]] = []
+
+    # --- start-up ---------------------------------------------------------------------
+
+    def _stale_s(self, loop: LoopConfig, sensor_id: str) -> float:
+        if loop.stale_after_ms is not None:
+            return loop.stale_after_ms / 1000.0
+        rate = 1.0
+        for s in self.ctx.config.sensors:
+            if s.id == sensor_id:
+                rate = s.rate_hz
+        return STALE_SAMPLE_PERIODS / max(rate, 1e-6) + loop.period_ms / 1000.0
+
+    def _check_channels(self, hub: Any) -> None:
+        channels_fn = getattr(hub, "channels", None)
+        if channels_fn is None:
+            return
+        known: dict[str, list[str]] = {}
+        for sensor_id, channel, _unit in channels_fn():
+            known.setdefault(sensor_id, []).append(channel)
+        problems: list[str] = []
+        for i, loop in enumerate(self.ctx.config.loops):
+            for j, inp in enumerate(loop.inputs):
+                for ch in inp.channels:
+                    if ch not in known.get(inp.sensor, []):
+                        problems.append(
+                            f"loops[{i}].inputs[{j}].channels: sensor {inp.sensor!r} has no "
+                            f"channel {ch!r} (expected one of: {known.get(inp.sensor, [])})"
+                        )
+            for j, rule in enumerate(loop.fallback):
+                if rule.channel not in known.get(rule.sensor, []):
+                    problems.append(
+                        f"loops[{i}].fallback[{j}].channel: sensor {rule.sensor!r} has no "
+                        f"channel {rule.channel!r} (expected one of: {known.get(rule.sensor, [])})"
+                    )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _check_abi(self, idx: int, loop: ControlLoop, models: Any) -> None:
+        if models is None or loop.cfg.model is None:
+            return
+        runner = models.runner(loop.cfg.model)
+        if runner is None:
+            log.warning(
+                "loop_model_not_loaded",
+                loop=loop.id,
+                model=loop.cfg.model,
+                effect="fallback until it is",
+            )
+            return
+        inputs: list[_Input] = loop.inputs
+        err = abi_mismatch(runner.manifest, inputs)
+        if err is not None:
+            raise ConfigError(
+                f"model {loop.cfg.model!r} does not fit the loop: {err}",
+                path=f"loops[{idx}].inputs",
+            )
+
+    def _open_actuator(self, idx: int, cfg: LoopConfig, hub: Any) -> ActuatorDriver | None:
+        acfg = cfg.actuator
+        if acfg is None:
+            return None
+        name = actuator_driver_name(acfg)
+        spec = actuator_drivers().get(name)
+        if spec is None or not isinstance(acfg, spec.config_type):
+            raise ConfigError(
+                f"no actuator driver {name!r} (known: {sorted(actuator_drivers())})",
+                path=f"loops[{idx}].actuator.driver",
+            )
+        drv = spec.factory(acfg, hub.resources)
+        bind = getattr(drv, "bind", None)
+        if callable(bind):
+            loop_id = cfg.id
+
+            def sink(command: str, value: float) -> None:
+                self.ctx.events.publish("actuator.command", loop_id, command=command, value=value)
+
+            bind(sink)
+        return drv
+
+    async def __aenter__(self) -> Self:
+        cfgs = self.ctx.config.loops
+        hub = self.ctx.require("hub")
+        models = self.ctx.get("models")
+        self._check_channels(hub)
+        try:
+            for i, cfg in enumerate(cfgs):
+                drv = self._open_actuator(i, cfg, hub)
+                loop = ControlLoop(
+                    cfg,
+                    hub=hub,
+                    models=models,
+                    publish=self.ctx.events.publish,
+                    actuator=drv,
+                    input_stale_s={inp.name: self._stale_s(cfg, inp.sensor) for inp in cfg.inputs},
+                    rule_stale_s=[self._stale_s(cfg, r.sensor) for r in cfg.fallback],
+                )
+                self._check_abi(i, loop, models)
+                if drv is not None:
+                    try:
+                        await drv.open()
+                    except DeviceError as exc:
+                        raise DeviceError(
+                            f"loops[{i}].actuator ({loop.actuator_driver}): {exc}"
+                        ) from exc
+                    self._drivers.append((loop, drv))
+                    await loop.start()
+                self.loops.append(loop)
+            for loop in self.loops:
+                self._tasks.append(
+                    self.ctx.supervisor.spawn(f"loop:{loop.id}", loop.run, restart=False)
+                )
+        except BaseException:
+            await self._shutdown("start-up failed")
+            raise
+        log.info("loops_started", loops=[lp.id for lp in self.loops])
+        return self
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    async def _shutdown(self, why: str) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+        self._tasks.clear()
+        for loop, drv in self._drivers:
+            if loop is not None:
+                await loop.drive_safe(why)
+            with contextlib.suppress(Exception):
+                await drv.close()
+        self._drivers.clear()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown("shutdown" if exc is None else f"fault: {exc!r}")
+
+    # --- diagnostics ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {"loops": [lp.status() for lp in self.loops]}
+
+    async def _cmd_loops(self, args: dict[str, Any], peer: Peer) -> Any:
+        want = args.get("id")
+        out = [lp.status() for lp in self.loops if want is None or lp.id == want]
+        if want is not None and not out:
+            raise CommandError(
+                "not_found", f"no loop {want!r} (expected one of: {[lp.id for lp in self.loops]})"
+            )
+        return out
+
+    def commands(self) -> Mapping[str, Command]:
+        return {
+            "loops": Command(self._cmd_loops, help="control loops: timing, mode, model, actuator")
+        }
+
+    def reload(self, config: Any) -> None:
+        """Apply live settings to loops with the same id: the policy (threshold, hysteresis,
+        debounce) and the active/normal values. Inputs, model, actuator and period need a
+        restart (the daemon names them)."""
+        by_id = {lp.id: lp for lp in self.loops}
+        for cfg in config.loops:
+            loop = by_id.get(cfg.id)
+            if loop is None:
+                continue
+            loop.cfg = msgspec.structs.replace(
+                loop.cfg,
+                policy=cfg.policy,
+                active_value=cfg.active_value,
+                normal_value=cfg.normal_value,
+            )
+            p, pol = cfg.policy, loop.policy
+            pol.hysteresis_ratio = p.hysteresis_ratio
+            pol.debouncer.on_ticks = p.on_ticks
+            pol.debouncer.off_ticks = p.off_ticks
+            if p.threshold is not None:
+                pol.threshold = p.threshold
+            else:
+                loop.forget_runner()  # the manifest threshold is read again on the next tick

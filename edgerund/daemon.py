@@ -1,0 +1,475 @@
+"""The composition root: build every component from the config and run them.
+
+Start-up: validate the config (done by the caller), check the state directory, then build
+and enter components in dependency order — identity, hub, updates, models, loops,
+telemetry — each an async context manager that opens its resources and starts its tasks
+through the `Supervisor`; then the diagnostics socket; then `gc.freeze()` (start-up
+garbage never gets scanned again, which keeps full collections off the control loops);
+then `READY=1`. Components exit in reverse order, so loops drive their actuators to the
+safe state while buses are still open and telemetry flushes its spool last.
+
+Crash policy (documented in README): a component's background task that crashes is logged
+with its name and restarted with capped, jittered backoff when the component declares the
+task restartable (acquisition, uplink, inbox watcher); where in-process recovery is unsafe
+(a control loop whose actuator state is unknown, the TPM worker) the task is declared
+fatal and the daemon exits 1 so systemd restarts the whole service.
+
+Watchdog: a loop-lag monitor wakes every `loop_lag_interval_ms`, measures how late it woke
+(the event loop's lag), and sends WATCHDOG=1 only while the lag is under
+`watchdog_lag_limit_ms`. A blocked or starved loop therefore stops the pings and systemd
+restarts the service.
+
+SIGHUP: the file is re-read and validated off the loop; on error the running config stays
+and the reason is logged; on success live settings (log level, sensor rates, thresholds)
+are applied through each component's `reload()`, and sections that need a restart are
+named in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import importlib
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from edgerund import __version__, logs
+from edgerund.component import Command, CommandError, Peer
+from edgerund.config.loader import load_config
+from edgerund.config.schema import Config
+from edgerund.context import Context, FatalComponentError, Supervisor
+from edgerund.diag import DiagServer
+from edgerund.errors import ConfigError, DeviceError
+from edgerund.metrics import Histogram
+from edgerund.sdnotify import Notifier, watchdog_interval_s
+
+log = structlog.get_logger("edgerund")
+
+# (module, function) of each component's builder, in start-up order.
+BUILDERS: tuple[tuple[str, str], ...] = (
+    ("edgerund.identity.component", "build"),
+    ("edgerund.hub.component", "build"),
+    ("edgerund.updates.component", "build"),
+    ("edgerund.inference.component", "build"),
+    ("edgerund.control.component", "build"),
+    ("edgerund.telemetry.component", "build"),
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # runtime failure: systemd restarts us
+EXIT_CONFIG = 2  # needs a human (bad config, refused start): RestartPreventExitStatus=2
+
+
+def _builders() -> list[Callable[[Context], Any]]:
+    out = []
+    for mod_name, fn_name in BUILDERS:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod_name:
+                raise
+            continue
+        out.append(getattr(mod, fn_name))
+    return out
+
+
+class LoopLagMonitor:
+    """Measures the event loop's wake-up lag and feeds the systemd watchdog."""
+
+    def __init__(self, interval_s: float, limit_s: float, notifier: Notifier) -> None:
+        self.interval_s = interval_s
+        self.limit_s = limit_s
+        self.notifier = notifier
+        self.last_s = 0.0
+        self.max_s = 0.0
+        self.hist = Histogram()
+        self.pings = 0
+        self.withheld = 0
+        self._wd_every = watchdog_interval_s()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_ping = 0.0
+        deadline = loop.time() + self.interval_s
+        while True:
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            now = loop.time()
+            lag = max(0.0, now - deadline)
+            self.last_s = lag
+            self.max_s = max(self.max_s, lag)
+            self.hist.record(lag)
+            deadline += self.interval_s
+            if deadline < now:  # we were blocked for several intervals: skip, don't burst
+                deadline = now + self.interval_s
+            if self._wd_every is not None and now - last_ping >= min(self._wd_every, 1.0):
+                if lag < self.limit_s:
+                    self.notifier.notify(WATCHDOG=1)
+                    self.pings += 1
+                    last_ping = now
+                else:
+                    self.withheld += 1
+                    log.warning("watchdog_withheld", loop_lag_ms=round(lag * 1e3, 1))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "loop_lag_ms": round(self.last_s * 1e3, 3),
+            "loop_lag": {**self.hist.summary_ms(), "samples": self.hist.count},
+        }
+
+
+def _check_state_dir(cfg: Config) -> None:
+    state = Path(cfg.paths.state_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True, mode=0o750)
+        probe = state / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"state directory {state} is not writable: {exc.strerror} "
+            "(the service user must own it; see systemd StateDirectory=)",
+            path="paths.state_dir",
+        ) from None
+
+
+class Daemon:
+    def __init__(self, config_path: Path, config: Config, *, simulate: bool = False) -> None:
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.stop_event = asyncio.Event()
+        self.fatal: FatalComponentError | None = None
+        self.supervisor = Supervisor(self._on_fatal)
+        self.ctx = Context(
+            config=config, config_path=config_path, supervisor=self.supervisor, simulate=simulate
+        )
+        self.lag = LoopLagMonitor(
+            config.daemon.loop_lag_interval_ms / 1e3,
+            config.daemon.watchdog_lag_limit_ms / 1e3,
+            self.notifier,
+        )
+        self.reloads = 0
+        self.reload_errors = 0
+
+    def _on_fatal(self, err: FatalComponentError) -> None:
+        if self.fatal is None:
+            self.fatal = err
+        self.stop_event.set()
+
+    # ------------------------------------------------------------------ commands
+
+    def _commands(self) -> dict[str, Command]:
+        cmds: dict[str, Command] = {
+            "status": Command(self._cmd_status, help="summary of every component"),
+            "log": Command(self._cmd_log, help="recent log events: args n, level"),
+            "help": Command(self._cmd_help, help="list commands"),
+            "ping": Command(self._cmd_ping, help="liveness check"),
+            "reload": Command(
+                self._cmd_reload, mutating=True, help="re-read the config file (as SIGHUP)"
+            ),
+        }
+        if os.environ.get("EDGERUND_TEST_HOOKS") == "1":
+            # Test-only: block the event loop on purpose (watchdog tests). Never enabled
+            # by a config key, only by the environment of a test process.
+            cmds["test-block-loop"] = Command(self._cmd_test_block, mutating=True)
+        for comp in self.ctx.components.values():
+            for name, cmd in comp.commands().items():
+                if name in cmds:
+                    raise RuntimeError(f"diagnostics command {name!r} registered twice")
+                cmds[name] = cmd
+        self._all_commands = cmds
+        return cmds
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.ctx.config
+        out: dict[str, Any] = {
+            "version": __version__,
+            "gateway": {"id": cfg.gateway.id, "site": cfg.gateway.site},
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.ctx.started_mono, 1),
+            "simulate": self.ctx.simulate,
+            "identity": {"kind": "none", "key_id": None},
+            "sensors": [],
+            "loops": [],
+            "models": [],
+            "telemetry": {
+                "connected": False,
+                "backlog_batches": 0,
+                "sent_batches": 0,
+                "lost_samples": 0,
+            },
+            "supervisor": {"restarts": dict(self.supervisor.restarts)},
+            "reloads": {"ok": self.reloads, "failed": self.reload_errors},
+        }
+        out.update(self.lag.status())
+        for comp in self.ctx.components.values():
+            try:
+                section = comp.status()
+            except Exception as exc:  # a broken status must not hide the others
+                log.exception("status_failed", component=comp.name)
+                section = {f"{comp.name}_error": repr(exc)}
+            if isinstance(section, Mapping):
+                out.update(section)
+        return out
+
+    async def _cmd_status(self, args: dict[str, Any], peer: Peer) -> Any:
+        return self.status()
+
+    async def _cmd_log(self, args: dict[str, Any], peer: Peer) -> Any:
+        n = args.get("n", 50)
+        if not isinstance(n, int) or n < 0:
+            raise CommandError("bad_args", f"n must be a non-negative integer, got {n!r}")
+        level = args.get("level")
+        return logs.RING.tail(min(n, 10_000), level if isinstance(level, str) else None)
+
+    async def _cmd_help(self, args: dict[str, Any], peer: Peer) -> Any:
+        return {
+            name: {"help": c.help, "mutating": c.mutating}
+            for name, c in sorted(self._all_commands.items())
+        }
+
+    async def _cmd_ping(self, args: dict[str, Any], peer: Peer) -> Any:
+        return {"pong": True, "privileged": peer.privileged, "uid": peer.uid}
+
+    async def _cmd_test_block(self, args: dict[str, Any], peer: Peer) -> Any:
+        seconds = float(args.get("seconds", 1.0))
+        time.sleep(seconds)  # noqa: ASYNC251 - deliberately blocking: the point of this hook
+        return {"blocked_s": seconds}
+
+    async def _cmd_reload(self, args: dict[str, Any], peer: Peer) -> Any:
+        ok, message = await self.reload()
+        if not ok:
+            raise CommandError("config_invalid", message)
+        return {"reloaded": True, "message": message}
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self) -> tuple[bool, str]:
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            self.reload_errors += 1
+            log.error("config_reload_failed", reason=str(exc), kept="running config")
+            return False, str(exc)
+        old = self.ctx.config
+        restart_needed = [
+            name
+            for name in ("gateway", "paths", "diag", "identity", "updates", "uplink")
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if [s.id for s in old.sensors] != [s.id for s in new.sensors]:
+            restart_needed.append("sensors (added/removed)")
+        if [lp.id for lp in old.loops] != [lp.id for lp in new.loops]:
+            restart_needed.append("loops (added/removed)")
+        self.ctx.config = new
+        logs.set_level(new.logging.level)
+        logs.RING.resize(new.logging.ring_size)
+        for comp in self.ctx.components.values():
+            fn = getattr(comp, "reload", None)
+            if fn is not None:
+                try:
+                    fn(new)
+                except Exception as exc:
+                    log.exception("component_reload_failed", component=comp.name)
+                    restart_needed.append(f"{comp.name} ({exc})")
+        self.reloads += 1
+        msg = "applied" + (
+            f"; restart needed for: {', '.join(restart_needed)}" if restart_needed else ""
+        )
+        log.info("config_reloaded", restart_needed=restart_needed)
+        return True, msg
+
+    # ------------------------------------------------------------------ run
+
+    def _status_line(self) -> str:
+        st = self.status()
+        sensors = st.get("sensors") or []
+        ok = sum(1 for s in sensors if isinstance(s, dict) and s.get("state") == "ok")
+        tel = st.get("telemetry") or {}
+        return (
+            f"{ok}/{len(sensors)} sensors ok, {len(st.get('loops') or [])} loops, "
+            f"{len(st.get('models') or [])} models, uplink "
+            f"{'connected' if tel.get('connected') else 'offline'}, "
+            f"backlog {tel.get('backlog_batches', 0)}, lag {st['loop_lag_ms']:.1f} ms"
+        )
+
+    async def _status_reporter(self) -> None:
+        while True:
+            await asyncio.sleep(10.0)
+            self.notifier.notify(STATUS=self._status_line())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        cfg = self.ctx.config
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: self.supervisor.spawn("reload", self._reload_task)
+        )
+        started = time.monotonic()
+        try:
+            return await self._run_components(cfg, started)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+
+    async def _reload_task(self) -> None:
+        await self.reload()
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if not self.stop_event.is_set():
+            log.info("stopping", signal=sig.name)
+            self.notifier.notify(STOPPING=1, STATUS=f"stopping on {sig.name}")
+        self.stop_event.set()
+
+    async def _run_components(self, cfg: Config, started: float) -> int:
+        async with asyncio.TaskGroup() as tg:
+            self.supervisor.attach(tg)
+            exit_code = EXIT_OK
+            stack = contextlib.AsyncExitStack()
+            try:
+                await stack.__aenter__()
+                for builder in _builders():
+                    comp = builder(self.ctx)
+                    if comp is None:
+                        continue
+                    self.ctx.components[comp.name] = comp
+                    await stack.enter_async_context(comp)
+                    if self.stop_event.is_set():
+                        break
+                if cfg.diag.enabled:
+                    diag = DiagServer(
+                        cfg.diag.socket,
+                        self._commands(),
+                        mode=cfg.diag.mode,
+                        group=cfg.diag.group,
+                        max_request_bytes=cfg.diag.max_request_bytes,
+                        idle_timeout_s=cfg.diag.idle_timeout_s,
+                        max_clients=cfg.diag.max_clients,
+                    )
+                    await stack.enter_async_context(diag)
+                    self.ctx.components.setdefault("diag", diag)
+                else:
+                    self._commands()
+                self.supervisor.spawn("loop-lag", self.lag.run)
+                self.supervisor.spawn("status-line", self._status_reporter)
+                gc.collect()
+                gc.freeze()
+                ready_s = time.monotonic() - started
+                self.notifier.notify(READY=1, STATUS=self._status_line())
+                log.info(
+                    "ready",
+                    version=__version__,
+                    ready_s=round(ready_s, 3),
+                    components=list(self.ctx.components),
+                    simulate=self.ctx.simulate,
+                    config=str(self.config_path),
+                    config_sha256=hashlib.sha256(self.config_path.read_bytes()).hexdigest()[:16]
+                    if self.config_path.exists()
+                    else None,
+                )
+                await self.stop_event.wait()
+            except BaseException:
+                await self._close(stack, cfg)
+                raise
+            else:
+                clean = await self._close(stack, cfg)
+                if self.fatal is not None:
+                    log.error(
+                        "exiting_after_fatal_failure",
+                        task=self.fatal.task_name,
+                        error=repr(self.fatal.exc),
+                    )
+                    exit_code = EXIT_FAILURE
+                elif not clean:
+                    exit_code = EXIT_FAILURE
+            await self.supervisor.cancel_all()
+        return exit_code
+
+    async def _close(self, stack: contextlib.AsyncExitStack, cfg: Config) -> bool:
+        """Exit every component within the shutdown timeout. True if it was orderly."""
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(cfg.daemon.shutdown_timeout_s):
+                await stack.aclose()
+        except TimeoutError:
+            log.error("shutdown_timeout", timeout_s=cfg.daemon.shutdown_timeout_s)
+            return False
+        except Exception:
+            log.exception("shutdown_error")
+            return False
+        log.info("stopped", shutdown_ms=round((time.monotonic() - t0) * 1e3, 1))
+        return True
+
+
+def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
+    """Load, validate and run. Returns the process exit code; never raises for bad input."""
+    path = Path(config_path)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        logs.configure()
+        log.error("config_invalid", error=str(exc))
+        return EXIT_CONFIG
+    if simulate and not cfg.simulation.enabled:
+        cfg.simulation.enabled = True
+    logs.configure(cfg.logging.level, cfg.logging.format, cfg.logging.ring_size)
+    try:
+        _check_state_dir(cfg)
+    except ConfigError as exc:
+        log.error("startup_refused", error=str(exc))
+        return EXIT_CONFIG
+    runner_kwargs: dict[str, Any] = {}
+    if cfg.daemon.use_uvloop:
+        try:
+            import uvloop
+
+            runner_kwargs["loop_factory"] = uvloop.new_event_loop
+        except ImportError:
+            pass
+    daemon_holder: list[Daemon] = []
+
+    async def main() -> int:
+        d = Daemon(path, cfg, simulate=simulate or cfg.simulation.enabled)
+        daemon_holder.append(d)
+        return await d.run()
+
+    log.info(
+        "starting",
+        version=__version__,
+        config=str(path),
+        simulate=simulate,
+        event_loop="uvloop" if runner_kwargs else "asyncio",
+    )
+    try:
+        with asyncio.Runner(**runner_kwargs) as runner:
+            return runner.run(main())
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:
+        leaves = _leaves(exc)
+        refused = [e for e in leaves if isinstance(e, (ConfigError, DeviceError))]
+        if refused:
+            for r in refused:
+                log.error("startup_refused", error=str(r))
+            return EXIT_CONFIG
+        for e in leaves:
+            log.error("daemon_crashed", error=repr(e), exc_info=e)
+        return EXIT_FAILURE
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for e in exc.exceptions:
+            out.extend(_leaves(e))
+        return out
+    return [exc]

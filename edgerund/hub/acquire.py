@@ -1,0 +1,391 @@
+"""Acquisition: one task per sensor, on absolute deadlines, surviving device faults.
+
+Theory of operation
+-------------------
+Every configured sensor gets a `SensorRuntime` (its driver object, health, rings, counters)
+and ONE task owned by the daemon's supervisor. Tasks share nothing but the loop, so a
+sensor whose reads time out, or whose port vanished, only ever waits on itself: the other
+tasks keep their own deadlines. (Sensors on one I2C bus do share that bus's worker thread:
+the wire is serial anyway. A transaction that hangs in the kernel is bounded by the
+adapter's own timeout; the hub's `read_timeout_ms` frees the *task* immediately.)
+
+Polled sensors (`mode == "poll"`): deadlines are `t0 + k * period` on `loop.time()`. The
+task sleeps until the next deadline, reads, stores, and computes the next deadline from
+the grid, never `sleep(period)` after the work (that drifts by the work time every
+tick). When the task falls a whole period or more behind (a slow read, a stalled loop),
+the missed deadlines are skipped and counted in `overruns`; a deadline missed by less
+than a period is served late, so ordinary wake-up jitter costs no samples.
+
+One read = `1 + retries` attempts, each under `asyncio.timeout(read_timeout_ms)`. A read
+whose every attempt failed is a `ReadFailed` event for the health state machine
+(edgerund/hub/health.py). Between failed reads the task backs off (capped, jittered
+exponential, never faster than the grid); after `fail_after` consecutive failures the
+sensor is `failed`: the device is closed, and re-opened every `reprobe_s` until a read
+works again. Logging and `sensor.state` events come from the state machine's actions, so
+each visible transition is logged once, not every retry.
+
+Stream sensors (`mode == "stream"`) iterate `frames()`. A `FrameError` escaping the
+iterator (a bad CRC, a garbage line) is counted and the iteration resumes with a fresh
+`frames()` (drivers keep their framer state on the object, so nothing is lost); a
+`DeviceError`/`OSError` (the adapter was pulled, the instrument went silent) closes the
+sensor and re-opens it with a short backoff, and at the re-probe period once failed, so a
+USB-serial adapter that comes back is picked up.
+
+Storing: each `Reading` becomes one `Sample` (the only per-sample allocation), written
+into the channel's preallocated ring and fanned out to subscribers (telemetry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from drivers.base import ChannelInfo, Reading, Sample, SensorConfig
+from drivers.errors import DeviceError, FrameError
+from edgerund.hub import health as hm
+from edgerund.hub.ring import Ring
+
+log = structlog.get_logger("edgerund.hub")
+
+SampleSink = Callable[[Sample], None]
+Publish = Callable[..., Any]
+
+BACKOFF_INITIAL_S = 0.05  # first pause after a failed read (then x2 per failure)
+BACKOFF_MAX_S = 1.0  # ... capped here: a flaky sensor below fail_after keeps being read
+OPEN_TIMEOUT_MIN_S = 2.0  # opening reads calibration, chip ids...: more than one read
+
+
+@dataclass(slots=True)
+class ChannelSlot:
+    info: ChannelInfo
+    ring: Ring
+    latest: Sample | None = None
+
+
+@dataclass
+class SensorCounters:
+    reads: int = 0  # successful acquisitions (a poll, or one stream frame)
+    samples: int = 0
+    read_errors: int = 0  # DeviceError / OSError attempts
+    frame_errors: int = 0  # FrameError attempts (CRC, checksum, syntax)
+    timeouts: int = 0  # attempts that hit read_timeout_ms
+    failed_reads: int = 0  # reads whose every attempt failed
+    overruns: int = 0  # deadlines skipped because the task fell >= 1 period behind
+    opens: int = 0
+    open_errors: int = 0
+    reprobes: int = 0
+    unknown_channel: int = 0  # readings naming a channel the driver did not declare
+    driver_bugs: int = 0  # unexpected exceptions from the driver (counted, survived)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SensorRuntime:
+    """Everything the hub knows about one configured sensor."""
+
+    config: SensorConfig
+    driver_name: str
+    transport: str  # "i2c" | "serial" | "other"
+    where: str  # "i2c-1@0x76", "/dev/ttyUSB0", ...
+    sensor: Any  # PolledSensor | StreamSensor
+    slots: dict[str, ChannelSlot]
+    health: hm.Health = field(default_factory=hm.Health)
+    counters: SensorCounters = field(default_factory=SensorCounters)
+    opened: bool = False
+    last_read_mono: float = 0.0
+    started_mono: float = 0.0
+    _bug_logged: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def mode(self) -> str:
+        return str(getattr(self.sensor, "mode", "poll"))
+
+
+def make_slots(channels: Sequence[ChannelInfo], window: int) -> dict[str, ChannelSlot]:
+    return {c.name: ChannelSlot(c, Ring(window)) for c in channels}
+
+
+class Acquirer:
+    """Runs the acquisition task of one sensor (see the module docstring)."""
+
+    def __init__(self, rt: SensorRuntime, sink: SampleSink, publish: Publish) -> None:
+        self.rt = rt
+        self._sink = sink
+        self._publish = publish
+        cfg = rt.config
+        self.period_s = 1.0 / cfg.rate_hz
+        self.timeout_s = cfg.read_timeout_ms / 1000.0
+        self.open_timeout_s = max(OPEN_TIMEOUT_MIN_S, 4.0 * self.timeout_s)
+        # A stream with no frame for this long is stalled. Drivers detect stalls
+        # themselves (and name the cause); this is the backstop for one that does not.
+        self.stall_s = 2.0 * max(self.timeout_s, 2.0 * self.period_s) + 0.5
+        self._log = log.bind(sensor=cfg.id, driver=rt.driver_name)
+        self._last_was_frame_error = False
+
+    # -- health -----------------------------------------------------------------------
+    def _event(self, ev: hm.HealthEvent) -> bool:
+        """Feed the state machine; carry out its actions. True when told to re-probe."""
+        rt = self.rt
+        rt.health, actions = hm.step(rt.health, ev, rt.config.fail_after)
+        reprobe = False
+        for a in actions:
+            if isinstance(a, hm.LogTransition):
+                fn = self._log.warning if a.level == "warning" else self._log.info
+                fn(
+                    a.event,
+                    from_state=a.from_state,
+                    to_state=a.to_state,
+                    reason=a.reason,
+                    where=rt.where,
+                )
+            elif isinstance(a, hm.PublishState):
+                with contextlib.suppress(Exception):
+                    self._publish("sensor.state", rt.id, state=a.state, reason=a.reason)
+            elif isinstance(a, hm.Reprobe):
+                reprobe = True
+        return reprobe
+
+    def _driver_bug(self, exc: BaseException) -> str:
+        rt = self.rt
+        rt.counters.driver_bugs += 1
+        if not rt._bug_logged:
+            rt._bug_logged = True
+            self._log.error("driver_exception", error=repr(exc), exc_info=exc)
+        return f"driver error: {exc!r}"
+
+    # -- open / close -----------------------------------------------------------------
+    async def open(self) -> str | None:
+        """Open with immediate retries. None on success, else the reason."""
+        rt = self.rt
+        reason = "not opened"
+        for _ in range(rt.config.retries + 1):
+            try:
+                async with asyncio.timeout(self.open_timeout_s):
+                    await rt.sensor.open()
+            except TimeoutError:
+                reason = f"open timed out after {self.open_timeout_s:.1f} s"
+            except (DeviceError, OSError, FrameError) as exc:
+                reason = f"open failed: {exc}"
+            except Exception as exc:
+                reason = self._driver_bug(exc)
+            else:
+                rt.opened = True
+                rt.counters.opens += 1
+                return None
+            rt.counters.open_errors += 1
+            # A failed open may have left a half-open transport (a port without its
+            # chip): close so the next attempt starts clean and references balance.
+            await self._close_quietly(force=True)
+        return reason
+
+    async def close(self) -> None:
+        await self._close_quietly()
+
+    async def _close_quietly(self, force: bool = False) -> None:
+        rt = self.rt
+        if not rt.opened and not force:
+            return
+        rt.opened = False
+        try:
+            async with asyncio.timeout(self.open_timeout_s):
+                await rt.sensor.close()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # closing a broken device must not stop the task
+            self._log.debug("close_failed", error=repr(exc))
+
+    async def _reprobe_wait(self) -> None:
+        """Close, then wait the re-probe period (jittered so a fleet does not beat)."""
+        self.rt.counters.reprobes += 1
+        await self._close_quietly()
+        await asyncio.sleep(self.rt.config.reprobe_s * random.uniform(0.9, 1.1))
+
+    def _backoff_s(self) -> float:
+        """Pause after a failed read: 50 ms doubling per consecutive failure, capped at
+        BACKOFF_MAX_S (and reprobe_s), jittered. Bad frames do not back off (the device
+        answered; the next frame is likely fine)."""
+        if self._last_was_frame_error:
+            return 0.0
+        k = max(1, self.rt.health.consecutive_failures)
+        cap = min(BACKOFF_MAX_S, float(self.rt.config.reprobe_s))
+        return min(BACKOFF_INITIAL_S * 2.0 ** (k - 1), cap) * random.uniform(0.8, 1.2)
+
+    # -- storing ----------------------------------------------------------------------
+    def store(self, readings: Sequence[Reading]) -> None:
+        rt = self.rt
+        t_mono = time.monotonic()
+        t_wall = time.time()
+        sid = rt.config.id
+        slots = rt.slots
+        sink = self._sink
+        n = 0
+        for r in readings:
+            slot = slots.get(r.channel)
+            if slot is None:
+                rt.counters.unknown_channel += 1
+                continue
+            v = float(r.value)
+            s = Sample(sid, r.channel, t_mono, t_wall, v, slot.info.unit, r.quality)
+            slot.ring.push(t_mono, v)
+            slot.latest = s
+            sink(s)
+            n += 1
+        rt.counters.reads += 1
+        rt.counters.samples += n
+        rt.last_read_mono = t_mono
+
+    # -- polled -----------------------------------------------------------------------
+    async def read_once(self) -> str | None:
+        """One acquisition with retries: None when stored, else the failure reason."""
+        rt = self.rt
+        c = rt.counters
+        sensor = rt.sensor
+        timeout_s = self.timeout_s
+        reason = "no attempt"
+        frame_only = True
+        for _ in range(rt.config.retries + 1):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    readings = await sensor.read()
+            except TimeoutError:
+                c.timeouts += 1
+                frame_only = False
+                reason = f"read timed out after {rt.config.read_timeout_ms} ms"
+            except FrameError as exc:
+                c.frame_errors += 1
+                reason = str(exc)
+            except (DeviceError, OSError) as exc:
+                c.read_errors += 1
+                frame_only = False
+                reason = str(exc) or exc.__class__.__name__
+            except Exception as exc:
+                c.read_errors += 1
+                frame_only = False
+                reason = self._driver_bug(exc)
+            else:
+                self.store(readings)
+                return None
+        c.failed_reads += 1
+        self._last_was_frame_error = frame_only
+        return reason
+
+    async def run_polled(self) -> None:
+        rt = self.rt
+        loop = asyncio.get_running_loop()
+        period = self.period_s
+        try:
+            while True:
+                if not rt.opened:
+                    why = await self.open()
+                    if why is not None:
+                        self._event(hm.OpenFailed(why))
+                        await self._reprobe_wait()
+                        continue
+                deadline = loop.time()
+                while True:
+                    delay = deadline - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    why = await self.read_once()
+                    if why is None:
+                        self._event(hm.ReadOk())
+                    elif self._event(hm.ReadFailed(why)):
+                        await self._reprobe_wait()
+                        break  # re-open, new grid
+                    deadline += period
+                    now = loop.time()
+                    if why is not None:
+                        # back off, then rejoin the grid at the first deadline after it
+                        not_before = now + self._backoff_s()
+                        if deadline < not_before:
+                            deadline += math.ceil((not_before - deadline) / period) * period
+                    elif now - deadline >= period:
+                        skipped = int((now - deadline) // period)
+                        rt.counters.overruns += skipped
+                        deadline += skipped * period
+        finally:
+            await self._close_quietly()
+
+    # -- streamed ---------------------------------------------------------------------
+    async def run_stream(self) -> None:
+        rt = self.rt
+        c = rt.counters
+        try:
+            while True:
+                if not rt.opened:
+                    why = await self.open()
+                    if why is not None:
+                        if self._event(hm.OpenFailed(why)):
+                            await self._reprobe_wait()
+                        continue
+                it: AsyncIterator[Sequence[Reading]] = rt.sensor.frames()
+                try:
+                    while True:
+                        try:
+                            async with asyncio.timeout(self.stall_s):
+                                readings = await anext(it)
+                        except FrameError as exc:
+                            c.frame_errors += 1
+                            self._log.debug("frame_error", error=str(exc))
+                            await _aclose(it)
+                            it = rt.sensor.frames()
+                            continue
+                        self.store(readings)
+                        self._event(hm.ReadOk())
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    await _aclose(it)
+                    if isinstance(exc, TimeoutError):
+                        c.timeouts += 1
+                        why = f"no frame for {self.stall_s:.1f} s"
+                    elif isinstance(exc, StopAsyncIteration):
+                        c.read_errors += 1
+                        why = "stream ended"
+                    elif isinstance(exc, DeviceError | OSError):
+                        c.read_errors += 1
+                        why = str(exc) or exc.__class__.__name__
+                    elif isinstance(exc, Exception):
+                        c.read_errors += 1
+                        why = self._driver_bug(exc)
+                    else:
+                        raise
+                    c.failed_reads += 1
+                    self._last_was_frame_error = False
+                    reprobe = self._event(hm.ReadFailed(why))
+                    # The port is gone or silent: a fresh open is the only way back.
+                    await self._close_quietly()
+                    if reprobe:
+                        await self._reprobe_wait()
+                    else:
+                        await asyncio.sleep(self._backoff_s())
+        finally:
+            await self._close_quietly()
+
+    async def run(self) -> None:
+        self.rt.started_mono = time.monotonic()
+        if self.rt.mode == "stream":
+            await self.run_stream()
+        else:
+            await self.run_polled()
+
+
+async def _aclose(it: Any) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()

@@ -1,0 +1,480 @@
+"""The SensorHub component ("hub"): builds every configured sensor, runs its acquisition
+task, keeps the latest sample and a ring window per channel, and serves the technician
+commands `sensors`, `i2c-scan`, `serial-sniff` and (simulated mode) `sim-inject`.
+
+Public API (docs/sensors.md, /work/team/apis.md):
+
+    hub.latest(sensor_id, channel) -> Sample | None
+    hub.window(sensor_id, channel, n) -> (t_mono[k], values[k])   newest last, copies
+    hub.state(sensor_id) -> "starting" | "ok" | "failed" | "disabled"
+    hub.channels() -> [(sensor_id, channel, unit), ...]
+    hub.subscribe(fn) -> unsubscribe        fn(Sample) on the loop, for every new sample
+    hub.resources                           the shared transports (actuators use them too)
+    hub.scenario                            the running Scenario in simulated mode, else None
+
+Life cycle: the constructor builds driver objects (no I/O, so `channels()` is known before
+start and a bad driver setting is a start-up error); `__aenter__` spawns one supervised
+task per enabled sensor (edgerund/hub/acquire.py) and returns at once: a sensor that is
+absent at start-up is `failed` and re-probed, it never blocks the daemon's start.
+`__aexit__` cancels the tasks (each closes its device) and closes the shared transports.
+
+Subscribers are called synchronously for every sample, so they must be cheap (append to
+a buffer); one that raises is counted and logged once, and never stops acquisition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
+import structlog
+
+from drivers.base import ChannelInfo, Resources, Sample, SensorConfig
+from drivers.registry import SensorSpec, sensor_drivers
+from edgerund.component import Command, CommandError, Peer
+from edgerund.errors import ConfigError
+from edgerund.hub import scan
+from edgerund.hub.acquire import Acquirer, SensorRuntime, make_slots
+from edgerund.hub.resources import TrackingResources
+from edgerund.hub.ring import F64, Ring
+
+if TYPE_CHECKING:
+    from drivers.emulated.scenario import Scenario
+    from edgerund.context import Context
+
+log = structlog.get_logger("edgerund.hub")
+
+RATE_WINDOW_S = 10.0  # achieved rates are measured over this trailing window
+
+
+def _driver_name(cfg: SensorConfig) -> str:
+    return str(getattr(cfg.__struct_config__, "tag", "") or type(cfg).__name__)
+
+
+def _where(cfg: SensorConfig, transport: str) -> str:
+    bus = getattr(cfg, "bus", None)
+    addr = getattr(cfg, "address", None)
+    if transport == "i2c" and isinstance(bus, int) and isinstance(addr, int):
+        return f"i2c-{bus}@0x{addr:02x}"
+    port = getattr(cfg, "port", None)
+    if isinstance(port, str):
+        unit = getattr(cfg, "unit", None)
+        return f"{port} unit {unit}" if isinstance(unit, int) else port
+    return transport
+
+
+def _fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.6g}"
+
+
+class SensorHub:
+    name = "hub"
+
+    def __init__(
+        self,
+        sensors: Sequence[SensorConfig],
+        resources: Resources,
+        *,
+        ctx: Context | None = None,
+        drivers: Mapping[str, SensorSpec] | None = None,
+        sim: Any | None = None,
+    ) -> None:
+        """`drivers` defaults to drivers.registry; tests pass their own specs.
+
+        `sim` is the simulated resources object (drivers/emulated/simulated.py) when
+        running simulated: it carries the Scenario and its clock for `sim-inject`.
+        """
+        self._ctx = ctx
+        self.resources = TrackingResources(resources)
+        self._sim = sim
+        specs = dict(drivers if drivers is not None else sensor_drivers())
+        by_type = {spec.config_type: spec for spec in specs.values()}
+        self._rts: dict[str, SensorRuntime] = {}
+        self._acq: dict[str, Acquirer] = {}
+        self._read_times: dict[str, Ring] = {}
+        self._subs: list[Callable[[Sample], None]] = []
+        self._sub_errors = 0
+        self._sub_error_logged = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._scans: set[int] = set()
+        for cfg in sensors:
+            spec = by_type.get(type(cfg)) or specs.get(_driver_name(cfg))
+            if spec is None:
+                raise ConfigError(
+                    f"no driver registered for {_driver_name(cfg)!r}; "
+                    f"known: {', '.join(sorted(specs))}",
+                    path=f"sensors.{cfg.id}",
+                )
+            if cfg.id in self._rts:
+                raise ConfigError(f"duplicate sensor id {cfg.id!r}", path="sensors")
+            try:
+                sensor = spec.factory(cfg, self.resources)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{spec.name}: {exc}", path=f"sensors.{cfg.id}") from exc
+            channels: Sequence[ChannelInfo] = tuple(sensor.channels)
+            rt = SensorRuntime(
+                config=cfg,
+                driver_name=spec.name,
+                transport=spec.transport,
+                where=_where(cfg, spec.transport),
+                sensor=sensor,
+                slots=make_slots(channels, max(1, cfg.window)),
+            )
+            if not cfg.enabled:
+                rt.health = type(rt.health)(state="disabled")
+            self._rts[cfg.id] = rt
+            # read completion times, to report the achieved rate over RATE_WINDOW_S
+            cap = int(min(8192, max(16, cfg.rate_hz * RATE_WINDOW_S * 1.5)))
+            self._read_times[cfg.id] = Ring(cap)
+            self._acq[cfg.id] = Acquirer(rt, self._make_sink(cfg.id), self._publish)
+
+    # -- public API ---------------------------------------------------------------------
+    @property
+    def scenario(self) -> Scenario | None:
+        return getattr(self._sim, "scenario", None) if self._sim is not None else None
+
+    def latest(self, sensor_id: str, channel: str) -> Sample | None:
+        rt = self._rts.get(sensor_id)
+        if rt is None:
+            return None
+        slot = rt.slots.get(channel)
+        return slot.latest if slot is not None else None
+
+    def window(self, sensor_id: str, channel: str, n: int) -> tuple[F64, F64]:
+        rt = self._rts.get(sensor_id)
+        slot = rt.slots.get(channel) if rt is not None else None
+        if slot is None:
+            raise KeyError(f"no channel {sensor_id}.{channel}")
+        return slot.ring.window(n)
+
+    def state(self, sensor_id: str) -> str:
+        rt = self._rts.get(sensor_id)
+        if rt is None:
+            raise KeyError(f"no sensor {sensor_id!r}")
+        return rt.health.state
+
+    def channels(self) -> list[tuple[str, str, str]]:
+        return [
+            (sid, slot.info.name, slot.info.unit)
+            for sid, rt in self._rts.items()
+            for slot in rt.slots.values()
+        ]
+
+    def sensor_ids(self) -> list[str]:
+        return list(self._rts)
+
+    def subscribe(self, fn: Callable[[Sample], None]) -> Callable[[], None]:
+        self._subs.append(fn)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subs.remove(fn)
+
+        return unsubscribe
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _publish(self, kind: str, source: str, **fields: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.events.publish(kind, source, **fields)
+
+    def _make_sink(self, sensor_id: str) -> Callable[[Sample], None]:
+        subs = self._subs  # the list object is stable; (un)subscribe mutate it in place
+        read_times = self._read_times[sensor_id]
+        last = [0.0]
+
+        def sink(s: Sample) -> None:
+            if s.t_mono != last[0]:  # one entry per read, not per channel
+                last[0] = s.t_mono
+                read_times.push(s.t_mono, 0.0)
+            for fn in subs:
+                try:
+                    fn(s)
+                except Exception as exc:
+                    self._sub_errors += 1
+                    if not self._sub_error_logged:
+                        self._sub_error_logged = True
+                        log.error("subscriber_failed", error=repr(exc), exc_info=exc)
+
+        return sink
+
+    # -- life cycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        for sid, acq in self._acq.items():
+            if not acq.rt.config.enabled:
+                continue
+            if self._ctx is not None:
+                task = self._ctx.supervisor.spawn(f"hub.{sid}", acq.run, restart=True)
+            else:
+                task = asyncio.create_task(acq.run(), name=f"hub.{sid}")
+            self._tasks.append(task)
+        log.info("hub_started", sensors=len(self._tasks), simulated=self._sim is not None)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+        self._tasks.clear()
+        for acq in self._acq.values():  # tasks close in `finally`; this is the backstop
+            await acq.close()
+        with contextlib.suppress(Exception):
+            await self.resources.aclose()
+
+    # -- status -------------------------------------------------------------------------
+    def _rate(self, sid: str, now: float) -> float:
+        rt = self._rts[sid]
+        if rt.started_mono == 0.0:
+            return 0.0
+        ts = self._read_times[sid].times_since(now - RATE_WINDOW_S)
+        k = int(ts.size)
+        span = min(RATE_WINDOW_S, now - rt.started_mono)
+        if k < 2 or span <= 0:
+            return 0.0
+        if span < 2.0:  # just started: the spacing of what we have
+            dt = float(np.max(ts) - np.min(ts))
+            return (k - 1) / dt if dt > 0 else 0.0
+        return k / span
+
+    def sensor_status(self, sid: str) -> dict[str, Any]:
+        rt = self._rts[sid]
+        now = time.monotonic()
+        chans = []
+        parts = []
+        for slot in rt.slots.values():
+            s = slot.latest
+            chans.append(
+                {
+                    "name": slot.info.name,
+                    "unit": slot.info.unit,
+                    "value": s.value if s is not None and math.isfinite(s.value) else None,
+                    "quality": s.quality.name.lower() if s is not None else None,
+                    "age_s": round(now - s.t_mono, 3) if s is not None else None,
+                }
+            )
+            if s is not None:
+                parts.append(f"{_fmt(s.value)} {slot.info.unit}".strip())
+        c = rt.counters
+        driver_counters = getattr(rt.sensor, "counters", None)
+        return {
+            "id": sid,
+            "driver": rt.driver_name,
+            "where": rt.where,
+            "state": rt.health.state,
+            "value": ", ".join(parts) if parts else None,
+            "age_s": round(now - rt.last_read_mono, 3) if rt.last_read_mono else None,
+            "rate_hz": rt.config.rate_hz,
+            "rate_achieved_hz": round(self._rate(sid, now), 2),
+            "read_errors": c.read_errors,
+            "frame_errors": c.frame_errors,
+            "timeouts": c.timeouts,
+            "overruns": c.overruns,
+            "reprobes": c.reprobes,
+            "last_error": rt.health.last_error,
+            "counters": c.as_dict(),
+            "driver_counters": dict(driver_counters) if isinstance(driver_counters, dict) else {},
+            "channels": chans,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {"sensors": [self.sensor_status(sid) for sid in self._rts]}
+
+    # -- commands -----------------------------------------------------------------------
+    def commands(self) -> Mapping[str, Command]:
+        return {
+            "sensors": Command(
+                self._cmd_sensors, help="every sensor: state, last value, age, rate, errors"
+            ),
+            "i2c-scan": Command(self._cmd_i2c_scan, help="read-only probe of an I2C bus: {bus: N}"),
+            "serial-sniff": Command(
+                self._cmd_serial_sniff, help="last raw frames of a port: {port: URL, n: N}"
+            ),
+            "sim-inject": Command(
+                self._cmd_sim_inject,
+                mutating=True,
+                help="simulated mode: inject an anomaly: {kind, duration_s, severity, sensor}",
+            ),
+        }
+
+    async def _cmd_sensors(self, args: dict[str, Any], peer: Peer) -> Any:
+        rows = []
+        for sid in self._rts:
+            st = self.sensor_status(sid)
+            rows.append(
+                {
+                    k: st[k]
+                    for k in (
+                        "id",
+                        "driver",
+                        "where",
+                        "state",
+                        "value",
+                        "age_s",
+                        "rate_hz",
+                        "rate_achieved_hz",
+                        "read_errors",
+                        "frame_errors",
+                        "timeouts",
+                        "overruns",
+                        "last_error",
+                    )
+                }
+            )
+        return rows
+
+    async def _cmd_i2c_scan(self, args: dict[str, Any], peer: Peer) -> Any:
+        bus_n = args.get("bus")
+        if isinstance(bus_n, str) and bus_n.isdigit():
+            bus_n = int(bus_n)
+        if not isinstance(bus_n, int) or isinstance(bus_n, bool) or not 0 <= bus_n <= 255:
+            raise CommandError("bad_args", f"bus: expected an I2C bus number 0..255, got {bus_n!r}")
+        if bus_n in self._scans:
+            raise CommandError("busy", f"a scan of bus {bus_n} is already running")
+        claimed: dict[int, str] = {}
+        for sid, rt in self._rts.items():
+            if rt.transport == "i2c" and getattr(rt.config, "bus", None) == bus_n:
+                addr = getattr(rt.config, "address", None)
+                if isinstance(addr, int):
+                    claimed[addr] = sid
+        try:
+            bus = self.resources.i2c_bus(bus_n)
+        except (ValueError, OSError) as exc:
+            raise CommandError("device_error", f"I2C bus {bus_n}: {exc}") from exc
+        self._scans.add(bus_n)
+        try:
+            result = await scan.scan_bus(bus, claimed)
+        except scan.ScanError as exc:
+            raise CommandError("device_error", str(exc)) from exc
+        finally:
+            self._scans.discard(bus_n)
+        for row in result:
+            owner = row.get("sensor")
+            if isinstance(owner, str) and owner in self._rts:
+                row["state"] = self._rts[owner].health.state
+        return result
+
+    async def _cmd_serial_sniff(self, args: dict[str, Any], peer: Peer) -> Any:
+        port_arg = args.get("port")
+        n = args.get("n", 20)
+        if not isinstance(port_arg, str) or not port_arg:
+            raise CommandError(
+                "bad_args", f"port: expected a port URL or sensor id, got {port_arg!r}"
+            )
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1000:
+            raise CommandError("bad_args", f"n: expected 1..1000, got {n!r}")
+        url: str = port_arg
+        if url not in self.resources.ports and port_arg in self._rts:
+            url = str(getattr(self._rts[port_arg].config, "port", port_arg))
+        port = self.resources.ports.get(url)
+        if port is None:
+            known = sorted(self.resources.ports)
+            raise CommandError(
+                "not_found",
+                f"no serial port {port_arg!r} in use; in use: "
+                f"{', '.join(known) if known else 'none'}",
+            )
+        recent = getattr(port, "recent_frames", None)
+        if recent is None:
+            raise CommandError("unsupported", f"port {url} does not record frames")
+        from drivers.serial.port import frames_to_rows
+
+        frames: list[tuple[float, bytes]] = recent(n)
+        return frames_to_rows(frames)
+
+    async def _cmd_sim_inject(self, args: dict[str, Any], peer: Peer) -> Any:
+        sim = self._sim
+        scenario = self.scenario
+        if sim is None or scenario is None:
+            raise CommandError(
+                "not_simulating",
+                "sim-inject works only in simulated mode (edgerund run --simulate)",
+            )
+        from drivers.emulated.scenario import Anomaly
+
+        kind = args.get("kind")
+        sensor = args.get("sensor")
+        if isinstance(sensor, str) and sensor in self._rts:
+            sensor = sim.device_for(self._rts[sensor].config)
+        try:
+            duration = float(args.get("duration_s", 30.0))
+            severity = float(args.get("severity", 1.0))
+            start = float(sim.now_s()) + float(args.get("start_in_s", 0.0))
+            a = Anomaly(
+                kind=kind,
+                start_s=start,
+                duration_s=duration,  # type: ignore[arg-type]
+                severity=severity,
+                sensor=sensor if isinstance(sensor, str) else None,
+            )
+        except (TypeError, ValueError) as exc:
+            raise CommandError("bad_args", str(exc)) from exc
+        scenario.add_anomaly(a)
+        log.info(
+            "sim_anomaly_injected",
+            kind=a.kind,
+            start_s=round(a.start_s, 3),
+            duration_s=a.duration_s,
+            severity=a.severity,
+            sensor=a.sensor,
+        )
+        self._publish(
+            "sim.inject",
+            "hub",
+            anomaly=a.kind,
+            start_s=a.start_s,
+            duration_s=a.duration_s,
+            severity=a.severity,
+            sensor=a.sensor,
+        )
+        return {
+            "kind": a.kind,
+            "start_s": round(a.start_s, 3),
+            "duration_s": a.duration_s,
+            "severity": a.severity,
+            "sensor": a.sensor,
+        }
+
+
+def build(ctx: Context) -> SensorHub:
+    """The hub is always built: even with no sensors, `i2c-scan` helps wire the first."""
+    cfg = ctx.config
+    sim: Any | None = None
+    resources: Resources
+    if ctx.simulate or cfg.simulation.enabled:
+        from drivers.emulated.simulated import SimResources
+
+        from drivers.emulated.scenario import Anomaly, Scenario
+
+        scenario = Scenario(
+            seed=cfg.simulation.seed,
+            anomalies=[
+                Anomaly(
+                    kind=a.kind,
+                    start_s=a.start_s,
+                    duration_s=a.duration_s,
+                    severity=a.severity,
+                    sensor=a.sensor,
+                )
+                for a in cfg.simulation.anomalies
+            ],
+        )
+        sim = SimResources(scenario, i2c_bus=cfg.simulation.i2c_bus)
+        resources = sim
+    else:
+        from edgerund.hub.resources import HardwareResources
+
+        resources = HardwareResources()
+    return SensorHub(list(cfg.sensors), resources, ctx=ctx, sim=sim)

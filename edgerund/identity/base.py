@@ -1,0 +1,188 @@
+"""What every identity (TPM or software) offers, and the parts they share.
+
+The public API other components use (docs/identity.md, team contract):
+
+    identity.kind -> "tpm" | "software";  identity.key_id -> hex sha256 of the telemetry
+    key's SubjectPublicKeyInfo;  await identity.sign_digest(digest) -> DER ECDSA P-256;
+    identity.public_key_pem();  await identity.counter_read() / counter_increment();
+    await identity.bind_model(manifest_sha256, name=...);  await identity.attest(nonce)
+
+The binding PCR (default 23) always holds
+    extend(extend(...extend(0, sha256(config file)), sha256(manifest A)), sha256(manifest B))
+with the active models' manifests in order of model name: at start-up and at every swap the
+PCR is reset and re-measured in ONE TPM job (so no quote sees a half-measured PCR). The
+attestation result carries that log (`binding`) so a verifier can replay it, or compute the
+value it expects from the manifest and config it deployed (verify.binding_value).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import hashlib
+import time
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgerund.identity.verify import parse_nonce
+
+Kind = Literal["tpm", "software"]
+
+
+def spki_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def pem(key: Any) -> str:
+    return str(
+        key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+    )
+
+
+def b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def check_nonce(nonce: bytes) -> bytes:
+    if not isinstance(nonce, (bytes, bytearray)):
+        raise ValueError("nonce must be bytes")
+    return parse_nonce(bytes(nonce).hex() if nonce else "")
+
+
+class Identity(abc.ABC):
+    kind: Kind
+    insecure: bool = False
+
+    def __init__(self, pcr_binding: int, pcr_selection: str) -> None:
+        self.pcr_binding = pcr_binding
+        self.pcr_selection = pcr_selection
+        self.config_sha256 = bytes(32)
+        self.models: dict[str, bytes] = {}
+        self.last_quote_time: float | None = None
+        self.quotes = 0
+        self._bind_lock = asyncio.Lock()
+
+    # -- identity facts (valid after open())
+
+    @property
+    @abc.abstractmethod
+    def key_id(self) -> str: ...
+
+    @property
+    @abc.abstractmethod
+    def ak_name(self) -> str: ...
+
+    @property
+    def ek_certificate_found(self) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def public_key_pem(self) -> str: ...
+
+    # -- lifecycle
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- operations
+
+    @abc.abstractmethod
+    async def sign_digest(self, digest: bytes) -> bytes: ...
+
+    @abc.abstractmethod
+    async def counter_read(self) -> int: ...
+
+    @abc.abstractmethod
+    async def counter_increment(self) -> int: ...
+
+    @abc.abstractmethod
+    async def _measure(self, digests: list[bytes]) -> None:
+        """Reset the binding PCR and extend it with `digests`, atomically w.r.t. quotes."""
+
+    @abc.abstractmethod
+    async def _quote(self, nonce: bytes) -> dict[str, Any]:
+        """attest, signature, pcrs, certify_attest, certify_signature (+ kind specifics)."""
+
+    @abc.abstractmethod
+    def _static_fields(self) -> dict[str, Any]:
+        """ak_public, ak_pem, ek_public, ek_certificate, signing_key_public/pem."""
+
+    # -- shared
+
+    def binding_log(self) -> dict[str, Any]:
+        return {
+            "pcr": self.pcr_binding,
+            "config_sha256": self.config_sha256.hex(),
+            "models": [
+                {"name": n, "manifest_sha256": d.hex()} for n, d in sorted(self.models.items())
+            ],
+        }
+
+    async def _remeasure(self) -> None:
+        digests = [self.config_sha256] + [d for _, d in sorted(self.models.items())]
+        await self._measure(digests)
+
+    async def bind_config(self, config_sha256: bytes) -> None:
+        """Start-up: measure the config (and the models bound so far) into the binding PCR."""
+        if len(config_sha256) != 32:
+            raise ValueError("config digest must be 32 bytes (sha256)")
+        async with self._bind_lock:
+            self.config_sha256 = bytes(config_sha256)
+            await self._remeasure()
+
+    async def bind_model(self, manifest_sha256: bytes, name: str = "") -> None:
+        """A model swap: re-measure the binding PCR with this model's manifest digest."""
+        if len(manifest_sha256) != 32:
+            raise ValueError("manifest digest must be 32 bytes (sha256 of manifest.json)")
+        async with self._bind_lock:
+            self.models[name] = bytes(manifest_sha256)
+            await self._remeasure()
+
+    async def attest(self, nonce: bytes) -> dict[str, Any]:
+        """The attestation result (DESIGN.md "Attestation result") for a verifier's nonce."""
+        nonce = check_nonce(nonce)
+        async with self._bind_lock:  # the binding log must match the quoted PCR
+            raw = await self._quote(nonce)
+            binding = self.binding_log()
+        self.last_quote_time = time.time()
+        self.quotes += 1
+        result: dict[str, Any] = {
+            "version": 1,
+            "kind": self.kind,
+            "nonce": nonce.hex(),
+            "pcr_selection": self.pcr_selection,
+        }
+        result.update(raw)
+        result.update(self._static_fields())
+        result["binding"] = binding
+        result["time"] = self.last_quote_time
+        return result
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "key_id": self.key_id,
+            "ak_name": self.ak_name,
+            "ek_certificate_found": self.ek_certificate_found,
+            "last_quote_time": self.last_quote_time,
+            "quotes": self.quotes,
+            "insecure": self.insecure,
+            "binding_pcr": self.pcr_binding,
+        }
+        if self.insecure:
+            out["warning"] = (
+                "INSECURE software identity: keys are in files, not in a TPM; quotes prove "
+                "nothing about the software running"
+            )
+        return out

@@ -1,0 +1,285 @@
+"""Reading a bundle: one sequential pass over the tar, checks before every byte (blocking I/O;
+the component runs it in a worker thread).
+
+Bundle layout (see docs/updates.md): an uncompressed POSIX tar whose FIRST member is
+`manifest.json` and SECOND is `manifest.sig`, followed by the payload files listed in the
+manifest. Fixing the order lets the device authenticate the manifest before it extracts a
+single payload byte, and read the tar as a stream (no seeking, no second open: what is
+hashed is exactly what is written to staging, so there is no time-of-check/time-of-use gap).
+
+Checks, in order:
+  - the path is a regular file (a FIFO or device, e.g. an endless /dev/zero, is refused)
+    and its size is within bundle_max_mb, before anything is read;
+  - every tar member is a regular file with a safe relative name (no absolute path, no
+    `..`, no backslash or NUL, normalised) - links, devices, FIFOs and directories are
+    refused before extraction;
+  - manifest.json and manifest.sig are size-capped and read into memory; the trust
+    decision (trust.verify_manifest) runs on them;
+  - each payload member must be listed in the signed manifest with the same size, is at
+    most file_max_mb, appears once, and is copied into the staging directory while being
+    hashed, reading never more than its declared size;
+  - trust.verify_files then compares every size and hash (missing, extra, mix-and-match).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import stat
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from edgerund.errors import TrustError
+from edgerund.updates import fsutil
+from edgerund.updates.keyring import Keyring
+from edgerund.updates.trust import (
+    Device,
+    FileDigest,
+    Installed,
+    Limits,
+    Verdict,
+    check_size,
+    verify_files,
+    verify_manifest,
+)
+
+SIG_MAX_BYTES = 64 * 1024
+CHUNK = 1 << 20
+
+Progress = Callable[[int, int], None]
+
+
+def check_member(m: tarfile.TarInfo) -> str:
+    """The member's safe name, or TrustError (links, devices, traversal)."""
+    name = m.name
+    if m.issym() or m.islnk():
+        raise TrustError("link_member", f"tar member {name!r} is a link (to {m.linkname!r})")
+    if not m.isreg() or m.sparse is not None:
+        kind = (
+            "directory"
+            if m.isdir()
+            else "device or FIFO"
+            if (m.ischr() or m.isblk() or m.isfifo())
+            else "special"
+        )
+        raise TrustError(
+            "special_member", f"tar member {name!r} is a {kind}, expected a regular file"
+        )
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\x00" in name
+        or ".." in name.split("/")
+        or posixpath.normpath(name) != name
+        or name.startswith("./")
+    ):
+        raise TrustError("unsafe_path", f"tar member name {name!r} is not a safe relative path")
+    return name
+
+
+class _CappedReader(io.RawIOBase):
+    """Reads at most `limit` bytes from `f` (the size stat'ed before reading): a file that
+    grows while we read it cannot push more than the checked size through."""
+
+    def __init__(self, f: IO[bytes], limit: int) -> None:
+        self._f = f
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._left <= 0:
+            return 0
+        view = memoryview(b)[: self._left]
+        n = self._f.readinto(view)  # type: ignore[attr-defined]
+        n = n or 0
+        self._left -= n
+        return int(n)
+
+
+def _read_small(tf: tarfile.TarFile, m: tarfile.TarInfo, cap: int, what: str) -> bytes:
+    if m.size > cap:
+        raise TrustError("file_too_large", f"{what}: expected at most {cap} bytes, got {m.size}")
+    f = tf.extractfile(m)
+    assert f is not None
+    data = f.read(cap + 1)
+    if len(data) != m.size:
+        raise TrustError("bundle_truncated", f"{what}: expected {m.size} bytes, got {len(data)}")
+    return data
+
+
+def open_bundle(path: Path) -> tuple[IO[bytes], int]:
+    """Open a bundle path: regular files only (a FIFO or device could be endless)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - returned to the caller
+    except FileNotFoundError:
+        raise TrustError("not_found", f"bundle {str(path)!r} does not exist") from None
+    except PermissionError:
+        raise TrustError(
+            "not_readable", f"bundle {str(path)!r} is not readable by the daemon"
+        ) from None
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise TrustError("not_a_file", f"{str(path)!r} is not a regular file")
+    return f, st.st_size
+
+
+def peek_model_name(path: Path, manifest_max: int) -> str:
+    """The (unauthenticated) model name, to pick the model's state record. Nothing else
+    in the manifest is used before the signature check."""
+    f, size = open_bundle(path)
+    with f:
+        try:
+            tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|")  # type: ignore[call-overload]
+            m = tf.next()
+            if m is None or m.name != "manifest.json":
+                raise TrustError("bundle_layout", "the first tar member must be manifest.json")
+            check_member(m)
+            data = _read_small(tf, m, manifest_max, "manifest.json")
+        except (tarfile.TarError, EOFError) as exc:
+            raise TrustError("bundle_malformed", f"not a tar bundle: {exc}") from None
+    from edgerund.updates.manifest import strict_json
+
+    raw = strict_json(data, "manifest.json", "manifest_malformed")
+    name = raw.get("model_name") if isinstance(raw, dict) else None
+    if not isinstance(name, str):
+        raise TrustError("manifest_malformed", "manifest.json has no model_name")
+    return name
+
+
+def read_bundle(
+    path: Path,
+    staging: Path,
+    keyring: Keyring,
+    *,
+    now: float,
+    device: Device,
+    installed: Installed,
+    limits: Limits,
+    manifest_max: int,
+    progress: Progress | None = None,
+) -> tuple[Verdict, bytes, bytes]:
+    """Verify `path` and extract its payload into the (empty) `staging` directory.
+
+    Returns the verdict and the raw manifest.json / manifest.sig bytes. On any TrustError
+    the staging directory may hold partial files; the caller wipes it."""
+    f, size = open_bundle(path)
+    with f:
+        check_size(size, limits)
+        try:
+            return _read(
+                f, size, staging, keyring, now, device, installed, limits, manifest_max, progress
+            )
+        except (tarfile.TarError, EOFError) as exc:
+            raise TrustError("bundle_malformed", f"not a valid tar bundle: {exc}") from None
+
+
+def _read(
+    f: IO[bytes],
+    size: int,
+    staging: Path,
+    keyring: Keyring,
+    now: float,
+    device: Device,
+    installed: Installed,
+    limits: Limits,
+    manifest_max: int,
+    progress: Progress | None,
+) -> tuple[Verdict, bytes, bytes]:
+    tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|")  # type: ignore[call-overload]
+    first = tf.next()
+    if first is None:
+        raise TrustError("bundle_malformed", "empty tar")
+    if check_member(first) != "manifest.json":
+        raise TrustError(
+            "bundle_layout", f"the first tar member must be manifest.json, got {first.name!r}"
+        )
+    manifest_bytes = _read_small(tf, first, manifest_max, "manifest.json")
+    second = tf.next()
+    sig_bytes: bytes | None = None
+    pending: tarfile.TarInfo | None = second
+    if second is not None and check_member(second) == "manifest.sig":
+        sig_bytes = _read_small(tf, second, SIG_MAX_BYTES, "manifest.sig")
+        pending = None
+    verdict = verify_manifest(
+        manifest_bytes,
+        sig_bytes,
+        keyring,
+        now=now,
+        device=device,
+        installed=installed,
+        limits=limits,
+    )
+    assert sig_bytes is not None  # verify_manifest refuses unsigned bundles
+    expected = {e.path: e for e in verdict.manifest.files}
+    digests: dict[str, FileDigest] = {}
+    total = sum(e.size for e in verdict.manifest.files)
+    done = 0
+    while True:
+        m = pending if pending is not None else tf.next()
+        pending = None
+        if m is None:
+            break
+        name = check_member(m)
+        if name in ("manifest.json", "manifest.sig") or name in digests:
+            raise TrustError("duplicate_member", f"tar member {name!r} appears more than once")
+        entry = expected.get(name)
+        if entry is None:
+            raise TrustError(
+                "file_unexpected", f"tar member {name!r} is not listed in the signed manifest"
+            )
+        if m.size > limits.file_max_bytes:
+            raise TrustError(
+                "file_too_large",
+                f"{name}: expected at most {limits.file_max_bytes} bytes, got {m.size}",
+            )
+        if m.size != entry.size:
+            raise TrustError(
+                "file_size", f"{name}: expected {entry.size} bytes, tar header says {m.size}"
+            )
+        src = tf.extractfile(m)
+        assert src is not None
+        dest = staging / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        n = 0
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            while n < entry.size:
+                chunk = src.read(min(CHUNK, entry.size - n))
+                if not chunk:
+                    break
+                h.update(chunk)
+                fsutil.write_all(fd, chunk)
+                n += len(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if n != entry.size:
+            raise TrustError("bundle_truncated", f"{name}: expected {entry.size} bytes, got {n}")
+        digests[name] = FileDigest(h.hexdigest(), n)
+    verify_files(verdict.manifest, digests)
+    # Directory entries of the extracted files must be durable before the slot marker.
+    for d in {staging, *((staging / p).parent for p in digests)}:
+        fsutil.fsync_dir(d)
+    return verdict, manifest_bytes, sig_bytes
+
+
+def hash_file(path: Path) -> FileDigest:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return FileDigest(h.hexdigest(), n)

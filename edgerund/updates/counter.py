@@ -1,0 +1,69 @@
+"""The device's security counter (anti-rollback reference), raised only after COMMITTED.
+
+Where identity is a TPM the counter is its NV counter (`identity.counter_read()` /
+`counter_increment()`): it can only go up, even for root, which is what makes rollback
+protection survive a re-flashed SD card's state directory. Otherwise it is a small file
+under the state directory written atomically; that is best-effort (root can edit it) and
+documented as such.
+
+`ratchet(target)` makes the counter max(stored, target); doing it twice changes nothing,
+so start-up recovery simply redoes it after a crash between COMMITTED and the ratchet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from edgerund.updates import fsutil
+
+
+class FileCounter:
+    kind = "file"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> int:
+        try:
+            return int(self.path.read_text().strip() or "0")
+        except FileNotFoundError:
+            return 0
+
+    async def read(self) -> int:
+        return await asyncio.to_thread(self._read)
+
+    def _ratchet(self, target: int) -> int:
+        cur = self._read()
+        if target <= cur:
+            return cur
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.atomic_write(self.path, f"{target}\n".encode())
+        return target
+
+    async def ratchet(self, target: int) -> int:
+        return await asyncio.to_thread(self._ratchet, target)
+
+
+class IdentityCounter:
+    """The identity component's monotonic counter (TPM NV counter)."""
+
+    kind = "tpm"
+
+    def __init__(self, identity: Any, max_steps: int) -> None:
+        self._id = identity
+        self._max_steps = max_steps
+
+    async def read(self) -> int:
+        return int(await self._id.counter_read())
+
+    async def ratchet(self, target: int) -> int:
+        cur = int(await self._id.counter_read())
+        steps = 0
+        # An NV counter only increments by one; the trust check bounds the distance by
+        # max_counter_jump, and this bound keeps a bug from spinning the TPM forever.
+        while cur < target and steps < self._max_steps:
+            cur = int(await self._id.counter_increment())
+            steps += 1
+        return cur

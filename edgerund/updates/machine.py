@@ -1,0 +1,329 @@
+"""The update state machine and the start-up recovery table (pure: events in, actions out).
+
+Theory of operation
+-------------------
+Every model has one `Record` (persisted as `models/NAME/state.json`). The record's `state`
+names the last step that was *decided*; the actions returned with it are the side effects
+that follow from that decision, in order. The first action of every transition is PERSIST:
+the I/O layer writes state.json (temp, fsync, rename, fsync dir) before doing anything else,
+so after a power cut the record always tells what may have been half done, and the recovery
+table says how to finish or undo it.
+
+    IDLE/COMMITTED/ROLLED_BACK/REJECTED --receive--> RECEIVED  verify + extract to staging
+    RECEIVED    --ok--> VERIFIED     stage: invalidate inactive slot, write, fsync, mark valid
+    VERIFIED    --ok--> STAGED       precheck in a subprocess
+    STAGED      --ok--> PRECHECKED   (decision point; the trial starts once models run)
+    PRECHECKED  --ok--> TRIAL        attempts += 1; flip `current` to the candidate; swap
+    TRIAL       --ok--> PROBATION    watch faults, NaN, missed ticks, score distribution
+    PROBATION   --ok--> COMMITTED    candidate becomes active; then ratchet the counter
+    COMMITTED   --ratcheted--> COMMITTED (ratcheted=True)
+    RECEIVED|VERIFIED|STAGED|PRECHECKED --fail--> REJECTED(reason)  discard, invalidate
+    TRIAL|PROBATION --fail|rollback--> ROLLED_BACK(reason)  flip back, swap back, invalidate
+    COMMITTED|ROLLED_BACK|REJECTED|IDLE --rollback--> ROLLED_BACK("manual")  revert to the
+                                                      other valid slot (by hand)
+
+The counter is raised only after COMMITTED is persisted (MCUboot/TF-M: a revert must stay
+possible until commit), and ratcheting to max(stored, bundle) is idempotent, so recovery can
+simply redo it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+
+class S(enum.StrEnum):
+    IDLE = "IDLE"
+    RECEIVED = "RECEIVED"
+    VERIFIED = "VERIFIED"
+    STAGED = "STAGED"
+    PRECHECKED = "PRECHECKED"
+    TRIAL = "TRIAL"
+    PROBATION = "PROBATION"
+    COMMITTED = "COMMITTED"
+    ROLLED_BACK = "ROLLED_BACK"
+    REJECTED = "REJECTED"
+
+
+TERMINAL = frozenset({S.IDLE, S.COMMITTED, S.ROLLED_BACK, S.REJECTED})
+IN_FLIGHT = frozenset(set(S) - TERMINAL)
+
+
+class A(enum.StrEnum):
+    PERSIST = "persist"  # write state.json (always first)
+    VERIFY = "verify"  # read the bundle, trust decision, extract to staging
+    STAGE = "stage"  # invalidate target slot, copy staging into it, fsync, mark valid
+    PRECHECK = "precheck"  # re-hash the slot, run the health precheck subprocess
+    FLIP = "flip"  # point `current` at `slot` (symlink + rename + fsync dir)
+    SWAP = "swap"  # models.swap(name, slot dir)
+    WATCH = "watch"  # probation
+    RATCHET = "ratchet"  # security counter := max(stored, deployment counter)
+    INVALIDATE = "invalidate"  # remove `slot`'s validity marker
+    SYNC_SLOTS = "sync_slots"  # make on-disk markers agree with the record (recovery)
+    DISCARD = "discard"  # wipe staging
+    RESUME_TRIAL = "resume_trial"  # once models run: fire "ok" from PRECHECKED
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: A
+    slot: str | None = None
+
+
+class SlotInfo(msgspec.Struct, kw_only=True):
+    version: str
+    bundle_id: str
+    security_counter: int
+    manifest_sha256: str
+    created: float | None = None
+    installed_at: float = 0.0
+
+
+class Deployment(msgspec.Struct, kw_only=True):
+    bundle_id: str = ""
+    version: str = ""
+    security_counter: int = 0
+    manifest_sha256: str = ""
+    created: float | None = None
+    source: str = ""
+    target: str = ""  # slot being written ("a" | "b")
+    probation_s: float = 0.0
+    received_at: float = 0.0
+
+
+class Failure(msgspec.Struct, kw_only=True):
+    reason: str
+    message: str
+    state: str  # the state in which it failed
+    version: str = ""
+    at: float = 0.0
+
+
+class Record(msgspec.Struct, kw_only=True):
+    schema: int = 1
+    model: str
+    state: S = S.IDLE
+    active: str | None = None  # the committed slot `current` must point at
+    slots: dict[str, SlotInfo | None] = msgspec.field(
+        default_factory=lambda: {"a": None, "b": None}
+    )
+    deployment: Deployment | None = None
+    attempts: int = 0
+    writes: int = 0  # state.json writes in this deployment (loop breaker)
+    ratcheted: bool = True
+    last_result: str | None = None
+    last_failure: Failure | None = None
+
+
+EventKind = Literal["receive", "ok", "fail", "rollback", "ratcheted"]
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    reason: str = ""
+    message: str = ""
+    deployment: Deployment | None = None
+    now: float = 0.0
+
+
+class InvalidTransition(Exception):
+    def __init__(self, state: S, event: EventKind) -> None:
+        super().__init__(f"event {event!r} is not allowed in state {state}")
+        self.state = state
+        self.event = event
+
+
+def other(slot: str | None) -> str:
+    return "b" if slot == "a" else "a"
+
+
+# --- THE transition table: (state, event) -> next state. Actions are derived below. -----
+_ANY_TERMINAL = tuple(TERMINAL)
+TABLE: dict[tuple[S, EventKind], S] = {
+    **{(s, "receive"): S.RECEIVED for s in _ANY_TERMINAL},
+    (S.RECEIVED, "ok"): S.VERIFIED,
+    (S.VERIFIED, "ok"): S.STAGED,
+    (S.STAGED, "ok"): S.PRECHECKED,
+    (S.PRECHECKED, "ok"): S.TRIAL,
+    (S.TRIAL, "ok"): S.PROBATION,
+    (S.PROBATION, "ok"): S.COMMITTED,
+    (S.COMMITTED, "ratcheted"): S.COMMITTED,
+    **{(s, "fail"): S.REJECTED for s in (S.RECEIVED, S.VERIFIED, S.STAGED, S.PRECHECKED)},
+    **{(s, "rollback"): S.REJECTED for s in (S.RECEIVED, S.VERIFIED, S.STAGED, S.PRECHECKED)},
+    **{(s, ev): S.ROLLED_BACK for s in (S.TRIAL, S.PROBATION) for ev in ("fail", "rollback")},
+    **{(s, "rollback"): S.ROLLED_BACK for s in _ANY_TERMINAL},
+}
+
+
+def allowed(state: S, kind: EventKind) -> bool:
+    return (state, kind) in TABLE
+
+
+def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
+    """Apply one event. Raises InvalidTransition for events the table does not allow."""
+    nxt = TABLE.get((rec.state, ev.kind))
+    if nxt is None:
+        raise InvalidTransition(rec.state, ev.kind)
+    dep = rec.deployment
+    r = msgspec.structs.replace(rec, state=nxt, writes=rec.writes + 1)
+    acts: list[Action] = [Action(A.PERSIST)]
+    if ev.kind == "receive":
+        assert ev.deployment is not None
+        target = other(rec.active) if rec.active else "a"
+        d = msgspec.structs.replace(ev.deployment, target=target)
+        r = msgspec.structs.replace(r, deployment=d, attempts=0, writes=1)
+        acts.append(Action(A.VERIFY))
+    elif ev.kind == "ok":
+        assert dep is not None
+        if nxt is S.VERIFIED:
+            acts.append(Action(A.STAGE, dep.target))
+        elif nxt is S.STAGED:
+            acts.append(Action(A.PRECHECK, dep.target))
+        elif nxt is S.PRECHECKED:
+            acts.append(Action(A.RESUME_TRIAL, dep.target))
+        elif nxt is S.TRIAL:
+            r = msgspec.structs.replace(r, attempts=rec.attempts + 1)
+            acts += [Action(A.FLIP, dep.target), Action(A.SWAP, dep.target)]
+        elif nxt is S.PROBATION:
+            acts.append(Action(A.WATCH, dep.target))
+        elif nxt is S.COMMITTED:
+            slots = dict(rec.slots)
+            slots[dep.target] = SlotInfo(
+                version=dep.version,
+                bundle_id=dep.bundle_id,
+                security_counter=dep.security_counter,
+                manifest_sha256=dep.manifest_sha256,
+                created=dep.created,
+                installed_at=ev.now,
+            )
+            r = msgspec.structs.replace(
+                r, active=dep.target, slots=slots, ratcheted=False, last_result=S.COMMITTED
+            )
+            acts += [Action(A.RATCHET), Action(A.DISCARD)]
+    elif ev.kind == "ratcheted":
+        r = msgspec.structs.replace(r, ratcheted=True, writes=rec.writes + 1)
+    elif ev.kind in ("fail", "rollback"):
+        reason = ev.reason or ("manual" if ev.kind == "rollback" else "failed")
+        failure = Failure(
+            reason=reason,
+            message=ev.message,
+            state=rec.state,
+            version=dep.version if dep else "",
+            at=ev.now,
+        )
+        r = msgspec.structs.replace(r, last_failure=failure, last_result=nxt)
+        if rec.state in TERMINAL:
+            # Manual revert to the other, still valid slot.
+            back = other(rec.active)
+            if rec.active is None or rec.slots.get(back) is None:
+                raise InvalidTransition(rec.state, ev.kind)
+            r = msgspec.structs.replace(r, active=back)
+            acts += [Action(A.FLIP, back), Action(A.SWAP, back)]
+        else:
+            assert dep is not None
+            slots = dict(rec.slots)
+            slots[dep.target] = None
+            r = msgspec.structs.replace(r, slots=slots)
+            if rec.state in (S.TRIAL, S.PROBATION):
+                active = rec.active or other(dep.target)
+                acts += [Action(A.FLIP, active), Action(A.SWAP, active)]
+            acts += [Action(A.INVALIDATE, dep.target), Action(A.DISCARD)]
+    return r, acts
+
+
+# --- Start-up recovery: the record found on disk -> the record to persist + actions. ------
+RECOVERY: dict[S, str] = {
+    S.IDLE: "nothing in flight: current -> active slot, markers synced",
+    S.RECEIVED: "discard: staging wiped, REJECTED(interrupted)",
+    S.VERIFIED: "discard: staging wiped, half-written target slot invalidated, REJECTED(interrupted)",
+    S.STAGED: "resume: current -> active; re-hash the target slot and rerun the precheck",
+    S.PRECHECKED: "resume: current -> active; re-hash the target slot and rerun the precheck",
+    S.TRIAL: "attempts < max: current -> active, retry the trial once models run; else ROLLED_BACK(crash_loop)",
+    S.PROBATION: "attempts < max: current -> active, retry the trial once models run; else ROLLED_BACK(crash_loop)",
+    S.COMMITTED: "current -> active (the new slot); redo the counter ratchet if not done",
+    S.ROLLED_BACK: "current -> active (the old slot); the failed slot's marker removed",
+    S.REJECTED: "current -> active; staging wiped",
+}
+
+
+def recover(rec: Record, *, max_attempts: int, now: float) -> tuple[Record, list[Action]]:
+    """What to do at start-up with the record found on disk (see RECOVERY)."""
+    base = [Action(A.FLIP, rec.active)] if rec.active else []
+    base.append(Action(A.SYNC_SLOTS))
+    st = rec.state
+    dep = rec.deployment
+    if st in (S.RECEIVED, S.VERIFIED) or (st in IN_FLIGHT and dep is None):
+        r, acts = step(
+            rec,
+            Event("fail", reason="interrupted", message=f"daemon stopped during {st}", now=now),
+        )
+        return r, [*acts, *base]
+    if st in (S.STAGED, S.PRECHECKED):
+        assert dep is not None
+        r = msgspec.structs.replace(rec, state=S.STAGED, writes=rec.writes + 1)
+        return r, [Action(A.PERSIST), *base, Action(A.PRECHECK, dep.target)]
+    if st in (S.TRIAL, S.PROBATION):
+        assert dep is not None
+        if rec.attempts >= max_attempts:
+            r, acts = step(
+                rec,
+                Event(
+                    "fail",
+                    reason="crash_loop",
+                    message=f"daemon stopped {rec.attempts} time(s) during {st}; giving up",
+                    now=now,
+                ),
+            )
+            # The FLIP/SWAP of step() target the active slot; SWAP is moot at start-up
+            # (models have not loaded yet and will load `current`).
+            return r, [a for a in acts if a.kind is not A.SWAP] + base[1:]
+        r = msgspec.structs.replace(rec, state=S.PRECHECKED, writes=rec.writes + 1)
+        return r, [Action(A.PERSIST), *base, Action(A.RESUME_TRIAL, dep.target)]
+    if st is S.COMMITTED and not rec.ratcheted:
+        return rec, [*base, Action(A.RATCHET), Action(A.DISCARD)]
+    return rec, [*base, Action(A.DISCARD)]
+
+
+def summary(rec: Record) -> dict[str, object]:
+    """The status/`models-slots` view of one record."""
+    d = rec.deployment
+    lf = rec.last_failure
+    return {
+        "name": rec.model,
+        "state": str(rec.state),
+        "active_slot": rec.active,
+        "version": (rec.slots.get(rec.active) or _EMPTY).version if rec.active else None,
+        "slots": {
+            k: (
+                None
+                if v is None
+                else {
+                    "version": v.version,
+                    "bundle_id": v.bundle_id,
+                    "security_counter": v.security_counter,
+                }
+            )
+            for k, v in sorted(rec.slots.items())
+        },
+        "candidate": None
+        if d is None or rec.state in TERMINAL
+        else {"version": d.version, "slot": d.target, "attempts": rec.attempts, "source": d.source},
+        "last_result": rec.last_result,
+        "last_failure": None
+        if lf is None
+        else {
+            "reason": lf.reason,
+            "message": lf.message,
+            "state": lf.state,
+            "version": lf.version,
+            "at": lf.at,
+        },
+    }
+
+
+_EMPTY = SlotInfo(version="", bundle_id="", security_counter=0, manifest_sha256="")

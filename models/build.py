@@ -1,0 +1,584 @@
+#!/usr/bin/env python3
+"""Build the reference anomaly model from generated data, deterministically.
+
+    python models/build.py                 # rebuild models/reference/ + the README report
+    python models/build.py --out DIR       # build elsewhere (the reproducibility test)
+
+Pipeline (every step seeded; the same machine class gives the same bytes):
+
+1. **Data.** Normal-operation windows from the shared plant generator
+   (`drivers/emulated/scenario.py`) for several training plants (seeds): 256 samples x 3
+   axes of motor-housing acceleration at 200 Hz quantised like the MPU-6050 at +-2 g
+   (16384 LSB/g), plus the cabinet temperature (BME280, 0.01 degC) and the motor current
+   (1 mA) at the end of the window. Held-out plants (other seeds, the simulator's default
+   42 included) give normal and anomalous test windows.
+2. **Features.** `edgerund.inference.features` (the same code the daemon runs): log10
+   band energies of a Hann-windowed FFT per axis (16 bands of 6.25 Hz) + temperature +
+   current, standardised with training statistics stored in the manifest. The scalar
+   inputs' scale is divided by `SCALAR_GAIN` so the autoencoder's loss weighs them like
+   a band (otherwise it ignores them and reconstructs their mean).
+3. **Autoencoder, trained on normal windows only** (scikit-learn `MLPRegressor`, ReLU,
+   Adam, fixed seed, single-threaded BLAS): 50 -> H -> H -> 8 -> H -> H -> 50.
+4. **ONNX graph, written by hand with `onnx.helper`** (the daemon needs neither sklearn
+   nor torch). The anomaly score is computed *inside* the graph:
+   `score = mean_i(w_i * (x_i - AE(clip(x, lo, hi))_i)^2)`. The encoder sees the input
+   clipped to the envelope seen in training (+5 %), the residual is taken against the
+   unclipped input, so a value outside anything seen in training (an overheating cabinet)
+   always scores; `w_i` is the inverse of feature i's residual variance on normal
+   validation windows, so a well-predicted feature (temperature) counts as much as a
+   noisy band. Model input `features` float32[1, 50], output `score` float32[1].
+5. **int8**: static QDQ quantisation with `onnxruntime.quantization` (S8S8, per-tensor,
+   MinMax calibration on normal training windows). Only the Gemm/Relu core is quantised;
+   clip and score arithmetic stay fp32 (a few elementwise ops on 50 values).
+6. **Threshold** from the int8 model's normal score distribution on validation windows:
+   `THRESHOLD_MARGIN x` its 99.9th percentile.
+7. **Golden vectors** (raw inputs, features, expected scores of both models) and the
+   **manifest** (the model ABI), then a quality report: AUC per anomaly kind on held-out
+   plants, fp32 vs int8, file sizes, and (not part of the artifacts) latency.
+
+Reproducibility: BLAS is pinned to one thread and to one kernel family
+(OPENBLAS_CORETYPE) *before* numpy loads; no timestamps are written anywhere (the npz is
+written with fixed zip dates). ORT's calibration and numpy's transcendental functions
+dispatch on CPU features, so bit-for-bit holds per CPU class (tests rebuild and compare on
+the machine they run on).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy/sklearn load: one BLAS thread and one kernel family -> reproducible sums.
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from drivers.emulated.scenario import Anomaly, Scenario  # noqa: E402
+from edgerund.inference.features import FeatureSpec, Preprocessor  # noqa: E402
+
+MODEL_NAME = "motor-ae"
+MODEL_VERSION = "1.0.0"
+SEED = 20261129
+FS_HZ = 200.0
+WINDOW = 256
+AXES = 3
+N_BANDS = 16
+BAND_EDGES = tuple(1 + i * 8 for i in range(N_BANDS + 1))  # bins 1..128 in 8-bin bands
+LOG_FLOOR = 1e-10
+SCALARS = ("temp_c", "current_a")
+SCALAR_GAIN = 4.0
+HIDDEN = 128
+BOTTLENECK = 8
+EPOCHS = 60
+CLIP_MARGIN = 0.05
+THRESHOLD_QUANTILE = 0.999
+THRESHOLD_MARGIN = 1.5
+OPSET = 17
+
+TRAIN_SEEDS = tuple(range(101, 109))
+TRAIN_PER_SEED = 800
+VAL_SEEDS = (201, 202)
+VAL_PER_SEED = 500
+TEST_SEEDS = (42, 301, 302, 303)
+TEST_PER_SEED = 250
+SPAN_S = 3 * 86400.0  # windows are drawn from three days of plant time (daily cycles)
+CALIB_WINDOWS = 512
+
+ACCEL_LSB_PER_G = 16384.0  # MPU-6050 at +-2 g
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass
+class Windows:
+    accel: F32  # (n, WINDOW, AXES) g
+    temp: F32  # (n, 1) degC
+    current: F32  # (n, 1) A
+
+    def inputs(self, i: int) -> dict[str, F32]:
+        return {"accel_g": self.accel[i], "temp_c": self.temp[i], "current_a": self.current[i]}
+
+    def __len__(self) -> int:
+        return int(self.accel.shape[0])
+
+    def take(self, idx: Sequence[int]) -> Windows:
+        ix = np.asarray(idx)
+        return Windows(self.accel[ix], self.temp[ix], self.current[ix])
+
+
+def sample_windows(
+    seed: int,
+    n: int,
+    anomalies: Sequence[Anomaly] = (),
+    t_min_s: float = 0.0,
+    t_max_s: float = SPAN_S,
+    draw_seed: int = 0,
+) -> Windows:
+    """`n` windows of plant `seed` starting at random instants in [t_min_s, t_max_s)."""
+    sc = Scenario(seed, anomalies)
+    rng = np.random.default_rng([SEED, seed, draw_seed])
+    t0s = np.sort(rng.uniform(t_min_s, t_max_s, n))
+    accel = np.empty((n, WINDOW, AXES), np.float32)
+    temp = np.empty((n, 1), np.float32)
+    cur = np.empty((n, 1), np.float32)
+    offs = np.arange(WINDOW) / FS_HZ
+    for i, t0 in enumerate(t0s):
+        t = t0 + offs
+        raw = np.clip(np.rint(sc.vibration_g(t) * ACCEL_LSB_PER_G), -32768, 32767)
+        accel[i] = raw / ACCEL_LSB_PER_G
+        temp[i, 0] = np.rint(sc.cabinet_temp_c(t[-1:])[0] * 100.0) / 100.0
+        cur[i, 0] = np.rint(sc.motor_current_a(t[-1:])[0] * 1000.0) / 1000.0
+    return Windows(accel, temp, cur)
+
+
+def concat(ws: Sequence[Windows]) -> Windows:
+    return Windows(
+        np.concatenate([w.accel for w in ws]),
+        np.concatenate([w.temp for w in ws]),
+        np.concatenate([w.current for w in ws]),
+    )
+
+
+def raw_spec() -> FeatureSpec:
+    n = AXES * N_BANDS + len(SCALARS)
+    return FeatureSpec(
+        vibration_input="accel_g",
+        window=WINDOW,
+        axes=AXES,
+        sample_rate_hz=FS_HZ,
+        band_edges_bin=BAND_EDGES,
+        log_floor=LOG_FLOOR,
+        scalars=SCALARS,
+        mean=(0.0,) * n,
+        std=(1.0,) * n,
+    )
+
+
+def features(spec: FeatureSpec, w: Windows) -> F32:
+    """(n, F) normalised features, one window at a time through the runtime's code path."""
+    pre = Preprocessor(spec)
+    return np.concatenate([pre(w.inputs(i)).copy() for i in range(len(w))])
+
+
+# -- ONNX -------------------------------------------------------------------------------
+
+
+def export_onnx(
+    coefs: Sequence[F32],
+    intercepts: Sequence[F32],
+    lo: F32,
+    hi: F32,
+    weights: F32,
+) -> Any:
+    """The autoencoder + clip + weighted-MSE score as an ONNX ModelProto (fp32)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n_feat = int(coefs[0].shape[0])
+    inits = [
+        numpy_helper.from_array(lo.astype(np.float32), "clip_lo"),
+        numpy_helper.from_array(hi.astype(np.float32), "clip_hi"),
+        numpy_helper.from_array(weights.astype(np.float32), "residual_weight"),
+    ]
+    nodes = [
+        helper.make_node("Max", ["features", "clip_lo"], ["clip_a"], name="clip_low"),
+        helper.make_node("Min", ["clip_a", "clip_hi"], ["clipped"], name="clip_high"),
+    ]
+    cur = "clipped"
+    for i, (w, b) in enumerate(zip(coefs, intercepts, strict=True)):
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"W{i}"))
+        inits.append(numpy_helper.from_array(b.astype(np.float32), f"B{i}"))
+        last = i == len(coefs) - 1
+        out = "reconstruction" if last else f"gemm{i}"
+        nodes.append(helper.make_node("Gemm", [cur, f"W{i}", f"B{i}"], [out], name=f"dense{i}"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [out], [f"relu{i}"], name=f"relu{i}"))
+            out = f"relu{i}"
+        cur = out
+    nodes += [
+        helper.make_node("Sub", ["features", "reconstruction"], ["residual"], name="residual"),
+        helper.make_node("Mul", ["residual", "residual"], ["sq"], name="square"),
+        helper.make_node("Mul", ["sq", "residual_weight"], ["wsq"], name="weight"),
+        helper.make_node("ReduceMean", ["wsq"], ["score"], name="score", axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "motor_autoencoder",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, n_feat])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="edgerund-models-build",
+        producer_version=MODEL_VERSION,
+    )
+    model.ir_version = 8  # readable by onnxruntime >= 1.14 (the Pi's pinned builds)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+class _Calib:
+    """onnxruntime CalibrationDataReader over normal feature rows."""
+
+    def __init__(self, rows: F32) -> None:
+        self._it: Iterator[dict[str, F32]] = ({"features": r[None, :]} for r in rows)
+
+    def get_next(self) -> dict[str, F32] | None:
+        return next(self._it, None)
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calib_rows: F32) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._c = _Calib(calib_rows)
+
+        def get_next(self) -> dict[str, F32] | None:
+            return self._c.get_next()
+
+    quantize_static(
+        str(fp32_path),
+        str(int8_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Gemm", "Relu"],
+        per_channel=False,
+        reduce_range=False,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+    )
+
+
+def session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def scores(sess: Any, rows: F32) -> F32:
+    return np.array([sess.run(["score"], {"features": r[None, :]})[0][0] for r in rows], np.float32)
+
+
+def auc(normal: F32, anomalous: F32) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    return float(roc_auc_score(y, np.r_[normal, anomalous]))
+
+
+def latency_us(sess: Any, row: F32, n: int = 3000) -> tuple[float, float]:
+    """p50/p99 of back-to-back run() calls (informative only; not in the artifacts)."""
+    feed = {"features": row[None, :].copy()}
+    for _ in range(300):
+        sess.run(["score"], feed)
+    out = np.empty(n)
+    for i in range(n):
+        t0 = time.perf_counter()
+        sess.run(["score"], feed)
+        out[i] = time.perf_counter() - t0
+    return float(np.percentile(out, 50) * 1e6), float(np.percentile(out, 99) * 1e6)
+
+
+# -- deterministic files ------------------------------------------------------------------
+
+
+def save_npz(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
+    """An .npz (np.load-able) with fixed zip timestamps, so the bytes are reproducible."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _r(x: float, digits: int = 4) -> float:
+    return float(round(x, digits))
+
+
+# -- the build ----------------------------------------------------------------------------
+
+
+def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str, Any]:
+    import onnx
+    from sklearn.neural_network import MLPRegressor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # 1. data
+    train_w = concat([sample_windows(s, TRAIN_PER_SEED, draw_seed=1) for s in TRAIN_SEEDS])
+    val_w = concat([sample_windows(s, VAL_PER_SEED, draw_seed=2) for s in VAL_SEEDS])
+    log(f"data: {len(train_w)} training + {len(val_w)} validation normal windows "
+        f"({time.perf_counter() - t_start:.1f} s)")
+
+    # 2. features: statistics from the training windows
+    spec0 = raw_spec()
+    raw = features(spec0, train_w).astype(np.float64)
+    mean = raw.mean(axis=0)
+    std = raw.std(axis=0)
+    std[-len(SCALARS):] /= SCALAR_GAIN
+    spec = FeatureSpec(
+        vibration_input="accel_g",
+        window=WINDOW,
+        axes=AXES,
+        sample_rate_hz=FS_HZ,
+        band_edges_bin=BAND_EDGES,
+        log_floor=LOG_FLOOR,
+        scalars=SCALARS,
+        mean=tuple(float(np.float32(x)) for x in mean),
+        std=tuple(float(np.float32(x)) for x in std),
+    )
+    x_train = features(spec, train_w)
+    x_val = features(spec, val_w)
+
+    # 3. train on normal windows only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: a fixed epoch budget on purpose
+        ae = MLPRegressor(
+            hidden_layer_sizes=(HIDDEN, HIDDEN, BOTTLENECK, HIDDEN, HIDDEN),
+            activation="relu",
+            solver="adam",
+            alpha=1e-4,
+            batch_size=128,
+            learning_rate_init=1e-3,
+            max_iter=EPOCHS,
+            shuffle=True,
+            random_state=SEED % (2**31),
+            tol=0.0,
+            n_iter_no_change=10**6,
+        )
+        ae.fit(x_train, x_train)
+    log(f"trained {ae.n_iter_} epochs, loss {ae.loss_:.4f} "
+        f"({time.perf_counter() - t_start:.1f} s)")
+    coefs = [np.asarray(c, np.float32) for c in ae.coefs_]
+    inter = [np.asarray(b, np.float32) for b in ae.intercepts_]
+    span = x_train.max(axis=0) - x_train.min(axis=0)
+    lo = (x_train.min(axis=0) - CLIP_MARGIN * span).astype(np.float32)
+    hi = (x_train.max(axis=0) + CLIP_MARGIN * span).astype(np.float32)
+    resid = ae.predict(x_val).astype(np.float32) - x_val
+    weights = (1.0 / np.maximum((resid.astype(np.float64) ** 2).mean(axis=0), 1e-3)).astype(
+        np.float32
+    )
+
+    # 4. fp32 ONNX, 5. int8 QDQ
+    fp32_path = out_dir / "model_fp32.onnx"
+    int8_path = out_dir / "model.onnx"
+    onnx.save_model(export_onnx(coefs, inter, lo, hi, weights), str(fp32_path))
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng([SEED, 7])
+        calib = x_train[np.sort(rng.choice(len(x_train), CALIB_WINDOWS, replace=False))]
+        tmp_int8 = Path(tmp) / "model.onnx"
+        quantize_int8(fp32_path, tmp_int8, calib)
+        int8_model = onnx.load(str(tmp_int8))
+        int8_model.producer_name = "edgerund-models-build"
+        int8_model.producer_version = MODEL_VERSION
+        onnx.save_model(int8_model, str(int8_path))
+    s_fp32, s_int8 = session(fp32_path), session(int8_path)
+
+    # 6. threshold from the int8 normal score distribution
+    val_int8 = scores(s_int8, x_val)
+    val_fp32 = scores(s_fp32, x_val)
+    threshold = float(np.float32(np.quantile(val_int8, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN))
+    threshold_fp32 = float(np.float32(np.quantile(val_fp32, THRESHOLD_QUANTILE) * THRESHOLD_MARGIN))
+
+    # quality on held-out plants
+    def test_set(anoms: Sequence[Anomaly], draw: int) -> Windows:
+        # t >= 1000 s: past the 300 s overheat ramp of an anomaly starting at 0.
+        return concat([
+            sample_windows(s, TEST_PER_SEED, anoms, t_min_s=1000.0, draw_seed=draw)
+            for s in TEST_SEEDS
+        ])
+
+    cases: dict[str, Sequence[Anomaly]] = {
+        "bearing_wear": [Anomaly("bearing_wear", 0.0, 1e9)],
+        "bearing_wear@0.25": [Anomaly("bearing_wear", 0.0, 1e9, severity=0.25)],
+        "overheat": [Anomaly("overheat", 0.0, 1e9)],
+        "overheat@0.3": [Anomaly("overheat", 0.0, 1e9, severity=0.3)],
+    }
+    normal_w = test_set((), 3)
+    x_norm = features(spec, normal_w)
+    n_i8, n_f32 = scores(s_int8, x_norm), scores(s_fp32, x_norm)
+    quality: dict[str, Any] = {}
+    anomalous: dict[str, Windows] = {}
+    for i, (kind, anoms) in enumerate(cases.items()):
+        w = test_set(anoms, 10 + i)
+        anomalous[kind] = w
+        xa = features(spec, w)
+        a_i8, a_f32 = scores(s_int8, xa), scores(s_fp32, xa)
+        quality[kind] = {
+            "auc_fp32": _r(auc(n_f32, a_f32)),
+            "auc_int8": _r(auc(n_i8, a_i8)),
+            "detected_int8": _r(float((a_i8 > threshold).mean())),
+        }
+    quality["normal"] = {
+        "false_positive_int8": _r(float((n_i8 > threshold).mean())),
+        "score_p50_int8": _r(float(np.median(n_i8))),
+        "score_p999_int8": _r(float(np.quantile(n_i8, 0.999))),
+        "score_abs_diff_p99": _r(float(np.quantile(np.abs(n_i8 - n_f32), 0.99)), 5),
+    }
+
+    # 7. golden vectors: 8 normal, 4 worn bearing, 4 overheat windows
+    g = concat([normal_w.take(range(8)), anomalous["bearing_wear"].take(range(4)),
+                anomalous["overheat"].take(range(4))])
+    g_x = features(spec, g)
+    save_npz(out_dir / "golden.npz", {
+        "accel_g": g.accel,
+        "temp_c": g.temp,
+        "current_a": g.current,
+        "features": g_x,
+        "score_int8": scores(s_int8, g_x),
+        "score_fp32": scores(s_fp32, g_x),
+        "label": np.array([0] * 8 + [1] * 8, np.int8),
+    })
+
+    sizes = {"model.onnx": int8_path.stat().st_size,
+             "model_fp32.onnx": fp32_path.stat().st_size}
+    manifest: dict[str, Any] = {
+        "format": "edgerund.model/1",
+        "name": MODEL_NAME,
+        "version": MODEL_VERSION,
+        "description": "Self-supervised autoencoder for motor bearing/cabinet anomalies; "
+                       "trained on normal windows of the simulated plant only.",
+        "model": {
+            "file": "model.onnx",
+            "sha256": sha256_file(int8_path),
+            "precision": "int8",
+            "quantization": "static QDQ S8S8 per-tensor, MinMax calibration",
+            "opset": OPSET,
+        },
+        "reference_fp32": {
+            "file": "model_fp32.onnx",
+            "sha256": sha256_file(fp32_path),
+            "threshold": threshold_fp32,
+        },
+        "inputs": [
+            {"name": "accel_g", "shape": [WINDOW, AXES], "dtype": "float32", "rate_hz": FS_HZ,
+             "unit": "g", "description": "motor-housing acceleration x, y, z (MPU-6050), "
+             "oldest sample first, the last 256 samples"},
+            {"name": "temp_c", "shape": [1], "dtype": "float32", "rate_hz": 1.0, "unit": "degC",
+             "description": "cabinet temperature, newest value"},
+            {"name": "current_a", "shape": [1], "dtype": "float32", "rate_hz": 10.0,
+             "unit": "A", "description": "motor current, newest value"},
+        ],
+        "preprocessing": spec.to_json(),
+        "model_inputs": [{"name": "features", "shape": [1, spec.n_features], "dtype": "float32"}],
+        "model_outputs": [{"name": "score", "shape": [1], "dtype": "float32"}],
+        "output": {
+            "name": "score",
+            "meaning": "weighted mean squared reconstruction error of the normalised features; "
+                       "about 1 in normal operation, higher = less like normal",
+            "higher_is_anomalous": True,
+        },
+        "threshold": threshold,
+        "threshold_rule": f"{THRESHOLD_MARGIN} x p{THRESHOLD_QUANTILE * 100:g} of int8 scores on "
+                          f"{len(val_w)} normal validation windows",
+        "golden": {"file": "golden.npz", "sha256": sha256_file(out_dir / "golden.npz"),
+                   "rtol": 0.02, "atol": 0.02, "feature_atol": 1e-4},
+        "training": {
+            "seed": SEED,
+            "generator": "drivers/emulated/scenario.py",
+            "train_plants": list(TRAIN_SEEDS),
+            "validation_plants": list(VAL_SEEDS),
+            "test_plants": list(TEST_SEEDS),
+            "windows": len(train_w),
+            "architecture": f"{spec.n_features}-{HIDDEN}-{HIDDEN}-{BOTTLENECK}-{HIDDEN}-{HIDDEN}-"
+                            f"{spec.n_features} ReLU autoencoder (sklearn MLPRegressor)",
+            "epochs": EPOCHS,
+        },
+        "quality": quality,
+        "sizes_bytes": sizes,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    report = {"quality": quality, "sizes": sizes, "threshold": threshold,
+              "build_s": _r(time.perf_counter() - t_start, 1)}
+    if measure:
+        row = x_norm[0]
+        report["latency_us"] = {"int8": latency_us(s_int8, row), "fp32": latency_us(s_fp32, row)}
+    log(render_report(report))
+    return report
+
+
+def render_report(rep: dict[str, Any]) -> str:
+    lines = [
+        "| held-out windows | AUC fp32 | AUC int8 | detected (int8 > threshold) |",
+        "|---|---|---|---|",
+    ]
+    for kind, q in rep["quality"].items():
+        if kind == "normal":
+            continue
+        lines.append(f"| {kind} | {q['auc_fp32']:.4f} | {q['auc_int8']:.4f} | "
+                     f"{q['detected_int8']:.1%} |")
+    n = rep["quality"]["normal"]
+    lines.append(f"| normal (false positives) | | | {n['false_positive_int8']:.2%} |")
+    s = rep["sizes"]
+    lines += [
+        "",
+        f"threshold {rep['threshold']:.4f}; normal score p50 {n['score_p50_int8']}, "
+        f"p99.9 {n['score_p999_int8']}; |int8 - fp32| p99 {n['score_abs_diff_p99']}",
+        f"files: model.onnx (int8) {s['model.onnx']:,} B, model_fp32.onnx "
+        f"{s['model_fp32.onnx']:,} B ({s['model_fp32.onnx'] / s['model.onnx']:.2f}x smaller)",
+    ]
+    if "latency_us" in rep:
+        (i50, i99), (f50, f99) = rep["latency_us"]["int8"], rep["latency_us"]["fp32"]
+        lines.append(f"run() latency (this machine, 1 thread): int8 p50 {i50:.1f} us p99 {i99:.1f}"
+                     f" us; fp32 p50 {f50:.1f} us p99 {f99:.1f} us; int8 speedup {f50 / i50:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "models" / "reference")
+    ap.add_argument("--no-measure", action="store_true", help="skip the latency measurement")
+    args = ap.parse_args(argv)
+    build(args.out, measure=not args.no_measure)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""Acquisition scheduling and fault handling, with a test driver of our own (fakes.py).
+
+Timing assertions are deliberately loose (2 shared cores, many parallel test runs): each
+compares against what a wrong implementation would produce, with a wide margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from typing import Any
+
+import numpy as np
+import structlog
+
+from tests.hub.conftest import fake, fake_stream
+
+
+async def wait_for(pred: Any, timeout: float = 5.0, step: float = 0.01) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+
+
+async def test_absolute_deadlines_do_not_drift(fake_hub: Any) -> None:
+    # A read that takes 6 ms at 50 Hz: `sleep(period)` after the work would run at
+    # 1 / 26 ms = 38 Hz (77% of the rate); deadlines keep 50 Hz.
+    h = await fake_hub([fake("a", rate_hz=50.0, work_ms=6.0)])
+    await asyncio.sleep(2.0)
+    d = h.driver("a")
+    starts = np.array(d.read_starts)
+    assert len(starts) >= 60
+    periods = np.diff(starts)
+    assert abs(statistics.median(periods.tolist()) - 0.020) < 0.003
+    # No cumulative drift: against the grid from the first read, lateness stays bounded.
+    overruns = h.hub._rts["a"].counters.overruns
+    grid = starts[0] + 0.020 * np.arange(len(starts))
+    if overruns == 0:
+        assert float(starts[-1] - grid[-1]) < 0.020
+    ratio = (len(starts) - 1) / (starts[-1] - starts[0]) / 50.0
+    assert ratio > 0.9, f"achieved {ratio:.2f} of the configured rate"
+    # the ring holds what was read, newest last
+    t, v = h.hub.window("a", "x", 10)
+    assert len(v) == 10 and np.all(np.diff(v) == 1.0) and np.all(np.diff(t) > 0)
+    latest = h.hub.latest("a", "y")
+    assert latest is not None and latest.value == -v[-1] and latest.unit == "v"
+
+
+async def test_fail_reprobe_recover_logged_once(fake_hub: Any) -> None:
+    with structlog.testing.capture_logs() as logs:
+        h = await fake_hub([fake("s", rate_hz=50.0, retries=1, fail_after=3, reprobe_s=0.2)])
+        d = h.driver("s")
+        await wait_for(lambda: h.hub.state("s") == "ok")
+        d.fault = "device"
+        await wait_for(lambda: h.hub.state("s") == "failed")
+        d.open_fault = "device"
+        opens_before = d.opens
+        await asyncio.sleep(1.2)
+        reprobes = d.opens - opens_before
+        # re-probed about every 0.2 s (each with 1 + retries attempts), not hammered at 50 Hz
+        assert 2 <= reprobes <= 16, reprobes
+        d.open_fault = None
+        await asyncio.sleep(0.5)  # opens now work but reads still fail: stays failed
+        assert h.hub.state("s") == "failed"
+        d.fault = None
+        await wait_for(lambda: h.hub.state("s") == "ok")
+        await asyncio.sleep(0.1)
+    assert h.states("s") == ["ok", "failed", "ok"]
+    evs = [e["event"] for e in logs if e.get("sensor") == "s"]
+    assert evs.count("sensor_failed") == 1
+    assert evs.count("sensor_recovered") == 1
+    st = h.hub.sensor_status("s")
+    assert st["read_errors"] >= 6 and st["reprobes"] >= 2
+    assert "NACK" in (st["last_error"] or "")
+
+
+async def test_frame_errors_counted_and_skipped(fake_hub: Any) -> None:
+    h = await fake_hub([fake("c", rate_hz=100.0, retries=0, fail_after=1000)])
+    d = h.driver("c")
+    await wait_for(lambda: h.hub.state("c") == "ok")
+    d.fault = "frame"
+    await asyncio.sleep(0.3)
+    n_bad = h.hub._rts["c"].counters.frame_errors
+    d.fault = None
+    before = d.n
+    await wait_for(lambda: d.n >= before + 5)
+    assert n_bad >= 5
+    assert h.hub.state("c") == "ok"
+    assert h.hub.sensor_status("c")["frame_errors"] == n_bad
+
+
+async def test_driver_bug_is_survived(fake_hub: Any) -> None:
+    with structlog.testing.capture_logs() as logs:
+        h = await fake_hub([fake("b", rate_hz=100.0, retries=0, fail_after=2, reprobe_s=0.1)])
+        d = h.driver("b")
+        d.fault = "bug"
+        await wait_for(lambda: h.hub.state("b") == "failed")
+        await asyncio.sleep(0.3)
+        d.fault = None
+        await wait_for(lambda: h.hub.state("b") == "ok")
+    assert sum(1 for e in logs if e["event"] == "driver_exception") == 1
+    assert h.hub._rts["b"].counters.driver_bugs >= 2
+
+
+async def test_one_failing_sensor_does_not_delay_others(fake_hub: Any) -> None:
+    # "hang" reads time out after 150 ms, with retries; "nack" errors at once. Neither
+    # may slow the healthy 100 Hz sensor down.
+    h = await fake_hub([
+        fake("healthy", rate_hz=100.0, work_ms=1.0),
+        fake("hang", rate_hz=100.0, read_timeout_ms=150, retries=2, fail_after=1000),
+        fake("nack", rate_hz=200.0, retries=3, fail_after=1000, reprobe_s=0.05),
+    ])
+    await wait_for(lambda: h.hub.state("healthy") == "ok")
+    h.driver("hang").fault = "hang"
+    h.driver("nack").fault = "device"
+    await asyncio.sleep(0.3)
+    d = h.driver("healthy")
+    i0 = len(d.read_starts)
+    await asyncio.sleep(2.0)
+    starts = np.array(d.read_starts[i0:])
+    rate = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert rate > 90.0, f"healthy sensor slowed to {rate:.1f} Hz"
+    gaps = np.diff(starts)
+    # a blocking 150 ms timeout anywhere on the loop would show up as a gap >= 150 ms
+    assert float(gaps.max()) < 0.1, float(gaps.max())
+    assert h.hub._rts["hang"].counters.timeouts >= 3
+    assert h.hub.state("healthy") == "ok"
+    st = {s["id"]: s for s in h.hub.status()["sensors"]}
+    assert st["healthy"]["rate_achieved_hz"] > 80.0
+    assert st["hang"]["rate_achieved_hz"] < 10.0
+
+
+async def test_absent_at_start_then_plugged(fake_hub: Any) -> None:
+    from tests.hub import fakes
+
+    orig = fakes.FakePolled.open
+
+    async def absent_open(self: Any) -> None:
+        if not getattr(self, "plugged", False):
+            self.opens += 1
+            raise fakes.DeviceError("fake: chip id 0x00, expected 0x60")
+        await orig(self)
+
+    fakes.FakePolled.open = absent_open  # type: ignore[method-assign]
+    try:
+        h = await fake_hub([fake("late", rate_hz=20.0, reprobe_s=0.1)])
+        await wait_for(lambda: h.hub.state("late") == "failed")
+        assert h.hub.latest("late", "x") is None
+        h.driver("late").plugged = True
+        await wait_for(lambda: h.hub.state("late") == "ok")
+    finally:
+        fakes.FakePolled.open = orig  # type: ignore[method-assign]
+    assert h.states("late") == ["failed", "ok"]
+
+
+async def test_stream_frame_error_and_loss(fake_hub: Any) -> None:
+    from drivers.errors import DeviceError, FrameError
+
+    h = await fake_hub([fake_stream("g", rate_hz=10.0, fail_after=2, reprobe_s=0.1,
+                                    read_timeout_ms=2000)])
+    d = h.driver("g")
+    for i in range(3):
+        d.queue.put_nowait(i)
+    await wait_for(lambda: h.hub.state("g") == "ok")
+    d.queue.put_nowait(FrameError("checksum", "bad *hh"))
+    d.queue.put_nowait(7)
+    await wait_for(lambda: (h.hub.latest("g", "x") or 0) and h.hub.latest("g", "x").value == 7)
+    assert h.hub._rts["g"].counters.frame_errors == 1
+    assert h.hub.state("g") == "ok"
+    # the adapter is pulled: read error, then opens fail -> failed once
+    opens = d.opens
+    d.open_fault = "gone"
+    d.queue.put_nowait(DeviceError("serial port x: read failed: EIO"))
+    await wait_for(lambda: h.hub.state("g") == "failed")
+    await asyncio.sleep(0.4)
+    assert d.opens - opens >= 2  # re-probed
+    d.open_fault = None
+    d.queue.put_nowait(8)
+    await wait_for(lambda: h.hub.state("g") == "ok")
+    assert h.states("g") == ["ok", "failed", "ok"]
+
+
+async def test_subscribers_fan_out_and_bad_one_is_isolated(fake_hub: Any) -> None:
+    h = await fake_hub([fake("a", rate_hz=100.0)])
+    got: list[Any] = []
+
+    def bad(s: Any) -> None:
+        raise RuntimeError("subscriber bug")
+
+    unsub_bad = h.hub.subscribe(bad)
+    unsub = h.hub.subscribe(got.append)
+    await wait_for(lambda: len(got) >= 20)
+    unsub()
+    unsub_bad()
+    n = len(got)
+    await asyncio.sleep(0.1)
+    assert len(got) == n
+    assert {s.channel for s in got} == {"x", "y"}
+    assert all(s.sensor_id == "a" and s.t_wall > 1e9 for s in got)
+    assert h.hub._sub_errors >= 20
+    assert h.hub.channels() == [("a", "x", "u"), ("a", "y", "v")]
+
+
+async def test_sensors_command_and_disabled(fake_hub: Any) -> None:
+    from edgerund.component import Peer
+
+    h = await fake_hub([fake("on", rate_hz=20.0), fake("off", enabled=False)])
+    await wait_for(lambda: h.hub.state("on") == "ok")
+    rows = await h.hub.commands()["sensors"].handler({}, Peer(1, 0, 0))
+    by = {r["id"]: r for r in rows}
+    assert by["off"]["state"] == "disabled"
+    assert by["on"]["state"] == "ok" and by["on"]["value"].endswith("v")
+    assert h.driver("off").opens == 0

@@ -63,7 +63,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,9 @@ BAND_EDGES = tuple(1 + i * 8 for i in range(N_BANDS + 1))  # bins 1..128 in 8-bi
 LOG_FLOOR = 1e-10
 SCALARS = ("temp_c", "current_a")
 SCALAR_GAIN = 4.0
-HIDDEN = 128
+HIDDEN = 512
 BOTTLENECK = 8
-EPOCHS = 60
+EPOCHS = 30
 CLIP_MARGIN = 0.05
 THRESHOLD_QUANTILE = 0.999
 THRESHOLD_MARGIN = 1.5
@@ -184,14 +184,11 @@ def features(spec: FeatureSpec, w: Windows) -> F32:
 # -- ONNX -------------------------------------------------------------------------------
 
 
-def export_onnx(
-    coefs: Sequence[F32],
-    intercepts: Sequence[F32],
-    lo: F32,
-    hi: F32,
-    weights: F32,
-) -> Any:
-    """The autoencoder + clip + weighted-MSE score as an ONNX ModelProto (fp32)."""
+def export_onnx(coefs: Sequence[F32], intercepts: Sequence[F32], lo: F32, hi: F32) -> Any:
+    """The autoencoder + clip + squared-residual score as an ONNX ModelProto (fp32).
+
+    The inputs are already scaled so that the plain sum of squared residuals is the score
+    (the residual weights are folded into the normalisation, see `fold_weights`)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -199,7 +196,6 @@ def export_onnx(
     inits = [
         numpy_helper.from_array(lo.astype(np.float32), "clip_lo"),
         numpy_helper.from_array(hi.astype(np.float32), "clip_hi"),
-        numpy_helper.from_array(weights.astype(np.float32), "residual_weight"),
     ]
     nodes = [
         helper.make_node("Max", ["features", "clip_lo"], ["clip_a"], name="clip_low"),
@@ -218,9 +214,9 @@ def export_onnx(
         cur = out
     nodes += [
         helper.make_node("Sub", ["features", "reconstruction"], ["residual"], name="residual"),
-        helper.make_node("Mul", ["residual", "residual"], ["sq"], name="square"),
-        helper.make_node("Mul", ["sq", "residual_weight"], ["wsq"], name="weight"),
-        helper.make_node("ReduceMean", ["wsq"], ["score"], name="score", axes=[1], keepdims=0),
+        helper.make_node(
+            "ReduceSumSquare", ["residual"], ["score"], name="score", axes=[1], keepdims=0
+        ),
     ]
     graph = helper.make_graph(
         nodes,
@@ -235,9 +231,27 @@ def export_onnx(
         producer_name="edgerund-models-build",
         producer_version=MODEL_VERSION,
     )
-    model.ir_version = 8  # readable by onnxruntime >= 1.14 (the Pi's pinned builds)
+    model.ir_version = 8  # readable by older onnxruntime builds too
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def fold_weights(
+    coefs: list[F32], inter: list[F32], lo: F32, hi: F32, std: F64, weights: F64
+) -> tuple[list[F32], list[F32], F32, F32, F64]:
+    """Fold per-feature residual weights w into the input scaling.
+
+    With s = sqrt(w / F) and x' = s * x, an autoencoder AE'(x') = s * AE(x' / s) has
+    sum((x' - AE'(x'))^2) = mean(w * (x - AE(x))^2): the weighted score becomes a plain
+    ReduceSumSquare (fewer ops per call), the first layer absorbs 1/s, the last layer s,
+    the clip bounds s, and the manifest's normalisation divisor becomes std / s."""
+    s = np.sqrt(weights / weights.size)
+    coefs = [c.copy() for c in coefs]
+    inter = [b.copy() for b in inter]
+    coefs[0] = (coefs[0] / s[:, None]).astype(np.float32)
+    coefs[-1] = (coefs[-1] * s[None, :]).astype(np.float32)
+    inter[-1] = (inter[-1] * s).astype(np.float32)
+    return coefs, inter, (lo * s).astype(np.float32), (hi * s).astype(np.float32), std / s
 
 
 class _Calib:
@@ -373,6 +387,7 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
         mean=tuple(float(np.float32(x)) for x in mean),
         std=tuple(float(np.float32(x)) for x in std),
     )
+    std_used = np.asarray(spec.std, dtype=np.float64)
     x_train = features(spec, train_w)
     x_val = features(spec, val_w)
 
@@ -400,15 +415,17 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
     span = x_train.max(axis=0) - x_train.min(axis=0)
     lo = (x_train.min(axis=0) - CLIP_MARGIN * span).astype(np.float32)
     hi = (x_train.max(axis=0) + CLIP_MARGIN * span).astype(np.float32)
-    resid = ae.predict(x_val).astype(np.float32) - x_val
-    weights = (1.0 / np.maximum((resid.astype(np.float64) ** 2).mean(axis=0), 1e-3)).astype(
-        np.float32
-    )
+    resid = ae.predict(np.clip(x_val, lo, hi)).astype(np.float64) - x_val
+    weights = 1.0 / np.maximum((resid**2).mean(axis=0), 1e-3)
+    coefs, inter, lo, hi, std_folded = fold_weights(coefs, inter, lo, hi, std_used, weights)
+    spec = replace(spec, std=tuple(float(np.float32(x)) for x in std_folded))
+    x_train = features(spec, train_w)
+    x_val = features(spec, val_w)
 
     # 4. fp32 ONNX, 5. int8 QDQ
     fp32_path = out_dir / "model_fp32.onnx"
     int8_path = out_dir / "model.onnx"
-    onnx.save_model(export_onnx(coefs, inter, lo, hi, weights), str(fp32_path))
+    onnx.save_model(export_onnx(coefs, inter, lo, hi), str(fp32_path))
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng([SEED, 7])
         calib = x_train[np.sort(rng.choice(len(x_train), CALIB_WINDOWS, replace=False))]

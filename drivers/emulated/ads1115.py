@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from drivers.emulated.i2c import Clock, Signal, WordRegisterDevice, constant
+from drivers.emulated.i2c import Clock, SignalLike, WordRegisterDevice, as_signal
 from drivers.i2c.ads1115 import (
     CONFIG_DEFAULT,
     DATA_RATES_SPS,
@@ -34,8 +34,14 @@ __all__ = ["EmulatedADS1115"]
 
 # MUX code -> (positive input, negative input or None for GND)
 _PAIRS: dict[int, tuple[int, int | None]] = {
-    0: (0, 1), 1: (0, 3), 2: (1, 3), 3: (2, 3), 4: (0, None), 5: (1, None),
-    6: (2, None), 7: (3, None),
+    0: (0, 1),
+    1: (0, 3),
+    2: (1, 3),
+    3: (2, 3),
+    4: (0, None),
+    5: (1, None),
+    6: (2, None),
+    7: (3, None),
 }
 
 
@@ -46,14 +52,14 @@ class EmulatedADS1115(WordRegisterDevice):
         self,
         address: int = 0x48,
         *,
-        ain0_v: Signal = constant(0.0),
-        ain1_v: Signal = constant(0.0),
-        ain2_v: Signal = constant(0.0),
-        ain3_v: Signal = constant(0.0),
+        ain0_v: SignalLike = 0.0,
+        ain1_v: SignalLike = 0.0,
+        ain2_v: SignalLike = 0.0,
+        ain3_v: SignalLike = 0.0,
         clock: Clock = time.monotonic,
         online: Callable[[float], bool] | None = None,
     ) -> None:
-        self.inputs = [ain0_v, ain1_v, ain2_v, ain3_v]
+        self.inputs = [as_signal(v) for v in (ain0_v, ain1_v, ain2_v, ain3_v)]
         self.conversions = 0
         super().__init__(address, clock=clock, online=online)
 

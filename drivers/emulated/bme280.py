@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from drivers.emulated.i2c import Clock, RegisterDevice, Signal, constant
+from drivers.emulated.i2c import Clock, RegisterDevice, SignalLike, as_signal
 from drivers.i2c.bme280 import (
     CHIP_ID,
     IIR_COEFFS,
@@ -53,9 +53,24 @@ __all__ = ["DATASHEET_CALIBRATION", "EmulatedBME280", "float_compensate"]
 
 # Datasheet example trimming (T1..P9), with typical humidity trimming of production parts.
 DATASHEET_CALIBRATION = Calibration(
-    T1=27504, T2=26435, T3=-1000,
-    P1=36477, P2=-10685, P3=3024, P4=2855, P5=140, P6=-7, P7=15500, P8=-14600, P9=6000,
-    H1=75, H2=362, H3=0, H4=313, H5=50, H6=30,
+    T1=27504,
+    T2=26435,
+    T3=-1000,
+    P1=36477,
+    P2=-10685,
+    P3=3024,
+    P4=2855,
+    P5=140,
+    P6=-7,
+    P7=15500,
+    P8=-14600,
+    P9=6000,
+    H1=75,
+    H2=362,
+    H3=0,
+    H4=313,
+    H5=50,
+    H6=30,
 )
 
 
@@ -110,17 +125,17 @@ class EmulatedBME280(RegisterDevice):
         self,
         address: int = 0x76,
         *,
-        temperature_c: Signal = constant(22.0),
-        pressure_pa: Signal = constant(101325.0),
-        humidity_pct: Signal = constant(45.0),
+        temperature_c: SignalLike = 22.0,
+        pressure_pa: SignalLike = 101325.0,
+        humidity_pct: SignalLike = 45.0,
         calibration: Calibration = DATASHEET_CALIBRATION,
         chip_id: int = CHIP_ID,
         clock: Clock = time.monotonic,
         online: Callable[[float], bool] | None = None,
     ) -> None:
-        self.temperature_c = temperature_c
-        self.pressure_pa = pressure_pa
-        self.humidity_pct = humidity_pct
+        self.temperature_c = as_signal(temperature_c)
+        self.pressure_pa = as_signal(pressure_pa)
+        self.humidity_pct = as_signal(humidity_pct)
         self.calibration = calibration
         self.chip_id = chip_id
         self.conversions = 0
@@ -143,7 +158,10 @@ class EmulatedBME280(RegisterDevice):
 
     def _osrs(self) -> tuple[int, int, int]:
         m = self.regs[REG_CTRL_MEAS]
-        osr = lambda code: OVERSAMPLING[min(code, 5)]  # noqa: E731 - 6, 7 also mean x16
+
+        def osr(code: int) -> int:
+            return OVERSAMPLING[min(code, 5)]  # codes 6 and 7 also mean x16
+
         return osr(m >> 5), osr((m >> 2) & 7), osr(self._hum_latched)
 
     def _t_meas_s(self) -> float:
@@ -208,9 +226,7 @@ class EmulatedBME280(RegisterDevice):
         """(adc_T, adc_P, adc_H) that the datasheet's float formulas map to the inputs."""
         c = self.calibration
         adc_t = _bisect(lambda x: float_compensate(x, 0, 0, c)[0], t_c, 0, (1 << 20) - 1)
-        adc_p = _bisect(
-            lambda x: float_compensate(adc_t, x, 0, c)[1], p_pa, 0, (1 << 20) - 1
-        )
+        adc_p = _bisect(lambda x: float_compensate(adc_t, x, 0, c)[1], p_pa, 0, (1 << 20) - 1)
         adc_h = _bisect(lambda x: float_compensate(adc_t, 0, x, c)[2], h_pct, 0, 0xFFFF)
         return adc_t, adc_p, adc_h
 

@@ -49,7 +49,9 @@ __all__ = [
     "RegisterDevice",
     "RegisterFile",
     "Signal",
+    "SignalLike",
     "WordRegisterDevice",
+    "as_signal",
     "constant",
 ]
 
@@ -57,6 +59,14 @@ Clock = Callable[[], float]
 Signal = Callable[[float], float]
 
 I2C_M_RD = 0x0001
+
+
+SignalLike = Signal | float
+
+
+def as_signal(source: SignalLike) -> Signal:
+    """A number means a constant signal; a callable is used as is."""
+    return constant(float(source)) if isinstance(source, int | float) else source
 
 
 def constant(value: float) -> Signal:

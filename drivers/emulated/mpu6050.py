@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from drivers.emulated.i2c import Clock, RegisterDevice, Signal, constant
+from drivers.emulated.i2c import Clock, RegisterDevice, SignalLike, as_signal
 from drivers.i2c.mpu6050 import (
     ACCEL_LSB_PER_G,
     BURST_LEN,
@@ -50,7 +50,7 @@ from drivers.i2c.mpu6050 import (
     sample_rate_hz,
 )
 
-__all__ = ["EmulatedMPU6050", "Vec3Signal"]
+__all__ = ["EmulatedMPU6050", "Vec3Like", "Vec3Signal"]
 
 Vec3Signal = Callable[[float], tuple[float, float, float]]
 
@@ -60,6 +60,13 @@ def _const3(x: float, y: float, z: float) -> Vec3Signal:
         return (x, y, z)
 
     return signal
+
+
+Vec3Like = Vec3Signal | tuple[float, float, float]
+
+
+def _as_vec3(source: Vec3Like) -> Vec3Signal:
+    return _const3(*source) if isinstance(source, tuple) else source
 
 
 def _counts(v: float, lsb: float) -> int:
@@ -73,16 +80,16 @@ class EmulatedMPU6050(RegisterDevice):
         self,
         address: int = 0x68,
         *,
-        accel_g: Vec3Signal = _const3(0.0, 0.0, 1.0),
-        gyro_dps: Vec3Signal = _const3(0.0, 0.0, 0.0),
-        temperature_c: Signal = constant(25.0),
+        accel_g: Vec3Like = (0.0, 0.0, 1.0),
+        gyro_dps: Vec3Like = (0.0, 0.0, 0.0),
+        temperature_c: SignalLike = 25.0,
         who_am_i: int = WHO_AM_I,
         clock: Clock = time.monotonic,
         online: Callable[[float], bool] | None = None,
     ) -> None:
-        self.accel_g = accel_g
-        self.gyro_dps = gyro_dps
-        self.temperature_c = temperature_c
+        self.accel_g = _as_vec3(accel_g)
+        self.gyro_dps = _as_vec3(gyro_dps)
+        self.temperature_c = as_signal(temperature_c)
         self.who_am_i = who_am_i
         self.samples = 0
         super().__init__(address, clock=clock, online=online)
@@ -109,8 +116,13 @@ class EmulatedMPU6050(RegisterDevice):
         gx, gy, gz = self.gyro_dps(ts)
         temp = _counts(self.temperature_c(ts) - 36.53, 340.0)
         words = (
-            _counts(ax, a_lsb), _counts(ay, a_lsb), _counts(az, a_lsb), temp,
-            _counts(gx, g_lsb), _counts(gy, g_lsb), _counts(gz, g_lsb),
+            _counts(ax, a_lsb),
+            _counts(ay, a_lsb),
+            _counts(az, a_lsb),
+            temp,
+            _counts(gx, g_lsb),
+            _counts(gy, g_lsb),
+            _counts(gz, g_lsb),
         )
         return b"".join(w.to_bytes(2, "big", signed=True) for w in words)
 

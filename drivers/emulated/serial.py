@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import random
 import tty
@@ -44,6 +45,8 @@ from types import TracebackType
 from typing import Literal, Self
 
 __all__ = ["FaultKind", "Faults", "PeriodicSerialDevice", "PtySerialDevice"]
+
+_log = logging.getLogger(__name__)
 
 FaultKind = Literal["bit_flip", "truncate", "garbage"]
 _KINDS: tuple[FaultKind, ...] = ("bit_flip", "truncate", "garbage")
@@ -78,6 +81,7 @@ class PtySerialDevice:
         self._stalled_until = 0.0
         self._stalled = False
         self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.t0 = 0.0
         self.counters: dict[str, int] = {
@@ -111,7 +115,7 @@ class PtySerialDevice:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         self._unplug()
@@ -210,8 +214,9 @@ class PtySerialDevice:
                 out[i] ^= 1 << self.rng.randrange(8)
                 if delimiter and out[i] == delimiter[0]:
                     out[i] ^= 0x01 if out[i] != 1 else 0x02  # keep framing: flip another bit
-            elif k == "truncate" and body_end > 1:
-                cut = self.rng.randrange(1, body_end)
+            elif k == "truncate" and body_end > 2:
+                # cut at least two bytes so a frame never survives whole (CR + a digit)
+                cut = self.rng.randrange(1, body_end - 1)
                 out = out[:cut] + out[body_end:]
                 body_end = cut
             elif k == "garbage":
@@ -263,7 +268,15 @@ class PtySerialDevice:
         """Bytes the driver wrote. Default: ignore."""
 
     async def _run_guarded(self) -> None:
-        await self.run()
+        try:
+            await self.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # a broken signal callable must be visible, not a silently dead device
+            self.error = exc
+            _log.exception("serial emulator %s crashed", self.link)
+            raise
 
     async def run(self) -> None:
         """The device's own activity. Default: nothing (a pure request/response device)."""

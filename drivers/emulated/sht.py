@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from drivers.emulated.i2c import Clock, EmulatedDevice, Nack, Signal, constant
+from drivers.emulated.i2c import Clock, EmulatedDevice, Nack, SignalLike, as_signal
 from drivers.i2c.sht import (
     SHT3X_CLEAR_STATUS,
     SHT3X_MEASURE,
@@ -47,8 +47,8 @@ class EmulatedSHT(EmulatedDevice):
         part: str = "sht3x",
         address: int = 0x44,
         *,
-        temperature_c: Signal = constant(22.0),
-        humidity_pct: Signal = constant(45.0),
+        temperature_c: SignalLike = 22.0,
+        humidity_pct: SignalLike = 45.0,
         serial_number: int = 0x0BADC0DE,
         clock: Clock = time.monotonic,
         online: Callable[[float], bool] | None = None,
@@ -56,8 +56,8 @@ class EmulatedSHT(EmulatedDevice):
         if part not in ("sht3x", "sht4x"):
             raise ValueError(f"part must be sht3x or sht4x, got {part!r}")
         self.part = part
-        self.temperature_c = temperature_c
-        self.humidity_pct = humidity_pct
+        self.temperature_c = as_signal(temperature_c)
+        self.humidity_pct = as_signal(humidity_pct)
         self.serial_number = serial_number
         self.conversions = 0
         super().__init__(address, clock=clock, online=online)

@@ -53,8 +53,14 @@ ADDRESSES = {0x48: "ADDR to GND", 0x49: "ADDR to VDD", 0x4A: "ADDR to SDA", 0x4B
 
 # MUX field (bits 14:12): input name -> code
 MUX = {
-    "ain0-ain1": 0, "ain0-ain3": 1, "ain1-ain3": 2, "ain2-ain3": 3,
-    "ain0": 4, "ain1": 5, "ain2": 6, "ain3": 7,
+    "ain0-ain1": 0,
+    "ain0-ain3": 1,
+    "ain1-ain3": 2,
+    "ain2-ain3": 3,
+    "ain0": 4,
+    "ain1": 5,
+    "ain2": 6,
+    "ain3": 7,
 }
 # PGA field (bits 11:9): full-scale range in volts by code (5..7 are all ±0.256 V)
 PGA_FSR_V = (6.144, 4.096, 2.048, 1.024, 0.512, 0.256, 0.256, 0.256)
@@ -160,9 +166,7 @@ class ADS1115:
         self.channels: Sequence[ChannelInfo] = tuple(
             ChannelInfo(c.name, c.unit) for c in cfg.inputs
         )
-        self._words = [
-            config_word(MUX[c.input], c.range_v, cfg.data_rate_sps) for c in cfg.inputs
-        ]
+        self._words = [config_word(MUX[c.input], c.range_v, cfg.data_rate_sps) for c in cfg.inputs]
         self.conversion_s = 1.0 / cfg.data_rate_sps
         self._stuck = StuckDetector(cfg.stuck_after_reads)
 

@@ -138,8 +138,19 @@ class Calibration:
     def to_bytes(self) -> tuple[bytes, bytes]:
         """Inverse of from_bytes (what an emulator puts in its NVM)."""
         tp = struct.pack(
-            "<HhhHhhhhhhhh", self.T1, self.T2, self.T3, self.P1, self.P2, self.P3,
-            self.P4, self.P5, self.P6, self.P7, self.P8, self.P9,
+            "<HhhHhhhhhhhh",
+            self.T1,
+            self.T2,
+            self.T3,
+            self.P1,
+            self.P2,
+            self.P3,
+            self.P4,
+            self.P5,
+            self.P6,
+            self.P7,
+            self.P8,
+            self.P9,
         ) + bytes([0, self.H1 & 0xFF])
         h = struct.pack("<hB", self.H2, self.H3) + bytes(
             [
@@ -196,20 +207,9 @@ def compensate_p(adc_p: int, t_fine: int, c: Calibration) -> int:
 def compensate_h(adc_h: int, t_fine: int, c: Calibration) -> int:
     """-> relative humidity as Q22.10 %RH (divide by 1024). bme280_compensate_H_int32."""
     v = t_fine - 76800
-    v = (
-        ((((adc_h << 14) - (c.H4 << 20) - (c.H5 * v)) + 16384) >> 15)
-        * (
-            (
-                (
-                    (((v * c.H6) >> 10) * (((v * c.H3) >> 11) + 32768)) >> 10
-                )
-                + 2097152
-            )
-            * c.H2
-            + 8192
-        )
-        >> 14
-    )
+    v = ((((adc_h << 14) - (c.H4 << 20) - (c.H5 * v)) + 16384) >> 15) * (
+        (((((v * c.H6) >> 10) * (((v * c.H3) >> 11) + 32768)) >> 10) + 2097152) * c.H2 + 8192
+    ) >> 14
     v = v - (((((v >> 15) * (v >> 15)) >> 7) * c.H1) >> 4)
     v = max(0, min(v, 419430400))
     return v >> 12
@@ -365,7 +365,9 @@ class BME280:
             q = Quality.UNCERTAIN
         out = [Reading("temperature", m.temperature_c, q)]
         if self.cfg.pressure_oversampling:
-            out.append(Reading("pressure", m.pressure_pa or 0.0, q if m.pressure_pa else Quality.BAD))
+            out.append(
+                Reading("pressure", m.pressure_pa or 0.0, q if m.pressure_pa else Quality.BAD)
+            )
         if self.cfg.humidity_oversampling:
             hq = q if m.humidity_pct is not None else Quality.BAD
             out.append(Reading("humidity", m.humidity_pct or 0.0, hq))

@@ -159,7 +159,12 @@ class AsyncI2CBus:
                 if exc.errno in _REOPEN_ERRNOS:
                     self._drop_bus()
                 raise I2CError(
-                    self.bus_id, addr, reg, op, exc.errno, exc.strerror or os.strerror(exc.errno or 0)
+                    self.bus_id,
+                    addr,
+                    reg,
+                    op,
+                    exc.errno,
+                    exc.strerror or os.strerror(exc.errno or 0),
                 ) from exc
         except I2CError:
             with self._stats_lock:
@@ -179,9 +184,7 @@ class AsyncI2CBus:
             except OSError:
                 pass
 
-    async def _submit(
-        self, fn: Callable[[SMBusLike], T], addr: int, reg: int | None, op: str
-    ) -> T:
+    async def _submit(self, fn: Callable[[SMBusLike], T], addr: int, reg: int | None, op: str) -> T:
         if self._closed:
             raise I2CError(self.bus_id, addr, reg, op, errno_mod.ESHUTDOWN, "bus is closed")
         with self._stats_lock:
@@ -206,7 +209,9 @@ class AsyncI2CBus:
         return await self._submit(op, addr, reg, f"read {length} bytes")
 
     async def read_byte_data(self, addr: int, reg: int) -> int:
-        return await self._submit(lambda b: int(b.read_byte_data(addr, reg)), addr, reg, "read byte")
+        return await self._submit(
+            lambda b: int(b.read_byte_data(addr, reg)), addr, reg, "read byte"
+        )
 
     async def write_byte(self, addr: int, reg: int, value: int) -> None:
         await self._submit(
@@ -217,12 +222,16 @@ class AsyncI2CBus:
         payload = list(data)
         if len(payload) <= I2C_SMBUS_BLOCK_MAX:
             await self._submit(
-                lambda b: b.write_i2c_block_data(addr, reg, payload), addr, reg,
+                lambda b: b.write_i2c_block_data(addr, reg, payload),
+                addr,
+                reg,
                 f"write {len(payload)} bytes",
             )
         else:
             await self._submit(
-                lambda b: _rdwr(b, addr, bytes([reg, *payload]), 0), addr, reg,
+                lambda b: _rdwr(b, addr, bytes([reg, *payload]), 0),
+                addr,
+                reg,
                 f"write {len(payload)} bytes",
             )
 
@@ -241,7 +250,9 @@ class AsyncI2CBus:
             await self._submit(lambda b: _rdwr(b, addr, write, 0), addr, reg, "write command")
             await asyncio.sleep(delay_s)
             return await self._submit(
-                lambda b: _rdwr(b, addr, b"", read_length), addr, reg,
+                lambda b: _rdwr(b, addr, b"", read_length),
+                addr,
+                reg,
                 f"read {read_length} bytes",
             )
         return await self._submit(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["StuckDetector", "check_address", "check_choice", "new_counters"]
+__all__ = ["StuckDetector", "check_address", "check_bus", "check_choice", "new_counters"]
 
 
 def check_address(part: str, address: int, legal: Mapping[int, str]) -> None:

@@ -105,7 +105,8 @@ def decode_burst(data: bytes) -> tuple[int, int, int, int, int, int, int]:
     """14 bytes from 0x3B -> (ax, ay, az, temp, gx, gy, gz) signed counts."""
     if len(data) != BURST_LEN:
         raise ValueError(f"MPU-6050 burst is {BURST_LEN} bytes, got {len(data)}")
-    return struct.unpack(">7h", data)  # type: ignore[return-value]
+    ax, ay, az, t, gx, gy, gz = struct.unpack(">7h", data)
+    return ax, ay, az, t, gx, gy, gz
 
 
 def temp_counts_to_c(counts: int) -> float:

@@ -198,9 +198,7 @@ class SHT:
         else:
             await self.bus.transfer(self.addr, command_bytes("sht4x", SHT4X_SOFT_RESET), 0)
             await asyncio.sleep(0.001)
-            hi, lo = await self._command_read(
-                command_bytes("sht4x", SHT4X_READ_SERIAL), 2, 0.001
-            )
+            hi, lo = await self._command_read(command_bytes("sht4x", SHT4X_READ_SERIAL), 2, 0.001)
             self.serial_number = (hi << 16) | lo
         self._stuck.reset()
 

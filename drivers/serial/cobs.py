@@ -61,22 +61,27 @@ _CODES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", 
 
 
 def cobs_encode(data: bytes) -> bytes:
-    """COBS-encode (without the trailing 0x00 delimiter)."""
+    """COBS-encode (without the trailing 0x00 delimiter), canonical form."""
     out = bytearray()
     block = bytearray()
+    full = False  # the last thing emitted was a full 254-byte block (code 0xFF)
     for b in data:
         if b == 0:
             out.append(len(block) + 1)
             out += block
             block.clear()
+            full = False
         else:
             block.append(b)
+            full = False
             if len(block) == 254:
                 out.append(255)
                 out += block
                 block.clear()
-    out.append(len(block) + 1)
-    out += block
+                full = True
+    if not full:  # a full block at the very end needs no empty trailer block
+        out.append(len(block) + 1)
+        out += block
     return bytes(out)
 
 

@@ -235,8 +235,16 @@ class AsyncSerialPort:
             with contextlib.suppress(Exception):
                 self._loop.remove_writer(self._fd)
         self._fd = -1
-        self._sock = None
-        if ser is not None:
+        sock, self._sock = self._sock, None
+        if sock is not None and ser is not None:
+            # pyserial's socket close() sleeps 0.3 s ("give the server some time"), which
+            # would block the loop: close the socket ourselves and mark the port closed.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            ser._socket = None
+            ser.is_open = False
+        elif ser is not None:
             with contextlib.suppress(Exception):
                 ser.close()
         self._wake_all()

@@ -89,6 +89,10 @@ class LoopConfig(Section):
     # busy-wait this long before each deadline to cancel event-loop timer rounding
     # (capped at period/4); 0 disables the spin
     spin_us: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 1000
+    # None: deadlines start one period after start-up. Set: deadlines at whole multiples of
+    # the period on the monotonic clock plus this phase, so a loop keeps a fixed phase to a
+    # sensor polled on the same drift-free grid (read the sample just before deciding)
+    phase_us: Annotated[int, msgspec.Meta(ge=0)] | None = None
     # re-send the current command at least this often (0: every tick); None: on change only
     refresh_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
     event_window_samples: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 32  # per channel

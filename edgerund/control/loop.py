@@ -33,9 +33,10 @@ A tick does, in order, all of it on the event loop:
 
 Figures (all on `time.monotonic()`, the clock the hub stamps samples with):
 - lateness = wake-up - deadline;
-- sample_age = decision time - newest sample of the stalest input;
+- sample_age = decision time - the newest sample the decision used (any input; each
+  input's own freshness is enforced by `stale_after_ms`);
 - actuation = write done - decision time (ticks that write);
-- latency (sample-to-actuation) = write done - newest sample of the stalest input.
+- latency (sample-to-actuation) = write done - that newest sample (ticks that write).
 
 An unexpected exception in a tick (a bug, not a device fault) drives the actuator to its
 safe state and is re-raised: the component runs loops as non-restartable tasks, so the
@@ -247,7 +248,7 @@ class ControlLoop:
             await self._write(self.safe_value)
 
     async def run(self) -> None:
-        self._schedule = Schedule(self.clock() + self.period_s, self.period_s)
+        self._schedule = Schedule(self.first_deadline(self.clock()), self.period_s)
         try:
             await run_schedule(
                 self._schedule, self.tick, spin_s=self.spin_s, clock=self.clock, sleep=self.sleep
@@ -258,6 +259,14 @@ class ControlLoop:
             log.error("loop_crashed", loop=self.id, error=repr(exc))
             await self.drive_safe(f"loop crashed: {exc!r}")
             raise
+
+    def first_deadline(self, now: float) -> float:
+        """t0 of the deadline grid: free-running, or aligned to the clock plus `phase_us`."""
+        if self.cfg.phase_us is None:
+            return now + self.period_s
+        phase = (self.cfg.phase_us / 1e6) % self.period_s
+        k = math.floor((now - phase) / self.period_s) + 1
+        return k * self.period_s + phase
 
     @property
     def missed(self) -> int:
@@ -317,34 +326,34 @@ class ControlLoop:
         await self._actuate(decision, t_decision, newest)
 
     def _gather_inputs(self) -> tuple[float | None, str | None]:
-        """Fill the input buffers. Returns (oldest newest-sample time, fault or None)."""
+        """Fill the input buffers. Returns (time of the newest sample, fault or None)."""
         if not self.inputs:
             return None, "no model inputs configured" if self.cfg.model else "no model configured"
         now = self.clock()
-        stalest: float | None = None
+        newest: float | None = None
         for inp in self.inputs:
             state = self.hub.state(inp.sensor)
             if state != "ok":
-                return stalest, f"input {inp.name}: sensor {inp.sensor} is {state}"
+                return newest, f"input {inp.name}: sensor {inp.sensor} is {state}"
             for j, ch in enumerate(inp.channels):
                 t, v = self.hub.window(inp.sensor, ch, inp.window)
                 k = len(v)
                 if k < inp.window:
-                    return stalest, (
+                    return newest, (
                         f"input {inp.name}: {inp.sensor}.{ch} has {k} of {inp.window} samples"
                     )
                 t_last = float(t[-1])
                 if now - t_last > inp.stale_s:
-                    return stalest, (
+                    return newest, (
                         f"input {inp.name}: {inp.sensor}.{ch} is stale: newest sample "
                         f"{(now - t_last) * 1000:.0f} ms old (limit {inp.stale_s * 1000:.0f} ms)"
                     )
-                if stalest is None or t_last < stalest:
-                    stalest = t_last
+                if newest is None or t_last > newest:
+                    newest = t_last
                 inp.buf[:, j] = v
             if not np.isfinite(inp.buf).all():
-                return stalest, f"input {inp.name}: non-finite value in the window"
-        return stalest, None
+                return newest, f"input {inp.name}: non-finite value in the window"
+        return newest, None
 
     def _infer(self) -> tuple[float | None, str | None]:
         name = self.cfg.model
@@ -420,7 +429,7 @@ class ControlLoop:
             return None, "no fallback rules configured", None
         now = self.clock()
         values: dict[str, F64] = {}
-        stalest: float | None = None
+        newest: float | None = None
         for ri in self.rules:
             state = self.hub.state(ri.sensor)
             if state != "ok":
@@ -440,11 +449,11 @@ class ControlLoop:
                 )
             if not np.isfinite(v).all():
                 return None, f"rule {ri.rule.name}: non-finite value", None
-            if stalest is None or float(t[-1]) < stalest:
-                stalest = float(t[-1])
+            if newest is None or float(t[-1]) > newest:
+                newest = float(t[-1])
             values[ri.rule.name] = v
         try:
-            return evaluate_rules([ri.rule for ri in self.rules], values), None, stalest
+            return evaluate_rules([ri.rule for ri in self.rules], values), None, newest
         except ValueError as exc:
             return None, str(exc), None
 

@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import numpy as np
 import structlog
@@ -189,9 +189,13 @@ class SensorHub:
         subs = self._subs  # the list object is stable; (un)subscribe mutate it in place
         read_times = self._read_times[sensor_id]
         last = [0.0]
+        rt = self._rts[sensor_id]
+        # A stream device may send an epoch as a burst of frames (GGA+RMC+VTG): count a
+        # burst once, so the achieved rate compares with the configured epochs per second.
+        min_gap = 0.5 / rt.config.rate_hz if getattr(rt.sensor, "mode", "") == "stream" else 0.0
 
         def sink(s: Sample) -> None:
-            if s.t_mono != last[0]:  # one entry per read, not per channel
+            if s.t_mono - last[0] > min_gap:  # one entry per read, not per channel
                 last[0] = s.t_mono
                 read_times.push(s.t_mono, 0.0)
             for fn in subs:
@@ -236,18 +240,19 @@ class SensorHub:
 
     # -- status -------------------------------------------------------------------------
     def _rate(self, sid: str, now: float) -> float:
-        rt = self._rts[sid]
-        if rt.started_mono == 0.0:
-            return 0.0
+        """Reads per second over the trailing RATE_WINDOW_S (or over the history there is)."""
         ts = self._read_times[sid].times_since(now - RATE_WINDOW_S)
         k = int(ts.size)
-        span = min(RATE_WINDOW_S, now - rt.started_mono)
-        if k < 2 or span <= 0:
+        if k < 2:
             return 0.0
-        if span < 2.0:  # just started: the spacing of what we have
-            dt = float(np.max(ts) - np.min(ts))
+        oldest = float(np.min(ts))
+        ring_full = len(self._read_times[sid]) == self._read_times[sid].capacity
+        if oldest > now - RATE_WINDOW_S + 1.0 and not ring_full:
+            # less than a window of history (just started, or just recovered): use the
+            # spacing of the reads we have, not the empty part of the window
+            dt = float(np.max(ts)) - oldest
             return (k - 1) / dt if dt > 0 else 0.0
-        return k / span
+        return k / min(RATE_WINDOW_S, now - oldest) if ring_full else k / RATE_WINDOW_S
 
     def sensor_status(self, sid: str) -> dict[str, Any]:
         rt = self._rts[sid]
@@ -269,6 +274,14 @@ class SensorHub:
                 parts.append(f"{_fmt(s.value)} {slot.info.unit}".strip())
         c = rt.counters
         driver_counters = getattr(rt.sensor, "counters", None)
+        drv = driver_counters if isinstance(driver_counters, dict) else {}
+        # Stream drivers count and skip bad frames themselves (the iterator never sees
+        # them); polled drivers raise FrameError, which the hub counts (and the driver may
+        # count the same event): sum for streams, the larger count for polls.
+        drv_frames = int(drv.get("frame_errors", 0) or 0)
+        frame_errors = (
+            c.frame_errors + drv_frames if rt.mode == "stream" else max(c.frame_errors, drv_frames)
+        )
         return {
             "id": sid,
             "driver": rt.driver_name,
@@ -279,13 +292,13 @@ class SensorHub:
             "rate_hz": rt.config.rate_hz,
             "rate_achieved_hz": round(self._rate(sid, now), 2),
             "read_errors": c.read_errors,
-            "frame_errors": c.frame_errors,
+            "frame_errors": frame_errors,
             "timeouts": c.timeouts,
             "overruns": c.overruns,
             "reprobes": c.reprobes,
             "last_error": rt.health.last_error,
             "counters": c.as_dict(),
-            "driver_counters": dict(driver_counters) if isinstance(driver_counters, dict) else {},
+            "driver_counters": dict(drv),
             "channels": chans,
         }
 
@@ -402,9 +415,13 @@ class SensorHub:
                 "not_simulating",
                 "sim-inject works only in simulated mode (edgerund run --simulate)",
             )
-        from drivers.emulated.scenario import Anomaly
+        from drivers.emulated.scenario import ANOMALY_KINDS, Anomaly
 
         kind = args.get("kind")
+        if kind not in ANOMALY_KINDS:
+            raise CommandError(
+                "bad_args", f"kind: expected one of {', '.join(ANOMALY_KINDS)}, got {kind!r}"
+            )
         sensor = args.get("sensor")
         if isinstance(sensor, str) and sensor in self._rts:
             sensor = sim.device_for(self._rts[sensor].config)
@@ -413,9 +430,9 @@ class SensorHub:
             severity = float(args.get("severity", 1.0))
             start = float(sim.now_s()) + float(args.get("start_in_s", 0.0))
             a = Anomaly(
-                kind=kind,
+                kind=cast(Any, kind),
                 start_s=start,
-                duration_s=duration,  # type: ignore[arg-type]
+                duration_s=duration,
                 severity=severity,
                 sensor=sensor if isinstance(sensor, str) else None,
             )

@@ -1,12 +1,16 @@
-"""`i2c-scan`: a read-only probe of every address on a bus, as `i2cdetect -r` does.
+"""`i2c-scan`: a probe of every address on a bus that writes no data, as `i2cdetect` does.
 
 How it stays safe on a bus in use:
-- Each address is probed with ONE SMBus "receive byte" transaction submitted to the bus's
-  own worker thread, so probes queue between the sensors' transactions (FIFO) and never
-  interleave with them, and the running acquisition sees at most one short transaction's
-  delay per probe instead of a whole scan.
-- "Receive byte" writes nothing to the device. i2cdetect's default "quick write" can
-  corrupt some EEPROMs (AT24RF08), so it is not used.
+- Each address is probed with ONE transaction submitted to the bus's own worker thread,
+  so probes queue between the sensors' transactions (FIFO) and never interleave with
+  them, and the running acquisition sees at most one short transaction's delay per probe
+  instead of a whole scan.
+- The probe is i2cdetect's default ("auto") choice: an SMBus "quick write" (the address
+  byte with the write bit, then STOP: no register pointer, no data byte) for most
+  addresses, and "receive byte" for 0x30-0x37 and 0x50-0x5f, where EEPROMs live that a
+  quick write can upset (the AT24RF08 write-protect erratum). Neither changes a
+  register. A pure "receive byte" scan (`i2cdetect -r`) would miss Sensirion parts, which
+  NACK reads when no measurement is pending.
 - Addresses owned by a configured sensor are NOT probed (reported `in use` with the
   sensor's id, like i2cdetect's `UU`): a stray read there could consume a measurement a
   driver is waiting for (Sensirion parts return the result of the last command once).
@@ -49,9 +53,21 @@ class ScanError(Exception):
     pass
 
 
+def uses_read_probe(addr: int) -> bool:
+    """i2cdetect's auto mode: receive byte where EEPROMs live, quick write elsewhere."""
+    return 0x30 <= addr <= 0x37 or 0x50 <= addr <= 0x5F
+
+
 def _probe(addr: int) -> Any:
-    def probe(smbus: Any) -> int:
-        return int(smbus.read_byte(addr))
+    if uses_read_probe(addr):
+
+        def probe(smbus: Any) -> None:
+            smbus.read_byte(addr)
+
+    else:
+
+        def probe(smbus: Any) -> None:
+            smbus.write_quick(addr)
 
     probe.__name__ = f"probe 0x{addr:02x}"
     return probe
@@ -75,7 +91,7 @@ async def scan_bus(bus: Any, claimed: Mapping[int, str]) -> list[dict[str, Any]]
             continue
         try:
             if call_at is not None:
-                await call_at(_probe(addr), addr, "probe (receive byte)")
+                await call_at(_probe(addr), addr, "probe")
             else:
                 await bus.call(_probe(addr))
         except OSError as exc:

@@ -69,6 +69,7 @@ class Identity(abc.ABC):
         self.last_quote_time: float | None = None
         self.quotes = 0
         self._bind_lock = asyncio.Lock()
+        self._measured = False  # the binding PCR holds what binding_log() says
 
     # -- identity facts (valid after open())
 
@@ -132,6 +133,7 @@ class Identity(abc.ABC):
     async def _remeasure(self) -> None:
         digests = [self.config_sha256] + [d for _, d in sorted(self.models.items())]
         await self._measure(digests)
+        self._measured = True
 
     async def bind_config(self, config_sha256: bytes) -> None:
         """Start-up: measure the config (and the models bound so far) into the binding PCR."""
@@ -153,6 +155,8 @@ class Identity(abc.ABC):
         """The attestation result (DESIGN.md "Attestation result") for a verifier's nonce."""
         nonce = check_nonce(nonce)
         async with self._bind_lock:  # the binding log must match the quoted PCR
+            if not self._measured:  # quoted before bind_config: measure "no config"
+                await self._remeasure()
             raw = await self._quote(nonce)
             binding = self.binding_log()
         self.last_quote_time = time.time()

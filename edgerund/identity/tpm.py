@@ -117,6 +117,7 @@ class TpmIdentity(Identity):
         self._h = _Handles()
         self.state: dict[str, Any] = {}
         self.enrolled_now = False
+        self._enrolling = False
         self.restored: list[str] = []
         self.flushed_stale = 0
         self.lockout: dict[str, int] = {}
@@ -144,14 +145,16 @@ class TpmIdentity(Identity):
 
     def status(self) -> dict[str, Any]:
         out = super().status()
-        out.update({
-            "tcti": self.cfg.tcti,
-            "ek_type": self.state.get("ek", {}).get("template"),
-            "tpm_calls": self.worker.calls,
-            "tpm_errors": self.worker.errors,
-            "da_lockout_counter": self.lockout.get("counter"),
-            "da_in_lockout": bool(self.lockout.get("in_lockout")),
-        })
+        out.update(
+            {
+                "tcti": self.cfg.tcti,
+                "ek_type": self.state.get("ek", {}).get("template"),
+                "tpm_calls": self.worker.calls,
+                "tpm_errors": self.worker.errors,
+                "da_lockout_counter": self.lockout.get("counter"),
+                "da_in_lockout": bool(self.lockout.get("in_lockout")),
+            }
+        )
         return out
 
     # ------------------------------------------------------------ lifecycle
@@ -261,11 +264,15 @@ class TpmIdentity(Identity):
 
         cert, tmpl = create_ek_template(template_name, NVReadEK(ectx))
         try:
-            ek, ek_pub, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), tmpl, ESYS_TR.ENDORSEMENT)
+            ek, ek_pub, *_ = ectx.create_primary(
+                TPM2B_SENSITIVE_CREATE(), tmpl, ESYS_TR.ENDORSEMENT
+            )
         except Exception as exc:
             if hasattr(exc, "rc"):
                 raise TpmError.from_tss(
-                    exc, f"create the endorsement key ({template_name})", tcti=self.cfg.tcti,
+                    exc,
+                    f"create the endorsement key ({template_name})",
+                    tcti=self.cfg.tcti,
                     hint="check identity.endorsement_auth_file",
                 ) from exc
             raise
@@ -309,8 +316,10 @@ class TpmIdentity(Identity):
         except Exception as exc:
             if hasattr(exc, "rc"):
                 raise TpmError.from_tss(
-                    exc, "create the storage root key in the owner hierarchy",
-                    tcti=self.cfg.tcti, hint="check identity.owner_auth_file",
+                    exc,
+                    "create the storage root key in the owner hierarchy",
+                    tcti=self.cfg.tcti,
+                    hint="check identity.owner_auth_file",
                 ) from exc
             raise
         return srk, srk_pub
@@ -330,8 +339,10 @@ class TpmIdentity(Identity):
             ectx.flush_context(s)
             if hasattr(exc, "rc"):
                 raise TpmError.from_tss(
-                    exc, "authorize the endorsement hierarchy (PolicySecret)",
-                    tcti=self.cfg.tcti, hint="check identity.endorsement_auth_file",
+                    exc,
+                    "authorize the endorsement hierarchy (PolicySecret)",
+                    tcti=self.cfg.tcti,
+                    hint="check identity.endorsement_auth_file",
                 ) from exc
             raise
         return s
@@ -357,7 +368,9 @@ class TpmIdentity(Identity):
         except Exception as exc:
             if hasattr(exc, "rc"):
                 raise TpmError.from_tss(
-                    exc, f"make a key persistent at 0x{handle:08x}", tcti=self.cfg.tcti,
+                    exc,
+                    f"make a key persistent at 0x{handle:08x}",
+                    tcti=self.cfg.tcti,
                     hint="check identity.owner_auth_file",
                 ) from exc
             raise
@@ -425,7 +438,7 @@ class TpmIdentity(Identity):
             "private": base64.b64encode(ak_priv.marshal()).decode(),
         }
         # SRK -> telemetry key
-        srk, srk_pub = self._create_srk(ectx)
+        srk, _ = self._create_srk(ectx)
         try:
             state["srk"] = {
                 "handle": self.cfg.srk_handle,
@@ -445,7 +458,11 @@ class TpmIdentity(Identity):
         # _attach (restore from blobs) instead of leaving orphans in the TPM
         self.state = state
         self._save_state()
-        self._attach(ectx)
+        self._enrolling = True
+        try:
+            self._attach(ectx)
+        finally:
+            self._enrolling = False
 
     # -- later starts (and the second half of enrolment)
 
@@ -477,8 +494,7 @@ class TpmIdentity(Identity):
             persistent = self._persist(ectx, srk, handle)
         finally:
             ectx.flush_context(srk)
-        self.restored.append("srk")
-        log.warning("tpm_key_restored key=srk handle=0x%08x", handle)
+        self._note_restored("srk", handle)
         return persistent
 
     def _ensure_key(self, ectx: Any, key: str, cfg_key: str) -> Any:
@@ -522,9 +538,14 @@ class TpmIdentity(Identity):
             persistent = self._persist(ectx, obj, handle)
         finally:
             ectx.flush_context(obj)
+        self._note_restored(key, handle)
+        return persistent
+
+    def _note_restored(self, key: str, handle: int) -> None:
+        if self._enrolling:  # the second half of enrolment, not a repair
+            return
         self.restored.append(key)
         log.warning("tpm_key_restored key=%s handle=0x%08x", key, handle)
-        return persistent
 
     def _nv_public(self) -> Any:
         from tpm2_pytss.constants import TPM2_ALG, TPM2_NT, TPMA_NV
@@ -548,7 +569,7 @@ class TpmIdentity(Identity):
         if h is not None:
             pub, _name = ectx.nv_read_public(h)
             attrs = int(pub.nvPublic.attributes)
-            nt = (attrs & TPMA_NV.TPM_NT_MASK) >> TPMA_NV.TPM2_NT_SHIFT
+            nt = (attrs & TPMA_NV.TPM2_NT_MASK) >> TPMA_NV.TPM2_NT_SHIFT
             if nt != TPM2_NT.COUNTER or not attrs & TPMA_NV.NO_DA or not attrs & TPMA_NV.AUTHWRITE:
                 raise DeviceError(
                     f"NV index 0x{index:08x} (identity.nv_counter_index) exists but is not a "
@@ -564,7 +585,9 @@ class TpmIdentity(Identity):
             h = ectx.nv_define_space(b"", self._nv_public(), auth_handle=ESYS_TR.OWNER)
         except TSS2_Exception as exc:
             raise TpmError.from_tss(
-                exc, f"define the NV counter 0x{index:08x}", tcti=self.cfg.tcti,
+                exc,
+                f"define the NV counter 0x{index:08x}",
+                tcti=self.cfg.tcti,
                 hint="check identity.owner_auth_file",
             ) from exc
         # a counter reads NV_UNINITIALIZED until its first increment; the first increment
@@ -671,7 +694,9 @@ class TpmIdentity(Identity):
         pcr = ESYS_TR.PCR0 + self.cfg.pcr_binding
         ectx.pcr_reset(pcr)
         for d in digests:
-            ectx.pcr_extend(pcr, TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=d)]))
+            ha = TPMT_HA(hashAlg=TPM2_ALG.SHA256)
+            ha.digest.sha256 = d
+            ectx.pcr_extend(pcr, TPML_DIGEST_VALUES([ha]))
 
     def _counter_read_job(self, ectx: Any) -> int:
         from tpm2_pytss import TSS2_Exception
@@ -706,9 +731,7 @@ class TpmIdentity(Identity):
         return await self.worker.call(self._counter_read_job, what="read the NV counter")
 
     async def counter_increment(self) -> int:
-        return await self.worker.call(
-            self._counter_increment_job, what="increment the NV counter"
-        )
+        return await self.worker.call(self._counter_increment_job, what="increment the NV counter")
 
     async def _measure(self, digests: list[bytes]) -> None:
         await self.worker.call(

@@ -134,7 +134,7 @@ class PublicArea:
 
     @property
     def name(self) -> bytes:
-        return struct.pack(">H", self.name_alg) + hash_fn(self.name_alg)(self.raw).digest()
+        return struct.pack(">H", self.name_alg) + bytes(hash_fn(self.name_alg)(self.raw).digest())
 
     def has(self, attr: int) -> bool:
         return bool(self.attributes & attr)

@@ -57,7 +57,7 @@ class TpmWorker:
                         needs_ctx=False)  # fmt: skip
 
     def _open(self, _: Any) -> None:
-        from tpm2_pytss import ESAPI, TSS2_Exception, TCTILdr
+        from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 
         name, _sep, conf = self.tcti.partition(":")
         try:

@@ -210,7 +210,7 @@ def put_str(out: bytearray, s: str) -> None:
 class Reader:
     """Bounds-checked cursor over a payload; every failure names the offset."""
 
-    __slots__ = ("buf", "pos", "end", "what")
+    __slots__ = ("buf", "end", "pos", "what")
 
     def __init__(
         self, buf: bytes, pos: int = 0, end: int | None = None, what: str = "payload"

@@ -117,7 +117,7 @@ def _read_small(tf: tarfile.TarFile, m: tarfile.TarInfo, cap: int, what: str) ->
 def open_bundle(path: Path) -> tuple[IO[bytes], int]:
     """Open a bundle path: regular files only (a FIFO or device could be endless)."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - returned to the caller
+        f = open(path, "rb")  # returned to the caller
     except FileNotFoundError:
         raise TrustError("not_found", f"bundle {str(path)!r} does not exist") from None
     except PermissionError:
@@ -137,7 +137,7 @@ def peek_model_name(path: Path, manifest_max: int) -> str:
     f, size = open_bundle(path)
     with f:
         try:
-            tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|")  # type: ignore[call-overload]
+            tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|")
             m = tf.next()
             if m is None or m.name != "manifest.json":
                 raise TrustError("bundle_layout", "the first tar member must be manifest.json")
@@ -193,7 +193,7 @@ def _read(
     manifest_max: int,
     progress: Progress | None,
 ) -> tuple[Verdict, bytes, bytes]:
-    tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|")  # type: ignore[call-overload]
+    tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|")
     first = tf.next()
     if first is None:
         raise TrustError("bundle_malformed", "empty tar")

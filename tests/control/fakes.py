@@ -43,7 +43,9 @@ class ScenarioHub:
         self.resources = None
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, sid: str, rate_hz: float, channels: dict[str, Callable[[np.ndarray], np.ndarray]]) -> None:
+    def add(
+        self, sid: str, rate_hz: float, channels: dict[str, Callable[[np.ndarray], np.ndarray]]
+    ) -> None:
         s = FakeSensor(rate_hz, channels)
         s.rings = {ch: Ring(self.capacity) for ch in channels}
         self.sensors[sid] = s
@@ -136,7 +138,10 @@ def variance_model(window: int, *, nan: bool = False) -> bytes:
     ]
     out = "var"
     if nan:
-        nodes += [helper.make_node("Neg", ["var"], ["nvar"]), helper.make_node("Sqrt", ["nvar"], ["sq"])]
+        nodes += [
+            helper.make_node("Neg", ["var"], ["nvar"]),
+            helper.make_node("Sqrt", ["nvar"], ["sq"]),
+        ]
         out = "sq"
     nodes.append(helper.make_node("Identity", [out], ["score"]))
     graph = helper.make_graph(nodes, "variance", [x], [y], initializer=[axes0])
@@ -174,7 +179,9 @@ class OnnxRunner:
         return InferResult(score, True, None, us)
 
 
-def manifest(window: int, threshold: float, version: str = "1.0.0", name: str = "vib") -> dict[str, Any]:
+def manifest(
+    window: int, threshold: float, version: str = "1.0.0", name: str = "vib"
+) -> dict[str, Any]:
     return {
         "name": name,
         "version": version,

@@ -26,7 +26,14 @@ TABLE = [
     ("three above starts", 3, 2, [1.1, 1.2, 1.3, 1.4], "..S.", "nnaa"),
     ("band does not count up", 2, 2, [1.1, 0.9, 1.1, 1.1], "...S", "nnna"),
     ("band holds while active", 1, 2, [1.5, 0.9, 0.85, 0.95, 0.81], "S....", "aaaaa"),
-    ("release needs off_ticks below release level", 1, 3, [2.0, 0.7, 0.7, 0.9, 0.7, 0.7, 0.7], "S.....E", "aaaaaan"),
+    (
+        "release needs off_ticks below release level",
+        1,
+        3,
+        [2.0, 0.7, 0.7, 0.9, 0.7, 0.7, 0.7],
+        "S.....E",
+        "aaaaaan",
+    ),
     ("exactly threshold is not above", 1, 1, [1.0, 1.0, 1.0000001], "..S", "nna"),
     ("exactly release level is band", 1, 1, [2.0, 0.8, 0.79], "S.E", "aan"),
     ("on_ticks=1 off_ticks=1 chatter", 1, 1, [1.2, 0.1, 1.2, 0.1], "SESE", "anan"),
@@ -75,10 +82,14 @@ def test_nan_score_goes_to_fallback_never_silent() -> None:
 def test_no_usable_rules_goes_safe_with_both_reasons() -> None:
     p = LoopPolicy(threshold=1.0, hysteresis_ratio=0.2, on_ticks=1, off_ticks=1)
     d = p.step(
-        Observation(score=None, model_fault="input v: sensor imu is failed", rules_fault="rule x: stale")
+        Observation(
+            score=None, model_fault="input v: sensor imu is failed", rules_fault="rule x: stale"
+        )
     )
     assert d.mode is Mode.SAFE and d.output == "safe" and d.level is None
-    assert d.reason is not None and "sensor imu is failed" in d.reason and "rule x: stale" in d.reason
+    assert (
+        d.reason is not None and "sensor imu is failed" in d.reason and "rule x: stale" in d.reason
+    )
 
 
 def test_mode_change_keeps_anomaly_state_and_resets_run() -> None:
@@ -125,7 +136,12 @@ RULE_TABLE = [
 
 @pytest.mark.parametrize("stat,samples,above,below,values,tripped", RULE_TABLE)
 def test_rule_table(
-    stat: str, samples: int, above: float | None, below: float | None, values: list[float], tripped: bool
+    stat: str,
+    samples: int,
+    above: float | None,
+    below: float | None,
+    values: list[float],
+    tripped: bool,
 ) -> None:
     r = Rule(name="s.c", stat=stat, samples=samples, above=above, below=below)  # type: ignore[arg-type]
     res = evaluate_rules([r], {"s.c": np.array(values)})

@@ -131,3 +131,37 @@ async def test_sleep_until_real_clock_not_early() -> None:
             woke = await sleep_until(deadline, spin_s=spin)
             assert woke >= deadline
         await asyncio.sleep(0)
+
+
+def test_phase_aligned_first_deadline() -> None:
+    import msgspec
+
+    from edgerund.config.schema import Config
+    from edgerund.control.loop import ControlLoop
+
+    cfg = msgspec.convert(
+        {
+            "gateway": {"id": "g"},
+            "loops": [
+                {
+                    "id": "a",
+                    "period_ms": 10,
+                    "phase_us": 600,
+                    "fallback": [{"sensor": "s", "channel": "c", "above": 1}],
+                }
+            ],
+        },
+        Config,
+    ).loops[0]
+    loop = ControlLoop(
+        cfg,
+        hub=None,
+        models=None,
+        publish=print,
+        actuator=None,  # type: ignore[arg-type]
+        input_stale_s={},
+        rule_stale_s=[1.0],
+    )
+    t0 = loop.first_deadline(1000.0123)
+    assert t0 == pytest.approx(1000.0206) and t0 > 1000.0123
+    assert loop.first_deadline(1000.0206) == pytest.approx(1000.0306)  # strictly after now

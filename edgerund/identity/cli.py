@@ -1,0 +1,134 @@
+"""`edgerund attest ...`: the upstream verifier (pure Python, no TPM stack needed).
+
+edgerund attest verify --result FILE [--nonce HEX] [--previous FILE]
+                       [--expect-model MANIFEST ... --expect-config CONFIG]
+                       [--ak-pem FILE] [--allow-software] [--json]
+    exit 0: valid; 1: invalid (the reason code and message are printed); 2: usage
+    (unreadable file, bad JSON, bad nonce).
+edgerund attest export --result FILE --dir DIR
+    write ak.pem, quote.msg, quote.sig, pcrs.bin for tpm2_checkquote and print its
+    command line, so a quote can be cross-checked with tpm2-tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgerund.identity import tpmstruct as ts
+from edgerund.identity.verify import expected_binding_for_files, parse_nonce, verify_result
+
+
+class UsageError(Exception):
+    pass
+
+
+def _load_json(path: str, what: str) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{path}: not JSON: {exc}") from None
+    if isinstance(data, dict) and "result" in data and "attest" not in data:
+        data = data["result"]  # a raw socket response {"id", "ok", "result"}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object (the attestation result)")
+    return data
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        result = _load_json(args.result, "result")
+        previous = _load_json(args.previous, "previous result") if args.previous else None
+        nonce = parse_nonce(args.nonce) if args.nonce is not None else None
+        ak_pem = Path(args.ak_pem).read_text() if args.ak_pem else None
+        expected = None
+        if args.expect_model or args.expect_config:
+            if not (args.expect_model and args.expect_config):
+                raise UsageError("--expect-model and --expect-config go together")
+            expected = expected_binding_for_files(
+                Path(args.expect_config), [Path(m) for m in args.expect_model]
+            )
+    except (UsageError, ValueError, OSError) as exc:
+        print(f"edgerund attest verify: {exc}", file=sys.stderr)
+        return 2
+    verdict = verify_result(
+        result, nonce=nonce, previous=previous, expected_binding=expected, ak_pem=ak_pem,
+        allow_software=args.allow_software,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(verdict.as_dict(), indent=2))
+    elif verdict.ok:
+        print(f"VALID: {verdict.message} (resetCount {verdict.reset_count}, "
+              f"restartCount {verdict.restart_count}, clock {verdict.clock_ms} ms)")  # fmt: skip
+        for w in verdict.warnings:
+            print(f"warning: {w}")
+    else:
+        print(f"INVALID ({verdict.code}): {verdict.message}")
+    return 0 if verdict.ok else 1
+
+
+def export_checkquote_files(result: dict[str, Any], out: Path) -> list[str]:
+    """Files + argv for `tpm2_checkquote` on the same quote (PCRs in 'values' format)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ak.pem").write_text(result["ak_pem"])
+    (out / "quote.msg").write_bytes(base64.b64decode(result["attest"]))
+    (out / "quote.sig").write_bytes(base64.b64decode(result["signature"]))
+    sel = ts.parse_pcr_selection_string(result["pcr_selection"])
+    values = b"".join(
+        bytes.fromhex(result["pcrs"][f"{ts.HASH_NAMES[h]}:{i}"]) for h, ix in sel for i in ix
+    )
+    (out / "pcrs.bin").write_bytes(values)
+    return [
+        "tpm2_checkquote", "-u", str(out / "ak.pem"), "-m", str(out / "quote.msg"),
+        "-s", str(out / "quote.sig"), "-f", str(out / "pcrs.bin"),
+        "-l", result["pcr_selection"], "-g", "sha256", "-q", result["nonce"],
+    ]  # fmt: skip
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        result = _load_json(args.result, "result")
+        argv = export_checkquote_files(result, Path(args.dir))
+    except (UsageError, KeyError, ValueError, OSError) as exc:
+        print(f"edgerund attest export: {exc!r}", file=sys.stderr)
+        return 2
+    print(" ".join(argv))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("attest", help="verify TPM attestation results (pure Python)")
+    asub = p.add_subparsers(dest="attest_cmd", required=True)
+    v = asub.add_parser("verify", help="verify an attestation result (exit 0 valid, 1 invalid)")
+    v.add_argument("--result", required=True, help="result JSON file (from edgerunctl --json "
+                   "attest), or - for stdin")  # fmt: skip
+    v.add_argument("--nonce", help="the nonce (hex) you sent: checks freshness")
+    v.add_argument("--previous", help="an earlier result of the same gateway: clock checks")
+    v.add_argument(
+        "--expect-model",
+        action="append",
+        default=[],
+        metavar="MANIFEST",
+        help="manifest.json of a model that must be active (repeat per model)",
+    )
+    v.add_argument("--expect-config", metavar="CONFIG", help="the config file deployed")
+    v.add_argument("--ak-pem", help="the gateway's registered AK (PEM): pins the key")
+    v.add_argument(
+        "--allow-software",
+        action="store_true",
+        help="accept an (insecure) software identity result",
+    )
+    v.add_argument("--json", action="store_true", help="machine-readable verdict")
+    v.set_defaults(func=cmd_verify)
+    e = asub.add_parser("export", help="write files for tpm2_checkquote")
+    e.add_argument("--result", required=True)
+    e.add_argument("--dir", required=True)
+    e.set_defaults(func=cmd_export)

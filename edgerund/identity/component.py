@@ -1,0 +1,214 @@
+"""The `identity` component: builds the TPM or software identity and serves it.
+
+Start-up (`__aenter__`, first component the daemon enters):
+  1. `kind: tpm`: open the TPM through the TCTI on the identity's worker thread, enrol on
+     the first start or re-attach and Name-check the enrolled keys. When the TPM cannot be
+     reached at all (no device node, no permission, simulator down, tpm2-pytss missing):
+     `fallback: none` refuses start-up with a DeviceError naming the device, the `tss`
+     group and the fix; `fallback: software` continues with the software identity, loudly.
+     A TPM that answers but refuses (wrong hierarchy password, lockout, foreign keys at our
+     handles) never falls back: degrading silently would hide an attack or a misconfig.
+  2. Measure sha256(config file bytes) into the binding PCR (models add theirs through
+     `bind_model` at every swap).
+Shutdown sends an orderly TPM2_Shutdown and closes the context on its thread.
+
+Socket commands: `identity` (public facts) and `attest` (args {"nonce": hex}); status key
+`identity`. Other components use the methods below (team contract in docs/identity.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import msgspec
+
+from edgerund.component import Command, CommandError, Peer
+from edgerund.errors import ConfigError, DeviceError
+from edgerund.identity.base import Identity
+from edgerund.identity.software import SoftwareIdentity
+from edgerund.identity.tpm_errors import LAYER_MASK, TCTI_LAYER, TpmError
+from edgerund.identity.verify import parse_nonce
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
+    from edgerund.context import Context
+
+log = logging.getLogger("edgerund.identity")
+
+
+def _tpm_absent(exc: BaseException) -> bool:
+    """True when the TPM could not be reached at all (transport), not when it refused."""
+    return isinstance(exc, TpmError) and (exc.rc & LAYER_MASK) == TCTI_LAYER
+
+
+async def open_identity(cfg: Config, state_dir: Path) -> Identity:
+    """Open the configured identity, applying `identity.fallback`."""
+    ident_cfg = cfg.identity
+    if ident_cfg.kind == "software":
+        ident: Identity = SoftwareIdentity(ident_cfg, state_dir)
+        await ident.open()
+        return ident
+    try:
+        from edgerund.identity.tpm import TpmIdentity
+    except ImportError as exc:  # pragma: no cover - packaging problem
+        reason = f"tpm2-pytss is not installed ({exc}): pip install 'edgerund[tpm]'"
+        if ident_cfg.fallback == "software":
+            return await _fallback(cfg, state_dir, reason)
+        raise ConfigError(reason, path="identity.kind") from None
+    tpm = TpmIdentity(ident_cfg, state_dir)
+    try:
+        await tpm.open()
+    except DeviceError as exc:
+        if not _tpm_absent(exc):
+            raise
+        if ident_cfg.fallback == "software":
+            return await _fallback(cfg, state_dir, str(exc))
+        raise DeviceError(
+            f"identity.kind is 'tpm' and identity.fallback is 'none', refusing to start: {exc}"
+        ) from exc
+    return tpm
+
+
+async def _fallback(cfg: Config, state_dir: Path, reason: str) -> Identity:
+    log.error("tpm_absent_falling_back_to_software reason=%s", reason)
+    ident = SoftwareIdentity(cfg.identity, state_dir, reason=f"TPM unavailable: {reason}")
+    await ident.open()
+    return ident
+
+
+def config_sha256(ctx: Context) -> bytes:
+    """sha256 of the config file bytes as deployed (else of the canonical JSON)."""
+    try:
+        return hashlib.sha256(Path(ctx.config_path).read_bytes()).digest()
+    except OSError:
+        return hashlib.sha256(msgspec.json.encode(ctx.config)).digest()
+
+
+class IdentityComponent:
+    name = "identity"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._ident: Identity | None = None
+
+    @property
+    def identity(self) -> Identity:
+        if self._ident is None:
+            raise RuntimeError("identity component is not started")
+        return self._ident
+
+    # -- lifecycle
+
+    async def __aenter__(self) -> Self:
+        self._ident = await open_identity(self.ctx.config, self.ctx.state_dir)
+        try:
+            await self._ident.bind_config(config_sha256(self.ctx))
+        except BaseException:
+            await self._ident.close()
+            self._ident = None
+            raise
+        log.info(
+            "identity_ready kind=%s key_id=%s ak_name=%s insecure=%s",
+            self._ident.kind, self._ident.key_id, self._ident.ak_name, self._ident.insecure,
+        )  # fmt: skip
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        ident, self._ident = self._ident, None
+        if ident is not None:
+            await ident.close()
+
+    # -- public API (team contract)
+
+    @property
+    def kind(self) -> str:
+        return self.identity.kind
+
+    @property
+    def key_id(self) -> str:
+        return self.identity.key_id
+
+    @property
+    def insecure(self) -> bool:
+        return self.identity.insecure
+
+    async def sign_digest(self, digest: bytes) -> bytes:
+        return await self.identity.sign_digest(digest)
+
+    def public_key_pem(self) -> str:
+        return self.identity.public_key_pem()
+
+    async def counter_read(self) -> int:
+        return await self.identity.counter_read()
+
+    async def counter_increment(self) -> int:
+        return await self.identity.counter_increment()
+
+    async def bind_model(self, manifest_sha256: bytes, name: str = "") -> None:
+        await self.identity.bind_model(manifest_sha256, name)
+
+    async def attest(self, nonce: bytes) -> dict[str, Any]:
+        return await self.identity.attest(nonce)
+
+    # -- daemon integration
+
+    def status(self) -> dict[str, Any]:
+        if self._ident is None:
+            return {"identity": {"kind": self.ctx.config.identity.kind, "state": "stopped"}}
+        return {"identity": self._ident.status()}
+
+    def commands(self) -> Mapping[str, Command]:
+        return {
+            "identity": Command(self._cmd_identity, help="device identity: keys, AK Name, EK"),
+            "attest": Command(
+                self._cmd_attest, help="TPM quote for a verifier nonce: args {nonce: HEX}"
+            ),
+        }
+
+    async def _cmd_identity(self, args: dict[str, Any], peer: Peer) -> Any:
+        ident = self.identity
+        out = ident.status()
+        static = ident._static_fields()
+        out.update(
+            {
+                "signing_key_pem": ident.public_key_pem(),
+                "ak_pem": static["ak_pem"],
+                "ak_public": static["ak_public"],
+                "ek_pem": static["ek_pem"],
+            }
+        )
+        return out
+
+    async def _cmd_attest(self, args: dict[str, Any], peer: Peer) -> Any:
+        raw = args.get("nonce")
+        if raw is None:
+            raise CommandError(
+                "bad_request",
+                "attest needs args.nonce: a fresh random value from the verifier, hex, 1-64 "
+                "bytes (edgerunctl attest --nonce $(openssl rand -hex 32))",
+            )
+        if not isinstance(raw, str):
+            raise CommandError("bad_nonce", f"nonce must be a hex string, got {type(raw).__name__}")
+        try:
+            nonce = parse_nonce(raw)
+        except ValueError as exc:
+            raise CommandError("bad_nonce", str(exc)) from None
+        try:
+            return await self.identity.attest(nonce)
+        except DeviceError as exc:
+            raise CommandError("tpm_error", str(exc)) from None
+
+
+def build(ctx: Context) -> IdentityComponent:
+    """The identity component is always built (software when no TPM is configured)."""
+    return IdentityComponent(ctx)

@@ -1,0 +1,272 @@
+"""The reference consumer: what a backend does with `tlm/v1/...` messages.
+
+`Consumer` is pure (topic + payload in, JSON-able records out): it keeps the retained
+`meta` of every gateway (by schema version), decodes batches, verifies the signature
+trailer against the configured public keys (by 4-byte key id), de-duplicates on
+(gateway, spool epoch, batch seq) and tracks which sequences are still missing. A loss
+record names the sequences the gateway dropped on purpose, so those are not gaps.
+
+`run` is the MQTT side: batches come through shared subscriptions
+(`$share/GROUP/tlm/v1/+/+/evt` ...), so consumers of one group split the load on a broker
+cluster; `meta` and `state` through ordinary subscriptions (brokers do not send retained
+messages to shared subscriptions). With the SQLite sink the dedup set is the `batches`
+table itself, so a restarted consumer (or several sharing one database) still drops
+duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from edgerund.telemetry import codec
+
+
+@dataclass
+class SeqTracker:
+    seen: set[int] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)
+
+    def missing(self) -> list[tuple[int, int]]:
+        if not self.seen:
+            return []
+        lo, hi = min(self.seen | self.lost), max(self.seen | self.lost)
+        gaps: list[tuple[int, int]] = []
+        start: int | None = None
+        for s in range(lo, hi + 1):
+            if s in self.seen or s in self.lost:
+                if start is not None:
+                    gaps.append((start, s - 1))
+                    start = None
+            elif start is None:
+                start = s
+        return gaps
+
+
+class Consumer:
+    def __init__(self, *, public_keys: Iterable[Any] = (), require_signature: bool = False,
+                 prefix: str = "tlm/v1") -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        self.keys: dict[bytes, Any] = {}
+        for k in public_keys:
+            spki = k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            self.keys[codec.key_id_for(spki)] = k
+        self.require_signature = require_signature
+        self.prefix = prefix.split("/")
+        self.metas: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+        self.states: dict[str, dict[str, Any]] = {}
+        self.trackers: dict[tuple[str, int], SeqTracker] = {}
+        self.counts = {"batches": 0, "duplicates": 0, "invalid": 0, "unverified": 0}
+
+    @staticmethod
+    def load_public_key(pem: bytes) -> Any:
+        from cryptography.hazmat.primitives import serialization
+
+        return serialization.load_pem_public_key(pem)
+
+    def is_seen(self, gateway: str, epoch: int, seq: int) -> bool:
+        t = self.trackers.get((gateway, epoch))
+        return t is not None and seq in t.seen
+
+    def mark_seen(self, gateway: str, epoch: int, seq: int) -> None:
+        self.trackers.setdefault((gateway, epoch), SeqTracker()).seen.add(seq)
+
+    def handle(self, topic: str, payload: bytes, received: float | None = None) -> list[dict[str, Any]]:
+        parts = topic.split("/")
+        n = len(self.prefix)
+        if parts[:n] != self.prefix or len(parts) < n + 3:
+            return [{"type": "invalid", "topic": topic, "error": "topic is not tlm/v1/{site}/{gateway}/..."}]
+        site, gw, kind = parts[n], parts[n + 1], parts[n + 2]
+        rec_base = {"site": site, "gateway": gw, "topic": topic}
+        if kind in ("meta", "state"):
+            try:
+                obj = json.loads(payload) if payload else {}
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                return [dict(rec_base, type="invalid", error=f"{kind} is not JSON: {exc}")]
+            if kind == "meta" and isinstance(obj, dict):
+                ver = obj.get("schema_ver")
+                if isinstance(ver, int):
+                    self.metas[(gw, ver)] = {int(s["id"]): s for s in obj.get("series", []) if isinstance(s, dict)}
+            elif kind == "state" and isinstance(obj, dict):
+                self.states[gw] = obj
+            return [dict(rec_base, type=kind, value=obj)]
+        if kind not in ("evt", "agg", "raw"):
+            return [dict(rec_base, type="ignored")]
+        try:
+            dec = codec.decode(payload)
+        except codec.DecodeError as exc:
+            self.counts["invalid"] += 1
+            return [dict(rec_base, type="invalid", error=str(exc))]
+        b = dec.batch
+        verified: bool | None = None
+        if dec.signature is not None and self.keys:
+            key = self.keys.get(dec.signature.key_id)
+            verified = key is not None and codec.verify(dec, key)
+        if self.require_signature and not verified:
+            self.counts["invalid"] += 1
+            why = "unsigned" if dec.signature is None else "signature does not verify with the given key(s)"
+            return [dict(rec_base, type="invalid", epoch=b.epoch, seq=b.seq, error=why)]
+        if verified is None:
+            self.counts["unverified"] += 1
+        if self.is_seen(gw, b.epoch, b.seq):
+            self.counts["duplicates"] += 1
+            return [dict(rec_base, type="duplicate", epoch=b.epoch, seq=b.seq)]
+        self.mark_seen(gw, b.epoch, b.seq)
+        self.counts["batches"] += 1
+        tracker = self.trackers[(gw, b.epoch)]
+        for blk in b.blocks:
+            if isinstance(blk, codec.LossBlock):
+                tracker.lost.update(blk.seqs)
+        meta = self.metas.get((gw, b.schema_ver))
+        out = codec.to_json(dec, meta)
+        for r in out:
+            r.update(rec_base, verified=verified, received=received if received is not None else time.time())
+        return out
+
+    def gaps(self) -> list[dict[str, Any]]:
+        out = []
+        for (gw, epoch), t in sorted(self.trackers.items()):
+            for lo, hi in t.missing():
+                out.append({"type": "gap", "gateway": gw, "epoch": epoch, "from_seq": lo, "to_seq": hi})
+        return out
+
+
+class JsonLinesSink:
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self.stream.write(json.dumps(r, separators=(",", ":")) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+class SqliteSink:
+    """Durable sink: one row per accepted batch (the dedup key), samples upserted by
+    (gateway, series, channel, t_ms), events and loss records as rows."""
+
+    def __init__(self, path: str, consumer: Consumer) -> None:
+        self.db = sqlite3.connect(path)
+        self.db.executescript("""
+            PRAGMA journal_mode=WAL;
+            CREATE TABLE IF NOT EXISTS batches (gateway TEXT, epoch INTEGER, seq INTEGER, cls TEXT, site TEXT,
+                received REAL, verified INTEGER, PRIMARY KEY (gateway, epoch, seq));
+            CREATE TABLE IF NOT EXISTS samples (gateway TEXT, series TEXT, channel TEXT, t_ms INTEGER, value REAL,
+                PRIMARY KEY (gateway, series, channel, t_ms));
+            CREATE TABLE IF NOT EXISTS events (gateway TEXT, epoch INTEGER, seq INTEGER, t_ms INTEGER, kind TEXT,
+                source TEXT, fields TEXT);
+            CREATE TABLE IF NOT EXISTS losses (gateway TEXT, epoch INTEGER, seq INTEGER, reason TEXT, cls TEXT,
+                t_first_ms INTEGER, t_last_ms INTEGER, n_samples INTEGER, seqs TEXT, series TEXT);
+        """)
+        for gw, epoch, seq in self.db.execute("SELECT gateway, epoch, seq FROM batches"):
+            consumer.mark_seen(gw, epoch, seq)
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        with self.db:
+            done: set[tuple[str, int, int]] = set()
+            for r in records:
+                t = r.get("type")
+                if t in ("series", "event", "loss", "empty"):
+                    key = (r["gateway"], r["epoch"], r["seq"])
+                    if key not in done:
+                        done.add(key)
+                        self.db.execute("INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?)",
+                                        (*key, r["cls"], r["site"], r["received"],
+                                         None if r["verified"] is None else int(r["verified"])))
+                if t == "series":
+                    name = r.get("name") or f"#{r['series_id']}"
+                    for ch, vals in r["values"].items():
+                        self.db.executemany("INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?)",
+                                            [(r["gateway"], name, ch, tm, v) for tm, v in zip(r["t_ms"], vals, strict=True)])
+                elif t == "event":
+                    self.db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?)",
+                                    (r["gateway"], r["epoch"], r["seq"], r["t_ms"], r["kind"], r["source"],
+                                     json.dumps(r["fields"])))
+                elif t == "loss":
+                    self.db.execute("INSERT INTO losses VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                    (r["gateway"], r["epoch"], r["seq"], r["reason"], r["loss_cls"], r["t_first_ms"],
+                                     r["t_last_ms"], r["n_samples"], json.dumps(r["seqs"]), json.dumps(r["series_ids"])))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+Sink = JsonLinesSink | SqliteSink
+
+
+async def run(
+    consumer: Consumer,
+    sink: Sink,
+    *,
+    host: str,
+    port: int,
+    group: str | None = "edgerund",
+    prefix: str = "tlm/v1",
+    client_id: str | None = None,
+    session_expiry_s: int = 3600,
+    tls: tuple[str, str | None, str | None] | None = None,
+    stop: asyncio.Event | None = None,
+    max_batches: int | None = None,
+    gap_report_s: float | None = None,
+) -> None:
+    """Consume until `stop` is set or `max_batches` new batches arrived; reconnects."""
+    import aiomqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    stop = stop or asyncio.Event()
+    share = f"$share/{group}/" if group else ""
+    topics = [f"{share}{prefix}/+/+/{k}" for k in ("evt", "agg", "raw")]
+    topics += [f"{prefix}/+/+/meta", f"{prefix}/+/+/meta/+", f"{prefix}/+/+/state"]
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = session_expiry_s
+    tls_params = aiomqtt.TLSParameters(ca_certs=tls[0], certfile=tls[1], keyfile=tls[2]) if tls else None
+    start_batches = consumer.counts["batches"]
+    backoff = 0.5
+    last_gap = time.monotonic()
+
+    async def session() -> None:
+        nonlocal last_gap
+        async with aiomqtt.Client(host, port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
+                                  clean_start=False, properties=props, tls_params=tls_params) as client:
+            for t in topics:
+                await client.subscribe(t, options=SubscribeOptions(qos=1))
+            async for msg in client.messages:
+                payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else str(msg.payload or "").encode()
+                sink.write(consumer.handle(str(msg.topic), bytes(payload)))
+                if max_batches is not None and consumer.counts["batches"] - start_batches >= max_batches:
+                    stop.set()
+                if gap_report_s is not None and time.monotonic() - last_gap >= gap_report_s:
+                    last_gap = time.monotonic()
+                    sink.write(consumer.gaps())
+                if stop.is_set():
+                    return
+
+    while not stop.is_set():
+        stopper = asyncio.create_task(stop.wait())
+        worker = asyncio.create_task(session())
+        done, _ = await asyncio.wait({stopper, worker}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if worker not in done:
+            worker.cancel()
+            with contextlib.suppress(BaseException):
+                await worker
+            break
+        exc = worker.exception()
+        if exc is None:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff * random.uniform(0.5, 1.0))
+        backoff = min(backoff * 2, 10.0)

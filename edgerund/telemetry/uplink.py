@@ -1,0 +1,537 @@
+"""The MQTT 5 uplink: drains the spool to the broker, paced, and serves `cmd/` messages.
+
+Theory of operation
+-------------------
+One task (`run`) loops over connection sessions with a capped, jittered exponential
+backoff (delay = min(max, initial * 2**attempt) * U(0.5, 1); reset after a CONNACK).
+A session is an aiomqtt client with MQTT 5, clean start OFF and a session expiry (the
+broker keeps our `cmd/+` subscription and queues commands while we are away), a retained
+last will `state` = offline, and TLS from CA / client certificate files when configured.
+After the CONNACK it publishes the retained birth `state` (online, spool epoch, boot time)
+and the retained `meta`, subscribes to `cmd/+` (no-local), then runs a reader (commands)
+and a sender in one TaskGroup: when the broker goes away the reader's iterator raises,
+the group cancels everything and the loop reconnects.
+
+The sender never hands the backlog to paho's RAM queue. It takes one row at a time from
+the spool in priority order (evt, then agg, then raw; oldest first within a class; the
+evt query is re-run whenever a commit happened, so a live event jumps ahead of a backlog
+of raw batches), waits for a byte token bucket (`replay_bytes_per_s`, burst
+`replay_burst_bytes`) and for a free in-flight slot (`inflight_max`), signs the batch
+(identity key; the trailer is added at send time so the spool holds unsigned rows and loss
+records can be written from the spool thread), and publishes it at QoS 1.
+
+PUBACK: aiomqtt 2.x `await client.publish(..., qos=1)` returns when paho's `on_publish`
+fires, which for QoS 1 is on PUBACK, but it drops the MQTT 5 reason code, and a PUBACK
+with a code >= 0x80 (not authorized, quota exceeded, ...) means the broker did NOT take
+the message. `_AckClient` therefore records the reason code per message id and
+`publish_acked` returns it; only a success code lets the row be marked delivered in the
+spool. A publish that gets no PUBACK within `ack_timeout_s` ends the session.
+Rows whose publish was interrupted stay undelivered and are sent again in the next
+session: duplicates are possible (QoS 1) and carry the same (epoch, seq) dedup key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgerund.telemetry import codec
+from edgerund.telemetry.codec import Cls
+from edgerund.telemetry.config import UplinkConfig
+from edgerund.telemetry.spool import Row, Spool
+
+log = structlog.get_logger("edgerund.telemetry.uplink")
+
+CONTENT_TYPE = "application/vnd.edgerund.tlm.v1"
+CmdHandler = Callable[[bytes], Awaitable[bytes | None]]
+
+
+def _props(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def meta_with_ver(content: str, ver: int) -> str:
+    """The published meta: the stored content plus its schema version."""
+    obj = json.loads(content)
+    obj["schema_ver"] = ver
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class CommandRejected(Exception):
+    """A `cmd/` message we refuse: code is stable, message says expected vs got."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class Signer:
+    """Adapter over the identity component: digest -> 4-byte key id and r||s."""
+
+    def __init__(self, identity: Any) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        self._identity = identity
+        pem = identity.public_key_pem()
+        key = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
+        spki = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.key_id = codec.key_id_for(spki)
+
+    async def sign(self, payload: bytes) -> bytes:
+        der = await self._identity.sign_digest(codec.signing_digest(payload))
+        return codec.attach_signature(
+            payload,
+            codec.Signature(codec.SIG_ALG_ECDSA_P256_SHA256, self.key_id, codec.der_to_rs(der)),
+        )
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.t = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+
+    async def take(self, n: int) -> None:
+        need = min(float(n), self.burst)  # a batch bigger than the burst waits for a full bucket
+        while True:
+            self._refill()
+            if self.tokens >= need:
+                self.tokens -= n  # may go negative: the debt is paid before the next send
+                return
+            await asyncio.sleep((need - self.tokens) / self.rate)
+
+
+class _AckClient(aiomqtt.Client):
+    """aiomqtt client that keeps the PUBACK reason code (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.puback_codes: dict[int, ReasonCode] = {}
+
+    def _on_publish(
+        self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
+    ) -> None:
+        self.puback_codes[mid] = reason_code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_acked(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        properties: Properties | None = None,
+        ack_timeout_s: float,
+    ) -> ReasonCode | None:
+        info = self._client.publish(topic, payload, 1, retain, properties)
+        if info.rc != 0:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        self.puback_codes.pop(info.mid, None)
+        confirmation = asyncio.Event()
+        with self._pending_call(info.mid, confirmation, self._pending_publishes):
+            await self._wait_for(confirmation.wait(), timeout=ack_timeout_s)
+        return self.puback_codes.pop(info.mid, None)
+
+
+@dataclass
+class UplinkStats:
+    connected: bool = False
+    sent_batches: int = 0
+    sent_bytes: int = 0
+    replayed_batches: int = 0
+    reconnects: int = 0
+    connect_failures: int = 0
+    last_error: str | None = None
+    inflight: int = 0
+    inflight_peak: int = 0
+    cmd_handled: int = 0
+    cmd_rejected: int = 0
+    publish_rejected: int = 0
+    sign_errors: int = 0
+    connected_since: float | None = None
+
+
+class Uplink:
+    def __init__(
+        self,
+        cfg: UplinkConfig,
+        *,
+        site: str,
+        gateway: str,
+        spool: Spool,
+        signer: Signer | None,
+        meta: Callable[[], tuple[int, str]],
+        birth: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.cfg = cfg
+        self.base = f"{cfg.topic_prefix}/{site}/{gateway}"
+        self.client_id = cfg.client_id or f"edgerund-{gateway}"
+        self.spool = spool
+        self.signer = signer
+        self._meta = meta
+        self._birth = birth
+        self.stats = UplinkStats()
+        self.commands: dict[str, CmdHandler] = {}
+        self._bucket = TokenBucket(cfg.replay_bytes_per_s, cfg.replay_burst_bytes)
+        self._wake = asyncio.Event()
+        self._gen = 0
+        self._stopping = asyncio.Event()
+        self._down = asyncio.Event()  # set while not connected
+        self._down.set()
+        self._idle = asyncio.Event()  # set while nothing is in flight
+        self._idle.set()
+        self._client: _AckClient | None = None
+        self._cursor_reset = 0
+        self._logged_rejects: set[str] = set()
+
+    # ------------------------------------------------------------ hooks
+
+    @property
+    def broker(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
+
+    def topic(self, cls: Cls) -> str:
+        return f"{self.base}/{cls.name.lower()}"
+
+    def wake(self) -> None:
+        """New rows were committed (called on the loop)."""
+        self._gen += 1
+        self._wake.set()
+
+    def reset_cursors(self) -> None:
+        """Rows below the cursors became undelivered again (cmd/resend)."""
+        self._cursor_reset += 1
+        self.wake()
+
+    async def republish(self) -> None:
+        """Rebirth: publish state and meta again on the live connection."""
+        c = self._client
+        if c is None or not self.stats.connected:
+            raise CommandRejected("not_connected", "no broker connection")
+        await self._publish_birth(c)
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Let in-flight publishes finish, publish `state` offline, disconnect."""
+        self._stopping.set()
+        self.wake()
+        if self.stats.connected:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._down.wait(), timeout_s)
+
+    # ------------------------------------------------------------ connection loop
+
+    async def run(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                err = self._describe(exc)
+                if self.stats.connected_since is None:
+                    self.stats.connect_failures += 1
+                if err != self.stats.last_error:
+                    log.warning("uplink_down", broker=self.broker, error=err)
+                self.stats.last_error = err
+                if self.stats.connected_since is not None:
+                    attempt = 0
+            finally:
+                was = self.stats.connected
+                self.stats.connected = False
+                self._down.set()
+                self.stats.connected_since = None
+                self._client = None
+                if was:
+                    self.stats.reconnects += 1
+            if self._stopping.is_set():
+                return
+            delay = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** min(attempt, 30))
+            delay *= random.uniform(0.5, 1.0)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    @staticmethod
+    def _describe(exc: BaseException) -> str:
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        return f"{type(exc).__name__}: {exc}"
+
+    def _make_client(self) -> _AckClient:
+        cfg = self.cfg
+        props = _props(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = cfg.session_expiry_s
+        will_props = _props(PacketTypes.WILLMESSAGE)
+        will_props.ContentType = "application/json"
+        will = aiomqtt.Will(
+            f"{self.base}/state",
+            json.dumps({"online": False, "reason": "connection lost"}).encode(),
+            qos=1,
+            retain=True,
+            properties=will_props,
+        )
+        tls = None
+        if cfg.tls is not None:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file
+            )
+        password = None
+        if cfg.password_file:
+            password = Path(cfg.password_file).read_text().strip()
+        return _AckClient(
+            cfg.host,
+            cfg.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will,
+            clean_start=False,
+            keepalive=cfg.keepalive_s,
+            timeout=cfg.connect_timeout_s,
+            properties=props,
+            tls_params=tls,
+            username=cfg.username,
+            password=password,
+            max_inflight_messages=cfg.inflight_max + 8,
+            max_queued_incoming_messages=256,
+        )
+
+    async def _session(self) -> None:
+        client = (
+            await asyncio.to_thread(self._make_client)
+            if self.cfg.password_file
+            else self._make_client()
+        )
+        async with client:
+            self._client = client
+            self.stats.connected = True
+            self._down.clear()
+            self.stats.connected_since = time.time()
+            log.info("uplink_connected", broker=self.broker, client_id=self.client_id)
+            await client.subscribe(
+                f"{self.base}/cmd/+", options=SubscribeOptions(qos=1, noLocal=True)
+            )
+            await self._publish_birth(client)
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(self._reader(client))
+                sender = tg.create_task(self._sender(client, tg))
+                await self._stopping.wait()
+                sender.cancel()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), 5.0)
+                with contextlib.suppress(Exception):
+                    await client.publish_acked(
+                        f"{self.base}/state",
+                        json.dumps({"online": False, "reason": "shutdown"}).encode(),
+                        retain=True,
+                        ack_timeout_s=2.0,
+                    )
+                reader.cancel()
+
+    async def _publish_birth(self, client: _AckClient) -> None:
+        ver, meta_text = self._meta()
+        birth = dict(self._birth())
+        birth.update(online=True, schema_ver=ver, client_id=self.client_id)
+        props = _props(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        await self._checked(
+            client, f"{self.base}/meta", meta_text.encode(), retain=True, properties=props
+        )
+        await self._checked(
+            client, f"{self.base}/state", json.dumps(birth).encode(), retain=True, properties=props
+        )
+        # Batches in the backlog written under an older schema need their meta too.
+        old = [
+            v for v in await asyncio.wrap_future(self.spool.backlog_schema_versions()) if v != ver
+        ]
+        if old:
+            for v, text in (await asyncio.wrap_future(self.spool.meta_versions(old))).items():
+                await self._checked(
+                    client,
+                    f"{self.base}/meta/{v}",
+                    meta_with_ver(text, v).encode(),
+                    retain=True,
+                    properties=props,
+                )
+
+    async def _checked(
+        self,
+        client: _AckClient,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        rc = await client.publish_acked(
+            topic,
+            payload,
+            retain=retain,
+            properties=properties,
+            ack_timeout_s=self.cfg.ack_timeout_s,
+        )
+        if rc is not None and rc.is_failure:
+            self.stats.publish_rejected += 1
+            raise aiomqtt.MqttError(f"broker refused publish to {topic}: PUBACK {rc}")
+
+    # ------------------------------------------------------------ sender
+
+    async def _sender(self, client: _AckClient, tg: asyncio.TaskGroup) -> None:
+        slots = asyncio.Semaphore(self.cfg.inflight_max)
+        cursors = {c: 0 for c in Cls}
+        buffers: dict[Cls, list[Row]] = {c: [] for c in Cls}
+        seen_gen = {c: -1 for c in Cls}
+        reset_seen = self._cursor_reset
+        session_start = time.time()
+        while True:
+            if reset_seen != self._cursor_reset:
+                reset_seen = self._cursor_reset
+                cursors = {c: 0 for c in Cls}
+                buffers = {c: [] for c in Cls}
+                seen_gen = {c: -1 for c in Cls}
+            gen = self._gen
+            row: Row | None = None
+            for cls in (Cls.EVT, Cls.AGG, Cls.RAW):
+                if not buffers[cls] and seen_gen[cls] != gen:
+                    rows = await asyncio.wrap_future(self.spool.fetch(cls, cursors[cls], 16))
+                    seen_gen[cls] = gen if len(rows) < 16 else -1
+                    buffers[cls] = rows
+                    if rows:
+                        cursors[cls] = rows[-1].seq
+                if buffers[cls]:
+                    row = buffers[cls].pop(0)
+                    break
+            if row is None:
+                while self._gen == gen and self._cursor_reset == reset_seen:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 5.0)
+                continue
+            await self._bucket.take(len(row.payload) + 64)
+            await slots.acquire()
+            self.stats.inflight += 1
+            self._idle.clear()
+            self.stats.inflight_peak = max(self.stats.inflight_peak, self.stats.inflight)
+            tg.create_task(self._publish_row(client, row, slots, row.created < session_start))
+
+    async def _publish_row(
+        self, client: _AckClient, row: Row, slots: asyncio.Semaphore, historical: bool
+    ) -> None:
+        try:
+            payload = row.payload
+            if self.signer is not None:
+                try:
+                    payload = await self.signer.sign(payload)
+                except Exception as exc:  # send unsigned rather than hold the backlog
+                    self.stats.sign_errors += 1
+                    if self.stats.sign_errors == 1:
+                        log.error("telemetry_sign_failed", error=repr(exc))
+            props = _props(PacketTypes.PUBLISH)
+            props.ContentType = CONTENT_TYPE
+            user = [("epoch", str(self.spool.epoch)), ("seq", str(row.seq))]
+            if historical:
+                user.append(("hist", "1"))
+            props.UserProperty = user
+            if row.cls is Cls.RAW and self.cfg.message_expiry_raw_s:
+                props.MessageExpiryInterval = self.cfg.message_expiry_raw_s
+            await self._checked(client, self.topic(row.cls), payload, properties=props)
+            self.spool.ack([row.seq])
+            self.stats.sent_batches += 1
+            self.stats.sent_bytes += len(payload)
+            if historical:
+                self.stats.replayed_batches += 1
+        finally:
+            self.stats.inflight -= 1
+            if not self.stats.inflight:
+                self._idle.set()
+            slots.release()
+
+    # ------------------------------------------------------------ commands
+
+    async def _reader(self, client: _AckClient) -> None:
+        async for msg in client.messages:
+            await self._handle(client, msg)
+
+    async def _handle(self, client: _AckClient, msg: aiomqtt.Message) -> None:
+        topic = str(msg.topic)
+        name = topic.rsplit("/", 1)[-1]
+        payload = (
+            msg.payload
+            if isinstance(msg.payload, bytes | bytearray)
+            else str(msg.payload or "").encode()
+        )
+        props = msg.properties
+        reply_topic = f"{self.base}/cmd/{name}/reply"
+        rt = getattr(props, "ResponseTopic", None) if props is not None else None
+        if rt and not any(c in rt for c in "#+") and not rt.startswith("$"):
+            reply_topic = rt
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        try:
+            if len(payload) > self.cfg.cmd_max_bytes:
+                raise CommandRejected(
+                    "too_large", f"expected <= {self.cfg.cmd_max_bytes} bytes, got {len(payload)}"
+                )
+            handler = self.commands.get(name)
+            if handler is None:
+                raise CommandRejected(
+                    "unknown_command", f"expected one of {sorted(self.commands)}, got {name!r}"
+                )
+            reply = await handler(bytes(payload))
+            self.stats.cmd_handled += 1
+        except CommandRejected as exc:
+            self.stats.cmd_rejected += 1
+            key = f"{name}:{exc.code}"
+            if key not in self._logged_rejects:  # log each kind once, count all
+                self._logged_rejects.add(key)
+                log.warning("telemetry_cmd_rejected", cmd=name, code=exc.code, error=exc.message)
+            reply = json.dumps(
+                {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+            ).encode()
+        except Exception as exc:
+            self.stats.cmd_rejected += 1
+            log.error("telemetry_cmd_failed", cmd=name, error=repr(exc))
+            reply = json.dumps(
+                {
+                    "ok": False,
+                    "error": {"code": "failed", "message": f"{type(exc).__name__}: {exc}"},
+                }
+            ).encode()
+        if reply is None:
+            return
+        rprops = _props(PacketTypes.PUBLISH)
+        if corr:
+            rprops.CorrelationData = corr
+        try:
+            await client.publish_acked(
+                reply_topic, reply, properties=rprops, ack_timeout_s=self.cfg.ack_timeout_s
+            )
+        except aiomqtt.MqttError:
+            raise
+        except Exception as exc:  # a bad ResponseTopic must not end the session
+            log.warning("telemetry_cmd_reply_failed", cmd=name, error=repr(exc))

@@ -1,0 +1,221 @@
+"""Simulated mode: the REAL drivers against the emulators, through the hub.
+
+Plausibility is checked against the scenario itself at the time of the sample, so the
+assertions fail if a driver, an emulator or the wiring in SimResources is wrong (a swapped
+channel, a wrong scale, a stale register).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from drivers.emulated.simulated import SimResources
+from edgerund.component import CommandError, Peer
+from edgerund.config.loader import load_config
+from edgerund.context import Context, Event, Supervisor
+from edgerund.hub.component import SensorHub, build
+from tests.hub.conftest import make_ctx
+from tests.hub.test_acquisition import wait_for
+
+SIMULATE_YAML = Path(__file__).resolve().parents[2] / "edgerund" / "data" / "simulate.yaml"
+PEER = Peer(pid=1, uid=0, gid=0, privileged=True)
+
+
+def scenario_at(hub: SensorHub, sid: str, channel: str) -> tuple[float, float]:
+    """(sample value, sample's scenario time)."""
+    s = hub.latest(sid, channel)
+    assert s is not None, f"no sample for {sid}.{channel}"
+    sim = hub._sim
+    assert isinstance(sim, SimResources)
+    import time
+
+    t = sim.now_s() - (time.monotonic() - s.t_mono)
+    return s.value, t
+
+
+@pytest.fixture
+async def sim_hub() -> Any:
+    cfg = load_config(SIMULATE_YAML)
+    ctx = Context(config=cfg, config_path=SIMULATE_YAML,
+                  supervisor=Supervisor(on_fatal=lambda e: None), simulate=True)
+    hub = build(ctx)
+    async with hub:
+        yield hub
+
+
+async def test_every_emulated_part_gives_plausible_values(sim_hub: SensorHub) -> None:
+    hub = sim_hub
+    ids = hub.sensor_ids()
+    assert len(ids) == 9
+    await wait_for(lambda: all(hub.state(s) == "ok" for s in ids), timeout=15.0)
+    await asyncio.sleep(1.2)  # every sensor has read at least once more
+    sc = hub.scenario
+    assert sc is not None
+
+    # Vibration: gravity on z, ~40 mg of unbalance on x/y; temperature sensor is there too.
+    _, vz = hub.window("motor_vib", "accel_z", 200)
+    _, vx = hub.window("motor_vib", "accel_x", 200)
+    assert 0.9 < float(np.mean(vz)) < 1.1
+    assert 0.01 < float(np.std(vx)) < 0.1
+    # Cabinet climate from two different parts agrees with the scenario and each other.
+    chans = {c for s, c, _ in hub.channels() if s == "cabinet"}
+    t_ch = next(c for c in chans if "temp" in c)
+    p_ch = next(c for c in chans if "press" in c)
+    h_ch = next(c for c in chans if "hum" in c)
+    v, t = scenario_at(hub, "cabinet", t_ch)
+    assert abs(v - float(sc.cabinet_temp_c(t)[0])) < 0.5
+    v, t = scenario_at(hub, "cabinet", p_ch)
+    assert abs(v - float(sc.pressure_pa(t)[0])) < 50.0
+    v, t = scenario_at(hub, "cabinet", h_ch)
+    assert abs(v - float(sc.humidity_pct(t)[0])) < 2.0
+    sht = {c for s, c, _ in hub.channels() if s == "cabinet_sht"}
+    v, t = scenario_at(hub, "cabinet_sht", next(c for c in sht if "temp" in c))
+    assert abs(v - float(sc.cabinet_temp_c(t)[0])) < 0.5
+    # Battery through the INA219, motor current through the ADS1115 clamp.
+    bat = {c: u for s, c, u in hub.channels() if s == "battery"}
+    bus_v = next(c for c, u in bat.items() if u == "V" and "bus" in c)
+    cur = next(c for c, u in bat.items() if u == "A")
+    v, t = scenario_at(hub, "battery", bus_v)
+    assert abs(v - float(sc.battery_v(t)[0])) < 0.05
+    v, t = scenario_at(hub, "battery", cur)
+    assert abs(v - float(sc.battery_a(t)[0])) < 0.2
+    v, t = scenario_at(hub, "motor_current", "motor_a")
+    assert abs(v - float(sc.motor_current_a(t)[0])) < 0.1
+    # Serial: GPS near the scenario's track, the meter's current is the motor current,
+    # the BMS pack voltage is the battery voltage, the drive's rpm is the shaft rate.
+    gps = {c for s, c, _ in hub.channels() if s == "gps"}
+    lat_ch = next(c for c in gps if "lat" in c)
+    v, t = scenario_at(hub, "gps", lat_ch)
+    assert abs(v - sc.gps(t).lat_deg) < 1e-3
+    v, t = scenario_at(hub, "power_meter", "current_a")
+    assert abs(v - float(sc.motor_current_a(t)[0])) < 0.2
+    v, _ = scenario_at(hub, "power_meter", "frequency_hz")
+    assert 49.9 < v < 50.1
+    v, t = scenario_at(hub, "bms", "pack_v")
+    assert abs(v - float(sc.battery_v(t)[0])) < 0.05
+    v, t = scenario_at(hub, "drive", "rpm")
+    assert abs(v - float(sc.shaft_hz(t)[0]) * 60.0) < 5.0
+    for row in await hub.commands()["sensors"].handler({}, PEER):
+        assert row["state"] == "ok" and row["value"], row
+
+
+async def test_i2c_scan_and_serial_sniff(sim_hub: SensorHub) -> None:
+    hub = sim_hub
+    await wait_for(lambda: hub.state("cabinet") == "ok" and hub.state("gps") == "ok",
+                   timeout=10.0)
+    scan = hub.commands()["i2c-scan"].handler
+    rows = await scan({"bus": 1}, PEER)
+    by = {r["address"]: r for r in rows}
+    # every emulated part is on the bus, all claimed by configured sensors here
+    assert set(by) == {"0x40", "0x44", "0x48", "0x68", "0x76"}
+    assert by["0x76"]["status"] == "in use" and by["0x76"]["sensor"] == "cabinet"
+    assert by["0x76"]["state"] == "ok"
+    with pytest.raises(CommandError) as ei:
+        await scan({"bus": 7}, PEER)
+    assert ei.value.code == "device_error" and "i2c-7" in ei.value.message
+    with pytest.raises(CommandError):
+        await scan({"bus": "x"}, PEER)
+
+    sniff = hub.commands()["serial-sniff"].handler
+    frames = await sniff({"port": "sim://gps", "n": 3}, PEER)
+    assert 1 <= len(frames) <= 3
+    assert all(f["text"].startswith("$G") and f["hex"].startswith("24 47") for f in frames)
+    # a sensor id finds its port too; n limits the answer
+    await asyncio.sleep(1.1)  # the meter is polled at 2 Hz: at least 2 responses by now
+    meter = await sniff({"port": "power_meter", "n": 2}, PEER)
+    assert len(meter) == 2
+    assert all(f["hex"].startswith("01 03") for f in meter)  # unit 1, read holding regs
+    with pytest.raises(CommandError) as ei:
+        await sniff({"port": "/dev/ttyNOPE", "n": 2}, PEER)
+    assert ei.value.code == "not_found" and "sim://gps" in ei.value.message
+
+
+def _sim_cfg(sensors: list[dict[str, Any]]) -> Any:
+    return make_ctx({"simulation": {"enabled": True, "seed": 7}, "sensors": sensors})
+
+
+async def _start(ctx: Context) -> tuple[SensorHub, list[Event]]:
+    events: list[Event] = []
+    ctx.events.subscribe(events.append)
+    hub = build(ctx)
+    await hub.__aenter__()
+    return hub, events
+
+
+async def test_scan_finds_unclaimed_parts_and_not_unplugged_ones() -> None:
+    ctx = _sim_cfg([{"id": "cab", "driver": "bme280", "bus": 1, "address": 0x76,
+                     "rate_hz": 5}])
+    hub, _ = await _start(ctx)
+    try:
+        await wait_for(lambda: hub.state("cab") == "ok", timeout=10.0)
+        sim = hub._sim
+        sim.devices["ina219"].unplug()
+        rows = await hub.commands()["i2c-scan"].handler({"bus": 1}, PEER)
+        by = {r["address"]: r["status"] for r in rows}
+        assert by == {"0x44": "responds", "0x48": "responds", "0x68": "responds",
+                      "0x76": "in use"}
+        assert hub.state("cab") == "ok"  # scanning did not disturb the sensor
+    finally:
+        await hub.__aexit__(None, None, None)
+
+
+async def test_i2c_nack_crc_and_dropout_through_hub() -> None:
+    ctx = _sim_cfg([
+        {"id": "sht", "driver": "sht", "bus": 1, "address": 0x44, "rate_hz": 10,
+         "retries": 1, "fail_after": 2, "reprobe_s": 0.3},
+        {"id": "vib", "driver": "mpu6050", "bus": 1, "address": 0x68, "rate_hz": 100},
+    ])
+    hub, events = await _start(ctx)
+    try:
+        await wait_for(lambda: hub.state("sht") == "ok" and hub.state("vib") == "ok",
+                       timeout=10.0)
+        sim = hub._sim
+        dev = sim.devices["sht"]
+        # bad CRC: counted, the read retried, the sensor stays ok
+        n0 = hub.sensor_status("sht")["frame_errors"]
+        dev.inject_bit_flips(1, byte_index=1, bit=3)
+        await wait_for(lambda: hub.sensor_status("sht")["frame_errors"] > n0)
+        # one NACK: retried immediately, nothing visible but the counter
+        e0 = hub.sensor_status("sht")["read_errors"]
+        dev.inject_nack(1)
+        await wait_for(lambda: hub.sensor_status("sht")["read_errors"] > e0)
+        await asyncio.sleep(0.3)
+        assert hub.state("sht") == "ok"
+        # a dropout via sim-inject (by sensor id): failed, then back by itself
+        res = await hub.commands()["sim-inject"].handler(
+            {"kind": "dropout", "duration_s": 1.5, "sensor": "sht"}, PEER)
+        assert res["sensor"] == "sht" and res["kind"] == "dropout"
+        await wait_for(lambda: hub.state("sht") == "failed", timeout=5.0)
+        assert hub.state("vib") == "ok"  # the other part on the same bus is unaffected
+        await wait_for(lambda: hub.state("sht") == "ok", timeout=10.0)
+        states = [e.fields["state"] for e in events
+                  if e.kind == "sensor.state" and e.source == "sht"]
+        assert states == ["ok", "failed", "ok"]
+        with pytest.raises(CommandError) as ei:
+            await hub.commands()["sim-inject"].handler({"kind": "meteor"}, PEER)
+        assert ei.value.code == "bad_args"
+        # an anomaly that changes a signal: overheat raises the cabinet temperature
+        sc = hub.scenario
+        t = sim.now_s()
+        before = float(sc.cabinet_temp_c(t + 5.0)[0])
+        await hub.commands()["sim-inject"].handler(
+            {"kind": "overheat", "duration_s": 60, "severity": 1.0}, PEER)
+        assert float(sc.cabinet_temp_c(t + 5.0)[0]) > before
+    finally:
+        await hub.__aexit__(None, None, None)
+
+
+async def test_sim_inject_refused_when_not_simulating(fake_hub: Any) -> None:
+    from tests.hub.conftest import fake
+
+    h = await fake_hub([fake("a")])
+    with pytest.raises(CommandError) as ei:
+        await h.hub.commands()["sim-inject"].handler({"kind": "overheat"}, PEER)
+    assert ei.value.code == "not_simulating"
+    assert h.hub.commands()["sim-inject"].mutating
+    assert h.hub.scenario is None

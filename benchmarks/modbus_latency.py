@@ -99,8 +99,11 @@ async def main(n: int) -> dict[str, Any]:
         for model in ("pty", "wire"):
             for baud in (115200, 9600):
                 unit = ModbusUnit(holding={a: 1234 + a for a in range(10)})
-                emu = ModbusSlaveEmulator(Path(d) / f"tty{model}{baud}", units={1: unit},
-                                          wire_baudrate=baud if model == "wire" else None)
+                emu = ModbusSlaveEmulator(
+                    Path(d) / f"tty{model}{baud}",
+                    units={1: unit},
+                    wire_baudrate=baud if model == "wire" else None,
+                )
                 async with emu:
                     runs = {
                         "bare": await bench_bare(emu.path, baud, n),
@@ -119,8 +122,10 @@ async def main(n: int) -> dict[str, Any]:
                     figures[f"{key}_p99_ms"] = round(p99, 3)
                     if name != "bare":
                         figures[f"{key}_p50_ratio"] = round(p50 / (base * 1e3), 2)
-                    print(f"{model:4} {baud:6} {name:9} p50 {p50:8.3f} ms  p99 {p99:8.3f} ms"
-                          f"  x{p50 / (base * 1e3):5.2f} of bare")
+                    print(
+                        f"{model:4} {baud:6} {name:9} p50 {p50:8.3f} ms  p99 {p99:8.3f} ms"
+                        f"  x{p50 / (base * 1e3):5.2f} of bare"
+                    )
     return figures
 
 

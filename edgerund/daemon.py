@@ -50,6 +50,7 @@ from edgerund.diag import DiagServer
 from edgerund.errors import ConfigError, DeviceError
 from edgerund.metrics import Histogram
 from edgerund.sdnotify import Notifier, watchdog_interval_s
+from edgerund.toolkit import prometheus
 
 log = structlog.get_logger("edgerund")
 
@@ -125,6 +126,13 @@ class LoopLagMonitor:
         }
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _check_state_dir(cfg: Config) -> None:
     state = Path(cfg.paths.state_dir)
     try:
@@ -171,6 +179,7 @@ class Daemon:
             "log": Command(self._cmd_log, help="recent log events: args n, level"),
             "help": Command(self._cmd_help, help="list commands"),
             "ping": Command(self._cmd_ping, help="liveness check"),
+            "metrics": Command(self._cmd_metrics, help="Prometheus text exposition"),
             "reload": Command(
                 self._cmd_reload, mutating=True, help="re-read the config file (as SIGHUP)"
             ),
@@ -195,6 +204,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.ctx.started_mono, 1),
             "simulate": self.ctx.simulate,
+            "config_path": str(self.config_path),
             "identity": {"kind": "none", "key_id": None},
             "sensors": [],
             "loops": [],
@@ -234,6 +244,19 @@ class Daemon:
             name: {"help": c.help, "mutating": c.mutating}
             for name, c in sorted(self._all_commands.items())
         }
+
+    async def _cmd_metrics(self, args: dict[str, Any], peer: Peer) -> Any:
+        return {"text": prometheus.render(self.status())}
+
+    async def _metrics_textfile(self) -> None:
+        """Write the metrics for node_exporter's textfile collector: temp file + rename
+        (the collector must never read a half-written file), off the event loop."""
+        while True:
+            cfg = self.ctx.config.metrics
+            if cfg.textfile:
+                text = prometheus.render(self.status())
+                await asyncio.to_thread(_write_atomic, Path(cfg.textfile), text)
+            await asyncio.sleep(max(1.0, cfg.interval_s))
 
     async def _cmd_ping(self, args: dict[str, Any], peer: Peer) -> Any:
         return {"pong": True, "privileged": peer.privileged, "uid": peer.uid}
@@ -361,6 +384,7 @@ class Daemon:
                     self._commands()
                 self.supervisor.spawn("loop-lag", self.lag.run)
                 self.supervisor.spawn("status-line", self._status_reporter)
+                self.supervisor.spawn("metrics-textfile", self._metrics_textfile)
                 gc.collect()
                 gc.freeze()
                 ready_s = time.monotonic() - started

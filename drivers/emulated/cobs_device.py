@@ -32,8 +32,9 @@ class CobsDeviceEmulator(PeriodicSerialDevice):
         packet_type: int | None = None,
         seed: int = 0,
         faults: Faults | None = None,
+        dropout: Callable[[float], bool] | None = None,
     ) -> None:
-        super().__init__(link, rate_hz=rate_hz, seed=seed, faults=faults)
+        super().__init__(link, rate_hz=rate_hz, seed=seed, faults=faults, dropout=dropout)
         self.layout = CobsLayout(fields, endian, packet_type, crc_byte_order)
         self.values = values
 

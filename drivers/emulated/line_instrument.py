@@ -47,8 +47,16 @@ class LineInstrumentEmulator(PeriodicSerialDevice):
         column_delimiter: str = ",",
         seed: int = 0,
         faults: Faults | None = None,
+        dropout: Callable[[float], bool] | None = None,
     ) -> None:
-        super().__init__(link, rate_hz=rate_hz, poll_command=poll_command, seed=seed, faults=faults)
+        super().__init__(
+            link,
+            rate_hz=rate_hz,
+            poll_command=poll_command,
+            seed=seed,
+            faults=faults,
+            dropout=dropout,
+        )
         self.values = values
         self.fields = list(fields)
         self.format: Literal["csv", "kv", "json"] = format

@@ -64,8 +64,9 @@ class ModbusSlaveEmulator(PtySerialDevice):
         wire_baudrate: int | None = None,
         seed: int = 0,
         faults: Faults | None = None,
+        dropout: Callable[[float], bool] | None = None,
     ) -> None:
-        super().__init__(link, seed=seed, faults=faults)
+        super().__init__(link, seed=seed, faults=faults, dropout=dropout)
         self.units = dict(units)
         self.response_delay_s = response_delay_s
         # a pty moves bytes instantly: with wire_baudrate set, each reply is held back by

@@ -117,8 +117,9 @@ class NmeaGpsEmulator(PeriodicSerialDevice):
         sentences: Sequence[str] = ("GGA", "RMC", "VTG"),
         seed: int = 0,
         faults: Faults | None = None,
+        dropout: Callable[[float], bool] | None = None,
     ) -> None:
-        super().__init__(link, rate_hz=rate_hz, seed=seed, faults=faults)
+        super().__init__(link, rate_hz=rate_hz, seed=seed, faults=faults, dropout=dropout)
         self.fix = fix
         self.talker = talker
         self.sentences = list(sentences)

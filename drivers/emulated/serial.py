@@ -69,9 +69,16 @@ class PtySerialDevice:
     """
 
     def __init__(
-        self, link: str | os.PathLike[str], *, seed: int = 0, faults: Faults | None = None
+        self,
+        link: str | os.PathLike[str],
+        *,
+        seed: int = 0,
+        faults: Faults | None = None,
+        dropout: Callable[[float], bool] | None = None,
     ) -> None:
         self.link = Path(link)
+        # dropout(t) -> True: silent at scenario time t (e.g. Scenario.is_dropout("gps", t))
+        self.dropout = dropout
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self._master = -1
@@ -192,7 +199,11 @@ class PtySerialDevice:
     def stalled(self) -> bool:
         if self._stalled:
             return True
-        return self._loop is not None and self._loop.time() < self._stalled_until
+        if self._loop is None:
+            return False
+        if self.dropout is not None and self.dropout(self.now()):
+            return True
+        return self._loop.time() < self._stalled_until
 
     def _corrupt(self, frame: bytes, delimiter: bytes | None) -> bytes:
         kinds: list[FaultKind] = []
@@ -211,9 +222,10 @@ class PtySerialDevice:
         for k in kinds:
             if k == "bit_flip" and body_end > 0:
                 i = self.rng.randrange(body_end)
-                out[i] ^= 1 << self.rng.randrange(8)
-                if delimiter and out[i] == delimiter[0]:
-                    out[i] ^= 0x01 if out[i] != 1 else 0x02  # keep framing: flip another bit
+                bit = self.rng.randrange(8)
+                if delimiter and out[i] ^ (1 << bit) == delimiter[0]:
+                    bit = (bit + 1) % 8  # keep the framing: flip a bit that makes no delimiter
+                out[i] ^= 1 << bit
             elif k == "truncate" and body_end > 2:
                 # cut at least two bytes so a frame never survives whole (CR + a digit)
                 cut = self.rng.randrange(1, body_end - 1)
@@ -301,8 +313,9 @@ class PeriodicSerialDevice(PtySerialDevice):
         poll_command: bytes | None = None,
         seed: int = 0,
         faults: Faults | None = None,
+        dropout: Callable[[float], bool] | None = None,
     ) -> None:
-        super().__init__(link, seed=seed, faults=faults)
+        super().__init__(link, seed=seed, faults=faults, dropout=dropout)
         if rate_hz <= 0:
             raise ValueError("rate_hz must be > 0")
         self.rate_hz = rate_hz

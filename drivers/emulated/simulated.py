@@ -233,8 +233,10 @@ class SimResources:
             return self._ports.get(url, **settings)
         name = url[len("sim://") :]
         if name not in SERIAL_DEVICES:
-            raise ValueError(f"unknown simulated port {url!r}; expected one of "
-                             f"{', '.join('sim://' + n for n in SERIAL_DEVICES)}")
+            raise ValueError(
+                f"unknown simulated port {url!r}; expected one of "
+                f"{', '.join('sim://' + n for n in SERIAL_DEVICES)}"
+            )
         port = self._sim_ports.get(url)
         if port is None:
             inner = self._ports.get(str(self._link(name)), **settings)
@@ -318,12 +320,14 @@ class SimResources:
 # Each takes (resources, scenario, clock, online) and returns the attached device; the
 # imports are local so a part whose emulator is missing does not break the others.
 
-Builder = Callable[[SimResources, Scenario, Callable[[], float], Callable[[float], bool]],
-                   EmulatedDevice | None]
+Builder = Callable[
+    [SimResources, Scenario, Callable[[], float], Callable[[float], bool]], EmulatedDevice | None
+]
 
 
-def _bme280(r: SimResources, sc: Scenario, now: Callable[[], float],
-            online: Callable[[float], bool]) -> EmulatedDevice:
+def _bme280(
+    r: SimResources, sc: Scenario, now: Callable[[], float], online: Callable[[float], bool]
+) -> EmulatedDevice:
     from drivers.emulated.bme280 import EmulatedBME280
 
     return EmulatedBME280(
@@ -336,8 +340,9 @@ def _bme280(r: SimResources, sc: Scenario, now: Callable[[], float],
     )
 
 
-def _sht(r: SimResources, sc: Scenario, now: Callable[[], float],
-         online: Callable[[float], bool]) -> EmulatedDevice:
+def _sht(
+    r: SimResources, sc: Scenario, now: Callable[[], float], online: Callable[[float], bool]
+) -> EmulatedDevice:
     from drivers.emulated.sht import EmulatedSHT
 
     return EmulatedSHT(
@@ -350,8 +355,9 @@ def _sht(r: SimResources, sc: Scenario, now: Callable[[], float],
     )
 
 
-def _ads1115(r: SimResources, sc: Scenario, now: Callable[[], float],
-             online: Callable[[float], bool]) -> EmulatedDevice:
+def _ads1115(
+    r: SimResources, sc: Scenario, now: Callable[[], float], online: Callable[[float], bool]
+) -> EmulatedDevice:
     from drivers.emulated.ads1115 import EmulatedADS1115
 
     return EmulatedADS1115(
@@ -362,8 +368,9 @@ def _ads1115(r: SimResources, sc: Scenario, now: Callable[[], float],
     )
 
 
-def _mpu6050(r: SimResources, sc: Scenario, now: Callable[[], float],
-             online: Callable[[float], bool]) -> EmulatedDevice | None:
+def _mpu6050(
+    r: SimResources, sc: Scenario, now: Callable[[], float], online: Callable[[float], bool]
+) -> EmulatedDevice | None:
     try:
         from drivers.emulated.mpu6050 import EmulatedMPU6050
     except ModuleNotFoundError:
@@ -388,8 +395,9 @@ def _mpu6050(r: SimResources, sc: Scenario, now: Callable[[], float],
     return dev
 
 
-def _ina219(r: SimResources, sc: Scenario, now: Callable[[], float],
-            online: Callable[[float], bool]) -> EmulatedDevice | None:
+def _ina219(
+    r: SimResources, sc: Scenario, now: Callable[[], float], online: Callable[[float], bool]
+) -> EmulatedDevice | None:
     try:
         from drivers.emulated.ina219 import EmulatedINA219
     except ModuleNotFoundError:
@@ -417,8 +425,9 @@ _I2C_BUILDERS: dict[str, Builder] = {
 def _gps(r: SimResources, link: Path) -> Any:
     from drivers.emulated.nmea_gps import NmeaGpsEmulator
 
-    return NmeaGpsEmulator(link, fix=lambda _t: r.scenario.gps(r.now_s()), rate_hz=1.0,
-                           seed=r.scenario.seed)
+    return NmeaGpsEmulator(
+        link, fix=lambda _t: r.scenario.gps(r.now_s()), rate_hz=1.0, seed=r.scenario.seed
+    )
 
 
 def _modbus(r: SimResources, link: Path) -> Any:
@@ -443,16 +452,25 @@ def _line(r: SimResources, link: Path) -> Any:
             "drive_temp_c": _f(sc.cabinet_temp_c(t)) + 12.0 * _f(sc.motor_load(t)),
         }
 
-    return LineInstrumentEmulator(link, values=values, fields=SIM_LINE_FIELDS, format="kv",
-                                  rate_hz=2.0, decimals=2, seed=r.scenario.seed)
+    return LineInstrumentEmulator(
+        link,
+        values=values,
+        fields=SIM_LINE_FIELDS,
+        format="kv",
+        rate_hz=2.0,
+        decimals=2,
+        seed=r.scenario.seed,
+    )
 
 
 def _cobs(r: SimResources, link: Path) -> Any:
     from drivers.emulated.cobs_device import CobsDeviceEmulator
     from drivers.serial.cobs import CobsField
 
-    fields = [CobsField(name=n, type=typ, scale=scale, unit=u)  # type: ignore[arg-type]
-              for n, typ, scale, u in SIM_COBS_FIELDS]
+    fields = [
+        CobsField(name=n, type=typ, scale=scale, unit=u)  # type: ignore[arg-type]
+        for n, typ, scale, u in SIM_COBS_FIELDS
+    ]
 
     def values(_t: float) -> list[float]:
         t = r.now_s()
@@ -461,8 +479,7 @@ def _cobs(r: SimResources, link: Path) -> Any:
         # the packet carries raw integers: physical value / scale (the driver multiplies)
         return [v / f[2] for v, f in zip(phys, SIM_COBS_FIELDS, strict=True)]
 
-    return CobsDeviceEmulator(link, fields=fields, values=values, rate_hz=5.0,
-                              seed=r.scenario.seed)
+    return CobsDeviceEmulator(link, fields=fields, values=values, rate_hz=5.0, seed=r.scenario.seed)
 
 
 _SERIAL_BUILDERS: dict[str, Callable[[SimResources, Path], Any]] = {

@@ -73,6 +73,13 @@ class DaemonConfig(Section):
     use_uvloop: bool = True
 
 
+class MetricsConfig(Section):
+    # Write Prometheus text to this file every interval_s for node_exporter's textfile
+    # collector (e.g. /var/lib/prometheus/node-exporter/edgerund.prom); empty: off.
+    textfile: str = ""
+    interval_s: float = 15.0
+
+
 class Config(Section):
     gateway: GatewayConfig
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
@@ -87,3 +94,4 @@ class Config(Section):
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     uplink: UplinkConfig = msgspec.field(default_factory=UplinkConfig)
     simulation: SimulationConfig = msgspec.field(default_factory=SimulationConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)

@@ -471,9 +471,8 @@ def build(ctx: Context) -> SensorHub:
     sim: Any | None = None
     resources: Resources
     if ctx.simulate or cfg.simulation.enabled:
-        from drivers.emulated.simulated import SimResources
-
         from drivers.emulated.scenario import Anomaly, Scenario
+        from drivers.emulated.simulated import SimResources
 
         scenario = Scenario(
             seed=cfg.simulation.seed,

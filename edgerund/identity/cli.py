@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,21 +76,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if verdict.ok else 1
 
 
+def tpm2_tools_pcr_file(sel: ts.PcrSelection, values: list[bytes]) -> bytes:
+    """PCR values in tpm2-tools' "serialized" format (what `tpm2_quote -o` writes).
+
+    It is the little-endian in-memory layout of TPML_PCR_SELECTION (count + 16 padded
+    8-byte TPMS_PCR_SELECTION) followed by a u32 list count and TPML_DIGESTs of at most 8
+    digests each (u32 count + 8 x (u16 size + 64-byte buffer)). tpm2-tools 5.4 mis-reads the
+    plain "values" format for more than one PCR, so this is the portable choice.
+    """
+    out = struct.pack("<I", len(sel))
+    for h, ix in sel:
+        bitmap = bytearray(4)
+        for i in ix:
+            bitmap[i // 8] |= 1 << (i % 8)
+        out += struct.pack("<HB", h, 3) + bytes(bitmap) + b"\0"
+    out += bytes(8 * (16 - len(sel)))
+    chunks = [values[i : i + 8] for i in range(0, len(values), 8)]
+    out += struct.pack("<I", len(chunks))
+    for chunk in chunks:
+        out += struct.pack("<I", len(chunk))
+        for d in chunk + [b""] * (8 - len(chunk)):
+            out += struct.pack("<H", len(d)) + d.ljust(64, b"\0")
+    return out
+
+
 def export_checkquote_files(result: dict[str, Any], out: Path) -> list[str]:
-    """Files + argv for `tpm2_checkquote` on the same quote (PCRs in 'values' format)."""
+    """Files + argv for `tpm2_checkquote` on the same quote."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "ak.pem").write_text(result["ak_pem"])
     (out / "quote.msg").write_bytes(base64.b64decode(result["attest"]))
     (out / "quote.sig").write_bytes(base64.b64decode(result["signature"]))
     sel = ts.parse_pcr_selection_string(result["pcr_selection"])
-    values = b"".join(
-        bytes.fromhex(result["pcrs"][f"{ts.HASH_NAMES[h]}:{i}"]) for h, ix in sel for i in ix
-    )
-    (out / "pcrs.bin").write_bytes(values)
+    values = [bytes.fromhex(result["pcrs"][f"{ts.HASH_NAMES[h]}:{i}"]) for h, ix in sel for i in ix]
+    (out / "pcrs.bin").write_bytes(tpm2_tools_pcr_file(sel, values))
     return [
         "tpm2_checkquote", "-u", str(out / "ak.pem"), "-m", str(out / "quote.msg"),
         "-s", str(out / "quote.sig"), "-f", str(out / "pcrs.bin"),
-        "-l", result["pcr_selection"], "-g", "sha256", "-q", result["nonce"],
+        "-g", "sha256", "-q", result["nonce"],
     ]  # fmt: skip
 
 

@@ -19,13 +19,13 @@ Socket commands: `identity` (public facts) and `attest` (args {"nonce": hex}); s
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
+import structlog
 
 from edgerund.component import Command, CommandError, Peer
 from edgerund.errors import ConfigError, DeviceError
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from edgerund.config.schema import Config
     from edgerund.context import Context
 
-log = logging.getLogger("edgerund.identity")
+log = structlog.get_logger("edgerund.identity")
 
 
 def _tpm_absent(exc: BaseException) -> bool:
@@ -75,7 +75,7 @@ async def open_identity(cfg: Config, state_dir: Path) -> Identity:
 
 
 async def _fallback(cfg: Config, state_dir: Path, reason: str) -> Identity:
-    log.error("tpm_absent_falling_back_to_software reason=%s", reason)
+    log.error("tpm_absent_falling_back_to_INSECURE_software_identity", reason=reason)
     ident = SoftwareIdentity(cfg.identity, state_dir, reason=f"TPM unavailable: {reason}")
     await ident.open()
     return ident
@@ -113,8 +113,8 @@ class IdentityComponent:
             self._ident = None
             raise
         log.info(
-            "identity_ready kind=%s key_id=%s ak_name=%s insecure=%s",
-            self._ident.kind, self._ident.key_id, self._ident.ak_name, self._ident.insecure,
+            "identity_ready", kind=self._ident.kind, key_id=self._ident.key_id,
+            ak_name=self._ident.ak_name, insecure=self._ident.insecure,
         )  # fmt: skip
         return self
 

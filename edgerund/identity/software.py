@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import logging
 import os
 import stat
 import time
 from pathlib import Path
 from typing import Any
 
+import structlog
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -36,7 +36,7 @@ from edgerund.identity.base import Identity, pem, spki_fingerprint
 from edgerund.identity.config import IdentityConfig
 from edgerund.identity.tpm import write_private_file
 
-log = logging.getLogger("edgerund.identity")
+log = structlog.get_logger("edgerund.identity")
 
 AK_ATTRS = (
     ts.OA_RESTRICTED | ts.OA_SIGN | ts.OA_FIXEDTPM | ts.OA_FIXEDPARENT
@@ -69,7 +69,7 @@ def load_or_create_key(path: Path, config_key: str) -> ec.EllipticCurvePrivateKe
             os.fsync(fd)
         finally:
             os.close(fd)
-        log.warning("software_key_created path=%s", path)
+        log.warning("software_key_created", path=str(path))
         return key
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
@@ -130,9 +130,10 @@ class SoftwareIdentity(Identity):
     async def open(self) -> None:
         await asyncio.to_thread(self._open)
         log.warning(
-            "INSECURE_software_identity: keys are stored in %s, not in a TPM%s",
-            self.key_path.parent, f" ({self.reason})" if self.reason else "",
-        )  # fmt: skip
+            "INSECURE_software_identity",
+            detail=f"keys are stored in {self.key_path.parent}, not in a TPM; quotes prove nothing",
+            reason=self.reason or None,
+        )
 
     def _open(self) -> None:
         self._sk = load_or_create_key(self.key_path, "key_file")

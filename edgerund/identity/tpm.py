@@ -35,12 +35,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -57,7 +57,7 @@ from edgerund.identity.tpm_errors import (
 )
 from edgerund.identity.worker import TpmWorker
 
-log = logging.getLogger("edgerund.identity")
+log = structlog.get_logger("edgerund.identity")
 
 STATE_VERSION = 1
 QUOTE_RETRIES = 5  # PCRs extended by others (IMA) can change between quote and read
@@ -183,8 +183,10 @@ class TpmIdentity(Identity):
             raise
         if self.lockout.get("in_lockout"):
             log.warning(
-                "tpm_in_da_lockout: the TPM is in dictionary-attack lockout; edgerund's keys "
-                "are noDA and keep working, other DA-protected keys do not"
+                "tpm_in_da_lockout",
+                detail="the TPM is in dictionary-attack lockout; edgerund's keys are noDA and "
+                "keep working, other DA-protected keys do not",
+                **self.lockout,
             )
 
     async def close(self) -> None:
@@ -213,7 +215,7 @@ class TpmIdentity(Identity):
                         ectx.flush_context(ectx.tr_from_tpmpublic(h))
                         self.flushed_stale += 1
             if self.flushed_stale:
-                log.warning("tpm_flushed_stale_handles count=%d", self.flushed_stale)
+                log.warning("tpm_flushed_stale_handles", count=self.flushed_stale)
         _, data = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.PERMANENT, 1)
         perm = int(data.data.tpmProperties[0].value)
         _, data = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.LOCKOUT_COUNTER, 4)
@@ -468,7 +470,7 @@ class TpmIdentity(Identity):
 
     def _attach(self, ectx: Any) -> None:
         if self.state.get("tcti") and self.state["tcti"] != self.cfg.tcti:
-            log.info("tpm_tcti_changed enrolled=%s now=%s", self.state["tcti"], self.cfg.tcti)
+            log.info("tpm_tcti_changed", enrolled=self.state["tcti"], now=self.cfg.tcti)
         self._h.srk = self._ensure_srk(ectx)
         self._h.ak = self._ensure_key(ectx, "ak", "ak_handle")
         self._h.sk = self._ensure_key(ectx, "signing_key", "signing_key_handle")
@@ -545,7 +547,7 @@ class TpmIdentity(Identity):
         if self._enrolling:  # the second half of enrolment, not a repair
             return
         self.restored.append(key)
-        log.warning("tpm_key_restored key=%s handle=0x%08x", key, handle)
+        log.warning("tpm_key_restored", key=key, handle=f"0x{handle:08x}")
 
     def _nv_public(self) -> Any:
         from tpm2_pytss.constants import TPM2_ALG, TPM2_NT, TPMA_NV
@@ -669,7 +671,7 @@ class TpmIdentity(Identity):
             parsed = ts.parse_attest(attest)
             if ts.pcr_digest(self._sel, values, ts.ALG_SHA256) == parsed.pcr_digest:
                 break
-            log.info("tpm_quote_pcr_race attempt=%d", attempt + 1)
+            log.info("tpm_quote_pcr_race", attempt=attempt + 1)
         else:
             raise DeviceError(
                 f"PCRs kept changing between TPM2_Quote and TPM2_PCR_Read "

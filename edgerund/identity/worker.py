@@ -1,19 +1,22 @@
 """One thread owning one ESAPI context: every TPM command runs there.
 
 Why a single thread: an ESYS context is not thread-safe (tpm2-tss #2926) and a TPM executes
-one command at a time anyway, so a one-thread executor serializes commands without locks
-and keeps the event loop free (tpm2-pytss releases the GIL inside libtss2 calls; measured
-worst loop stall 1.8 ms through the executor vs 60-160 ms inline during RSA key creation).
+one command at a time anyway, so one thread with a job queue serializes commands without
+locks and keeps the event loop free (tpm2-pytss releases the GIL inside libtss2 calls;
+measured worst loop stall 1.8 ms through a worker vs 60-160 ms inline during RSA key
+creation).
 
 Jobs are plain functions `fn(ectx) -> T`. A job that creates transient objects or sessions
 must flush them in `finally` (a TPM without a resource manager has ~3 object slots), so a
 cancelled caller never leaks a slot: cancellation only abandons the *result*, the job
 itself always runs to completion on the worker thread.
 
-Timeouts are enforced twice: libtss2's own receive timeout (Esys_SetTimeout, so a silent
-TPM fails the command inside the TSS) and an asyncio timeout around the job. If the asyncio
-timeout fires the worker thread may be stuck in the TCTI; the worker is then marked wedged
-and every later call fails fast with a DeviceError instead of queueing behind it.
+Timeouts: every call is bounded by an asyncio timeout (`call_timeout_ms`). libtss2's
+synchronous ESYS calls retry internally on TRY_AGAIN, so a TPM that stops answering can keep
+the worker thread inside libtss2 forever; when a call times out the worker is marked wedged
+and every later call fails fast with a DeviceError instead of queueing behind it. The thread
+is a daemon thread (not a ThreadPoolExecutor, whose threads are joined at interpreter exit),
+so a wedged TPM can never keep the daemon from exiting.
 
 TSS errors are translated into DeviceErrors whose messages say what to do (tpm_errors.py).
 """
@@ -22,39 +25,66 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from edgerund.errors import DeviceError
-from edgerund.identity.tpm_errors import TpmError, describe
+from edgerund.identity.tpm_errors import TpmError
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")  # libtss2 logs ERRORs for expected failures
 
 T = TypeVar("T")
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
 class TpmWorker:
     def __init__(self, tcti: str, call_timeout_ms: int) -> None:
         self.tcti = tcti
         self.call_timeout_ms = call_timeout_ms
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpm")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._ectx: Any = None
-        self._thread_id: int | None = None
+        self._tcti_obj: Any = None
         self._wedged = False
         self.calls = 0
         self.errors = 0
 
     @property
     def thread_id(self) -> int | None:
-        return self._thread_id
+        return self._thread.ident if self._thread is not None else None
+
+    @property
+    def wedged(self) -> bool:
+        return self._wedged
+
+    # -- the thread
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, loop, fut = job
+            try:
+                result = fn()
+            except BaseException as exc:  # delivered to the awaiting caller
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(_set_result, fut, result)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tpm", daemon=True)
+            self._thread.start()
 
     # -- lifecycle
 
     async def open(self) -> None:
-        await self.call(self._open, what="open the TPM", timeout_ms=self.call_timeout_ms,
-                        needs_ctx=False)  # fmt: skip
+        await self.call(self._open, what="open the TPM", needs_ctx=False)
 
     def _open(self, _: Any) -> None:
         from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
@@ -71,7 +101,7 @@ class TpmWorker:
             raise TpmError.from_tss(exc, "initialise ESAPI", tcti=self.tcti) from exc
         from tpm2_pytss._libtpm2_pytss import lib
 
-        # libtss2 receive timeout, so a TPM that stops answering fails inside the TSS
+        # libtss2 receive timeout per poll of the TCTI
         lib.Esys_SetTimeout(ectx._ctx, self.call_timeout_ms)
         self._ectx = ectx
         self._tcti_obj = tcti
@@ -83,7 +113,10 @@ class TpmWorker:
                 await self.call(self._close, what="close the TPM", needs_ctx=False)
             except DeviceError:
                 pass
-        self._executor.shutdown(wait=not self._wedged, cancel_futures=True)
+        if self._thread is not None and not self._wedged:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join, 5.0)
+        self._thread = None
 
     def _close(self, _: Any) -> None:
         ectx, self._ectx = self._ectx, None
@@ -94,7 +127,6 @@ class TpmWorker:
     # -- calls
 
     def _run(self, fn: Callable[[Any], T], what: str, needs_ctx: bool) -> T:
-        self._thread_id = threading.get_ident()
         if needs_ctx and self._ectx is None:
             raise DeviceError(f"TPM is not open (while trying to {what})")
         from tpm2_pytss import TSS2_Exception
@@ -119,13 +151,15 @@ class TpmWorker:
                 f"TPM at {self.tcti} stopped answering earlier; cannot {what} "
                 "(restart the daemon; check the TPM/kernel log)"
             )
+        self._ensure_thread()
         self.calls += 1
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, self._run, fn, what, needs_ctx)
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((lambda: self._run(fn, what, needs_ctx), loop, fut))
         timeout_s = (timeout_ms if timeout_ms is not None else self.call_timeout_ms) / 1000
         try:
             # shield: a timed-out/cancelled caller abandons the result, never the job
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s + 1.0)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         except TimeoutError:
             self._wedged = True
             raise DeviceError(
@@ -133,13 +167,12 @@ class TpmWorker:
                 f"{what} (identity.call_timeout_ms); the TPM may be hung or very slow"
             ) from None
 
-    def call_sync(self, fn: Callable[[Any], T], *, what: str) -> T:
-        """Blocking variant for CLI tools and shutdown paths that have no running loop."""
-        return self._executor.submit(self._run, fn, what, True).result(
-            timeout=self.call_timeout_ms / 1000 + 1.0
-        )
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
-def describe_error(exc: BaseException, what: str, tcti: str) -> str:
-    """Human text for any exception from a TPM job (exposed for the CLI)."""
-    return describe(exc, what, tcti)
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,10 +1,69 @@
-"""Schema of the `models` section (owned by the inference component)."""
+"""Schema of the `models` section (owned by the inference component).
+
+```yaml
+models:
+  - name: motor-ae                   # what loops name in `model:`; unique
+    path: /usr/share/edgerund/models/motor-ae   # the shipped directory (manifest.json,
+                                     # model.onnx, golden.npz); with updates enabled the
+                                     # active slot replaces it once one is committed
+    latency_budget_ms: 2.0           # measured at warm-up: over budget -> own thread
+    check_golden: true               # refuse a model that does not reproduce golden.npz
+```
+
+`cross_check` reads each manifest (a small JSON file) so `edgerund check-config` already
+reports a missing directory, a missing manifest field or a model file whose hash differs
+from the manifest; loading the ONNX graph and its ABI check happen at start-up.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+
 from edgerund.config.base import Section
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
 
 
 class ModelConfig(Section):
-    name: str
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     path: str
+    latency_budget_ms: Annotated[float, msgspec.Meta(gt=0.0, le=1000.0)] = 2.0
+    check_golden: bool = True
+    warmup_runs: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 50
+
+
+def cross_check(cfg: Config) -> list[tuple[str, str]]:
+    """Unique names; each path holds a parseable manifest and the model file it names."""
+    from edgerund.inference.errors import ModelError
+    from edgerund.inference.manifest import MANIFEST_FILE, load_manifest
+
+    errors: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, mc in enumerate(cfg.models):
+        if mc.name in seen:
+            errors.append(
+                (f"models[{i}].name", f"expected a unique name, got {mc.name!r} "
+                 f"(also models[{seen[mc.name]}])")
+            )
+        seen.setdefault(mc.name, i)
+        d = Path(mc.path)
+        if not (d / MANIFEST_FILE).is_file():
+            errors.append(
+                (f"models[{i}].path", f"expected a directory holding {MANIFEST_FILE} and the "
+                 f"model, got {mc.path!r} ({'no ' + MANIFEST_FILE if d.is_dir() else 'not a directory'})")
+            )
+            continue
+        try:
+            man = load_manifest(d, check_files=True)
+        except ModelError as exc:
+            errors.append((f"models[{i}].path", str(exc)))
+            continue
+        if man.name != mc.name:
+            # Not an error: the config name is the loops' handle. Still worth knowing? No:
+            # a site may run the reference model under its own name.
+            pass
+    return errors

@@ -51,13 +51,20 @@ class SeqTracker:
 
 
 class Consumer:
-    def __init__(self, *, public_keys: Iterable[Any] = (), require_signature: bool = False,
-                 prefix: str = "tlm/v1") -> None:
+    def __init__(
+        self,
+        *,
+        public_keys: Iterable[Any] = (),
+        require_signature: bool = False,
+        prefix: str = "tlm/v1",
+    ) -> None:
         from cryptography.hazmat.primitives import serialization
 
         self.keys: dict[bytes, Any] = {}
         for k in public_keys:
-            spki = k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            spki = k.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
             self.keys[codec.key_id_for(spki)] = k
         self.require_signature = require_signature
         self.prefix = prefix.split("/")
@@ -79,11 +86,19 @@ class Consumer:
     def mark_seen(self, gateway: str, epoch: int, seq: int) -> None:
         self.trackers.setdefault((gateway, epoch), SeqTracker()).seen.add(seq)
 
-    def handle(self, topic: str, payload: bytes, received: float | None = None) -> list[dict[str, Any]]:
+    def handle(
+        self, topic: str, payload: bytes, received: float | None = None
+    ) -> list[dict[str, Any]]:
         parts = topic.split("/")
         n = len(self.prefix)
         if parts[:n] != self.prefix or len(parts) < n + 3:
-            return [{"type": "invalid", "topic": topic, "error": "topic is not tlm/v1/{site}/{gateway}/..."}]
+            return [
+                {
+                    "type": "invalid",
+                    "topic": topic,
+                    "error": "topic is not tlm/v1/{site}/{gateway}/...",
+                }
+            ]
         site, gw, kind = parts[n], parts[n + 1], parts[n + 2]
         rec_base = {"site": site, "gateway": gw, "topic": topic}
         if kind in ("meta", "state"):
@@ -94,7 +109,9 @@ class Consumer:
             if kind == "meta" and isinstance(obj, dict):
                 ver = obj.get("schema_ver")
                 if isinstance(ver, int):
-                    self.metas[(gw, ver)] = {int(s["id"]): s for s in obj.get("series", []) if isinstance(s, dict)}
+                    self.metas[(gw, ver)] = {
+                        int(s["id"]): s for s in obj.get("series", []) if isinstance(s, dict)
+                    }
             elif kind == "state" and isinstance(obj, dict):
                 self.states[gw] = obj
             return [dict(rec_base, type=kind, value=obj)]
@@ -112,7 +129,11 @@ class Consumer:
             verified = key is not None and codec.verify(dec, key)
         if self.require_signature and not verified:
             self.counts["invalid"] += 1
-            why = "unsigned" if dec.signature is None else "signature does not verify with the given key(s)"
+            why = (
+                "unsigned"
+                if dec.signature is None
+                else "signature does not verify with the given key(s)"
+            )
             return [dict(rec_base, type="invalid", epoch=b.epoch, seq=b.seq, error=why)]
         if verified is None:
             self.counts["unverified"] += 1
@@ -128,14 +149,20 @@ class Consumer:
         meta = self.metas.get((gw, b.schema_ver))
         out = codec.to_json(dec, meta)
         for r in out:
-            r.update(rec_base, verified=verified, received=received if received is not None else time.time())
+            r.update(
+                rec_base,
+                verified=verified,
+                received=received if received is not None else time.time(),
+            )
         return out
 
     def gaps(self) -> list[dict[str, Any]]:
         out = []
         for (gw, epoch), t in sorted(self.trackers.items()):
             for lo, hi in t.missing():
-                out.append({"type": "gap", "gateway": gw, "epoch": epoch, "from_seq": lo, "to_seq": hi})
+                out.append(
+                    {"type": "gap", "gateway": gw, "epoch": epoch, "from_seq": lo, "to_seq": hi}
+                )
         return out
 
 
@@ -181,22 +208,55 @@ class SqliteSink:
                     key = (r["gateway"], r["epoch"], r["seq"])
                     if key not in done:
                         done.add(key)
-                        self.db.execute("INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?)",
-                                        (*key, r["cls"], r["site"], r["received"],
-                                         None if r["verified"] is None else int(r["verified"])))
+                        self.db.execute(
+                            "INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?)",
+                            (
+                                *key,
+                                r["cls"],
+                                r["site"],
+                                r["received"],
+                                None if r["verified"] is None else int(r["verified"]),
+                            ),
+                        )
                 if t == "series":
                     name = r.get("name") or f"#{r['series_id']}"
                     for ch, vals in r["values"].items():
-                        self.db.executemany("INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?)",
-                                            [(r["gateway"], name, ch, tm, v) for tm, v in zip(r["t_ms"], vals, strict=True)])
+                        self.db.executemany(
+                            "INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?)",
+                            [
+                                (r["gateway"], name, ch, tm, v)
+                                for tm, v in zip(r["t_ms"], vals, strict=True)
+                            ],
+                        )
                 elif t == "event":
-                    self.db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?)",
-                                    (r["gateway"], r["epoch"], r["seq"], r["t_ms"], r["kind"], r["source"],
-                                     json.dumps(r["fields"])))
+                    self.db.execute(
+                        "INSERT INTO events VALUES (?,?,?,?,?,?,?)",
+                        (
+                            r["gateway"],
+                            r["epoch"],
+                            r["seq"],
+                            r["t_ms"],
+                            r["kind"],
+                            r["source"],
+                            json.dumps(r["fields"]),
+                        ),
+                    )
                 elif t == "loss":
-                    self.db.execute("INSERT INTO losses VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                    (r["gateway"], r["epoch"], r["seq"], r["reason"], r["loss_cls"], r["t_first_ms"],
-                                     r["t_last_ms"], r["n_samples"], json.dumps(r["seqs"]), json.dumps(r["series_ids"])))
+                    self.db.execute(
+                        "INSERT INTO losses VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            r["gateway"],
+                            r["epoch"],
+                            r["seq"],
+                            r["reason"],
+                            r["loss_cls"],
+                            r["t_first_ms"],
+                            r["t_last_ms"],
+                            r["n_samples"],
+                            json.dumps(r["seqs"]),
+                            json.dumps(r["series_ids"]),
+                        ),
+                    )
 
     def close(self) -> None:
         self.db.close()
@@ -219,6 +279,7 @@ async def run(
     stop: asyncio.Event | None = None,
     max_batches: int | None = None,
     gap_report_s: float | None = None,
+    ready: asyncio.Event | None = None,
 ) -> None:
     """Consume until `stop` is set or `max_batches` new batches arrived; reconnects."""
     import aiomqtt
@@ -232,21 +293,39 @@ async def run(
     topics += [f"{prefix}/+/+/meta", f"{prefix}/+/+/meta/+", f"{prefix}/+/+/state"]
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = session_expiry_s
-    tls_params = aiomqtt.TLSParameters(ca_certs=tls[0], certfile=tls[1], keyfile=tls[2]) if tls else None
+    tls_params = (
+        aiomqtt.TLSParameters(ca_certs=tls[0], certfile=tls[1], keyfile=tls[2]) if tls else None
+    )
     start_batches = consumer.counts["batches"]
     backoff = 0.5
     last_gap = time.monotonic()
 
     async def session() -> None:
         nonlocal last_gap
-        async with aiomqtt.Client(host, port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
-                                  clean_start=False, properties=props, tls_params=tls_params) as client:
+        async with aiomqtt.Client(
+            host,
+            port,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            tls_params=tls_params,
+        ) as client:
             for t in topics:
                 await client.subscribe(t, options=SubscribeOptions(qos=1))
+            if ready is not None:
+                ready.set()
             async for msg in client.messages:
-                payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else str(msg.payload or "").encode()
+                payload = (
+                    msg.payload
+                    if isinstance(msg.payload, bytes | bytearray)
+                    else str(msg.payload or "").encode()
+                )
                 sink.write(consumer.handle(str(msg.topic), bytes(payload)))
-                if max_batches is not None and consumer.counts["batches"] - start_batches >= max_batches:
+                if (
+                    max_batches is not None
+                    and consumer.counts["batches"] - start_batches >= max_batches
+                ):
                     stop.set()
                 if gap_report_s is not None and time.monotonic() - last_gap >= gap_report_s:
                     last_gap = time.monotonic()

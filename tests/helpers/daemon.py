@@ -199,3 +199,22 @@ class DaemonProcess:
                 self.notify.close()
             self.notify = None
         return rc
+
+
+def simulated(tmp_path: Path, overrides: dict[str, Any] | None = None, **kw: Any
+              ) -> DaemonProcess:
+    """A DaemonProcess on the shipped simulated config, with its paths moved under
+    tmp_path (so tests never collide with each other or a developer's simulator)."""
+    from edgerund.config.loader import simulate_config_path
+
+    cfg = yaml.safe_load(simulate_config_path().read_text())
+    cfg["paths"] = {"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")}
+    cfg.setdefault("diag", {})
+    cfg["diag"]["socket"] = str(tmp_path / "diag.sock")
+    cfg["diag"]["mode"] = 0o666
+    cfg.setdefault("logging", {})["format"] = "json"
+    cfg = deep_merge(cfg, overrides or {})
+    d = DaemonProcess(tmp_path, config_text=yaml.safe_dump(cfg, sort_keys=False),
+                      simulate=True, **kw)
+    d.config = cfg
+    return d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,11 @@ from tests.hub.fakes import FAKE_DRIVERS, FakeConfig, FakeStreamConfig
 def make_ctx(extra: dict[str, Any] | None = None) -> Context:
     cfg = msgspec.convert({"gateway": {"id": "test-gw"}, **(extra or {})}, Config)
     fatal: list[Any] = []
-    return Context(config=cfg, config_path=Path("/nonexistent.yaml"),
-                   supervisor=Supervisor(on_fatal=fatal.append))
+    return Context(
+        config=cfg,
+        config_path=Path("/nonexistent.yaml"),
+        supervisor=Supervisor(on_fatal=fatal.append),
+    )
 
 
 def fake(id: str, **kw: Any) -> FakeConfig:
@@ -41,8 +45,9 @@ class HubHarness:
         return self.hub._rts[sid].sensor
 
     def states(self, sid: str) -> list[str]:
-        return [e.fields["state"] for e in self.events
-                if e.kind == "sensor.state" and e.source == sid]
+        return [
+            e.fields["state"] for e in self.events if e.kind == "sensor.state" and e.source == sid
+        ]
 
 
 @pytest.fixture
@@ -63,6 +68,15 @@ async def fake_hub() -> AsyncIterator[Callable[[Sequence[SensorConfig]], Any]]:
     yield start  # type: ignore[misc]
     for h in hubs:
         await h.__aexit__(None, None, None)
+
+
+async def wait_for(pred: Any, within_s: float = 5.0, step: float = 0.01) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within_s
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
 
 
 class _NoResources:

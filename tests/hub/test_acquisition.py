@@ -13,16 +13,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from tests.hub.conftest import fake, fake_stream
-
-
-async def wait_for(pred: Any, timeout: float = 5.0, step: float = 0.01) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(step)
+from tests.hub.conftest import fake, fake_stream, wait_for
 
 
 async def test_absolute_deadlines_do_not_drift(fake_hub: Any) -> None:
@@ -108,11 +99,13 @@ async def test_driver_bug_is_survived(fake_hub: Any) -> None:
 async def test_one_failing_sensor_does_not_delay_others(fake_hub: Any) -> None:
     # "hang" reads time out after 150 ms, with retries; "nack" errors at once. Neither
     # may slow the healthy 100 Hz sensor down.
-    h = await fake_hub([
-        fake("healthy", rate_hz=100.0, work_ms=1.0),
-        fake("hang", rate_hz=100.0, read_timeout_ms=150, retries=2, fail_after=1000),
-        fake("nack", rate_hz=200.0, retries=3, fail_after=1000, reprobe_s=0.05),
-    ])
+    h = await fake_hub(
+        [
+            fake("healthy", rate_hz=100.0, work_ms=1.0),
+            fake("hang", rate_hz=100.0, read_timeout_ms=150, retries=2, fail_after=1000),
+            fake("nack", rate_hz=200.0, retries=3, fail_after=1000, reprobe_s=0.05),
+        ]
+    )
     await wait_for(lambda: h.hub.state("healthy") == "ok")
     h.driver("hang").fault = "hang"
     h.driver("nack").fault = "device"
@@ -159,8 +152,9 @@ async def test_absent_at_start_then_plugged(fake_hub: Any) -> None:
 async def test_stream_frame_error_and_loss(fake_hub: Any) -> None:
     from drivers.errors import DeviceError, FrameError
 
-    h = await fake_hub([fake_stream("g", rate_hz=10.0, fail_after=2, reprobe_s=0.1,
-                                    read_timeout_ms=2000)])
+    h = await fake_hub(
+        [fake_stream("g", rate_hz=10.0, fail_after=2, reprobe_s=0.1, read_timeout_ms=2000)]
+    )
     d = h.driver("g")
     for i in range(3):
         d.queue.put_nowait(i)

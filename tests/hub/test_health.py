@@ -15,8 +15,7 @@ def run(events: list[hm.HealthEvent], fail_after: int = 3) -> tuple[hm.Health, l
 
 
 def logs(actions: list[object]) -> list[tuple[str, str, str]]:
-    return [(a.event, a.from_state, a.to_state) for a in actions
-            if isinstance(a, hm.LogTransition)]
+    return [(a.event, a.from_state, a.to_state) for a in actions if isinstance(a, hm.LogTransition)]
 
 
 def test_first_good_read_goes_ok_once() -> None:
@@ -26,8 +25,16 @@ def test_first_good_read_goes_ok_once() -> None:
 
 
 def test_failures_below_threshold_are_silent_and_reset() -> None:
-    h, acts = run([hm.ReadOk(), hm.ReadFailed("nack"), hm.ReadFailed("nack"), hm.ReadOk(),
-                   hm.ReadFailed("nack"), hm.ReadFailed("nack")])
+    h, acts = run(
+        [
+            hm.ReadOk(),
+            hm.ReadFailed("nack"),
+            hm.ReadFailed("nack"),
+            hm.ReadOk(),
+            hm.ReadFailed("nack"),
+            hm.ReadFailed("nack"),
+        ]
+    )
     assert h.state == "ok"
     assert h.consecutive_failures == 2
     assert logs(acts) == [("sensor_ok", "starting", "ok")]

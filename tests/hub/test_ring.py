@@ -18,8 +18,8 @@ def test_window_matches_reference(pushed: int, n: int) -> None:
         ref.append((float(i), float(i) * 10.0))
     t, v = r.window(n)
     want = ref[-n:] if ref else []
-    assert t.tolist() == [a for a, _ in want][-min(n, 8):]
-    assert v.tolist() == [b for _, b in want][-min(n, 8):]
+    assert t.tolist() == [a for a, _ in want][-min(n, 8) :]
+    assert v.tolist() == [b for _, b in want][-min(n, 8) :]
     assert len(r) == min(pushed, 8)
 
 
@@ -27,7 +27,7 @@ def test_window_is_a_copy() -> None:
     r = Ring(4)
     for i in range(4):
         r.push(float(i), float(i))
-    t, v = r.window(4)
+    _t, v = r.window(4)
     r.push(9.0, 9.0)
     assert v.tolist() == [0.0, 1.0, 2.0, 3.0]
     v[0] = 42.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-
 import structlog
 
 from drivers.emulated.nmea_gps import NmeaGpsEmulator
@@ -20,8 +19,7 @@ from edgerund.component import Peer
 from edgerund.context import Event
 from edgerund.hub.component import SensorHub
 from edgerund.hub.resources import HardwareResources
-from tests.hub.conftest import make_ctx
-from tests.hub.test_acquisition import wait_for
+from tests.hub.conftest import make_ctx, wait_for
 
 PEER = Peer(pid=1, uid=0, gid=0, privileged=True)
 
@@ -31,9 +29,21 @@ async def test_pty_unplug_replug_and_bad_frames(tmp_path: Path) -> None:
     link = tmp_path / "ttyGPS0"
     emu = NmeaGpsEmulator(link, fix=sc.gps, rate_hz=10.0)
     await emu.start()
-    ctx = make_ctx({"sensors": [{"id": "gps", "driver": "nmea", "port": str(link),
-                                 "rate_hz": 10, "read_timeout_ms": 500, "fail_after": 2,
-                                 "reprobe_s": 0.2}]})
+    ctx = make_ctx(
+        {
+            "sensors": [
+                {
+                    "id": "gps",
+                    "driver": "nmea",
+                    "port": str(link),
+                    "rate_hz": 10,
+                    "read_timeout_ms": 500,
+                    "fail_after": 2,
+                    "reprobe_s": 0.2,
+                }
+            ]
+        }
+    )
     events: list[Event] = []
     ctx.events.subscribe(events.append)
     other_ticks: list[float] = []
@@ -49,27 +59,26 @@ async def test_pty_unplug_replug_and_bad_frames(tmp_path: Path) -> None:
         hub = SensorHub(list(ctx.config.sensors), HardwareResources(), ctx=ctx)
         await hub.__aenter__()
         try:
-            await wait_for(lambda: hub.state("gps") == "ok", timeout=5.0)
+            await wait_for(lambda: hub.state("gps") == "ok", within_s=5.0)
             # corrupted sentences are counted by the driver and skipped
             emu.inject("bit_flip", 3)
-            await wait_for(lambda: hub.sensor_status("gps")["frame_errors"] >= 3, timeout=5.0)
+            await wait_for(lambda: hub.sensor_status("gps")["frame_errors"] >= 3, within_s=5.0)
             assert hub.state("gps") == "ok"
             emu.inject("garbage", 2)
             n = hub._rts["gps"].counters.reads
-            await wait_for(lambda: hub._rts["gps"].counters.reads > n + 5, timeout=5.0)
+            await wait_for(lambda: hub._rts["gps"].counters.reads > n + 5, within_s=5.0)
             # pull the adapter
             emu.unplug()
-            await wait_for(lambda: hub.state("gps") == "failed", timeout=5.0)
+            await wait_for(lambda: hub.state("gps") == "failed", within_s=5.0)
             assert not link.exists()
             await asyncio.sleep(1.0)  # several failed re-probes: none logged
             ticks_during = len(other_ticks)
             emu.replug()
-            await wait_for(lambda: hub.state("gps") == "ok", timeout=5.0)
+            await wait_for(lambda: hub.state("gps") == "ok", within_s=5.0)
             lat = next(c for s, c, _ in hub.channels() if s == "gps" and "lat" in c)
             s = hub.latest("gps", lat)
             assert s is not None and abs(s.value - sc.gps(emu.now()).lat_deg) < 1e-3
-            frames = await hub.commands()["serial-sniff"].handler(
-                {"port": str(link), "n": 5}, PEER)
+            frames = await hub.commands()["serial-sniff"].handler({"port": str(link), "n": 5}, PEER)
             assert len(frames) == 5 and all(f["text"].startswith("$GP") for f in frames[-2:])
         finally:
             await hub.__aexit__(None, None, None)
@@ -83,25 +92,25 @@ async def test_pty_unplug_replug_and_bad_frames(tmp_path: Path) -> None:
 
 
 async def test_missing_port_at_start_is_failed_not_fatal(tmp_path: Path) -> None:
-    ctx = make_ctx({"sensors": [{"id": "gps", "driver": "nmea",
-                                 "port": str(tmp_path / "ttyNONE"), "reprobe_s": 0.2}]})
+    ctx = make_ctx(
+        {
+            "sensors": [
+                {"id": "gps", "driver": "nmea", "port": str(tmp_path / "ttyNONE"), "reprobe_s": 0.2}
+            ]
+        }
+    )
     hub = SensorHub(list(ctx.config.sensors), HardwareResources(), ctx=ctx)
+    emu: NmeaGpsEmulator | None = None
     await hub.__aenter__()
     try:
-        await wait_for(lambda: hub.state("gps") == "failed", timeout=5.0)
+        await wait_for(lambda: hub.state("gps") == "failed", within_s=5.0)
         st = hub.sensor_status("gps")
         assert "does not exist" in (st["last_error"] or "")
         # the adapter appears later: picked up at the next re-probe
-        sc = Scenario()
-        emu = NmeaGpsEmulator(tmp_path / "ttyNONE", fix=sc.gps, rate_hz=5.0)
+        emu = NmeaGpsEmulator(tmp_path / "ttyNONE", fix=Scenario().gps, rate_hz=5.0)
         await emu.start()
-        try:
-            await wait_for(lambda: hub.state("gps") == "ok", timeout=5.0)
-        finally:
-            await hub.__aexit__(None, None, None)
-            await emu.stop()
-    except BaseException:
+        await wait_for(lambda: hub.state("gps") == "ok", within_s=5.0)
+    finally:
         await hub.__aexit__(None, None, None)
-        raise
-
-
+        if emu is not None:
+            await emu.stop()

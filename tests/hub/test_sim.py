@@ -19,8 +19,7 @@ from edgerund.component import CommandError, Peer
 from edgerund.config.loader import load_config
 from edgerund.context import Context, Event, Supervisor
 from edgerund.hub.component import SensorHub, build
-from tests.hub.conftest import make_ctx
-from tests.hub.test_acquisition import wait_for
+from tests.hub.conftest import make_ctx, wait_for
 
 SIMULATE_YAML = Path(__file__).resolve().parents[2] / "edgerund" / "data" / "simulate.yaml"
 PEER = Peer(pid=1, uid=0, gid=0, privileged=True)
@@ -41,8 +40,12 @@ def scenario_at(hub: SensorHub, sid: str, channel: str) -> tuple[float, float]:
 @pytest.fixture
 async def sim_hub() -> Any:
     cfg = load_config(SIMULATE_YAML)
-    ctx = Context(config=cfg, config_path=SIMULATE_YAML,
-                  supervisor=Supervisor(on_fatal=lambda e: None), simulate=True)
+    ctx = Context(
+        config=cfg,
+        config_path=SIMULATE_YAML,
+        supervisor=Supervisor(on_fatal=lambda e: None),
+        simulate=True,
+    )
     hub = build(ctx)
     async with hub:
         yield hub
@@ -52,7 +55,7 @@ async def test_every_emulated_part_gives_plausible_values(sim_hub: SensorHub) ->
     hub = sim_hub
     ids = hub.sensor_ids()
     assert len(ids) == 9
-    await wait_for(lambda: all(hub.state(s) == "ok" for s in ids), timeout=15.0)
+    await wait_for(lambda: all(hub.state(s) == "ok" for s in ids), within_s=15.0)
     await asyncio.sleep(1.2)  # every sensor has read at least once more
     sc = hub.scenario
     assert sc is not None
@@ -106,8 +109,7 @@ async def test_every_emulated_part_gives_plausible_values(sim_hub: SensorHub) ->
 
 async def test_i2c_scan_and_serial_sniff(sim_hub: SensorHub) -> None:
     hub = sim_hub
-    await wait_for(lambda: hub.state("cabinet") == "ok" and hub.state("gps") == "ok",
-                   timeout=10.0)
+    await wait_for(lambda: hub.state("cabinet") == "ok" and hub.state("gps") == "ok", within_s=10.0)
     scan = hub.commands()["i2c-scan"].handler
     rows = await scan({"bus": 1}, PEER)
     by = {r["address"]: r for r in rows}
@@ -148,32 +150,39 @@ async def _start(ctx: Context) -> tuple[SensorHub, list[Event]]:
 
 
 async def test_scan_finds_unclaimed_parts_and_not_unplugged_ones() -> None:
-    ctx = _sim_cfg([{"id": "cab", "driver": "bme280", "bus": 1, "address": 0x76,
-                     "rate_hz": 5}])
+    ctx = _sim_cfg([{"id": "cab", "driver": "bme280", "bus": 1, "address": 0x76, "rate_hz": 5}])
     hub, _ = await _start(ctx)
     try:
-        await wait_for(lambda: hub.state("cab") == "ok", timeout=10.0)
+        await wait_for(lambda: hub.state("cab") == "ok", within_s=10.0)
         sim = hub._sim
         sim.devices["ina219"].unplug()
         rows = await hub.commands()["i2c-scan"].handler({"bus": 1}, PEER)
         by = {r["address"]: r["status"] for r in rows}
-        assert by == {"0x44": "responds", "0x48": "responds", "0x68": "responds",
-                      "0x76": "in use"}
+        assert by == {"0x44": "responds", "0x48": "responds", "0x68": "responds", "0x76": "in use"}
         assert hub.state("cab") == "ok"  # scanning did not disturb the sensor
     finally:
         await hub.__aexit__(None, None, None)
 
 
 async def test_i2c_nack_crc_and_dropout_through_hub() -> None:
-    ctx = _sim_cfg([
-        {"id": "sht", "driver": "sht", "bus": 1, "address": 0x44, "rate_hz": 10,
-         "retries": 1, "fail_after": 2, "reprobe_s": 0.3},
-        {"id": "vib", "driver": "mpu6050", "bus": 1, "address": 0x68, "rate_hz": 100},
-    ])
+    ctx = _sim_cfg(
+        [
+            {
+                "id": "sht",
+                "driver": "sht",
+                "bus": 1,
+                "address": 0x44,
+                "rate_hz": 10,
+                "retries": 1,
+                "fail_after": 2,
+                "reprobe_s": 0.3,
+            },
+            {"id": "vib", "driver": "mpu6050", "bus": 1, "address": 0x68, "rate_hz": 100},
+        ]
+    )
     hub, events = await _start(ctx)
     try:
-        await wait_for(lambda: hub.state("sht") == "ok" and hub.state("vib") == "ok",
-                       timeout=10.0)
+        await wait_for(lambda: hub.state("sht") == "ok" and hub.state("vib") == "ok", within_s=10.0)
         sim = hub._sim
         dev = sim.devices["sht"]
         # bad CRC: counted, the read retried, the sensor stays ok
@@ -188,13 +197,15 @@ async def test_i2c_nack_crc_and_dropout_through_hub() -> None:
         assert hub.state("sht") == "ok"
         # a dropout via sim-inject (by sensor id): failed, then back by itself
         res = await hub.commands()["sim-inject"].handler(
-            {"kind": "dropout", "duration_s": 1.5, "sensor": "sht"}, PEER)
+            {"kind": "dropout", "duration_s": 1.5, "sensor": "sht"}, PEER
+        )
         assert res["sensor"] == "sht" and res["kind"] == "dropout"
-        await wait_for(lambda: hub.state("sht") == "failed", timeout=5.0)
+        await wait_for(lambda: hub.state("sht") == "failed", within_s=5.0)
         assert hub.state("vib") == "ok"  # the other part on the same bus is unaffected
-        await wait_for(lambda: hub.state("sht") == "ok", timeout=10.0)
-        states = [e.fields["state"] for e in events
-                  if e.kind == "sensor.state" and e.source == "sht"]
+        await wait_for(lambda: hub.state("sht") == "ok", within_s=10.0)
+        states = [
+            e.fields["state"] for e in events if e.kind == "sensor.state" and e.source == "sht"
+        ]
         assert states == ["ok", "failed", "ok"]
         with pytest.raises(CommandError) as ei:
             await hub.commands()["sim-inject"].handler({"kind": "meteor"}, PEER)
@@ -204,7 +215,8 @@ async def test_i2c_nack_crc_and_dropout_through_hub() -> None:
         t = sim.now_s()
         before = float(sc.cabinet_temp_c(t + 5.0)[0])
         await hub.commands()["sim-inject"].handler(
-            {"kind": "overheat", "duration_s": 60, "severity": 1.0}, PEER)
+            {"kind": "overheat", "duration_s": 60, "severity": 1.0}, PEER
+        )
         assert float(sc.cabinet_temp_c(t + 5.0)[0]) > before
     finally:
         await hub.__aexit__(None, None, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import msgspec
@@ -40,8 +41,21 @@ def test_integer_humidity_agrees_with_the_double_formula() -> None:
 
 
 def test_calibration_parsed_from_nvm_bytes() -> None:
-    tp = struct.pack("<HhhHhhhhhhhh", 27504, 26435, -1000, 36477, -10685, 3024, 2855, 140, -7,
-                     15500, -14600, 6000) + bytes([0x00, 75])
+    tp = struct.pack(
+        "<HhhHhhhhhhhh",
+        27504,
+        26435,
+        -1000,
+        36477,
+        -10685,
+        3024,
+        2855,
+        140,
+        -7,
+        15500,
+        -14600,
+        6000,
+    ) + bytes([0x00, 75])
     # 0xE1..0xE7: H2 = 362 (LE), H3 = 0, H4 = 0x139 = 313 (E4<<4 | E5[3:0]),
     # H5 = 0x032 = 50 (E6<<4 | E5[7:4]), H6 = 30
     h = bytes([0x6A, 0x01, 0x00, 0x13, 0x29, 0x03, 0x1E])
@@ -55,8 +69,7 @@ def test_calibration_parsed_from_nvm_bytes() -> None:
 def test_parse_data_layout() -> None:
     data = bytes([0x65, 0x5A, 0xC0, 0x7E, 0xED, 0x00, 0x6B, 0x4C])
     assert proto.parse_data(data) == (0x655AC, 0x7EED0, 0x6B4C)
-    assert proto.parse_data(bytes([0x80, 0, 0, 0x80, 0, 0, 0x80, 0])) == (0x80000,) * 2 + (
-        0x8000,)
+    assert proto.parse_data(bytes([0x80, 0, 0, 0x80, 0, 0, 0x80, 0])) == (0x80000,) * 2 + (0x8000,)
 
 
 def test_measurement_time_table() -> None:
@@ -80,15 +93,22 @@ async def test_round_trip_physical_raw_physical(
         humidity_pct=lambda _: state["h"],
     )
     bus, _ = make_bus(emu)
-    c = cfg(BME280Config, address=0x77, mode=mode, temperature_oversampling=osrs,
-            pressure_oversampling=osrs, humidity_oversampling=osrs, standby_ms=0.5)
+    c = cfg(
+        BME280Config,
+        address=0x77,
+        mode=mode,
+        temperature_oversampling=osrs,
+        pressure_oversampling=osrs,
+        humidity_oversampling=osrs,
+        standby_ms=0.5,
+    )
     d = BME280(c, bus)
     await d.open()
     assert [ch.name for ch in d.channels] == ["temperature", "pressure", "humidity"]
     for t, p, h in [(-10.0, 90000.0, 10.0), (25.3, 101325.0, 45.5), (61.7, 110000.0, 93.0)]:
         state.update(t=t, p=p, h=h)
         if mode == "normal":  # next conversion: t_standby 0.5 ms + t_measure
-            await __import__("asyncio").sleep(d.t_measure_max_s + 0.002)
+            await asyncio.sleep(d.t_measure_max_s + 0.002)
         v = values(await d.read())
         assert v["temperature"] == pytest.approx(t, abs=tol_t)
         assert v["pressure"] == pytest.approx(p, abs=tol_p)
@@ -125,13 +145,12 @@ def test_normal_mode_updates_only_at_conversion_boundaries() -> None:
 
     smbus = EmulatedSMBus([emu])
     smbus.write_byte_data(0x76, proto.REG_CONFIG, proto.config_value(1000.0, 0))
-    smbus.write_byte_data(
-        0x76, proto.REG_CTRL_MEAS, proto.ctrl_meas_value(1, 0, proto.MODE_NORMAL)
-    )
+    smbus.write_byte_data(0x76, proto.REG_CTRL_MEAS, proto.ctrl_meas_value(1, 0, proto.MODE_NORMAL))
 
     def temp_now() -> float:
-        return proto.decode(bytes(smbus.read_i2c_block_data(0x76, proto.REG_DATA, 8)),
-                            CAL).temperature_c
+        return proto.decode(
+            bytes(smbus.read_i2c_block_data(0x76, proto.REG_DATA, 8)), CAL
+        ).temperature_c
 
     clk.advance(0.004)  # t_measure (3 ms typical) done
     assert temp_now() == pytest.approx(20.0, abs=0.1)
@@ -196,7 +215,9 @@ async def test_bit_flip_corrupts_the_value(make_bus: MakeBus) -> None:
     good = values(await d.read())["pressure"]
     emu.inject_bit_flips(1, byte_index=5, bit=0)  # press_msb (0xF7) bit 0 = 4096 codes
     bad = values(await d.read())["pressure"]
-    assert abs(bad - good) > 500.0  # ~0.17 Pa per code; no CRC on this part: the flip is visible in the data
+    assert (
+        abs(bad - good) > 500.0
+    )  # ~0.17 Pa per code; no CRC on this part: the flip is visible in the data
 
 
 async def test_replugged_chip_is_reconfigured(make_bus: MakeBus) -> None:

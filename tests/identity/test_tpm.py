@@ -81,9 +81,10 @@ async def test_enrolment_creates_noda_keys_and_certified_ek(swtpm: SwtpmProcess,
             assert isinstance(key.key, ec.EllipticCurvePublicKey)
         assert st["ak_name"] == ak.name.hex()
         # key id = fingerprint of the telemetry key
-        assert st["key_id"] == hashlib.sha256(
-            sk.key.public_bytes(serialization.Encoding.DER, fmt)
-        ).hexdigest()
+        assert (
+            st["key_id"]
+            == hashlib.sha256(sk.key.public_bytes(serialization.Encoding.DER, fmt)).hexdigest()
+        )
         # sign a digest and verify it with the published public key
         digest = hashlib.sha256(b"telemetry batch 1").digest()
         der = await ident.sign_digest(digest)
@@ -328,9 +329,7 @@ async def test_bad_tcti_gives_actionable_messages(tmp_path: Path, swtpm: SwtpmPr
     assert port  # the fixture's port is not reused by anything above
 
 
-async def test_lockout_is_reported_and_noda_keys_keep_working(
-    swtpm: SwtpmProcess, tmp_path: Path
-):
+async def test_lockout_is_reported_and_noda_keys_keep_working(swtpm: SwtpmProcess, tmp_path: Path):
     ident = await opened(swtpm, tmp_path)
     await ident.close()
     from tpm2_pytss import TSS2_Exception
@@ -413,3 +412,33 @@ async def test_event_loop_not_blocked_by_100_quotes(swtpm: SwtpmProcess, tmp_pat
     # because CI machines are shared, but far below the ~0.3 s+ the burst takes inline
     assert len(lateness) >= 5
     assert max(lateness) < 0.15, f"max lateness {max(lateness):.3f}s"
+
+
+async def test_silent_tpm_times_out_instead_of_hanging(tmp_path: Path):
+    """A TPM that accepts the connection but never answers: bounded failure, no hang."""
+    import socket
+
+    from tests.fixtures.swtpm import _two_free_ports
+
+    port = _two_free_ports()
+    servers = []
+    for p in (port, port + 1):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", p))
+        s.listen(4)
+        servers.append(s)
+    ident = TpmIdentity(
+        tpm_config(f"swtpm:host=127.0.0.1,port={port}", call_timeout_ms=500), tmp_path
+    )
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DeviceError, match=r"did not answer within 0.5 s"):
+            await ident.open()
+        assert time.monotonic() - t0 < 5.0
+        assert ident.worker.wedged
+        with pytest.raises(DeviceError, match="stopped answering earlier"):
+            await ident.worker.call(lambda e: None, what="anything")
+    finally:
+        for s in servers:
+            s.close()

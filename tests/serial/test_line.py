@@ -31,7 +31,8 @@ def vals(readings: list) -> dict[str, float]:  # type: ignore[type-arg]
 def test_csv_scale_offset_and_columns() -> None:
     p = LineParser("csv", FIELDS)
     assert vals(p.parse(b"215,40.5,101325")) == pytest.approx(
-        {"temp_c": 21.5, "rh_pct": 40.5, "p_kpa": 101.325})
+        {"temp_c": 21.5, "rh_pct": 40.5, "p_kpa": 101.325}
+    )
     picked = LineParser("csv", [LineField(name="b", column=2, offset=-1.0)], delimiter=";")
     assert vals(picked.parse(b"x;y;3.5")) == {"b": 2.5}
     with pytest.raises(FrameError) as e:
@@ -70,8 +71,13 @@ def test_framer_resyncs_after_garbage_and_overlong() -> None:
 
 
 def _cfg(path: str, **kw: object) -> LineConfig:
-    base = {"driver": "line", "id": "env", "port": path, "rate_hz": 20,
-            "fields": [{"name": "temp_c", "unit": "degC"}, {"name": "rh_pct", "unit": "%"}]}
+    base = {
+        "driver": "line",
+        "id": "env",
+        "port": path,
+        "rate_hz": 20,
+        "fields": [{"name": "temp_c", "unit": "degC"}, {"name": "rh_pct", "unit": "%"}],
+    }
     return msgspec.convert({**base, **kw}, LineConfig)
 
 
@@ -87,17 +93,21 @@ def test_config_errors() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "kv", "json"])
-async def test_stream_against_emulator(fmt: str, link: Path, resources: object,
-                                       loop_guard: object) -> None:
+async def test_stream_against_emulator(
+    fmt: str, link: Path, resources: object, loop_guard: object
+) -> None:
     scen = Scenario(seed=1)
 
     def values(t: float) -> dict[str, float]:
         tt = np.array([t])
-        return {"temp_c": float(scen.cabinet_temp_c(tt)[0]),
-                "rh_pct": float(scen.humidity_pct(tt)[0])}
+        return {
+            "temp_c": float(scen.cabinet_temp_c(tt)[0]),
+            "rh_pct": float(scen.humidity_pct(tt)[0]),
+        }
 
-    async with LineInstrumentEmulator(link, values=values, fields=["temp_c", "rh_pct"],
-                                      format=fmt, rate_hz=20) as emu:  # type: ignore[arg-type]
+    async with LineInstrumentEmulator(
+        link, values=values, fields=["temp_c", "rh_pct"], format=fmt, rate_hz=20
+    ) as emu:  # type: ignore[arg-type]
         sensor = LineSensor(_cfg(emu.path, format=fmt), resources)  # type: ignore[arg-type]
         await sensor.open()
         it = sensor.frames().__aiter__()
@@ -111,8 +121,9 @@ async def test_stream_against_emulator(fmt: str, link: Path, resources: object,
 
 async def test_garbage_resync(link: Path, resources: object) -> None:
     good_values = {"temp_c": 21.125, "rh_pct": 47.257}
-    async with LineInstrumentEmulator(link, values=lambda t: good_values,
-                                      fields=["temp_c", "rh_pct"], rate_hz=50) as emu:
+    async with LineInstrumentEmulator(
+        link, values=lambda t: good_values, fields=["temp_c", "rh_pct"], rate_hz=50
+    ) as emu:
         sensor = LineSensor(_cfg(emu.path, max_line_bytes=32), resources)  # type: ignore[arg-type]
         await sensor.open()
         it = sensor.frames().__aiter__()
@@ -127,8 +138,9 @@ async def test_garbage_resync(link: Path, resources: object) -> None:
 
 async def test_truncated_lines_never_pass_as_good(link: Path, resources: object) -> None:
     good_values = {"temp_c": 21.125, "rh_pct": 47.257}
-    async with LineInstrumentEmulator(link, values=lambda t: good_values,
-                                      fields=["temp_c", "rh_pct"], rate_hz=50, seed=5) as emu:
+    async with LineInstrumentEmulator(
+        link, values=lambda t: good_values, fields=["temp_c", "rh_pct"], rate_hz=50, seed=5
+    ) as emu:
         sensor = LineSensor(_cfg(emu.path), resources)  # type: ignore[arg-type]
         await sensor.open()
         it = sensor.frames().__aiter__()
@@ -149,11 +161,17 @@ async def test_truncated_lines_never_pass_as_good(link: Path, resources: object)
 
 
 async def test_poll_command(link: Path, resources: object, loop_guard: object) -> None:
-    async with LineInstrumentEmulator(link, values=lambda t: {"temp_c": 5.0, "rh_pct": 6.0},
-                                      fields=["temp_c", "rh_pct"], rate_hz=1,
-                                      poll_command=b"READ?\r\n") as emu:
-        sensor = LineSensor(_cfg(emu.path, poll_command="READ?\r\n", rate_hz=20,
-                                 read_timeout_ms=300, retries=1), resources)  # type: ignore[arg-type]
+    async with LineInstrumentEmulator(
+        link,
+        values=lambda t: {"temp_c": 5.0, "rh_pct": 6.0},
+        fields=["temp_c", "rh_pct"],
+        rate_hz=1,
+        poll_command=b"READ?\r\n",
+    ) as emu:
+        sensor = LineSensor(
+            _cfg(emu.path, poll_command="READ?\r\n", rate_hz=20, read_timeout_ms=300, retries=1),
+            resources,
+        )  # type: ignore[arg-type]
         await sensor.open()
         it = sensor.frames().__aiter__()
         async with asyncio.timeout(10):

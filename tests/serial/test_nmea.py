@@ -122,8 +122,9 @@ def _cfg(path: str, **kw: object) -> NmeaConfig:
     return msgspec.convert({"driver": "nmea", "id": "gps", "port": path, **kw}, NmeaConfig)
 
 
-async def test_sensor_against_emulator_with_scenario(link: Path, resources: object,
-                                                     loop_guard: object) -> None:
+async def test_sensor_against_emulator_with_scenario(
+    link: Path, resources: object, loop_guard: object
+) -> None:
     scen = Scenario(seed=7)
     async with NmeaGpsEmulator(link, fix=scen.gps, rate_hz=20, talker="GN") as emu:
         sensor = NmeaSensor(_cfg(emu.path, rate_hz=20), resources)  # type: ignore[arg-type]
@@ -157,8 +158,9 @@ async def _collect(sensor: NmeaSensor, n: int) -> int:
 
 
 @pytest.mark.parametrize("kind", ["bit_flip", "truncate", "garbage"])
-async def test_fault_injection_counted_and_skipped(kind: str, link: Path,
-                                                   resources: object) -> None:
+async def test_fault_injection_counted_and_skipped(
+    kind: str, link: Path, resources: object
+) -> None:
     fix = Fix(47.0, 8.0)
     async with NmeaGpsEmulator(link, fix=lambda t: fix, rate_hz=50, seed=3) as emu:
         sensor = NmeaSensor(_cfg(emu.path, rate_hz=50), resources)  # type: ignore[arg-type]
@@ -178,8 +180,9 @@ async def test_fault_injection_counted_and_skipped(kind: str, link: Path,
         await sensor.close()
 
 
-async def test_stall_is_device_error_then_recovers(link: Path, resources: object,
-                                                   loop_guard: object) -> None:
+async def test_stall_is_device_error_then_recovers(
+    link: Path, resources: object, loop_guard: object
+) -> None:
     async with NmeaGpsEmulator(link, fix=lambda t: Fix(1.0, 2.0), rate_hz=20) as emu:
         sensor = NmeaSensor(_cfg(emu.path, rate_hz=20, read_timeout_ms=200), resources)  # type: ignore[arg-type]
         await sensor.open()

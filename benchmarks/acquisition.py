@@ -1,0 +1,267 @@
+"""Acquisition benchmark: 20 emulated I2C sensors at 1-200 Hz through the SensorHub.
+
+What it measures, all in one run so the ratios compare like with like on this machine:
+
+1. Idle loop lag (baseline): a probe wakes on absolute deadlines every `--lag-interval-ms`
+   with nothing else running; lateness = wake time - deadline (perf_counter), as the
+   daemon's own loop-lag monitor measures it.
+2. The acquisition path: 20 sensors (the REAL drivers) in a `SensorHub` on the simulated
+   resources (one worker thread per bus, four buses, the register-level emulators fed by
+   the seeded scenario), with a telemetry-like subscriber, for `--duration-s`: CPU time
+   of the whole process per read (all threads: loop, bus workers, emulators), achieved
+   vs configured rate per sensor, and the loop lag measured by the same probe.
+3. The bare emulator call, in the same run: every emulated SMBus is wrapped in a meter
+   that adds up the CPU time (time.thread_time of the bus worker) spent inside the
+   emulator's smbus methods, i.e. what the transactions themselves cost.
+
+overhead_ratio = path CPU per read / emulator CPU per read (target <= 2): everything the
+acquisition path adds (driver protocol code, the worker hop, scheduling, timeouts,
+samples, ring buffers, fan-out) relative to the device calls it wraps.
+`overhead_us_per_read` is the same difference in absolute terms.
+
+Usage: python benchmarks/acquisition.py [--duration-s 60] [--no-uvloop]
+Last line: one JSON object with every figure (units in the names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from drivers.emulated.scenario import Scenario
+from drivers.emulated.simulated import SimResources
+from drivers.i2c.bus import AsyncI2CBus
+from edgerund.config.schema import Config
+from edgerund.hub.component import SensorHub
+
+BUSES = (1, 2, 3, 4)
+# per bus: (driver, address, rates on buses 1..4, extra keys)
+PARTS: tuple[tuple[str, int, tuple[float, ...], dict[str, Any]], ...] = (
+    ("mpu6050", 0x68, (200.0, 200.0, 100.0, 100.0), {"read_timeout_ms": 50}),
+    ("ina219", 0x40, (50.0, 20.0, 10.0, 10.0),
+     {"shunt_ohms": 0.01, "max_current_a": 20.0}),
+    ("ads1115", 0x48, (10.0, 5.0, 2.0, 1.0),
+     {"data_rate_sps": 860, "inputs": [{"name": "motor_a", "input": "ain0",
+                                        "range_v": 1.024, "scale": 10.0, "unit": "A"}]}),
+    ("bme280", 0x76, (1.0, 2.0, 5.0, 1.0), {"mode": "normal"}),
+    ("sht", 0x44, (1.0, 1.0, 2.0, 1.0), {}),
+)
+
+
+def sensor_entries() -> list[dict[str, Any]]:
+    out = []
+    for b_i, bus in enumerate(BUSES):
+        for driver, addr, rates, extra in PARTS:
+            out.append({"id": f"{driver}_{bus}", "driver": driver, "bus": bus,
+                        "address": addr, "rate_hz": rates[b_i], **extra})
+    return out
+
+
+class MeteredSMBus:
+    """Wraps an emulated SMBus: CPU time (of the calling worker thread) inside each call."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.cpu_s = 0.0
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._inner, name)
+        if not callable(fn):
+            return fn
+
+        def metered(*a: Any, **kw: Any) -> Any:
+            c0 = time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.cpu_s += time.thread_time() - c0  # one writer per bus: its worker
+                self.calls += 1
+
+        return metered
+
+
+class MultiBusSim:
+    """Resources routing bus n to its own SimResources (one emulated bus each), each
+    emulated SMBus wrapped in a CPU meter."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.sims = {b: SimResources(scenario, i2c_bus=b) for b in BUSES}
+        self.meters: dict[int, MeteredSMBus] = {}
+        self._buses: dict[int, AsyncI2CBus] = {}
+
+    def i2c_bus(self, bus: int) -> Any:
+        b = self._buses.get(bus)
+        if b is None:
+            sim = self.sims[bus]
+            sim.i2c_bus(bus)  # builds the emulated SMBus with its parts
+            meter = MeteredSMBus(sim.smbus)
+            self.meters[bus] = meter
+            b = AsyncI2CBus.from_smbus(meter, f"bench-{bus}")  # the real bus worker
+            self._buses[bus] = b
+        return b
+
+    def emulator_cpu_s(self) -> float:
+        return sum(m.cpu_s for m in self.meters.values())
+
+    def serial_port(self, url: str, **settings: Any) -> Any:
+        raise RuntimeError("no serial devices in this benchmark")
+
+    async def aclose(self) -> None:
+        for b in self._buses.values():
+            await b.close()
+        for s in self.sims.values():
+            await s.aclose()
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else math.nan
+
+
+async def lag_probe(interval_s: float, out: list[float], stop: asyncio.Event) -> None:
+    deadline = time.perf_counter()
+    while not stop.is_set():
+        deadline += interval_s
+        delay = deadline - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.perf_counter()
+        out.append(max(0.0, now - deadline))
+        if now - deadline > interval_s:  # fell behind: skip, as the daemon's monitor does
+            deadline = now
+
+
+async def measure_lag(seconds: float, interval_s: float) -> list[float]:
+    out: list[float] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(lag_probe(interval_s, out, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    await task
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = msgspec.convert({"gateway": {"id": "bench"}, "sensors": sensor_entries()}, Config)
+    sensors = list(cfg.sensors)
+    interval = args.lag_interval_ms / 1000.0
+
+    print(f"event loop: {type(asyncio.get_running_loop()).__module__}")
+    idle_lag = await measure_lag(args.idle_s, interval)
+    print(f"idle loop lag: p50 {pct(idle_lag, 50) * 1e3:.3f} ms, "
+          f"p99 {pct(idle_lag, 99) * 1e3:.3f} ms, max {max(idle_lag) * 1e3:.3f} ms")
+
+    total_rate = sum(s.rate_hz for s in sensors)
+    res = MultiBusSim(Scenario(seed=42))
+    hub = SensorHub(sensors, res)
+    n_samples = [0]
+
+    def subscriber(sample: Any) -> None:  # a cheap fan-out consumer, as telemetry is
+        n_samples[0] += 1
+
+    hub.subscribe(subscriber)
+    lag: list[float] = []
+    stop = asyncio.Event()
+    async with hub:
+        # settle: every sensor opened and read once before the clock starts
+        t_end = time.monotonic() + 10.0
+        while time.monotonic() < t_end and not all(
+            hub.state(s.id) == "ok" for s in sensors
+        ):
+            await asyncio.sleep(0.05)
+        gc.collect()
+        gc.freeze()  # as the daemon does after start-up
+        probe = asyncio.create_task(lag_probe(interval, lag, stop))
+        reads0 = {s.id: hub._rts[s.id].counters.reads for s in sensors}
+        t0 = time.monotonic()
+        c0 = time.process_time()
+        e0 = res.emulator_cpu_s()
+        s0 = n_samples[0]
+        await asyncio.sleep(args.duration_s)
+        cpu = time.process_time() - c0
+        emu_cpu = res.emulator_cpu_s() - e0
+        dt = time.monotonic() - t0
+        reads = {s.id: hub._rts[s.id].counters.reads - reads0[s.id] for s in sensors}
+        samples = n_samples[0] - s0
+        stop.set()
+        await probe
+        status = {st["id"]: st for st in hub.status()["sensors"]}
+    await res.aclose()
+
+    total_reads = sum(reads.values())
+    path = cpu / max(1, total_reads)
+    bare_weighted = emu_cpu / max(1, total_reads)
+    ratios = {s.id: reads[s.id] / (s.rate_hz * dt) for s in sensors}
+    worst = min(ratios, key=lambda k: ratios[k])
+    overruns = sum(st["overruns"] for st in status.values())
+    errors = sum(st["read_errors"] + st["timeouts"] + st["frame_errors"]
+                 for st in status.values())
+    not_ok = [k for k, st in status.items() if st["state"] != "ok"]
+    print(f"acquisition: {len(sensors)} sensors, {total_rate:.0f} reads/s configured, "
+          f"{total_reads / dt:.1f} reads/s achieved over {dt:.1f} s, {samples} samples")
+    print(f"acquisition path: {path * 1e6:.1f} us CPU/read (all threads) vs emulator "
+          f"{bare_weighted * 1e6:.1f} us -> overhead ratio {path / bare_weighted:.2f}x "
+          f"(+{(path - bare_weighted) * 1e6:.1f} us/read)")
+    print(f"rate achieved / configured: min {ratios[worst]:.3f} ({worst}), "
+          f"mean {sum(ratios.values()) / len(ratios):.3f}; overruns {overruns}, "
+          f"read errors {errors}, not ok: {not_ok or 'none'}")
+    print(f"loop lag while acquiring: p50 {pct(lag, 50) * 1e3:.3f} ms, "
+          f"p99 {pct(lag, 99) * 1e3:.3f} ms, max {max(lag) * 1e3:.3f} ms "
+          f"(idle p99 {pct(idle_lag, 99) * 1e3:.3f} ms)")
+    return {
+        "sensors": len(sensors),
+        "duration_s": round(dt, 2),
+        "configured_reads_per_s": round(total_rate, 1),
+        "achieved_reads_per_s": round(total_reads / dt, 1),
+        "samples_total": samples,
+        "bare_us_per_read": round(bare_weighted * 1e6, 2),
+        "path_us_per_read": round(path * 1e6, 2),
+        "overhead_us_per_read": round((path - bare_weighted) * 1e6, 2),
+        "overhead_ratio": round(path / bare_weighted, 3),
+        "rate_achieved_ratio_min": round(ratios[worst], 4),
+        "rate_achieved_ratio_mean": round(sum(ratios.values()) / len(ratios), 4),
+        "overruns_total": overruns,
+        "read_errors_total": errors,
+        "loop_lag_p50_ms": round(pct(lag, 50) * 1e3, 3),
+        "loop_lag_p99_ms": round(pct(lag, 99) * 1e3, 3),
+        "loop_lag_max_ms": round(max(lag) * 1e3, 3),
+        "loop_lag_idle_p99_ms": round(pct(idle_lag, 99) * 1e3, 3),
+        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration-s", type=float, default=60.0)
+    ap.add_argument("--idle-s", type=float, default=5.0)
+    ap.add_argument("--lag-interval-ms", type=float, default=10.0)
+    ap.add_argument("--no-uvloop", action="store_true")
+    args = ap.parse_args()
+    loop_factory = None
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        figures = runner.run(run(args))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The field technician's toolkit: `edgerunctl top`, `check`, `support-bundle`, `metrics`."""

@@ -1,0 +1,117 @@
+"""Unclean ends: kill -9 of the key user (and power cuts of the TPM) never lock the TPM out.
+
+An unorderly TPM shutdown after a DA-protected object was used adds one to the TPM's
+failedTries (TPM 2.0 Part 1, 19.8.6); swtpm's default is 3 tries, so three power cuts
+would lock a gateway out of its keys if they were not noDA. The control test shows the
+mechanism is live in this swtpm (a key WITHOUT noDA does increment the counter), so the
+main test can fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgerund.identity.tpm import TpmIdentity
+from edgerund.identity.verify import verify_result
+from tests.fixtures.swtpm import SwtpmProcess
+from tests.identity.conftest import tpm_config
+from tests.identity.test_tpm import esapi, lockout_counter
+
+pytestmark = pytest.mark.needs_swtpm
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_and_kill(tcti: str, state: Path, extra_s: float) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.identity.keyuser", tcti, str(state)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "READY":
+            proc.kill()
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"key user did not start: {line!r} {err[-2000:]}")
+        time.sleep(extra_s)  # die in the middle of using the keys
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+async def still_signs(swtpm: SwtpmProcess, state: Path) -> None:
+    ident = TpmIdentity(tpm_config(swtpm.tcti), state)
+    await ident.open()
+    try:
+        assert not ident.enrolled_now and ident.restored == []
+        await ident.sign_digest(hashlib.sha256(b"after the kills").digest())
+        assert verify_result(await ident.attest(b"\x42" * 20), nonce=b"\x42" * 20).ok
+        assert ident.status()["da_lockout_counter"] == 0
+    finally:
+        await ident.close()
+
+
+async def test_kill9_with_power_cuts_five_times_no_lockout(swtpm: SwtpmProcess, tmp_path: Path):
+    state = tmp_path / "state"
+    for i in range(5):
+        run_and_kill(swtpm.tcti, state, 0.05 * i)
+        swtpm.kill()  # the power cut that took the daemon also took the TPM
+        swtpm.start()
+        assert lockout_counter(swtpm) == 0, f"DA counter rose after round {i + 1}"
+    await still_signs(swtpm, state)
+
+
+async def test_kill9_five_times_tpm_alive_leaked_slots_recovered(
+    swtpm: SwtpmProcess, tmp_path: Path
+):
+    state = tmp_path / "state"
+    for i in range(5):
+        run_and_kill(swtpm.tcti, state, 0.03 * i)
+    await still_signs(swtpm, state)
+
+
+def test_control_a_key_without_noda_does_count(swtpm: SwtpmProcess):
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_ST, TPMA_OBJECT
+    from tpm2_pytss.types import (
+        TPM2B_DIGEST,
+        TPM2B_PUBLIC,
+        TPM2B_SENSITIVE_CREATE,
+        TPMT_PUBLIC,
+        TPMT_SIG_SCHEME,
+        TPMT_TK_HASHCHECK,
+    )  # fmt: skip
+
+    attrs = (
+        TPMA_OBJECT.SIGN_ENCRYPT
+        | TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+    )  # fmt: skip  (no NODA)
+    with esapi(swtpm) as e:
+        key, *_ = e.create_primary(
+            TPM2B_SENSITIVE_CREATE(),
+            TPM2B_PUBLIC(TPMT_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=attrs)),
+            ESYS_TR.OWNER,
+        )
+        scheme: Any = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+        scheme.details.any.hashAlg = TPM2_ALG.SHA256
+        e.sign(key, TPM2B_DIGEST(bytes(32)), scheme,
+               TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL))  # fmt: skip
+    swtpm.kill()
+    swtpm.start()
+    assert lockout_counter(swtpm) == 1

@@ -1,0 +1,233 @@
+"""Uplink behaviour against a real mosquitto: outages, pacing, priorities, commands, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from edgerund.telemetry.codec import Cls, SeriesBlock
+from edgerund.telemetry.component import TelemetryComponent
+from tests.fixtures.binaries import free_port
+from tests.telemetry.conftest import HubStandIn, make_config, make_ctx
+from tests.telemetry.mqtt_proxy import MqttProxy
+
+
+async def _emit_until(hub: HubStandIn, stop: asyncio.Event, rate_hz: float = 20.0) -> int:
+    n = 0
+    while not stop.is_set():
+        hub.emit("env", "temp", round(20 + 0.01 * (n % 13), 2))
+        n += 1
+        await asyncio.sleep(1.0 / rate_hz)
+    return n
+
+
+async def test_broker_outage_loses_nothing(tmp_path: Path, mosquitto: Any, collector_factory: Any) -> None:
+    ctx = make_ctx(make_config(tmp_path, mosquitto, telemetry={"batch_max_age_s": 0.5}), tmp_path)
+    hub = HubStandIn([("env", "temp", "degC")])
+    ctx.components["hub"] = hub
+    col = await collector_factory(mosquitto, client_id="outage-consumer")
+    async with TelemetryComponent(ctx) as tel:
+        stop = asyncio.Event()
+        emitter = asyncio.create_task(_emit_until(hub, stop))
+        await col.wait_for(lambda: col.consumer.counts["batches"] >= 3)
+        await asyncio.to_thread(mosquitto.stop)
+        await asyncio.sleep(3.0)  # the outage: batches keep being sealed into the spool
+        assert tel.status()["telemetry"]["connected"] is False
+        assert tel.spool.stats.backlog_batches >= 3
+        await asyncio.to_thread(mosquitto.start)
+        await asyncio.sleep(1.0)
+        stop.set()
+        emitted = await emitter
+        await asyncio.sleep(1.0)  # let the last open batch seal
+        await tel.spool.aflush()
+        last_seq = tel.spool._next_seq - 1
+        await col.wait_for(lambda: tel.spool.stats.backlog_batches == 0, 30)
+        await col.wait_for(lambda: (tel.spool.epoch, last_seq) in col.seqs(), 30)
+        assert tel.status()["telemetry"]["reconnects"] >= 1
+    seqs = {s for e, s in col.seqs() if e == tel.spool.epoch}
+    assert seqs == set(range(min(seqs), last_seq + 1))
+    assert col.consumer.gaps() == []
+    values = [(t, v) for r in col.of("series") if r.get("name") == "env.temp" and r["cls"] == "raw"
+              for t, v in zip(r["t_ms"], r["values"]["value"], strict=True)]
+    assert len(values) == emitted  # every sample, once (duplicates are dropped by (epoch, seq))
+    assert tel.status()["telemetry"]["lost_samples"] == 0
+
+
+async def _fill_backlog(tel: TelemetryComponent, n: int, samples: int) -> None:
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        t = 1_700_000_000_000 + i * 60_000 + np.arange(samples, dtype=np.int64) * 100
+        v = rng.integers(-20000, 20000, samples)  # incompressible: a known wire size
+        await asyncio.wrap_future(tel.spool.append(Cls.RAW, [SeriesBlock(1, t, (v,), (-3,))], tel.schema_ver))
+
+
+async def test_replay_respects_inflight_limit_and_events_jump_ahead(tmp_path: Path, mosquitto: Any) -> None:
+    proxy = MqttProxy(mosquitto.port, delay_s=0.05)
+    port = free_port()
+    cfg = make_config(tmp_path, mosquitto, uplink={"port": port, "inflight_max": 3})
+    ctx = make_ctx(cfg, tmp_path)
+    ctx.components["hub"] = HubStandIn([])
+    async with TelemetryComponent(ctx) as tel:
+        await _fill_backlog(tel, 40, 50)
+        assert tel.status()["telemetry"]["connected"] is False
+        await proxy.start(port)
+        try:
+            t0 = time.monotonic()
+            while len([p for p in proxy.publishes if p.topic.endswith("/raw")]) < 10:
+                assert time.monotonic() - t0 < 30
+                await asyncio.sleep(0.02)
+            ctx.events.publish("anomaly.start", "loop1", score=1.0)
+            while tel.spool.stats.backlog_batches:
+                assert time.monotonic() - t0 < 60
+                await asyncio.sleep(0.05)
+        finally:
+            await proxy.stop()
+    topics = [p.topic.rsplit("/", 1)[-1] for p in proxy.publishes if p.pid is not None]
+    raw_idx = [i for i, t in enumerate(topics) if t == "raw"]
+    evt_idx = [i for i, t in enumerate(topics) if t == "evt"]
+    assert len(raw_idx) >= 40 and evt_idx
+    assert evt_idx[0] < raw_idx[-10]  # the live event overtook the remaining backlog
+    # 50 ms of latency per PUBACK with 40 batches queued: an unlimited client would have
+    # them all in flight. The network saw at most 3 (and the limit was actually reached).
+    assert 2 <= proxy.max_outstanding <= 3 + 1  # +1: a birth/meta publish may overlap the first batch
+
+
+async def test_replay_is_paced_by_byte_rate(tmp_path: Path, mosquitto: Any) -> None:
+    proxy = MqttProxy(mosquitto.port)
+    port = free_port()
+    rate, burst = 40_000, 4096
+    cfg = make_config(tmp_path, mosquitto, uplink={"port": port, "replay_bytes_per_s": rate, "replay_burst_bytes": burst})
+    ctx = make_ctx(cfg, tmp_path)
+    ctx.components["hub"] = HubStandIn([])
+    async with TelemetryComponent(ctx) as tel:
+        await _fill_backlog(tel, 30, 200)
+        backlog = tel.spool.stats.backlog_bytes
+        await proxy.start(port)
+        try:
+            t0 = time.monotonic()
+            while tel.spool.stats.backlog_batches:
+                assert time.monotonic() - t0 < 60
+                await asyncio.sleep(0.05)
+        finally:
+            await proxy.stop()
+    raw = [p for p in proxy.publishes if p.topic.endswith("/raw")]
+    assert len(raw) == 30
+    span = raw[-1].t - raw[0].t
+    sent = sum(p.size for p in raw[:-1])
+    assert backlog > 3 * burst
+    # Bytes put on the wire between the first and the last publish never exceed
+    # rate * time + burst (10% slack for the per-batch accounting overhead).
+    assert sent <= 1.1 * (rate * span + burst), (sent, span)
+    assert span >= 0.8 * (sent - burst) / rate
+
+
+async def test_malformed_cmd_messages_rejected(tmp_path: Path, mosquitto: Any) -> None:
+    cfg = make_config(tmp_path, mosquitto, uplink={"cmd_max_bytes": 4096})
+    ctx = make_ctx(cfg, tmp_path)
+    ctx.components["hub"] = HubStandIn([("env", "temp", "degC")])
+    async with TelemetryComponent(ctx) as tel:
+        got: list[bytes] = []
+
+        async def echo(payload: bytes) -> bytes:
+            got.append(payload)
+            return b"pong:" + payload
+
+        tel.register_command("echo", echo)
+        while not tel.status()["telemetry"]["connected"]:
+            await asyncio.sleep(0.05)
+        base = "tlm/v1/lab/gw1/cmd"
+        cases = [
+            ("resend", b"not json", "bad_json"),
+            ("resend", b"[1,2]", "bad_json"),
+            ("resend", json.dumps({"epoch": "x", "from_seq": 1, "to_seq": 2}).encode(), "bad_args"),
+            ("resend", json.dumps({"epoch": 1, "from_seq": 5, "to_seq": 2}).encode(), "bad_args"),
+            ("resend", json.dumps({"epoch": 1, "from_seq": 1, "to_seq": 2}).encode(), "wrong_epoch"),
+            ("upload_raw", json.dumps({"series": "nope.*", "from_ms": 0, "to_ms": 1}).encode(), "unknown_series"),
+            ("upload_raw", b"\xff\xfe", "bad_json"),
+            ("nosuch", b"{}", "unknown_command"),
+            ("rebirth", b"x" * 5000, "too_large"),
+        ]
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+            await c.subscribe(f"{base}/+/reply", qos=1)
+            replies: dict[str, list[dict[str, Any]]] = {}
+            for name, payload, _ in cases:
+                await c.publish(f"{base}/{name}", payload, qos=1)
+            await c.publish(f"{base}/echo", b"hello", qos=1)
+            await c.publish(f"{base}/rebirth", b"{}", qos=1)
+            n = 0
+            async with asyncio.timeout(20):
+                async for m in c.messages:
+                    name = str(m.topic).split("/")[-2]
+                    body = m.payload if isinstance(m.payload, bytes) else b""
+                    replies.setdefault(name, []).append(json.loads(body) if name != "echo" else {"raw": body})
+                    n += 1
+                    if n == len(cases) + 2:
+                        break
+        codes = sorted(r["error"]["code"] for rs in replies.values() for r in rs if r.get("ok") is False)
+        assert codes == sorted(c for _, _, c in cases)
+        assert replies["echo"] == [{"raw": b"pong:hello"}] and got == [b"hello"]
+        assert any(r.get("ok") is True for r in replies["rebirth"])
+        st = tel.status()["telemetry"]
+        assert st["cmd_rejected"] == len(cases) and st["connected"] is True
+
+
+async def test_resend_republishes_kept_batches(tmp_path: Path, mosquitto: Any, collector_factory: Any) -> None:
+    ctx = make_ctx(make_config(tmp_path, mosquitto), tmp_path)
+    ctx.components["hub"] = HubStandIn([])
+    col = await collector_factory(mosquitto, client_id="resend-consumer")
+    async with TelemetryComponent(ctx) as tel:
+        await _fill_backlog(tel, 5, 10)
+        await col.wait_for(lambda: col.consumer.counts["batches"] >= 5)
+        first = min(s for _, s in col.seqs())
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+            await c.subscribe("tlm/v1/lab/gw1/cmd/resend/reply", qos=1)
+            await c.publish("tlm/v1/lab/gw1/cmd/resend",
+                            json.dumps({"epoch": tel.spool.epoch, "from_seq": first, "to_seq": first + 2}).encode(), qos=1)
+            async with asyncio.timeout(10):
+                async for m in c.messages:
+                    reply = json.loads(m.payload if isinstance(m.payload, bytes) else b"{}")
+                    break
+        assert reply == {"ok": True, "id": None, "requeued": 3, "missing": 0}
+        await col.wait_for(lambda: col.consumer.counts["duplicates"] >= 3)
+    dups = {r["seq"] for r in col.of("duplicate")}
+    assert dups == {first, first + 1, first + 2}
+
+
+async def test_tls_with_client_certificate(tmp_path: Path, mosquitto_tls: Any) -> None:
+    b = mosquitto_tls
+    tls = {"ca_file": b.tls.ca_file, "cert_file": b.tls.client_cert, "key_file": b.tls.client_key}
+    ctx = make_ctx(make_config(tmp_path, b, uplink={"port": b.tls_port, "tls": tls}), tmp_path)
+    ctx.components["hub"] = HubStandIn([])
+    async with TelemetryComponent(ctx) as tel:
+        await _fill_backlog(tel, 2, 10)
+        t0 = time.monotonic()
+        while tel.spool.stats.backlog_batches:
+            assert time.monotonic() - t0 < 20, tel.status()
+            await asyncio.sleep(0.05)
+        assert tel.status()["telemetry"]["connected"]
+
+
+async def test_tls_handshake_refused_is_reported_not_fatal(tmp_path: Path, mosquitto_tls: Any) -> None:
+    b = mosquitto_tls
+    from tests.fixtures.mosquitto import make_test_pki
+
+    other = make_test_pki(tmp_path / "other-pki")  # a CA the broker's certificate is not from
+    tls = {"ca_file": other.ca_file, "cert_file": b.tls.client_cert, "key_file": b.tls.client_key}
+    ctx = make_ctx(make_config(tmp_path, b, uplink={"port": b.tls_port, "tls": tls}), tmp_path)
+    ctx.components["hub"] = HubStandIn([])
+    async with TelemetryComponent(ctx) as tel:
+        await _fill_backlog(tel, 2, 10)
+        t0 = time.monotonic()
+        while tel.uplink is not None and tel.uplink.stats.connect_failures < 2:
+            assert time.monotonic() - t0 < 20
+            await asyncio.sleep(0.05)
+        st = tel.status()["telemetry"]
+        assert st["connected"] is False
+        assert "certificate" in (st["last_error"] or "").lower()
+        assert st["backlog_batches"] == 2

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgerund.updates.component import UpdatesComponent, build
+
+from tests.updates import models as M
+from tests.updates.support import (
+    Publisher,
+    StandInLoop,
+    StandInModels,
+    make_config,
+    make_ctx,
+    seed_dir,
+)
+
+
+@pytest.fixture(scope="session")
+def publisher() -> Publisher:
+    return Publisher()
+
+
+class Harness:
+    def __init__(self, tmp: Path, publisher: Publisher) -> None:
+        self.tmp = tmp
+        self.pub = publisher
+        self.updates: UpdatesComponent
+        self.models: StandInModels
+        self.loop: StandInLoop
+
+    @property
+    def store(self) -> Any:
+        return self.updates.stores["m1"]
+
+    def current(self) -> str:
+        import os
+
+        return os.readlink(self.store.current)
+
+    def record(self) -> Any:
+        return self.updates.records["m1"]
+
+
+@pytest.fixture
+def harness(tmp_path: Path, publisher: Publisher) -> Callable[..., Any]:
+    """Factory: `async with harness(updates={...}) as h:` runs updates + models + loop."""
+
+    @contextlib.asynccontextmanager
+    async def make(updates: dict[str, Any] | None = None, shipped: bytes | None = None,
+                   with_loop: bool = True) -> AsyncIterator[Harness]:
+        h = Harness(tmp_path, publisher)
+        if not (tmp_path / "shipped").exists():
+            seed_dir(tmp_path / "shipped", shipped if shipped is not None else M.affine())
+        if not (tmp_path / "keyring.json").exists():
+            publisher.write_keyring(tmp_path / "keyring.json")
+        cfg = make_config(tmp_path, updates=updates)
+        ctx = make_ctx(cfg, tmp_path)
+        comp = build(ctx)
+        assert comp is not None
+        h.updates = comp
+        ctx.components["updates"] = comp
+        h.models = StandInModels(ctx)
+        ctx.components["models"] = h.models
+        h.loop = StandInLoop(ctx)
+        if with_loop:
+            ctx.components["loops"] = h.loop
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(comp)
+            await stack.enter_async_context(h.models)
+            if with_loop:
+                await stack.enter_async_context(h.loop)
+            try:
+                yield h
+            finally:
+                await ctx.supervisor.cancel_all()
+
+    return make

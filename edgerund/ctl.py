@@ -105,16 +105,7 @@ def render(console: Console, result: Any, title: str | None = None) -> None:
 
 
 _STATUS_COLUMNS = {
-    "sensors": [
-        "id",
-        "driver",
-        "state",
-        "value",
-        "unit",
-        "age_s",
-        "rate_achieved_hz",
-        "read_errors",
-    ],
+    "sensors": ["id", "driver", "state", "value", "unit", "age s", "rate Hz", "errors"],
     "loops": [
         "id",
         "period_ms",
@@ -128,6 +119,26 @@ _STATUS_COLUMNS = {
     ],
     "models": ["name", "version", "active_slot", "state"],
 }
+
+
+def _sensor_row(s: dict[str, Any]) -> dict[str, Any]:
+    """One line per sensor: the first channel's value, '+N' for the others."""
+    chans = s.get("channels") or []
+    if chans and isinstance(chans[0], dict):
+        more = f" (+{len(chans) - 1})" if len(chans) > 1 else ""
+        value, unit = f"{_fmt(chans[0].get('value'))}{more}", chans[0].get("unit")
+    else:
+        value, unit = s.get("value"), s.get("unit")
+    return {
+        "id": s.get("id"),
+        "driver": s.get("driver"),
+        "state": s.get("state"),
+        "value": value,
+        "unit": unit,
+        "age s": s.get("age_s"),
+        "rate Hz": s.get("rate_achieved_hz"),
+        "errors": s.get("read_errors"),
+    }
 
 
 def render_status(console: Console, st: dict[str, Any]) -> None:
@@ -156,6 +167,8 @@ def render_status(console: Console, st: dict[str, Any]) -> None:
     )
     for key, cols in _STATUS_COLUMNS.items():
         rows = st.get(key) or []
+        if key == "sensors":
+            rows = [_sensor_row(r) for r in rows]
         console.print()
         if rows:
             console.print(table(rows, key, [c for c in cols if any(c in r for r in rows)]))

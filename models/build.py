@@ -367,15 +367,17 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
     # 1. data
     train_w = concat([sample_windows(s, TRAIN_PER_SEED, draw_seed=1) for s in TRAIN_SEEDS])
     val_w = concat([sample_windows(s, VAL_PER_SEED, draw_seed=2) for s in VAL_SEEDS])
-    log(f"data: {len(train_w)} training + {len(val_w)} validation normal windows "
-        f"({time.perf_counter() - t_start:.1f} s)")
+    log(
+        f"data: {len(train_w)} training + {len(val_w)} validation normal windows "
+        f"({time.perf_counter() - t_start:.1f} s)"
+    )
 
     # 2. features: statistics from the training windows
     spec0 = raw_spec()
     raw = features(spec0, train_w).astype(np.float64)
     mean = raw.mean(axis=0)
     std = raw.std(axis=0)
-    std[-len(SCALARS):] /= SCALAR_GAIN
+    std[-len(SCALARS) :] /= SCALAR_GAIN
     spec = FeatureSpec(
         vibration_input="accel_g",
         window=WINDOW,
@@ -408,8 +410,7 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
             n_iter_no_change=10**6,
         )
         ae.fit(x_train, x_train)
-    log(f"trained {ae.n_iter_} epochs, loss {ae.loss_:.4f} "
-        f"({time.perf_counter() - t_start:.1f} s)")
+    log(f"trained {ae.n_iter_} epochs, loss {ae.loss_:.4f} ({time.perf_counter() - t_start:.1f} s)")
     coefs = [np.asarray(c, np.float32) for c in ae.coefs_]
     inter = [np.asarray(b, np.float32) for b in ae.intercepts_]
     span = x_train.max(axis=0) - x_train.min(axis=0)
@@ -446,10 +447,12 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
     # quality on held-out plants
     def test_set(anoms: Sequence[Anomaly], draw: int) -> Windows:
         # t >= 1000 s: past the 300 s overheat ramp of an anomaly starting at 0.
-        return concat([
-            sample_windows(s, TEST_PER_SEED, anoms, t_min_s=1000.0, draw_seed=draw)
-            for s in TEST_SEEDS
-        ])
+        return concat(
+            [
+                sample_windows(s, TEST_PER_SEED, anoms, t_min_s=1000.0, draw_seed=draw)
+                for s in TEST_SEEDS
+            ]
+        )
 
     cases: dict[str, Sequence[Anomaly]] = {
         "bearing_wear": [Anomaly("bearing_wear", 0.0, 1e9)],
@@ -480,27 +483,34 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
     }
 
     # 7. golden vectors: 8 normal, 4 worn bearing, 4 overheat windows
-    g = concat([normal_w.take(range(8)), anomalous["bearing_wear"].take(range(4)),
-                anomalous["overheat"].take(range(4))])
+    g = concat(
+        [
+            normal_w.take(range(8)),
+            anomalous["bearing_wear"].take(range(4)),
+            anomalous["overheat"].take(range(4)),
+        ]
+    )
     g_x = features(spec, g)
-    save_npz(out_dir / "golden.npz", {
-        "accel_g": g.accel,
-        "temp_c": g.temp,
-        "current_a": g.current,
-        "features": g_x,
-        "score_int8": scores(s_int8, g_x),
-        "score_fp32": scores(s_fp32, g_x),
-        "label": np.array([0] * 8 + [1] * 8, np.int8),
-    })
+    save_npz(
+        out_dir / "golden.npz",
+        {
+            "accel_g": g.accel,
+            "temp_c": g.temp,
+            "current_a": g.current,
+            "features": g_x,
+            "score_int8": scores(s_int8, g_x),
+            "score_fp32": scores(s_fp32, g_x),
+            "label": np.array([0] * 8 + [1] * 8, np.int8),
+        },
+    )
 
-    sizes = {"model.onnx": int8_path.stat().st_size,
-             "model_fp32.onnx": fp32_path.stat().st_size}
+    sizes = {"model.onnx": int8_path.stat().st_size, "model_fp32.onnx": fp32_path.stat().st_size}
     manifest: dict[str, Any] = {
         "format": "edgerund.model/1",
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
         "description": "Self-supervised autoencoder for motor bearing/cabinet anomalies; "
-                       "trained on normal windows of the simulated plant only.",
+        "trained on normal windows of the simulated plant only.",
         "model": {
             "file": "model.onnx",
             "sha256": sha256_file(int8_path),
@@ -514,13 +524,31 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
             "threshold": threshold_fp32,
         },
         "inputs": [
-            {"name": "accel_g", "shape": [WINDOW, AXES], "dtype": "float32", "rate_hz": FS_HZ,
-             "unit": "g", "description": "motor-housing acceleration x, y, z (MPU-6050), "
-             "oldest sample first, the last 256 samples"},
-            {"name": "temp_c", "shape": [1], "dtype": "float32", "rate_hz": 1.0, "unit": "degC",
-             "description": "cabinet temperature, newest value"},
-            {"name": "current_a", "shape": [1], "dtype": "float32", "rate_hz": 10.0,
-             "unit": "A", "description": "motor current, newest value"},
+            {
+                "name": "accel_g",
+                "shape": [WINDOW, AXES],
+                "dtype": "float32",
+                "rate_hz": FS_HZ,
+                "unit": "g",
+                "description": "motor-housing acceleration x, y, z (MPU-6050), "
+                "oldest sample first, the last 256 samples",
+            },
+            {
+                "name": "temp_c",
+                "shape": [1],
+                "dtype": "float32",
+                "rate_hz": 1.0,
+                "unit": "degC",
+                "description": "cabinet temperature, newest value",
+            },
+            {
+                "name": "current_a",
+                "shape": [1],
+                "dtype": "float32",
+                "rate_hz": 10.0,
+                "unit": "A",
+                "description": "motor current, newest value",
+            },
         ],
         "preprocessing": spec.to_json(),
         "model_inputs": [{"name": "features", "shape": [1, spec.n_features], "dtype": "float32"}],
@@ -528,14 +556,19 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
         "output": {
             "name": "score",
             "meaning": "weighted mean squared reconstruction error of the normalised features; "
-                       "about 1 in normal operation, higher = less like normal",
+            "about 1 in normal operation, higher = less like normal",
             "higher_is_anomalous": True,
         },
         "threshold": threshold,
         "threshold_rule": f"{THRESHOLD_MARGIN} x p{THRESHOLD_QUANTILE * 100:g} of int8 scores on "
-                          f"{len(val_w)} normal validation windows",
-        "golden": {"file": "golden.npz", "sha256": sha256_file(out_dir / "golden.npz"),
-                   "rtol": 0.02, "atol": 0.02, "feature_atol": 1e-4},
+        f"{len(val_w)} normal validation windows",
+        "golden": {
+            "file": "golden.npz",
+            "sha256": sha256_file(out_dir / "golden.npz"),
+            "rtol": 0.02,
+            "atol": 0.02,
+            "feature_atol": 1e-4,
+        },
         "training": {
             "seed": SEED,
             "generator": "drivers/emulated/scenario.py",
@@ -544,7 +577,7 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
             "test_plants": list(TEST_SEEDS),
             "windows": len(train_w),
             "architecture": f"{spec.n_features}-{HIDDEN}-{HIDDEN}-{BOTTLENECK}-{HIDDEN}-{HIDDEN}-"
-                            f"{spec.n_features} ReLU autoencoder (sklearn MLPRegressor)",
+            f"{spec.n_features} ReLU autoencoder (sklearn MLPRegressor)",
             "epochs": EPOCHS,
         },
         "quality": quality,
@@ -552,8 +585,12 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    report = {"quality": quality, "sizes": sizes, "threshold": threshold,
-              "build_s": _r(time.perf_counter() - t_start, 1)}
+    report = {
+        "quality": quality,
+        "sizes": sizes,
+        "threshold": threshold,
+        "build_s": _r(time.perf_counter() - t_start, 1),
+    }
     if measure:
         row = x_norm[0]
         report["latency_us"] = {"int8": latency_us(s_int8, row), "fp32": latency_us(s_fp32, row)}
@@ -569,8 +606,9 @@ def render_report(rep: dict[str, Any]) -> str:
     for kind, q in rep["quality"].items():
         if kind == "normal":
             continue
-        lines.append(f"| {kind} | {q['auc_fp32']:.4f} | {q['auc_int8']:.4f} | "
-                     f"{q['detected_int8']:.1%} |")
+        lines.append(
+            f"| {kind} | {q['auc_fp32']:.4f} | {q['auc_int8']:.4f} | {q['detected_int8']:.1%} |"
+        )
     n = rep["quality"]["normal"]
     lines.append(f"| normal (false positives) | | | {n['false_positive_int8']:.2%} |")
     s = rep["sizes"]
@@ -583,8 +621,10 @@ def render_report(rep: dict[str, Any]) -> str:
     ]
     if "latency_us" in rep:
         (i50, i99), (f50, f99) = rep["latency_us"]["int8"], rep["latency_us"]["fp32"]
-        lines.append(f"run() latency (this machine, 1 thread): int8 p50 {i50:.1f} us p99 {i99:.1f}"
-                     f" us; fp32 p50 {f50:.1f} us p99 {f99:.1f} us; int8 speedup {f50 / i50:.2f}x")
+        lines.append(
+            f"run() latency (this machine, 1 thread): int8 p50 {i50:.1f} us p99 {i99:.1f}"
+            f" us; fp32 p50 {f50:.1f} us p99 {f99:.1f} us; int8 speedup {f50 / i50:.2f}x"
+        )
     return "\n".join(lines)
 
 

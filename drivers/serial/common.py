@@ -23,10 +23,12 @@ from drivers.errors import DeviceError
 
 __all__ = [
     "DelimitedFramer",
+    "PortUser",
     "SerialSensorConfig",
     "StreamPump",
     "check_serial_keys",
     "open_port",
+    "port_problem",
     "stall_timeout_s",
 ]
 
@@ -225,3 +227,26 @@ class PortUser:
 
     def on_open(self) -> None:
         """Reset framing state after (re)opening."""
+
+
+def port_problem(port: str) -> str | None:
+    """For a config cross-check: why a device-path port cannot be used right now, or None.
+
+    URLs (socket://, sim://) are not checked. A missing node is reported with a hint; the
+    caller decides whether that is fatal (an adapter may be unplugged at boot and is
+    reopened when it returns, so a daemon may prefer a warning for /dev/serial/by-id/).
+    """
+    import os
+
+    if "://" in port:
+        return None
+    if not os.path.exists(port):
+        parent = os.path.dirname(port) or "/"
+        where = "" if os.path.isdir(parent) else f" (and {parent} does not exist either)"
+        return (
+            f"serial port {port} does not exist{where}; expected an existing device "
+            "such as /dev/ttyUSB0 or /dev/serial/by-id/..., or socket://host:port"
+        )
+    if not os.access(port, os.R_OK | os.W_OK):
+        return f"serial port {port} exists but is not readable and writable by this user"
+    return None

@@ -116,8 +116,11 @@ class AsyncSerialPort:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rx = bytearray()
         self._rx_max = rx_buffer_bytes
-        self._rx_waiter: asyncio.Future[None] | None = None
+        # every coroutine parked in read_some() (normally one; a stream sensor and an
+        # actuator awaiting a reply may share a port) and the one parked in write()
+        self._rx_waiters: set[asyncio.Future[None]] = set()
         self._tx_waiter: asyncio.Future[None] | None = None
+        self._write_lock = asyncio.Lock()  # frames from two writers never interleave
         self._error: DeviceError | None = None
         self._users = 0
         self._open_lock = asyncio.Lock()
@@ -263,7 +266,7 @@ class AsyncSerialPort:
         self._wake_all()
 
     def _wake_all(self) -> None:
-        for fut in (self._rx_waiter, self._tx_waiter):
+        for fut in (*self._rx_waiters, self._tx_waiter):
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
@@ -297,8 +300,9 @@ class AsyncSerialPort:
             drop = len(self._rx) - self._rx_max
             del self._rx[:drop]
             self.counters["overruns"] += drop
-        if self._rx_waiter is not None and not self._rx_waiter.done():
-            self._rx_waiter.set_result(None)
+        for fut in self._rx_waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     async def read_some(self, max_bytes: int = 4096) -> bytes:
         """Return 1..max_bytes received bytes, waiting for at least one. DeviceError on loss."""
@@ -306,12 +310,11 @@ class AsyncSerialPort:
             self._check()
             assert self._loop is not None
             fut = self._loop.create_future()
-            self._rx_waiter = fut
+            self._rx_waiters.add(fut)
             try:
                 await fut
             finally:
-                if self._rx_waiter is fut:
-                    self._rx_waiter = None
+                self._rx_waiters.discard(fut)
         out = bytes(self._rx[:max_bytes])
         del self._rx[:max_bytes]
         return out
@@ -328,6 +331,10 @@ class AsyncSerialPort:
     # -- transmit ----------------------------------------------------------------------
     async def write(self, data: bytes) -> None:
         """Write all of `data`; parks on add_writer only while the OS buffer is full."""
+        async with self._write_lock:
+            await self._write_locked(data)
+
+    async def _write_locked(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             self._check()

@@ -116,7 +116,7 @@ class Identity(abc.ABC):
         """attest, signature, pcrs, certify_attest, certify_signature (+ kind specifics)."""
 
     @abc.abstractmethod
-    def _static_fields(self) -> dict[str, Any]:
+    def public_fields(self) -> dict[str, Any]:
         """ak_public, ak_pem, ek_public, ek_certificate, signing_key_public/pem."""
 
     # -- shared
@@ -168,7 +168,7 @@ class Identity(abc.ABC):
             "pcr_selection": self.pcr_selection,
         }
         result.update(raw)
-        result.update(self._static_fields())
+        result.update(self.public_fields())
         result["binding"] = binding
         result["time"] = self.last_quote_time
         return result

@@ -178,7 +178,7 @@ class IdentityComponent:
     async def _cmd_identity(self, args: dict[str, Any], peer: Peer) -> Any:
         ident = self.identity
         out = ident.status()
-        static = ident._static_fields()
+        static = ident.public_fields()
         out.update(
             {
                 "signing_key_pem": ident.public_key_pem(),

@@ -223,7 +223,7 @@ class SoftwareIdentity(Identity):
             "insecure": True,
         }
 
-    def _static_fields(self) -> dict[str, Any]:
+    def public_fields(self) -> dict[str, Any]:
         return {
             "ak_public": base64.b64encode(self._ak_public).decode(),
             "ak_name": self._ak_name.hex(),

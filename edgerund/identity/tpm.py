@@ -122,6 +122,7 @@ class TpmIdentity(Identity):
         self.flushed_stale = 0
         self.lockout: dict[str, int] = {}
         self._sk_key: ec.EllipticCurvePublicKey | None = None
+        self._static: dict[str, Any] | None = None
         self._sel = ts.parse_pcr_selection_string(cfg.pcr_selection)
 
     # ------------------------------------------------------------ facts
@@ -744,7 +745,12 @@ class TpmIdentity(Identity):
     async def _quote(self, nonce: bytes) -> dict[str, Any]:
         return await self.worker.call(lambda e: self._quote_job(e, nonce), what="quote PCRs")
 
-    def _static_fields(self) -> dict[str, Any]:
+    def public_fields(self) -> dict[str, Any]:
+        if self._static is None:
+            self._static = self._make_public_fields()
+        return dict(self._static)
+
+    def _make_public_fields(self) -> dict[str, Any]:
         ak_pub = base64.b64decode(self.state["ak"]["public"])
         ek_pub = base64.b64decode(self.state["ek"]["public"])
         sk_pub = base64.b64decode(self.state["signing_key"]["public"])

@@ -46,24 +46,25 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
     for i, mc in enumerate(cfg.models):
         if mc.name in seen:
             errors.append(
-                (f"models[{i}].name", f"expected a unique name, got {mc.name!r} "
-                 f"(also models[{seen[mc.name]}])")
+                (
+                    f"models[{i}].name",
+                    f"expected a unique name, got {mc.name!r} (also models[{seen[mc.name]}])",
+                )
             )
         seen.setdefault(mc.name, i)
         d = Path(mc.path)
         if not (d / MANIFEST_FILE).is_file():
             errors.append(
-                (f"models[{i}].path", f"expected a directory holding {MANIFEST_FILE} and the "
-                 f"model, got {mc.path!r} ({'no ' + MANIFEST_FILE if d.is_dir() else 'not a directory'})")
+                (
+                    f"models[{i}].path",
+                    f"expected a directory holding {MANIFEST_FILE} and the "
+                    f"model, got {mc.path!r} ({'no ' + MANIFEST_FILE if d.is_dir() else 'not a directory'})",
+                )
             )
             continue
+        # The config name is the loops' handle; it need not equal the manifest's name.
         try:
-            man = load_manifest(d, check_files=True)
+            load_manifest(d, check_files=True)
         except ModelError as exc:
             errors.append((f"models[{i}].path", str(exc)))
-            continue
-        if man.name != mc.name:
-            # Not an error: the config name is the loops' handle. Still worth knowing? No:
-            # a site may run the reference model under its own name.
-            pass
     return errors

@@ -106,7 +106,8 @@ def build_view(
     rows = st.get("sensors") or []
     for s in rows:
         sid = str(s.get("id"))
-        hist.add(f"s:{sid}", s.get("value"))
+        first, unit, more = primary_channel(s)
+        hist.add(f"s:{sid}", first)
         state = str(s.get("state", "?"))
         style = {"ok": "green", "failed": "bold red", "starting": "yellow"}.get(state, "")
         sensors.add_row(
@@ -197,6 +198,14 @@ def build_view(
         else []
     )
     return Group(header, sensors, loops, *lines, *warn_lines)
+
+
+def primary_channel(sensor: dict[str, Any]) -> tuple[Any, str, int]:
+    """(value, unit, number of further channels) of a sensor's first channel."""
+    chans = sensor.get("channels") or []
+    if chans and isinstance(chans[0], dict):
+        return chans[0].get("value"), str(chans[0].get("unit") or ""), len(chans) - 1
+    return sensor.get("value"), str(sensor.get("unit") or ""), 0
 
 
 def plain_table(st: dict[str, Any]) -> str:

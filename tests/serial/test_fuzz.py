@@ -158,3 +158,111 @@ def test_framer_matches_split(chunks: list[bytes], max_len: int) -> None:
     pieces = data.split(b"\n")[:-1]  # the tail has no delimiter yet
     # a piece longer than max_len is dropped; a piece right after it is kept
     assert got == [p for p in pieces if len(p) <= max_len]
+
+
+# -- the whole path: random line noise through a real pty into each stream sensor ----------
+async def _noise_run(make_emu, make_sensor, link, resources) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import random
+
+    rng = random.Random(1234)
+    async with make_emu(link) as emu:
+        sensor = make_sensor(emu.path, resources)
+        await sensor.open()
+        it = sensor.frames().__aiter__()
+        got = 0
+        async with asyncio.timeout(20):
+            while got < 20:
+                emu.write_raw(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))))
+                readings = await it.__anext__()  # only DeviceError could escape: none expected
+                for r in readings:
+                    assert isinstance(r.value, float)
+                got += 1
+        assert sensor.counters["frames"] >= 20
+        await sensor.close()
+
+
+async def test_noise_through_pty_nmea(link, resources) -> None:  # type: ignore[no-untyped-def]
+    import datetime as dt
+    from types import SimpleNamespace
+
+    import msgspec
+
+    from drivers.emulated.nmea_gps import NmeaGpsEmulator
+    from drivers.serial.nmea import NmeaConfig, NmeaSensor
+
+    fix = SimpleNamespace(
+        lat_deg=1.0,
+        lon_deg=2.0,
+        alt_m=3.0,
+        speed_kn=0.0,
+        course_deg=0.0,
+        fix_quality=1,
+        satellites=7,
+        utc=dt.datetime(2026, 1, 1),
+    )
+    await _noise_run(
+        lambda p: NmeaGpsEmulator(p, fix=lambda t: fix, rate_hz=50),
+        lambda path, res: NmeaSensor(
+            msgspec.convert({"driver": "nmea", "id": "g", "port": path, "rate_hz": 50}, NmeaConfig),
+            res,
+        ),
+        link,
+        resources,
+    )
+
+
+async def test_noise_through_pty_line(link, resources) -> None:  # type: ignore[no-untyped-def]
+    import msgspec
+
+    from drivers.emulated.line_instrument import LineInstrumentEmulator
+    from drivers.serial.line import LineConfig, LineSensor
+
+    await _noise_run(
+        lambda p: LineInstrumentEmulator(
+            p, values=lambda t: {"a": 1.0}, fields=["a"], format="json", rate_hz=50
+        ),
+        lambda path, res: LineSensor(
+            msgspec.convert(
+                {
+                    "driver": "line",
+                    "id": "l",
+                    "port": path,
+                    "rate_hz": 50,
+                    "format": "json",
+                    "fields": [{"name": "a"}],
+                },
+                LineConfig,
+            ),
+            res,
+        ),
+        link,
+        resources,
+    )
+
+
+async def test_noise_through_pty_cobs(link, resources) -> None:  # type: ignore[no-untyped-def]
+    import msgspec
+
+    from drivers.emulated.cobs_device import CobsDeviceEmulator
+    from drivers.serial.cobs import CobsConfig, CobsSensor
+
+    fields = [CobsField(name="a", type="u16"), CobsField(name="b", type="f32")]
+    await _noise_run(
+        lambda p: CobsDeviceEmulator(p, fields=fields, values=lambda t: [1, 2.0], rate_hz=50),
+        lambda path, res: CobsSensor(
+            msgspec.convert(
+                {
+                    "driver": "cobs",
+                    "id": "c",
+                    "port": path,
+                    "rate_hz": 50,
+                    "fields": [{"name": "a", "type": "u16"}, {"name": "b", "type": "f32"}],
+                },
+                CobsConfig,
+            ),
+            res,
+        ),
+        link,
+        resources,
+    )

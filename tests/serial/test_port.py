@@ -202,3 +202,37 @@ async def test_socket_url_refused_is_device_error() -> None:
     port = AsyncSerialPort(f"socket://127.0.0.1:{free_port()}")
     with pytest.raises(DeviceError, match="cannot open"):
         await port.open()
+
+
+def test_port_problem_for_config_checks(tmp_path: Path) -> None:
+    from drivers.serial.common import port_problem
+
+    assert port_problem("socket://127.0.0.1:1") is None
+    assert port_problem("/dev/null") is None
+    msg = port_problem(str(tmp_path / "ttyUSB9"))
+    assert msg is not None and "does not exist" in msg and "either" not in msg
+    msg = port_problem("/dev/serial/by-id/nothing-here/x")
+    assert msg is not None and "does not exist either" in msg
+
+
+async def test_two_readers_both_wake_and_writes_do_not_interleave(link: Path) -> None:
+    """A stream sensor and an actuator awaiting a reply may read one port at once."""
+    async with Echo(link) as dev:
+        port = AsyncSerialPort(dev.path)
+        await port.open()
+        r1 = asyncio.create_task(port.read_some())
+        r2 = asyncio.create_task(port.read_some())
+        await asyncio.sleep(0.02)
+        big_a, big_b = b"a" * 100_000 + b"\n", b"b" * 100_000 + b"\n"
+        got = bytearray()
+        await asyncio.gather(port.write(big_a), port.write(big_b))
+        async with asyncio.timeout(10):
+            got += await r1  # one of the two readers gets the first bytes ...
+            while len(got) < len(big_a) + len(big_b):
+                got += await port.read_some(1 << 20)
+        assert not r2.done() or r2.result()  # ... the other is still waiting, not lost
+        r2.cancel()
+        lines = bytes(got).split(b"\n")
+        # whole frames, one after the other (bytes may be split between the readers)
+        assert {len(x) for x in lines[:-1]} <= {100_000} or len(got) == 200_002
+        await port.close()

@@ -75,6 +75,12 @@ class _NoNode(Exception):
     pass
 
 
+def _close_result(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        with contextlib.suppress(Exception):
+            fut.result().close()
+
+
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -190,8 +196,13 @@ class AsyncSerialPort:
         self._rx.clear()
         self._loop = asyncio.get_running_loop()
         is_socket = self.url.startswith("socket://")
+        fut = self._loop.run_in_executor(None, self._open_blocking, is_socket)
         try:
-            ser = await asyncio.to_thread(self._open_blocking, is_socket)
+            ser = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # cancelled while the worker opens: close what it opens, do not leak the fd
+            fut.add_done_callback(_close_result)
+            raise
         except _NoNode:
             self.counters["errors"] += 1
             raise DeviceError(

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,7 +23,7 @@ from edgerund.identity.tpm import TpmIdentity
 from edgerund.identity.verify import verify_result
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.identity.conftest import tpm_config
-from tests.identity.test_tpm import esapi, lockout_counter
+from tests.identity.test_tpm import esapi, lockout_counter, use_da_protected_key
 
 pytestmark = pytest.mark.needs_swtpm
 REPO = Path(__file__).resolve().parents[2]
@@ -85,33 +84,8 @@ async def test_kill9_five_times_tpm_alive_leaked_slots_recovered(
 
 
 def test_control_a_key_without_noda_does_count(swtpm: SwtpmProcess):
-    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_ST, TPMA_OBJECT
-    from tpm2_pytss.types import (
-        TPM2B_DIGEST,
-        TPM2B_PUBLIC,
-        TPM2B_SENSITIVE_CREATE,
-        TPMT_PUBLIC,
-        TPMT_SIG_SCHEME,
-        TPMT_TK_HASHCHECK,
-    )  # fmt: skip
-
-    attrs = (
-        TPMA_OBJECT.SIGN_ENCRYPT
-        | TPMA_OBJECT.FIXEDTPM
-        | TPMA_OBJECT.FIXEDPARENT
-        | TPMA_OBJECT.SENSITIVEDATAORIGIN
-        | TPMA_OBJECT.USERWITHAUTH
-    )  # fmt: skip  (no NODA)
     with esapi(swtpm) as e:
-        key, *_ = e.create_primary(
-            TPM2B_SENSITIVE_CREATE(),
-            TPM2B_PUBLIC(TPMT_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=attrs)),
-            ESYS_TR.OWNER,
-        )
-        scheme: Any = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
-        scheme.details.any.hashAlg = TPM2_ALG.SHA256
-        e.sign(key, TPM2B_DIGEST(bytes(32)), scheme,
-               TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL))  # fmt: skip
+        use_da_protected_key(e)
     swtpm.kill()
     swtpm.start()
     assert lockout_counter(swtpm) == 1

@@ -442,3 +442,65 @@ async def test_silent_tpm_times_out_instead_of_hanging(tmp_path: Path):
     finally:
         for s in servers:
             s.close()
+
+
+async def test_slots_leaked_by_a_dead_process_are_flushed(swtpm: SwtpmProcess, tmp_path: Path):
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
+    from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE, TPMT_SYM_DEF
+
+    e = esapi(swtpm)  # a crashed predecessor: 3 objects + 2 sessions left in the TPM
+    for _ in range(3):
+        e.create_primary(TPM2B_SENSITIVE_CREATE(), "ecc256", ESYS_TR.OWNER)
+    for _ in range(2):
+        e.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.HMAC,
+                             TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)  # fmt: skip
+    e.close()  # finalizing the context does not flush anything
+    ident = await opened(swtpm, tmp_path)  # enrolment needs free slots
+    try:
+        assert ident.flushed_stale == 5 and ident.enrolled_now
+        assert verify_result(await ident.attest(NONCE), nonce=NONCE).ok
+    finally:
+        await ident.close()
+
+
+def use_da_protected_key(e: Any) -> None:
+    """Sign with a primary key WITHOUT noDA (as another tool on the same TPM might)."""
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_ST, TPMA_OBJECT
+    from tpm2_pytss.types import (
+        TPM2B_DIGEST,
+        TPM2B_PUBLIC,
+        TPM2B_SENSITIVE_CREATE,
+        TPMT_PUBLIC,
+        TPMT_SIG_SCHEME,
+        TPMT_TK_HASHCHECK,
+    )
+
+    attrs = (
+        TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+    )  # fmt: skip
+    key, *_ = e.create_primary(
+        TPM2B_SENSITIVE_CREATE(),
+        TPM2B_PUBLIC(TPMT_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=attrs)),
+        ESYS_TR.OWNER,
+    )
+    try:
+        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+        scheme.details.any.hashAlg = TPM2_ALG.SHA256
+        e.sign(key, TPM2B_DIGEST(bytes(32)), scheme,
+               TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL))  # fmt: skip
+    finally:
+        e.flush_context(key)
+
+
+@pytest.mark.parametrize("shutdown_on_exit", [True, False])
+async def test_orderly_shutdown_on_close(
+    swtpm: SwtpmProcess, tmp_path: Path, shutdown_on_exit: bool
+):
+    """close() sends TPM2_Shutdown: a later power cut is orderly and costs no DA try."""
+    ident = await opened(swtpm, tmp_path, shutdown_on_exit=shutdown_on_exit)
+    await ident.worker.call(use_da_protected_key, what="use a DA-protected key")
+    await ident.close()
+    swtpm.kill()  # power cut while the daemon is stopped
+    swtpm.start()
+    assert lockout_counter(swtpm) == (0 if shutdown_on_exit else 1)

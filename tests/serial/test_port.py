@@ -215,24 +215,43 @@ def test_port_problem_for_config_checks(tmp_path: Path) -> None:
     assert msg is not None and "does not exist either" in msg
 
 
-async def test_two_readers_both_wake_and_writes_do_not_interleave(link: Path) -> None:
-    """A stream sensor and an actuator awaiting a reply may read one port at once."""
+class Recorder(PtySerialDevice):
+    def __init__(self, link: Path) -> None:
+        super().__init__(link)
+        self.data = bytearray()
+        self.want = 0
+        self.done = asyncio.Event()
+
+    def on_receive(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) >= self.want:
+            self.done.set()
+
+
+async def test_two_readers_both_served(link: Path) -> None:
+    """A stream sensor and an actuator awaiting a reply may wait on one port at once."""
     async with Echo(link) as dev:
         port = AsyncSerialPort(dev.path)
         await port.open()
-        r1 = asyncio.create_task(port.read_some())
-        r2 = asyncio.create_task(port.read_some())
+        readers = [asyncio.create_task(port.read_some()) for _ in range(2)]
         await asyncio.sleep(0.02)
-        big_a, big_b = b"a" * 100_000 + b"\n", b"b" * 100_000 + b"\n"
-        got = bytearray()
-        await asyncio.gather(port.write(big_a), port.write(big_b))
+        await port.write(b"x")
+        await asyncio.sleep(0.05)
+        await port.write(b"y")
+        async with asyncio.timeout(5):
+            got = await asyncio.gather(*readers)
+        assert sorted(got) == [b"X", b"Y"]
+        await port.close()
+
+
+async def test_concurrent_writes_do_not_interleave(link: Path, loop_guard: object) -> None:
+    async with Recorder(link) as dev:
+        port = AsyncSerialPort(dev.path)
+        await port.open()
+        a, b = b"a" * 200_000, b"b" * 200_000
+        dev.want = len(a) + len(b)
+        await asyncio.wait_for(asyncio.gather(port.write(a), port.write(b)), 20)
         async with asyncio.timeout(10):
-            got += await r1  # one of the two readers gets the first bytes ...
-            while len(got) < len(big_a) + len(big_b):
-                got += await port.read_some(1 << 20)
-        assert not r2.done() or r2.result()  # ... the other is still waiting, not lost
-        r2.cancel()
-        lines = bytes(got).split(b"\n")
-        # whole frames, one after the other (bytes may be split between the readers)
-        assert {len(x) for x in lines[:-1]} <= {100_000} or len(got) == 200_002
+            await dev.done.wait()
+        assert bytes(dev.data) in (a + b, b + a)
         await port.close()

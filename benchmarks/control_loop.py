@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import hashlib
@@ -448,7 +449,14 @@ def _status_clients(path: str, n_clients: int, interval_s: float, stop_at: float
 class Load:
     """Telemetry backlog drain + bundle verification + 20 status clients, for (c)."""
 
-    def __init__(self, ctx: Context, seconds: float, tmp: Path) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        seconds: float,
+        tmp: Path,
+        kinds: tuple[str, ...] = ("telemetry", "bundle", "status"),
+    ) -> None:
+        self.enabled = kinds
         self.ctx = ctx
         self.seconds = seconds
         self.tmp = tmp
@@ -641,7 +649,13 @@ class Load:
 
     async def __aenter__(self) -> Load:
         self.tasks = [
-            asyncio.create_task(c()) for c in (self._telemetry, self._bundle, self._clients)
+            asyncio.create_task(c())
+            for name, c in (
+                ("telemetry", self._telemetry),
+                ("bundle", self._bundle),
+                ("status", self._clients),
+            )
+            if name in self.enabled
         ]
         await asyncio.sleep(0.5)  # let the backlog fill and the clients connect
         return self
@@ -715,6 +729,18 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     say(f"runner: {runner_kind}; event loop: {type(asyncio.get_running_loop()).__module__}")
     hub = ThreadHub(Scenario(seed=42))
     hub.start()
+    if args.rt_priority:
+        # only this thread: executor threads reset themselves, children reset on fork
+        def other() -> None:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=8, initializer=other)
+        )
+        os.sched_setscheduler(
+            0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(args.rt_priority)
+        )
+        say(f"event-loop thread: SCHED_FIFO priority {args.rt_priority}")
     gc.collect()
     gc.freeze()  # as the daemon does after start-up
     try:
@@ -733,7 +759,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="edgerund-bench-") as tmp:
             say(f"(c) 100 Hz loop under load, {args.loop_s:.0f} s ...")
             loaded = await run_loop(
-                args.loop_s, runner, manifest, hub, lambda ctx: Load(ctx, args.loop_s, Path(tmp))
+                args.loop_s,
+                runner,
+                manifest,
+                hub,
+                lambda ctx: Load(ctx, args.loop_s, Path(tmp), tuple(args.load.split(","))),
             )
         lf = loaded["load"]
         say(f"    load: {'; '.join(lf.pop('kinds'))}")
@@ -780,6 +810,19 @@ def main() -> int:
     ap.add_argument("--no-uvloop", action="store_true", help="plain asyncio event loop")
     ap.add_argument("--model-dir", type=Path, default=REF_DIR, help="reference model directory")
     ap.add_argument(
+        "--load",
+        default="telemetry,bundle,status",
+        help="the concurrent work of (c), comma-separated subset of telemetry,bundle,status",
+    )
+    ap.add_argument(
+        "--rt-priority",
+        type=int,
+        default=0,
+        help="run the event-loop thread SCHED_FIFO at this priority (what systemd's "
+        "CPUSchedulingPolicy=fifo would do); worker threads and child processes stay "
+        "SCHED_OTHER. 0 (default): normal scheduling",
+    )
+    ap.add_argument(
         "--switch-interval-ms",
         type=float,
         default=None,
@@ -817,6 +860,8 @@ def main() -> int:
         **{k: v for k, v in a.items()},
         "loop_s": args.loop_s,
         "event_loop": "asyncio" if loop_factory is None else "uvloop",
+        "rt_priority": args.rt_priority,
+        "gil_switch_interval_ms": sys.getswitchinterval() * 1000,
         "idle_ticks": idle["ticks"],
         "idle_lateness_p50_ms": r(idle["lateness"][0]),
         "idle_lateness_p99_ms": r(idle["lateness"][1]),

@@ -8,9 +8,10 @@ Pipeline (every step seeded; the same machine class gives the same bytes):
 
 1. **Data.** Normal-operation windows from the shared plant generator
    (`drivers/emulated/scenario.py`) for several training plants (seeds): 256 samples x 3
-   axes of motor-housing acceleration at 200 Hz quantised like the MPU-6050 at +-2 g
-   (16384 LSB/g), plus the cabinet temperature (BME280, 0.01 degC) and the motor current
-   (1 mA) at the end of the window. Held-out plants (other seeds, the simulator's default
+   axes of motor-housing acceleration at 200 Hz as the simulated gateway samples them
+   (emulated MPU-6050 on a 1 kHz grid with a random sub-grid phase, occasional one-step
+   poll jitter, 16-bit quantisation at +-2 g), plus the cabinet temperature (0.01 degC)
+   and the motor current (1 mA) at the end of the window. Held-out plants (other seeds, the simulator's default
    42 included) give normal and anomalous test windows.
 2. **Features.** `edgerund.inference.features` (the same code the daemon runs): log10
    band energies of a Hann-windowed FFT per axis (16 bands of 6.25 Hz) + temperature +
@@ -106,6 +107,9 @@ SPAN_S = 3 * 86400.0  # windows are drawn from three days of plant time (daily c
 CALIB_WINDOWS = 512
 
 ACCEL_LSB_PER_G = 16384.0  # MPU-6050 at +-2 g
+GRID_HZ = 1000.0  # the scenario's noise grid and the emulated MPU-6050's output rate
+GRID_STEP = int(GRID_HZ / FS_HZ)  # grid points per 200 Hz sample
+MAX_POLL_JITTER_P = 0.2  # up to 20 % of polls land one 1 ms emulator sample off
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
@@ -135,20 +139,37 @@ def sample_windows(
     t_max_s: float = SPAN_S,
     draw_seed: int = 0,
 ) -> Windows:
-    """`n` windows of plant `seed` starting at random instants in [t_min_s, t_max_s)."""
+    """`n` windows of plant `seed` starting at random instants in [t_min_s, t_max_s).
+
+    Sampled the way the simulated gateway sees the plant (drivers/emulated/simulated.py):
+    the emulated MPU-6050 produces samples on its own 1 kHz grid, values linearly
+    interpolated between the scenario's 1 kHz noise grid (a sub-grid phase `frac` that is
+    constant per run and random here), and the hub's 200 Hz poll picks the newest one, so
+    a late or early poll occasionally shifts a sample by one 1 ms step. Then the
+    MPU-6050's 16-bit quantisation at +-2 g. All windows of a plant in one vectorised
+    scenario call."""
     sc = Scenario(seed, anomalies)
     rng = np.random.default_rng([SEED, seed, draw_seed])
-    t0s = np.sort(rng.uniform(t_min_s, t_max_s, n))
-    accel = np.empty((n, WINDOW, AXES), np.float32)
-    temp = np.empty((n, 1), np.float32)
-    cur = np.empty((n, 1), np.float32)
-    offs = np.arange(WINDOW) / FS_HZ
-    for i, t0 in enumerate(t0s):
-        t = t0 + offs
-        raw = np.clip(np.rint(sc.vibration_g(t) * ACCEL_LSB_PER_G), -32768, 32767)
-        accel[i] = raw / ACCEL_LSB_PER_G
-        temp[i, 0] = np.rint(sc.cabinet_temp_c(t[-1:])[0] * 100.0) / 100.0
-        cur[i, 0] = np.rint(sc.motor_current_a(t[-1:])[0] * 1000.0) / 1000.0
+    k0 = np.sort(rng.integers(int(t_min_s * GRID_HZ), int(t_max_s * GRID_HZ), n))
+    frac = rng.uniform(0.0, 1.0, n)
+    p_jitter = rng.uniform(0.0, MAX_POLL_JITTER_P, n)
+    u = rng.random((n, WINDOW))
+    jitter = np.where(u < p_jitter[:, None] / 2, -1, 0) + np.where(
+        u > 1 - p_jitter[:, None] / 2, 1, 0
+    )
+    offs = 1 + GRID_STEP * np.arange(WINDOW)[None, :] + jitter  # (n, WINDOW) grid offsets >= 0
+    span = GRID_STEP * WINDOW + 3
+    grid_t = (k0[:, None] + np.arange(span)[None, :]) / GRID_HZ  # (n, span)
+    v = sc.vibration_g(grid_t.reshape(-1)).reshape(n, span, AXES)
+    lo = np.take_along_axis(v, offs[:, :, None], axis=1)
+    hi = np.take_along_axis(v, offs[:, :, None] + 1, axis=1)
+    g = lo + frac[:, None, None] * (hi - lo)
+    accel = (np.clip(np.rint(g * ACCEL_LSB_PER_G), -32768, 32767) / ACCEL_LSB_PER_G).astype(
+        np.float32
+    )
+    t_end = grid_t[:, -1]
+    temp = (np.rint(sc.cabinet_temp_c(t_end) * 100.0) / 100.0).astype(np.float32)[:, None]
+    cur = (np.rint(sc.motor_current_a(t_end) * 1000.0) / 1000.0).astype(np.float32)[:, None]
     return Windows(accel, temp, cur)
 
 

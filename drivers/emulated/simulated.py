@@ -118,12 +118,18 @@ class GridSignal:
     an injected anomaly shows from the next conversion.
     """
 
-    def __init__(self, fn: Callable[[Any], Any], scenario: Scenario, *,
-                 grid_hz: float = 1000.0, block_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        scenario: Scenario,
+        *,
+        grid_hz: float = 1000.0,
+        block_s: float = 0.1,
+    ) -> None:
         self._fn = fn
         self._sc = scenario
         self._dt = 1.0 / grid_hz
-        self._n = max(2, int(round(block_s * grid_hz)))
+        self._n = max(2, round(block_s * grid_hz))
         self._steps = np.arange(self._n + 1, dtype=np.float64)
         # (first grid index, values[n+1, ...], anomaly tuple it was computed with):
         # replaced as a whole, so a reader never sees a half-updated block

@@ -46,21 +46,22 @@ def encode(raw: int, width: str, byte_order: str) -> bytes:
 
 class I2CWriteConfig(ActuatorConfig, tag="i2c_write"):
     """```yaml
-    actuators:
-      - id: fan
-        driver: i2c_write
-        bus: 1
-        address: 0x60          # 7-bit, 0x08..0x77
-        register: 0x40
-        width: word            # byte | word
-        byte_order: big        # word order on the wire: big (MSB first) | little (SMBus)
-        signed: false
-        scale: 4095.0          # raw = round(value * scale + offset), clamped to the width
-        offset: 0.0
-        safe_value: 0.0        # written at start, on shutdown and on fault
+    loops:
+      - id: fan_control
+        # ...
+        actuator:
+          driver: i2c_write
+          bus: 1
+          address: 0x60        # 7-bit, 0x08..0x77
+          register: 0x40
+          width: word          # byte | word
+          byte_order: big      # word order on the wire: big (MSB first) | little (SMBus)
+          signed: false
+          scale: 4095.0        # raw = round(value * scale + offset), clamped to the width
+          offset: 0.0
+          safe_value: 0.0      # written at start, on shutdown and on fault
     ```"""
 
-    id: str = ""
     bus: int = 1
     address: int = 0x60
     register: int = 0
@@ -79,6 +80,10 @@ class I2CWriteConfig(ActuatorConfig, tag="i2c_write"):
             )
         if not 0 <= self.register <= 0xFF:
             raise ValueError(f"register {self.register:#x} is not a byte (0x00..0xff)")
+
+    def target(self) -> str:
+        """The physical output (two loops must not drive the same register)."""
+        return f"i2c-{self.bus}@0x{self.address:02x}/0x{self.register:02x}"
 
 
 class I2CWrite:

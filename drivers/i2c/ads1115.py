@@ -150,6 +150,13 @@ class ADS1115Config(SensorConfig, tag="ads1115"):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"inputs: channel names must be unique, repeated: {sorted(dup)}")
+        read_ms = len(self.inputs) * 1100.0 / self.data_rate_sps  # 1/DR + 10 % oscillator
+        if read_ms >= self.read_timeout_ms:
+            raise ValueError(
+                f"{len(self.inputs)} inputs at data_rate_sps {self.data_rate_sps} take "
+                f"{read_ms:.0f} ms per read, not less than read_timeout_ms "
+                f"{self.read_timeout_ms}: raise data_rate_sps or read_timeout_ms"
+            )
 
 
 # -- driver ------------------------------------------------------------------------------------

@@ -268,6 +268,14 @@ class BME280Config(SensorConfig, tag="bme280"):
         check_choice("humidity_oversampling", self.humidity_oversampling, OVERSAMPLING)
         check_choice("iir_filter_coeff", self.iir_filter_coeff, IIR_COEFFS)
         check_choice("standby_ms", self.standby_ms, STANDBY_MS, " ms")
+        _, t_max = measurement_time_ms(
+            self.temperature_oversampling, self.pressure_oversampling, self.humidity_oversampling
+        )
+        if self.mode == "forced" and t_max >= self.read_timeout_ms:
+            raise ValueError(
+                f"a forced conversion at these oversampling settings takes up to "
+                f"{t_max:.1f} ms, not less than read_timeout_ms {self.read_timeout_ms}"
+            )
 
 
 # -- driver ------------------------------------------------------------------------------------

@@ -174,7 +174,6 @@ class AsyncI2CBus:
             with self._stats_lock:
                 self.transactions += 1
                 self.busy_s += _now() - t0
-                self._pending -= 1
 
     def _drop_bus(self) -> None:
         bus, self._smbus = self._smbus, None
@@ -190,7 +189,13 @@ class AsyncI2CBus:
         with self._stats_lock:
             self._pending += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, fn, addr, reg, op)
+        try:
+            # A caller cancelled (its read timeout) before the job started also cancels
+            # the job: no stale transaction runs later. One already on the wire finishes.
+            return await loop.run_in_executor(self._executor, self._run, fn, addr, reg, op)
+        finally:
+            with self._stats_lock:
+                self._pending -= 1
 
     # -- AsyncI2CBusLike -----------------------------------------------------------------
 

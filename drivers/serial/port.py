@@ -77,8 +77,8 @@ class _NoNode(Exception):
 
 def _close_result(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is None:
-        with contextlib.suppress(Exception):
-            fut.result().close()
+        # off the loop: pyserial's socket close() sleeps
+        asyncio.get_running_loop().run_in_executor(None, fut.result().close)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

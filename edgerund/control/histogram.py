@@ -76,17 +76,29 @@ class Histogram:
 
     def percentile(self, q: float) -> float | None:
         """The q-th percentile (0..100), or None when nothing was recorded."""
+        return self.percentiles((q,))[0]
+
+    def percentiles(self, qs: tuple[float, ...]) -> list[float | None]:
+        """Several percentiles (ascending q) in one pass over the buckets."""
         if self.count == 0:
-            return None
-        rank = max(1, math.ceil(self.count * q / 100.0))
+            return [None] * len(qs)
+        ranks = [max(1, math.ceil(self.count * q / 100.0)) for q in qs]
+        out: list[float | None] = []
+        lo, hi = max(self.min, 0.0), self.max
         seen = 0
+        j = 0
         for idx, c in enumerate(self._counts):
-            if c:
-                seen += c
-                if seen >= rank:
-                    v = self._bucket_mid(idx)
-                    return min(max(v, max(self.min, 0.0)), self.max)
-        return self.max
+            if not c:
+                continue
+            seen += c
+            while j < len(ranks) and seen >= ranks[j]:
+                out.append(min(max(self._bucket_mid(idx), lo), hi))
+                j += 1
+            if j == len(ranks):
+                break
+        while len(out) < len(qs):
+            out.append(self.max)
+        return out
 
     @property
     def mean(self) -> float | None:
@@ -116,8 +128,5 @@ class Histogram:
         def r(v: float | None) -> float | None:
             return None if v is None else round(v, digits)
 
-        return {
-            "p50": r(self.percentile(50)),
-            "p99": r(self.percentile(99)),
-            "max": r(self.max if self.count else None),
-        }
+        p50, p99 = self.percentiles((50.0, 99.0))
+        return {"p50": r(p50), "p99": r(p99), "max": r(self.max if self.count else None)}

@@ -84,6 +84,7 @@ class ModelsLike(Protocol):
 
 
 Publish = Callable[..., Any]
+STATUS_CACHE_S = 0.25  # histogram summaries in `status` are at most this old
 
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:
@@ -239,6 +240,7 @@ class ControlLoop:
         self._runner: Any = None  # the runner whose ABI was last checked
         self._runner_abi_error: str | None = None
         self._schedule: Schedule | None = None
+        self._summary_cache: tuple[float, dict[str, Any]] | None = None
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -563,6 +565,23 @@ class ControlLoop:
 
     # --- status -------------------------------------------------------------------------
 
+    def _summaries(self) -> dict[str, Any]:
+        """Histogram summaries, recomputed at most every STATUS_CACHE_S: twenty clients
+        polling `status` must not cost the event loop a bucket scan each."""
+        now = self.clock()
+        if self._summary_cache is None or now - self._summary_cache[0] >= STATUS_CACHE_S:
+            self._summary_cache = (
+                now,
+                {
+                    "lateness_ms": self.h_lateness.summary(),
+                    "latency_ms": self.h_latency.summary(),
+                    "sample_age_ms": self.h_age.summary(),
+                    "actuation_ms": self.h_actuation.summary(),
+                    "inference_us": self.h_infer.summary(1),
+                },
+            )
+        return self._summary_cache[1]
+
     def status(self) -> dict[str, Any]:
         d = self.last_decision
         writes = getattr(self.actuator, "writes", None) if self.actuator is not None else None
@@ -571,11 +590,7 @@ class ControlLoop:
             "period_ms": self.cfg.period_ms,
             "ticks": self.ticks,
             "missed": self.missed,
-            "lateness_ms": self.h_lateness.summary(),
-            "latency_ms": self.h_latency.summary(),
-            "sample_age_ms": self.h_age.summary(),
-            "actuation_ms": self.h_actuation.summary(),
-            "inference_us": self.h_infer.summary(1),
+            **self._summaries(),
             "mode": self.mode.value if self.mode is not None else None,
             "reason": self.reason,
             "model": self.cfg.model,

@@ -16,7 +16,9 @@ tick). When the task falls a whole period or more behind (a slow read, a stalled
 the missed deadlines are skipped and counted in `overruns`; a deadline missed by less
 than a period is served late, so ordinary wake-up jitter costs no samples.
 
-One read = `1 + retries` attempts, each under `asyncio.timeout(read_timeout_ms)`. A read
+One read = `1 + retries` attempts, each under `asyncio.timeout(read_timeout_ms)` (a
+timeout ends the read at once: the device had its time, and an I2C transaction that timed
+out still occupies the bus worker, so an immediate retry would only queue behind it). A read
 whose every attempt failed is a `ReadFailed` event for the health state machine
 (edgerund/hub/health.py). Between failed reads the task backs off (capped, jittered
 exponential, never faster than the grid); after `fail_after` consecutive failures the
@@ -126,15 +128,19 @@ class Acquirer:
         self.rt = rt
         self._sink = sink
         self._publish = publish
-        cfg = rt.config
+        self.apply(rt.config)
+        self._log = log.bind(sensor=rt.config.id, driver=rt.driver_name)
+        self._last_was_frame_error = False
+
+    def apply(self, cfg: SensorConfig) -> None:
+        """Take (new) acquisition settings; a running task uses them from its next read."""
+        self.rt.config = cfg
         self.period_s = 1.0 / cfg.rate_hz
         self.timeout_s = cfg.read_timeout_ms / 1000.0
         self.open_timeout_s = max(OPEN_TIMEOUT_MIN_S, 4.0 * self.timeout_s)
         # A stream with no frame for this long is stalled. Drivers detect stalls
         # themselves (and name the cause); this is the backstop for one that does not.
         self.stall_s = 2.0 * max(self.timeout_s, 2.0 * self.period_s) + 0.5
-        self._log = log.bind(sensor=cfg.id, driver=rt.driver_name)
-        self._last_was_frame_error = False
 
     # -- health -----------------------------------------------------------------------
     def _event(self, ev: hm.HealthEvent) -> bool:
@@ -265,6 +271,10 @@ class Acquirer:
                 c.timeouts += 1
                 frame_only = False
                 reason = f"read timed out after {rt.config.read_timeout_ms} ms"
+                # No immediate retry: the device already had its whole timeout, and on an
+                # I2C bus the timed-out transaction still occupies the worker, so a retry
+                # would only queue behind it. The grid (with backoff) tries again.
+                break
             except FrameError as exc:
                 c.frame_errors += 1
                 reason = str(exc)
@@ -286,7 +296,6 @@ class Acquirer:
     async def run_polled(self) -> None:
         rt = self.rt
         loop = asyncio.get_running_loop()
-        period = self.period_s
         try:
             while True:
                 if not rt.opened:
@@ -297,6 +306,7 @@ class Acquirer:
                         continue
                 deadline = loop.time()
                 while True:
+                    period = self.period_s  # re-read: a reload may change the rate
                     delay = deadline - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
+import msgspec
 import numpy as np
 import structlog
 
@@ -237,6 +238,38 @@ class SensorHub:
             await acq.close()
         with contextlib.suppress(Exception):
             await self.resources.aclose()
+
+    # -- reload (SIGHUP) --------------------------------------------------------------
+    LIVE_KEYS = ("rate_hz", "read_timeout_ms", "retries", "fail_after", "reprobe_s")
+
+    def reload(self, config: Any) -> None:
+        """Apply live acquisition settings of sensors whose identity did not change.
+
+        rate_hz, read_timeout_ms, retries, fail_after and reprobe_s change in place (from
+        the sensor's next read). Anything else (driver keys, window, enabled, sensors
+        added or removed) needs a restart: raised as an error naming the sensors, which
+        the daemon reports without dropping the live changes already applied.
+        """
+        new_by_id = {s.id: s for s in config.sensors}
+        needs_restart = sorted(set(self._rts) ^ set(new_by_id))
+        for sid, rt in self._rts.items():
+            new = new_by_id.get(sid)
+            if new is None:
+                continue
+            old = rt.config
+            if type(new) is not type(old):
+                needs_restart.append(sid)
+                continue
+            live = {k: getattr(new, k) for k in self.LIVE_KEYS}
+            same_otherwise = msgspec.structs.replace(old, **live) == new
+            if not same_otherwise:
+                needs_restart.append(sid)
+                continue
+            if any(getattr(old, k) != v for k, v in live.items()):
+                self._acq[sid].apply(new)
+                log.info("sensor_settings_applied", sensor=sid, **live)
+        if needs_restart:
+            raise ConfigError(f"sensor changes need a restart: {', '.join(needs_restart)}")
 
     # -- status -------------------------------------------------------------------------
     def _rate(self, sid: str, now: float) -> float:

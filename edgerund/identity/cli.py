@@ -52,8 +52,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         ak_pem = Path(args.ak_pem).read_text() if args.ak_pem else None
         expected = None
         if args.expect_model or args.expect_config:
-            if not (args.expect_model and args.expect_config):
-                raise UsageError("--expect-model and --expect-config go together")
+            if not args.expect_config:  # the config is always measured first
+                raise UsageError("--expect-model needs --expect-config (the deployed config)")
             expected = expected_binding_for_files(
                 Path(args.expect_config), [Path(m) for m in args.expect_model]
             )
@@ -142,7 +142,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="MANIFEST",
         help="manifest.json of a model that must be active (repeat per model)",
     )
-    v.add_argument("--expect-config", metavar="CONFIG", help="the config file deployed")
+    v.add_argument("--expect-config", metavar="CONFIG",
+                   help="the config file deployed (alone: expect no active model)")  # fmt: skip
     v.add_argument("--ak-pem", help="the gateway's registered AK (PEM): pins the key")
     v.add_argument(
         "--allow-software",

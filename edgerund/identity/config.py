@@ -68,7 +68,9 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
         if len(banks) != len(sel):
             errors.append(("identity.pcr_selection", "a PCR bank is listed twice"))
         sha256 = [ix for h, ix in sel if h == HASH_IDS["sha256"]]
-        if not sha256 or ident.pcr_binding not in sha256[0]:
+        if ident.pcr_binding in RESETTABLE_PCRS and (
+            not sha256 or ident.pcr_binding not in sha256[0]
+        ):
             errors.append(
                 (
                     "identity.pcr_selection",

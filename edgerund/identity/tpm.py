@@ -400,20 +400,21 @@ class TpmIdentity(Identity):
     def _enrol(self, ectx: Any) -> None:
         from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
-        for key in ("srk_handle", "ak_handle", "signing_key_handle"):
+        def in_use(handle: int, key: str, found: bytes) -> DeviceError:
+            return DeviceError(
+                f"cannot enrol: persistent handle 0x{handle:08x} (identity.{key}) is already "
+                f"in use by another object (Name {found.hex()}) and {self.state_path} does "
+                f"not exist. Choose a free handle for identity.{key} or evict it: "
+                f"tpm2_evictcontrol -C o -c 0x{handle:08x}"
+            )
+
+        for key in ("ak_handle", "signing_key_handle"):
             handle = getattr(self.cfg, key)
             existing = self._read_persistent(ectx, handle)
-            if existing is not None and key != "srk_handle":
+            if existing is not None:
                 found = bytes(ectx.tr_get_name(existing))
                 ectx.tr_close(existing)
-                raise DeviceError(
-                    f"cannot enrol: persistent handle 0x{handle:08x} (identity.{key}) is "
-                    f"already in use (Name {found.hex()}) and {self.state_path} does not "
-                    "exist. Choose a free handle for identity."
-                    f"{key} or evict it: tpm2_evictcontrol -C o -c 0x{handle:08x}"
-                )
-            if existing is not None:
-                ectx.tr_close(existing)
+                raise in_use(handle, key, found)
 
         state: dict[str, Any] = {"version": STATE_VERSION, "tcti": self.cfg.tcti}
         # EK -> AK
@@ -443,10 +444,14 @@ class TpmIdentity(Identity):
         # SRK -> telemetry key
         srk, _ = self._create_srk(ectx)
         try:
-            state["srk"] = {
-                "handle": self.cfg.srk_handle,
-                "name": bytes(ectx.tr_get_name(srk)).hex(),
-            }
+            srk_name = bytes(ectx.tr_get_name(srk))
+            existing = self._read_persistent(ectx, self.cfg.srk_handle)
+            if existing is not None:  # an SRK made from the same template is the same key
+                found = bytes(ectx.tr_get_name(existing))
+                ectx.tr_close(existing)
+                if found != srk_name:
+                    raise in_use(self.cfg.srk_handle, "srk_handle", found)
+            state["srk"] = {"handle": self.cfg.srk_handle, "name": srk_name.hex()}
             sk_priv, sk_pub, *_ = ectx.create(srk, TPM2B_SENSITIVE_CREATE(), self._sk_template())
         finally:
             ectx.flush_context(srk)

@@ -172,24 +172,35 @@ def band_energies(x: npt.ArrayLike, band_edges_bin: Sequence[int], log_floor: fl
     same function with cached constants."""
     arr = np.asarray(x, dtype=np.float64)
     w = _hann(arr.shape[0])
-    buf = np.zeros((arr.shape[0] // 2 + 2, arr.shape[1]), dtype=np.float64)
+    buf = np.zeros((arr.shape[1], arr.shape[0] // 2 + 2), dtype=np.float64)
     edges = np.asarray(band_edges_bin, dtype=np.int64)
     return _log_bands(arr, w, float(np.sum(w * w)), edges, log_floor, buf)
 
 
 def _log_bands(
-    x: F64, w: F64, w_power: float, edges: npt.NDArray[np.int64], log_floor: float, buf: F64
+    x: npt.NDArray[Any],
+    w: F64,
+    w_power: float,
+    edges: npt.NDArray[np.int64],
+    log_floor: float,
+    buf: F64,
 ) -> F64:
-    """Steps 1-4. `buf` is (bins + 1, axes) with a zero last row: reduceat sums
+    """Steps 1-4 on a (window, axes) array.
+
+    Works on the transposed (axes, window) copy so every reduction and the FFT run along
+    contiguous memory. `buf` is (axes, bins + 1) with a zero last column: reduceat sums
     `[e_i, e_{i+1})` and needs every edge, the last one included, to be a valid index."""
-    centred = x - x.mean(axis=0)
-    spec = np.fft.rfft(centred * w[:, None], axis=0)
-    n_bins = spec.shape[0]
-    np.multiply(spec.real, spec.real, out=buf[:n_bins])
-    buf[:n_bins] += spec.imag * spec.imag
-    buf[:n_bins] /= w_power
-    bands = np.add.reduceat(buf, edges, axis=0)[:-1]  # (n_bands, axes)
-    out: F64 = np.log10(bands.T.reshape(-1) + log_floor)
+    xt = np.array(x.T, dtype=np.float64)  # one copy: transpose + widen to float64
+    xt -= xt.mean(axis=1, keepdims=True)
+    xt *= w
+    spec = np.fft.rfft(xt, axis=1)
+    n_bins = spec.shape[1]
+    np.multiply(spec.real, spec.real, out=buf[:, :n_bins])
+    buf[:, :n_bins] += spec.imag * spec.imag
+    bands = np.add.reduceat(buf, edges, axis=1)[:, :-1]  # (axes, n_bands)
+    bands *= 1.0 / w_power
+    bands += log_floor
+    out: F64 = np.log10(bands).reshape(-1)  # axis-major: axis 0's bands first
     return out
 
 
@@ -202,7 +213,7 @@ class Preprocessor:
         self._w = _hann(spec.window)
         self._w_power = float(np.sum(self._w * self._w))
         self._edges = np.asarray(spec.band_edges_bin, dtype=np.int64)
-        self._buf = np.zeros((spec.window // 2 + 2, spec.axes), dtype=np.float64)
+        self._buf = np.zeros((spec.axes, spec.window // 2 + 2), dtype=np.float64)
         self._mean = np.asarray(spec.mean, dtype=np.float64)
         self._inv_std = 1.0 / np.asarray(spec.std, dtype=np.float64)
         self._raw = np.empty(spec.n_features, dtype=np.float64)
@@ -216,7 +227,7 @@ class Preprocessor:
 
     def _fill(self, inputs: Mapping[str, npt.ArrayLike]) -> None:
         spec = self.spec
-        x = np.asarray(inputs[spec.vibration_input], dtype=np.float64)
+        x = np.asarray(inputs[spec.vibration_input])
         if x.shape != (spec.window, spec.axes):
             raise FeatureError(
                 f"input {spec.vibration_input!r}: shape ({spec.window}, {spec.axes}) expected, "
@@ -224,17 +235,19 @@ class Preprocessor:
             )
         self._raw[: self._nb] = self._bands(x)
         for i, name in enumerate(spec.scalars):
-            v = np.asarray(inputs[name], dtype=np.float64).reshape(-1)
+            v = np.asarray(inputs[name])
             if v.size < 1:
                 raise FeatureError(f"input {name!r}: at least one value expected, got none")
-            self._raw[self._nb + i] = v[-1]  # the newest value
+            self._raw[self._nb + i] = v.flat[-1]  # the newest value
 
-    def _bands(self, x: F64) -> F64:
+    def _bands(self, x: npt.NDArray[Any]) -> F64:
         return _log_bands(x, self._w, self._w_power, self._edges, self.spec.log_floor, self._buf)
 
     def __call__(self, inputs: Mapping[str, npt.ArrayLike]) -> F32:
         """Normalised features in `self.out` (reused: copy it if you keep it)."""
         self._fill(inputs)
-        np.multiply(self._raw - self._mean, self._inv_std, out=self._raw)
-        self.out[0, :] = self._raw
+        raw = self._raw
+        np.subtract(raw, self._mean, out=raw)
+        raw *= self._inv_std
+        self.out[0, :] = raw
         return self.out

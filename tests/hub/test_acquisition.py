@@ -118,7 +118,7 @@ async def test_one_failing_sensor_does_not_delay_others(fake_hub: Any) -> None:
     assert rate > 90.0, f"healthy sensor slowed to {rate:.1f} Hz"
     gaps = np.diff(starts)
     # a blocking 150 ms timeout anywhere on the loop would show up as a gap >= 150 ms
-    assert float(gaps.max()) < 0.1, float(gaps.max())
+    assert float(gaps.max()) < 0.14, float(gaps.max())
     assert h.hub._rts["hang"].counters.timeouts >= 3
     assert h.hub.state("healthy") == "ok"
     st = {s["id"]: s for s in h.hub.status()["sensors"]}
@@ -208,3 +208,25 @@ async def test_sensors_command_and_disabled(fake_hub: Any) -> None:
     assert by["off"]["state"] == "disabled"
     assert by["on"]["state"] == "ok" and by["on"]["value"].endswith("v")
     assert h.driver("off").opens == 0
+
+
+async def test_reload_changes_rate_live_and_flags_the_rest(fake_hub: Any) -> None:
+    from types import SimpleNamespace
+
+    import pytest
+
+    from edgerund.errors import ConfigError
+
+    h = await fake_hub([fake("a", rate_hz=20.0), fake("b", rate_hz=20.0)])
+    await wait_for(lambda: h.hub.state("a") == "ok")
+    d = h.driver("a")
+    # a's rate goes up live; b's driver key changes: restart needed, named
+    new = SimpleNamespace(sensors=[fake("a", rate_hz=100.0), fake("b", rate_hz=20.0, work_ms=1.0)])
+    with pytest.raises(ConfigError, match="restart: b"):
+        h.hub.reload(new)
+    await asyncio.sleep(0.2)
+    i0 = len(d.read_starts)
+    await asyncio.sleep(1.0)
+    rate = len(d.read_starts) - i0
+    assert rate > 60, rate  # ~100 Hz now, was 20
+    assert h.hub._rts["b"].config.work_ms == 0.0

@@ -156,6 +156,10 @@ async def test_nack_and_stuck(make_bus: MakeBus) -> None:
         ({"inputs": [{"name": "a", "input": "ain4"}]}, "Invalid enum value 'ain4'"),
         ({"inputs": [{"name": "a"}, {"name": "a", "input": "ain1"}]}, "repeated: ['a']"),
         ({"inputs": []}, "at least one input"),
+        (
+            {"data_rate_sps": 8, "inputs": [{"name": n} for n in ("a", "b", "c", "d")]},
+            "4 inputs at data_rate_sps 8 take 550 ms per read, not less than read_timeout_ms",
+        ),
     ],
 )
 def test_config_errors(kw: dict[str, object], message: str) -> None:

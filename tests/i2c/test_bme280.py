@@ -248,6 +248,16 @@ async def test_replugged_chip_is_reconfigured(make_bus: MakeBus) -> None:
         ({"iir_filter_coeff": 5}, "iir_filter_coeff"),
         ({"mode": "sleep"}, "Invalid enum value 'sleep'"),
         ({"bogus": 1}, "unknown field `bogus`"),
+        (
+            {
+                "mode": "forced",
+                "temperature_oversampling": 16,
+                "pressure_oversampling": 16,
+                "humidity_oversampling": 16,
+                "read_timeout_ms": 100,
+            },
+            "takes up to 112.8 ms, not less than read_timeout_ms 100",
+        ),
     ],
 )
 def test_config_errors_say_what_is_legal(kw: dict[str, object], message: str) -> None:

@@ -123,12 +123,12 @@ async def test_event_loop_not_blocked_by_a_slow_transaction(make_bus: MakeBus) -
     assert elapsed >= 0.29
     assert len(lags) >= 10  # the loop kept running while the worker was stuck
     # A blocking call would show one lag of ~300 ms; allow generous scheduling noise.
-    assert max(lags) < 0.15
+    assert max(lags) < 0.2
 
 
 async def test_other_coroutines_progress_while_bus_busy(make_bus: MakeBus) -> None:
     slow = RegisterFile(0x30)
-    slow.stall_s = 0.2
+    slow.stall_s = 0.4
     bus, _ = make_bus(slow)
     done: list[float] = []
 
@@ -139,7 +139,7 @@ async def test_other_coroutines_progress_while_bus_busy(make_bus: MakeBus) -> No
 
     t0 = time.perf_counter()
     await asyncio.gather(bus.read_block(0x30, 0, 1), cpu_side())
-    assert len(done) == 5 and done[-1] - t0 < 0.18
+    assert len(done) == 5 and done[-1] - t0 < 0.3  # 50 ms of sleeps, not after the 400 ms
 
 
 async def test_opener_runs_lazily_on_the_worker() -> None:
@@ -279,3 +279,20 @@ def test_emulated_smbus_word_order_matches_smbus() -> None:
     assert dev.regs[4:6] == b"\x34\x12"  # SMBus words: low byte first
     assert smbus.read_word_data(0x20, 0x04) == 0x1234
     assert smbus.read_byte_data(0x20, 0x05) == 0x12
+
+
+async def test_cancelled_waiters_leave_the_queue_clean(make_bus: MakeBus) -> None:
+    slow = RegisterFile(0x30)
+    slow.stall_s = 0.05
+    fast = RegisterFile(0x31)
+    bus, _ = make_bus(slow, fast)
+    first = asyncio.create_task(bus.read_block(0x30, 0, 1))
+    await asyncio.sleep(0.01)  # now on the wire
+    queued = asyncio.create_task(bus.write_byte(0x31, 0, 0x77))
+    await asyncio.sleep(0)
+    queued.cancel()  # the hub's read timeout fired before the job started
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert await first == b"\x00"  # the transaction already running completed
+    assert fast.writes == []  # the cancelled one never reached the bus
+    assert bus.stats()["queued"] == 0

@@ -135,6 +135,7 @@ async def test_actuator_little_endian_byte_and_faults(make_bus: MakeBus) -> None
     with pytest.raises(I2CError):
         await act.write(1)
     assert act.counters["bus_errors"] == 1
+    assert act.cfg.target() == "i2c-1@0x20/0x03"
     with pytest.raises(msgspec.ValidationError, match="reserved"):
         cfg(I2CWriteConfig, address=0x7C)
     with pytest.raises(msgspec.ValidationError, match="register 0x100"):

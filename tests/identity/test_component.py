@@ -119,3 +119,11 @@ async def test_software_identity_files_and_result(tmp_path: Path):
     with pytest.raises(ConfigError, match="chmod 600"):
         async with build(ctx):
             pass
+
+
+async def test_unreadable_auth_file_is_a_config_error(tmp_path: Path):
+    ctx = make_context(tmp_path, kind="tpm", tcti="swtpm:host=127.0.0.1,port=1",
+                       owner_auth_file=str(tmp_path / "missing-owner-pw"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"identity.owner_auth_file.*missing-owner-pw"):
+        async with build(ctx):
+            pass

@@ -1,4 +1,8 @@
-"""Unclean ends: kill -9 of the key user (and power cuts of the TPM) never lock the TPM out.
+"""Unclean ends: kill -9 of a key user never breaks the TPM identity.
+
+The kill -9 + power-cut test through the real daemon is in test_daemon.py; here a small
+key-using process (tests/identity/keyuser.py) is killed while the TPM stays up (the slots
+it held are reclaimed at the next start), and a control shows the DA mechanism is live.
 
 An unorderly TPM shutdown after a DA-protected object was used adds one to the TPM's
 failedTries (TPM 2.0 Part 1, 19.8.6); swtpm's default is 3 tries, so three power cuts
@@ -62,16 +66,6 @@ async def still_signs(swtpm: SwtpmProcess, state: Path) -> None:
         assert ident.status()["da_lockout_counter"] == 0
     finally:
         await ident.close()
-
-
-async def test_kill9_with_power_cuts_five_times_no_lockout(swtpm: SwtpmProcess, tmp_path: Path):
-    state = tmp_path / "state"
-    for i in range(5):
-        run_and_kill(swtpm.tcti, state, 0.05 * i)
-        swtpm.kill()  # the power cut that took the daemon also took the TPM
-        swtpm.start()
-        assert lockout_counter(swtpm) == 0, f"DA counter rose after round {i + 1}"
-    await still_signs(swtpm, state)
 
 
 async def test_kill9_five_times_tpm_alive_leaked_slots_recovered(

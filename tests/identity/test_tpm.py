@@ -504,3 +504,23 @@ async def test_orderly_shutdown_on_close(
     swtpm.kill()  # power cut while the daemon is stopped
     swtpm.start()
     assert lockout_counter(swtpm) == (0 if shutdown_on_exit else 1)
+
+
+async def test_enrolment_refuses_a_foreign_object_at_our_handles(
+    swtpm: SwtpmProcess, tmp_path: Path
+):
+    from tpm2_pytss.constants import ESYS_TR
+    from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
+
+    with esapi(swtpm) as e:  # e.g. tpm2_createprimary + evictcontrol by another tool
+        other, *_ = e.create_primary(TPM2B_SENSITIVE_CREATE(), "rsa2048", ESYS_TR.OWNER)
+        e.evict_control(ESYS_TR.OWNER, other, 0x81000001)
+        e.flush_context(other)
+    with pytest.raises(DeviceError, match=r"cannot enrol: persistent handle 0x81000001 "
+                       r"\(identity.srk_handle\) is already in use"):  # fmt: skip
+        await opened(swtpm, tmp_path)
+    assert not (tmp_path / "identity" / "tpm-enrolment.json").exists()
+    # with another handle it enrols, and leaves the foreign object alone
+    ident = await opened(swtpm, tmp_path, srk_handle=0x81000002)
+    await ident.close()
+    assert 0x81000001 in persistent_handles(swtpm)

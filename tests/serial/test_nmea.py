@@ -225,3 +225,33 @@ def test_config_errors() -> None:
     with pytest.raises(msgspec.ValidationError):
         _cfg("/dev/ttyUSB0", sentences=["GSV"])
     assert _cfg("socket://127.0.0.1:7000").port == "socket://127.0.0.1:7000"
+
+
+async def test_random_fault_rates_exact_accounting(link: Path, resources: object) -> None:
+    """Every sentence sent is either delivered or counted as an error: nothing vanishes."""
+    from drivers.emulated.serial import Faults
+
+    async with NmeaGpsEmulator(
+        link,
+        fix=lambda t: Fix(10.0, 20.0),
+        rate_hz=100,
+        seed=9,
+        faults=Faults(bit_flip=0.2, truncate=0.1),
+    ) as emu:
+        sensor = NmeaSensor(_cfg(emu.path, rate_hz=100, read_timeout_ms=300), resources)  # type: ignore[arg-type]
+        # what a device says before we listen is lost (the open flushes the tty): count
+        # only from the moment the port is open
+        emu.stall()
+        await sensor.open()
+        for k in emu.counters:
+            emu.counters[k] = 0
+        emu.unstall()
+        await _collect(sensor, 30)
+        emu.stall()
+        with pytest.raises(DeviceError, match="stalled"):
+            await _collect(sensor, 10_000)  # drain until the line is quiet
+        c = sensor.counters
+        assert emu.counters["frames_corrupted"] > 0
+        assert c["frame_errors"] == emu.counters["frames_corrupted"]
+        assert c["frames"] + c["frame_errors"] == emu.counters["frames_sent"]
+        await sensor.close()

@@ -103,12 +103,12 @@ async def collector_factory() -> AsyncIterator[Callable[..., Any]]:
     tasks: list[tuple[asyncio.Task[None], asyncio.Event]] = []
 
     async def start(broker: Any, *, public_keys: list[Any] = (), client_id: str = "test-consumer",  # type: ignore[assignment]
-                    require_signature: bool = False) -> Collector:
+                    require_signature: bool = False, group: str | None = "edgerund") -> Collector:
         c = Collector(Consumer(public_keys=public_keys, require_signature=require_signature))
         stop = asyncio.Event()
         ready = asyncio.Event()
         t = asyncio.create_task(run(c.consumer, c, host=broker.host, port=broker.port,  # type: ignore[arg-type]
-                                    client_id=client_id, stop=stop, ready=ready))
+                                    client_id=client_id, stop=stop, ready=ready, group=group))
         tasks.append((t, stop))
         # The subscription must exist before the gateway publishes.
         await asyncio.wait_for(ready.wait(), 15)

@@ -31,7 +31,7 @@ async def test_broker_outage_loses_nothing(tmp_path: Path, mosquitto: Any, colle
     ctx = make_ctx(make_config(tmp_path, mosquitto, telemetry={"batch_max_age_s": 0.5}), tmp_path)
     hub = HubStandIn([("env", "temp", "degC")])
     ctx.components["hub"] = hub
-    col = await collector_factory(mosquitto, client_id="outage-consumer")
+    col = await collector_factory(mosquitto, client_id="outage-consumer", group=None)
     async with TelemetryComponent(ctx) as tel:
         stop = asyncio.Event()
         emitter = asyncio.create_task(_emit_until(hub, stop))

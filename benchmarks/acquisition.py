@@ -1,37 +1,40 @@
 """Acquisition benchmark: 20 emulated I2C sensors at 1-200 Hz through the SensorHub.
 
-What it measures, all in one run so the ratios compare like with like on this machine:
+Three phases in one run, so the ratios compare like with like on this machine (same
+drivers, same emulators, same rates, same CPU caches and load):
 
-1. Idle loop lag (baseline): a probe wakes on absolute deadlines every `--lag-interval-ms`
-   with nothing else running; lateness = wake time - deadline (perf_counter), as the
-   daemon's own loop-lag monitor measures it.
-2. The acquisition path: 20 sensors (the REAL drivers) in a `SensorHub` on the simulated
-   resources (one worker thread per bus, four buses, the register-level emulators fed by
-   the seeded scenario), with a telemetry-like subscriber, for `--duration-s`: CPU time
-   of the whole process per read (all threads: loop, bus workers, emulators), achieved
-   vs configured rate per sensor, and the loop lag measured by the same probe.
-3. The bare emulator call, in the same run: every emulated SMBus is wrapped in a meter
-   that adds up the CPU time (time.thread_time of the bus worker) spent inside the
-   emulator's smbus methods, i.e. what the transactions themselves cost.
+1. Idle: the loop-lag probe alone (wakes on absolute deadlines every
+   `--lag-interval-ms`; lag = wake time - deadline, as the daemon's monitor measures it).
+2. Bare (`--bare-s`): each REAL driver reads its emulated part directly, paced at its
+   configured rate on absolute deadlines, all 20 concurrently, with every bus transaction
+   executed inline on the calling thread (the real `AsyncI2CBus` code with its worker hop
+   removed): the cost of the emulator calls plus the bare minimum to pace them.
+3. Acquisition (`--duration-s`): the same 20 sensors in a `SensorHub` (one worker thread
+   per bus, four buses, timeouts, retries, health, samples, ring buffers) with a
+   telemetry-like subscriber. Before it, the same hub over inline buses
+   (`--hub-inline-s`) splits the overhead into the hub's own part and the bus worker hop.
 
-overhead_ratio = path CPU per read / emulator CPU per read (target <= 2): everything the
-acquisition path adds (driver protocol code, the worker hop, scheduling, timeouts,
-samples, ring buffers, fan-out) relative to the device calls it wraps.
-`overhead_us_per_read` is the same difference in absolute terms.
+Figures: CPU time of the whole process per read (all threads) in each phase;
+`overhead_ratio` = acquisition CPU per read / bare CPU per read (target <= 2);
+`emulator_us_per_read`: CPU spent inside the emulated SMBus calls (a meter around them);
+achieved/configured rate per sensor (min and mean); loop lag p50/p99/max while acquiring
+(target p99 <= 1 ms), with the idle and bare lags beside it.
 
-Usage: python benchmarks/acquisition.py [--duration-s 60] [--no-uvloop]
-Last line: one JSON object with every figure (units in the names).
+Usage: python benchmarks/acquisition.py [--duration-s 60] [--bare-s 20] [--no-uvloop]
+The last line is one JSON object with every figure (units in the names).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from drivers.emulated.scenario import Scenario
 from drivers.emulated.simulated import SimResources
 from drivers.i2c.bus import AsyncI2CBus
+from drivers.registry import sensor_drivers
 from edgerund.config.schema import Config
 from edgerund.hub.component import SensorHub
 
@@ -108,12 +112,22 @@ class MeteredSMBus:
         return metered
 
 
+class InlineBus(AsyncI2CBus):
+    """The real bus code with the worker hop removed: transactions run on the caller."""
+
+    async def _submit(self, fn: Callable[[Any], Any], addr: int, reg: int | None, op: str) -> Any:
+        with self._stats_lock:
+            self._pending += 1
+        return self._run(fn, addr, reg, op)
+
+
 class MultiBusSim:
     """Resources routing bus n to its own SimResources (one emulated bus each), each
-    emulated SMBus wrapped in a CPU meter."""
+    emulated SMBus wrapped in a CPU meter; `inline` drops the bus worker threads."""
 
-    def __init__(self, scenario: Scenario) -> None:
+    def __init__(self, scenario: Scenario, inline: bool = False) -> None:
         self.sims = {b: SimResources(scenario, i2c_bus=b) for b in BUSES}
+        self.inline = inline
         self.meters: dict[int, MeteredSMBus] = {}
         self._buses: dict[int, AsyncI2CBus] = {}
 
@@ -124,7 +138,8 @@ class MultiBusSim:
             sim.i2c_bus(bus)  # builds the emulated SMBus with its parts
             meter = MeteredSMBus(sim.smbus)
             self.meters[bus] = meter
-            b = AsyncI2CBus.from_smbus(meter, f"bench-{bus}")  # the real bus worker
+            cls = InlineBus if self.inline else AsyncI2CBus
+            b = cls.from_smbus(meter, f"bench-{bus}")
             self._buses[bus] = b
         return b
 
@@ -168,20 +183,55 @@ async def measure_lag(seconds: float, interval_s: float) -> list[float]:
     return out
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = msgspec.convert({"gateway": {"id": "bench"}, "sensors": sensor_entries()}, Config)
-    sensors = list(cfg.sensors)
-    interval = args.lag_interval_ms / 1000.0
+async def bare_phase(
+    sensors: list[Any], seconds: float, interval_s: float
+) -> tuple[float, float, float, list[float]]:
+    """(CPU s per read, emulator CPU s per read, reads per s, loop lags) of the bare loop."""
+    specs = sensor_drivers()
+    res = MultiBusSim(Scenario(seed=42), inline=True)
+    drivers = [(cfg, specs[cfg.__struct_config__.tag].factory(cfg, res)) for cfg in sensors]
+    for _, drv in drivers:
+        await drv.open()
+    reads = [0]
 
-    print(f"event loop: {type(asyncio.get_running_loop()).__module__}")
-    idle_lag = await measure_lag(args.idle_s, interval)
-    print(
-        f"idle loop lag: p50 {pct(idle_lag, 50) * 1e3:.3f} ms, "
-        f"p99 {pct(idle_lag, 99) * 1e3:.3f} ms, max {max(idle_lag) * 1e3:.3f} ms"
-    )
+    async def pace(cfg: Any, drv: Any) -> None:
+        loop = asyncio.get_running_loop()
+        period = 1.0 / cfg.rate_hz
+        deadline = loop.time()
+        while True:
+            deadline += period
+            delay = deadline - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            with contextlib.suppress(Exception):
+                await drv.read()
+                reads[0] += 1
 
-    total_rate = sum(s.rate_hz for s in sensors)
-    res = MultiBusSim(Scenario(seed=42))
+    tasks = [asyncio.create_task(pace(cfg, drv)) for cfg, drv in drivers]
+    await asyncio.sleep(2.0)  # warm-up
+    lag: list[float] = []
+    stop = asyncio.Event()
+    probe = asyncio.create_task(lag_probe(interval_s, lag, stop))
+    r0, c0, e0, t0 = reads[0], time.process_time(), res.emulator_cpu_s(), time.monotonic()
+    await asyncio.sleep(seconds)
+    n = reads[0] - r0
+    cpu, emu, dt = time.process_time() - c0, res.emulator_cpu_s() - e0, time.monotonic() - t0
+    stop.set()
+    await probe
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _, drv in drivers:
+        await drv.close()
+    await res.aclose()
+    return cpu / max(1, n), emu / max(1, n), n / dt, lag
+
+
+async def hub_phase(
+    sensors: list[Any], seconds: float, interval_s: float, inline: bool
+) -> dict[str, Any]:
+    """Run the 20 sensors in a SensorHub; CPU, reads, lag and final status."""
+    res = MultiBusSim(Scenario(seed=42), inline=inline)
     hub = SensorHub(sensors, res)
     n_samples = [0]
 
@@ -199,28 +249,59 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         gc.collect()
         gc.freeze()  # as the daemon does after start-up
-        probe = asyncio.create_task(lag_probe(interval, lag, stop))
+        probe = asyncio.create_task(lag_probe(interval_s, lag, stop))
         reads0 = {s.id: hub._rts[s.id].counters.reads for s in sensors}
         t0 = time.monotonic()
         c0 = time.process_time()
         m0 = time.thread_time()  # the event loop's thread
         e0 = res.emulator_cpu_s()
         s0 = n_samples[0]
-        await asyncio.sleep(args.duration_s)
-        cpu = time.process_time() - c0
-        loop_cpu = time.thread_time() - m0
-        emu_cpu = res.emulator_cpu_s() - e0
-        dt = time.monotonic() - t0
-        reads = {s.id: hub._rts[s.id].counters.reads - reads0[s.id] for s in sensors}
-        samples = n_samples[0] - s0
+        await asyncio.sleep(seconds)
+        out: dict[str, Any] = {
+            "cpu": time.process_time() - c0,
+            "loop_cpu": time.thread_time() - m0,
+            "emu_cpu": res.emulator_cpu_s() - e0,
+            "dt": time.monotonic() - t0,
+            "reads": {s.id: hub._rts[s.id].counters.reads - reads0[s.id] for s in sensors},
+            "samples": n_samples[0] - s0,
+            "lag": lag,
+        }
         stop.set()
         await probe
-        status = {st["id"]: st for st in hub.status()["sensors"]}
+        out["status"] = {st["id"]: st for st in hub.status()["sensors"]}
     await res.aclose()
+    return out
 
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = msgspec.convert({"gateway": {"id": "bench"}, "sensors": sensor_entries()}, Config)
+    sensors = list(cfg.sensors)
+    interval = args.lag_interval_ms / 1000.0
+
+    print(f"event loop: {type(asyncio.get_running_loop()).__module__}")
+    idle_lag = await measure_lag(args.idle_s, interval)
+    print(
+        f"idle loop lag: p50 {pct(idle_lag, 50) * 1e3:.3f} ms, "
+        f"p99 {pct(idle_lag, 99) * 1e3:.3f} ms, max {max(idle_lag) * 1e3:.3f} ms"
+    )
+
+    total_rate = sum(s.rate_hz for s in sensors)
+    bare, bare_emu, bare_rps, bare_lag = await bare_phase(sensors, args.bare_s, interval)
+    print(
+        f"bare (drivers on inline buses, paced, no hub): {bare * 1e6:.1f} us CPU/read "
+        f"(emulator {bare_emu * 1e6:.1f}), {bare_rps:.1f} reads/s, loop lag p99 "
+        f"{pct(bare_lag, 99) * 1e3:.3f} ms"
+    )
+
+    hub_inline = await hub_phase(sensors, args.hub_inline_s, interval, inline=True)
+    hi_path = hub_inline["cpu"] / max(1, sum(hub_inline["reads"].values()))
+    print(f"hub over inline buses (no worker threads): {hi_path * 1e6:.1f} us CPU/read")
+    m = await hub_phase(sensors, args.duration_s, interval, inline=False)
+    cpu, loop_cpu, emu_cpu, dt = m["cpu"], m["loop_cpu"], m["emu_cpu"], m["dt"]
+    reads, samples, lag, status = m["reads"], m["samples"], m["lag"], m["status"]
     total_reads = sum(reads.values())
     path = cpu / max(1, total_reads)
-    bare_weighted = emu_cpu / max(1, total_reads)
+    emu_per_read = emu_cpu / max(1, total_reads)
     ratios = {s.id: reads[s.id] / (s.rate_hz * dt) for s in sensors}
     worst = min(ratios, key=lambda k: ratios[k])
     overruns = sum(st["overruns"] for st in status.values())
@@ -231,9 +312,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{total_reads / dt:.1f} reads/s achieved over {dt:.1f} s, {samples} samples"
     )
     print(
-        f"acquisition path: {path * 1e6:.1f} us CPU/read (all threads) vs emulator "
-        f"{bare_weighted * 1e6:.1f} us -> overhead ratio {path / bare_weighted:.2f}x "
-        f"(+{(path - bare_weighted) * 1e6:.1f} us/read); event-loop thread "
+        f"acquisition path: {path * 1e6:.1f} us CPU/read (all threads; emulator "
+        f"{emu_per_read * 1e6:.1f}) vs bare {bare * 1e6:.1f} us -> overhead ratio "
+        f"{path / bare:.2f}x (+{(path - bare) * 1e6:.1f} us/read); event-loop thread "
         f"{loop_cpu / max(1, total_reads) * 1e6:.1f} us/read, {cpu / dt:.2f} cores in all"
     )
     print(
@@ -252,10 +333,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "configured_reads_per_s": round(total_rate, 1),
         "achieved_reads_per_s": round(total_reads / dt, 1),
         "samples_total": samples,
-        "bare_us_per_read": round(bare_weighted * 1e6, 2),
+        "bare_us_per_read": round(bare * 1e6, 2),
+        "bare_emulator_us_per_read": round(bare_emu * 1e6, 2),
         "path_us_per_read": round(path * 1e6, 2),
-        "overhead_us_per_read": round((path - bare_weighted) * 1e6, 2),
-        "overhead_ratio": round(path / bare_weighted, 3),
+        "path_emulator_us_per_read": round(emu_per_read * 1e6, 2),
+        "overhead_us_per_read": round((path - bare) * 1e6, 2),
+        "overhead_ratio": round(path / bare, 3),
+        "hub_inline_us_per_read": round(hi_path * 1e6, 2),
         "loop_thread_us_per_read": round(loop_cpu / max(1, total_reads) * 1e6, 2),
         "cpu_cores_used": round(cpu / dt, 3),
         "rate_achieved_ratio_min": round(ratios[worst], 4),
@@ -266,6 +350,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "loop_lag_p99_ms": round(pct(lag, 99) * 1e3, 3),
         "loop_lag_max_ms": round(max(lag) * 1e3, 3),
         "loop_lag_idle_p99_ms": round(pct(idle_lag, 99) * 1e3, 3),
+        "loop_lag_bare_p99_ms": round(pct(bare_lag, 99) * 1e3, 3),
         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
     }
 
@@ -274,6 +359,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration-s", type=float, default=60.0)
     ap.add_argument("--idle-s", type=float, default=5.0)
+    ap.add_argument("--bare-s", type=float, default=20.0)
+    ap.add_argument("--hub-inline-s", type=float, default=15.0)
     ap.add_argument("--lag-interval-ms", type=float, default=10.0)
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument(

@@ -77,6 +77,8 @@ from edgerund.control.histogram import Histogram  # noqa: E402
 
 REF_DIR = ROOT / "models" / "reference"
 PERIOD_MS = 10
+SPIN_US = 800
+PHASE_US = 1200
 notes: list[str] = []
 
 
@@ -243,6 +245,7 @@ class ThreadHub:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sensors", daemon=True)
         self.read_late_us = Histogram(resolution=0.1)
+        self.rt_priority = 0
 
     def window(self, sensor_id: str, channel: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         return self.rings[(sensor_id, channel)].window(n)
@@ -273,6 +276,8 @@ class ThreadHub:
                     self.rings[(sid, ch)].push(float(t[k]), float(arr[k]))
 
     def _run(self) -> None:
+        if self.rt_priority:  # the acquisition path runs at real-time priority too
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
         # one absolute grid per sensor: t = k / rate on the monotonic clock (phase 0)
         nxt = {
             sid: (math.floor(time.monotonic() * r) + 1) / r for sid, (r, _) in self.SENSORS.items()
@@ -319,8 +324,8 @@ def loop_config(manifest: dict[str, Any], record: str | None) -> Config:
                 {
                     "id": "motor",
                     "period_ms": PERIOD_MS,
-                    "phase_us": 1200,  # 1.2 ms after each 200 Hz sample instant
-                    "spin_us": 800,
+                    "phase_us": PHASE_US,  # after each 200 Hz sample instant
+                    "spin_us": SPIN_US,
                     "model": manifest["name"],
                     "inputs": [
                         {
@@ -380,6 +385,7 @@ async def run_loop(
             h.reset()
         ticks0, missed0 = loop.ticks, loop.missed
         t0 = time.monotonic()
+        switch_ms = sys.getswitchinterval() * 1000  # as set by the loops component
         await asyncio.sleep(seconds)
         st = loop.status()
         ticks, missed = loop.ticks - ticks0, loop.missed - missed0
@@ -403,6 +409,7 @@ async def run_loop(
             "age": (loop.h_age.percentile(50), loop.h_age.percentile(99), loop.h_age.max),
             "actuation": (loop.h_actuation.percentile(50), loop.h_actuation.percentile(99)),
             "infer_us": (loop.h_infer.percentile(50), loop.h_infer.percentile(99)),
+            "switch_ms": switch_ms,
         }
     if load is not None:
         figs = load.figures()
@@ -728,6 +735,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     runner, runner_kind = load_runner()
     say(f"runner: {runner_kind}; event loop: {type(asyncio.get_running_loop()).__module__}")
     hub = ThreadHub(Scenario(seed=42))
+    hub.rt_priority = args.rt_priority
     hub.start()
     if args.rt_priority:
         # only this thread: executor threads reset themselves, children reset on fork
@@ -799,7 +807,7 @@ def r(x: float | None, d: int = 3) -> float | None:
 
 
 def main() -> int:
-    global REF_DIR
+    global REF_DIR, SPIN_US, PHASE_US
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--loop-s", type=float, default=60.0, help="duration of (b) and of (c) (default 60)"
@@ -814,6 +822,8 @@ def main() -> int:
         default="telemetry,bundle,status",
         help="the concurrent work of (c), comma-separated subset of telemetry,bundle,status",
     )
+    ap.add_argument("--spin-us", type=int, default=SPIN_US, help="the loop's spin_us")
+    ap.add_argument("--phase-us", type=int, default=PHASE_US, help="the loop's phase_us")
     ap.add_argument(
         "--rt-priority",
         type=int,
@@ -861,7 +871,9 @@ def main() -> int:
         "loop_s": args.loop_s,
         "event_loop": "asyncio" if loop_factory is None else "uvloop",
         "rt_priority": args.rt_priority,
-        "gil_switch_interval_ms": sys.getswitchinterval() * 1000,
+        "gil_switch_interval_ms": idle["switch_ms"],
+        "spin_us": SPIN_US,
+        "phase_us": PHASE_US,
         "idle_ticks": idle["ticks"],
         "idle_lateness_p50_ms": r(idle["lateness"][0]),
         "idle_lateness_p99_ms": r(idle["lateness"][1]),

@@ -84,19 +84,27 @@ def main() -> None:
     ready_s = statistics.median(t for t, _ in runs)
     rss = runs[0][1]
     print(f"import onnxruntime+numpy only: {import_s:.3f} s, {import_rss:.1f} MB RSS")
-    print(f"daemon --simulate: READY after {ready_s:.3f} s "
-          f"({ready_s / import_s:.2f}x the bare imports), "
-          f"RSS {rss:.1f} MB after {args.settle_s:g} s ({rss / import_rss:.2f}x the imports)")
-    print(f"targets: READY <= 1.5 s ({'met' if ready_s <= 1.5 else 'NOT met'}), "
-          f"RSS <= 100 MB ({'met' if rss <= 100 else 'NOT met'})")
-    print(json.dumps({
-        "ready_s": round(ready_s, 3),
-        "rss_mb": round(rss, 1),
-        "import_only_s": round(import_s, 3),
-        "import_only_rss_mb": round(import_rss, 1),
-        "ready_vs_import_ratio": round(ready_s / import_s, 2),
-        "rss_vs_import_ratio": round(rss / import_rss, 2),
-    }))
+    print(
+        f"daemon --simulate: READY after {ready_s:.3f} s "
+        f"({ready_s / import_s:.2f}x the bare imports), "
+        f"RSS {rss:.1f} MB after {args.settle_s:g} s ({rss / import_rss:.2f}x the imports)"
+    )
+    print(
+        f"targets: READY <= 1.5 s ({'met' if ready_s <= 1.5 else 'NOT met'}), "
+        f"RSS <= 100 MB ({'met' if rss <= 100 else 'NOT met'})"
+    )
+    print(
+        json.dumps(
+            {
+                "ready_s": round(ready_s, 3),
+                "rss_mb": round(rss, 1),
+                "import_only_s": round(import_s, 3),
+                "import_only_rss_mb": round(import_rss, 1),
+                "ready_vs_import_ratio": round(ready_s / import_s, 2),
+                "rss_vs_import_ratio": round(rss / import_rss, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -126,7 +127,8 @@ def _sensor_row(s: dict[str, Any]) -> dict[str, Any]:
     chans = s.get("channels") or []
     if chans and isinstance(chans[0], dict):
         more = f" (+{len(chans) - 1})" if len(chans) > 1 else ""
-        value, unit = f"{_fmt(chans[0].get('value'))}{more}", chans[0].get("unit")
+        value: Any = f"{_fmt(chans[0].get('value'))}{more}"
+        unit: Any = chans[0].get("unit")
     else:
         value, unit = s.get("value"), s.get("unit")
     return {
@@ -234,6 +236,46 @@ def _add_sniff(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, default=20, help="how many recent frames (default 20)")
 
 
+def _add_inject(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["bearing_wear", "overheat", "voltage_sag", "dropout"])
+    p.add_argument("--duration-s", type=float, default=30.0, help="seconds (default 30)")
+    p.add_argument("--severity", type=float, default=1.0, help="1.0 = nominal fault")
+    p.add_argument("--sensor", help="for dropout: the sensor id or emulated device")
+    p.add_argument("--start-in-s", type=float, default=0.0, help="delay before it starts")
+
+
+def _inject_args(a: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "kind": a.kind,
+        "duration_s": a.duration_s,
+        "severity": a.severity,
+        "start_in_s": a.start_in_s,
+    }
+    if a.sensor:
+        out["sensor"] = a.sensor
+    return out
+
+
+def _add_inject(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["bearing_wear", "overheat", "voltage_sag", "dropout"])
+    p.add_argument("--duration-s", type=float, default=30.0, help="seconds (default 30)")
+    p.add_argument("--severity", type=float, default=1.0, help="1.0 = a nominal fault")
+    p.add_argument("--sensor", help="for dropout: the sensor id or emulated device")
+    p.add_argument("--start-in-s", type=float, default=0.0, help="delay before it starts")
+
+
+def _inject_args(a: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "kind": a.kind,
+        "duration_s": a.duration_s,
+        "severity": a.severity,
+        "start_in_s": a.start_in_s,
+    }
+    if a.sensor:
+        out["sensor"] = a.sensor
+    return out
+
+
 def _abs(path: str) -> str:
     import os
 
@@ -284,6 +326,12 @@ WITH_ARGS: list[
         _add_sniff,
         lambda a: {"port": a.port, "n": a.n},
     ),
+    (
+        "sim-inject",
+        "simulated mode: inject an anomaly into the running plant (root / group edgerund)",
+        _add_inject,
+        _inject_args,
+    ),
 ]
 
 
@@ -302,12 +350,20 @@ def _render_log(console: Console, events: list[dict[str, Any]]) -> None:
         )
 
 
+def _clock(t_wall: Any) -> str:
+    if not isinstance(t_wall, (int, float)):
+        return "-"
+    ms = int(t_wall * 1000) % 1000
+    return time.strftime("%H:%M:%S", time.localtime(t_wall)) + f".{ms:03d}"
+
+
 def _render_sniff(console: Console, result: Any) -> None:
     frames = result.get("frames", result) if isinstance(result, dict) else result
     for f in frames or []:
         if isinstance(f, dict):
             console.print(
-                f"{_fmt(f.get('t_wall'))}  {f.get('hex', '')}  {f.get('text', '')!r}",
+                f"{_clock(f.get('t_wall'))} {f.get('len', ''):>4}  {f.get('hex', '')}  "
+                f"|{f.get('text', '')}|",
                 markup=False,
                 highlight=False,
             )

@@ -9,8 +9,9 @@ Pipeline (every step seeded; the same machine class gives the same bytes):
 1. **Data.** Normal-operation windows from the shared plant generator
    (`drivers/emulated/scenario.py`) for several training plants (seeds): 256 samples x 3
    axes of motor-housing acceleration at 200 Hz as the simulated gateway samples them
-   (emulated MPU-6050 on a 1 kHz grid with a random sub-grid phase, occasional one-step
-   poll jitter, 16-bit quantisation at +-2 g), plus the cabinet temperature (0.01 degC)
+   (emulated MPU-6050 on a 1 kHz grid with a random sub-grid phase, polled on deadlines
+   with realistic lateness, jitter, stalls and skipped deadlines; 16-bit quantisation at
+   +-2 g), plus the cabinet temperature (0.01 degC)
    and the motor current (1 mA) at the end of the window. Held-out plants (other seeds, the simulator's default
    42 included) give normal and anomalous test windows.
 2. **Features.** `edgerund.inference.features` (the same code the daemon runs): log10
@@ -108,8 +109,6 @@ CALIB_WINDOWS = 512
 
 ACCEL_LSB_PER_G = 16384.0  # MPU-6050 at +-2 g
 GRID_HZ = 1000.0  # the scenario's noise grid and the emulated MPU-6050's output rate
-GRID_STEP = int(GRID_HZ / FS_HZ)  # grid points per 200 Hz sample
-MAX_POLL_JITTER_P = 0.2  # up to 20 % of polls land one 1 ms emulator sample off
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
@@ -131,6 +130,38 @@ class Windows:
         return Windows(self.accel[ix], self.temp[ix], self.current[ix])
 
 
+def poll_times_ms(rng: np.random.Generator, n: int) -> npt.NDArray[np.float64]:
+    """(n, WINDOW) instants (ms after the window's first deadline) at which a 200 Hz poll
+    reads the sensor, modelled on the hub (edgerund/hub/acquire.py) on a busy 2-core box.
+
+    Each poll is late by a per-window base lateness (event-loop wake-up rounding, the I2C
+    worker hop) plus per-poll jitter and rare multi-millisecond stalls. As in the hub, a
+    deadline missed by less than a period is served late, and when a poll ends up a whole
+    period or more behind, the deadlines it overran are skipped."""
+    n_dl = WINDOW + 64
+    base = rng.uniform(0.0, 4.0, n)[:, None]
+    sigma = rng.uniform(0.1, 2.0, n)[:, None]
+    p_stall = rng.uniform(0.0, 0.02, n)[:, None]
+    late = base + np.abs(rng.normal(0.0, 1.0, (n, n_dl))) * sigma
+    stall = rng.random((n, n_dl)) < p_stall
+    late = late + np.where(stall, rng.exponential(6.0, (n, n_dl)), 0.0)
+    out = np.empty((n, WINDOW))
+    count = np.zeros(n, dtype=np.int64)
+    prev = np.full(n, -1e9)
+    rows = np.arange(n)
+    period = 1000.0 / FS_HZ
+    for k in range(n_dl):
+        deadline = k * period
+        take = (prev - deadline < period) & (count < WINDOW)  # else: overrun, skipped
+        t = np.maximum(deadline + late[:, k], prev + 0.2)  # one read at a time
+        out[rows[take], count[take]] = t[take]
+        prev = np.where(take, t, prev)
+        count += take
+    if (count < WINDOW).any():  # pragma: no cover - 64 spare deadlines always suffice
+        raise RuntimeError("poll model ran out of deadlines")
+    return out
+
+
 def sample_windows(
     seed: int,
     n: int,
@@ -141,33 +172,28 @@ def sample_windows(
 ) -> Windows:
     """`n` windows of plant `seed` starting at random instants in [t_min_s, t_max_s).
 
-    Sampled the way the simulated gateway sees the plant (drivers/emulated/simulated.py):
-    the emulated MPU-6050 produces samples on its own 1 kHz grid, values linearly
-    interpolated between the scenario's 1 kHz noise grid (a sub-grid phase `frac` that is
-    constant per run and random here), and the hub's 200 Hz poll picks the newest one, so
-    a late or early poll occasionally shifts a sample by one 1 ms step. Then the
-    MPU-6050's 16-bit quantisation at +-2 g. All windows of a plant in one vectorised
-    scenario call."""
+    Sampled the way the simulated gateway sees the plant (drivers/emulated/simulated.py,
+    edgerund/hub/acquire.py): the emulated MPU-6050 makes a sample every 1 ms of its own
+    clock, at a sub-grid phase `w` (random per run) of the scenario's 1 kHz noise grid,
+    linearly interpolated; a 200 Hz poll returns the newest sample, so the poll's timing
+    jitter (`poll_times_ms`) moves samples by whole milliseconds. Then the MPU-6050's
+    16-bit quantisation at +-2 g. One vectorised scenario call per plant."""
     sc = Scenario(seed, anomalies)
     rng = np.random.default_rng([SEED, seed, draw_seed])
     k0 = np.sort(rng.integers(int(t_min_s * GRID_HZ), int(t_max_s * GRID_HZ), n))
-    frac = rng.uniform(0.0, 1.0, n)
-    p_jitter = rng.uniform(0.0, MAX_POLL_JITTER_P, n)
-    u = rng.random((n, WINDOW))
-    jitter = np.where(u < p_jitter[:, None] / 2, -1, 0) + np.where(
-        u > 1 - p_jitter[:, None] / 2, 1, 0
-    )
-    offs = 1 + GRID_STEP * np.arange(WINDOW)[None, :] + jitter  # (n, WINDOW) grid offsets >= 0
-    span = GRID_STEP * WINDOW + 3
+    w = rng.uniform(0.0, 1.0, n)
+    polls = poll_times_ms(rng, n)
+    idx = np.floor(polls - w[:, None]).astype(np.int64) + 1  # grid offset >= 0
+    span = int(idx.max()) + 2
     grid_t = (k0[:, None] + np.arange(span)[None, :]) / GRID_HZ  # (n, span)
     v = sc.vibration_g(grid_t.reshape(-1)).reshape(n, span, AXES)
-    lo = np.take_along_axis(v, offs[:, :, None], axis=1)
-    hi = np.take_along_axis(v, offs[:, :, None] + 1, axis=1)
-    g = lo + frac[:, None, None] * (hi - lo)
+    lo = np.take_along_axis(v, idx[:, :, None], axis=1)
+    hi = np.take_along_axis(v, idx[:, :, None] + 1, axis=1)
+    g = lo + w[:, None, None] * (hi - lo)
     accel = (np.clip(np.rint(g * ACCEL_LSB_PER_G), -32768, 32767) / ACCEL_LSB_PER_G).astype(
         np.float32
     )
-    t_end = grid_t[:, -1]
+    t_end = (k0 + idx[:, -1]) / GRID_HZ
     temp = (np.rint(sc.cabinet_temp_c(t_end) * 100.0) / 100.0).astype(np.float32)[:, None]
     cur = (np.rint(sc.motor_current_a(t_end) * 1000.0) / 1000.0).astype(np.float32)[:, None]
     return Windows(accel, temp, cur)

@@ -2,28 +2,48 @@
 # Build edgerund_VERSION_ARCH.deb: a self-contained virtualenv under /opt/edgerund built
 # with the *system* Python (the one the package depends on), so nothing is pip-installed
 # on the gateway. Run on the target distribution and architecture (a Pi / Jetson, or an
-# arm64 chroot/container of Raspberry Pi OS bookworm or Ubuntu 24.04 for arm64 builds).
+# arm64 chroot/container of Raspberry Pi OS bookworm or Ubuntu 24.04 for arm64 builds):
+# the venv's compiled extensions are built for, and linked against, that system.
 #
-#   packaging/build-deb.sh [--version V] [--out DIR]
+#   packaging/build-deb.sh [--version V] [--out DIR] [--compress TYPE:LEVEL]
+#
+# --compress defaults to xz:6 (the smallest .deb); the installation test uses gzip:1,
+# which builds in a tenth of the time.
 #
 # Needs: dpkg-dev, python3-venv, python3-dev, build-essential, pkg-config, libtss2-dev
-# (tpm2-pytss builds against it), and network access to PyPI for the wheels.
+# (tpm2-pytss is compiled from source against it), and network access to PyPI.
+#
+# Steps: check the build host -> copy the sources -> venv with /usr/bin/python3 -> pip
+# install edgerund[speed,tpm] (tpm2-pytss from source) -> remove pip/setuptools/wheel ->
+# relocate the staging path out of scripts -> files of the package -> Depends from the
+# ELF dependencies of every shared object (dpkg-shlibdeps), cross-checked with ldd for
+# libtss2 -> dpkg-deb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
 
 VERSION=""
 OUT="$REPO/packaging/out"
+COMPRESS="xz:6"
 while [ $# -gt 0 ]; do
     case "$1" in
         --version) VERSION="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
+        --compress) COMPRESS="$2"; shift 2 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "build-deb: unknown argument $1" >&2; exit 2 ;;
     esac
 done
 
 die() { echo "build-deb: $*" >&2; exit 2; }
+say() { echo "build-deb: $*" >&2; }
+case "$COMPRESS" in
+    xz:[0-9]|gzip:[0-9]|none:0) ;;
+    *) die "--compress expects xz:LEVEL, gzip:LEVEL or none:0, got '$COMPRESS'" ;;
+esac
 
+# --- the build host --------------------------------------------------------------------
+command -v dpkg >/dev/null || die "not a Debian-based system (no dpkg): build on the target distribution"
 ARCH="$(dpkg --print-architecture)"
 case "$ARCH" in
     amd64|arm64) ;;
@@ -37,27 +57,59 @@ PYVER="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1
     || die "unsupported Python $PYVER at $PY: edgerund needs >= 3.11 (Debian 12 bookworm, Raspberry Pi OS bookworm, Ubuntu 24.04)"
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || die "python3-venv is missing: apt-get install python3-venv"
 PYNEXT="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')"
+for tool in dpkg-deb dpkg-shlibdeps; do
+    command -v "$tool" >/dev/null || die "$tool is missing: apt-get install dpkg-dev"
+done
+command -v pkg-config >/dev/null || die "pkg-config is missing: apt-get install pkg-config"
+pkg-config --exists tss2-esys tss2-fapi tss2-rc tss2-mu tss2-tctildr \
+    || die "the TSS2 development files are missing (tpm2-pytss is compiled against them): apt-get install libtss2-dev"
+[ -e "/usr/include/python$PYVER/Python.h" ] || die "Python.h is missing for $PYVER: apt-get install python3-dev"
 
 [ -n "$VERSION" ] || VERSION="$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')"
 [ -f models/reference/manifest.json ] || die "models/reference/manifest.json is missing: run python models/build.py"
 
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 STAGE="$OUT/stage-$ARCH"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/edgerund-deb.XXXXXX")"
+trap 'rm -rf "$WORK" "$STAGE"' EXIT
 VENV_FINAL=/opt/edgerund
 VENV="$STAGE$VENV_FINAL"
 rm -rf "$STAGE"
-mkdir -p "$STAGE/DEBIAN" "$OUT"
+mkdir -p "$STAGE/DEBIAN"
 
-echo "build-deb: virtualenv with $PY ($PYVER) for $ARCH" >&2
+# --- the virtualenv --------------------------------------------------------------------
+# Build from a clean copy of the sources: an in-tree build would leave build/ in the
+# checkout, and setuptools' stale build/lib could ship modules deleted since.
+mkdir -p "$WORK/src"
+tar -C "$REPO" --exclude=__pycache__ -cf - pyproject.toml README.md edgerund drivers \
+    | tar -C "$WORK/src" -xf -
+
+say "virtualenv with $PY ($PYVER) for $ARCH"
 "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip wheel
-"$VENV/bin/python" -m pip install -q "$REPO[speed,tpm]"
-# Relocate: scripts were written with the staging path in their shebangs.
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# tpm2-pytss from source, so it links the distribution's libtss2 (which the package
+# then depends on) rather than anything a binary wheel might carry.
+"$VENV/bin/python" -m pip install -q --no-binary tpm2-pytss "$WORK/src[speed,tpm]"
+"$VENV/bin/python" -m pip freeze --all --exclude-editable > "$WORK/python-packages.txt"
+"$VENV/bin/python" -c 'import tpm2_pytss, onnxruntime, uvloop, edgerund, drivers' \
+    || die "the virtualenv does not import its own packages"
+# No pip on the gateway: nothing is ever installed there.
+"$VENV/bin/python" -m pip uninstall -q -y pip setuptools wheel
+rm -f "$VENV"/bin/pip* "$VENV"/bin/wheel "$VENV"/bin/Activate.ps1
+
+# Relocate: scripts and pyvenv.cfg were written with the staging path.
 grep -rlI --null "$STAGE" "$VENV/bin" | xargs -0 -r sed -i "s#$STAGE##g"
 sed -i "s#$STAGE##g" "$VENV/pyvenv.cfg"
-# Byte code is compiled on the gateway by postinst (paths and Python must match there).
+left="$(grep -rlI "$STAGE" "$VENV" || true)"
+[ -z "$left" ] || die "the staging path is still written in: $left"
+head -n1 "$VENV/bin/edgerund" | grep -q "^#!$VENV_FINAL/bin/python" \
+    || die "unexpected shebang in bin/edgerund: $(head -n1 "$VENV/bin/edgerund")"
+# Byte code is compiled on the gateway by postinst (and removed by prerm), so dpkg's
+# file list stays the source files.
 find "$VENV" -name __pycache__ -type d -prune -exec rm -rf {} +
-rm -rf "$VENV/lib/python$PYVER/site-packages/pip" "$VENV/lib/python$PYVER/site-packages/pip-"*
 
+# --- the files of the package ----------------------------------------------------------
 install -d "$STAGE/usr/bin"
 ln -s "$VENV_FINAL/bin/edgerund" "$STAGE/usr/bin/edgerund"
 ln -s "$VENV_FINAL/bin/edgerunctl" "$STAGE/usr/bin/edgerunctl"
@@ -68,21 +120,62 @@ install -D -m 0640 packaging/edgerund.yaml "$STAGE/etc/edgerund/edgerund.yaml"
 install -d "$STAGE/usr/share/edgerund/models/reference"
 cp -a models/reference/. "$STAGE/usr/share/edgerund/models/reference/"
 install -D -m 0644 README.md "$STAGE/usr/share/doc/edgerund/README.md"
-for d in docs/*.md; do install -D -m 0644 "$d" "$STAGE/usr/share/doc/edgerund/$d"; done
+for d in docs/*.md; do
+    [ -e "$d" ] && install -D -m 0644 "$d" "$STAGE/usr/share/doc/edgerund/$d"
+done
 install -D -m 0644 packaging/debian/copyright "$STAGE/usr/share/doc/edgerund/copyright"
+install -m 0644 "$WORK/python-packages.txt" "$STAGE/usr/share/doc/edgerund/python-packages.txt"
 install -d "$STAGE/usr/share/man/man8" "$STAGE/usr/share/man/man1"
-"$VENV/bin/python" packaging/manpage.py edgerund 8 | gzip -9n > "$STAGE/usr/share/man/man8/edgerund.8.gz"
-"$VENV/bin/python" packaging/manpage.py edgerunctl 1 | gzip -9n > "$STAGE/usr/share/man/man1/edgerunctl.1.gz"
+"$VENV/bin/python" -B packaging/manpage.py edgerund 8 | gzip -9n > "$STAGE/usr/share/man/man8/edgerund.8.gz"
+"$VENV/bin/python" -B packaging/manpage.py edgerunctl 1 | gzip -9n > "$STAGE/usr/share/man/man1/edgerunctl.1.gz"
+find "$VENV" -name __pycache__ -type d -prune -exec rm -rf {} +
+# The shipped config must be valid as shipped (against the models it names).
+EDGERUND_SHARE="$STAGE/usr/share/edgerund" "$VENV/bin/python" -B -m edgerund.cli check-config \
+    -c packaging/edgerund.yaml >&2 || die "packaging/edgerund.yaml is not valid"
 find "$VENV" -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# Runtime libraries of compiled extensions (libtss2 for tpm2-pytss), as Debian packages.
-shlib_deps="$(find "$VENV" -name '*.so*' -type f -print0 | xargs -0 -r ldd 2>/dev/null \
-    | awk '/=> \// {print $3}' | sort -u | grep -E 'libtss2' \
-    | xargs -r dpkg -S 2>/dev/null | cut -d: -f1 | sort -u | paste -sd, - | sed 's/,/, /g')"
-depends="python3 (>= $PYVER), python3 (<< $PYNEXT), libc6"
-[ -n "$shlib_deps" ] && depends="$depends, $shlib_deps"
+# --- Depends ---------------------------------------------------------------------------
+# dpkg-shlibdeps maps every NEEDED library of every shared object to the package and
+# minimum version that provides it (libc6, libstdc++6, the libtss2 libraries tpm2-pytss
+# links, ...). Libraries the wheels carry themselves (numpy.libs, ...) are found through
+# their RPATH and belong to no package: --ignore-missing-info. It wants a source tree.
+mapfile -d '' sos < <(find "$VENV" -type f -name '*.so*' -print0)
+mkdir -p "$WORK/shlibs/debian"
+printf 'Source: edgerund\n\nPackage: edgerund\nArchitecture: any\n' > "$WORK/shlibs/debian/control"
+shlibs="$(cd "$WORK/shlibs" && dpkg-shlibdeps -O --ignore-missing-info "${sos[@]}" 2>"$WORK/shlibdeps.log" \
+    | sed -n 's/^shlibs:Depends=//p')" || { cat "$WORK/shlibdeps.log" >&2; die "dpkg-shlibdeps failed"; }
+[ -n "$shlibs" ] || { cat "$WORK/shlibdeps.log" >&2; die "dpkg-shlibdeps found no dependencies"; }
+# Cross-check with ldd: every libtss2 library the TPM binding links directly (its
+# NEEDED entries; the rest come in through those libraries' own packages) must resolve,
+# and come from a package now in Depends. ldd may print /lib/... on merged-/usr
+# systems, where dpkg knows /usr/lib/...
+tss_so="$(find "$VENV" -path '*tpm2_pytss*' -name '*.so' -type f | head -n1)"
+[ -n "$tss_so" ] || die "tpm2_pytss has no compiled extension in the venv"
+if ldd "$tss_so" | grep -q 'not found'; then
+    die "$tss_so has unresolved libraries: $(ldd "$tss_so" | grep 'not found' | tr -s ' \t\n' ' ')"
+fi
+needed="$(readelf -d "$tss_so" | sed -n 's/.*(NEEDED).*\[\(libtss2[^]]*\)\]/\1/p')"
+[ -n "$needed" ] || die "$tss_so links no libtss2 library (was tpm2-pytss built against libtss2-dev?)"
+tss_libs="$(for n in $needed; do ldd "$tss_so" | awk -v n="$n" '$1 == n {print $3}'; done)"
+say "tpm2-pytss links: $(echo $tss_libs)"
+for lib in $tss_libs; do
+    real="$(readlink -f "$lib")"
+    pkg=""
+    for cand in "$lib" "$real" "/usr${lib#/usr}" "/usr${real#/usr}"; do
+        pkg="$(dpkg -S "$cand" 2>/dev/null | head -n1 | cut -d: -f1)" && [ -n "$pkg" ] && break
+    done
+    [ -n "$pkg" ] || die "no Debian package owns $lib (needed by tpm2-pytss)"
+    case ", $shlibs" in
+        *", $pkg "*|*", $pkg,"*|*", $pkg") ;;
+        *) die "$pkg (provides $lib for tpm2-pytss) is missing from Depends: $shlibs" ;;
+    esac
+done
+# /usr/bin/python3 of this minor version (the venv's interpreter); procps for /bin/kill
+# in the unit's ExecReload=.
+depends="python3 (>= $PYVER), python3 (<< $PYNEXT), procps, $shlibs"
+say "Depends: $depends"
 
-installed_kb="$(du -sk "$STAGE" --exclude=DEBIAN | cut -f1)"
+installed_kb="$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)"
 sed -e "s/@VERSION@/$VERSION/" -e "s/@ARCH@/$ARCH/" -e "s/@DEPENDS@/$depends/" \
     -e "s/@SIZE@/$installed_kb/" packaging/debian/control.in > "$STAGE/DEBIAN/control"
 echo /etc/edgerund/edgerund.yaml > "$STAGE/DEBIAN/conffiles"
@@ -91,6 +184,6 @@ for s in postinst prerm postrm; do
 done
 
 DEB="$OUT/edgerund_${VERSION}_${ARCH}.deb"
-dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >/dev/null
-rm -rf "$STAGE"
+say "dpkg-deb $DEB (${installed_kb} KiB installed)"
+dpkg-deb --root-owner-group -Z"${COMPRESS%%:*}" -z"${COMPRESS#*:}" --build "$STAGE" "$DEB" >/dev/null
 echo "$DEB"

@@ -16,7 +16,9 @@ A tick does, in order, all of it on the event loop:
    component takes effect between two ticks and never in the middle of one. When the runner
    object changes, its manifest's input ABI is checked against the loop's inputs once (a
    mismatch makes the model unusable with a reason naming both sides). The runner is
-   called inline: the reference model takes ~20 us here, an executor hop costs more.
+   called inline: the reference model takes ~20 us here, an executor hop costs more;
+   a runner the models component measured over its latency budget (`inline` false) is
+   awaited on its own thread instead (`infer_async`).
    A fault, NaN or Inf output is a model fault.
 3. **Fallback.** Only when the model path is unusable: the rules' windows are fetched and
    checked for freshness the same way and evaluated (pure, edgerund/control/policy.py).
@@ -298,7 +300,7 @@ class ControlLoop:
         score: float | None = None
         model_fault = input_fault
         if model_fault is None:
-            score, model_fault = self._infer()
+            score, model_fault = await self._infer()
         self.last_score = score
         self.scores.append(None if score is None else round(score, 6))
 
@@ -322,6 +324,7 @@ class ControlLoop:
 
         if decision.mode_changed:
             self._on_mode_change(decision)
+        self.reason = decision.reason  # may change within a mode (failed -> stale)
         if decision.transition is not None:
             self._on_transition(decision, score, rules)
 
@@ -357,7 +360,7 @@ class ControlLoop:
                 return newest, f"input {inp.name}: non-finite value in the window"
         return newest, None
 
-    def _infer(self) -> tuple[float | None, str | None]:
+    async def _infer(self) -> tuple[float | None, str | None]:
         name = self.cfg.model
         if name is None:
             return None, "no model configured"
@@ -379,7 +382,10 @@ class ControlLoop:
                 np.copyto(feed, inp.buf.reshape(feed.shape), casting="unsafe")
             feeds[inp.name] = feed
         try:
-            res = runner.infer(feeds)
+            if getattr(runner, "inline", True):
+                res = runner.infer(feeds)
+            else:  # measured over its latency budget: the runner's own thread
+                res = await runner.infer_async(feeds)
         except Exception as exc:  # the runner should report faults, but never crash a loop
             return None, f"model {name}: infer raised {exc!r}"
         infer_us = _field(res, "infer_us")

@@ -63,6 +63,7 @@ Publish = Callable[..., Any]
 BACKOFF_INITIAL_S = 0.05  # first pause after a failed read (then x2 per failure)
 BACKOFF_MAX_S = 1.0  # ... capped here: a flaky sensor below fail_after keeps being read
 OPEN_TIMEOUT_MIN_S = 2.0  # opening reads calibration, chip ids...: more than one read
+READ_OK = hm.ReadOk()  # events are immutable: one instance for the hot path
 
 
 @dataclass(slots=True)
@@ -312,7 +313,9 @@ class Acquirer:
                         await asyncio.sleep(delay)
                     why = await self.read_once()
                     if why is None:
-                        self._event(hm.ReadOk())
+                        h = rt.health
+                        if h.state != "ok" or h.consecutive_failures:  # else: no change
+                            self._event(READ_OK)
                     elif self._event(hm.ReadFailed(why)):
                         await self._reprobe_wait()
                         break  # re-open, new grid
@@ -355,8 +358,11 @@ class Acquirer:
                             it = rt.sensor.frames()
                             continue
                         self.store(readings)
-                        self._event(hm.ReadOk())
+                        h = rt.health
+                        if h.state != "ok" or h.consecutive_failures:
+                            self._event(READ_OK)
                 except asyncio.CancelledError:
+                    await _aclose(it)  # finalise the driver's generator on shutdown
                     raise
                 except BaseException as exc:
                     await _aclose(it)

@@ -71,9 +71,15 @@ def _where(cfg: SensorConfig, transport: str) -> str:
 
 
 def _fmt(v: float) -> str:
+    """Short human form for the `value` column (exact values are in `channels`)."""
+    a = abs(v)
     if not math.isfinite(v):
         return str(v)
-    return f"{v:.6g}"
+    if a >= 1e7 or (0 < a < 1e-3):
+        return f"{v:.3e}"
+    if a >= 100:
+        return f"{v:.1f}"
+    return f"{v:.4g}"
 
 
 class SensorHub:

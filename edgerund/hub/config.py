@@ -9,7 +9,8 @@ with FILE:LINE:
 - the common acquisition keys are in range (rate, timeout, retries, fail_after, ...);
 - no two sensors claim one I2C address on one bus;
 - a serial port is shared only by Modbus units (one RS-485 line, one master);
-- `sim://` ports appear only when simulation is enabled, and name a known emulator.
+- `sim://` ports appear only when simulation is enabled, and name a known emulator;
+  in simulated mode I2C sensors sit on `simulation.i2c_bus`.
 
 `driver_names()` lists the registered `driver:` names, for the loader's "did you mean".
 """
@@ -97,6 +98,14 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
         bus = getattr(s, "bus", None)
         addr = getattr(s, "address", None)
         if isinstance(bus, int) and isinstance(addr, int) and s.enabled:
+            if sim and bus != cfg.simulation.i2c_bus:
+                errors.append(
+                    (
+                        f"{where}.bus",
+                        f"in simulated mode the emulated I2C parts are on bus "
+                        f"{cfg.simulation.i2c_bus} (simulation.i2c_bus), got bus {bus}",
+                    )
+                )
             other = i2c.get((bus, addr))
             if other is not None:
                 errors.append(

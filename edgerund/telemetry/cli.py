@@ -57,6 +57,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument(
         "--gap-report-s", type=float, default=60.0, help="print missing sequence ranges this often"
     )
+    c.add_argument(
+        "--resend-after-s",
+        type=float,
+        default=None,
+        help="request gaps open this long from the gateway with cmd/resend",
+    )
     c.set_defaults(func=cmd_consume)
 
 
@@ -152,6 +158,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
             stop=stop,
             max_batches=args.max_batches,
             gap_report_s=args.gap_report_s,
+            resend_after_s=args.resend_after_s,
         )
 
     try:

@@ -53,7 +53,7 @@ BLOCK_LOSS = 3
 
 ENC_VARINT = 0
 ENC_FOR = 1
-MINIBLOCK = 32
+MINIBLOCK = 32  # base miniblock; a column may use 32 << m, m = 0..3
 
 SIG_ALG_ECDSA_P256_SHA256 = 1
 TRAILER_LEN = 1 + 4 + 64
@@ -294,29 +294,24 @@ def _varint_bytes(z: npt.NDArray[np.uint64]) -> int:
     return int(np.searchsorted(_VARINT_THRESHOLDS, z, side="right").sum()) + len(z)
 
 
+_POW2 = np.array([1 << k for k in range(64)], dtype=np.uint64)
+
+
 def _bitwidth(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    # Exact bit length of uint64 values (float log2 would round near powers of two).
-    out = np.zeros(x.shape, dtype=np.int64)
-    y = x.copy()
-    for s in (32, 16, 8, 4, 2, 1):
-        m = y >= np.uint64(1 << s)
-        out[m] += s
-        y[m] >>= np.uint64(s)
-    out += (y > 0).astype(np.int64)
-    return out
+    # Exact bit length of uint64 values: how many powers of two are <= x (float log2
+    # would round near large powers of two).
+    return np.searchsorted(_POW2, x, side="right").astype(np.int64)
 
 
-def _for_plan(r: I64) -> tuple[int, list[tuple[int, int]]]:
-    """Size and (ref, width) per miniblock for frame-of-reference bit-packing."""
-    size = 0
-    plan: list[tuple[int, int]] = []
-    for i in range(0, len(r), MINIBLOCK):
-        mb = r[i : i + MINIBLOCK]
-        lo = int(mb.min())
-        width = int((mb - lo).astype(np.uint64).max()).bit_length()
-        plan.append((lo, width))
-        size += _svarint_len(lo) + 1 + (len(mb) * width + 7) // 8
-    return size, plan
+def _for_plan(r: I64, mb: int) -> tuple[int, I64, npt.NDArray[np.int64]]:
+    """Size, refs and widths of frame-of-reference bit-packing in miniblocks of `mb`."""
+    starts = np.arange(0, len(r), mb)
+    lo = np.minimum.reduceat(r, starts)
+    hi = np.maximum.reduceat(r, starts)
+    widths = _bitwidth((hi - lo).astype(np.uint64))
+    counts = np.diff(np.append(starts, len(r)))
+    size = _varint_bytes(_zz(lo)) + len(starts) + int(((counts * widths + 7) // 8).sum())
+    return size, lo, widths
 
 
 def _svarint_len(v: int) -> int:
@@ -335,57 +330,56 @@ def _diff(x: I64, d: int) -> tuple[list[int], I64]:
     return heads, cur
 
 
-def _encode_column(out: bytearray, x: I64) -> None:
-    """Pick the smallest (order, encoding) for this column and append it."""
-    best: tuple[int, int, int, list[int], I64, list[tuple[int, int]]] | None = None
+def _candidates(x: I64) -> list[tuple[int, int, int, int, list[int], I64]]:
+    """(size, order, encoding, miniblock code, heads, residuals) for every choice."""
+    out: list[tuple[int, int, int, int, list[int], I64]] = []
     for d in (0, 1, 2):
         heads, r = _diff(x, d)
         hsize = sum(_svarint_len(h) for h in heads)
-        vsize = _varint_bytes(_zz(r)) if len(r) else 0
-        if best is None or hsize + vsize < best[0]:
-            best = (hsize + vsize, d, ENC_VARINT, heads, r, [])
+        out.append((hsize + (_varint_bytes(_zz(r)) if len(r) else 0), d, ENC_VARINT, 0, heads, r))
         if len(r):
-            fsize, plan = _for_plan(r)
-            if hsize + fsize < best[0]:
-                best = (hsize + fsize, d, ENC_FOR, heads, r, plan)
-    assert best is not None
-    _, d, enc, heads, r, plan = best
-    out.append((d << 4) | enc)
+            for m in range(4):
+                if m and MINIBLOCK << (m - 1) >= len(r):
+                    break  # a bigger miniblock than the column changes nothing
+                out.append((hsize + _for_plan(r, MINIBLOCK << m)[0], d, ENC_FOR, m, heads, r))
+    return out
+
+
+def _encode_column(out: bytearray, x: I64) -> None:
+    """Pick the smallest (order, encoding, miniblock size) for this column and append it."""
+    _, d, enc, m, heads, r = min(_candidates(x), key=lambda c: c[0])
+    out.append((m << 6) | (d << 4) | enc)
     for h in heads:
         put_svarint(out, h)
     if enc == ENC_VARINT:
         for z in _zz(r).tolist():
             put_uvarint(out, int(z))
         return
-    for (lo, width), i in zip(plan, range(0, len(r), MINIBLOCK), strict=True):
+    mb = MINIBLOCK << m
+    _, los, widths = _for_plan(r, mb)
+    for lo, width, i in zip(los.tolist(), widths.tolist(), range(0, len(r), mb), strict=True):
         put_svarint(out, lo)
         out.append(width)
         if width:
-            off = (r[i : i + MINIBLOCK] - lo).astype(np.uint64)
+            off = (r[i : i + mb] - lo).astype(np.uint64)
             bits = (off[:, None] >> np.arange(width, dtype=np.uint64)) & np.uint64(1)
             out += np.packbits(bits.astype(np.uint8).ravel(), bitorder="little").tobytes()
 
 
 def _column_size(x: I64) -> int:
-    best = 1 << 62
-    for d in (0, 1, 2):
-        heads, r = _diff(x, d)
-        hsize = sum(_svarint_len(h) for h in heads)
-        if len(r):
-            best = min(best, hsize + _varint_bytes(_zz(r)), hsize + _for_plan(r)[0])
-        else:
-            best = min(best, hsize)
-    return best + 1
+    return 1 + min(c[0] for c in _candidates(x))
 
 
 def _decode_column(rd: Reader, n: int, name: str) -> I64:
     spec = rd.u8(f"{name} spec")
-    d, enc = spec >> 4, spec & 0x0F
-    if d > 2 or enc not in (ENC_VARINT, ENC_FOR):
+    m, d, enc = spec >> 6, (spec >> 4) & 0x03, spec & 0x0F
+    if d > 2 or enc not in (ENC_VARINT, ENC_FOR) or (enc == ENC_VARINT and m):
         rd.pos -= 1
         raise rd.fail(
-            f"{name}: unknown column spec 0x{spec:02x} (expected order 0..2, encoding 0..1)"
+            f"{name}: unknown column spec 0x{spec:02x} (expected order 0..2, encoding 0..1,"
+            " miniblock code 0 for varints)"
         )
+    mb = MINIBLOCK << m
     nh = min(d, n)
     heads = [rd.svarint(f"{name} head") for _ in range(nh)]
     m = n - nh
@@ -395,7 +389,7 @@ def _decode_column(rd: Reader, n: int, name: str) -> I64:
         parts: list[I64] = []
         left = m
         while left > 0:
-            k = min(MINIBLOCK, left)
+            k = min(mb, left)
             lo = rd.svarint(f"{name} miniblock ref")
             width = rd.u8(f"{name} miniblock width")
             if width > 63:

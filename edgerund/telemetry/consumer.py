@@ -71,6 +71,7 @@ class Consumer:
         self.metas: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
         self.states: dict[str, dict[str, Any]] = {}
         self.trackers: dict[tuple[str, int], SeqTracker] = {}
+        self.sites: dict[str, str] = {}  # gateway -> site, from the topics seen
         self.counts = {"batches": 0, "duplicates": 0, "invalid": 0, "unverified": 0}
 
     @staticmethod
@@ -100,6 +101,7 @@ class Consumer:
                 }
             ]
         site, gw, kind = parts[n], parts[n + 1], parts[n + 2]
+        self.sites[gw] = site
         rec_base = {"site": site, "gateway": gw, "topic": topic}
         if kind in ("meta", "state"):
             try:
@@ -280,8 +282,14 @@ async def run(
     max_batches: int | None = None,
     gap_report_s: float | None = None,
     ready: asyncio.Event | None = None,
+    resend_after_s: float | None = None,
 ) -> None:
-    """Consume until `stop` is set or `max_batches` new batches arrived; reconnects."""
+    """Consume until `stop` is set or `max_batches` new batches arrived; reconnects.
+
+    With `resend_after_s`, a gap still open after that long is requested from its gateway
+    with `cmd/resend` (again every 30 s while it stays open): the repair path for batches
+    the broker did not queue for us (e.g. a shared subscription lost in a broker restart).
+    """
     import aiomqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -299,9 +307,55 @@ async def run(
     start_batches = consumer.counts["batches"]
     backoff = 0.5
     last_gap = time.monotonic()
+    gap_seen: dict[tuple[str, int, int, int], float] = {}
+    gap_asked: dict[tuple[str, int, int, int], float] = {}
+
+    async def ask_resends(client: Any) -> None:
+        now = time.monotonic()
+        current = set()
+        for g in consumer.gaps():
+            key = (g["gateway"], g["epoch"], g["from_seq"], g["to_seq"])
+            current.add(key)
+            first = gap_seen.setdefault(key, now)
+            site = consumer.sites.get(g["gateway"])
+            if site is None or resend_after_s is None or now - first < resend_after_s:
+                continue
+            if now - gap_asked.get(key, -1e9) < 30.0:
+                continue
+            gap_asked[key] = now
+            body = {"epoch": key[1], "from_seq": key[2], "to_seq": key[3]}
+            await client.publish(
+                f"{prefix}/{site}/{key[0]}/cmd/resend", json.dumps(body).encode(), qos=1
+            )
+            sink.write([{"type": "resend_requested", "gateway": key[0], **body}])
+        for k in list(gap_seen):
+            if k not in current:
+                del gap_seen[k]
+
+    async def read(client: Any) -> None:
+        nonlocal last_gap
+        async for msg in client.messages:
+            payload = msg.payload
+            if not isinstance(payload, bytes | bytearray):
+                payload = str(payload or "").encode()
+            sink.write(consumer.handle(str(msg.topic), bytes(payload)))
+            if (
+                max_batches is not None
+                and consumer.counts["batches"] - start_batches >= max_batches
+            ):
+                stop.set()
+            if gap_report_s is not None and time.monotonic() - last_gap >= gap_report_s:
+                last_gap = time.monotonic()
+                sink.write(consumer.gaps())
+            if stop.is_set():
+                return
+
+    async def tick(client: Any) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await ask_resends(client)
 
     async def session() -> None:
-        nonlocal last_gap
         async with aiomqtt.Client(
             host,
             port,
@@ -315,23 +369,12 @@ async def run(
                 await client.subscribe(t, options=SubscribeOptions(qos=1))
             if ready is not None:
                 ready.set()
-            async for msg in client.messages:
-                payload = (
-                    msg.payload
-                    if isinstance(msg.payload, bytes | bytearray)
-                    else str(msg.payload or "").encode()
-                )
-                sink.write(consumer.handle(str(msg.topic), bytes(payload)))
-                if (
-                    max_batches is not None
-                    and consumer.counts["batches"] - start_batches >= max_batches
-                ):
-                    stop.set()
-                if gap_report_s is not None and time.monotonic() - last_gap >= gap_report_s:
-                    last_gap = time.monotonic()
-                    sink.write(consumer.gaps())
-                if stop.is_set():
-                    return
+            ticker = asyncio.create_task(tick(client)) if resend_after_s is not None else None
+            try:
+                await read(client)
+            finally:
+                if ticker is not None:
+                    ticker.cancel()
 
     while not stop.is_set():
         stopper = asyncio.create_task(stop.wait())

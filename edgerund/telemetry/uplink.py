@@ -130,6 +130,8 @@ class _AckClient(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.puback_codes: dict[int, ReasonCode] = {}
+        # aiomqtt warns above 10 pending calls; our own in-flight window bounds them.
+        self.pending_calls_threshold = 1 << 16
 
     def _on_publish(
         self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any

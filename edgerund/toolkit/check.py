@@ -94,7 +94,7 @@ def _kernel_clock_synced() -> bool | None:
 
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         buf = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
-        state = libc.ntp_adjtime(buf)
+        state = int(libc.ntp_adjtime(buf))
     except (OSError, AttributeError):
         return None
     if state < 0:

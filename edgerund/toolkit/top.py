@@ -102,7 +102,7 @@ def build_view(
         ("recent", {"no_wrap": True}),
         ("err", {"justify": "right"}),
     ):
-        sensors.add_column(col, **kw)  # type: ignore[arg-type]
+        sensors.add_column(col, **kw)
     rows = st.get("sensors") or []
     for s in rows:
         sid = str(s.get("id"))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from edgerund.errors import ConfigError, DeviceError
 from tests.control.fakes import Models, OnnxRunner, ScenarioHub, manifest, variance_model
 
 WINDOW = 128
+REF_MODEL = Path(__file__).resolve().parents[2] / "models" / "reference"
 THRESHOLD = 0.001  # normal windows score <= ~0.0008, bearing wear >= ~0.0012 (seed 1)
 ACTIVE, NORMAL, SAFE = 1.0, 0.0, 0.5  # distinct so the test can tell them apart
 
@@ -127,14 +129,22 @@ async def test_injected_bearing_anomaly_detected_then_released(tmp_path: Path) -
         assert loop.status()["mode"] == "model"
         assert not any(e.kind == "anomaly.start" for e in events)
 
+        # at the start event, the scores of the ticks that led to it (debounce check)
+        at_start: list[list[float | None]] = []
+        ctx.events.subscribe(
+            lambda e: at_start.append(list(loop.scores)) if e.kind == "anomaly.start" else None
+        )
         start_s = hub.now_s() + 0.3
         scenario.add_anomaly(Anomaly("bearing_wear", start_s=start_s, duration_s=1.5, severity=1.0))
-        assert await wait_for(lambda: act.value == ACTIVE, 3.0)
+        assert await wait_for(lambda: act.value == ACTIVE, 4.0)
+        # the start came exactly on_ticks=3 consecutive ticks above the threshold
+        recent = at_start[0]
+        assert all(s is not None and s > THRESHOLD for s in recent[-3:]), recent[-6:]
+        # and within the window fill (128 samples at 200 Hz = 0.64 s) + on_ticks, with 1.5 s
+        # of slack for a CPU shared with other test runs
         t_active = next(tm for tm, _tw, v in act.commands if v == ACTIVE)
-        # detected within the window fill (128 samples at 200 Hz = 0.64 s) + on_ticks + slack
         delay_s = (t_active - hub.t_start) - start_s
-        ticks = delay_s / 0.020
-        assert ticks <= (WINDOW / 200.0) / 0.020 + 3 + 10, f"detected after {ticks:.0f} ticks"
+        assert 0 < delay_s <= WINDOW / 200.0 + 3 * 0.020 + 1.5, f"detected after {delay_s:.2f} s"
         start_ev = [e for e in events if e.kind == "anomaly.start"]
         assert len(start_ev) == 1 and start_ev[0].source == "motor"
         f = start_ev[0].fields
@@ -359,10 +369,13 @@ async def test_gpio_without_binding_is_a_clear_device_error() -> None:
 
 
 async def test_socket_command_and_status_shape() -> None:
+    before = sys.getswitchinterval()
     hub = ScenarioHub.motor(Scenario(seed=1))
     ctx = make_ctx([loop_cfg()])
     async with running(ctx, hub, vib_models()) as (comp, _events):
         assert await wait_for(lambda: comp.loops[0].ticks > 3, 3.0)
+        # the GIL hand-over interval is lowered while loops run, restored on exit
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
         cmd = comp.commands()["loops"]
         assert not cmd.mutating
         from edgerund.component import CommandError, Peer
@@ -376,6 +389,7 @@ async def test_socket_command_and_status_shape() -> None:
         json.dumps(out)  # JSON-able
         with pytest.raises(CommandError, match="no loop 'nope'"):
             await cmd.handler({"id": "nope"}, peer)
+    assert sys.getswitchinterval() == pytest.approx(before)
 
 
 def test_cross_check_errors_name_key_and_both_sides() -> None:
@@ -403,3 +417,48 @@ def test_schema_rejects_out_of_range_period() -> None:
         msgspec.convert({"gateway": {"id": "g"}, "loops": [loop_cfg(period_ms=0)]}, Config)
     with pytest.raises(msgspec.ValidationError, match="period_ms"):
         msgspec.convert({"gateway": {"id": "g"}, "loops": [loop_cfg(period_ms=1001)]}, Config)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the overflowing window
+async def test_real_runner_non_finite_output_switches_to_fallback() -> None:
+    """The reference model through the real ModelRunner: a vibration sensor glitching to
+    1e300 g (finite, so it passes the input check) overflows the features; the runner
+    reports the fault and the loop decides on the fallback rule, saying why."""
+    from edgerund.inference.runner import ModelRunner
+
+    runner = ModelRunner.load(REF_MODEL)
+    scenario = Scenario(seed=42)
+    hub = ScenarioHub(scenario)
+    glitch = {"on": False}
+
+    def axis(i: int) -> Any:
+        def f(t: Any) -> Any:
+            v = scenario.vibration_g(t)[:, i]
+            return v * 1e300 if glitch["on"] else v
+
+        return f
+
+    hub.add("imu", 200.0, {"ax": axis(0), "ay": axis(1), "az": axis(2)})
+    hub.add("cabinet", 10.0, {"temp_c": scenario.cabinet_temp_c})
+    hub.add("motor", 10.0, {"current_a": scenario.motor_current_a})
+    cfg = loop_cfg(
+        model="ref",
+        inputs=[
+            {"name": "accel_g", "sensor": "imu", "channels": ["ax", "ay", "az"], "window": 256},
+            {"name": "temp_c", "sensor": "cabinet", "channels": ["temp_c"], "window": 1},
+            {"name": "current_a", "sensor": "motor", "channels": ["current_a"], "window": 1},
+        ],
+        policy={"on_ticks": 3, "off_ticks": 5},
+    )
+    ctx = make_ctx([cfg], models=["ref"])
+    async with running(ctx, hub, Models(ref=runner)) as (comp, events):
+        loop = comp.loops[0]
+        assert await wait_for(lambda: loop.mode is not None and loop.mode.value == "model", 3.0)
+        assert loop.policy.threshold == pytest.approx(runner.manifest.threshold)
+        glitch["on"] = True
+        assert await wait_for(lambda: loop.mode is not None and loop.mode.value == "fallback", 3.0)
+        st = comp.status()["loops"][0]
+        assert st["reason"].startswith("model ref: fault:"), st["reason"]
+        assert st["model_faults"] >= 1
+        fb = [e for e in events if e.kind == "loop.fallback" and e.fields["mode"] == "fallback"]
+        assert fb and fb[0].fields["reason"].startswith("model ref: fault:")

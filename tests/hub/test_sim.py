@@ -231,3 +231,32 @@ async def test_sim_inject_refused_when_not_simulating(fake_hub: Any) -> None:
     assert ei.value.code == "not_simulating"
     assert h.hub.commands()["sim-inject"].mutating
     assert h.hub.scenario is None
+
+
+async def test_serial_dropout_goes_silent_then_recovers() -> None:
+    ctx = _sim_cfg(
+        [
+            {
+                "id": "gps",
+                "driver": "nmea",
+                "port": "sim://gps",
+                "rate_hz": 1,
+                "read_timeout_ms": 1000,
+                "fail_after": 1,
+                "reprobe_s": 0.5,
+            },
+        ]
+    )
+    hub, events = await _start(ctx)
+    try:
+        await wait_for(lambda: hub.state("gps") == "ok", within_s=10.0)
+        await hub.commands()["sim-inject"].handler(
+            {"kind": "dropout", "duration_s": 3.0, "sensor": "gps"}, PEER
+        )
+        await wait_for(lambda: hub.state("gps") == "failed", within_s=8.0)
+        await wait_for(lambda: hub.state("gps") == "ok", within_s=10.0)
+        states = [e.fields["state"] for e in events if e.kind == "sensor.state"]
+        assert states == ["ok", "failed", "ok"]
+        assert hub._sim.serial_devices["gps"].counters["frames_dropped"] >= 1
+    finally:
+        await hub.__aexit__(None, None, None)

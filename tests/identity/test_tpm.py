@@ -408,10 +408,11 @@ async def test_event_loop_not_blocked_by_100_quotes(swtpm: SwtpmProcess, tmp_pat
         await ident.close()
     assert len(results) == 100 and len({r["attest"] for r in results}) == 100
     assert all(verify_result(r).ok for r in results[:5])
-    # while 100 quotes (+ PCR reads + certify) ran, the loop kept ticking; generous bound
-    # because CI machines are shared, but far below the ~0.3 s+ the burst takes inline
+    # while 100 quotes (+ PCR reads + certify) ran, the loop kept ticking. Run inline, the
+    # gathered coroutines would never yield and block the loop for the whole burst
+    # (0.4-1.3 s here); the bound is generous because CI machines are shared.
     assert len(lateness) >= 5
-    assert max(lateness) < 0.15, f"max lateness {max(lateness):.3f}s"
+    assert max(lateness) < 0.25, f"max lateness {max(lateness):.3f}s"
 
 
 async def test_silent_tpm_times_out_instead_of_hanging(tmp_path: Path):

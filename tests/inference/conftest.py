@@ -37,9 +37,9 @@ def sha256(p: Path) -> str:
 
 def tiny_onnx(path: Path, n_features: int, *, mode: str = "sumsq") -> None:
     """A one-output model: score = sum(x^2) ("sumsq") or log(-1 - sum(x^2)) ("nan")."""
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    import numpy as np
 
     nodes = [helper.make_node("ReduceSumSquare", ["features"], ["s"], axes=[1], keepdims=0)]
     inits = []

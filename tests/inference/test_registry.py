@@ -24,7 +24,11 @@ from tests.inference.conftest import REF, copy_reference, edit_manifest, install
 
 def _ctx(tmp_path: Path, models: list[dict[str, Any]]) -> Context:
     cfg = msgspec.convert(
-        {"gateway": {"id": "gw"}, "paths": {"state_dir": str(tmp_path / "state")}, "models": models},
+        {
+            "gateway": {"id": "gw"},
+            "paths": {"state_dir": str(tmp_path / "state")},
+            "models": models,
+        },
         Config,
     )
 
@@ -44,7 +48,11 @@ class FakeUpdates:
         return self.dirs.get(name)
 
     def slot_info(self, name: str) -> dict[str, Any]:
-        return {"active_slot": "b", "state": "committed", "version": "1.0.0"} if name in self.dirs else {}
+        return (
+            {"active_slot": "b", "state": "committed", "version": "1.0.0"}
+            if name in self.dirs
+            else {}
+        )
 
 
 class FakeIdentity:
@@ -57,7 +65,11 @@ class FakeIdentity:
 
 def _feeds() -> dict[str, np.ndarray]:
     with np.load(REF / "golden.npz") as z:
-        return {"accel_g": z["accel_g"][0], "temp_c": z["temp_c"][0], "current_a": z["current_a"][0]}
+        return {
+            "accel_g": z["accel_g"][0],
+            "temp_c": z["temp_c"][0],
+            "current_a": z["current_a"][0],
+        }
 
 
 def _fast_cfg(name: str = "motor", path: Path = REF) -> ModelConfig:
@@ -117,7 +129,9 @@ async def test_failed_swap_keeps_the_old_runner(tmp_path: Path) -> None:
     assert reg.runner("motor") is old
     assert old.infer(_feeds()).ok
     st = reg.stats("motor")
-    assert st["state"] == "running" and st["failed_swaps"] == 1 and "ABI mismatch" in st["last_error"]
+    assert (
+        st["state"] == "running" and st["failed_swaps"] == 1 and "ABI mismatch" in st["last_error"]
+    )
     with pytest.raises(ModelError, match="unknown model 'pump'"):
         await reg.swap("pump", REF)
     reg.close()
@@ -138,7 +152,9 @@ async def test_component_loads_from_updates_slot_and_binds_identity(tmp_path: Pa
         digest = hashlib.sha256((slot / "manifest.json").read_bytes()).digest()
         assert ident.bound == [(digest, "motor-ae")]
         assert comp.status() == {
-            "models": [{"name": "motor", "active_slot": "b", "version": "1.1.0", "state": "committed"}]
+            "models": [
+                {"name": "motor", "active_slot": "b", "version": "1.1.0", "state": "committed"}
+            ]
         }
         rows = await comp.commands()["models"].handler({}, None)  # type: ignore[arg-type]
         assert rows[0]["source"] == "slot" and rows[0]["precision"] == "int8"
@@ -158,7 +174,10 @@ async def test_component_uses_config_path_without_updates_and_refuses_bad_model(
     async with ModelsComponent(ctx) as comp:
         assert comp.runner("motor") is not None
         assert comp.status()["models"][0] == {
-            "name": "motor", "active_slot": None, "version": "1.0.0", "state": "running"
+            "name": "motor",
+            "active_slot": None,
+            "version": "1.0.0",
+            "state": "running",
         }
 
     junk = copy_reference(tmp_path / "junk")

@@ -30,7 +30,9 @@ def _inputs(g: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     return {"accel_g": g["accel_g"][i], "temp_c": g["temp_c"][i], "current_a": g["current_a"][i]}
 
 
-def test_golden_vectors_reproduce_int8_and_fp32(runner: ModelRunner, golden: dict[str, Any]) -> None:
+def test_golden_vectors_reproduce_int8_and_fp32(
+    runner: ModelRunner, golden: dict[str, Any]
+) -> None:
     fp32 = ModelRunner.load(REF, model_file="model_fp32.onnx", warmup_runs=5)
     for i in range(len(golden["label"])):
         r8 = runner.infer(_inputs(golden, i))
@@ -111,7 +113,9 @@ def test_abi_mismatch_names_both_sides(tmp_path: Path) -> None:
 
     d2 = copy_reference(tmp_path / "abi2")
     edit_manifest(d2, lambda doc: doc["model_inputs"][0].update(name="x"))
-    with pytest.raises(ModelError, match=r"manifest model_inputs \['x'\] vs model.onnx inputs \['features'\]"):
+    with pytest.raises(
+        ModelError, match=r"manifest model_inputs \['x'\] vs model.onnx inputs \['features'\]"
+    ):
         ModelRunner.load(d2)
 
 
@@ -130,7 +134,9 @@ def test_model_file_hash_is_checked(tmp_path: Path) -> None:
     data = bytearray((d / "model.onnx").read_bytes())
     data[-1] ^= 1
     (d / "model.onnx").write_bytes(bytes(data))
-    with pytest.raises(ModelError, match=r"sha256 .* does not match manifest.json model.sha256") as ei:
+    with pytest.raises(
+        ModelError, match=r"sha256 .* does not match manifest.json model.sha256"
+    ) as ei:
         ModelRunner.load(d)
     assert ei.value.code == "hash_mismatch"
     with pytest.raises(ModelError, match="not named by the manifest"):

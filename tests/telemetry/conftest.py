@@ -16,6 +16,7 @@ import pytest_asyncio
 from drivers.base import Sample
 from edgerund.config.schema import Config
 from edgerund.context import Context, FatalComponentError, Supervisor
+from edgerund.identity.component import build as build_identity
 from edgerund.telemetry.consumer import Consumer, run
 from tests.helpers.daemon import deep_merge
 
@@ -34,7 +35,9 @@ class HubStandIn:
         self._subs.append(fn)
         return lambda: self._subs.remove(fn)
 
-    def emit(self, sensor: str, channel: str, value: float, t_wall: float | None = None, unit: str = "") -> None:
+    def emit(
+        self, sensor: str, channel: str, value: float, t_wall: float | None = None, unit: str = ""
+    ) -> None:
         t_wall = time.time() if t_wall is None else t_wall
         s = Sample(sensor, channel, time.monotonic(), t_wall, value, unit)
         for fn in list(self._subs):
@@ -46,29 +49,50 @@ def make_config(tmp_path: Path, broker: Any | None, **over: Any) -> Config:
         "gateway": {"id": "gw1", "site": "lab"},
         "paths": {"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")},
         "identity": {"kind": "software"},
-        "telemetry": {"batch_max_age_s": 1.0, "agg_interval_s": 2.0, "commit_interval_ms": 100,
-                      "series": [{"match": "env.*", "scale_exp": -2, "raw": True}]},
-        "uplink": {"enabled": broker is not None, "host": "127.0.0.1",
-                   "port": broker.port if broker is not None else 1883,
-                   "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "ack_timeout_s": 10.0,
-                   "replay_bytes_per_s": 10_000_000, "replay_burst_bytes": 10_000_000},
+        "telemetry": {
+            "batch_max_age_s": 1.0,
+            "agg_interval_s": 2.0,
+            "commit_interval_ms": 100,
+            "series": [{"match": "env.*", "scale_exp": -2, "raw": True}],
+        },
+        "uplink": {
+            "enabled": broker is not None,
+            "host": "127.0.0.1",
+            "port": broker.port if broker is not None else 1883,
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 1.0,
+            "ack_timeout_s": 10.0,
+            "replay_bytes_per_s": 10_000_000,
+            "replay_burst_bytes": 10_000_000,
+        },
     }
     return msgspec.convert(deep_merge(base, over), Config)
 
 
 def make_ctx(cfg: Config, tmp_path: Path) -> Context:
     fatal: list[FatalComponentError] = []
-    return Context(config=cfg, config_path=tmp_path / "edgerund.yaml", supervisor=Supervisor(fatal.append))
+    return Context(
+        config=cfg, config_path=tmp_path / "edgerund.yaml", supervisor=Supervisor(fatal.append)
+    )
 
 
 @contextlib.asynccontextmanager
 async def identity_in(ctx: Context) -> AsyncIterator[Any]:
-    from edgerund.identity.component import build
-
-    comp = build(ctx)
+    comp = build_identity(ctx)
     async with comp:
         ctx.components["identity"] = comp
         yield comp
+
+
+async def until(pred: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll `pred` until true; fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if pred():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s")
+        await asyncio.sleep(0.02)
 
 
 class Collector:
@@ -88,13 +112,19 @@ class Collector:
         return [r for r in self.records if r.get("type") == kind]
 
     def seqs(self) -> set[tuple[int, int]]:
-        return {(r["epoch"], r["seq"]) for r in self.records if r.get("type") in ("series", "event", "loss", "empty")}
+        return {
+            (r["epoch"], r["seq"])
+            for r in self.records
+            if r.get("type") in ("series", "event", "loss", "empty")
+        }
 
     async def wait_for(self, pred: Callable[[], bool], timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not pred():
             if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout_s} s; counts={self.consumer.counts}")
+                raise AssertionError(
+                    f"condition not met within {timeout_s} s; counts={self.consumer.counts}"
+                )
             await asyncio.sleep(0.05)
 
 
@@ -102,20 +132,38 @@ class Collector:
 async def collector_factory() -> AsyncIterator[Callable[..., Any]]:
     tasks: list[tuple[asyncio.Task[None], asyncio.Event]] = []
 
-    async def start(broker: Any, *, public_keys: list[Any] = (), client_id: str = "test-consumer",  # type: ignore[assignment]
-                    require_signature: bool = False, group: str | None = "edgerund") -> Collector:
+    async def start(
+        broker: Any,
+        *,
+        public_keys: list[Any] = (),
+        client_id: str = "test-consumer",  # type: ignore[assignment]
+        require_signature: bool = False,
+        group: str | None = "edgerund",
+        resend_after_s: float | None = None,
+    ) -> Collector:
         c = Collector(Consumer(public_keys=public_keys, require_signature=require_signature))
         stop = asyncio.Event()
         ready = asyncio.Event()
-        t = asyncio.create_task(run(c.consumer, c, host=broker.host, port=broker.port,  # type: ignore[arg-type]
-                                    client_id=client_id, stop=stop, ready=ready, group=group))
+        t = asyncio.create_task(
+            run(
+                c.consumer,
+                c,
+                host=broker.host,
+                port=broker.port,  # type: ignore[arg-type]
+                client_id=client_id,
+                stop=stop,
+                ready=ready,
+                group=group,
+                resend_after_s=resend_after_s,
+            )
+        )
         tasks.append((t, stop))
         # The subscription must exist before the gateway publishes.
         await asyncio.wait_for(ready.wait(), 15)
         return c
 
     yield start
-    for t, stop in tasks:
+    for _, stop in tasks:
         stop.set()
     for t, _ in tasks:
         with contextlib.suppress(BaseException):

@@ -60,7 +60,9 @@ class MqttProxy:
             with contextlib.suppress(Exception):
                 w.close()
 
-    async def _pump(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, from_client: bool) -> None:
+    async def _pump(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, from_client: bool
+    ) -> None:
         buf = b""
         while True:
             chunk = await r.read(65536)

@@ -13,7 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgerund.telemetry import codec
-from edgerund.telemetry.codec import Batch, Cls, DecodeError, EventBlock, LossBlock, LossReason, SeriesBlock
+from edgerund.telemetry.codec import (
+    Batch,
+    Cls,
+    DecodeError,
+    EventBlock,
+    LossBlock,
+    LossReason,
+    SeriesBlock,
+)
 
 LIM = (1 << 60) - 1
 ints = st.integers(min_value=-LIM, max_value=LIM)
@@ -26,10 +34,16 @@ def series(draw: st.DrawFn) -> SeriesBlock:
     mode = draw(st.sampled_from(["periodic", "jitter", "random"]))
     t0 = draw(st.integers(0, 1 << 44))
     if mode == "random":
-        t = np.array(draw(st.lists(st.integers(0, 1 << 50), min_size=n, max_size=n)), dtype=np.int64)
+        t = np.array(
+            draw(st.lists(st.integers(0, 1 << 50), min_size=n, max_size=n)), dtype=np.int64
+        )
     else:
         period = draw(st.integers(1, 100_000))
-        jit = draw(st.lists(st.integers(-5, 5), min_size=n, max_size=n)) if mode == "jitter" else [0] * n
+        jit = (
+            draw(st.lists(st.integers(-5, 5), min_size=n, max_size=n))
+            if mode == "jitter"
+            else [0] * n
+        )
         t = np.array([t0 + i * period + j + 5 for i, j in enumerate(jit)], dtype=np.int64)
     nch = draw(st.integers(1, 4))
     cols = []
@@ -48,12 +62,27 @@ def series(draw: st.DrawFn) -> SeriesBlock:
 
 
 text = st.text(max_size=40)
-events = st.builds(EventBlock, st.integers(0, 1 << 50), text, text,
-                   st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(1 << 50), 1 << 50), text, st.booleans(), st.none()), max_size=4))
-losses = st.builds(LossBlock, st.sampled_from(list(LossReason)), st.sampled_from(list(Cls)), st.integers(0, 1 << 44),
-                   st.integers(0, 1 << 44), st.integers(0, 1 << 40),
-                   st.lists(st.integers(1, 1 << 40), unique=True, max_size=20).map(lambda x: tuple(sorted(x))),
-                   st.lists(st.integers(0, 1 << 32 - 1), max_size=5).map(tuple))
+events = st.builds(
+    EventBlock,
+    st.integers(0, 1 << 50),
+    text,
+    text,
+    st.dictionaries(
+        st.text(max_size=8),
+        st.one_of(st.integers(-(1 << 50), 1 << 50), text, st.booleans(), st.none()),
+        max_size=4,
+    ),
+)
+losses = st.builds(
+    LossBlock,
+    st.sampled_from(list(LossReason)),
+    st.sampled_from(list(Cls)),
+    st.integers(0, 1 << 44),
+    st.integers(0, 1 << 44),
+    st.integers(0, 1 << 40),
+    st.lists(st.integers(1, 1 << 40), unique=True, max_size=20).map(lambda x: tuple(sorted(x))),
+    st.lists(st.integers(0, 1 << 32 - 1), max_size=5).map(tuple),
+)
 
 
 def _same(a: codec.Block, b: codec.Block) -> None:
@@ -67,16 +96,30 @@ def _same(a: codec.Block, b: codec.Block) -> None:
     elif isinstance(a, LossBlock):
         assert isinstance(b, LossBlock)
         assert (a.reason, a.cls, a.t_first_ms, a.n_samples, a.seqs, a.series_ids) == (
-            b.reason, b.cls, b.t_first_ms, b.n_samples, b.seqs, b.series_ids)
+            b.reason,
+            b.cls,
+            b.t_first_ms,
+            b.n_samples,
+            b.seqs,
+            b.series_ids,
+        )
         assert b.t_last_ms == max(a.t_last_ms, a.t_first_ms)
     else:
         assert a == b
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(series(), events, losses), max_size=5), st.sampled_from(list(Cls)),
-       st.integers(0, 1 << 40), st.integers(0, 1 << 40), st.integers(0, (1 << 32) - 1), st.booleans())
-def test_round_trip_is_exact(blocks: list[codec.Block], cls: Cls, epoch: int, seq: int, ver: int, z: bool) -> None:
+@given(
+    st.lists(st.one_of(series(), events, losses), max_size=5),
+    st.sampled_from(list(Cls)),
+    st.integers(0, 1 << 40),
+    st.integers(0, 1 << 40),
+    st.integers(0, (1 << 32) - 1),
+    st.booleans(),
+)
+def test_round_trip_is_exact(
+    blocks: list[codec.Block], cls: Cls, epoch: int, seq: int, ver: int, z: bool
+) -> None:
     payload = codec.encode(Batch(cls, epoch, seq, ver, tuple(blocks)), compress=z)
     d = codec.decode(payload)
     assert (d.batch.cls, d.batch.epoch, d.batch.seq, d.batch.schema_ver) == (cls, epoch, seq, ver)
@@ -151,11 +194,15 @@ def test_signature_trailer_verifies_and_detects_tampering() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     from cryptography.hazmat.primitives import serialization
 
-    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     ev = EventBlock(1_700_000_000_000, "anomaly.start", "loop1", {"score": 0.9})
     payload = codec.encode(Batch(Cls.EVT, 5, 6, 1, (ev,)))
     der = key.sign(codec.signing_digest(payload), ec.ECDSA(Prehashed(hashes.SHA256())))
-    signed = codec.attach_signature(payload, codec.Signature(1, codec.key_id_for(spki), codec.der_to_rs(der)))
+    signed = codec.attach_signature(
+        payload, codec.Signature(1, codec.key_id_for(spki), codec.der_to_rs(der))
+    )
     assert len(signed) == len(payload) + codec.TRAILER_LEN
     d = codec.decode(signed)
     assert d.signature is not None and d.signature.key_id == codec.key_id_for(spki)

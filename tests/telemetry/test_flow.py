@@ -12,7 +12,9 @@ from edgerund.telemetry.consumer import Consumer
 from tests.telemetry.conftest import HubStandIn, identity_in, make_config, make_ctx
 
 
-async def test_normal_flow_decoded_and_verified(tmp_path: Path, mosquitto: Any, collector_factory: Any) -> None:
+async def test_normal_flow_decoded_and_verified(
+    tmp_path: Path, mosquitto: Any, collector_factory: Any, loop_guard: Any
+) -> None:
     cfg = make_config(tmp_path, mosquitto)
     ctx = make_ctx(cfg, tmp_path)
     hub = HubStandIn([("env", "temp", "degC"), ("vib", "x", "g")])
@@ -29,9 +31,14 @@ async def test_normal_flow_decoded_and_verified(tmp_path: Path, mosquitto: Any, 
                 hub.emit("vib", "x", 0.001 * i, t0 + i * 0.1)
                 sent.append(v)
             ctx.events.publish("anomaly.start", "loop1", score=0.93, threshold=0.8)
-            await col.wait_for(lambda: any(r.get("name") == "env.temp" and r["cls"] == "raw"
-                                           for r in col.of("series")))
-            await col.wait_for(lambda: any(r.get("kind") == "anomaly.start" for r in col.of("event")))
+            await col.wait_for(
+                lambda: any(
+                    r.get("name") == "env.temp" and r["cls"] == "raw" for r in col.of("series")
+                )
+            )
+            await col.wait_for(
+                lambda: any(r.get("kind") == "anomaly.start" for r in col.of("event"))
+            )
             await col.wait_for(lambda: any(r["cls"] == "agg" for r in col.of("series")))
             st = tel.status()["telemetry"]
             assert st["connected"] is True

@@ -10,11 +10,12 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
+import pytest
 
 from edgerund.telemetry.codec import Cls, SeriesBlock
 from edgerund.telemetry.component import TelemetryComponent
 from tests.fixtures.binaries import free_port
-from tests.telemetry.conftest import HubStandIn, make_config, make_ctx
+from tests.telemetry.conftest import HubStandIn, make_config, make_ctx, until
 from tests.telemetry.mqtt_proxy import MqttProxy
 
 
@@ -27,11 +28,23 @@ async def _emit_until(hub: HubStandIn, stop: asyncio.Event, rate_hz: float = 20.
     return n
 
 
-async def test_broker_outage_loses_nothing(tmp_path: Path, mosquitto: Any, collector_factory: Any) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["plain-sub", "shared-sub+resend"])
+async def test_broker_outage_loses_nothing(
+    tmp_path: Path, mosquitto: Any, collector_factory: Any, loop_guard: Any, shared: bool
+) -> None:
+    """Plain persistent subscription: the broker queues for the consumer across its
+    restart. Shared subscription: mosquitto 2.0.11 forgets it on restart, so batches
+    replayed before the consumer resubscribes are gone from the broker; the consumer
+    sees the gap and gets them back with cmd/resend."""
     ctx = make_ctx(make_config(tmp_path, mosquitto, telemetry={"batch_max_age_s": 0.5}), tmp_path)
     hub = HubStandIn([("env", "temp", "degC")])
     ctx.components["hub"] = hub
-    col = await collector_factory(mosquitto, client_id="outage-consumer", group=None)
+    col = await collector_factory(
+        mosquitto,
+        client_id="outage-consumer",
+        group="g" if shared else None,
+        resend_after_s=1.0 if shared else None,
+    )
     async with TelemetryComponent(ctx) as tel:
         stop = asyncio.Event()
         emitter = asyncio.create_task(_emit_until(hub, stop))
@@ -53,8 +66,12 @@ async def test_broker_outage_loses_nothing(tmp_path: Path, mosquitto: Any, colle
     seqs = {s for e, s in col.seqs() if e == tel.spool.epoch}
     assert seqs == set(range(min(seqs), last_seq + 1))
     assert col.consumer.gaps() == []
-    values = [(t, v) for r in col.of("series") if r.get("name") == "env.temp" and r["cls"] == "raw"
-              for t, v in zip(r["t_ms"], r["values"]["value"], strict=True)]
+    values = [
+        (t, v)
+        for r in col.of("series")
+        if r.get("name") == "env.temp" and r["cls"] == "raw"
+        for t, v in zip(r["t_ms"], r["values"]["value"], strict=True)
+    ]
     assert len(values) == emitted  # every sample, once (duplicates are dropped by (epoch, seq))
     assert tel.status()["telemetry"]["lost_samples"] == 0
 
@@ -64,10 +81,14 @@ async def _fill_backlog(tel: TelemetryComponent, n: int, samples: int) -> None:
     for i in range(n):
         t = 1_700_000_000_000 + i * 60_000 + np.arange(samples, dtype=np.int64) * 100
         v = rng.integers(-20000, 20000, samples)  # incompressible: a known wire size
-        await asyncio.wrap_future(tel.spool.append(Cls.RAW, [SeriesBlock(1, t, (v,), (-3,))], tel.schema_ver))
+        await asyncio.wrap_future(
+            tel.spool.append(Cls.RAW, [SeriesBlock(1, t, (v,), (-3,))], tel.schema_ver)
+        )
 
 
-async def test_replay_respects_inflight_limit_and_events_jump_ahead(tmp_path: Path, mosquitto: Any) -> None:
+async def test_replay_respects_inflight_limit_and_events_jump_ahead(
+    tmp_path: Path, mosquitto: Any
+) -> None:
     proxy = MqttProxy(mosquitto.port, delay_s=0.05)
     port = free_port()
     cfg = make_config(tmp_path, mosquitto, uplink={"port": port, "inflight_max": 3})
@@ -95,14 +116,20 @@ async def test_replay_respects_inflight_limit_and_events_jump_ahead(tmp_path: Pa
     assert evt_idx[0] < raw_idx[-10]  # the live event overtook the remaining backlog
     # 50 ms of latency per PUBACK with 40 batches queued: an unlimited client would have
     # them all in flight. The network saw at most 3 (and the limit was actually reached).
-    assert 2 <= proxy.max_outstanding <= 3 + 1  # +1: a birth/meta publish may overlap the first batch
+    assert (
+        2 <= proxy.max_outstanding <= 3 + 1
+    )  # +1: a birth/meta publish may overlap the first batch
 
 
 async def test_replay_is_paced_by_byte_rate(tmp_path: Path, mosquitto: Any) -> None:
     proxy = MqttProxy(mosquitto.port)
     port = free_port()
     rate, burst = 40_000, 4096
-    cfg = make_config(tmp_path, mosquitto, uplink={"port": port, "replay_bytes_per_s": rate, "replay_burst_bytes": burst})
+    cfg = make_config(
+        tmp_path,
+        mosquitto,
+        uplink={"port": port, "replay_bytes_per_s": rate, "replay_burst_bytes": burst},
+    )
     ctx = make_ctx(cfg, tmp_path)
     ctx.components["hub"] = HubStandIn([])
     async with TelemetryComponent(ctx) as tel:
@@ -139,21 +166,30 @@ async def test_malformed_cmd_messages_rejected(tmp_path: Path, mosquitto: Any) -
             return b"pong:" + payload
 
         tel.register_command("echo", echo)
-        while not tel.status()["telemetry"]["connected"]:
-            await asyncio.sleep(0.05)
+        await until(lambda: tel.status()["telemetry"]["connected"], 20, "connected")
         base = "tlm/v1/lab/gw1/cmd"
         cases = [
             ("resend", b"not json", "bad_json"),
             ("resend", b"[1,2]", "bad_json"),
             ("resend", json.dumps({"epoch": "x", "from_seq": 1, "to_seq": 2}).encode(), "bad_args"),
             ("resend", json.dumps({"epoch": 1, "from_seq": 5, "to_seq": 2}).encode(), "bad_args"),
-            ("resend", json.dumps({"epoch": 1, "from_seq": 1, "to_seq": 2}).encode(), "wrong_epoch"),
-            ("upload_raw", json.dumps({"series": "nope.*", "from_ms": 0, "to_ms": 1}).encode(), "unknown_series"),
+            (
+                "resend",
+                json.dumps({"epoch": 1, "from_seq": 1, "to_seq": 2}).encode(),
+                "wrong_epoch",
+            ),
+            (
+                "upload_raw",
+                json.dumps({"series": "nope.*", "from_ms": 0, "to_ms": 1}).encode(),
+                "unknown_series",
+            ),
             ("upload_raw", b"\xff\xfe", "bad_json"),
             ("nosuch", b"{}", "unknown_command"),
             ("rebirth", b"x" * 5000, "too_large"),
         ]
-        async with aiomqtt.Client("127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+        async with aiomqtt.Client(
+            "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
+        ) as c:
             await c.subscribe(f"{base}/+/reply", qos=1)
             replies: dict[str, list[dict[str, Any]]] = {}
             for name, payload, _ in cases:
@@ -165,11 +201,15 @@ async def test_malformed_cmd_messages_rejected(tmp_path: Path, mosquitto: Any) -
                 async for m in c.messages:
                     name = str(m.topic).split("/")[-2]
                     body = m.payload if isinstance(m.payload, bytes) else b""
-                    replies.setdefault(name, []).append(json.loads(body) if name != "echo" else {"raw": body})
+                    replies.setdefault(name, []).append(
+                        json.loads(body) if name != "echo" else {"raw": body}
+                    )
                     n += 1
                     if n == len(cases) + 2:
                         break
-        codes = sorted(r["error"]["code"] for rs in replies.values() for r in rs if r.get("ok") is False)
+        codes = sorted(
+            r["error"]["code"] for rs in replies.values() for r in rs if r.get("ok") is False
+        )
         assert codes == sorted(c for _, _, c in cases)
         assert replies["echo"] == [{"raw": b"pong:hello"}] and got == [b"hello"]
         assert any(r.get("ok") is True for r in replies["rebirth"])
@@ -177,7 +217,9 @@ async def test_malformed_cmd_messages_rejected(tmp_path: Path, mosquitto: Any) -
         assert st["cmd_rejected"] == len(cases) and st["connected"] is True
 
 
-async def test_resend_republishes_kept_batches(tmp_path: Path, mosquitto: Any, collector_factory: Any) -> None:
+async def test_resend_republishes_kept_batches(
+    tmp_path: Path, mosquitto: Any, collector_factory: Any
+) -> None:
     ctx = make_ctx(make_config(tmp_path, mosquitto), tmp_path)
     ctx.components["hub"] = HubStandIn([])
     col = await collector_factory(mosquitto, client_id="resend-consumer")
@@ -185,10 +227,17 @@ async def test_resend_republishes_kept_batches(tmp_path: Path, mosquitto: Any, c
         await _fill_backlog(tel, 5, 10)
         await col.wait_for(lambda: col.consumer.counts["batches"] >= 5)
         first = min(s for _, s in col.seqs())
-        async with aiomqtt.Client("127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+        async with aiomqtt.Client(
+            "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
+        ) as c:
             await c.subscribe("tlm/v1/lab/gw1/cmd/resend/reply", qos=1)
-            await c.publish("tlm/v1/lab/gw1/cmd/resend",
-                            json.dumps({"epoch": tel.spool.epoch, "from_seq": first, "to_seq": first + 2}).encode(), qos=1)
+            await c.publish(
+                "tlm/v1/lab/gw1/cmd/resend",
+                json.dumps(
+                    {"epoch": tel.spool.epoch, "from_seq": first, "to_seq": first + 2}
+                ).encode(),
+                qos=1,
+            )
             async with asyncio.timeout(10):
                 async for m in c.messages:
                     reply = json.loads(m.payload if isinstance(m.payload, bytes) else b"{}")
@@ -213,7 +262,9 @@ async def test_tls_with_client_certificate(tmp_path: Path, mosquitto_tls: Any) -
         assert tel.status()["telemetry"]["connected"]
 
 
-async def test_tls_handshake_refused_is_reported_not_fatal(tmp_path: Path, mosquitto_tls: Any) -> None:
+async def test_tls_handshake_refused_is_reported_not_fatal(
+    tmp_path: Path, mosquitto_tls: Any
+) -> None:
     b = mosquitto_tls
     from tests.fixtures.mosquitto import make_test_pki
 

@@ -115,9 +115,7 @@ class MeteredSMBus:
 class InlineBus(AsyncI2CBus):
     """The real bus code with the worker hop removed: transactions run on the caller."""
 
-    async def _submit(self, fn: Callable[[Any], Any], addr: int, reg: int | None, op: str) -> Any:
-        with self._stats_lock:
-            self._pending += 1
+    async def _call(self, fn: Callable[[Any], Any], addr: int, reg: int | None, op: str) -> Any:
         return self._run(fn, addr, reg, op)
 
 

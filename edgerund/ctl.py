@@ -256,26 +256,6 @@ def _inject_args(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _add_inject(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["bearing_wear", "overheat", "voltage_sag", "dropout"])
-    p.add_argument("--duration-s", type=float, default=30.0, help="seconds (default 30)")
-    p.add_argument("--severity", type=float, default=1.0, help="1.0 = a nominal fault")
-    p.add_argument("--sensor", help="for dropout: the sensor id or emulated device")
-    p.add_argument("--start-in-s", type=float, default=0.0, help="delay before it starts")
-
-
-def _inject_args(a: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "kind": a.kind,
-        "duration_s": a.duration_s,
-        "severity": a.severity,
-        "start_in_s": a.start_in_s,
-    }
-    if a.sensor:
-        out["sensor"] = a.sensor
-    return out
-
-
 def _abs(path: str) -> str:
     import os
 

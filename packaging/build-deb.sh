@@ -52,7 +52,8 @@ esac
 
 PY=/usr/bin/python3
 [ -x "$PY" ] || die "no $PY: install python3 (the package depends on the distribution's Python)"
-PYVER="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+PYVER="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')" \
+    || die "$PY does not run"
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
     || die "unsupported Python $PYVER at $PY: edgerund needs >= 3.11 (Debian 12 bookworm, Raspberry Pi OS bookworm, Ubuntu 24.04)"
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || die "python3-venv is missing: apt-get install python3-venv"

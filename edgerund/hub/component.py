@@ -37,10 +37,11 @@ import numpy as np
 import structlog
 
 from drivers.base import ChannelInfo, Resources, Sample, SensorConfig
+from drivers.errors import DeviceError
+from drivers.i2c import scan
 from drivers.registry import SensorSpec, sensor_drivers
 from edgerund.component import Command, CommandError, Peer
 from edgerund.errors import ConfigError
-from edgerund.hub import scan
 from edgerund.hub.acquire import Acquirer, SensorRuntime, make_slots
 from edgerund.hub.resources import TrackingResources
 from edgerund.hub.ring import F64, Ring
@@ -192,7 +193,7 @@ class SensorHub:
         if self._ctx is not None:
             self._ctx.events.publish(kind, source, **fields)
 
-    def _make_sink(self, sensor_id: str) -> Callable[[Sample], None]:
+    def _make_sink(self, sensor_id: str) -> Callable[[list[Sample], float], None]:
         subs = self._subs  # the list object is stable; (un)subscribe mutate it in place
         read_times = self._read_times[sensor_id]
         last = [0.0]
@@ -201,20 +202,24 @@ class SensorHub:
         # burst once, so the achieved rate compares with the configured epochs per second.
         min_gap = 0.5 / rt.config.rate_hz if getattr(rt.sensor, "mode", "") == "stream" else 0.0
 
-        def sink(s: Sample) -> None:
-            if s.t_mono - last[0] > min_gap:  # one entry per read, not per channel
-                last[0] = s.t_mono
-                read_times.push(s.t_mono, 0.0)
+        def sink(samples: list[Sample], t_mono: float) -> None:
+            if t_mono - last[0] > min_gap:  # one entry per read
+                last[0] = t_mono
+                read_times.push(t_mono, 0.0)
             for fn in subs:
-                try:
-                    fn(s)
-                except Exception as exc:
-                    self._sub_errors += 1
-                    if not self._sub_error_logged:
-                        self._sub_error_logged = True
-                        log.error("subscriber_failed", error=repr(exc), exc_info=exc)
+                for s in samples:
+                    try:
+                        fn(s)
+                    except Exception as exc:
+                        self._sub_failed(exc)
 
         return sink
+
+    def _sub_failed(self, exc: Exception) -> None:
+        self._sub_errors += 1
+        if not self._sub_error_logged:
+            self._sub_error_logged = True
+            log.error("subscriber_failed", error=repr(exc), exc_info=exc)
 
     # -- life cycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -405,18 +410,22 @@ class SensorHub:
             bus = self.resources.i2c_bus(bus_n)
         except (ValueError, OSError) as exc:
             raise CommandError("device_error", f"I2C bus {bus_n}: {exc}") from exc
+        if not isinstance(bus, scan.ProbingBus):
+            raise CommandError("unsupported", f"I2C bus {bus_n} cannot run probes")
         self._scans.add(bus_n)
         try:
             result = await scan.scan_bus(bus, claimed)
-        except scan.ScanError as exc:
-            raise CommandError("device_error", str(exc)) from exc
+        except (DeviceError, OSError) as exc:
+            # the adapter itself failed (no such bus, permission): every address would fail
+            raise CommandError("device_error", f"I2C bus {bus_n}: {exc}") from exc
         finally:
             self._scans.discard(bus_n)
-        for row in result:
+        rows = scan.rows(result, claimed)
+        for row in rows:
             owner = row.get("sensor")
             if isinstance(owner, str) and owner in self._rts:
                 row["state"] = self._rts[owner].health.state
-        return result
+        return rows
 
     async def _cmd_serial_sniff(self, args: dict[str, Any], peer: Peer) -> Any:
         port_arg = args.get("port")

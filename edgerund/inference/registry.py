@@ -94,6 +94,9 @@ class ModelRegistry:
             except ModelError as exc:
                 st.state, st.last_error = "failed", str(exc)
                 raise
+            except Exception as exc:  # an OS error or a bug while loading: same outcome
+                st.state, st.last_error = "failed", f"{type(exc).__name__}: {exc}"
+                raise ModelError(f"loading {model_dir} failed: {exc!r}", code="load") from exc
             self._install(st, runner, model_dir)
             return runner
 

@@ -199,15 +199,17 @@ class ModelRunner:
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         threshold = manifest.threshold
+        golden_keys: tuple[str, ...]
         if model_file is None or model_file == manifest.model_file:
             fname, sha = manifest.model_file, manifest.model_sha256
-            golden_key = "score_int8" if manifest.precision == "int8" else "score"
+            golden_keys = (
+                ("score_int8", "score") if manifest.precision == "int8" else ("score_fp32", "score")
+            )
         elif model_file == manifest.fp32_file:
             fname, sha = manifest.fp32_file, manifest.fp32_sha256
-            threshold = (
-                manifest.fp32_threshold if manifest.fp32_threshold is not None else threshold
-            )
-            golden_key = "score_fp32"
+            if manifest.fp32_threshold is not None:
+                threshold = manifest.fp32_threshold
+            golden_keys = ("score_fp32",)
         else:
             named = [f for f in (manifest.model_file, manifest.fp32_file) if f]
             raise ModelError(
@@ -237,7 +239,8 @@ class ModelRunner:
         golden = runner._load_golden() if manifest.golden is not None else None
         runner._warm_up(warmup_runs, golden)
         if check_golden and golden is not None:
-            runner._check_golden(golden, golden_key)
+            key = next((k for k in golden_keys if k in golden), golden_keys[0])
+            runner._check_golden(golden, key)
         runner._reset_counters()
         return runner
 

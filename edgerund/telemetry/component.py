@@ -641,6 +641,8 @@ class TelemetryComponent:
                 "inflight": up.inflight if up else 0,
                 "inflight_peak": up.inflight_peak if up else 0,
                 "reconnects": up.reconnects if up else 0,
+            "connect_failures": up.connect_failures if up else 0,
+            "publish_rejected": up.publish_rejected if up else 0,
                 "cmd_handled": up.cmd_handled if up else 0,
                 "cmd_rejected": up.cmd_rejected if up else 0,
                 "sign_errors": up.sign_errors if up else 0,

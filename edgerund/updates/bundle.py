@@ -116,18 +116,19 @@ def _read_small(tf: tarfile.TarFile, m: tarfile.TarInfo, cap: int, what: str) ->
 
 def open_bundle(path: Path) -> tuple[IO[bytes], int]:
     """Open a bundle path: regular files only (a FIFO or device could be endless)."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer appears.
     try:
-        f = open(path, "rb")  # returned to the caller
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise TrustError("not_found", f"bundle {str(path)!r} does not exist") from None
     except PermissionError:
-        raise TrustError(
-            "not_readable", f"bundle {str(path)!r} is not readable by the daemon"
-        ) from None
-    st = os.fstat(f.fileno())
+        raise TrustError("not_readable", f"bundle {str(path)!r} is not readable by the daemon") from None
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        f.close()
+        os.close(fd)
         raise TrustError("not_a_file", f"{str(path)!r} is not a regular file")
+    os.set_blocking(fd, True)
+    f = os.fdopen(fd, "rb")
     return f, st.st_size
 
 

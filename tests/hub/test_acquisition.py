@@ -230,3 +230,43 @@ async def test_reload_changes_rate_live_and_flags_the_rest(fake_hub: Any) -> Non
     rate = len(d.read_starts) - i0
     assert rate > 60, rate  # ~100 Hz now, was 20
     assert h.hub._rts["b"].config.work_ms == 0.0
+
+
+async def test_samples_are_the_frozen_dataclass_with_every_field(fake_hub: Any) -> None:
+    # The hot path fills Sample's slots directly: the objects must be indistinguishable
+    # from ones built by the constructor (equal, hashable, frozen).
+    import dataclasses
+
+    from drivers.base import Quality, Sample
+
+    h = await fake_hub([fake("a", rate_hz=100.0)])
+    got: list[Sample] = []
+    unsub = h.hub.subscribe(got.append)
+    await wait_for(lambda: len(got) >= 4)
+    unsub()
+    s = got[-1]
+    rebuilt = Sample(s.sensor_id, s.channel, s.t_mono, s.t_wall, s.value, s.unit, s.quality)
+    assert s == rebuilt and hash(s) == hash(rebuilt)
+    assert (s.sensor_id, s.unit, s.quality) == ("a", "u" if s.channel == "x" else "v", Quality.GOOD)
+    try:
+        s.value = 0.0  # type: ignore[misc]
+    except dataclasses.FrozenInstanceError:
+        pass
+    else:
+        raise AssertionError("Sample must stay frozen")
+    # both channels of one read carry the same instant
+    pair = [x for x in got if x.t_mono == got[-1].t_mono]
+    assert {x.channel for x in pair} == {"x", "y"}
+
+
+async def test_sensor_grids_are_spread_not_aligned(fake_hub: Any) -> None:
+    # Sensors started together at harmonic rates must not all fall due at one instant:
+    # each grid is offset by a stable fraction of its period (of 1 s at most).
+    ids = [f"s{i}" for i in range(8)]
+    h = await fake_hub([fake(i, rate_hz=10.0) for i in ids])
+    phases = [h.hub._acq[i].phase for i in ids]
+    assert all(0.0 <= p < 1.0 for p in phases) and len({round(p, 3) for p in phases}) == 8
+    assert max(phases) - min(phases) > 0.3  # spread over the period, not bunched
+    await wait_for(lambda: all(len(h.driver(i).read_starts) >= 3 for i in ids))
+    offsets = sorted(float(np.mean(np.asarray(h.driver(i).read_starts[1:3]) % 0.1)) for i in ids)
+    assert offsets[-1] - offsets[0] > 0.02  # the reads themselves are spread in time

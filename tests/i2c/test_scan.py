@@ -5,11 +5,14 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+import pytest
+
 from drivers.emulated.bme280 import EmulatedBME280
 from drivers.emulated.i2c import EmulatedSMBus, RegisterFile
 from drivers.emulated.mpu6050 import EmulatedMPU6050
 from drivers.emulated.sht import EmulatedSHT
-from drivers.i2c.scan import format_table, present, probe, scan, scan_bus, uses_read
+from drivers.i2c.bus import AsyncI2CBus, I2CError
+from drivers.i2c.scan import format_table, present, probe, rows, scan, scan_bus, uses_read
 
 from .conftest import MakeBus
 
@@ -72,3 +75,31 @@ async def test_scan_bus_through_worker_with_real_emulators(make_bus: MakeBus) ->
     table = format_table(result)
     assert "40: -- -- -- -- 44" in table and "70: -- -- -- -- -- -- -- 77" in table
     assert "60: -- -- -- -- -- -- -- -- -- UU" in table
+
+
+class BrokenAdapter(EmulatedSMBus):
+    def write_quick(self, i2c_addr: int, force: bool | None = None) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+
+def test_adapter_failure_ends_the_scan_but_nacks_and_busy_do_not() -> None:
+    with pytest.raises(OSError) as ei:
+        scan(BrokenAdapter([]))
+    assert ei.value.errno == errno.EACCES
+    result = scan(BusyBus([RegisterFile(0x3D)]), in_use={0x3E}, first=0x3B, last=0x3E)
+    assert result == {0x3B: "absent", 0x3C: "busy", 0x3D: "present", 0x3E: "in_use"}
+    assert rows(result, {0x3E: "oled"}) == [
+        {"address": "0x3c", "status": "busy", "sensor": None, "part": "ssd1306 display"},
+        {"address": "0x3d", "status": "responds", "sensor": None, "part": None},
+        {"address": "0x3e", "status": "in use", "sensor": "oled", "part": None},
+    ]
+
+
+async def test_scan_bus_names_the_bus_when_the_adapter_fails() -> None:
+    bus = AsyncI2CBus.from_smbus(BrokenAdapter([]), "emu-9")
+    try:
+        with pytest.raises(I2CError) as ei:
+            await scan_bus(bus)
+        assert ei.value.errno == errno.EACCES and "emu-9" in str(ei.value)
+    finally:
+        await bus.close()

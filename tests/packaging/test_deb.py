@@ -1,27 +1,46 @@
 """Build the .deb and install, upgrade, remove and purge it for real in a clean Debian root.
 
-The root is made by `debootstrap --variant=minbase bookworm` (Debian's archive is
-reachable from these machines) and cached as a tarball in ~/.cache/edgerund so that
-local runs stay fast; set EDGERUND_FRESH_ROOT=1 to build it fresh. Inside the root
-(`chroot`, with /proc, /dev and /dev/pts mounted for the pty-based emulators):
-check-config on the shipped config, the daemon in simulated mode answering
-`edgerunctl status`, the default-config daemon creating identity and model slots, an
-upgrade that keeps config (a modified conffile), identity and models, a broken config
-leaving the service not started with the reason, remove keeping state, purge removing it.
+The root is `debootstrap --variant=minbase --include=systemd bookworm` (Debian's archive
+is reachable from these machines): no python3 and no libtss2 in it, so the package's
+Depends must bring every library the venv's extensions load. It is cached as a tarball
+in ~/.cache/edgerund/bookworm-minbase.tar so that local runs stay fast; set
+EDGERUND_FRESH_ROOT=1 to build it fresh (CI may). Inside the root (`chroot`, with /proc,
+/sys and a private /dev: a tmpfs with the standard nodes, its own devpts instance for the
+pty-based emulators, and /dev/shm; no host device is visible):
+
+- install with `apt-get install ./edgerund.deb` (dependencies from the archive), the user,
+  groups, directories and modes, no pip, the extensions' libraries all resolvable;
+- `edgerund check-config` on the shipped config (as root and as the service user), the
+  simulated daemon answering `edgerunctl status`, and the default-config daemon run as
+  user `edgerund`, which creates the identity keys and the telemetry spool;
+- `systemd-analyze verify --root` on the installed unit (and a broken copy, to prove it
+  really looks at the root);
+- an upgrade with an unmodified conffile (replaced silently), the administrator's edit
+  (keyring + updates enabled: model slot `a` is seeded), an upgrade with a modified
+  conffile (kept, the new one beside it as .dpkg-dist) keeping identity, models and spool
+  byte for byte, then the daemon again with the same identity and active slot; a disabled
+  service staying disabled; a broken config on upgrade: installed, not started, reason
+  printed;
+- remove keeps config and state, purge removes them.
+
+systemd does not run in the chroot, so the start/restart/stop that postinst and prerm do
+through systemctl is not exercised here (the scripts skip them without /run/systemd/system).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
-import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,215 +51,542 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgerund"
 ROOT_TAR = CACHE / "bookworm-minbase.tar"
 MIRROR = os.environ.get("EDGERUND_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+SUITE = "bookworm"
+INCLUDE = "systemd"  # a gateway runs systemd: postinst uses sysusers.d and tmpfiles.d
+ROOT_MARK = "etc/edgerund-test-root"  # what the cached root was made with
+ROOT_ID = f"debootstrap --variant=minbase --include={INCLUDE} {SUITE}\n"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-def run(cmd: list[str], *, check: bool = True, timeout: float = 900,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+def run(
+    cmd: list[str],
+    *,
+    check: bool = True,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-3000:]}\n"
-                             f"{r.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        )
     return r
 
 
-CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
-              "DEBIAN_FRONTEND": "noninteractive"}
+CHROOT_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+USER_ENV = {**CHROOT_ENV, "HOME": "/var/lib/edgerund"}
+AS_SERVICE_USER = ["--userspec=edgerund:edgerund"]
 
 
-def in_root(root: Path, *cmd: str, check: bool = True,
-            timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return run(["chroot", str(root), *cmd], check=check, timeout=timeout, env=CHROOT_ENV)
+def in_root(
+    root: Path, *cmd: str, check: bool = True, timeout: float = 900, user: bool = False
+) -> subprocess.CompletedProcess[str]:
+    spec = AS_SERVICE_USER if user else []
+    return run(
+        ["chroot", *spec, str(root), *cmd],
+        check=check,
+        timeout=timeout,
+        env=USER_ENV if user else CHROOT_ENV,
+    )
+
+
+# ------------------------------------------------------------------------------ the root
 
 
 def _make_root(dest: Path) -> None:
-    debootstrap = require_binary("debootstrap", "apt-get install debootstrap")
+    """A clean bookworm root in `dest`: from the cache, else by debootstrap (and cached)."""
     if ROOT_TAR.exists() and os.environ.get("EDGERUND_FRESH_ROOT") != "1":
-        with tarfile.open(ROOT_TAR) as tf:
-            tf.extractall(dest, filter="fully_trusted")
-        return
-    run([debootstrap, "--variant=minbase", "--include=python3,ca-certificates", "bookworm",
-         str(dest), MIRROR], timeout=1500)
+        run(["tar", "--numeric-owner", "-xpf", str(ROOT_TAR), "-C", str(dest)], timeout=600)
+        mark = dest / ROOT_MARK
+        if mark.exists() and mark.read_text() == ROOT_ID:
+            return
+        # Made with other parameters: start again from nothing.
+        shutil.rmtree(dest)
+        dest.mkdir()
+    debootstrap = require_binary("debootstrap", "apt-get install debootstrap")
+    run(
+        [debootstrap, "--variant=minbase", f"--include={INCLUDE}", SUITE, str(dest), MIRROR],
+        timeout=1500,
+    )
+    (dest / ROOT_MARK).write_text(ROOT_ID)
     if not IN_CI or os.environ.get("EDGERUND_CACHE_ROOT") == "1":
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = ROOT_TAR.with_suffix(".tmp")
-        with tarfile.open(tmp, "w") as tf:
-            tf.add(dest, arcname=".")
+        run(["tar", "--numeric-owner", "-cpf", str(tmp), "-C", str(dest), "."], timeout=600)
         tmp.replace(ROOT_TAR)
+
+
+def _mounted_under(root: Path) -> list[str]:
+    prefix = str(root.resolve())
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = line.split()[4]
+        if target == prefix or target.startswith(prefix + "/"):
+            out.append(target)
+    return out
 
 
 @contextlib.contextmanager
 def mounted(root: Path) -> Iterator[None]:
-    mounts = [(["-t", "proc", "proc"], root / "proc"), (["--bind", "/dev"], root / "dev"),
-              (["--bind", "/dev/pts"], root / "dev" / "pts")]
+    """/proc, /sys (read-only) and a private /dev for the chroot; undone on the way out."""
+    dev = root / "dev"
+    steps: list[tuple[list[str], Path]] = [
+        (["-t", "proc", "proc"], root / "proc"),
+        (["-t", "sysfs", "-o", "ro", "sysfs"], root / "sys"),
+        (["-t", "tmpfs", "-o", "mode=755,size=16m", "tmpfs"], dev),
+        (["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620,gid=5", "devpts"], dev / "pts"),
+        (["-t", "tmpfs", "-o", "mode=1777,size=64m", "tmpfs"], dev / "shm"),
+    ]
     done: list[Path] = []
     try:
-        for args, target in mounts:
+        for args, target in steps:
             target.mkdir(parents=True, exist_ok=True)
             run(["mount", *args, str(target)])
             done.append(target)
+            if target == dev:
+                for name, major, minor in (
+                    ("null", 1, 3),
+                    ("zero", 1, 5),
+                    ("full", 1, 7),
+                    ("random", 1, 8),
+                    ("urandom", 1, 9),
+                    ("tty", 5, 0),
+                ):
+                    os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+                    os.chmod(dev / name, 0o666)
+                os.symlink("pts/ptmx", dev / "ptmx")
+                for i, name in enumerate(("stdin", "stdout", "stderr")):
+                    os.symlink(f"/proc/self/fd/{i}", dev / name)
+                os.symlink("/proc/self/fd", dev / "fd")
         yield
     finally:
         for target in reversed(done):
-            run(["umount", "-l", str(target)], check=False)
+            if run(["umount", str(target)], check=False).returncode != 0:
+                run(["umount", "-l", str(target)], check=False)
 
 
-def _repack(deb: Path, version: str, out: Path) -> Path:
-    """The same package under a newer version: an upgrade without a second venv build."""
-    work = out / f"repack-{version}"
-    run(["dpkg-deb", "-R", str(deb), str(work)])
-    control = work / "DEBIAN" / "control"
-    text = control.read_text()
-    old = next(ln for ln in text.splitlines() if ln.startswith("Version:"))
-    control.write_text(text.replace(old, f"Version: {version}"))
-    new = out / f"edgerund_{version}_test.deb"
-    run(["dpkg-deb", "--root-owner-group", "--build", str(work), str(new)])
-    shutil.rmtree(work)
-    return new
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    for tool in ("chroot", "mount", "umount", "tar"):
+        require_binary(tool, "apt-get install coreutils mount tar")
+    base = tmp_path_factory.mktemp("debroot")
+    root = base / "root"
+    root.mkdir()
+    try:
+        _make_root(root)
+        shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
+        with mounted(root):
+            yield root
+    finally:
+        # Only an unmounted tree is deleted (never follow a mount into the host).
+        if not _mounted_under(root):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ the .deb
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    for tool in ("dpkg-deb", "dpkg-shlibdeps"):
+        require_binary(tool, "apt-get install dpkg-dev")
+    out = tmp_path_factory.mktemp("deb")
+    r = run(
+        [str(REPO / "packaging" / "build-deb.sh"), "--out", str(out), "--compress", "gzip:1"],
+        timeout=1500,
+    )
+    path = Path(r.stdout.strip().splitlines()[-1])
+    assert path.exists() and path.name.endswith(".deb"), r.stdout + r.stderr
+    return path
+
+
+class Repacker:
+    """Newer versions of the same package (an upgrade without a second venv build), each
+    with its own conffile text, so dpkg's conffile rules are exercised."""
+
+    def __init__(self, deb: Path, work: Path) -> None:
+        self.tree = work / "repack"
+        self.out = work
+        run(["dpkg-deb", "-R", str(deb), str(self.tree)])
+        self.control = (self.tree / "DEBIAN" / "control").read_text()
+        self.conffile = (self.tree / "etc/edgerund/edgerund.yaml").read_text()
+        self.version = re.search(r"^Version: (.+)$", self.control, re.M).group(1)  # type: ignore[union-attr]
+
+    def build(self, suffix: str, conf_extra: str) -> tuple[Path, str]:
+        version = f"{self.version}+{suffix}"
+        (self.tree / "DEBIAN" / "control").write_text(
+            self.control.replace(f"Version: {self.version}", f"Version: {version}")
+        )
+        conf = self.conffile + conf_extra
+        (self.tree / "etc/edgerund/edgerund.yaml").write_text(conf)
+        new = self.out / f"edgerund_{version}.deb"
+        run(["dpkg-deb", "--root-owner-group", "-Znone", "--build", str(self.tree), str(new)])
+        return new, conf
+
+
+# ------------------------------------------------------------------------------ helpers
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+def _tree(root: Path) -> dict[str, str]:
+    """Every file (content hash, mode, owner) and symlink (target) under root."""
+    out: dict[str, str] = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        meta = f"{stat.filemode(st.st_mode)} {st.st_uid}:{st.st_gid}"
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = f"-> {os.readlink(p)}"
+        elif p.is_file():
+            out[rel] = f"{meta} {_sha(p)}"
+        else:
+            out[rel] = meta
+    return out
 
 
-def _run_daemon(root: Path, args: list[str], socket_rel: str, seconds: float,
-                check_status: bool = True) -> dict[str, object] | None:
-    """Start edgerund in the root, wait for its socket, ask status, stop it (SIGTERM)."""
-    proc = subprocess.Popen(["chroot", str(root), "/usr/bin/edgerund", "run", *args],
-                            env=CHROOT_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    status = None
+@contextlib.contextmanager
+def daemon(
+    root: Path, args: list[str], socket: str, *, user: bool = False
+) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """Run `edgerund run ARGS` in the root until its socket answers `status`; yield a
+    function running edgerunctl against it; stop it with SIGTERM and require exit 0."""
+    spec = AS_SERVICE_USER if user else []
+    proc = subprocess.Popen(
+        ["chroot", *spec, str(root), "/usr/bin/edgerund", "run", *args],
+        env=USER_ENV if user else CHROOT_ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def ctl(
+        *cmd: str, as_user: bool = False, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return in_root(
+            root, "/usr/bin/edgerunctl", "--socket", socket, *cmd, user=as_user, check=check
+        )
+
+    out = ""
     try:
-        deadline = time.monotonic() + 90
-        sock = root / socket_rel.lstrip("/")
-        while time.monotonic() < deadline and not sock.exists():
+        deadline = time.monotonic() + 180
+        while True:
             if proc.poll() is not None:
-                raise AssertionError(f"daemon exited {proc.returncode}:\n{proc.stdout.read()}")
-            time.sleep(0.2)
-        assert sock.exists(), "daemon socket did not appear"
-        time.sleep(seconds)
-        if check_status:
-            r = in_root(root, "/usr/bin/edgerunctl", "--socket", socket_rel, "--json", "status")
-            status = json.loads(r.stdout)
+                raise AssertionError(f"daemon exited {proc.returncode}:\n{proc.stdout.read()}")  # type: ignore[union-attr]
+            if (root / socket.lstrip("/")).exists() and ctl("status", check=False).returncode == 0:
+                break
+            assert time.monotonic() < deadline, "the daemon's socket did not answer in 180 s"
+            time.sleep(0.5)
+        yield ctl
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
-            out, _ = proc.communicate(timeout=30)
+            out, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-    assert proc.returncode == 0, f"daemon exit {proc.returncode}:\n{out[-3000:]}"
-    return status
+    assert proc.returncode == 0, f"daemon exit {proc.returncode}:\n{out[-4000:]}"
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    for tool in ("dpkg-deb", "chroot", "mount"):
-        require_binary(tool, "apt-get install dpkg-dev coreutils mount")
-    out = tmp_path_factory.mktemp("deb")
-    r = run([str(REPO / "packaging" / "build-deb.sh"), "--out", str(out)], timeout=1500)
-    path = Path(r.stdout.strip().splitlines()[-1])
-    assert path.exists() and path.name.endswith(".deb")
-    return path
+def _status(ctl: Callable[..., subprocess.CompletedProcess[str]]) -> dict[str, object]:
+    result: dict[str, object] = json.loads(ctl("--json", "status").stdout)
+    return result
+
+
+def _dpkg_version(root: Path) -> str:
+    return in_root(root, "dpkg-query", "-W", "-f=${Version} ${Status}", "edgerund").stdout
+
+
+# ------------------------------------------------------------------------------ build checks
+
+
+def _fake_build_tree(tmp_path: Path, replace: tuple[str, str] | None = None) -> Path:
+    shutil.copytree(REPO / "packaging", tmp_path / "repo" / "packaging")
+    target = tmp_path / "repo" / "packaging" / "build-deb.sh"
+    if replace:
+        target.write_text(target.read_text().replace(*replace))
+    return target
 
 
 def test_build_refuses_unsupported_python(tmp_path: Path) -> None:
     # The script checks the *system* interpreter; prove the message with a fake one.
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    script = (REPO / "packaging" / "build-deb.sh").read_text().replace(
-        "PY=/usr/bin/python3", f"PY={fake_bin}/python3")
-    (fake_bin / "python3").write_text("#!/bin/sh\n"
-                                      "case \"$*\" in *version_info[0]*) echo 3.9;; "
-                                      "*) exit 1;; esac\n")
+    (fake_bin / "python3").write_text(
+        '#!/bin/sh\ncase "$*" in *exit*) exit 1;; *version_info*) echo 3.9;; *) exit 1;; esac\n'
+    )
     (fake_bin / "python3").chmod(0o755)
-    shutil.copytree(REPO / "packaging", tmp_path / "repo" / "packaging")
-    target = tmp_path / "repo" / "packaging" / "build-deb.sh"
-    target.write_text(script)
-    r = run(["bash", str(target)], check=False)
-    assert r.returncode == 2
-    assert "unsupported Python 3.9" in r.stderr
+    script = _fake_build_tree(tmp_path, ("PY=/usr/bin/python3", f"PY={fake_bin}/python3"))
+    r = run(["bash", str(script)], check=False)
+    assert r.returncode == 2, r.stderr
+    assert "unsupported Python 3.9" in r.stderr and "needs >= 3.11" in r.stderr
 
 
-def test_install_upgrade_remove_purge(deb: Path, tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    _make_root(root)
-    shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
-    with mounted(root):
-        # --- install
-        shutil.copy(deb, root / "tmp" / "edgerund.deb")
-        in_root(root, "apt-get", "update", "-q", timeout=600)
-        r = in_root(root, "apt-get", "install", "-y", "-q", "/tmp/edgerund.deb", timeout=900)
-        assert "edgerund" in r.stdout
-        for path in ("opt/edgerund/bin/python", "usr/bin/edgerund", "usr/bin/edgerunctl",
-                     "lib/systemd/system/edgerund.service", "usr/lib/sysusers.d/edgerund.conf",
-                     "usr/lib/tmpfiles.d/edgerund.conf", "etc/edgerund/edgerund.yaml",
-                     "usr/share/edgerund/models/reference/manifest.json",
-                     "usr/share/man/man8/edgerund.8.gz"):
-            assert (root / path).exists(), path
-        assert in_root(root, "getent", "passwd", "edgerund").stdout.startswith("edgerund:")
-        assert (root / "var/lib/edgerund").is_dir()
-        conffiles = (root / "var/lib/dpkg/info/edgerund.conffiles").read_text()
-        assert "/etc/edgerund/edgerund.yaml" in conffiles
-        # No pip on the gateway: the venv carries everything, no pip inside it either.
-        assert not list((root / "opt/edgerund/lib").glob("python3*/site-packages/pip"))
+def test_build_refuses_unsupported_architecture(tmp_path: Path) -> None:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "dpkg").write_text(
+        '#!/bin/sh\n[ "$1" = --print-architecture ] && echo armhf && exit 0\nexit 1\n'
+    )
+    (fake_bin / "dpkg").chmod(0o755)
+    script = _fake_build_tree(tmp_path)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    r = run(["bash", str(script)], check=False, env=env)
+    assert r.returncode == 2, r.stderr
+    assert "unsupported architecture 'armhf'" in r.stderr
 
-        r = in_root(root, "/usr/bin/edgerund", "check-config", "-c", "/etc/edgerund/edgerund.yaml")
-        assert "OK" in r.stdout
 
-        analyze = shutil.which("systemd-analyze")
-        if analyze:
-            va = run([analyze, "verify", f"--root={root}",
-                      "/lib/systemd/system/edgerund.service"], check=False)
-            errors = [ln for ln in (va.stdout + va.stderr).splitlines()
-                      if "edgerund.service" in ln]
-            assert not errors, "\n".join(errors)
+def test_package_metadata(deb: Path, tmp_path: Path) -> None:
+    fields = {
+        k: run(["dpkg-deb", "-f", str(deb), k]).stdout.strip()
+        for k in ("Package", "Architecture", "Depends", "Version")
+    }
+    host_arch = run(["dpkg", "--print-architecture"]).stdout.strip()
+    assert fields["Package"] == "edgerund" and fields["Architecture"] == host_arch
+    assert deb.name == f"edgerund_{fields['Version']}_{host_arch}.deb"
+    depends = [d.strip() for d in fields["Depends"].split(",")]
+    py = run(["/usr/bin/python3", "-c", "import sys; print(*sys.version_info[:2])"]).stdout.split()
+    major, minor = int(py[0]), int(py[1])
+    assert f"python3 (>= {major}.{minor})" in depends
+    assert f"python3 (<< {major}.{minor + 1})" in depends
+    # Independently of the build script's own check: the libtss2 libraries the compiled
+    # TPM binding names (NEEDED) belong to packages that are in Depends.
+    tree = tmp_path / "x"
+    run(["dpkg-deb", "-x", str(deb), str(tree)])
+    (so,) = list(tree.glob("opt/edgerund/lib/python3*/site-packages/tpm2_pytss/*.so"))
+    needed = re.findall(r"\(NEEDED\).*\[(libtss2[^\]]*)\]", run(["readelf", "-d", str(so)]).stdout)
+    assert needed, "tpm2-pytss links no libtss2 library"
+    dep_names = {d.split()[0] for d in depends}
+    for lib in needed:
+        owner = run(["dpkg", "-S", f"*/{lib}"]).stdout.splitlines()[0].split(":")[0]
+        assert owner in dep_names, f"{lib} comes from {owner}, which is not in Depends {depends}"
+    # Nothing to install at install time, nothing left from the build.
+    files = run(["dpkg-deb", "-c", str(deb)]).stdout
+    assert "/site-packages/pip/" not in files and "/bin/pip" not in files
+    assert "__pycache__" not in files
+    stage = str(deb.parent / f"stage-{host_arch}")
+    assert run(["grep", "-rIl", stage, str(tree)], check=False).stdout == "", "staging path"
+    assert run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split() == [
+        "/etc/edgerund/edgerund.yaml"
+    ]
+    man = gzip.decompress((tree / "usr/share/man/man8/edgerund.8.gz").read_bytes()).decode()
+    assert man.startswith(".TH EDGERUND 8") and "check\\-config" in man
 
-        # --- simulated daemon in the root answers edgerunctl
-        st = _run_daemon(root, ["--simulate"], "/tmp/edgerund-sim/diag.sock", 3.0)
-        assert st is not None and st["simulate"] is True
-        assert st["sensors"], "simulated sensors are reported"
 
-        # --- the default config creates identity and model state under /var/lib/edgerund
-        _run_daemon(root, ["-c", "/etc/edgerund/edgerund.yaml"], "/run/edgerund/diag.sock", 1.0)
-        state = root / "var/lib/edgerund"
-        before = _tree_digest(state)
-        assert any(k.startswith("identity/") for k in before), sorted(before)
-        conf = root / "etc/edgerund/edgerund.yaml"
-        conf.write_text(conf.read_text() + "\n# site-specific edit kept across upgrades\n")
-        conf_before = _sha(conf)
+# ------------------------------------------------------------------------------ the root
 
-        # --- upgrade keeps config (modified conffile: Debian keeps the admin's), state
-        newer = _repack(deb, deb.name.split("_")[1] + "+upgrade1", tmp_path)
-        shutil.copy(newer, root / "tmp" / "edgerund-new.deb")
-        in_root(root, "dpkg", "--force-confold", "-i", "/tmp/edgerund-new.deb")
-        assert "+upgrade1" in in_root(root, "dpkg-query", "-W", "-f=${Version}",
-                                      "edgerund").stdout
-        assert _sha(conf) == conf_before
-        after = _tree_digest(state)
-        kept = {k: v for k, v in before.items() if k.startswith(("identity/", "models/"))}
-        assert kept and all(after.get(k) == v for k, v in kept.items()), "state changed"
 
-        # --- a broken config on upgrade: installed, not started, reason printed
-        conf.write_text(conf.read_text() + "gateway_typo: 1\n")
-        newest = _repack(deb, deb.name.split("_")[1] + "+upgrade2", tmp_path)
-        shutil.copy(newest, root / "tmp" / "edgerund-newest.deb")
-        r = in_root(root, "dpkg", "--force-confold", "-i", "/tmp/edgerund-newest.deb")
-        assert "NOT starting the service" in r.stderr
-        assert "gateway_typo" in r.stderr
+def test_install_upgrade_remove_purge(deb: Path, root: Path, tmp_path: Path) -> None:
+    conf = root / "etc/edgerund/edgerund.yaml"
+    state = root / "var/lib/edgerund"
+    assert not (root / "usr/bin/python3").exists(), "the test root must not have python3"
+    assert not list((root / "usr/lib").glob("*/libtss2-esys.so*")), "nor libtss2"
 
-        # --- remove keeps config and state; purge removes them
-        in_root(root, "apt-get", "remove", "-y", "-q", "edgerund")
-        assert not (root / "opt/edgerund/bin/python").exists()
-        assert not (root / "usr/bin/edgerund").exists()
-        assert conf.exists() and (state / "identity").exists()
-        in_root(root, "apt-get", "purge", "-y", "-q", "edgerund")
-        assert not (root / "etc/edgerund").exists()
-        assert not state.exists()
-        assert not (root / "opt/edgerund").exists()
+    # --- install: dependencies come from the archive, through Depends only.
+    shutil.copy(deb, root / "tmp" / "edgerund.deb")
+    in_root(root, "apt-get", "update", "-q", timeout=600)
+    r = in_root(
+        root, "apt-get", "install", "-y", "-q", "--no-install-recommends", "/tmp/edgerund.deb"
+    )
+    assert "ok installed" in _dpkg_version(root), r.stdout + r.stderr
+    assert "NOT starting" not in r.stderr, r.stderr
+    for path in (
+        "/usr/bin/edgerund",
+        "/usr/bin/edgerunctl",
+        "/lib/systemd/system/edgerund.service",
+        "/usr/lib/sysusers.d/edgerund.conf",
+        "/usr/lib/tmpfiles.d/edgerund.conf",
+        "/usr/share/edgerund/models/reference/manifest.json",
+        "/usr/share/man/man8/edgerund.8.gz",
+        "/usr/share/man/man1/edgerunctl.1.gz",
+        "/usr/share/doc/edgerund/copyright",
+        "/usr/share/doc/edgerund/python-packages.txt",
+    ):
+        # (absolute symlinks such as /usr/bin/edgerund resolve inside the root only)
+        assert in_root(root, "test", "-e", path, check=False).returncode == 0, path
+    # The venv runs the distribution's interpreter, with no pip or setuptools in it.
+    minor = in_root(root, "/usr/bin/python3", "-c", "import sys; print(sys.version_info[1])")
+    interpreter = in_root(root, "readlink", "-f", "/opt/edgerund/bin/python").stdout.strip()
+    assert interpreter == f"/usr/bin/python3.{minor.stdout.strip()}"
+    r = in_root(root, "/opt/edgerund/bin/python", "-c", "import sys; print(sys.executable)")
+    assert r.stdout.strip() == "/opt/edgerund/bin/python"
+    for mod in ("pip", "setuptools"):
+        r = in_root(root, "/opt/edgerund/bin/python", "-c", f"import {mod}", check=False)
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, mod
+    # Every compiled extension's libraries resolve in a root that has only what Depends
+    # brought; the TPM binding imports (its libtss2 libraries came from the archive).
+    sos = [
+        "/" + str(p.relative_to(root))
+        for p in (root / "opt/edgerund/lib").rglob("*.so*")
+        if p.is_file()
+    ]
+    assert len(sos) > 10
+    r = in_root(root, "ldd", *sos)
+    assert "not found" not in r.stdout, [ln for ln in r.stdout.splitlines() if "not found" in ln]
+    in_root(root, "/opt/edgerund/bin/python", "-c", "import tpm2_pytss, onnxruntime, uvloop")
+
+    # User, groups, directories, modes.
+    assert in_root(root, "getent", "passwd", "edgerund").stdout.startswith("edgerund:")
+    groups = in_root(root, "id", "-nG", "edgerund").stdout.split()
+    assert "edgerund" in groups and "dialout" in groups, groups
+    assert "tss" in groups, groups  # created by tpm-udev, a dependency of libtss2
+    for g in ("i2c", "gpio"):  # not on plain Debian: neither invented nor joined
+        exists = in_root(root, "getent", "group", g, check=False).returncode == 0
+        assert (g in groups) == exists, (g, groups)
+    gid = int(in_root(root, "getent", "group", "edgerund").stdout.split(":")[2])
+    uid = int(in_root(root, "id", "-u", "edgerund").stdout)
+    for path, mode, owner in (
+        (root / "etc/edgerund", 0o750, (0, gid)),
+        (conf, 0o640, (0, gid)),
+        (state, 0o750, (uid, gid)),
+        (state / "identity", 0o700, (uid, gid)),
+    ):
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)) == (mode, owner), path
+    assert (
+        "/etc/edgerund/edgerund.yaml" in (root / "var/lib/dpkg/info/edgerund.conffiles").read_text()
+    )
+    wants = root / "etc/systemd/system/multi-user.target.wants/edgerund.service"
+    assert wants.is_symlink(), "postinst enables the service"
+    assert in_root(root, "systemctl", "is-enabled", "edgerund").stdout.strip() == "enabled"
+
+    # --- the shipped config, as root and as the service user (who must be able to read it)
+    r = in_root(root, "/usr/bin/edgerund", "check-config")
+    assert "/etc/edgerund/edgerund.yaml: OK" in r.stdout and "identity tpm" in r.stdout
+    in_root(root, "/usr/bin/edgerund", "check-config", "--quiet", user=True)
+    in_root(root, "/usr/bin/edgerund", "--help")
+    in_root(root, "/usr/bin/edgerunctl", "--help")
+
+    # --- systemd-analyze verify of the installed unit, against the root's files
+    analyze = require_binary("systemd-analyze", "apt-get install systemd")
+    unit = root / "lib/systemd/system/edgerund.service"
+    va = run([analyze, "verify", f"--root={root}", str(unit)], check=False)
+    assert va.returncode == 0, va.stdout + va.stderr
+    assert not [ln for ln in (va.stdout + va.stderr).splitlines() if "edgerund" in ln], va.stderr
+    # ... and it does look into the root: a unit naming a program that the host has but
+    # the root has not (debootstrap) fails.
+    host_only = require_binary("debootstrap", "apt-get install debootstrap")
+    assert not os.path.lexists(root / host_only.lstrip("/"))
+    broken = root / "etc/systemd/system/edgerund-broken.service"
+    broken.write_text(unit.read_text().replace("/usr/bin/edgerund run", f"{host_only} run"))
+    vb = run([analyze, "verify", f"--root={root}", str(broken)], check=False)
+    broken.unlink()
+    assert vb.returncode != 0 and host_only in vb.stdout + vb.stderr, vb.stdout + vb.stderr
+
+    # --- the simulated daemon answers edgerunctl status
+    with daemon(root, ["--simulate"], "/tmp/edgerund-sim/diag.sock") as ctl:
+        time.sleep(2.0)
+        st = _status(ctl)
+    assert st["simulate"] is True
+    sensors = st["sensors"]
+    assert isinstance(sensors, list) and sensors, "simulated sensors are reported"
+
+    # --- the default config, run as the service user (as systemd would): software identity
+    # (no TPM in the root: fallback), the shipped model loaded, a local telemetry spool.
+    in_root(
+        root, "install", "-d", "-m", "0750", "-o", "edgerund", "-g", "edgerund", "/run/edgerund"
+    )
+    with daemon(root, [], "/run/edgerund/diag.sock", user=True) as ctl:
+        st = _status(ctl)
+        # A member of group edgerund (here the service user itself) may use the socket.
+        ctl("status", as_user=True)
+    ident = st["identity"]
+    assert isinstance(ident, dict) and ident["kind"] == "software" and ident["key_id"], ident
+    assert "not installed" not in str(ident.get("fallback_reason")), ident  # tpm2-pytss works
+    models = st["models"]
+    assert isinstance(models, list) and [m["name"] for m in models] == ["motor-ae"], models
+    key_id = ident["key_id"]
+    created = _tree(state)
+    for f in ("identity/software-key.pem", "identity/software-ak.pem"):
+        assert f in created and created[f].startswith("-rw------- "), (f, sorted(created))
+        assert (state / f).stat().st_uid == uid
+    assert any(k.startswith("telemetry/") and "spool" in k for k in created), sorted(created)
+
+    repack = Repacker(deb, tmp_path)
+
+    # --- upgrade 1, conffile untouched by the admin: the new one replaces it silently
+    new, new_conf = repack.build("upgrade1", "\n# upgrade1: a maintainer's change\n")
+    shutil.copy(new, root / "tmp" / "edgerund-1.deb")
+    r = in_root(root, "dpkg", "-i", "/tmp/edgerund-1.deb")
+    assert "+upgrade1 install ok installed" in _dpkg_version(root), r.stdout + r.stderr
+    assert conf.read_text() == new_conf
+    assert not list(conf.parent.glob("*.dpkg-*"))
+    assert _tree(state) == created, "upgrade changed the state directory"
+
+    # --- the administrator's edit: a keyring and updates on; the daemon seeds slot a
+    in_root(root, "/usr/bin/edgerund", "bundle", "keygen", "release", "--out", "/root/keys")
+    in_root(
+        root, "/usr/bin/edgerund", "bundle", "keyring", "create", "--pub",
+        "/root/keys/release.pub", "--threshold", "1", "--sign", "/root/keys/release.key",
+        "-o", "/var/lib/edgerund/keyring.json",
+    )  # fmt: skip
+    in_root(root, "chown", "edgerund:edgerund", "/var/lib/edgerund/keyring.json")
+    conf.write_text(conf.read_text() + "\nupdates:\n  enabled: true\n")
+    in_root(root, "/usr/bin/edgerund", "check-config", "--quiet")
+    with daemon(root, [], "/run/edgerund/diag.sock", user=True) as ctl:
+        st = _status(ctl)
+    (model,) = st["models"]  # type: ignore[misc]
+    assert model["active_slot"] == "a", model
+    assert st["identity"]["key_id"] == key_id  # type: ignore[index]
+    before = _tree(state)
+    assert "models/motor-ae/current" in before and "models/motor-ae/a/model.onnx" in before
+    assert _sha(state / "models/motor-ae/a/model.onnx") == _sha(
+        root / "usr/share/edgerund/models/reference/model.onnx"
+    )
+    conf_admin = conf.read_text()
+
+    # --- upgrade 2, conffile changed by both: dpkg keeps the admin's (--force-confold, as
+    # apt -o Dpkg::Options::=--force-confold would) and puts the new one beside it
+    new, new_conf = repack.build("upgrade2", "\n# upgrade2: another maintainer's change\n")
+    shutil.copy(new, root / "tmp" / "edgerund-2.deb")
+    r = in_root(root, "dpkg", "--force-confold", "-i", "/tmp/edgerund-2.deb")
+    assert "+upgrade2 install ok installed" in _dpkg_version(root), r.stdout + r.stderr
+    assert conf.read_text() == conf_admin
+    assert (conf.parent / "edgerund.yaml.dpkg-dist").read_text() == new_conf
+    assert _tree(state) == before, "upgrade changed identity, models or spool"
+    with daemon(root, [], "/run/edgerund/diag.sock", user=True) as ctl:
+        st = _status(ctl)
+    assert st["identity"]["key_id"] == key_id  # type: ignore[index]
+    (model,) = st["models"]  # type: ignore[misc]
+    assert model["active_slot"] == "a", model
+    before = _tree(state)
+
+    # --- the admin disabled the service: an upgrade does not re-enable it
+    in_root(root, "systemctl", "disable", "edgerund")
+    # --- and a broken config on upgrade: installed, enabled state kept, not started, why
+    conf.write_text(conf.read_text() + "gateway_typo: 1\n")
+    new, _ = repack.build("upgrade3", "\n# upgrade3\n")
+    shutil.copy(new, root / "tmp" / "edgerund-3.deb")
+    r = in_root(root, "dpkg", "--force-confold", "-i", "/tmp/edgerund-3.deb")
+    assert "+upgrade3 install ok installed" in _dpkg_version(root)
+    assert "NOT starting the service" in r.stderr, r.stderr
+    assert re.search(r"edgerund\.yaml:\d+: gateway_typo: unknown key", r.stderr), r.stderr
+    assert not wants.exists(), "an upgrade re-enabled a service the admin disabled"
+    assert _tree(state) == before
+
+    # --- remove keeps config and state; purge removes them (and only purge does)
+    in_root(root, "apt-get", "remove", "-y", "-q", "edgerund")
+    assert not (root / "opt/edgerund").exists()
+    assert not os.path.lexists(root / "usr/bin/edgerund")
+    assert not (root / "lib/systemd/system/edgerund.service").exists()
+    assert conf.exists() and _tree(state) == before
+    assert "deinstall ok config-files" in _dpkg_version(root)
+    in_root(root, "apt-get", "purge", "-y", "-q", "edgerund")
+    assert not (root / "etc/edgerund").exists()
+    assert not state.exists()
+    assert not (root / "opt/edgerund").exists()
+    assert in_root(root, "dpkg-query", "-W", "edgerund", check=False).returncode != 0
+    leftovers = [str(p.relative_to(root)) for p in (root / "etc/systemd/system").rglob("edgerund*")]
+    assert not leftovers, leftovers

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
+
+import aiomqtt
 
 from edgerund.telemetry.component import TelemetryComponent
 from edgerund.telemetry.consumer import Consumer
@@ -40,8 +43,32 @@ async def test_normal_flow_decoded_and_verified(
                 lambda: any(r.get("kind") == "anomaly.start" for r in col.of("event"))
             )
             await col.wait_for(lambda: any(r["cls"] == "agg" for r in col.of("series")))
+            await col.wait_for(
+                lambda: any(r.get("kind") == "anomaly.start.window" for r in col.of("event"))
+            )
             st = tel.status()["telemetry"]
             assert st["connected"] is True
+            n_before = len(col.records)
+            # Upload the local ring on command: the same 50 samples come back as raw.
+            async with aiomqtt.Client(
+                mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
+            ) as c:
+                await c.subscribe("tlm/v1/lab/gw1/cmd/upload_raw/reply", qos=1)
+                req = {"series": "env.*", "from_ms": int(t0 * 1000), "to_ms": int(t0 * 1000) + 4950}
+                await c.publish("tlm/v1/lab/gw1/cmd/upload_raw", json.dumps(req).encode(), qos=1)
+                async with asyncio.timeout(10):
+                    async for m in c.messages:
+                        reply = json.loads(m.payload if isinstance(m.payload, bytes) else b"")
+                        break
+            assert reply["ok"] is True and reply["samples"] == 50
+            await col.wait_for(
+                lambda: any(
+                    r["cls"] == "raw" for r in col.records[n_before:] if r.get("type") == "series"
+                )
+            )
+    uploaded = [r for r in col.records[n_before:] if r.get("type") == "series"]
+    assert [v for r in uploaded for v in r["values"]["value"]] == sent
+    del col.records[n_before:]
     raw = [r for r in col.of("series") if r.get("name") == "env.temp" and r["cls"] == "raw"]
     got = [v for r in raw for v in r["values"]["value"]]
     assert got == sent  # 0.01 steps survive the scaled-integer round trip exactly
@@ -51,6 +78,10 @@ async def test_normal_flow_decoded_and_verified(
     assert agg and set(agg[0]["values"]) == {"min", "max", "mean", "last", "count"}
     ev = next(r for r in col.of("event") if r["kind"] == "anomaly.start")
     assert ev["fields"]["score"] == 0.93 and ev["source"] == "loop1"
+    # The anomaly batch carries the raw window before the event from the local rings.
+    pre = [r for r in col.of("series") if r["seq"] == ev["seq"] and r.get("name") == "env.temp"]
+    assert pre and all(ev["t_ms"] - 2000 <= t <= ev["t_ms"] for t in pre[0]["t_ms"])
+    assert pre[0]["values"]["value"] == sent[-len(pre[0]["t_ms"]) :] and len(pre[0]["t_ms"]) >= 15
     states = col.of("state")
     assert states and states[-1]["value"]["online"] in (True, False)
     assert col.consumer.gaps() == []

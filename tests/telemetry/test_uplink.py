@@ -53,8 +53,11 @@ async def test_broker_outage_loses_nothing(
         await asyncio.sleep(3.0)  # the outage: batches keep being sealed into the spool
         assert tel.status()["telemetry"]["connected"] is False
         assert tel.spool.stats.backlog_batches >= 3
+        n_before = col.consumer.counts["batches"]
         await asyncio.to_thread(mosquitto.start)
-        await asyncio.sleep(1.0)
+        # Keep producing until the consumer is back and receiving live batches, so any
+        # batch the broker did not keep for it shows up as a gap before a later seq.
+        await col.wait_for(lambda: col.consumer.counts["batches"] >= n_before + 3, 30)
         stop.set()
         emitted = await emitter
         await asyncio.sleep(1.0)  # let the last open batch seal
@@ -64,7 +67,7 @@ async def test_broker_outage_loses_nothing(
         await col.wait_for(lambda: (tel.spool.epoch, last_seq) in col.seqs(), 30)
         assert tel.status()["telemetry"]["reconnects"] >= 1
     seqs = {s for e, s in col.seqs() if e == tel.spool.epoch}
-    assert seqs == set(range(min(seqs), last_seq + 1))
+    assert seqs == set(range(min(seqs), max(seqs) + 1)) and max(seqs) >= last_seq
     assert col.consumer.gaps() == []
     values = [
         (t, v)
@@ -282,3 +285,54 @@ async def test_tls_handshake_refused_is_reported_not_fatal(
         assert st["connected"] is False
         assert "certificate" in (st["last_error"] or "").lower()
         assert st["backlog_batches"] == 2
+
+
+async def test_consumer_repairs_a_gap_with_resend(tmp_path: Path, mosquitto: Any) -> None:
+    """A consumer without a persistent session misses batches while it is away; the next
+    batch it sees exposes the gap, and cmd/resend brings the missing ones back."""
+    from edgerund.telemetry.consumer import Consumer, run
+    from tests.telemetry.conftest import Collector
+
+    ctx = make_ctx(make_config(tmp_path, mosquitto), tmp_path)
+    ctx.components["hub"] = HubStandIn([])
+    col = Collector(Consumer())
+
+    async def consume(stop: asyncio.Event) -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(
+            run(
+                col.consumer,
+                col,
+                host=mosquitto.host,
+                port=mosquitto.port,
+                client_id="gap-consumer",
+                session_expiry_s=0,
+                stop=stop,
+                ready=ready,
+                resend_after_s=0.5,
+            )
+        )
+        await asyncio.wait_for(ready.wait(), 10)
+        await stop.wait()
+        await task
+
+    async with TelemetryComponent(ctx) as tel:
+        stop1 = asyncio.Event()
+        c1 = asyncio.create_task(consume(stop1))
+        await asyncio.sleep(0.3)
+        await _fill_backlog(tel, 3, 10)
+        await col.wait_for(lambda: col.consumer.counts["batches"] >= 3)
+        stop1.set()
+        await c1
+        await _fill_backlog(tel, 4, 10)  # nobody listens: the broker drops these
+        await until(lambda: tel.spool.stats.backlog_batches == 0, 20, "sent")
+        stop2 = asyncio.Event()
+        c2 = asyncio.create_task(consume(stop2))
+        await asyncio.sleep(0.5)
+        await _fill_backlog(tel, 1, 10)
+        await col.wait_for(lambda: col.consumer.counts["batches"] >= 8, 30)
+        stop2.set()
+        await c2
+    asked = col.of("resend_requested")
+    assert asked and asked[0]["to_seq"] - asked[0]["from_seq"] == 3
+    assert col.consumer.gaps() == []

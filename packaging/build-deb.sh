@@ -158,7 +158,7 @@ fi
 needed="$(readelf -d "$tss_so" | sed -n 's/.*(NEEDED).*\[\(libtss2[^]]*\)\]/\1/p')"
 [ -n "$needed" ] || die "$tss_so links no libtss2 library (was tpm2-pytss built against libtss2-dev?)"
 tss_libs="$(for n in $needed; do ldd "$tss_so" | awk -v n="$n" '$1 == n {print $3}'; done)"
-say "tpm2-pytss links: $(echo $tss_libs)"
+say "tpm2-pytss links: $(echo "$tss_libs" | tr "\n" " ")"
 for lib in $tss_libs; do
     real="$(readlink -f "$lib")"
     pkg=""

@@ -187,7 +187,7 @@ class AsyncI2CBus:
                 raise I2CError(
                     self.bus_id,
                     addr,
-                    reg,
+                    getattr(exc, "i2c_reg", reg),
                     op,
                     exc.errno,
                     exc.strerror or os.strerror(exc.errno or 0),
@@ -211,6 +211,8 @@ class AsyncI2CBus:
         """The bus's thread: run jobs in FIFO order until the sentinel."""
         get = self._jobs.get
         run = self._run
+        if os.environ.get("EXP_NICE"):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ["EXP_NICE"]))
         while True:
             job = get()  # blocks (GIL released) until there is work
             if job is _STOP:
@@ -276,6 +278,32 @@ class AsyncI2CBus:
                 return _rdwr(b, addr, bytes([reg]), length)
 
         return await self._call(op, addr, reg, f"read {length} bytes")
+
+    async def read_registers(self, addr: int, regs: Sequence[int], length: int) -> list[bytes]:
+        """Read `length` bytes from each register in turn, as ONE worker job.
+
+        For parts without register auto-increment (INA219: five 2-byte registers, each
+        its own pointer write + read), so one sample costs one hop to the worker instead
+        of one per register. Still one wire transaction per register; nothing else on the
+        bus runs between them, which also makes the registers one coherent snapshot. An
+        error names the register that failed.
+        """
+        regs = tuple(regs)
+        if not regs:
+            return []
+
+        def op(b: SMBusLike) -> list[bytes]:
+            out: list[bytes] = []
+            for r in regs:
+                try:
+                    out.append(bytes(b.read_i2c_block_data(addr, r, length)))
+                except OSError as exc:
+                    exc.i2c_reg = r  # type: ignore[attr-defined]  # for _run's error
+                    raise
+            self.transactions += len(regs) - 1  # _run counts the job as one
+            return out
+
+        return await self._call(op, addr, regs[0], f"read {length} bytes")
 
     async def read_byte_data(self, addr: int, reg: int) -> int:
         return await self._call(lambda b: int(b.read_byte_data(addr, reg)), addr, reg, "read byte")

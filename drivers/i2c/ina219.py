@@ -50,6 +50,8 @@ REG_BUS = 0x02
 REG_POWER = 0x03
 REG_CURRENT = 0x04
 REG_CALIBRATION = 0x05
+# what read() fetches, in order; POWER last: reading it clears the CNVR flag
+_READ_REGS = (REG_CALIBRATION, REG_BUS, REG_SHUNT, REG_CURRENT, REG_POWER)
 CONFIG_DEFAULT = 0x399F
 CONFIG_RESET = 0x8000
 BUS_CNVR = 0x0002
@@ -228,7 +230,12 @@ class INA219:
 
     async def read(self) -> Sequence[Reading]:
         try:
-            cal = await self._get(REG_CALIBRATION)
+            # one hop to the bus worker for all five registers (no auto-increment on
+            # this part: five pointer-write + read transactions, in this order)
+            raw = await self.bus.read_registers(self.addr, _READ_REGS, 2)
+            cal, bus_reg, shunt_reg, current_reg, power_reg = (
+                int.from_bytes(w, "big") for w in raw
+            )
             if cal != self.cal:
                 self.counters["config_lost"] += 1
                 await self._configure()
@@ -236,10 +243,6 @@ class INA219:
                     f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: INA219 calibration "
                     f"reads {cal}, expected {self.cal} (reset?): re-written"
                 )
-            bus_reg = await self._get(REG_BUS)
-            shunt_reg = await self._get(REG_SHUNT)
-            current_reg = await self._get(REG_CURRENT)
-            power_reg = await self._get(REG_POWER)  # reading it clears CNVR
         except DeviceError:
             self.counters["bus_errors"] += 1
             raise

@@ -399,14 +399,22 @@ class TelemetryComponent:
         t_last: int,
         sids: list[int],
         urgent: bool = False,
+        restore: dict[tuple[int, LossReason], _Loss] | None = None,
     ) -> asyncio.Future[int]:
         fut = asyncio.wrap_future(self.spool.append(cls, blocks, self.schema_ver, urgent=urgent))
 
         def done(f: asyncio.Future[int]) -> None:
             if f.cancelled() or f.exception() is None:
                 return
-            # The batch is gone (disk full, I/O error): say so in the next loss batch.
             self._seal_failures += 1
+            if restore is not None:
+                # A loss batch that could not be stored: keep its records for the next try.
+                for key, v in restore.items():
+                    cur = self.losses.setdefault(key, _Loss(v.t_first, v.t_last, 0))
+                    cur.t_first, cur.t_last = min(cur.t_first, v.t_first), max(cur.t_last, v.t_last)
+                    cur.n += v.n
+                return
+            # The batch is gone (disk full, I/O error): say so in the next loss batch.
             sid = sids[0] if sids else 0
             self._loss(sid, LossReason.WRITE_FAILED, t_first, samples)
             if t_last > t_first:
@@ -478,6 +486,7 @@ class TelemetryComponent:
                 max(v.t_last for v in losses.values()),
                 [],
                 urgent=True,
+                restore=losses,
             )
 
     def _windows(self, t_from: int, t_to: int, match: str = "*") -> tuple[list[Block], int]:
@@ -641,8 +650,8 @@ class TelemetryComponent:
                 "inflight": up.inflight if up else 0,
                 "inflight_peak": up.inflight_peak if up else 0,
                 "reconnects": up.reconnects if up else 0,
-            "connect_failures": up.connect_failures if up else 0,
-            "publish_rejected": up.publish_rejected if up else 0,
+                "connect_failures": up.connect_failures if up else 0,
+                "publish_rejected": up.publish_rejected if up else 0,
                 "cmd_handled": up.cmd_handled if up else 0,
                 "cmd_rejected": up.cmd_rejected if up else 0,
                 "sign_errors": up.sign_errors if up else 0,

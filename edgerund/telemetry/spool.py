@@ -172,6 +172,8 @@ class Spool:
         self._pending: list[tuple[cf.Future[Any], Any]] = []
         self._dirty = False
         self._closed = False
+        self._page_size = 4096
+        self._max_pages = 1 << 30
 
     # ------------------------------------------------------------ lifecycle
 
@@ -240,7 +242,20 @@ class Spool:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
         conn.execute(f"PRAGMA wal_autocheckpoint={max(16, self.wal_limit // 4096 // 2)}")
+        # The hard stop behind the byte budget: SQLite itself refuses to grow the database
+        # file past the cap (SQLITE_FULL), which `_append` answers like a full disk.
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        self._page_size = page
+        self._max_pages = max(64, (self.max_bytes - self.wal_limit) // page)
+        conn.execute(f"PRAGMA max_page_count={self._max_pages}")
         return conn
+
+    def _room(self) -> int:
+        """Bytes the database may still use before SQLite's page cap (free pages count)."""
+        assert self._conn is not None
+        count = int(self._conn.execute("PRAGMA page_count").fetchone()[0])
+        free = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
+        return (self._max_pages - count + free) * self._page_size
 
     def _open_db(self) -> None:
         fresh = not self.path.exists()
@@ -505,7 +520,7 @@ class Spool:
         assert c is not None
         if op == "append":
             cls, blocks, schema_ver, urgent = args
-            seq = self._insert(cls, blocks, schema_ver)
+            seq = self._append(cls, blocks, schema_ver)
             self._pending.append((fut, seq))
             return bool(urgent)
         if op == "ack":
@@ -624,10 +639,45 @@ class Spool:
             chunk = ids[i : i + 500]
             self._conn.execute(sql.format(",".join("?" * len(chunk))), chunk)
 
+    def _append(self, cls: Cls, blocks: Sequence[Block], schema_ver: int) -> int:
+        """Insert; when the disk (or the page cap) is full, make room and retry once."""
+        try:
+            return self._insert(cls, blocks, schema_ver)
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc).lower():
+                raise
+            self.stats.write_errors += 1
+            if self.stats.last_error != str(exc):
+                log.error("spool_full", error=str(exc), file_bytes=self.stats.file_bytes)
+            self.stats.last_error = f"OperationalError: {exc}"
+            assert self._conn is not None
+            if not self._conn.in_transaction:
+                # SQLite rolled the whole group back: those batches are gone, say so.
+                self._in_txn = False
+                self._dirty = False
+                pending, self._pending = self._pending, []
+                for fut, _ in pending:
+                    self._fail(exc, fut)
+                self._reload_after_rollback()
+                self._begin()
+            # Free a tenth of the budget (oldest, lowest class first, with loss records):
+            # the freed pages are reused by the retried insert.
+            self._shrink(max(self.stats.total_bytes // 10, 64 * 1024))
+            return self._insert(cls, blocks, schema_ver)
+
     def _insert(self, cls: Cls, blocks: Sequence[Block], schema_ver: int) -> int:
         c = self._begin()
         seq = self._next_seq
         payload = codec.encode(Batch(cls, self.stats.epoch, seq, schema_ver, tuple(blocks)))
+        # Hitting SQLITE_FULL rolls back the whole open group, so never go there on
+        # purpose: below the page cap's margin, evict first (the soft budget normally
+        # keeps far from it; this catches accounting drift and B-tree slack).
+        margin = 2 * len(payload) + 16 * self._page_size
+        if self._room() < margin:
+            self._shrink(max(margin, self.stats.total_bytes // 10))
+            if self._next_seq != seq:  # the loss record took that sequence
+                seq = self._next_seq
+                payload = codec.encode(Batch(cls, self.stats.epoch, seq, schema_ver, tuple(blocks)))
         t_first, t_last, n, series = _block_summary(blocks)
         c.execute(
             "INSERT INTO batches(seq, cls, created, t_first_ms, t_last_ms, n_samples, series, schema_ver, payload)"
@@ -696,10 +746,14 @@ class Spool:
         return freed
 
     def _enforce_budget(self) -> None:
-        assert self._conn is not None
         if self.stats.total_bytes <= self.budget:
             return
-        target = int(self.budget * 0.9)
+        self._shrink(self.stats.total_bytes - int(self.budget * 0.9))
+
+    def _shrink(self, amount: int) -> None:
+        """Free `amount` accounted bytes: delivered rows, then raw, agg, evt (with loss)."""
+        assert self._conn is not None
+        target = self.stats.total_bytes - amount
         # Delivered rows go first: nothing is lost by dropping them.
         need = self.stats.total_bytes - target
         rows = self._conn.execute(

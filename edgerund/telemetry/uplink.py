@@ -57,6 +57,7 @@ from edgerund.telemetry.spool import Row, Spool
 log = structlog.get_logger("edgerund.telemetry.uplink")
 
 CONTENT_TYPE = "application/vnd.edgerund.tlm.v1"
+FETCH_ROWS = 64  # rows read per spool round trip (payloads, so bounded: <= 64 batches in RAM)
 CmdHandler = Callable[[bytes], Awaitable[bytes | None]]
 
 
@@ -421,8 +422,10 @@ class Uplink:
             row: Row | None = None
             for cls in (Cls.EVT, Cls.AGG, Cls.RAW):
                 if not buffers[cls] and seen_gen[cls] != gen:
-                    rows = await asyncio.wrap_future(self.spool.fetch(cls, cursors[cls], 16))
-                    seen_gen[cls] = gen if len(rows) < 16 else -1
+                    rows = await asyncio.wrap_future(
+                        self.spool.fetch(cls, cursors[cls], FETCH_ROWS)
+                    )
+                    seen_gen[cls] = gen if len(rows) < FETCH_ROWS else -1
                     buffers[cls] = rows
                     if rows:
                         cursors[cls] = rows[-1].seq

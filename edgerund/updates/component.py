@@ -434,7 +434,7 @@ class UpdatesComponent:
                 raise TrustError("busy", f"{name} has an update in {self.records[name].state}")
             dep = m.Deployment(source=job.source, received_at=time.time())
             rec = await self._drive(name, m.Event("receive", deployment=dep, now=time.time()), job)
-            if rec.state is m.S.REJECTED and rec.last_failure is not None:
+            if rec.state in (m.S.REJECTED, m.S.ROLLED_BACK) and rec.last_failure is not None:
                 lf = rec.last_failure
                 job.error = TrustError(lf.reason, lf.message)
             job.result = self.slot_info(name)
@@ -788,12 +788,14 @@ class UpdatesComponent:
 
 
 def _read_head(path: Path) -> bytes:
-    with open(path, "rb") as f:
+    f, _ = bundle_io.open_bundle(path)  # regular files only, never blocks on a FIFO
+    with f:
         return f.read(64)
 
 
 def _read_capped(path: Path, cap: int) -> bytes:
-    with open(path, "rb") as f:
+    f, _ = bundle_io.open_bundle(path)
+    with f:
         data = f.read(cap + 1)
     if len(data) > cap:
         raise TrustError("too_large", f"{path}: expected at most {cap} bytes")

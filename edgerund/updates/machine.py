@@ -230,6 +230,11 @@ def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
             acts += [Action(A.FLIP, back), Action(A.SWAP, back)]
         else:
             assert dep is not None
+            if rec.state is S.RECEIVED:
+                # Refused before staging: the inactive slot (the previous good model)
+                # was never touched and stays available for a manual rollback.
+                acts.append(Action(A.DISCARD))
+                return r, acts
             slots = dict(rec.slots)
             slots[dep.target] = None
             r = msgspec.structs.replace(r, slots=slots)
@@ -243,7 +248,7 @@ def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
 # --- Start-up recovery: the record found on disk -> the record to persist + actions. ------
 RECOVERY: dict[S, str] = {
     S.IDLE: "nothing in flight: current -> active slot, markers synced",
-    S.RECEIVED: "discard: staging wiped, REJECTED(interrupted)",
+    S.RECEIVED: "discard: staging wiped, REJECTED(interrupted); the inactive slot was not touched yet",
     S.VERIFIED: "discard: staging wiped, half-written target slot invalidated, REJECTED(interrupted)",
     S.STAGED: "resume: current -> active; re-hash the target slot and rerun the precheck",
     S.PRECHECKED: "resume: current -> active; re-hash the target slot and rerun the precheck",

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgerund.control.policy import (
     Level,
@@ -154,3 +156,33 @@ def test_rules_refuse_empty_and_nan() -> None:
         evaluate_rules([r], {"s.c": np.array([])})
     with pytest.raises(ValueError):
         evaluate_rules([r], {"s.c": np.array([1.0, math.nan])})
+
+
+@given(
+    scores=st.lists(st.floats(min_value=0.0, max_value=3.0), min_size=1, max_size=200),
+    on=st.integers(min_value=1, max_value=6),
+    off=st.integers(min_value=1, max_value=6),
+    hyst=st.floats(min_value=0.0, max_value=0.9),
+)
+@settings(max_examples=300, deadline=None)
+def test_debounce_properties(scores: list[float], on: int, off: int, hyst: float) -> None:
+    """Against a direct reading of the rules: a start needs the last `on` scores above the
+    threshold, an end the last `off` below the release level, and starts/ends alternate."""
+    p = LoopPolicy(threshold=1.0, hysteresis_ratio=hyst, on_ticks=on, off_ticks=off)
+    release = 1.0 - hyst
+    active = False
+    last = -1  # index of the last transition: the run restarts after it
+    for i, s in enumerate(scores):
+        d = p.step(Observation(score=s))
+        need = off if active else on
+        window = scores[i + 1 - need : i + 1] if i + 1 - need > last else None
+        if active:
+            due = window is not None and all(x < release for x in window)
+        else:
+            due = window is not None and all(x > 1.0 for x in window)
+        assert (d.transition is not None) is due, (i, scores[: i + 1])
+        if due:
+            assert d.transition == ("end" if active else "start")
+            active, last = not active, i
+        assert d.active is active
+        assert d.output == ("active" if active else "normal")

@@ -296,3 +296,26 @@ async def test_cancelled_waiters_leave_the_queue_clean(make_bus: MakeBus) -> Non
     assert await first == b"\x00"  # the transaction already running completed
     assert fast.writes == []  # the cancelled one never reached the bus
     assert bus.stats()["queued"] == 0
+
+
+async def test_read_registers_is_one_job_in_order_and_names_the_failing_register(
+    make_bus: MakeBus,
+) -> None:
+    dev = RegisterFile(0x40)
+    dev.regs[0x05:0x07] = b"\x10\x00"
+    dev.regs[0x02:0x04] = b"\x5d\xc0"
+    bus, _ = make_bus(dev)
+    words = await bus.read_registers(0x40, (0x05, 0x02, 0x03), 2)
+    assert words == [b"\x10\x00", b"\x5d\xc0", bytes(dev.regs[0x03:0x05])]
+    assert bus.stats()["transactions"] == 3
+
+    class FailAt(RegisterFile):
+        def transaction(self, msgs: Any) -> list[bytes]:
+            if msgs and msgs[0][0] == "w" and msgs[0][1][:1] == b"\x03":
+                raise OSError(errno.EREMOTEIO, "Remote I/O error")
+            return super().transaction(msgs)
+
+    bus2, _ = make_bus(FailAt(0x41))
+    with pytest.raises(I2CError) as ei:
+        await bus2.read_registers(0x41, (0x05, 0x02, 0x03, 0x04), 2)
+    assert ei.value.reg == 0x03 and ei.value.is_nack and "reg 0x03" in str(ei.value)

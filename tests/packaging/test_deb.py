@@ -18,13 +18,16 @@ pty-based emulators, and /dev/shm; no host device is visible):
 - an upgrade with an unmodified conffile (replaced silently), the administrator's edit
   (keyring + updates enabled: model slot `a` is seeded), an upgrade with a modified
   conffile (kept, the new one beside it as .dpkg-dist) keeping identity, models and spool
-  byte for byte, then the daemon again with the same identity and active slot; a disabled
-  service staying disabled; a broken config on upgrade: installed, not started, reason
-  printed;
+  byte for byte, then the daemon again with the same identity and active slot; a broken
+  config on upgrade: installed, enabled, not started, the reason printed; a service the
+  admin disabled staying disabled across an upgrade;
 - remove keeps config and state, purge removes them.
 
-systemd does not run in the chroot, so the start/restart/stop that postinst and prerm do
-through systemctl is not exercised here (the scripts skip them without /run/systemd/system).
+systemd does not run in the chroot. The maintainer scripts still take their systemd
+branch (/run/systemd/system is made), and policy-rc.d, which deb-systemd-invoke asks
+before every start/restart/stop, records each request and denies it: the test checks
+what was asked (start on install, restart on upgrade, stop on a broken config and on
+remove), not that systemd carried it out.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def _make_root(dest: Path) -> None:
     (dest / ROOT_MARK).write_text(ROOT_ID)
     if not IN_CI or os.environ.get("EDGERUND_CACHE_ROOT") == "1":
         CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = ROOT_TAR.with_suffix(".tmp")
+        tmp = ROOT_TAR.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs
         run(["tar", "--numeric-owner", "-cpf", str(tmp), "-C", str(dest), "."], timeout=600)
         tmp.replace(ROOT_TAR)
 
@@ -305,6 +308,28 @@ def _status(ctl: Callable[..., subprocess.CompletedProcess[str]]) -> dict[str, o
     return result
 
 
+INVOKE_LOG = "var/log/policy-rc.d.log"
+
+
+def _pretend_systemd(root: Path) -> None:
+    """Make the maintainer scripts take their systemd branch without a running systemd:
+    /run/systemd/system exists (what they test), and policy-rc.d, which
+    deb-systemd-invoke consults before every start/restart/stop, records the request and
+    denies it (101: the standard way to keep services from starting in a chroot)."""
+    (root / "run/systemd/system").mkdir(parents=True, exist_ok=True)
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text(f'#!/bin/sh\necho "$1 $2" >> /{INVOKE_LOG}\nexit 101\n')
+    policy.chmod(0o755)
+
+
+def _invoked(root: Path) -> list[str]:
+    """The start/restart/stop requests for edgerund since the last call."""
+    log = root / INVOKE_LOG
+    lines = log.read_text().splitlines() if log.exists() else []
+    log.write_text("")
+    return [ln.split()[1] for ln in lines if ln.startswith("edgerund.service ")]
+
+
 def _dpkg_version(root: Path) -> str:
     return in_root(root, "dpkg-query", "-W", "-f=${Version} ${Status}", "edgerund").stdout
 
@@ -394,14 +419,19 @@ def test_install_upgrade_remove_purge(deb: Path, root: Path, tmp_path: Path) -> 
     assert not (root / "usr/bin/python3").exists(), "the test root must not have python3"
     assert not list((root / "usr/lib").glob("*/libtss2-esys.so*")), "nor libtss2"
 
+    _pretend_systemd(root)
+
     # --- install: dependencies come from the archive, through Depends only.
     shutil.copy(deb, root / "tmp" / "edgerund.deb")
-    in_root(root, "apt-get", "update", "-q", timeout=600)
+    retries = "Acquire::Retries=3"
+    in_root(root, "apt-get", "-o", retries, "update", "-q", timeout=600)
     r = in_root(
-        root, "apt-get", "install", "-y", "-q", "--no-install-recommends", "/tmp/edgerund.deb"
-    )
+        root, "apt-get", "-o", retries, "install", "-y", "-q", "--no-install-recommends",
+        "/tmp/edgerund.deb",
+    )  # fmt: skip
     assert "ok installed" in _dpkg_version(root), r.stdout + r.stderr
     assert "NOT starting" not in r.stderr, r.stderr
+    assert _invoked(root) == ["start"]  # a valid config: started on first install
     for path in (
         "/usr/bin/edgerund",
         "/usr/bin/edgerunctl",
@@ -460,7 +490,9 @@ def test_install_upgrade_remove_purge(deb: Path, root: Path, tmp_path: Path) -> 
     )
     wants = root / "etc/systemd/system/multi-user.target.wants/edgerund.service"
     assert wants.is_symlink(), "postinst enables the service"
-    assert in_root(root, "systemctl", "is-enabled", "edgerund").stdout.strip() == "enabled"
+    assert (
+        in_root(root, "systemctl", "--root=/", "is-enabled", "edgerund").stdout.strip() == "enabled"
+    )
 
     # --- the shipped config, as root and as the service user (who must be able to read it)
     r = in_root(root, "/usr/bin/edgerund", "check-config")
@@ -518,11 +550,14 @@ def test_install_upgrade_remove_purge(deb: Path, root: Path, tmp_path: Path) -> 
 
     # --- upgrade 1, conffile untouched by the admin: the new one replaces it silently
     new, new_conf = repack.build("upgrade1", "\n# upgrade1: a maintainer's change\n")
-    shutil.copy(new, root / "tmp" / "edgerund-1.deb")
+    shutil.move(new, root / "tmp" / "edgerund-1.deb")
     r = in_root(root, "dpkg", "-i", "/tmp/edgerund-1.deb")
     assert "+upgrade1 install ok installed" in _dpkg_version(root), r.stdout + r.stderr
+    assert _invoked(root) == ["restart"]  # not stopped by prerm: restarted by postinst
     assert conf.read_text() == new_conf
     assert not list(conf.parent.glob("*.dpkg-*"))
+    st = conf.stat()  # the replaced file gets the service group back
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, gid)
     assert _tree(state) == created, "upgrade changed the state directory"
 
     # --- the administrator's edit: a keyring and updates on; the daemon seeds slot a
@@ -550,9 +585,10 @@ def test_install_upgrade_remove_purge(deb: Path, root: Path, tmp_path: Path) -> 
     # --- upgrade 2, conffile changed by both: dpkg keeps the admin's (--force-confold, as
     # apt -o Dpkg::Options::=--force-confold would) and puts the new one beside it
     new, new_conf = repack.build("upgrade2", "\n# upgrade2: another maintainer's change\n")
-    shutil.copy(new, root / "tmp" / "edgerund-2.deb")
+    shutil.move(new, root / "tmp" / "edgerund-2.deb")
     r = in_root(root, "dpkg", "--force-confold", "-i", "/tmp/edgerund-2.deb")
     assert "+upgrade2 install ok installed" in _dpkg_version(root), r.stdout + r.stderr
+    assert _invoked(root) == ["restart"]
     assert conf.read_text() == conf_admin
     assert (conf.parent / "edgerund.yaml.dpkg-dist").read_text() == new_conf
     assert _tree(state) == before, "upgrade changed identity, models or spool"
@@ -563,27 +599,47 @@ def test_install_upgrade_remove_purge(deb: Path, root: Path, tmp_path: Path) -> 
     assert model["active_slot"] == "a", model
     before = _tree(state)
 
-    # --- the admin disabled the service: an upgrade does not re-enable it
-    in_root(root, "systemctl", "disable", "edgerund")
-    # --- and a broken config on upgrade: installed, enabled state kept, not started, why
-    conf.write_text(conf.read_text() + "gateway_typo: 1\n")
+    # --- a broken config on upgrade: installed, still enabled, not started, and why
+    conf_good = conf.read_text()
+    conf.write_text(conf_good + "gateway_typo: 1\n")
     new, _ = repack.build("upgrade3", "\n# upgrade3\n")
-    shutil.copy(new, root / "tmp" / "edgerund-3.deb")
+    shutil.move(new, root / "tmp" / "edgerund-3.deb")
     r = in_root(root, "dpkg", "--force-confold", "-i", "/tmp/edgerund-3.deb")
     assert "+upgrade3 install ok installed" in _dpkg_version(root)
     assert "NOT starting the service" in r.stderr, r.stderr
     assert re.search(r"edgerund\.yaml:\d+: gateway_typo: unknown key", r.stderr), r.stderr
+    assert wants.is_symlink(), "enabled even though the config is invalid"
+    assert _invoked(root) == ["stop"]  # the old daemon is stopped, nothing is started
+    assert _tree(state) == before
+
+    # --- the admin disabled the service: an upgrade does not enable it again
+    conf.write_text(conf_good)
+    in_root(root, "systemctl", "--root=/", "disable", "edgerund")
+    assert not wants.exists()
+    new, _ = repack.build("upgrade4", "\n# upgrade4\n")
+    shutil.move(new, root / "tmp" / "edgerund-4.deb")
+    r = in_root(root, "dpkg", "--force-confold", "-i", "/tmp/edgerund-4.deb")
+    assert "+upgrade4 install ok installed" in _dpkg_version(root)
+    # deb-systemd-invoke itself does not start a disabled unit that is not running
+    assert _invoked(root) == ["restart"]
+    assert "NOT starting" not in r.stderr, r.stderr
     assert not wants.exists(), "an upgrade re-enabled a service the admin disabled"
+    assert in_root(
+        root, "systemctl", "--root=/", "is-enabled", "edgerund", check=False
+    ).stdout.strip() == ("disabled")
     assert _tree(state) == before
 
     # --- remove keeps config and state; purge removes them (and only purge does)
     in_root(root, "apt-get", "remove", "-y", "-q", "edgerund")
+    assert _invoked(root) == ["stop"]  # prerm stops it
     assert not (root / "opt/edgerund").exists()
     assert not os.path.lexists(root / "usr/bin/edgerund")
     assert not (root / "lib/systemd/system/edgerund.service").exists()
     assert conf.exists() and _tree(state) == before
     assert "deinstall ok config-files" in _dpkg_version(root)
+    shutil.rmtree(repack.tree)
     in_root(root, "apt-get", "purge", "-y", "-q", "edgerund")
+    assert _invoked(root) == []
     assert not (root / "etc/edgerund").exists()
     assert not state.exists()
     assert not (root / "opt/edgerund").exists()

@@ -132,3 +132,60 @@ async def test_cap_loss_reaches_consumer_without_gaps(
     assert losses[0]["series"] == ["env.temp"] and losses[0]["reason"] == "evicted_cap"
     # Evicted sequences are explained by loss records, so the consumer sees no gap.
     assert col.consumer.gaps() == []
+
+
+def test_page_cap_makes_room_and_never_passes_the_cap(tmp_path: Path) -> None:
+    """Behind the byte budget SQLite's own page cap holds the size; the spool evicts (with
+    loss records) before reaching it, so appends never fail."""
+    cap = 1 << 20
+    sp = Spool(tmp_path, max_bytes=cap, ttl_s=TTL, commit_interval_s=0.01)
+    sp.budget = 1 << 40  # fault injection: the soft byte budget never triggers
+    sp.open()
+    rng = np.random.default_rng(11)
+    seqs: list[int] = []
+    peak = 0
+    for chunk in range(30):
+        futs = [sp.append(Cls.RAW, _blocks(rng, chunk * 10 + i, 1200), 1) for i in range(10)]
+        seqs += [f.result() for f in futs]  # every append succeeds
+        peak = max(peak, _files(tmp_path))
+    sp.flush().result()
+    evt = sp.fetch(Cls.EVT, 0, 10_000).result()
+    left = {r.seq for r in sp.fetch(Cls.RAW, 0, 10_000).result()}
+    sp.close()
+    assert peak <= cap, peak
+    lost = {
+        s
+        for r in evt
+        for b in codec.decode(r.payload).batch.blocks
+        if isinstance(b, LossBlock)
+        for s in b.seqs
+    }
+    assert lost and lost | left == set(seqs) and not lost & left
+
+
+def test_disk_full_fails_the_group_loudly_and_recovers(tmp_path: Path) -> None:
+    """SQLITE_FULL (what a full disk gives) rolls the open group back: those appends fail
+    with SpoolError (the component turns them into write_failed loss records), the error
+    is counted, room is made, and later appends succeed."""
+    from edgerund.telemetry.spool import SpoolError
+
+    cap = 1 << 20
+    sp = Spool(tmp_path, max_bytes=cap, ttl_s=TTL, commit_interval_s=0.01)
+    sp.budget = 1 << 40
+    sp.open()
+    sp._max_pages = 1 << 30  # fault injection: blind the pre-check, so SQLite says FULL
+    rng = np.random.default_rng(12)
+    ok, failed = 0, 0
+    for chunk in range(30):
+        futs = [sp.append(Cls.RAW, _blocks(rng, chunk * 10 + i, 1200), 1) for i in range(10)]
+        for f in futs:
+            try:
+                f.result()
+                ok += 1
+            except SpoolError:
+                failed += 1
+    tail = sp.append(Cls.RAW, _blocks(rng, 999, 100), 1).result()
+    sp.close()
+    assert failed > 0 and ok > failed and tail > 0
+    assert sp.stats.write_errors > 0 and "full" in (sp.stats.last_error or "")
+    assert _files(tmp_path) <= cap

@@ -61,16 +61,20 @@ def nan_on_negative() -> bytes:
     return _model(nodes, [w])
 
 
-def slow(n: int = 12, dim: int = 384) -> bytes:
-    """A chain of n dim x dim matmuls: milliseconds per inference on one thread."""
+def slow(n: int = 12, dim: int = 384, rows: int = 1) -> bytes:
+    """A chain of n (rows x dim) @ (dim x dim) matmuls: milliseconds per inference."""
     rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array((rng.standard_normal((4, dim)) * 0.01).astype(np.float32), "w0")]
-    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"])]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, dim)) * 0.01).astype(np.float32), "w0"),
+        numpy_helper.from_array(np.array([rows, 1], np.int64), "reps"),
+        numpy_helper.from_array(np.ones((dim, 1), np.float32), "wout"),
+    ]
+    nodes = [helper.make_node("Tile", ["x", "reps"], ["xt"]), helper.make_node("MatMul", ["xt", "w0"], ["h0"])]
     for i in range(1, n + 1):
         inits.append(numpy_helper.from_array((rng.standard_normal((dim, dim)) * 0.01).astype(np.float32), f"w{i}"))
         nodes.append(helper.make_node("MatMul", [f"h{i - 1}", f"w{i}"], [f"h{i}"]))
-    inits.append(numpy_helper.from_array(np.ones((dim, 1), np.float32), "wout"))
-    nodes.append(helper.make_node("MatMul", [f"h{n}", "wout"], ["score"]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{n}"], ["hm"], axes=[0], keepdims=1))
+    nodes.append(helper.make_node("MatMul", ["hm", "wout"], ["score"]))
     return _model(nodes, inits)
 
 

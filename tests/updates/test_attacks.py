@@ -43,7 +43,7 @@ def signed_parts(pub: Publisher, files: dict[str, bytes], **kw: Any) -> tuple[by
 
 def case_tampered_model(pub: Publisher, d: Path) -> Path:
     files = pub.files(M.affine(2.0))
-    mb, sb, _ = signed_parts(pub, files)
+    mb, sb, _ = signed_parts(pub, files, counter=5)
     bad = dict(files, **{"model.onnx": M.affine(3.0)})
     return raw_tar(d / "b", [reg("manifest.json", mb), reg("manifest.sig", sb)] + [reg(k, v) for k, v in sorted(bad.items())])
 

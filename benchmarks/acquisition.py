@@ -18,7 +18,15 @@ Figures: CPU time of the whole process per read (all threads) in each phase;
 `overhead_ratio` = acquisition CPU per read / bare CPU per read (target <= 2);
 `emulator_us_per_read`: CPU spent inside the emulated SMBus calls (a meter around them);
 achieved/configured rate per sensor (min and mean); loop lag p50/p99/max while acquiring
-(target p99 <= 1 ms), with the idle and bare lags beside it.
+(target p99 <= 1 ms), with the idle and bare lags beside it; and how long the loop thread
+was runnable but waiting for a CPU (`/proc/thread-self/schedstat`) in each phase, which
+says how much of the lag the machine's other load caused.
+
+Honesty of the baseline: the bare phase runs the very driver objects and emulators the
+hub runs (same factories, same scenario seed, same metered SMBus wrapper, same bus code
+minus the thread hop), measured in the same process minutes before the hub phase. The hub
+does nothing the bare loop skips except its own work (timeouts, retries, health, samples,
+rings, fan-out, rate bookkeeping) and the hop to the bus workers.
 
 Usage: python benchmarks/acquisition.py [--duration-s 60] [--bare-s 20] [--no-uvloop]
 The last line is one JSON object with every figure (units in the names).
@@ -202,8 +210,9 @@ async def measure_lag(seconds: float, interval_s: float) -> tuple[list[float], f
 
 async def bare_phase(
     sensors: list[Any], seconds: float, interval_s: float
-) -> tuple[float, float, float, list[float]]:
-    """(CPU s per read, emulator CPU s per read, reads per s, loop lags) of the bare loop."""
+) -> tuple[float, float, float, list[float], float]:
+    """(CPU s per read, emulator CPU s per read, reads per s, loop lags, loop thread's
+    run-queue wait per s) of the bare loop."""
     specs = sensor_drivers()
     res = MultiBusSim(Scenario(seed=42), inline=True)
     drivers = [(cfg, specs[cfg.__struct_config__.tag].factory(cfg, res)) for cfg in sensors]
@@ -232,7 +241,7 @@ async def bare_phase(
     r0, c0, e0, t0 = reads[0], time.process_time(), res.emulator_cpu_s(), time.monotonic()
     w0 = runqueue_wait_s()
     await asyncio.sleep(seconds)
-    print(f"bare: loop thread waited {(runqueue_wait_s() - w0) / seconds * 1e3:.2f} ms/s for a CPU")
+    rq = (runqueue_wait_s() - w0) / seconds
     n = reads[0] - r0
     cpu, emu, dt = time.process_time() - c0, res.emulator_cpu_s() - e0, time.monotonic() - t0
     stop.set()
@@ -243,7 +252,7 @@ async def bare_phase(
     for _, drv in drivers:
         await drv.close()
     await res.aclose()
-    return cpu / max(1, n), emu / max(1, n), n / dt, lag
+    return cpu / max(1, n), emu / max(1, n), n / dt, lag, rq
 
 
 async def hub_phase(
@@ -309,11 +318,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     total_rate = sum(s.rate_hz for s in sensors)
-    bare, bare_emu, bare_rps, bare_lag = await bare_phase(sensors, args.bare_s, interval)
+    bare, bare_emu, bare_rps, bare_lag, bare_rq = await bare_phase(sensors, args.bare_s, interval)
     print(
         f"bare (drivers on inline buses, paced, no hub): {bare * 1e6:.1f} us CPU/read "
         f"(emulator {bare_emu * 1e6:.1f}), {bare_rps:.1f} reads/s, loop lag p99 "
-        f"{pct(bare_lag, 99) * 1e3:.3f} ms"
+        f"{pct(bare_lag, 99) * 1e3:.3f} ms (loop thread waited {bare_rq * 1e3:.2f} ms/s for a CPU)"
     )
 
     hub_inline = await hub_phase(sensors, args.hub_inline_s, interval, inline=True)
@@ -377,6 +386,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "loop_lag_bare_p99_ms": round(pct(bare_lag, 99) * 1e3, 3),
         "loop_runqueue_wait_ms_per_s": round(m["rq_wait"] / dt * 1e3, 3),
         "loop_runqueue_wait_idle_ms_per_s": round(idle_rq * 1e3, 3),
+        "loop_runqueue_wait_bare_ms_per_s": round(bare_rq * 1e3, 3),
         "load_average_1min_end": round(os.getloadavg()[0], 2),
         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
     }

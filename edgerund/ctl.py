@@ -107,17 +107,7 @@ def render(console: Console, result: Any, title: str | None = None) -> None:
 
 _STATUS_COLUMNS = {
     "sensors": ["id", "driver", "state", "value", "unit", "age s", "rate Hz", "errors"],
-    "loops": [
-        "id",
-        "period_ms",
-        "mode",
-        "ticks",
-        "missed",
-        "lateness_ms",
-        "latency_ms",
-        "score",
-        "threshold",
-    ],
+    "loops": ["id", "period", "mode", "ticks", "missed", "late p99", "lat p99", "score"],
     "models": ["name", "version", "active_slot", "state"],
 }
 
@@ -140,6 +130,23 @@ def _sensor_row(s: dict[str, Any]) -> dict[str, Any]:
         "age s": s.get("age_s"),
         "rate Hz": s.get("rate_achieved_hz"),
         "errors": s.get("read_errors"),
+    }
+
+
+def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:
+    def p99(d: Any) -> Any:
+        return d.get("p99") if isinstance(d, dict) else None
+
+    score, thr = lp.get("score"), lp.get("threshold")
+    return {
+        "id": lp.get("id"),
+        "period": f"{lp.get('period_ms')} ms",
+        "mode": lp.get("mode"),
+        "ticks": lp.get("ticks"),
+        "missed": lp.get("missed"),
+        "late p99": p99(lp.get("lateness_ms")),
+        "lat p99": p99(lp.get("latency_ms")),
+        "score": f"{_fmt(score)}/{_fmt(thr)}" if thr is not None else _fmt(score),
     }
 
 
@@ -171,6 +178,8 @@ def render_status(console: Console, st: dict[str, Any]) -> None:
         rows = st.get(key) or []
         if key == "sensors":
             rows = [_sensor_row(r) for r in rows]
+        elif key == "loops":
+            rows = [_loop_row(r) for r in rows]
         console.print()
         if rows:
             console.print(table(rows, key, [c for c in cols if any(c in r for r in rows)]))
@@ -425,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         render_status(console, result)
     elif cmd == "log" and isinstance(result, list):
         _render_log(console, result)
+    elif cmd == "loops" and isinstance(result, list):
+        from edgerund.control.render import format_loops
+
+        console.print(format_loops(result), markup=False, highlight=False)
     elif cmd == "serial-sniff":
         _render_sniff(console, result)
     else:

@@ -211,8 +211,6 @@ class AsyncI2CBus:
         """The bus's thread: run jobs in FIFO order until the sentinel."""
         get = self._jobs.get
         run = self._run
-        if os.environ.get("EXP_NICE"):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ["EXP_NICE"]))
         while True:
             job = get()  # blocks (GIL released) until there is work
             if job is _STOP:

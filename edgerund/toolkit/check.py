@@ -297,7 +297,8 @@ def check_loops(st: dict[str, Any] | None) -> Result:
             and late > 0.5 * period
         ):
             issues.append(f"{lp.get('id')} lateness p99 {late} ms of {period} ms")
-        if lp.get("mode") not in (None, "model"):
+        rules_only = lp.get("reason") == "no model configured"
+        if lp.get("mode") not in (None, "model") and not rules_only:
             issues.append(f"{lp.get('id')} on fallback ({lp.get('reason') or lp.get('mode')})")
     if issues:
         return Result(

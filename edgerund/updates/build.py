@@ -44,10 +44,18 @@ def keygen(out_dir: Path, name: str) -> tuple[Path, Path, str]:
     pub = out_dir / f"{name}.pub"
     fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return priv, pub, keyid(key)
 
 
@@ -87,8 +95,11 @@ def make_keyring(
         "expires": format_time(expires if expires is not None else time.time() + 5 * 365 * 86400),
         "threshold": threshold,
         "keys": [
-            {"keyid": keyid(k), "public": base64.b64encode(raw_public(k)).decode(),
-             "name": names[i] if names else ""}
+            {
+                "keyid": keyid(k),
+                "public": base64.b64encode(raw_public(k)).decode(),
+                "name": names[i] if names else "",
+            }
             for i, k in enumerate(public_keys)
         ],
     }
@@ -108,10 +119,39 @@ def io_signature_of(model: bytes) -> dict[str, Any]:
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
     def desc(items: Any) -> list[dict[str, Any]]:
-        return [{"name": i.name, "dtype": _DTYPES.get(i.type, i.type),
-                 "shape": [d if isinstance(d, int) else None for d in i.shape]} for i in items]
+        return [
+            {
+                "name": i.name,
+                "dtype": _DTYPES.get(i.type, i.type),
+                "shape": [d if isinstance(d, int) else None for d in i.shape],
+            }
+            for i in items
+        ]
 
     return {"inputs": desc(sess.get_inputs()), "outputs": desc(sess.get_outputs())}
+
+
+def _golden_inputs(model: bytes, npz: Path) -> dict[str, Any] | None:
+    """Realistic golden inputs: arrays of the model directory's golden.npz named like the
+    graph inputs, reshaped to (samples, *input shape)."""
+    if not npz.exists():
+        return None
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    out: dict[str, Any] = {}
+    with np.load(npz, allow_pickle=False) as z:
+        for i in sess.get_inputs():
+            if i.name not in z:
+                return None
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+            arr = np.asarray(z[i.name])
+            per = int(np.prod(shape))
+            if arr.size % per:
+                return None
+            out[i.name] = arr.reshape((arr.size // per, *shape))
+    return out
 
 
 def opset_of(model: bytes) -> tuple[int, int]:
@@ -128,7 +168,9 @@ def opset_of(model: bytes) -> tuple[int, int]:
     return (1, 17)
 
 
-def make_golden(model: bytes, n: int = 8, seed: int = 7, inputs: Mapping[str, Any] | None = None) -> bytes:
+def make_golden(
+    model: bytes, n: int = 8, seed: int = 7, inputs: Mapping[str, Any] | None = None
+) -> bytes:
     """golden-io.npz: `in.X` inputs (given, or seeded standard-normal samples) and the
     outputs onnxruntime computes for them now (the reference the device must reproduce)."""
     import numpy as np
@@ -146,7 +188,9 @@ def make_golden(model: bytes, n: int = 8, seed: int = 7, inputs: Mapping[str, An
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
         dt = _DTYPES.get(i.type, "float32")
         arr = rng.standard_normal((n, *shape))
-        ins[i.name] = (np.clip(np.round(arr * 20), -127, 127) if dt.startswith("int") else arr).astype(dt)
+        ins[i.name] = (
+            np.clip(np.round(arr * 20), -127, 127) if dt.startswith("int") else arr
+        ).astype(dt)
     count = int(next(iter(ins.values())).shape[0])
     outs: dict[str, list[Any]] = {o.name: [] for o in sess.get_outputs()}
     for s in range(count):
@@ -187,11 +231,17 @@ def make_manifest(
         "security_counter": security_counter,
         "created": format_time(created),
         "expires": format_time(expires if expires is not None else created + 365 * 86400),
-        "compatibility": {"hardware_ids": list(hardware_ids), "min_daemon": min_daemon,
-                          "opset_min": opset_range[0], "opset_max": opset_range[1]},
+        "compatibility": {
+            "hardware_ids": list(hardware_ids),
+            "min_daemon": min_daemon,
+            "opset_min": opset_range[0],
+            "opset_max": opset_range[1],
+        },
         "io_signature": dict(io_signature),
-        "files": [{"path": p, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
-                  for p, d in sorted(files.items())],
+        "files": [
+            {"path": p, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+            for p, d in sorted(files.items())
+        ],
         "health": dict(health or {}),
     }
     if model_manifest is not None:
@@ -202,8 +252,9 @@ def make_manifest(
 
 
 def sign_manifest(manifest: Mapping[str, Any], keys: Iterable[Ed25519PrivateKey]) -> bytes:
-    return json.dumps({"signatures": sign(signing_message(MANIFEST_DOMAIN, manifest), keys)},
-                      indent=2).encode()
+    return json.dumps(
+        {"signatures": sign(signing_message(MANIFEST_DOMAIN, manifest), keys)}, indent=2
+    ).encode()
 
 
 def write_tar(out: Path, members: Sequence[tuple[str, bytes]]) -> None:
@@ -228,8 +279,14 @@ def write_bundle(
     keys: Iterable[Ed25519PrivateKey],
 ) -> None:
     mbytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    write_tar(out, [("manifest.json", mbytes), ("manifest.sig", sign_manifest(manifest, keys)),
-                    *sorted(files.items())])
+    write_tar(
+        out,
+        [
+            ("manifest.json", mbytes),
+            ("manifest.sig", sign_manifest(manifest, keys)),
+            *sorted(files.items()),
+        ],
+    )
 
 
 def build_from_dir(
@@ -244,6 +301,7 @@ def build_from_dir(
     expires_days: float = 365.0,
     health: Mapping[str, Any] | None = None,
     golden: Path | None = None,
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Pack a model directory (model.onnx, manifest.json, other files) as a signed bundle.
     The directory's manifest.json (the inference runtime's) travels as `model_manifest`;
@@ -255,18 +313,36 @@ def build_from_dir(
     files: dict[str, bytes] = {"model.onnx": model}
     for p in sorted(model_dir.rglob("*")):
         rel = p.relative_to(model_dir).as_posix()
-        if p.is_file() and rel not in ("model.onnx", "manifest.json", "slot.json") and not rel.startswith("."):
+        if (
+            p.is_file()
+            and rel not in ("model.onnx", "manifest.json", "slot.json", *exclude)
+            and not rel.startswith(".")
+        ):
             files[rel] = p.read_bytes()
     if golden is not None:
         files["golden-io.npz"] = golden.read_bytes()
     elif "golden-io.npz" not in files:
-        files["golden-io.npz"] = make_golden(model)
+        files["golden-io.npz"] = make_golden(
+            model, inputs=_golden_inputs(model, model_dir / "golden.npz")
+        )
+    health = dict(health or {})
+    g = (mm or {}).get("golden")
+    if isinstance(g, dict):  # the model's own golden tolerances, unless overridden
+        for key in ("atol", "rtol"):
+            if isinstance(g.get(key), (int, float)):
+                health.setdefault(key, float(g[key]))
     name = model_name or (mm or {}).get("name") or model_dir.name
     ver = version or str((mm or {}).get("version") or "1.0.0")
     man = make_manifest(
-        model_name=str(name), version=ver, security_counter=security_counter, files=files,
-        io_signature=io_signature_of(model), hardware_ids=hardware_ids,
-        expires=time.time() + expires_days * 86400, health=health, model_manifest=mm,
+        model_name=str(name),
+        version=ver,
+        security_counter=security_counter,
+        files=files,
+        io_signature=io_signature_of(model),
+        hardware_ids=hardware_ids,
+        expires=time.time() + expires_days * 86400,
+        health=health,
+        model_manifest=mm,
         opset_range=opset_of(model),
     )
     write_bundle(out, man, files, keys)

@@ -122,7 +122,9 @@ def open_bundle(path: Path) -> tuple[IO[bytes], int]:
     except FileNotFoundError:
         raise TrustError("not_found", f"bundle {str(path)!r} does not exist") from None
     except PermissionError:
-        raise TrustError("not_readable", f"bundle {str(path)!r} is not readable by the daemon") from None
+        raise TrustError(
+            "not_readable", f"bundle {str(path)!r} is not readable by the daemon"
+        ) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)

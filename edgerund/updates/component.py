@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import math
 import os
@@ -92,7 +93,9 @@ class UpdatesComponent:
         self.cfg = cfg
         state_dir = ctx.state_dir
         self.upd_dir = state_dir / "updates"
-        self.stores = {mc.name: SlotStore(state_dir / "models" / mc.name, mc.name) for mc in ctx.config.models}
+        self.stores = {
+            mc.name: SlotStore(state_dir / "models" / mc.name, mc.name) for mc in ctx.config.models
+        }
         self.shipped = {mc.name: Path(mc.path) for mc in ctx.config.models}
         self.records: dict[str, m.Record] = {}
         self.keyring: Keyring | None = None
@@ -149,7 +152,10 @@ class UpdatesComponent:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         # Tasks are owned by the supervisor (cancelled by the daemon). An update cut short
         # here is finished or undone by the recovery table at the next start.
@@ -171,7 +177,9 @@ class UpdatesComponent:
                 path="updates.keyring_file",
             ) from None
         except TrustError as exc:
-            raise ConfigError(f"keyring file {provisioned_path}: {exc}", path="updates.keyring_file") from None
+            raise ConfigError(
+                f"keyring file {provisioned_path}: {exc}", path="updates.keyring_file"
+            ) from None
         stored_path = self.upd_dir / "keyring.json"
         try:
             stored = parse_keyring(stored_path.read_bytes())
@@ -197,7 +205,9 @@ class UpdatesComponent:
         store = self.stores[name]
         rec, note = await asyncio.to_thread(store.load_record)
         if note:
-            log.error("update_state_corrupt", model=name, action="moved to state.json.broken, rebuilt")
+            log.error(
+                "update_state_corrupt", model=name, action="moved to state.json.broken, rebuilt"
+            )
         if rec is None:
             cur = fsutil.read_link(store.current)
             if cur is not None:
@@ -209,8 +219,13 @@ class UpdatesComponent:
         new, acts = m.recover(rec, max_attempts=self.cfg.attempts, now=time.time())
         self.records[name] = new
         if new.state != rec.state:
-            log.warning("update_recovered", model=name, found=str(rec.state), now=str(new.state),
-                        table=m.RECOVERY[rec.state])
+            log.warning(
+                "update_recovered",
+                model=name,
+                found=str(rec.state),
+                now=str(new.state),
+                table=m.RECOVERY[rec.state],
+            )
         for a in acts:
             if a.kind in (m.A.PRECHECK, m.A.RESUME_TRIAL):
                 self._queue.put_nowait((name, a))
@@ -220,7 +235,9 @@ class UpdatesComponent:
                 await self._execute_one(name, a, recovering=True)
         # Trust `current` only if its slot verifies (re-hash).
         active = self.records[name].active
-        if active is not None and not await asyncio.to_thread(store.verify_slot, active, quiet=True):
+        if active is not None and not await asyncio.to_thread(
+            store.verify_slot, active, quiet=True
+        ):
             await self._active_corrupt(name, active)
 
     async def _seed(self, name: str, rec: m.Record) -> m.Record:
@@ -243,11 +260,23 @@ class UpdatesComponent:
         other = m.other(active)
         slots = dict(rec.slots)
         slots[active] = None
-        fail = m.Failure(reason="slot_corrupt", message=f"slot {active} failed its re-hash at start-up",
-                         state=str(rec.state), at=time.time())
-        if rec.slots.get(other) is not None and await asyncio.to_thread(store.verify_slot, other, quiet=True):
-            new = m.Record(model=name, active=other, slots=slots, last_failure=fail, last_result="ROLLED_BACK",
-                           state=m.S.ROLLED_BACK)
+        fail = m.Failure(
+            reason="slot_corrupt",
+            message=f"slot {active} failed its re-hash at start-up",
+            state=str(rec.state),
+            at=time.time(),
+        )
+        if rec.slots.get(other) is not None and await asyncio.to_thread(
+            store.verify_slot, other, quiet=True
+        ):
+            new = m.Record(
+                model=name,
+                active=other,
+                slots=slots,
+                last_failure=fail,
+                last_result="ROLLED_BACK",
+                state=m.S.ROLLED_BACK,
+            )
         else:
             new = m.Record(model=name, slots={"a": None, "b": None}, last_failure=fail)
             await asyncio.to_thread(store.invalidate, active)
@@ -282,19 +311,33 @@ class UpdatesComponent:
                 "recent_rejections": list(self._rejections)[-5:],
                 "security_counter": self._counter_value,
                 "counter_kind": getattr(self.counter, "kind", None),
-                "keyring": None if kr is None else {"version": kr.version, "threshold": kr.threshold,
-                                                    "keys": len(kr.keys), "expires": kr.signed.get("expires")},
+                "keyring": None
+                if kr is None
+                else {
+                    "version": kr.version,
+                    "threshold": kr.threshold,
+                    "keys": len(kr.keys),
+                    "expires": kr.signed.get("expires"),
+                },
                 "last_precheck": self._last_precheck,
             }
         }
 
     def commands(self) -> Mapping[str, Command]:
         return {
-            "update": Command(self._cmd_update, mutating=True,
-                              help="install a signed model bundle (or rotate the keyring): {path, wait?}"),
-            "rollback": Command(self._cmd_rollback, mutating=True,
-                                help="roll a model back to its other slot: {model}"),
-            "models-slots": Command(self._cmd_slots, help="both slots, versions, states, last failure"),
+            "update": Command(
+                self._cmd_update,
+                mutating=True,
+                help="install a signed model bundle (or rotate the keyring): {path, wait?}",
+            ),
+            "rollback": Command(
+                self._cmd_rollback,
+                mutating=True,
+                help="roll a model back to its other slot: {model}",
+            ),
+            "models-slots": Command(
+                self._cmd_slots, help="both slots, versions, states, last failure"
+            ),
         }
 
     async def submit(self, path: Path, source: str, *, remove_after: bool = False) -> Job:
@@ -306,8 +349,13 @@ class UpdatesComponent:
         """Until nothing is queued or in flight (tests, benchmark)."""
         async with asyncio.timeout(timeout_s):
             await self._wait_until(
-                lambda: not (self._queue.qsize() or self._job
-                             or any(r.state in m.IN_FLIGHT for r in self.records.values()))
+                lambda: (
+                    not (
+                        self._queue.qsize()
+                        or self._job
+                        or any(r.state in m.IN_FLIGHT for r in self.records.values())
+                    )
+                )
             )
 
     async def _wait_until(self, pred: Callable[[], bool]) -> None:
@@ -325,7 +373,9 @@ class UpdatesComponent:
             raise CommandError("bad_args", "expected {'path': '/absolute/path/to/bundle'}")
         p = Path(path)
         if not p.is_absolute():
-            raise CommandError("bad_args", f"path must be absolute (the daemon's cwd is not yours), got {path!r}")
+            raise CommandError(
+                "bad_args", f"path must be absolute (the daemon's cwd is not yours), got {path!r}"
+            )
         wait = args.get("wait", "trial")
         if wait not in ("none", "trial", "commit"):
             raise CommandError("bad_args", f"wait: expected none|trial|commit, got {wait!r}")
@@ -334,7 +384,10 @@ class UpdatesComponent:
             return {"accepted": True, "path": path}
         if wait == "trial":
             await asyncio.wait(
-                [asyncio.ensure_future(job.trial_reached.wait()), asyncio.ensure_future(job.done.wait())],
+                [
+                    asyncio.ensure_future(job.trial_reached.wait()),
+                    asyncio.ensure_future(job.done.wait()),
+                ],
                 return_when=asyncio.FIRST_COMPLETED,
             )
         else:
@@ -348,7 +401,9 @@ class UpdatesComponent:
     async def _cmd_rollback(self, args: dict[str, Any], peer: Peer) -> Any:
         name = args.get("model")
         if not isinstance(name, str) or name not in self.stores:
-            raise CommandError("unknown_model", f"model: expected one of {sorted(self.stores)}, got {name!r}")
+            raise CommandError(
+                "unknown_model", f"model: expected one of {sorted(self.stores)}, got {name!r}"
+            )
         rec = self.records[name]
         if rec.state in (m.S.TRIAL, m.S.PROBATION):
             self._abort[name] = ("manual", f"rolled back by hand (uid {peer.uid})")
@@ -358,9 +413,18 @@ class UpdatesComponent:
         if rec.state in m.IN_FLIGHT:
             raise CommandError("busy", f"{name} is in {rec.state}; nothing to roll back to yet")
         if rec.active is None or rec.slots.get(m.other(rec.active)) is None:
-            raise CommandError("no_previous", f"{name}: the other slot holds no valid model to roll back to")
-        await self._drive(name, m.Event("rollback", reason="manual",
-                                        message=f"rolled back by hand (uid {peer.uid})", now=time.time()))
+            raise CommandError(
+                "no_previous", f"{name}: the other slot holds no valid model to roll back to"
+            )
+        await self._drive(
+            name,
+            m.Event(
+                "rollback",
+                reason="manual",
+                message=f"rolled back by hand (uid {peer.uid})",
+                now=time.time(),
+            ),
+        )
         return self.slot_info(name)
 
     async def _cmd_slots(self, args: dict[str, Any], peer: Peer) -> Any:
@@ -407,17 +471,34 @@ class UpdatesComponent:
 
     def _reject(self, job: Job, err: TrustError, model: str | None) -> None:
         job.error = err
-        entry = {"path": str(job.path), "source": job.source, "model": model, "reason": err.code,
-                 "message": str(err).split(": ", 1)[-1], "at": time.time()}
+        entry = {
+            "path": str(job.path),
+            "source": job.source,
+            "model": model,
+            "reason": err.code,
+            "message": str(err).split(": ", 1)[-1],
+            "at": time.time(),
+        }
         self._rejections.append(entry)
         log.warning("update_rejected", **entry)
-        self.ctx.events.publish("update.result", model or "?", result="REJECTED", reason=err.code,
-                                message=entry["message"])
+        self.ctx.events.publish(
+            "update.result",
+            model or "?",
+            result="REJECTED",
+            reason=err.code,
+            message=entry["message"],
+        )
 
     async def _run_job(self, job: Job) -> None:
         try:
-            self._job = {"path": str(job.path), "source": job.source, "phase": "reading",
-                         "bytes_done": 0, "bytes_total": None, "started": time.time()}
+            self._job = {
+                "path": str(job.path),
+                "source": job.source,
+                "phase": "reading",
+                "bytes_done": 0,
+                "bytes_total": None,
+                "started": time.time(),
+            }
             try:
                 head = await asyncio.to_thread(_read_head, job.path)
             except OSError as exc:
@@ -425,9 +506,14 @@ class UpdatesComponent:
             if head.lstrip().startswith(b"{"):
                 await self._run_keyring_job(job)
                 return
-            name = await asyncio.to_thread(bundle_io.peek_model_name, job.path, self.cfg.manifest_max_kb * 1024)
+            name = await asyncio.to_thread(
+                bundle_io.peek_model_name, job.path, self.cfg.manifest_max_kb * 1024
+            )
             if name not in self.stores:
-                raise TrustError("unknown_model", f"model_name: expected one of {sorted(self.stores)}, got {name!r}")
+                raise TrustError(
+                    "unknown_model",
+                    f"model_name: expected one of {sorted(self.stores)}, got {name!r}",
+                )
             job.model = name
             self._job["model"] = name
             if self.records[name].state in m.IN_FLIGHT:
@@ -437,6 +523,17 @@ class UpdatesComponent:
             if rec.state in (m.S.REJECTED, m.S.ROLLED_BACK) and rec.last_failure is not None:
                 lf = rec.last_failure
                 job.error = TrustError(lf.reason, lf.message)
+                if rec.state is m.S.REJECTED:
+                    self._rejections.append(
+                        {
+                            "path": str(job.path),
+                            "source": job.source,
+                            "model": name,
+                            "reason": lf.reason,
+                            "message": lf.message,
+                            "at": lf.at,
+                        }
+                    )
             job.result = self.slot_info(name)
         except TrustError as err:
             self._reject(job, err, job.model)
@@ -452,20 +549,30 @@ class UpdatesComponent:
         new = await asyncio.to_thread(self._rotate_keyring, data)
         old = self.keyring
         self.keyring = new
-        log.info("keyring_rotated", old_version=old.version if old else None, new_version=new.version)
+        log.info(
+            "keyring_rotated", old_version=old.version if old else None, new_version=new.version
+        )
         self.ctx.events.publish("keyring.rotated", "updates", version=new.version)
-        job.result = {"keyring": {"version": new.version, "threshold": new.threshold, "keys": len(new.keys)}}
+        job.result = {
+            "keyring": {"version": new.version, "threshold": new.threshold, "keys": len(new.keys)}
+        }
 
     # -- the machine driver ---------------------------------------------------------------
     async def _drive(self, name: str, ev: m.Event, job: Job | None = None) -> m.Record:
         next_ev: m.Event | None = ev
         while next_ev is not None:
             rec = self.records[name]
-            if (next_ev.kind == "ok" and rec.state in m.IN_FLIGHT
-                    and rec.writes >= self.cfg.max_state_writes):
-                next_ev = m.Event("fail", reason="state_loop",
-                                  message=f"more than {self.cfg.max_state_writes} state writes in one deployment",
-                                  now=time.time())
+            if (
+                next_ev.kind == "ok"
+                and rec.state in m.IN_FLIGHT
+                and rec.writes >= self.cfg.max_state_writes
+            ):
+                next_ev = m.Event(
+                    "fail",
+                    reason="state_loop",
+                    message=f"more than {self.cfg.max_state_writes} state writes in one deployment",
+                    now=time.time(),
+                )
             new, acts = m.step(rec, next_ev)
             self.records[name] = new
             self._touch()
@@ -476,22 +583,31 @@ class UpdatesComponent:
                 job.trial_reached.set()
         return self.records[name]
 
-    async def _execute(self, name: str, rec: m.Record, acts: list[m.Action],
-                       job: Job | None = None) -> m.Event | None:
+    async def _execute(
+        self, name: str, rec: m.Record, acts: list[m.Action], job: Job | None = None
+    ) -> m.Event | None:
         result: m.Event | None = None
         for a in acts:
             try:
                 ev = await self._execute_one(name, a, job=job)
             except TrustError as exc:
-                ev = m.Event("fail", reason=exc.code, message=str(exc).split(": ", 1)[-1], now=time.time())
+                ev = m.Event(
+                    "fail", reason=exc.code, message=str(exc).split(": ", 1)[-1], now=time.time()
+                )
             except OSError as exc:
-                ev = m.Event("fail", reason="io_error", message=f"{a.kind}: {exc}", now=time.time())
+                reason = "no_space" if exc.errno == errno.ENOSPC else "io_error"
+                ev = m.Event("fail", reason=reason, message=f"{a.kind}: {exc}", now=time.time())
             except Exception as exc:
                 ev = m.Event("fail", reason=f"{a.kind}_failed", message=repr(exc), now=time.time())
             if ev is not None and ev.kind == "fail" and rec.state in m.TERMINAL:
                 # Failing while rolling back or cleaning up: keep going, the rest still helps.
-                log.error("update_cleanup_step_failed", model=name, action=str(a.kind), reason=ev.reason,
-                          message=ev.message)
+                log.error(
+                    "update_cleanup_step_failed",
+                    model=name,
+                    action=str(a.kind),
+                    reason=ev.reason,
+                    message=ev.message,
+                )
                 continue
             if ev is not None:
                 result = ev
@@ -499,8 +615,9 @@ class UpdatesComponent:
                     return ev
         return result
 
-    async def _execute_one(self, name: str, a: m.Action, *, recovering: bool = False,
-                           job: Job | None = None) -> m.Event | None:
+    async def _execute_one(
+        self, name: str, a: m.Action, *, recovering: bool = False, job: Job | None = None
+    ) -> m.Event | None:
         store = self.stores[name]
         rec = self.records[name]
         dep = rec.deployment
@@ -587,7 +704,9 @@ class UpdatesComponent:
         def progress(done: int, total: int) -> None:
             # Called from the worker thread: hand the figures to the loop.
             if job_state is not None:
-                loop.call_soon_threadsafe(job_state.update, {"bytes_done": done, "bytes_total": total})
+                loop.call_soon_threadsafe(
+                    job_state.update, {"bytes_done": done, "bytes_total": total}
+                )
 
         verdict, mbytes, sbytes = await asyncio.to_thread(
             bundle_io.read_bundle,
@@ -603,9 +722,13 @@ class UpdatesComponent:
         )
         man = verdict.manifest
         if man.model_name != name:
-            raise TrustError("unknown_model", f"model_name changed between reads: {name!r} vs {man.model_name!r}")
+            raise TrustError(
+                "unknown_model", f"model_name changed between reads: {name!r} vs {man.model_name!r}"
+            )
         self._staged_bytes = (mbytes, sbytes, verdict.manifest_sha256)
-        probation = man.health.probation_s if man.health.probation_s is not None else self.cfg.probation_s
+        probation = (
+            man.health.probation_s if man.health.probation_s is not None else self.cfg.probation_s
+        )
         probation = min(probation, self.cfg.probation_max_s)
         dep = m.Deployment(
             bundle_id=man.bundle_id,
@@ -622,28 +745,40 @@ class UpdatesComponent:
         mbytes, sbytes, msha = self._staged_bytes
         man, _ = decode_manifest(mbytes)
         dep = self.records[name].deployment
-        await asyncio.to_thread(store.install_staging, slot, man, msha, mbytes, sbytes,
-                                dep.created if dep else None)
+        await asyncio.to_thread(
+            store.install_staging, slot, man, msha, mbytes, sbytes, dep.created if dep else None
+        )
         return m.Event("ok", now=time.time())
 
     async def _precheck(self, name: str, slot: str) -> m.Event:
         store = self.stores[name]
         ok = await asyncio.to_thread(store.verify_slot, slot, quiet=True)
         if not ok:
-            return m.Event("fail", reason="slot_corrupt", message=f"slot {slot} failed its re-hash before the precheck",
-                           now=time.time())
+            return m.Event(
+                "fail",
+                reason="slot_corrupt",
+                message=f"slot {slot} failed its re-hash before the precheck",
+                now=time.time(),
+            )
         mbytes = await asyncio.to_thread((store.dir(slot) / "bundle.json").read_bytes)
         man, raw = decode_manifest(mbytes)
         rec = self.records[name]
         baseline = store.dir(rec.active) if rec.active and rec.active != slot else None
         health = dict(raw.get("health") or {})
-        for key, val in (("golden_file", man.health.golden_file), ("atol", man.health.atol), ("rtol", man.health.rtol),
-                         ("latency_p95_ms", man.health.latency_p95_ms),
-                         ("max_rel_latency", man.health.max_rel_latency)):
+        for key, val in (
+            ("golden_file", man.health.golden_file),
+            ("atol", man.health.atol),
+            ("rtol", man.health.rtol),
+            ("latency_p95_ms", man.health.latency_p95_ms),
+            ("max_rel_latency", man.health.max_rel_latency),
+        ):
             health[key] = val
         timeout = self.cfg.precheck_timeout_s
         res = await run_precheck(
-            store.dir(slot), baseline, raw["io_signature"], health,
+            store.dir(slot),
+            baseline,
+            raw["io_signature"],
+            health,
             timeout_s=timeout,
             cpu_s=self.cfg.precheck_cpu_s or self.cfg.precheck_timeout_s,
             runs=self.cfg.precheck_runs,
@@ -682,7 +817,9 @@ class UpdatesComponent:
         assert dep is not None
         pc = self.cfg.probation
         models = self.ctx.get("models")
-        mbytes = await asyncio.to_thread((self.stores[name].dir(dep.target) / "bundle.json").read_bytes)
+        mbytes = await asyncio.to_thread(
+            (self.stores[name].dir(dep.target) / "bundle.json").read_bytes
+        )
         man, _ = decode_manifest(mbytes)
 
         def stats() -> dict[str, Any]:
@@ -706,30 +843,50 @@ class UpdatesComponent:
             d_nan = int(s.get("nan_outputs", 0) or 0) - int(s0.get("nan_outputs", 0) or 0)
             d_missed = self._loops_missed() - missed0
             if d_faults > pc.max_faults:
-                return m.Event("fail", reason="probation_faults",
-                               message=f"{d_faults} model fault(s) during probation (max {pc.max_faults})", now=time.time())
+                return m.Event(
+                    "fail",
+                    reason="probation_faults",
+                    message=f"{d_faults} model fault(s) during probation (max {pc.max_faults})",
+                    now=time.time(),
+                )
             if d_nan > pc.max_nan_outputs:
-                return m.Event("fail", reason="probation_nan",
-                               message=f"{d_nan} NaN/Inf output(s) during probation (max {pc.max_nan_outputs})",
-                               now=time.time())
+                return m.Event(
+                    "fail",
+                    reason="probation_nan",
+                    message=f"{d_nan} NaN/Inf output(s) during probation (max {pc.max_nan_outputs})",
+                    now=time.time(),
+                )
             if d_missed > pc.max_missed_ticks:
-                return m.Event("fail", reason="probation_missed_ticks",
-                               message=f"{d_missed} missed loop tick(s) during probation (max {pc.max_missed_ticks})",
-                               now=time.time())
+                return m.Event(
+                    "fail",
+                    reason="probation_missed_ticks",
+                    message=f"{d_missed} missed loop tick(s) during probation (max {pc.max_missed_ticks})",
+                    now=time.time(),
+                )
             sc = s.get("score")
             mean = sc.get("mean") if isinstance(sc, dict) else s.get("score_mean")
             n_inf = int(s.get("inferences", 0) or 0) - int(s0.get("inferences", 0) or 0)
             if isinstance(mean, (int, float)) and n_inf > 0:
                 if not math.isfinite(mean):
-                    return m.Event("fail", reason="probation_score", message="recent score mean is not finite",
-                                   now=time.time())
+                    return m.Event(
+                        "fail",
+                        reason="probation_score",
+                        message="recent score mean is not finite",
+                        now=time.time(),
+                    )
                 lo, hi = man.health.score_min, man.health.score_max
                 if (lo is not None and mean < lo) or (hi is not None and mean > hi):
-                    return m.Event("fail", reason="probation_score",
-                                   message=f"recent score mean {mean:.4g} outside [{lo}, {hi}]", now=time.time())
+                    return m.Event(
+                        "fail",
+                        reason="probation_score",
+                        message=f"recent score mean {mean:.4g} outside [{lo}, {hi}]",
+                        now=time.time(),
+                    )
             if time.monotonic() >= end:
                 return m.Event("ok", now=time.time())
-            await asyncio.sleep(min(pc.poll_interval_ms / 1000.0, max(0.0, end - time.monotonic()) + 0.001))
+            await asyncio.sleep(
+                min(pc.poll_interval_ms / 1000.0, max(0.0, end - time.monotonic()) + 0.001)
+            )
 
     async def _ratchet(self, name: str) -> None:
         rec = self.records[name]
@@ -807,7 +964,9 @@ def _scan_inbox(inbox: Path) -> list[tuple[Path, int, int]]:
     for p in sorted(inbox.iterdir()):
         if p.name.startswith(".") or not p.is_file():
             continue
-        if p.suffix in (".tar", ".bundle") or (p.suffix == ".json" and p.name.startswith("keyring")):
+        if p.suffix in (".tar", ".bundle") or (
+            p.suffix == ".json" and p.name.startswith("keyring")
+        ):
             st = p.stat()
             out.append((p, st.st_size, st.st_mtime_ns))
     return out

@@ -91,10 +91,9 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
         errors.append(
             ("updates.enabled", "expected at least one entry in models[] to update, got none")
         )
-    names = [m.name for m in cfg.models]
-    for i, n in enumerate(names):
-        if n in names[:i]:
-            errors.append((f"models[{i}].name", f"expected unique model names, got {n!r} twice"))
-        if not n or "/" in n or n.startswith(".") or n in ("staging",):
-            errors.append((f"models[{i}].name", f"expected a plain directory name, got {n!r}"))
+    for i, mc in enumerate(cfg.models):
+        # The name becomes a directory under state_dir/models/ (uniqueness is checked by
+        # the models section).
+        if not mc.name or "/" in mc.name or mc.name.startswith("."):
+            errors.append((f"models[{i}].name", f"expected a plain directory name, got {mc.name!r}"))
     return errors

@@ -181,8 +181,9 @@ def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
     elif ev.kind == "ok":
         assert dep is not None
         if ev.deployment is not None:  # VERIFY learnt what the bundle is
-            dep = msgspec.structs.replace(ev.deployment, target=dep.target, source=dep.source,
-                                          received_at=dep.received_at)
+            dep = msgspec.structs.replace(
+                ev.deployment, target=dep.target, source=dep.source, received_at=dep.received_at
+            )
             r = msgspec.structs.replace(r, deployment=dep)
         if nxt is S.VERIFIED:
             acts.append(Action(A.STAGE, dep.target))

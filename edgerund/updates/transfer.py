@@ -67,7 +67,9 @@ def parse_message(payload: bytes) -> tuple[dict[str, Any], bytes]:
 class TransferStore:
     """Blocking; the component calls `handle` in a worker thread."""
 
-    def __init__(self, root: Path, *, max_bytes: int, chunk_max: int, ttl_s: float, max_transfers: int) -> None:
+    def __init__(
+        self, root: Path, *, max_bytes: int, chunk_max: int, ttl_s: float, max_transfers: int
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.chunk_max = chunk_max
@@ -87,7 +89,9 @@ class TransferStore:
                 d = json.loads(meta.read_text())
                 part = self.root / f"{d['id']}.part"
                 off = part.stat().st_size if part.exists() else 0
-                self.active[d["id"]] = Transfer(d["id"], int(d["size"]), d["sha256"], min(off, int(d["size"])), time.time())
+                self.active[d["id"]] = Transfer(
+                    d["id"], int(d["size"]), d["sha256"], min(off, int(d["size"])), time.time()
+                )
             except (OSError, ValueError, KeyError):
                 with contextlib.suppress(OSError):
                     meta.unlink()
@@ -107,12 +111,18 @@ class TransferStore:
 
     def progress(self) -> list[dict[str, Any]]:
         return [
-            {"id": t.id, "bytes_done": t.offset, "bytes_total": t.size,
-             "percent": round(100.0 * t.offset / t.size, 1) if t.size else 100.0}
+            {
+                "id": t.id,
+                "bytes_done": t.offset,
+                "bytes_total": t.size,
+                "percent": round(100.0 * t.offset / t.size, 1) if t.size else 100.0,
+            }
             for t in self.active.values()
         ]
 
-    def handle(self, hdr: dict[str, Any], data: bytes, now: float) -> tuple[dict[str, Any], Path | None]:
+    def handle(
+        self, hdr: dict[str, Any], data: bytes, now: float
+    ) -> tuple[dict[str, Any], Path | None]:
         """Apply one request. Returns (reply, path of a complete verified file on commit)."""
         self._load()
         self.expire(now)
@@ -124,9 +134,13 @@ class TransferStore:
         if op == "begin":
             size, sha = hdr.get("size"), hdr.get("sha256")
             if not isinstance(size, int) or size <= 0:
-                raise TransferError("bad_request", f"size: expected a positive integer, got {size!r}")
+                raise TransferError(
+                    "bad_request", f"size: expected a positive integer, got {size!r}"
+                )
             if size > self.max_bytes:
-                raise TransferError("too_large", f"size: expected at most {self.max_bytes} bytes, got {size}")
+                raise TransferError(
+                    "too_large", f"size: expected at most {self.max_bytes} bytes, got {size}"
+                )
             if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
                 raise TransferError("bad_request", "sha256: expected 64 lowercase hex digits")
             if t is not None and (t.size, t.sha256) == (size, sha):
@@ -137,7 +151,10 @@ class TransferStore:
             if len(self.active) >= self.max_transfers:
                 raise TransferError("busy", f"at most {self.max_transfers} transfers at a time")
             self.root.mkdir(parents=True, exist_ok=True)
-            fsutil.atomic_write(self.root / f"{tid}.json", json.dumps({"id": tid, "size": size, "sha256": sha}).encode())
+            fsutil.atomic_write(
+                self.root / f"{tid}.json",
+                json.dumps({"id": tid, "size": size, "sha256": sha}).encode(),
+            )
             (self.root / f"{tid}.part").write_bytes(b"")
             self.active[tid] = Transfer(tid, size, sha, 0, now)
             return {"ok": True, "id": tid, "next_offset": 0, "size": size}, None
@@ -154,13 +171,18 @@ class TransferStore:
             if not isinstance(off, int) or off < 0:
                 raise TransferError("bad_request", f"offset: expected an integer >= 0, got {off!r}")
             if len(data) > self.chunk_max:
-                raise TransferError("chunk_too_large", f"chunk: expected at most {self.chunk_max} bytes, got {len(data)}")
+                raise TransferError(
+                    "chunk_too_large",
+                    f"chunk: expected at most {self.chunk_max} bytes, got {len(data)}",
+                )
             if off != t.offset:
                 # A retried chunk we already have, or a gap: say where to continue.
                 return {"ok": True, "id": tid, "next_offset": t.offset, "size": t.size}, None
             if off + len(data) > t.size:
                 self._drop(tid)
-                raise TransferError("too_large", f"data runs past the announced size {t.size}; transfer dropped")
+                raise TransferError(
+                    "too_large", f"data runs past the announced size {t.size}; transfer dropped"
+                )
             fd = os.open(self.root / f"{tid}.part", os.O_WRONLY | os.O_APPEND)
             try:
                 fsutil.write_all(fd, data)
@@ -178,9 +200,14 @@ class TransferStore:
                     h.update(chunk)
             if h.hexdigest() != t.sha256:
                 self._drop(tid)
-                raise TransferError("hash_mismatch", "sha256 of the received bytes differs from the announced one; transfer dropped")
+                raise TransferError(
+                    "hash_mismatch",
+                    "sha256 of the received bytes differs from the announced one; transfer dropped",
+                )
             done = self.root / f"{tid}.bundle"
             os.replace(part, done)
             self._drop(tid)
             return {"ok": True, "id": tid, "accepted": True}, done
-        raise TransferError("bad_request", f"op: expected begin|chunk|status|commit|abort, got {op!r}")
+        raise TransferError(
+            "bad_request", f"op: expected begin|chunk|status|commit|abort, got {op!r}"
+        )

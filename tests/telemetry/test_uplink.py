@@ -65,6 +65,7 @@ async def test_broker_outage_loses_nothing(
         last_seq = tel.spool._next_seq - 1
         await col.wait_for(lambda: tel.spool.stats.backlog_batches == 0, 30)
         await col.wait_for(lambda: (tel.spool.epoch, last_seq) in col.seqs(), 30)
+        await col.wait_for(lambda: not col.consumer.gaps(), 30)  # shared: repaired by resend
         assert tel.status()["telemetry"]["reconnects"] >= 1
     seqs = {s for e, s in col.seqs() if e == tel.spool.epoch}
     assert seqs == set(range(min(seqs), max(seqs) + 1)) and max(seqs) >= last_seq

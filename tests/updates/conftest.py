@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from edgerund.updates.component import UpdatesComponent, build
-
 from tests.updates import models as M
 from tests.updates.support import (
     Publisher,
@@ -51,8 +50,9 @@ def harness(tmp_path: Path, publisher: Publisher) -> Callable[..., Any]:
     """Factory: `async with harness(updates={...}) as h:` runs updates + models + loop."""
 
     @contextlib.asynccontextmanager
-    async def make(updates: dict[str, Any] | None = None, shipped: bytes | None = None,
-                   with_loop: bool = True) -> AsyncIterator[Harness]:
+    async def make(
+        updates: dict[str, Any] | None = None, shipped: bytes | None = None, with_loop: bool = True
+    ) -> AsyncIterator[Harness]:
         h = Harness(tmp_path, publisher)
         if not (tmp_path / "shipped").exists():
             seed_dir(tmp_path / "shipped", shipped if shipped is not None else M.affine())

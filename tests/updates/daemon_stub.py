@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from edgerund.updates.component import build
-
 from tests.updates.support import StandInLoop, StandInModels, make_config, make_ctx, wait_for
 
 

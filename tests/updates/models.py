@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 
 
-def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], n_in: int = 4, n_out: int = 1) -> bytes:
+def _model(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], n_in: int = 4, n_out: int = 1
+) -> bytes:
     g = helper.make_graph(
         nodes,
         "g",
@@ -35,7 +37,9 @@ def affine(scale: float = 1.0, pad_bytes: int = 0) -> bytes:
     inits = [w]
     nodes = [helper.make_node("MatMul", ["x", "w"], ["score"])]
     if pad_bytes:
-        pad = numpy_helper.from_array(np.random.default_rng(1).standard_normal(pad_bytes // 4).astype(np.float32), "pad")
+        pad = numpy_helper.from_array(
+            np.random.default_rng(1).standard_normal(pad_bytes // 4).astype(np.float32), "pad"
+        )
         inits.append(pad)
     return _model(nodes, inits)
 
@@ -57,7 +61,10 @@ def nan_always() -> bytes:
 def nan_on_negative() -> bytes:
     """score = sqrt(mean(x)): finite on positive inputs, NaN on negative ones."""
     w = numpy_helper.from_array(np.full((4, 1), 0.25, np.float32), "w")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["s"]), helper.make_node("Sqrt", ["s"], ["score"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["s"]),
+        helper.make_node("Sqrt", ["s"], ["score"]),
+    ]
     return _model(nodes, [w])
 
 
@@ -69,9 +76,16 @@ def slow(n: int = 12, dim: int = 384, rows: int = 1) -> bytes:
         numpy_helper.from_array(np.array([rows, 1], np.int64), "reps"),
         numpy_helper.from_array(np.ones((dim, 1), np.float32), "wout"),
     ]
-    nodes = [helper.make_node("Tile", ["x", "reps"], ["xt"]), helper.make_node("MatMul", ["xt", "w0"], ["h0"])]
+    nodes = [
+        helper.make_node("Tile", ["x", "reps"], ["xt"]),
+        helper.make_node("MatMul", ["xt", "w0"], ["h0"]),
+    ]
     for i in range(1, n + 1):
-        inits.append(numpy_helper.from_array((rng.standard_normal((dim, dim)) * 0.01).astype(np.float32), f"w{i}"))
+        inits.append(
+            numpy_helper.from_array(
+                (rng.standard_normal((dim, dim)) * 0.01).astype(np.float32), f"w{i}"
+            )
+        )
         nodes.append(helper.make_node("MatMul", [f"h{i - 1}", f"w{i}"], [f"h{i}"]))
     nodes.append(helper.make_node("ReduceMean", [f"h{n}"], ["hm"], axes=[0], keepdims=1))
     nodes.append(helper.make_node("MatMul", ["hm", "wout"], ["score"]))

@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgerund.config.schema import Config
 from edgerund.context import Context, Supervisor
 from edgerund.updates import build as B
-
 from tests.updates import models as M
 
 
@@ -34,43 +33,79 @@ class Publisher:
     def __init__(self, n_keys: int = 3, threshold: int = 2) -> None:
         self.keys = [Ed25519PrivateKey.generate() for _ in range(n_keys)]
         self.threshold = threshold
-        self.keyring_doc = B.make_keyring([k.public_key() for k in self.keys], threshold=threshold,
-                                          version=1, signers=self.keys[:threshold])
+        self.keyring_doc = B.make_keyring(
+            [k.public_key() for k in self.keys],
+            threshold=threshold,
+            version=1,
+            signers=self.keys[:threshold],
+        )
 
     def write_keyring(self, path: Path) -> Path:
         path.write_bytes(B.keyring_bytes(self.keyring_doc))
         return path
 
-    def files(self, model: bytes, golden: bytes | None = None, extra: Mapping[str, bytes] | None = None,
-              golden_inputs: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    def files(
+        self,
+        model: bytes,
+        golden: bytes | None = None,
+        extra: Mapping[str, bytes] | None = None,
+        golden_inputs: Mapping[str, Any] | None = None,
+    ) -> dict[str, bytes]:
         if golden is None:
             golden = B.make_golden(model, n=4, inputs=golden_inputs)
         f = {"model.onnx": model, "golden-io.npz": golden}
         f.update(extra or {})
         return f
 
-    def manifest(self, files: Mapping[str, bytes], *, version: str, counter: int, name: str = "m1",
-                 **kw: Any) -> dict[str, Any]:
+    def manifest(
+        self, files: Mapping[str, bytes], *, version: str, counter: int, name: str = "m1", **kw: Any
+    ) -> dict[str, Any]:
         health = {"probation_s": 0.3, "latency_p95_ms": 500.0, "max_rel_latency": 1000.0}
         health.update(kw.pop("health", {}))
         model = files["model.onnx"]
-        return B.make_manifest(model_name=name, version=version, security_counter=counter, files=files,
-                               io_signature=B.io_signature_of(model), health=health, **kw)
+        return B.make_manifest(
+            model_name=name,
+            version=version,
+            security_counter=counter,
+            files=files,
+            io_signature=B.io_signature_of(model),
+            health=health,
+            **kw,
+        )
 
-    def bundle(self, out: Path, *, version: str, counter: int, model: bytes | None = None,
-               name: str = "m1", signers: list[Ed25519PrivateKey] | None = None,
-               files: dict[str, bytes] | None = None, manifest: dict[str, Any] | None = None,
-               **kw: Any) -> Path:
-        files = files if files is not None else self.files(model if model is not None else M.affine())
-        man = manifest if manifest is not None else self.manifest(files, version=version, counter=counter,
-                                                                   name=name, **kw)
-        B.write_bundle(out, man, files, signers if signers is not None else self.keys[: self.threshold])
+    def bundle(
+        self,
+        out: Path,
+        *,
+        version: str,
+        counter: int,
+        model: bytes | None = None,
+        name: str = "m1",
+        signers: list[Ed25519PrivateKey] | None = None,
+        files: dict[str, bytes] | None = None,
+        manifest: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> Path:
+        files = (
+            files if files is not None else self.files(model if model is not None else M.affine())
+        )
+        man = (
+            manifest
+            if manifest is not None
+            else self.manifest(files, version=version, counter=counter, name=name, **kw)
+        )
+        B.write_bundle(
+            out, man, files, signers if signers is not None else self.keys[: self.threshold]
+        )
         return out
 
 
 def sha_tree(d: Path) -> dict[str, str]:
-    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 def seed_dir(d: Path, model: bytes, version: str = "1.0.0") -> Path:
@@ -85,7 +120,9 @@ class Runner:
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         self.dir = model_dir
-        self.sess = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(
+            str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"]
+        )
         mk = model_dir / "slot.json"
         self.version = json.loads(mk.read_text())["version"] if mk.exists() else "?"
 
@@ -138,11 +175,23 @@ class StandInModels:
     def stats(self, name: str) -> dict[str, Any]:
         c = self.counts[name]
         sc = c["scores"]
-        return {"faults": c["faults"], "nan_outputs": c["nan_outputs"], "inferences": c["inferences"],
-                "score": {"mean": float(np.mean(sc)) if sc else None, "std": float(np.std(sc)) if sc else None}}
+        return {
+            "faults": c["faults"],
+            "nan_outputs": c["nan_outputs"],
+            "inferences": c["inferences"],
+            "score": {
+                "mean": float(np.mean(sc)) if sc else None,
+                "std": float(np.std(sc)) if sc else None,
+            },
+        }
 
     def status(self) -> dict[str, Any]:
-        return {"models": [{"name": n, "version": r.version, "dir": str(r.dir)} for n, r in self.runners.items()]}
+        return {
+            "models": [
+                {"name": n, "version": r.version, "dir": str(r.dir)}
+                for n, r in self.runners.items()
+            ]
+        }
 
     def commands(self) -> dict[str, Any]:
         return {}
@@ -192,11 +241,21 @@ class StandInLoop:
         return {}
 
 
-def make_config(tmp: Path, *, updates: dict[str, Any] | None = None, model_path: Path | None = None,
-                hardware_id: str = "gw-test") -> Config:
-    u = {"enabled": True, "keyring_file": str(tmp / "keyring.json"), "probation_s": 0.3,
-         "precheck_timeout_s": 30.0, "precheck_runs": 20,
-         "probation": {"max_missed_ticks": 1_000_000, "poll_interval_ms": 50}}
+def make_config(
+    tmp: Path,
+    *,
+    updates: dict[str, Any] | None = None,
+    model_path: Path | None = None,
+    hardware_id: str = "gw-test",
+) -> Config:
+    u = {
+        "enabled": True,
+        "keyring_file": str(tmp / "keyring.json"),
+        "probation_s": 0.3,
+        "precheck_timeout_s": 30.0,
+        "precheck_runs": 20,
+        "probation": {"max_missed_ticks": 1_000_000, "poll_interval_ms": 50},
+    }
     u.update(updates or {})
     return msgspec.convert(
         {

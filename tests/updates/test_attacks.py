@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerund.component import CommandError, Peer
 from edgerund.updates import build as B
-
 from tests.updates import models as M
 from tests.updates.support import Publisher, sha_tree
 
@@ -36,8 +35,12 @@ def reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     return ti, data
 
 
-def signed_parts(pub: Publisher, files: dict[str, bytes], **kw: Any) -> tuple[bytes, bytes, dict[str, Any]]:
-    man = pub.manifest(files, version=kw.pop("version", "2.0.0"), counter=kw.pop("counter", 1), **kw)
+def signed_parts(
+    pub: Publisher, files: dict[str, bytes], **kw: Any
+) -> tuple[bytes, bytes, dict[str, Any]]:
+    man = pub.manifest(
+        files, version=kw.pop("version", "2.0.0"), counter=kw.pop("counter", 1), **kw
+    )
     return json.dumps(man).encode(), B.sign_manifest(man, pub.keys[:2]), man
 
 
@@ -45,21 +48,30 @@ def case_tampered_model(pub: Publisher, d: Path) -> Path:
     files = pub.files(M.affine(2.0))
     mb, sb, _ = signed_parts(pub, files, counter=5)
     bad = dict(files, **{"model.onnx": M.affine(3.0)})
-    return raw_tar(d / "b", [reg("manifest.json", mb), reg("manifest.sig", sb)] + [reg(k, v) for k, v in sorted(bad.items())])
+    return raw_tar(
+        d / "b",
+        [reg("manifest.json", mb), reg("manifest.sig", sb)]
+        + [reg(k, v) for k, v in sorted(bad.items())],
+    )
 
 
 def case_tampered_manifest(pub: Publisher, d: Path) -> Path:
     files = pub.files(M.affine(2.0))
     _, sb, man = signed_parts(pub, files)
     man["security_counter"] = 2  # edited after signing
-    return raw_tar(d / "b", [reg("manifest.json", json.dumps(man).encode()), reg("manifest.sig", sb)]
-                   + [reg(k, v) for k, v in sorted(files.items())])
+    return raw_tar(
+        d / "b",
+        [reg("manifest.json", json.dumps(man).encode()), reg("manifest.sig", sb)]
+        + [reg(k, v) for k, v in sorted(files.items())],
+    )
 
 
 def case_unsigned(pub: Publisher, d: Path) -> Path:
     files = pub.files(M.affine(2.0))
     mb, _, _ = signed_parts(pub, files)
-    return raw_tar(d / "b", [reg("manifest.json", mb)] + [reg(k, v) for k, v in sorted(files.items())])
+    return raw_tar(
+        d / "b", [reg("manifest.json", mb)] + [reg(k, v) for k, v in sorted(files.items())]
+    )
 
 
 def case_empty_signatures(pub: Publisher, d: Path) -> Path:
@@ -67,8 +79,12 @@ def case_empty_signatures(pub: Publisher, d: Path) -> Path:
 
 
 def case_wrong_key(pub: Publisher, d: Path) -> Path:
-    return pub.bundle(d / "b", version="2.0.0", counter=1,
-                      signers=[Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()])
+    return pub.bundle(
+        d / "b",
+        version="2.0.0",
+        counter=1,
+        signers=[Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()],
+    )
 
 
 def case_below_threshold(pub: Publisher, d: Path) -> Path:
@@ -82,7 +98,9 @@ def case_same_key_twice(pub: Publisher, d: Path) -> Path:
 def case_expired(pub: Publisher, d: Path) -> Path:
     import time
 
-    return pub.bundle(d / "b", version="2.0.0", counter=1, created=time.time() - 7200, expires=time.time() - 3600)
+    return pub.bundle(
+        d / "b", version="2.0.0", counter=1, created=time.time() - 7200, expires=time.time() - 3600
+    )
 
 
 def case_counter_rollback(pub: Publisher, d: Path) -> Path:
@@ -106,28 +124,42 @@ def case_mix_and_match(pub: Publisher, d: Path) -> Path:
     b = pub.files(M.affine(3.0))
     mb, sb, _ = signed_parts(pub, a, counter=5)
     mixed = {"model.onnx": b["model.onnx"], "golden-io.npz": a["golden-io.npz"]}
-    return raw_tar(d / "b", [reg("manifest.json", mb), reg("manifest.sig", sb)] + [reg(k, v) for k, v in sorted(mixed.items())])
+    return raw_tar(
+        d / "b",
+        [reg("manifest.json", mb), reg("manifest.sig", sb)]
+        + [reg(k, v) for k, v in sorted(mixed.items())],
+    )
 
 
 def case_missing_file(pub: Publisher, d: Path) -> Path:
     files = pub.files(M.affine(2.0), extra={"notes.txt": b"hello"})
     mb, sb, _ = signed_parts(pub, files, counter=5)
-    return raw_tar(d / "b", [reg("manifest.json", mb), reg("manifest.sig", sb)]
-                   + [reg(k, v) for k, v in sorted(files.items()) if k != "notes.txt"])
+    return raw_tar(
+        d / "b",
+        [reg("manifest.json", mb), reg("manifest.sig", sb)]
+        + [reg(k, v) for k, v in sorted(files.items()) if k != "notes.txt"],
+    )
 
 
 def case_extra_file(pub: Publisher, d: Path) -> Path:
     files = pub.files(M.affine(2.0))
     mb, sb, _ = signed_parts(pub, files, counter=5)
-    return raw_tar(d / "b", [reg("manifest.json", mb), reg("manifest.sig", sb)]
-                   + [reg(k, v) for k, v in sorted(files.items())] + [reg("evil.so", b"\x7fELF")])
+    return raw_tar(
+        d / "b",
+        [reg("manifest.json", mb), reg("manifest.sig", sb)]
+        + [reg(k, v) for k, v in sorted(files.items())]
+        + [reg("evil.so", b"\x7fELF")],
+    )
 
 
 def _with_member(pub: Publisher, d: Path, ti: tarfile.TarInfo, data: bytes | None) -> Path:
     files = pub.files(M.affine(2.0))
     mb, sb, _ = signed_parts(pub, files, counter=5)
-    return raw_tar(d / "b", [reg("manifest.json", mb), reg("manifest.sig", sb), (ti, data)]
-                   + [reg(k, v) for k, v in sorted(files.items())])
+    return raw_tar(
+        d / "b",
+        [reg("manifest.json", mb), reg("manifest.sig", sb), (ti, data)]
+        + [reg(k, v) for k, v in sorted(files.items())],
+    )
 
 
 def case_path_traversal(pub: Publisher, d: Path) -> Path:
@@ -178,7 +210,9 @@ def case_endless_member(pub: Publisher, d: Path) -> Path:
 
 
 def case_oversized_bundle(pub: Publisher, d: Path) -> Path:
-    return pub.bundle(d / "b", version="2.0.0", counter=5, model=M.affine(pad_bytes=3 * 1024 * 1024))
+    return pub.bundle(
+        d / "b", version="2.0.0", counter=5, model=M.affine(pad_bytes=3 * 1024 * 1024)
+    )
 
 
 def case_wrong_hardware(pub: Publisher, d: Path) -> Path:
@@ -192,7 +226,10 @@ def case_unknown_model(pub: Publisher, d: Path) -> Path:
 def case_manifest_not_first(pub: Publisher, d: Path) -> Path:
     files = pub.files(M.affine(2.0))
     mb, sb, _ = signed_parts(pub, files, counter=5)
-    return raw_tar(d / "b", [reg("model.onnx", files["model.onnx"]), reg("manifest.json", mb), reg("manifest.sig", sb)])
+    return raw_tar(
+        d / "b",
+        [reg("model.onnx", files["model.onnx"]), reg("manifest.json", mb), reg("manifest.sig", sb)],
+    )
 
 
 def case_fifo(pub: Publisher, d: Path) -> Path:
@@ -246,12 +283,16 @@ async def _refused(h: Any, path: Path, reason: str) -> None:
     assert not h.store.staging.exists()
     assert h.store.marker("b") is None
     st = h.updates.status()["updates"]
-    last = st["recent_rejections"][-1] if st["recent_rejections"] else st["models"][0]["last_failure"]
+    last = (
+        st["recent_rejections"][-1] if st["recent_rejections"] else st["models"][0]["last_failure"]
+    )
     assert last["reason"] == reason
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-async def test_attack_refused(case: str, harness: Any, tmp_path: Path, publisher: Publisher) -> None:
+async def test_attack_refused(
+    case: str, harness: Any, tmp_path: Path, publisher: Publisher
+) -> None:
     make, reason = CASES[case]
     counter = tmp_path / "state" / "updates" / "security_counter"
     counter.parent.mkdir(parents=True)
@@ -263,7 +304,9 @@ async def test_attack_refused(case: str, harness: Any, tmp_path: Path, publisher
         assert (await h.updates.counter.read()) == 5
 
 
-async def test_replay_of_installed_bundle(harness: Any, tmp_path: Path, publisher: Publisher) -> None:
+async def test_replay_of_installed_bundle(
+    harness: Any, tmp_path: Path, publisher: Publisher
+) -> None:
     async with harness() as h:
         b = publisher.bundle(tmp_path / "v2.bundle", version="2.0.0", counter=1)
         res = await h.updates.commands()["update"].handler({"path": str(b), "wait": "commit"}, ROOT)
@@ -278,7 +321,9 @@ async def test_replay_of_installed_bundle(harness: Any, tmp_path: Path, publishe
         assert h.store.marker("a") is not None  # the previous slot is still there
 
 
-async def test_keyring_rollback_and_jump_refused(harness: Any, tmp_path: Path, publisher: Publisher) -> None:
+async def test_keyring_rollback_and_jump_refused(
+    harness: Any, tmp_path: Path, publisher: Publisher
+) -> None:
     async with harness() as h:
         pubs = [k.public_key() for k in publisher.keys]
         same = B.make_keyring(pubs, threshold=2, version=1, signers=publisher.keys)

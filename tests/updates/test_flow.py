@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from edgerund.component import Peer
-
 from tests.updates import models as M
 
 ROOT = Peer(pid=1, uid=0, gid=0, privileged=True)

@@ -11,7 +11,6 @@ import pytest
 
 from edgerund.component import CommandError, Peer
 from edgerund.updates import build as B
-
 from tests.updates import models as M
 from tests.updates.support import Publisher, sha_tree
 
@@ -54,23 +53,36 @@ async def test_golden_mismatch(harness: Any, tmp_path: Path, publisher: Publishe
 async def test_nan_output(harness: Any, tmp_path: Path, publisher: Publisher) -> None:
     async with harness() as h:
         golden = B.make_golden(M.affine(), n=2)  # expected finite; the model gives NaN
-        b = publisher.bundle(tmp_path / "b", version="2.0.0", counter=1,
-                             files=publisher.files(M.nan_always(), golden=golden))
+        b = publisher.bundle(
+            tmp_path / "b",
+            version="2.0.0",
+            counter=1,
+            files=publisher.files(M.nan_always(), golden=golden),
+        )
         await _expect_refused(h, b, "nan_output")
 
 
 async def test_over_latency_budget(harness: Any, tmp_path: Path, publisher: Publisher) -> None:
     async with harness() as h:
-        b = publisher.bundle(tmp_path / "b", version="2.0.0", counter=1, model=M.slow(),
-                             health={"latency_p95_ms": 0.02})
+        b = publisher.bundle(
+            tmp_path / "b",
+            version="2.0.0",
+            counter=1,
+            model=M.slow(),
+            health={"latency_p95_ms": 0.02},
+        )
         await _expect_refused(h, b, "latency_budget")
 
 
 async def test_model_hangs_runtime(harness: Any, tmp_path: Path, publisher: Publisher) -> None:
     async with harness(updates={"precheck_timeout_s": 3.0, "precheck_cpu_s": 60.0}) as h:
         golden = B.make_golden(M.affine(), n=1)
-        b = publisher.bundle(tmp_path / "b", version="2.0.0", counter=1,
-                             files=publisher.files(M.hang(), golden=golden))
+        b = publisher.bundle(
+            tmp_path / "b",
+            version="2.0.0",
+            counter=1,
+            files=publisher.files(M.hang(), golden=golden),
+        )
         await _expect_refused(h, b, "precheck_timeout")
         assert h.loop.ticks > 0  # the loop kept running meanwhile
 
@@ -80,8 +92,12 @@ async def test_model_crashes_runtime(harness: Any, tmp_path: Path, publisher: Pu
     # it would from a segfault; the daemon survives and reports the crash.
     async with harness(updates={"precheck_timeout_s": 30.0, "precheck_cpu_s": 1.0}) as h:
         golden = B.make_golden(M.affine(), n=1)
-        b = publisher.bundle(tmp_path / "b", version="2.0.0", counter=1,
-                             files=publisher.files(M.hang(), golden=golden))
+        b = publisher.bundle(
+            tmp_path / "b",
+            version="2.0.0",
+            counter=1,
+            files=publisher.files(M.hang(), golden=golden),
+        )
         await _expect_refused(h, b, "precheck_crashed")
 
 
@@ -90,23 +106,38 @@ async def test_probation_nan_rolls_back(harness: Any, tmp_path: Path, publisher:
         # finite on the golden (positive) inputs, NaN on the live (negative) ones
         pos = {"x": np.abs(np.random.default_rng(0).standard_normal((3, 1, 4))).astype(np.float32)}
         files = publisher.files(M.nan_on_negative(), golden_inputs=pos)
-        b = publisher.bundle(tmp_path / "b", version="2.0.0", counter=1, files=files,
-                             health={"probation_s": 2.0})
+        b = publisher.bundle(
+            tmp_path / "b", version="2.0.0", counter=1, files=files, health={"probation_s": 2.0}
+        )
         h.loop.feed = np.full((1, 4), -1.0, np.float32)
         await _expect_refused(h, b, "probation_nan")
         assert (await h.updates.counter.read()) == 0  # never committed, never ratcheted
 
 
-async def test_probation_missed_ticks_rolls_back(harness: Any, tmp_path: Path, publisher: Publisher) -> None:
+async def test_probation_missed_ticks_rolls_back(
+    harness: Any, tmp_path: Path, publisher: Publisher
+) -> None:
     # A model far slower than the 10 ms loop period: the loop really misses ticks.
     async with harness(updates={"probation": {"max_missed_ticks": 5, "poll_interval_ms": 50}}) as h:
-        b = publisher.bundle(tmp_path / "b", version="2.0.0", counter=1, model=M.slow(n=8, dim=512, rows=128),
-                             health={"probation_s": 5.0, "latency_p95_ms": 10_000.0})
+        b = publisher.bundle(
+            tmp_path / "b",
+            version="2.0.0",
+            counter=1,
+            model=M.slow(n=8, dim=512, rows=128),
+            health={"probation_s": 5.0, "latency_p95_ms": 10_000.0},
+        )
         await _expect_refused(h, b, "probation_missed_ticks")
 
 
-async def test_probation_score_out_of_range(harness: Any, tmp_path: Path, publisher: Publisher) -> None:
+async def test_probation_score_out_of_range(
+    harness: Any, tmp_path: Path, publisher: Publisher
+) -> None:
     async with harness() as h:
-        b = publisher.bundle(tmp_path / "b", version="2.0.0", counter=1, model=M.affine(100.0),
-                             health={"probation_s": 2.0, "score_max": 10.0})
+        b = publisher.bundle(
+            tmp_path / "b",
+            version="2.0.0",
+            counter=1,
+            model=M.affine(100.0),
+            health={"probation_s": 2.0, "score_max": 10.0},
+        )
         await _expect_refused(h, b, "probation_score")

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from edgerund.updates.slots import SlotStore
-
 from tests.updates import models as M
 from tests.updates.support import Publisher, seed_dir
 
@@ -37,12 +36,16 @@ COMMIT_PATH = {
 ROLLBACK_PATH = {"ROLLED_BACK": "1.0.0", "ROLLED_BACK.flipped": "1.0.0"}
 
 
-def run_stub(tmp: Path, bundle: Path | None, abort_at: str | None) -> subprocess.CompletedProcess[bytes]:
+def run_stub(
+    tmp: Path, bundle: Path | None, abort_at: str | None
+) -> subprocess.CompletedProcess[bytes]:
     env = dict(os.environ)
     env.pop("EDGERUND_TEST_ABORT_AT", None)
     if abort_at:
         env["EDGERUND_TEST_ABORT_AT"] = abort_at
-    cmd = [sys.executable, "-m", "tests.updates.daemon_stub", str(tmp)] + ([str(bundle)] if bundle else [])
+    cmd = [sys.executable, "-m", "tests.updates.daemon_stub", str(tmp)] + (
+        [str(bundle)] if bundle else []
+    )
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=120)
 
 
@@ -64,7 +67,7 @@ def check_consistent(tmp: Path, expect: str) -> dict[str, Any]:
     other = "b" if cur == "a" else "a"
     if rec.slots[other] is None:
         assert store.marker(other) is None
-    counter = (tmp / "state" / "updates" / "security_counter")
+    counter = tmp / "state" / "updates" / "security_counter"
     stored = int(counter.read_text()) if counter.exists() else 0
     assert stored == (3 if expect == "2.0.0" else 0)
     return res

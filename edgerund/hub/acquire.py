@@ -9,9 +9,10 @@ tasks keep their own deadlines. (Sensors on one I2C bus do share that bus's work
 the wire is serial anyway. A transaction that hangs in the kernel is bounded by the
 adapter's own timeout; the hub's `read_timeout_ms` frees the *task* immediately.)
 
-Polled sensors (`mode == "poll"`): deadlines are `t0 + offset + k * period` on
-`loop.time()`, `offset` a stable fraction (from the sensor's id) of the period (of 1 s at
-most) that spreads sensors at harmonic rates instead of waking them all at once. The
+Polled sensors (`mode == "poll"`): the first read comes at once (`t0`), then deadlines
+are `t0 - offset + k * period` on `loop.time()`, `offset` a stable fraction (from the
+sensor's id) of the period (of 1 s at most) that spreads sensors at harmonic rates
+instead of waking them all at once. The
 task sleeps until the next deadline, reads, stores, and computes the next deadline from
 the grid, never `sleep(period)` after the work (that drifts by the work time every
 tick). When the task falls a whole period or more behind (a slow read, a stalled loop),
@@ -342,8 +343,11 @@ class Acquirer:
                         self._event(hm.OpenFailed(why))
                         await self._reprobe_wait()
                         continue
-                # the first read comes at most 1 s after opening, whatever the rate
-                deadline = loop.time() + self.phase * min(self.period_s, 1.0)
+                # First read at once (a fresh open wants its proof of life); the grid after
+                # it is pulled earlier by this sensor's phase offset, so a sample never
+                # comes later than on an unshifted grid.
+                deadline = loop.time()
+                shift = self.phase * min(self.period_s, 1.0)
                 while True:
                     period = self.period_s  # re-read: a reload may change the rate
                     delay = deadline - loop.time()
@@ -357,7 +361,8 @@ class Acquirer:
                     elif self._event(hm.ReadFailed(why)):
                         await self._reprobe_wait()
                         break  # re-open, new grid
-                    deadline += period
+                    deadline += period - shift
+                    shift = 0.0
                     now = loop.time()
                     if why is not None:
                         # back off, then rejoin the grid at the first deadline after it

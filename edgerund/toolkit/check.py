@@ -282,24 +282,33 @@ def check_sensors(st: dict[str, Any] | None) -> Result:
     return Result("sensors", OK, f"{len(st.get('sensors') or [])} sensors ok at their rates")
 
 
-def check_loops(st: dict[str, Any] | None) -> Result:
+def check_loops(st: dict[str, Any] | None, later: dict[str, Any] | None = None) -> Result:
+    """Loops on time: missed ticks over an observation window (two status samples a
+    second apart; a few misses while the daemon started do not count against it), and
+    the median lateness against the period."""
     if st is None:
         return Result("loops", WARN, "daemon down: loop timing unknown")
+    before = {lp.get("id"): lp for lp in st.get("loops") or []}
     issues = []
-    for lp in st.get("loops") or []:
-        late = (lp.get("lateness_ms") or {}).get("p99")
+    for lp in (later or st).get("loops") or []:
+        lid = lp.get("id")
+        old = before.get(lid, {}) if later is not None else {}
+        ticks = (lp.get("ticks") or 0) - (old.get("ticks") or 0)
+        missed = (lp.get("missed") or 0) - (old.get("missed") or 0)
+        late = (lp.get("lateness_ms") or {}).get("p50")
         period = lp.get("period_ms")
-        if lp.get("missed"):
-            issues.append(f"{lp.get('id')} missed {lp.get('missed')} ticks")
+        if missed and missed > 0.01 * max(ticks, 1):
+            window = "in the last second" if later is not None else "since start"
+            issues.append(f"{lid} missed {missed} of {ticks + missed} ticks {window}")
         elif (
             isinstance(late, (int, float))
             and isinstance(period, (int, float))
             and late > 0.5 * period
         ):
-            issues.append(f"{lp.get('id')} lateness p99 {late} ms of {period} ms")
+            issues.append(f"{lid} median lateness {late} ms of a {period} ms period")
         rules_only = lp.get("reason") == "no model configured"
         if lp.get("mode") not in (None, "model") and not rules_only:
-            issues.append(f"{lp.get('id')} on fallback ({lp.get('reason') or lp.get('mode')})")
+            issues.append(f"{lid} on fallback ({lp.get('reason') or lp.get('mode')})")
     if issues:
         return Result(
             "loops",
@@ -486,22 +495,28 @@ def check_backlog(st: dict[str, Any] | None) -> Result:
 
 
 def run_checks(
-    config_path: Path, st: dict[str, Any] | None, error: str | None = None
+    config_path: Path,
+    st: dict[str, Any] | None,
+    error: str | None = None,
+    later: dict[str, Any] | None = None,
 ) -> list[Result]:
-    results = [check_daemon(st, error)]
+    """Every check. `later` is a second status sample taken a moment after `st`, for the
+    checks that judge a window rather than the totals since start."""
+    now = later if later is not None else st
+    results = [check_daemon(now, error)]
     cfg_result, cfg = check_config(config_path)
     results.append(cfg_result)
     if cfg is not None:
-        results.append(check_devices(cfg, st))
+        results.append(check_devices(cfg, now))
     results += [
-        check_sensors(st),
-        check_loops(st),
-        check_models(st),
-        check_identity(cfg, st),
+        check_sensors(now),
+        check_loops(st, later),
+        check_models(now),
+        check_identity(cfg, now),
         check_clock(),
         check_disk(cfg),
         check_broker(cfg),
-        check_backlog(st),
+        check_backlog(now),
     ]
     return results
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,12 @@ def _config_guess(args: argparse.Namespace, client: DiagClient) -> Path:
 
 def _check(args: argparse.Namespace, client: DiagClient, console: Console) -> int:
     st: dict[str, Any] | None = None
+    later: dict[str, Any] | None = None
     error = None
     try:
         st = client.call("status")
+        time.sleep(1.0)  # a second sample: rates and misses over a window, not since start
+        later = client.call("status")
     except (Unreachable, RemoteCommandError) as exc:
         error = str(exc)
     cfg_path = (
@@ -46,7 +50,7 @@ def _check(args: argparse.Namespace, client: DiagClient, console: Console) -> in
             else _config_guess(args, client)
         )
     )
-    results = check.run_checks(cfg_path, st, error)
+    results = check.run_checks(cfg_path, st, error, later)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:

@@ -113,8 +113,8 @@ def build_view(
         sensors.add_row(
             sid,
             Text(state, style=style),
-            _num(s.get("value")),
-            str(s.get("unit") or ""),
+            _num(first) + (f" +{more}" if more else ""),
+            unit,
             sparkline(hist.get(f"s:{sid}"), spark_w),
             _num(s.get("read_errors")),
         )

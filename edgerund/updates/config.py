@@ -95,5 +95,7 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
         # The name becomes a directory under state_dir/models/ (uniqueness is checked by
         # the models section).
         if not mc.name or "/" in mc.name or mc.name.startswith("."):
-            errors.append((f"models[{i}].name", f"expected a plain directory name, got {mc.name!r}"))
+            errors.append(
+                (f"models[{i}].name", f"expected a plain directory name, got {mc.name!r}")
+            )
     return errors

@@ -21,7 +21,8 @@ REF = REPO / "models" / "reference"
 DEV = REPO / "models" / "dev-keys"
 
 pytestmark = pytest.mark.skipif(
-    not (REF / "manifest.json").exists() or not (REPO / "edgerund" / "inference" / "component.py").exists(),
+    not (REF / "manifest.json").exists()
+    or not (REPO / "edgerund" / "inference" / "component.py").exists(),
     reason="reference model / models registry not present",
 )
 
@@ -29,15 +30,26 @@ pytestmark = pytest.mark.skipif(
 def _overrides(tmp: Path) -> dict[str, Any]:
     return {
         "models": [{"name": "motor-ae", "path": str(REF)}],
-        "updates": {"enabled": True, "keyring_file": str(DEV / "keyring.dev.json"), "probation_s": 0.5,
-                    "precheck_runs": 20},
+        "updates": {
+            "enabled": True,
+            "keyring_file": str(DEV / "keyring.dev.json"),
+            "probation_s": 0.5,
+            "precheck_runs": 20,
+        },
     }
 
 
 def _bundle(tmp: Path, version: str, counter: int) -> Path:
     out = tmp / f"ref-{version}.bundle"
-    B.build_from_dir(REF, out, [B.load_private(DEV / "DEVELOPMENT-ONLY.key")], version=version,
-                     security_counter=counter, exclude=("model_fp32.onnx",), health={"probation_s": 0.5})
+    B.build_from_dir(
+        REF,
+        out,
+        [B.load_private(DEV / "DEVELOPMENT-ONLY.key")],
+        version=version,
+        security_counter=counter,
+        exclude=("model_fp32.onnx",),
+        health={"probation_s": 0.5},
+    )
     return out
 
 
@@ -66,7 +78,9 @@ def test_sigkill_during_trial_real_daemon(tmp_path: Path) -> None:
     from tests.helpers.daemon import DaemonProcess
 
     b = _bundle(tmp_path, "1.1.0", 2)
-    d = DaemonProcess(tmp_path, _overrides(tmp_path), env={"EDGERUND_TEST_ABORT_AT": "TRIAL.flipped"})
+    d = DaemonProcess(
+        tmp_path, _overrides(tmp_path), env={"EDGERUND_TEST_ABORT_AT": "TRIAL.flipped"}
+    )
     d.start()
     try:
         d.wait_ready(60)

@@ -11,7 +11,10 @@ A tick does, in order, all of it on the event loop:
    channel, written column by column into a buffer preallocated at start-up (no per-tick
    array growth). An input is *unusable* when its sensor is not "ok", a channel has fewer
    samples than the window, its newest sample is older than `stale_after_ms`, or a value
-   is not finite. The reason is kept, verbatim, for `status`.
+   is not finite. The reason is kept, verbatim, for `status`. The samples' timestamps
+   (`t_mono`, stamped by the hub at each read) are kept too, one array per input (its
+   channels come from the same reads): the runner resamples a windowed input on them, so
+   a busy CPU's late or skipped reads do not change what the model sees.
 2. **Model.** `models.runner(name)` is looked up on *every* tick, so a swap by the models
    component takes effect between two ticks and never in the middle of one. When the runner
    object changes, its manifest's input ABI is checked against the loop's inputs once (a
@@ -48,6 +51,7 @@ daemon exits and systemd restarts it rather than running a loop in an unknown st
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
 from collections import deque
@@ -78,7 +82,7 @@ class HubLike(Protocol):
 class RunnerLike(Protocol):
     manifest: Any
 
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> Any: ...
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> Any: ...  # (+ times=... optionally)
 
 
 class ModelsLike(Protocol):
@@ -104,6 +108,7 @@ class _Input:
     window: int
     stale_s: float
     buf: F64  # (window, channels): preallocated, reused every tick
+    tbuf: F64  # (window,): the samples' t_mono (first channel's), reused every tick
     dtype: Any = np.float32
     shape: tuple[int, ...] | None = None  # the manifest's shape, when reshaping is needed
     feed: np.ndarray | None = None  # the array handed to the model (buf cast/reshaped)
@@ -149,6 +154,16 @@ def abi_mismatch(manifest: Any, inputs: Sequence[_Input]) -> str | None:
     return None
 
 
+def _accepts_times(runner: Any) -> bool:
+    """Whether `runner.infer` takes sample timestamps (`times=`; ModelRunner does, a
+    runner written against the older one-argument API does not)."""
+    try:
+        params = inspect.signature(runner.infer).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "times" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 class ControlLoop:
     """A deadline-driven loop. Construct, `await start()`, run `run()` as a task."""
 
@@ -188,6 +203,7 @@ class ControlLoop:
                 window=i.window,
                 stale_s=input_stale_s[i.name],
                 buf=np.zeros((i.window, len(i.channels)), dtype=np.float64),
+                tbuf=np.zeros(i.window, dtype=np.float64),
             )
             for i in cfg.inputs
         ]
@@ -240,6 +256,9 @@ class ControlLoop:
         self.output: str | None = None
 
         self._runner: Any = None  # the runner whose ABI was last checked
+        self._runner_takes_times = False  # its infer() accepts times= (sample timestamps)
+        # timestamps handed to the runner: windowed inputs only (a scalar has no spectrum)
+        self._times = {i.name: i.tbuf for i in self.inputs if i.window > 1}
         self._runner_abi_error: str | None = None
         self._schedule: Schedule | None = None
         self._summary_cache: tuple[float, dict[str, Any]] | None = None
@@ -356,6 +375,8 @@ class ControlLoop:
                 if newest is None or t_last > newest:
                     newest = t_last
                 inp.buf[:, j] = v
+                if j == 0:
+                    inp.tbuf[:] = t
             if not np.isfinite(inp.buf).all():
                 return newest, f"input {inp.name}: non-finite value in the window"
         return newest, None
@@ -382,9 +403,14 @@ class ControlLoop:
                 np.copyto(feed, inp.buf.reshape(feed.shape), casting="unsafe")
             feeds[inp.name] = feed
         try:
-            if getattr(runner, "inline", True):
+            if self._runner_takes_times:
+                if getattr(runner, "inline", True):
+                    res = runner.infer(feeds, times=self._times)
+                else:  # measured over its latency budget: the runner's own thread
+                    res = await runner.infer_async(feeds, times=self._times)
+            elif getattr(runner, "inline", True):
                 res = runner.infer(feeds)
-            else:  # measured over its latency budget: the runner's own thread
+            else:
                 res = await runner.infer_async(feeds)
         except Exception as exc:  # the runner should report faults, but never crash a loop
             return None, f"model {name}: infer raised {exc!r}"
@@ -401,6 +427,7 @@ class ControlLoop:
     def _on_new_runner(self, runner: Any) -> None:
         manifest = runner.manifest
         self._runner = runner
+        self._runner_takes_times = _accepts_times(runner)
         version = _field(manifest, "version")
         self.model_version = None if version is None else str(version)
         err = abi_mismatch(manifest, self.inputs)

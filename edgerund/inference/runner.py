@@ -24,7 +24,13 @@ thread (the registry calls it off the event loop):
 6. reproduce the golden vectors (features and scores within the manifest's tolerances):
    a runtime that computes something else than the build refuses the model.
 
-`infer(inputs)` runs preprocessing + the session and never raises for bad data: a
+`infer(inputs, times=None)` runs preprocessing + the session and never raises for bad
+data. `times` maps a windowed input's name to its per-sample timestamps (seconds, the
+hub's `t_mono`): a `fft_band_energy/2` model resamples that input on them, so its score
+does not depend on read-time jitter (edgerund/inference/features.py). Without them the
+samples are taken as evenly spaced (the /1 behaviour, counted as `untimed`); timestamps
+that cannot be interpolated (not increasing, a gap over the manifest's `max_gap_ms`, a
+window that covers too short a time) are an input fault. A
 missing or malformed input, a non-finite input and a NaN/Inf score each return
 `InferenceResult(ok=False, fault=...)` and are counted (`faults`, `nan_outputs`,
 `input_faults`), so the control loop hands the decision to its fallback rule. Latencies
@@ -154,6 +160,7 @@ class ModelRunner:
         self.warmup_us: dict[str, float] = {}
         self._sess = session
         self._pre = Preprocessor(manifest.preprocessing)
+        self._timed = manifest.preprocessing.timed
         out_spec = next(t for t in manifest.model_outputs if t.name == manifest.output_name)
         self._y: npt.NDArray[np.float32] = np.zeros(out_spec.shape, dtype=np.float32)
         self._y_flat = self._y.reshape(-1)
@@ -172,6 +179,7 @@ class ModelRunner:
         self.faults = 0
         self.nan_outputs = 0
         self.input_faults = 0
+        self.untimed = 0  # calls of a timestamp-resampling model made without timestamps
         self.last_fault: str | None = None
         self._lat = np.zeros(_LAT_RING, dtype=np.float64)
         self._lat_n = 0
@@ -259,15 +267,28 @@ class ModelRunner:
     def _golden_inputs(self, golden: Mapping[str, npt.NDArray[Any]], i: int) -> dict[str, Any]:
         return {inp.name: golden[inp.name][i] for inp in self.manifest.inputs}
 
+    def _golden_times(
+        self, golden: Mapping[str, npt.NDArray[Any]], i: int
+    ) -> dict[str, Any] | None:
+        """Timestamps of golden vector i: array `<input>_t` per timed input, if present."""
+        t = {
+            inp.name: golden[f"{inp.name}_t"][i]
+            for inp in self.manifest.inputs
+            if f"{inp.name}_t" in golden
+        }
+        return t or None
+
     def _warm_up(self, runs: int, golden: Mapping[str, npt.NDArray[Any]] | None) -> None:
         if golden is not None and all(i.name in golden for i in self.manifest.inputs):
             feeds = self._golden_inputs(golden, 0)
+            times = self._golden_times(golden, 0)
         else:
+            times = None
             feeds = {i.name: np.zeros(i.shape, dtype=i.dtype) for i in self.manifest.inputs}
             # A constant vibration window has no spectrum: log10(floor) is fine numerically.
         lat = np.empty(max(1, runs))
         for k in range(lat.size):
-            res = self.infer(feeds)
+            res = self.infer(feeds, times)
             lat[k] = res.infer_us
         self.warmup_us = {
             "p50": float(np.percentile(lat, 50)),
@@ -287,7 +308,7 @@ class ModelRunner:
             )
         n = int(golden[key].shape[0])
         for i in range(n):
-            res = self.infer(self._golden_inputs(golden, i))
+            res = self.infer(self._golden_inputs(golden, i), self._golden_times(golden, i))
             feats = self._pre.out[0]
             if "features" in golden:
                 want_f = golden["features"][i]
@@ -308,20 +329,29 @@ class ModelRunner:
 
     def _reset_counters(self) -> None:
         self.inferences = self.faults = self.nan_outputs = self.input_faults = 0
+        self.untimed = 0
         self.last_fault = None
         self._lat_n = self._scores_n = 0
 
     # -- inference -----------------------------------------------------------------------
 
-    def infer(self, inputs: Mapping[str, npt.ArrayLike]) -> InferenceResult:
+    def infer(
+        self,
+        inputs: Mapping[str, npt.ArrayLike],
+        times: Mapping[str, npt.ArrayLike] | None = None,
+    ) -> InferenceResult:
         """Preprocess `inputs` (raw arrays by the manifest's input names) and run the model.
 
-        Never raises for bad data: faults come back as ok=False with a reason."""
+        `times`: per-sample timestamps (seconds) by input name, for the windowed input the
+        preprocessing resamples (`accel_g` of the reference model); see the module
+        docstring. Never raises for bad data: faults come back as ok=False with a reason."""
         with self._lock:
             t0 = time.perf_counter()
             self.inferences += 1
+            if self._timed and not self._pre.timed_input(times):
+                self.untimed += 1
             try:
-                x = self._pre(inputs)
+                x = self._pre(inputs, times)
             except KeyError as exc:
                 return self._fault(t0, f"input {exc.args[0]!r} missing", kind="input")
             except (FeatureError, ValueError, TypeError) as exc:
@@ -354,18 +384,22 @@ class ModelRunner:
             us = (time.perf_counter() - t0) * 1e6
         return InferenceResult(math.nan, False, reason, us)
 
-    async def infer_async(self, inputs: Mapping[str, npt.ArrayLike]) -> InferenceResult:
+    async def infer_async(
+        self,
+        inputs: Mapping[str, npt.ArrayLike],
+        times: Mapping[str, npt.ArrayLike] | None = None,
+    ) -> InferenceResult:
         """`infer` inline on the event loop when within budget, else on a dedicated thread.
 
-        The caller must not modify `inputs` until this returns."""
+        The caller must not modify `inputs` or `times` until this returns."""
         if self.inline:
-            return self.infer(inputs)
+            return self.infer(inputs, times)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"model-{self.name}"
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.infer, inputs)
+        return await loop.run_in_executor(self._executor, self.infer, inputs, times)
 
     # -- figures -------------------------------------------------------------------------
 
@@ -384,6 +418,8 @@ class ModelRunner:
             "faults": self.faults,
             "nan_outputs": self.nan_outputs,
             "input_faults": self.input_faults,
+            "timed": self._timed,
+            "untimed": self.untimed,
             "last_fault": self.last_fault,
             "infer_us": {
                 "p50": round(float(np.percentile(lat, 50)), 1) if n else None,

@@ -140,7 +140,7 @@ def peek_model_name(path: Path, manifest_max: int) -> str:
     f, size = open_bundle(path)
     with f:
         try:
-            tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|")
+            tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|", bufsize=CHUNK)
             m = tf.next()
             if m is None or m.name != "manifest.json":
                 raise TrustError("bundle_layout", "the first tar member must be manifest.json")
@@ -196,7 +196,7 @@ def _read(
     manifest_max: int,
     progress: Progress | None,
 ) -> tuple[Verdict, bytes, bytes]:
-    tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|")
+    tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|", bufsize=CHUNK)
     first = tf.next()
     if first is None:
         raise TrustError("bundle_malformed", "empty tar")

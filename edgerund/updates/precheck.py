@@ -12,7 +12,7 @@ The child checks, in order, each failure with its own reason code:
   golden        every golden input gives finite outputs ...                nan_output
                 ... within allclose(atol, rtol) of the expected outputs    golden_mismatch
   latency       p95 over N runs (after warm-up) <= latency_p95_ms          latency_budget
-                and <= max_rel_latency x the current model's p95,
+                and median <= max_rel_latency x the current model's median,
                 measured interleaved in the same process                   latency_regression
   runner        the inference runtime's own ModelRunner.load() accepts the
                 slot (its manifest/ABI checks), when the slot carries one   runner_load
@@ -196,15 +196,19 @@ def check(req: dict[str, Any]) -> dict[str, Any]:
             f"latency p95 {p95:.3f} ms exceeds the budget {health['latency_p95_ms']} ms",
         )
     if base:
-        bp95 = _p95_ms(base)
-        figures["baseline_p95_ms"] = round(bp95, 4)
+        # The ratio compares medians: a p95 on a shared CPU is dominated by preemption
+        # spikes that hit either model at random; the median reflects the model's cost.
+        c50 = sorted(cand)[len(cand) // 2] * 1e3
+        b50 = sorted(base)[len(base) // 2] * 1e3
+        figures["baseline_p50_ms"] = round(b50, 4)
+        figures["latency_p50_ms"] = round(c50, 4)
         # A floor of 0.2 ms keeps scheduler noise on microsecond models from deciding.
-        ratio = p95 / max(bp95, 0.2)
+        ratio = c50 / max(b50, 0.2)
         figures["latency_ratio"] = round(ratio, 3)
         if ratio > health["max_rel_latency"]:
             raise _Fail(
                 "latency_regression",
-                f"latency p95 {p95:.3f} ms is {ratio:.2f}x the current model's {bp95:.3f} ms"
+                f"median latency {c50:.3f} ms is {ratio:.2f}x the current model's {b50:.3f} ms"
                 f" (max {health['max_rel_latency']}x)",
             )
     if (slot / "manifest.json").exists():

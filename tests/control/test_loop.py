@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 
 from drivers.emulated.actuator import EmulatedActuator
@@ -519,3 +520,36 @@ async def test_slow_actuator_write_times_out_and_is_reported() -> None:
         assert st["actuator"]["errors"] >= 1
         act.cfg = msgspec.structs.replace(act.cfg, write_latency_ms=0.0)  # recovers
         assert await wait_for(lambda: loop.actuator_failed is None and act.value == NORMAL, 3.0)
+
+
+class _TimedRunner(OnnxRunner):
+    """OnnxRunner with the timestamp-taking API of ModelRunner: records what it got."""
+
+    def __init__(self, model: bytes, manifest: dict[str, Any]) -> None:
+        super().__init__(model, manifest)
+        self.times: list[dict[str, Any] | None] = []
+
+    def infer(self, inputs: Any, times: Any = None) -> Any:  # type: ignore[override]
+        self.times.append(None if times is None else {k: v.copy() for k, v in times.items()})
+        return super().infer(inputs)
+
+
+async def test_loop_passes_sample_timestamps_to_a_runner_that_takes_them() -> None:
+    """The loop hands the runner each windowed input's t_mono (from hub.window), the
+    timestamps the model resamples on; a one-argument runner (vib_models) keeps working."""
+    scenario = Scenario(seed=1)
+    hub = ScenarioHub.motor(scenario)
+    runner = _TimedRunner(variance_model(WINDOW), manifest(WINDOW, THRESHOLD))
+    ctx = make_ctx([loop_cfg()])
+    async with running(ctx, hub, Models(vib=runner)) as (comp, _events):
+        loop = comp.loops[0]
+        assert await wait_for(lambda: len(runner.times) >= 3, 3.0)
+        got = runner.times[-1]
+        assert got is not None and set(got) == {"vibration"}
+        t = got["vibration"]
+        assert t.shape == (WINDOW,) and t.dtype == np.float64
+        assert (np.diff(t) > 0).all()
+        # the timestamps are the ones the hub stored with the samples the loop used
+        t_hub, _ = hub.window("imu", "ax", WINDOW + 64)
+        assert np.isin(t, t_hub).all()
+        assert loop.status()["mode"] == "model"

@@ -48,5 +48,5 @@ def test_unit_contract() -> None:
     allowed = " ".join(u["DeviceAllow"])
     for dev in ("char-ttyUSB", "char-i2c", "char-tpmrm", "char-gpiochip"):
         assert dev in allowed
-    for key in ("RuntimeDirectory", "StateDirectory", "ConfigurationDirectory"):
+    for key in ("RuntimeDirectory", "StateDirectory"):
         assert u[key] == ["edgerund"]

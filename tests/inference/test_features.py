@@ -98,3 +98,101 @@ def test_json_roundtrip_and_missing_key() -> None:
     del d["window"]
     with pytest.raises(FeatureError, match=r"preprocessing.window: missing"):
         FeatureSpec.from_json(d)
+
+
+# -- fft_band_energy/2: resampling on sample timestamps ------------------------------------
+
+TIMED = {"kind": "fft_band_energy/2", "resample": "linear", "max_gap_ms": 50.0}
+
+
+def _jittered_times(rng: np.random.Generator, lo_ms: float, hi_ms: float) -> np.ndarray:
+    """256 timestamps (s) with independent gaps uniform in [lo_ms, hi_ms], at a large
+    monotonic-clock offset (a gateway up for weeks)."""
+    return 2.5e6 + np.cumsum(rng.uniform(lo_ms, hi_ms, 256)) / 1000.0
+
+
+def _tones_at(t: np.ndarray) -> np.ndarray:
+    """Shaft-like 1x and 2x tones sampled at the instants t, plus gravity on z."""
+    x = np.zeros((t.size, 3), np.float64)
+    x[:, 0] = 0.045 * np.sin(2 * np.pi * 16.4 * t) + 0.015 * np.sin(2 * np.pi * 32.8 * t + 1)
+    x[:, 1] = 0.045 * np.cos(2 * np.pi * 16.4 * t)
+    x[:, 2] = 1.0 + 0.01 * np.sin(2 * np.pi * 16.4 * t + 2)
+    return x.astype(np.float32)
+
+
+def test_resampling_on_timestamps_undoes_timing_jitter() -> None:
+    """The same tones read at jittered instants: with their timestamps the band energies
+    match the evenly sampled window's; taken as evenly spaced (kind /1) they do not."""
+    pre = Preprocessor(_spec(**TIMED))
+    rng = np.random.default_rng(7)
+    t_even = 2.5e6 + np.arange(256) / 200.0
+    ref = pre.raw_features({"accel_g": _tones_at(t_even), "temp_c": [20.0], "current_a": [3.0]})
+    t_jit = _jittered_times(rng, 1.0, 9.0)
+    x_jit = _tones_at(t_jit)
+    timed = pre.raw_features(
+        {"accel_g": x_jit, "temp_c": [20.0], "current_a": [3.0]}, {"accel_g": t_jit}
+    )
+    untimed = pre.raw_features({"accel_g": x_jit, "temp_c": [20.0], "current_a": [3.0]})
+    # log10 band energy of the bands holding the tones (x: 1x band 2, 2x band 5; y: 1x)
+    tone_bands = [2, 5, 16 + 2]
+    assert np.max(np.abs(timed[tone_bands] - ref[tone_bands])) < 0.1
+    assert np.max(np.abs(untimed[tone_bands] - ref[tone_bands])) > 0.3
+    # and the empty bands stay far below the tones (no jitter smeared across the spectrum)
+    assert np.median(timed[6:16]) < ref[2] - 4.0
+    assert np.median(untimed[6:16]) > np.median(timed[6:16]) + 1.0
+
+
+def test_evenly_spaced_timestamps_are_the_identity() -> None:
+    """Timestamps exactly on the grid change nothing: kind /2 == kind /1 (to float rounding)."""
+    x = _tones_at(np.arange(256) / 200.0)
+    inputs = {"accel_g": x, "temp_c": [20.0], "current_a": [3.0]}
+    a = Preprocessor(_spec()).raw_features(inputs)
+    b = Preprocessor(_spec(**TIMED)).raw_features(
+        inputs, {"accel_g": 1234.5 + np.arange(256) / 200.0}
+    )
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # float rounding of the grid only
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda t: np.r_[t[:100], t[99], t[101:]], "strictly increasing"),  # duplicated stamp
+        (lambda t: np.r_[t[:100], t[100] - 0.01, t[101:]], "strictly increasing"),  # backwards
+        (lambda t: np.where(np.arange(256) >= 200, t + 0.06, t), "gap of 6"),  # 65 ms stall
+        (lambda t: t[-1] - (255 - np.arange(256)) / 400.0, "covers 637.5 ms"),  # 400 Hz sensor
+        (lambda t: np.r_[t[:10], np.nan, t[11:]], "non-finite"),
+        (lambda t: t[:255], "256 expected"),
+    ],
+)
+def test_bad_timestamps_are_an_input_fault(mutate: object, needle: str) -> None:
+    pre = Preprocessor(_spec(**TIMED))
+    t = 100.0 + np.arange(256) / 200.0
+    inputs = {"accel_g": _tones_at(t), "temp_c": [20.0], "current_a": [3.0]}
+    with pytest.raises(FeatureError, match=needle):
+        pre(inputs, {"accel_g": mutate(t)})  # type: ignore[operator]
+
+
+def test_one_dropped_sample_is_interpolated_over() -> None:
+    """A single missing read (a 10 ms gap) is within max_gap_ms and barely moves the tones."""
+    pre = Preprocessor(_spec(**TIMED))
+    t_full = 50.0 + np.arange(257) / 200.0
+    t = np.delete(t_full, 128)
+    ref = pre.raw_features({"accel_g": _tones_at(t_full[1:]), "temp_c": [1.0], "current_a": [1.0]})
+    got = pre.raw_features(
+        {"accel_g": _tones_at(t), "temp_c": [1.0], "current_a": [1.0]}, {"accel_g": t}
+    )
+    assert np.max(np.abs(got[[2, 5, 18]] - ref[[2, 5, 18]])) < 0.02
+
+
+def test_timed_spec_json_roundtrip_and_validation() -> None:
+    spec = _spec(**TIMED)
+    d = spec.to_json()
+    assert d["kind"] == "fft_band_energy/2" and d["resample"]["max_gap_ms"] == 50.0
+    assert FeatureSpec.from_json(d) == spec
+    del d["resample"]
+    with pytest.raises(FeatureError, match="preprocessing.resample: missing"):
+        FeatureSpec.from_json(d)
+    with pytest.raises(FeatureError, match="max_gap_ms"):
+        _spec(**{**TIMED, "max_gap_ms": 2.0}).validate()  # shorter than a 5 ms period
+    with pytest.raises(FeatureError, match="resample.method"):
+        _spec(**{**TIMED, "resample": "cubic"}).validate()

@@ -141,3 +141,18 @@ async def test_probation_score_out_of_range(
             health={"probation_s": 2.0, "score_max": 10.0},
         )
         await _expect_refused(h, b, "probation_score")
+
+
+async def test_latency_regression_against_current_model(
+    harness: Any, tmp_path: Path, publisher: Publisher
+) -> None:
+    # ~45 ms per inference against a ~0.05 ms current model, in the same precheck process
+    async with harness() as h:
+        b = publisher.bundle(
+            tmp_path / "b",
+            version="2.0.0",
+            counter=1,
+            model=M.slow(n=8, dim=512, rows=128),
+            health={"latency_p95_ms": 10_000.0, "max_rel_latency": 3.0},
+        )
+        await _expect_refused(h, b, "latency_regression")

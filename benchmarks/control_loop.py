@@ -699,14 +699,17 @@ async def part_d(
     period = PERIOD_MS / 1000
 
     def work() -> None:  # the same tick work: windows + model call
-        acc = np.stack([hub.window("imu", c, win)[1] for c in ("ax", "ay", "az")], axis=1)
-        runner.infer(
-            {
-                "accel_g": acc.astype(np.float32),
-                "temp_c": hub.window("cabinet", "temp_c", 1)[1].astype(np.float32),
-                "current_a": hub.window("motor", "current_a", 1)[1].astype(np.float32),
-            }
-        )
+        wins = [hub.window("imu", c, win) for c in ("ax", "ay", "az")]
+        acc = np.stack([w[1] for w in wins], axis=1)
+        feeds = {
+            "accel_g": acc.astype(np.float32),
+            "temp_c": hub.window("cabinet", "temp_c", 1)[1].astype(np.float32),
+            "current_a": hub.window("motor", "current_a", 1)[1].astype(np.float32),
+        }
+        try:  # ModelRunner resamples on the sample timestamps, as the control loop passes them
+            runner.infer(feeds, times={"accel_g": wins[0][0]})
+        except TypeError:  # a runner with the one-argument API
+            runner.infer(feeds)
 
     # naive: sleep(period) after the work
     over: list[float] = []

@@ -56,14 +56,9 @@ class ActuatorSpec:
 def _load(modules: tuple[str, ...], attr: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mod_name in modules:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            # Only while the driver set is being built up: a module on the list that is
-            # not written yet. A broken import inside a present module still raises.
-            if exc.name != mod_name:
-                raise
-            continue
+        # Imported by name so that a driver whose optional system library is absent
+        # (libgpiod) only fails when configured, not at every start.
+        mod = importlib.import_module(mod_name)
         spec = getattr(mod, attr, None)
         if spec is not None:
             out[spec.name] = spec

@@ -8,7 +8,6 @@ module exposing `register(subparsers)`.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +16,6 @@ from edgerund import __version__
 from edgerund.config.loader import load_config, simulate_config_path
 from edgerund.config.schema import DEFAULT_CONFIG_PATH
 from edgerund.errors import ConfigError
-
-PLUGINS = ("edgerund.updates.cli", "edgerund.telemetry.cli", "edgerund.identity.cli")
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -88,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     c.set_defaults(func=cmd_check_config)
 
-    for mod_name in PLUGINS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod_name:
-                raise
-            continue
-        mod.register(sub)
+    # Capability tools live beside their code; imported here, not at module load, so
+    # `edgerund run` does not pay for them.
+    from edgerund.identity import cli as identity_cli
+    from edgerund.telemetry import cli as telemetry_cli
+    from edgerund.updates import cli as updates_cli
+
+    for tools in (updates_cli, telemetry_cli, identity_cli):
+        tools.register(sub)
     return p
 
 

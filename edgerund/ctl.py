@@ -12,7 +12,6 @@ new socket command is usable from edgerunctl the day it exists (`edgerunctl call
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -24,12 +23,10 @@ from rich.table import Table
 
 from edgerund import __version__
 from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable, default_socket
+from edgerund.toolkit import ctl as toolkit_ctl
 
 EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE = 0, 1, 2
 
-# Modules adding local commands that do more than one request (top, check, ...):
-# each exposes register(subparsers); handlers get (args, client) and return an exit code.
-PLUGINS = ("edgerund.toolkit.ctl",)
 
 # ----------------------------------------------------------------------------- rendering
 
@@ -381,14 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("cmd")
     c.add_argument("args", nargs="?", default="{}", help="JSON object of arguments")
     c.set_defaults(remote=None, to_args=None)
-    for mod_name in PLUGINS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod_name and exc.name != mod_name.rsplit(".", 1)[0]:
-                raise
-            continue
-        mod.register(sub)
+    # Local commands that do more than one request (top, check, support-bundle, metrics).
+    toolkit_ctl.register(sub)
     return p
 
 

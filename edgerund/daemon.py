@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import gc
 import hashlib
-import importlib
 import os
 import signal
 import time
@@ -46,40 +45,33 @@ from edgerund.component import Command, CommandError, Peer
 from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
 from edgerund.context import Context, FatalComponentError, Supervisor
+from edgerund.control import component as control_component
 from edgerund.diag import DiagServer
 from edgerund.errors import ConfigError, DeviceError
+from edgerund.hub import component as hub_component
+from edgerund.identity import component as identity_component
+from edgerund.inference import component as inference_component
 from edgerund.metrics import Histogram
 from edgerund.sdnotify import Notifier, watchdog_interval_s
+from edgerund.telemetry import component as telemetry_component
 from edgerund.toolkit import prometheus
+from edgerund.updates import component as updates_component
 
 log = structlog.get_logger("edgerund")
 
-# (module, function) of each component's builder, in start-up order.
-BUILDERS: tuple[tuple[str, str], ...] = (
-    ("edgerund.identity.component", "build"),
-    ("edgerund.hub.component", "build"),
-    ("edgerund.updates.component", "build"),
-    ("edgerund.inference.component", "build"),
-    ("edgerund.control.component", "build"),
-    ("edgerund.telemetry.component", "build"),
+# Each component's builder, in start-up order (see the module docstring).
+BUILDERS: tuple[Callable[[Context], Any], ...] = (
+    identity_component.build,
+    hub_component.build,
+    updates_component.build,
+    inference_component.build,
+    control_component.build,
+    telemetry_component.build,
 )
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # runtime failure: systemd restarts us
 EXIT_CONFIG = 2  # needs a human (bad config, refused start): RestartPreventExitStatus=2
-
-
-def _builders() -> list[Callable[[Context], Any]]:
-    out = []
-    for mod_name, fn_name in BUILDERS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod_name:
-                raise
-            continue
-        out.append(getattr(mod, fn_name))
-    return out
 
 
 class LoopLagMonitor:
@@ -360,7 +352,7 @@ class Daemon:
             stack = contextlib.AsyncExitStack()
             try:
                 await stack.__aenter__()
-                for builder in _builders():
+                for builder in BUILDERS:
                     comp = builder(self.ctx)
                     if comp is None:
                         continue

@@ -11,8 +11,8 @@ adapter's own timeout; the hub's `read_timeout_ms` frees the *task* immediately.
 
 Polled sensors (`mode == "poll"`): the first read comes at once (`t0`), then deadlines
 are `t0 - offset + k * period` on `loop.time()`, `offset` a stable fraction (from the
-sensor's id) of the period (of 1 s at most) that spreads sensors at harmonic rates
-instead of waking them all at once. The
+sensor's id) of half the period (of 0.5 s at most) that spreads sensors at harmonic
+rates instead of waking them all at once. The
 task sleeps until the next deadline, reads, stores, and computes the next deadline from
 the grid, never `sleep(period)` after the work (that drifts by the work time every
 tick). When the task falls a whole period or more behind (a slow read, a stalled loop),
@@ -347,7 +347,7 @@ class Acquirer:
                 # it is pulled earlier by this sensor's phase offset, so a sample never
                 # comes later than on an unshifted grid.
                 deadline = loop.time()
-                shift = self.phase * min(self.period_s, 1.0)
+                shift = self.phase * 0.5 * min(self.period_s, 1.0)
                 while True:
                     period = self.period_s  # re-read: a reload may change the rate
                     delay = deadline - loop.time()

@@ -293,8 +293,12 @@ class SensorHub:
         ring_full = len(self._read_times[sid]) == self._read_times[sid].capacity
         if oldest > now - RATE_WINDOW_S + 1.0 and not ring_full:
             # less than a window of history (just started, or just recovered): use the
-            # spacing of the reads we have, not the empty part of the window
-            dt = float(np.max(ts)) - oldest
+            # spacing of the reads we have, not the empty part of the window; but a
+            # sensor that read a few times and then stopped is not still reading at
+            # that pace: once the last read is more than a period old, count the
+            # silence since it too
+            span = float(np.max(ts)) - oldest
+            dt = max(span, now - oldest - 1.0 / self._rts[sid].config.rate_hz)
             return (k - 1) / dt if dt > 0 else 0.0
         return k / min(RATE_WINDOW_S, now - oldest) if ring_full else k / RATE_WINDOW_S
 

@@ -261,7 +261,7 @@ async def test_samples_are_the_frozen_dataclass_with_every_field(fake_hub: Any) 
 
 async def test_sensor_grids_are_spread_not_aligned(fake_hub: Any) -> None:
     # Sensors started together at harmonic rates must not all fall due at one instant:
-    # each grid is offset by a stable fraction of its period (of 1 s at most).
+    # each grid is offset by a stable fraction of half its period (of 0.5 s at most).
     ids = [f"s{i}" for i in range(8)]
     h = await fake_hub([fake(i, rate_hz=10.0) for i in ids])
     phases = [h.hub._acq[i].phase for i in ids]
@@ -269,4 +269,5 @@ async def test_sensor_grids_are_spread_not_aligned(fake_hub: Any) -> None:
     assert max(phases) - min(phases) > 0.3  # spread over the period, not bunched
     await wait_for(lambda: all(len(h.driver(i).read_starts) >= 3 for i in ids))
     offsets = sorted(float(np.mean(np.asarray(h.driver(i).read_starts[1:3]) % 0.1)) for i in ids)
-    assert offsets[-1] - offsets[0] > 0.02  # the reads themselves are spread in time
+    # the reads themselves are spread in time (offsets span >= 0.3 of half the period)
+    assert offsets[-1] - offsets[0] > 0.01

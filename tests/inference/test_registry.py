@@ -80,7 +80,7 @@ async def test_swap_is_atomic_and_never_blocks_the_loop(tmp_path: Path) -> None:
     """While the new model loads (slowly, in a thread), every lookup on the loop returns
     the old, fully working runner; right after swap() returns, the new one."""
     new_dir = copy_reference(tmp_path / "v2")
-    edit_manifest(new_dir, lambda d: d.update(version="2.0.0"))
+    edit_manifest(new_dir, lambda d: d.update(version="9.0.0"))
 
     def slow_loader(d: Path, cfg: ModelConfig) -> ModelRunner:
         time.sleep(0.3)  # a big model: loading takes a while, in the worker thread
@@ -107,14 +107,14 @@ async def test_swap_is_atomic_and_never_blocks_the_loop(tmp_path: Path) -> None:
     stop.set()
     await task
     assert time.monotonic() - t0 >= 0.3
-    assert reg.runner("motor") is new and new is not old and new.version == "2.0.0"
+    assert reg.runner("motor") is new and new is not old and new.version == "9.0.0"
     # The loop kept ticking on the old model during the load: no blocking, no gap.
-    assert seen.count("1.0.0") >= 10, seen
-    assert set(seen) <= {"1.0.0", "2.0.0"}
-    first_new = seen.index("2.0.0") if "2.0.0" in seen else len(seen)
-    assert all(v == "2.0.0" for v in seen[first_new:])  # never back to the old one
+    assert seen.count(old.version) >= 10, seen
+    assert set(seen) <= {old.version, "9.0.0"}
+    first_new = seen.index("9.0.0") if "9.0.0" in seen else len(seen)
+    assert all(v == "9.0.0" for v in seen[first_new:])  # never back to the old one
     st = reg.stats("motor")
-    assert st["state"] == "running" and st["swaps"] == 1 and st["version"] == "2.0.0"
+    assert st["state"] == "running" and st["swaps"] == 1 and st["version"] == "9.0.0"
     reg.close()
 
 
@@ -162,7 +162,7 @@ async def test_component_loads_from_updates_slot_and_binds_identity(tmp_path: Pa
 
         # A swap (what updates does) is bound too, and shows up in stats.
         await comp.swap("motor", REF)
-        assert comp.runner("motor").version == "1.0.0"  # type: ignore[union-attr]
+        assert comp.runner("motor").version == "2.0.0"  # type: ignore[union-attr]
         assert len(ident.bound) == 2
         assert comp.stats("motor")["swaps"] == 1
 
@@ -176,7 +176,7 @@ async def test_component_uses_config_path_without_updates_and_refuses_bad_model(
         assert comp.status()["models"][0] == {
             "name": "motor",
             "active_slot": None,
-            "version": "1.0.0",
+            "version": "2.0.0",
             "state": "running",
         }
 

@@ -60,24 +60,24 @@ def _models(d: Any) -> dict[str, Any]:
 def test_update_and_rollback_over_socket(tmp_path: Path) -> None:
     from tests.helpers.daemon import DaemonProcess
 
-    b = _bundle(tmp_path, "1.1.0", 2)
+    b = _bundle(tmp_path, "2.1.0", 2)
     with DaemonProcess(tmp_path, _overrides(tmp_path)) as d:
         d.wait_ready(60)
-        assert _models(d)["motor-ae"]["version"] == "1.0.0"
+        assert _models(d)["motor-ae"]["version"] == "2.0.0"
         res = d.call("update", {"path": str(b), "wait": "commit"}, timeout_s=120)
-        assert res["state"] == "COMMITTED" and res["version"] == "1.1.0"
+        assert res["state"] == "COMMITTED" and res["version"] == "2.1.0"
         st = d.call("status")
         assert os.readlink(tmp_path / "state" / "models" / "motor-ae" / "current") == "b"
-        assert json.dumps(st).count("1.1.0") >= 1
+        assert json.dumps(st).count("2.1.0") >= 1
         res = d.call("rollback", {"model": "motor-ae"})
-        assert res["active_slot"] == "a" and res["version"] == "1.0.0"
+        assert res["active_slot"] == "a" and res["version"] == "2.0.0"
         assert res["last_failure"]["reason"] == "manual"
 
 
 def test_sigkill_during_trial_real_daemon(tmp_path: Path) -> None:
     from tests.helpers.daemon import DaemonProcess
 
-    b = _bundle(tmp_path, "1.1.0", 2)
+    b = _bundle(tmp_path, "2.1.0", 2)
     d = DaemonProcess(
         tmp_path, _overrides(tmp_path), env={"EDGERUND_TEST_ABORT_AT": "TRIAL.flipped"}
     )
@@ -97,5 +97,5 @@ def test_sigkill_during_trial_real_daemon(tmp_path: Path) -> None:
         while _models(d2)["motor-ae"]["state"] != "COMMITTED" and time.monotonic() < deadline:
             time.sleep(0.2)
         m = _models(d2)["motor-ae"]
-        assert m["state"] == "COMMITTED" and m["version"] == "1.1.0" and m["active_slot"] == "b"
+        assert m["state"] == "COMMITTED" and m["version"] == "2.1.0" and m["active_slot"] == "b"
     shutil.rmtree(tmp_path / "run", ignore_errors=True)

@@ -56,8 +56,7 @@ class ActuatorSpec:
 def _load(modules: tuple[str, ...], attr: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mod_name in modules:
-        # Imported by name so that a driver whose optional system library is absent
-        # (libgpiod) only fails when configured, not at every start.
+        # The module lists above are the one place that names every driver.
         mod = importlib.import_module(mod_name)
         spec = getattr(mod, attr, None)
         if spec is not None:

@@ -21,20 +21,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
-from drivers.base import (
-    AsyncI2CBusLike,
-    ChannelInfo,
-    DeviceError,
-    Quality,
-    Reading,
-    Resources,
-    SensorConfig,
-)
-from drivers.i2c.common import StuckDetector, check_address, check_bus, check_choice, new_counters
+from drivers.base import AsyncI2CBusLike, ChannelInfo, DeviceError, Quality, Reading, SensorConfig
+from drivers.i2c.common import I2CSensor, check_address, check_bus, check_choice, i2c_factory
 from drivers.registry import SensorSpec
 
 # -- protocol ------------------------------------------------------------------------------
@@ -162,20 +154,17 @@ class ADS1115Config(SensorConfig, tag="ads1115"):
 # -- driver ------------------------------------------------------------------------------------
 
 
-class ADS1115:
-    mode: Literal["poll"] = "poll"
-
+class ADS1115(I2CSensor):
     def __init__(self, cfg: ADS1115Config, bus: AsyncI2CBusLike) -> None:
+        super().__init__(
+            bus, cfg.address, "saturated", "not_ready", stuck_after=cfg.stuck_after_reads
+        )
         self.cfg = cfg
-        self.bus = bus
-        self.addr = cfg.address
-        self.counters = new_counters("saturated", "not_ready")
         self.channels: Sequence[ChannelInfo] = tuple(
             ChannelInfo(c.name, c.unit) for c in cfg.inputs
         )
         self._words = [config_word(MUX[c.input], c.range_v, cfg.data_rate_sps) for c in cfg.inputs]
         self.conversion_s = 1.0 / cfg.data_rate_sps
-        self._stuck = StuckDetector(cfg.stuck_after_reads)
 
     async def open(self) -> None:
         # No id register: an ACKed read of the config register is the presence check
@@ -195,26 +184,20 @@ class ADS1115:
             await asyncio.sleep(self.conversion_s * 0.1 + 0.0005)
         else:
             raise DeviceError(
-                f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: ADS1115 conversion not "
-                f"ready after {self.conversion_s * 1.6 * 1000:.1f} ms"
+                f"{self.where}: ADS1115 conversion not ready after "
+                f"{self.conversion_s * 1.6 * 1000:.1f} ms"
             )
         return int.from_bytes(await self.bus.read_block(self.addr, REG_CONVERSION, 2), "big")
 
     async def read(self) -> Sequence[Reading]:
         codes = []
-        try:
+        with self.counting_read():
             for word in self._words:
                 codes.append(await self._convert(word))
-        except DeviceError:
-            self.counters["bus_errors"] += 1
-            raise
-        self.counters["reads"] += 1
-        stuck = self._stuck.update(b"".join(c.to_bytes(2, "big") for c in codes))
-        if stuck:
-            self.counters["stuck_reads"] += 1
+        stuck_q = self.stuck_quality(b"".join(c.to_bytes(2, "big") for c in codes))
         out = []
         for ch, code in zip(self.cfg.inputs, codes, strict=True):
-            q = Quality.UNCERTAIN if stuck else Quality.GOOD
+            q = stuck_q
             if is_saturated(code):
                 self.counters["saturated"] += 1
                 q = Quality.UNCERTAIN
@@ -226,8 +209,7 @@ class ADS1115:
         """Single-shot mode: the part powers down after each conversion by itself."""
 
 
-def _factory(cfg: Any, resources: Resources) -> ADS1115:
-    return ADS1115(cfg, resources.i2c_bus(cfg.bus))
+_factory = i2c_factory(ADS1115)
 
 
 SENSOR = SensorSpec(

@@ -23,21 +23,14 @@ time on the event loop (not on the bus), polls `status.measuring` and reads the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from drivers.base import (
-    AsyncI2CBusLike,
-    ChannelInfo,
-    DeviceError,
-    Quality,
-    Reading,
-    Resources,
-    SensorConfig,
-)
-from drivers.i2c.common import StuckDetector, check_address, check_bus, check_choice, new_counters
+from drivers.base import AsyncI2CBusLike, ChannelInfo, DeviceError, Quality, Reading, SensorConfig
+from drivers.i2c.common import I2CSensor, check_address, check_bus, check_choice, i2c_factory
 from drivers.registry import SensorSpec
 
 # -- protocol: registers -------------------------------------------------------------------
@@ -281,14 +274,10 @@ class BME280Config(SensorConfig, tag="bme280"):
 # -- driver ------------------------------------------------------------------------------------
 
 
-class BME280:
-    mode: Literal["poll"] = "poll"
-
+class BME280(I2CSensor):
     def __init__(self, cfg: BME280Config, bus: AsyncI2CBusLike) -> None:
+        super().__init__(bus, cfg.address, "config_lost", stuck_after=cfg.stuck_after_reads)
         self.cfg = cfg
-        self.bus = bus
-        self.addr = cfg.address
-        self.counters = new_counters("config_lost")
         self.cal: Calibration | None = None
         chans = [ChannelInfo("temperature", "°C")]
         if cfg.pressure_oversampling:
@@ -306,18 +295,10 @@ class BME280:
             cfg.temperature_oversampling, cfg.pressure_oversampling, cfg.humidity_oversampling
         )
         self.t_measure_max_s = t_max / 1000.0
-        self._stuck = StuckDetector(cfg.stuck_after_reads)
         self._need_init = True
 
     async def open(self) -> None:
-        chip = (await self.bus.read_block(self.addr, REG_CHIP_ID, 1))[0]
-        if chip != CHIP_ID:
-            other = OTHER_CHIPS.get(chip)
-            what = f" (that is a {other})" if other else ""
-            raise DeviceError(
-                f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: chip id 0x{chip:02x}{what}, "
-                f"expected 0x{CHIP_ID:02x} (BME280)"
-            )
+        await self.check_id(REG_CHIP_ID, CHIP_ID, "BME280", OTHER_CHIPS)
         await self._init()
 
     async def _init(self) -> None:
@@ -344,7 +325,7 @@ class BME280:
         if self._need_init or self.cal is None:
             await self._init()
         assert self.cal is not None
-        try:
+        with self.counting_read():
             if self.cfg.mode == "forced":
                 data = await self._read_forced()
             else:
@@ -353,24 +334,17 @@ class BME280:
                     self.counters["config_lost"] += 1
                     self._need_init = True
                     raise DeviceError(
-                        f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: BME280 lost its "
-                        f"configuration (ctrl_meas 0x{block[2]:02x}, expected "
-                        f"0x{self._ctrl_meas:02x}): chip reset? re-initialising"
+                        f"{self.where}: BME280 lost its configuration (ctrl_meas "
+                        f"0x{block[2]:02x}, expected 0x{self._ctrl_meas:02x}): chip reset? "
+                        "re-initialising"
                     )
                 data = block[5:13]
-        except DeviceError:
-            self.counters["bus_errors"] += 1
-            raise
-        self.counters["reads"] += 1
         try:
             m = decode(data, self.cal)
         except ValueError as exc:
             self.counters["bus_errors"] += 1
             raise DeviceError(f"BME280 0x{self.addr:02x}: {exc}") from exc
-        q = Quality.GOOD
-        if self._stuck.update(data):
-            self.counters["stuck_reads"] += 1
-            q = Quality.UNCERTAIN
+        q = self.stuck_quality(data)
         out = [Reading("temperature", m.temperature_c, q)]
         if self.cfg.pressure_oversampling:
             out.append(
@@ -391,20 +365,18 @@ class BME280:
             await asyncio.sleep(0.001)
         else:
             raise DeviceError(
-                f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: BME280 still measuring "
+                f"{self.where}: BME280 still measuring "
                 f"{self.t_measure_max_s * 1000 + 5:.1f} ms after a forced conversion"
             )
         return await self.bus.read_block(self.addr, REG_DATA, 8)
 
     async def close(self) -> None:
-        try:  # leave the chip asleep (lowest power); a vanished chip is fine here
+        # leave the chip asleep (lowest power); a vanished chip is fine here
+        with contextlib.suppress(DeviceError):
             await self.bus.write_byte(self.addr, REG_CTRL_MEAS, self._ctrl_meas & ~0b11)
-        except DeviceError:
-            pass
 
 
-def _factory(cfg: Any, resources: Resources) -> BME280:
-    return BME280(cfg, resources.i2c_bus(cfg.bus))
+_factory = i2c_factory(BME280)
 
 
 SENSOR = SensorSpec(

@@ -1,14 +1,35 @@
-"""Helpers shared by the I2C drivers: address validation, stuck-value detection, CRC-8.
+"""Helpers shared by the I2C drivers: address validation, stuck-value detection, and the
+polled-sensor skeleton every driver builds on.
 
-All pure (no I/O). The config structs call `check_address` from `__post_init__`, so a bad
-address is a config error at load time with the part's legal addresses in the message.
+The checks and `StuckDetector` are pure (no I/O). The config structs call `check_address`
+from `__post_init__`, so a bad address is a config error at load time with the part's
+legal addresses in the message.
+
+`I2CSensor` is the part of a polled I2C driver that is the same for every chip: the bus
+and address, the fault counters (`reads`, `bus_errors`, `stuck_reads` plus the driver's
+own), the chip-id check of `open()`, the fault accounting around one acquisition
+(`counting_read`: a `DeviceError` counts as a bus error, a completed acquisition as a
+read, anything else, e.g. a CRC `FrameError`, as neither) and the stuck-data quality.
+What a chip reads and how it decodes stays in its driver.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal, TypeVar
 
-__all__ = ["StuckDetector", "check_address", "check_bus", "check_choice", "new_counters"]
+from drivers.base import AsyncI2CBusLike, DeviceError, Quality, Resources
+
+__all__ = [
+    "I2CSensor",
+    "StuckDetector",
+    "check_address",
+    "check_bus",
+    "check_choice",
+    "i2c_factory",
+    "new_counters",
+]
 
 
 def check_address(part: str, address: int, legal: Mapping[int, str]) -> None:
@@ -72,3 +93,69 @@ class StuckDetector:
     def reset(self) -> None:
         self._last = None
         self._repeats = 0
+
+
+class I2CSensor:
+    """Base of the polled I2C drivers (see the module docstring)."""
+
+    mode: Literal["poll"] = "poll"
+
+    def __init__(
+        self, bus: AsyncI2CBusLike, address: int, *extra_counters: str, stuck_after: int = 0
+    ) -> None:
+        self.bus = bus
+        self.addr = address
+        self.counters = new_counters(*extra_counters)
+        self._stuck = StuckDetector(stuck_after)
+
+    @property
+    def where(self) -> str:
+        """The prefix of every fault message: which bus and address."""
+        return f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}"
+
+    async def check_id(
+        self,
+        reg: int,
+        expected: int,
+        part: str,
+        others: Mapping[int, str],
+        label: str = "chip id",
+        article: str = "a",
+    ) -> None:
+        """Read the one-byte id register; DeviceError naming the part found if it differs."""
+        got = (await self.bus.read_block(self.addr, reg, 1))[0]
+        if got != expected:
+            other = others.get(got)
+            what = f" (that is {article} {other})" if other else ""
+            raise DeviceError(
+                f"{self.where}: {label} 0x{got:02x}{what}, expected 0x{expected:02x} ({part})"
+            )
+
+    @contextmanager
+    def counting_read(self) -> Iterator[None]:
+        """Wrap one acquisition's bus traffic: count it as a bus error or as a read."""
+        try:
+            yield
+        except DeviceError:
+            self.counters["bus_errors"] += 1
+            raise
+        self.counters["reads"] += 1
+
+    def stuck_quality(self, raw: bytes) -> Quality:
+        """Feed one read's raw bytes to the stuck detector: UNCERTAIN (and counted) if stuck."""
+        if self._stuck.update(raw):
+            self.counters["stuck_reads"] += 1
+            return Quality.UNCERTAIN
+        return Quality.GOOD
+
+
+S = TypeVar("S")
+
+
+def i2c_factory(cls: Callable[[Any, AsyncI2CBusLike], S]) -> Callable[[Any, Resources], S]:
+    """The registry factory of a driver class taking (config, bus): the bus is `cfg.bus`."""
+
+    def factory(cfg: Any, resources: Resources) -> S:
+        return cls(cfg, resources.i2c_bus(cfg.bus))
+
+    return factory

@@ -26,20 +26,12 @@ report zero current forever: the driver re-writes it and reports the fault), bus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
 
-from drivers.base import (
-    AsyncI2CBusLike,
-    ChannelInfo,
-    DeviceError,
-    Quality,
-    Reading,
-    Resources,
-    SensorConfig,
-)
-from drivers.i2c.common import check_address, check_bus, check_choice, new_counters
+from drivers.base import AsyncI2CBusLike, ChannelInfo, DeviceError, Quality, Reading, SensorConfig
+from drivers.i2c.common import I2CSensor, check_address, check_bus, check_choice, i2c_factory
 from drivers.registry import SensorSpec
 
 # -- protocol ------------------------------------------------------------------------------
@@ -186,8 +178,7 @@ class INA219Config(SensorConfig, tag="ina219"):
 # -- driver ------------------------------------------------------------------------------------
 
 
-class INA219:
-    mode: Literal["poll"] = "poll"
+class INA219(I2CSensor):
     channels: Sequence[ChannelInfo] = (
         ChannelInfo("bus_voltage", "V"),
         ChannelInfo("shunt_voltage", "V"),
@@ -196,10 +187,8 @@ class INA219:
     )
 
     def __init__(self, cfg: INA219Config, bus: AsyncI2CBusLike) -> None:
+        super().__init__(bus, cfg.address, "overflow", "config_lost")
         self.cfg = cfg
-        self.bus = bus
-        self.addr = cfg.address
-        self.counters = new_counters("overflow", "config_lost")
         self.cal, self.current_lsb, self.power_lsb = calibration(
             cfg.shunt_ohms, cfg.max_current_a, cfg.current_lsb_a
         )
@@ -218,8 +207,8 @@ class INA219:
         cfg = await self._get(REG_CONFIG)
         if cfg != CONFIG_DEFAULT:
             raise DeviceError(
-                f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: after reset the config "
-                f"register reads 0x{cfg:04x}, expected 0x{CONFIG_DEFAULT:04x} (INA219)"
+                f"{self.where}: after reset the config register reads "
+                f"0x{cfg:04x}, expected 0x{CONFIG_DEFAULT:04x} (INA219)"
             )
         await self._configure()
 
@@ -229,7 +218,7 @@ class INA219:
         await asyncio.sleep(self.conversion_s * 1.1)  # the first conversion
 
     async def read(self) -> Sequence[Reading]:
-        try:
+        with self.counting_read():
             # one hop to the bus worker for all five registers (no auto-increment on
             # this part: five pointer-write + read transactions, in this order)
             raw = await self.bus.read_registers(self.addr, _READ_REGS, 2)
@@ -240,13 +229,9 @@ class INA219:
                 self.counters["config_lost"] += 1
                 await self._configure()
                 raise DeviceError(
-                    f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: INA219 calibration "
-                    f"reads {cal}, expected {self.cal} (reset?): re-written"
+                    f"{self.where}: INA219 calibration reads {cal}, expected {self.cal} "
+                    "(reset?): re-written"
                 )
-        except DeviceError:
-            self.counters["bus_errors"] += 1
-            raise
-        self.counters["reads"] += 1
         q = Quality.GOOD
         if bus_reg & BUS_OVF:
             self.counters["overflow"] += 1
@@ -259,14 +244,11 @@ class INA219:
         )
 
     async def close(self) -> None:
-        try:  # power-down mode
+        with contextlib.suppress(DeviceError):  # power-down mode
             await self._put(REG_CONFIG, self._config & ~0b111)
-        except DeviceError:
-            pass
 
 
-def _factory(cfg: Any, resources: Resources) -> INA219:
-    return INA219(cfg, resources.i2c_bus(cfg.bus))
+_factory = i2c_factory(INA219)
 
 
 SENSOR = SensorSpec(

@@ -25,22 +25,14 @@ output rate rather than one per poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import Sequence
-from typing import Any, Literal
 
 import numpy as np
 
-from drivers.base import (
-    AsyncI2CBusLike,
-    ChannelInfo,
-    DeviceError,
-    Quality,
-    Reading,
-    Resources,
-    SensorConfig,
-)
-from drivers.i2c.common import StuckDetector, check_address, check_bus, check_choice, new_counters
+from drivers.base import AsyncI2CBusLike, ChannelInfo, DeviceError, Reading, SensorConfig
+from drivers.i2c.common import I2CSensor, check_address, check_bus, check_choice, i2c_factory
 from drivers.registry import SensorSpec
 
 # -- protocol ------------------------------------------------------------------------------
@@ -171,35 +163,28 @@ CHANNELS = (
 HEALTH_CHECK_EVERY = 256
 
 
-class MPU6050:
-    mode: Literal["poll"] = "poll"
+class MPU6050(I2CSensor):
     channels: Sequence[ChannelInfo] = CHANNELS
 
     def __init__(self, cfg: MPU6050Config, bus: AsyncI2CBusLike) -> None:
+        super().__init__(
+            bus, cfg.address, "config_lost", "fifo_overflows", stuck_after=cfg.stuck_after_reads
+        )
         self.cfg = cfg
-        self.bus = bus
-        self.addr = cfg.address
-        self.counters = new_counters("config_lost", "fifo_overflows")
         self._afs = ACCEL_RANGES_G.index(cfg.accel_range_g)
         self._fs = GYRO_RANGES_DPS.index(cfg.gyro_range_dps)
         self._dlpf = DLPF_HZ.index(cfg.dlpf_hz)
         self._div = divider_for(cfg.sample_rate_hz, self._dlpf)
         self.accel_lsb = ACCEL_LSB_PER_G[self._afs]
         self.gyro_lsb = GYRO_LSB_PER_DPS[self._fs]
-        self._stuck = StuckDetector(cfg.stuck_after_reads)
         self._since_check = 0
         self._need_init = True
         self._fifo_on = False
 
     async def open(self) -> None:
-        who = (await self.bus.read_block(self.addr, REG_WHO_AM_I, 1))[0]
-        if who != WHO_AM_I:
-            other = OTHER_CHIPS.get(who)
-            what = f" (that is an {other})" if other else ""
-            raise DeviceError(
-                f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: WHO_AM_I 0x{who:02x}{what}, "
-                f"expected 0x{WHO_AM_I:02x} (MPU-6050)"
-            )
+        await self.check_id(
+            REG_WHO_AM_I, WHO_AM_I, "MPU-6050", OTHER_CHIPS, label="WHO_AM_I", article="an"
+        )
         await self._init()
 
     async def _init(self) -> None:
@@ -222,12 +207,12 @@ class MPU6050:
             self.counters["config_lost"] += 1
             self._need_init = True
             raise DeviceError(
-                f"i2c bus {self.bus.bus_id} addr 0x{self.addr:02x}: MPU-6050 PWR_MGMT_1 reads "
-                f"0x{pwr:02x}, expected 0x{CLKSEL_PLL_XGYRO:02x} (reset/asleep): re-initialising"
+                f"{self.where}: MPU-6050 PWR_MGMT_1 reads 0x{pwr:02x}, "
+                f"expected 0x{CLKSEL_PLL_XGYRO:02x} (reset/asleep): re-initialising"
             )
 
     async def read(self) -> Sequence[Reading]:
-        try:
+        with self.counting_read():
             if self._need_init:
                 await self._init()
             self._since_check += 1
@@ -235,15 +220,8 @@ class MPU6050:
                 self._since_check = 0
                 await self._check_config()
             data = await self.bus.read_block(self.addr, REG_ACCEL_XOUT_H, BURST_LEN)
-        except DeviceError:
-            self.counters["bus_errors"] += 1
-            raise
-        self.counters["reads"] += 1
         ax, ay, az, t, gx, gy, gz = decode_burst(data)
-        q = Quality.GOOD
-        if self._stuck.update(data):
-            self.counters["stuck_reads"] += 1
-            q = Quality.UNCERTAIN
+        q = self.stuck_quality(data)
         a, g = self.accel_lsb, self.gyro_lsb
         return (
             Reading("accel_x", ax / a, q),
@@ -282,14 +260,11 @@ class MPU6050:
         return decode_fifo(data, self.accel_lsb, self.gyro_lsb)
 
     async def close(self) -> None:
-        try:  # sleep mode: ~5 µA instead of ~4 mA
+        with contextlib.suppress(DeviceError):  # sleep mode: ~5 µA instead of ~4 mA
             await self.bus.write_byte(self.addr, REG_PWR_MGMT_1, PWR_SLEEP | CLKSEL_PLL_XGYRO)
-        except DeviceError:
-            pass
 
 
-def _factory(cfg: Any, resources: Resources) -> MPU6050:
-    return MPU6050(cfg, resources.i2c_bus(cfg.bus))
+_factory = i2c_factory(MPU6050)
 
 
 SENSOR = SensorSpec(

@@ -26,19 +26,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
-from drivers.base import (
-    AsyncI2CBusLike,
-    ChannelInfo,
-    DeviceError,
-    FrameError,
-    Quality,
-    Reading,
-    Resources,
-    SensorConfig,
-)
-from drivers.i2c.common import StuckDetector, check_address, check_bus, new_counters
+from drivers.base import AsyncI2CBusLike, ChannelInfo, FrameError, Reading, SensorConfig
+from drivers.i2c.common import I2CSensor, check_address, check_bus, i2c_factory
 from drivers.registry import SensorSpec
 
 # -- protocol ------------------------------------------------------------------------------
@@ -156,15 +147,11 @@ class SHTConfig(SensorConfig, tag="sht"):
 # -- driver ------------------------------------------------------------------------------------
 
 
-class SHT:
-    mode: Literal["poll"] = "poll"
-
+class SHT(I2CSensor):
     def __init__(self, cfg: SHTConfig, bus: AsyncI2CBusLike) -> None:
+        super().__init__(bus, cfg.address, "crc_errors", stuck_after=cfg.stuck_after_reads)
         self.cfg = cfg
-        self.bus = bus
-        self.addr = cfg.address
         self.part = cfg.part
-        self.counters = new_counters("crc_errors")
         self.channels: Sequence[ChannelInfo] = (
             ChannelInfo("temperature", "°C"),
             ChannelInfo("humidity", "%RH"),
@@ -177,7 +164,6 @@ class SHT:
             self._wait_s = SHT4X_MEASURE_MAX_S[cfg.precision]
         self.serial_number: int | None = None
         self.status: int | None = None
-        self._stuck = StuckDetector(cfg.stuck_after_reads)
 
     async def _command_read(self, cmd: bytes, words: int, wait_s: float) -> list[int]:
         raw = await self.bus.transfer(self.addr, cmd, 3 * words, delay_s=wait_s)
@@ -203,21 +189,15 @@ class SHT:
         self._stuck.reset()
 
     async def read(self) -> Sequence[Reading]:
-        try:
+        # a CRC error is a FrameError: counted as crc_errors, neither a read nor a bus error
+        with self.counting_read():
             raw = await self.bus.transfer(self.addr, self._measure, 6, delay_s=self._wait_s)
-        except DeviceError:
-            self.counters["bus_errors"] += 1
-            raise
-        try:
-            s_t, s_rh = parse_words(raw)
-        except FrameError:
-            self.counters["crc_errors"] += 1
-            raise
-        self.counters["reads"] += 1
-        q = Quality.GOOD
-        if self._stuck.update(raw):
-            self.counters["stuck_reads"] += 1
-            q = Quality.UNCERTAIN
+            try:
+                s_t, s_rh = parse_words(raw)
+            except FrameError:
+                self.counters["crc_errors"] += 1
+                raise
+        q = self.stuck_quality(raw)
         rh = sht3x_ticks_to_rh(s_rh) if self.part == "sht3x" else sht4x_ticks_to_rh(s_rh)
         return [Reading("temperature", ticks_to_celsius(s_t), q), Reading("humidity", rh, q)]
 
@@ -225,8 +205,7 @@ class SHT:
         """Nothing to do: single-shot parts idle between commands."""
 
 
-def _factory(cfg: Any, resources: Resources) -> SHT:
-    return SHT(cfg, resources.i2c_bus(cfg.bus))
+_factory = i2c_factory(SHT)
 
 
 SENSOR = SensorSpec(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -35,13 +35,10 @@ from drivers.base import ChannelInfo, Quality, Reading, Resources
 from drivers.errors import FrameError
 from drivers.registry import SensorSpec
 from drivers.serial.common import (
-    DelimitedFramer,
-    PortUser,
+    FramedStreamSensor,
     SerialSensorConfig,
-    StreamPump,
     check_serial_keys,
-    open_port,
-    stall_timeout_s,
+    stream_frames,
 )
 
 __all__ = [
@@ -242,16 +239,12 @@ def encode_packet(payload: bytes, crc_byte_order: Literal["big", "little"] = "bi
     return cobs_encode(body) + b"\x00"
 
 
-class CobsSensor(PortUser):
-    mode: Literal["stream"] = "stream"
-
+class CobsSensor(FramedStreamSensor):
     def __init__(self, cfg: CobsConfig, resources: Resources) -> None:
+        super().__init__(cfg, resources, b"\x00", cfg.max_packet_bytes)
         self.cfg = cfg
-        self.port: Any = open_port(cfg, resources)
         self.layout = CobsLayout(cfg.fields, cfg.endian, cfg.packet_type, cfg.crc_byte_order)
         self.channels = [ChannelInfo(f.name, f.unit) for f in cfg.fields]
-        self.framer = DelimitedFramer(b"\x00", cfg.max_packet_bytes)
-        self.pump = StreamPump(self.port, self.framer, stall_timeout_s(cfg))
         self.counters: dict[str, int] = {
             "frames": 0,
             "frame_errors": 0,
@@ -261,9 +254,6 @@ class CobsSensor(PortUser):
             "other_type": 0,
             "resyncs": 0,
         }
-
-    def on_open(self) -> None:
-        self.pump.reset()
 
     def feed_frame(self, raw: bytes) -> list[Reading] | None:
         self.counters["resyncs"] = self.framer.resyncs
@@ -282,12 +272,8 @@ class CobsSensor(PortUser):
         self.counters["frames"] += 1
         return readings
 
-    async def frames(self) -> AsyncIterator[Sequence[Reading]]:
-        while True:
-            raw = await self.pump.next_frame()
-            readings = self.feed_frame(raw)
-            if readings is not None:
-                yield readings
+    def frames(self) -> AsyncIterator[Sequence[Reading]]:
+        return stream_frames(self.pump, self.feed_frame)
 
 
 def _factory(cfg: CobsConfig, resources: Resources) -> CobsSensor:

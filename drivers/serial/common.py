@@ -9,6 +9,12 @@ bad stretch never costs more than the frame it hit. Work is linear in the input.
 `StreamPump` is the thin I/O part used by stream sensors: read what the port has, feed the
 framer, record each raw frame in the port's sniff ring, and raise `DeviceError` when no
 frame arrived for the stall timeout (a silent instrument is a fault the hub must see).
+
+`FramedStreamSensor` is what the delimited stream sensors (line, NMEA, COBS) share: the
+port, framer and pump built from the config, and a pump reset on every (re)open.
+`stream_frames` is their frames() loop: each raw frame goes to the driver's pure decode
+step, which counts what it rejects and returns None (or nothing) for a frame that gives
+no readings; only frames with readings are yielded.
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Literal
 
-from drivers.base import Resources, SensorConfig
+from drivers.base import Reading, Resources, SensorConfig
 from drivers.errors import DeviceError
 
 __all__ = [
     "DelimitedFramer",
+    "FramedStreamSensor",
     "PortUser",
     "SerialSensorConfig",
     "StreamPump",
@@ -30,6 +38,7 @@ __all__ = [
     "open_port",
     "port_problem",
     "stall_timeout_s",
+    "stream_frames",
 ]
 
 
@@ -229,6 +238,36 @@ class PortUser:
 
     def on_open(self) -> None:
         """Reset framing state after (re)opening."""
+
+
+class FramedStreamSensor(PortUser):
+    """Base of the stream sensors that read delimited frames from a shared port."""
+
+    mode: Literal["stream"] = "stream"
+
+    def __init__(
+        self, cfg: SensorConfig, resources: Resources, delimiter: bytes, max_frame_bytes: int
+    ) -> None:
+        self.port: Any = open_port(cfg, resources)
+        self.framer = DelimitedFramer(delimiter, max_frame_bytes)
+        self.pump = StreamPump(self.port, self.framer, stall_timeout_s(cfg))
+
+    def on_open(self) -> None:
+        self.pump.reset()
+
+
+async def stream_frames(
+    pump: StreamPump, decode: Callable[[bytes], Sequence[Reading] | None]
+) -> AsyncIterator[Sequence[Reading]]:
+    """Frames from the pump through `decode`, forever; the readings of every good frame.
+
+    A stall or a lost port raises `DeviceError` out of the pump (the hub's to handle);
+    a frame `decode` rejects (None or no readings) is skipped: it has counted it.
+    """
+    while True:
+        readings = decode(await pump.next_frame())
+        if readings:
+            yield readings
 
 
 def port_problem(port: str) -> str | None:

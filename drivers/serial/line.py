@@ -36,13 +36,10 @@ from drivers.base import ChannelInfo, Quality, Reading, Resources
 from drivers.errors import DeviceError, FrameError
 from drivers.registry import SensorSpec
 from drivers.serial.common import (
-    DelimitedFramer,
-    PortUser,
+    FramedStreamSensor,
     SerialSensorConfig,
-    StreamPump,
     check_serial_keys,
-    open_port,
-    stall_timeout_s,
+    stream_frames,
 )
 
 __all__ = ["SENSOR", "LineConfig", "LineField", "LineParser", "LineSensor"]
@@ -196,18 +193,14 @@ class LineParser:
         return out
 
 
-class LineSensor(PortUser):
+class LineSensor(FramedStreamSensor):
     """Stream sensor for a line instrument (optionally polled with a command)."""
 
-    mode: Literal["stream"] = "stream"
-
     def __init__(self, cfg: LineConfig, resources: Resources) -> None:
+        super().__init__(cfg, resources, b"\n", cfg.max_line_bytes)
         self.cfg = cfg
-        self.port: Any = open_port(cfg, resources)
         self.channels = [ChannelInfo(f.name, f.unit) for f in cfg.fields]
         self.parser = LineParser(cfg.format, cfg.fields, cfg.delimiter, cfg.encoding)
-        self.framer = DelimitedFramer(b"\n", cfg.max_line_bytes)
-        self.pump = StreamPump(self.port, self.framer, stall_timeout_s(cfg))
         self.counters: dict[str, int] = {
             "frames": 0,
             "frame_errors": 0,
@@ -216,9 +209,6 @@ class LineSensor(PortUser):
             "resyncs": 0,
             "timeouts": 0,
         }
-
-    def on_open(self) -> None:
-        self.pump.reset()
 
     def _parse(self, raw: bytes) -> list[Reading] | None:
         self.counters["resyncs"] = self.framer.resyncs
@@ -232,16 +222,10 @@ class LineSensor(PortUser):
         self.counters["frames"] += 1
         return readings
 
-    async def frames(self) -> AsyncIterator[Sequence[Reading]]:
+    def frames(self) -> AsyncIterator[Sequence[Reading]]:
         if self.cfg.poll_command is not None:
-            async for r in self._polled():
-                yield r
-            return
-        while True:
-            raw = await self.pump.next_frame()
-            readings = self._parse(raw)
-            if readings is not None:
-                yield readings
+            return self._polled()
+        return stream_frames(self.pump, self._parse)
 
     async def _polled(self) -> AsyncIterator[Sequence[Reading]]:
         assert self.cfg.poll_command is not None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -33,12 +33,9 @@ from drivers.base import ChannelInfo, Quality, Reading, Resources
 from drivers.errors import FrameError
 from drivers.registry import SensorSpec
 from drivers.serial.common import (
-    DelimitedFramer,
-    PortUser,
+    FramedStreamSensor,
     SerialSensorConfig,
-    StreamPump,
-    open_port,
-    stall_timeout_s,
+    stream_frames,
 )
 
 __all__ = [
@@ -177,17 +174,22 @@ def parse_sentence(line: bytes) -> NmeaSentence | None:
     return NmeaSentence(talker, kind, tuple(readings))
 
 
+def _position(f: list[str], i: int, q: Quality) -> list[Reading]:
+    """lat,N/S,lon,E/W from field i on -> [lat_deg, lon_deg], or [] when the fix is empty."""
+    lat = _coord(f[i], f[i + 1], 2, 90.0, "lat")
+    lon = _coord(f[i + 2], f[i + 3], 3, 180.0, "lon")
+    if lat is None or lon is None:
+        return []
+    return [Reading("lat_deg", lat, q), Reading("lon_deg", lon, q)]
+
+
 def _gga(f: list[str]) -> list[Reading]:
     # GGA,time,lat,N,lon,E,quality,numsats,hdop,alt,M,geoid,M,age,station
     if len(f) < 10:
         raise FrameError("syntax", f"GGA: expected >= 10 fields, got {len(f)}")
     quality = _int(f[6], "fix_quality")
     q = Quality.GOOD if quality not in (None, 0) else Quality.UNCERTAIN
-    out: list[Reading] = []
-    lat = _coord(f[2], f[3], 2, 90.0, "lat")
-    lon = _coord(f[4], f[5], 3, 180.0, "lon")
-    if lat is not None and lon is not None:
-        out += [Reading("lat_deg", lat, q), Reading("lon_deg", lon, q)]
+    out = _position(f, 2, q)
     alt = _num(f[9], "alt_m")
     if alt is not None:
         if _field(f, 10) not in ("M", ""):
@@ -209,11 +211,7 @@ def _rmc(f: list[str]) -> list[Reading]:
     if status not in ("A", "V", ""):
         raise FrameError("syntax", f"RMC status: expected A or V, got {status[:4]!r}")
     q = Quality.GOOD if status == "A" else Quality.UNCERTAIN
-    out: list[Reading] = []
-    lat = _coord(f[3], f[4], 2, 90.0, "lat")
-    lon = _coord(f[5], f[6], 3, 180.0, "lon")
-    if lat is not None and lon is not None:
-        out += [Reading("lat_deg", lat, q), Reading("lon_deg", lon, q)]
+    out = _position(f, 3, q)
     speed = _num(f[7], "speed_kn")
     if speed is not None:
         out.append(Reading("speed_kn", speed, q))
@@ -244,15 +242,11 @@ def _vtg(f: list[str]) -> list[Reading]:
     return out
 
 
-class NmeaSensor(PortUser):
-    mode: Literal["stream"] = "stream"
-
+class NmeaSensor(FramedStreamSensor):
     def __init__(self, cfg: NmeaConfig, resources: Resources) -> None:
+        super().__init__(cfg, resources, b"\n", MAX_SENTENCE_BYTES + 2)
         self.cfg = cfg
-        self.port: Any = open_port(cfg, resources)
         self.channels = list(CHANNELS)
-        self.framer = DelimitedFramer(b"\n", MAX_SENTENCE_BYTES + 2)
-        self.pump = StreamPump(self.port, self.framer, stall_timeout_s(cfg))
         self._wanted = set(cfg.sentences)
         self.counters: dict[str, int] = {
             "frames": 0,
@@ -262,9 +256,6 @@ class NmeaSensor(PortUser):
             "ignored": 0,
             "resyncs": 0,
         }
-
-    def on_open(self) -> None:
-        self.pump.reset()
 
     def feed_line(self, raw: bytes) -> Sequence[Reading] | None:
         self.counters["resyncs"] = self.framer.resyncs
@@ -280,12 +271,8 @@ class NmeaSensor(PortUser):
         self.counters["frames"] += 1
         return s.readings
 
-    async def frames(self) -> AsyncIterator[Sequence[Reading]]:
-        while True:
-            raw = await self.pump.next_frame()
-            readings = self.feed_line(raw)
-            if readings:
-                yield readings
+    def frames(self) -> AsyncIterator[Sequence[Reading]]:
+        return stream_frames(self.pump, self.feed_line)
 
 
 def _factory(cfg: NmeaConfig, resources: Resources) -> NmeaSensor:

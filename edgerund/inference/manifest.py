@@ -15,12 +15,16 @@ Format `edgerund.model/1` (JSON object; * = required):
 - `reference_fp32`: {`file`, `sha256`, `threshold`}: the unquantised model, for comparison.
 - `inputs`*: the RAW inputs a control loop supplies, in order, each {`name`*, `shape`*
   (list of positive ints), `dtype`* ("float32"), `rate_hz`, `unit`, `description`}.
-- `preprocessing`*: {`kind`*: "fft_band_energy/1", ...} (edgerund.inference.features).
+- `preprocessing`*: {`kind`*: "fft_band_energy/1" | "fft_band_energy/2", ...}
+  (edgerund.inference.features); kind /2 adds `resample`: {`method`*: "linear",
+  `max_gap_ms`*}: the vibration input is resampled on per-sample timestamps that the
+  loop passes as `runner.infer(inputs, times={name: t})`.
 - `model_inputs`*, `model_outputs`*: the ONNX graph's tensors [{`name`, `shape`,
   `dtype`}]; the runner checks the loaded graph against them (the ABI check).
 - `output`*: {`name`*: the output holding the score, `meaning`, `higher_is_anomalous`}.
 - `threshold`*: the anomaly threshold on the score (a number).
-- `golden`: {`file`: "golden.npz", `sha256`, `rtol`, `atol`, `feature_atol`}.
+- `golden`: {`file`: "golden.npz", `sha256`, `rtol`, `atol`, `feature_atol`}; an array
+  `<input>_t` in the file holds that input's timestamps (passed as `times`).
 - Free-form: `threshold_rule`, `training`, `quality`, `sizes_bytes`.
 
 Parsing is pure (bytes -> Manifest); every error names the field (`inputs[1].shape`) and

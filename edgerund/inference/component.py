@@ -218,4 +218,8 @@ def _slot_info(updates: Any, name: str) -> dict[str, Any]:
 def build(ctx: Context) -> ModelsComponent | None:
     if not ctx.config.models:
         return None
+    import onnxruntime
+
+    # A gateway phones home to nobody: onnxruntime's usage telemetry stays off.
+    onnxruntime.disable_telemetry_events()
     return ModelsComponent(ctx)

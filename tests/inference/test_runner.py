@@ -30,15 +30,20 @@ def _inputs(g: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     return {"accel_g": g["accel_g"][i], "temp_c": g["temp_c"][i], "current_a": g["current_a"][i]}
 
 
+def _times(g: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """The golden window's sample timestamps (the model resamples on them)."""
+    return {"accel_g": g["accel_g_t"][i]}
+
+
 def test_golden_vectors_reproduce_int8_and_fp32(
     runner: ModelRunner, golden: dict[str, Any]
 ) -> None:
     fp32 = ModelRunner.load(REF, model_file="model_fp32.onnx", warmup_runs=5)
     for i in range(len(golden["label"])):
-        r8 = runner.infer(_inputs(golden, i))
+        r8 = runner.infer(_inputs(golden, i), _times(golden, i))
         assert r8.ok and r8.fault is None
         assert r8.score == pytest.approx(float(golden["score_int8"][i]), rel=0.02, abs=0.02)
-        r32 = fp32.infer(_inputs(golden, i))
+        r32 = fp32.infer(_inputs(golden, i), _times(golden, i))
         assert r32.score == pytest.approx(float(golden["score_fp32"][i]), rel=1e-4, abs=1e-4)
         # The labels agree with the thresholds: normal below, anomalous above.
         assert (r8.score > runner.threshold) == bool(golden["label"][i])
@@ -67,13 +72,28 @@ def test_bad_inputs_are_counted_faults_not_exceptions(golden: dict[str, Any]) ->
         ({**good, "current_a": np.array([], np.float32)}, "at least one value expected"),
         ({**good, "temp_c": np.array([np.nan], np.float32)}, "non-finite input"),
     ]
+    t = golden["accel_g_t"][0]
+    back = t.copy()
+    back[100] = back[99] - 0.001  # the clock stepped back
+    stalled = np.where(np.arange(t.size) >= 200, t + 0.2, t)  # a 200 ms stall
+    timed_cases = [
+        (back, "strictly increasing expected, sample 100"),
+        (stalled, "sensor stalled"),
+        (t[:-1], "timestamps: 256 expected"),
+    ]
     for feeds, needle in cases:
-        res = r.infer(feeds)
+        res = r.infer(feeds, {"accel_g": t})
         assert not res.ok and res.fault is not None and needle in res.fault
         assert np.isnan(res.score)
+    for times, needle in timed_cases:
+        res = r.infer(good, {"accel_g": times})
+        assert not res.ok and res.fault is not None and needle in res.fault, res.fault
     s = r.stats()
-    assert s["faults"] == s["input_faults"] == len(cases) and s["nan_outputs"] == 0
-    assert r.infer(good).ok  # a good call after bad ones still works
+    n_bad = len(cases) + len(timed_cases)
+    assert s["faults"] == s["input_faults"] == n_bad and s["nan_outputs"] == 0
+    assert s["timed"] is True and s["untimed"] == 0
+    assert r.infer(good, {"accel_g": t}).ok  # a good call after bad ones still works
+    assert r.infer(good).ok and r.stats()["untimed"] == 1  # without timestamps: counted
 
 
 def test_nan_output_is_a_counted_fault(tmp_path: Path, golden: dict[str, Any]) -> None:
@@ -149,18 +169,18 @@ async def test_over_budget_model_runs_on_its_own_thread(golden: dict[str, Any]) 
     seen: list[str] = []
     real = r.infer
 
-    def spy(inputs: Any) -> InferenceResult:
+    def spy(inputs: Any, times: Any = None) -> InferenceResult:
         seen.append(threading.current_thread().name)
-        return real(inputs)
+        return real(inputs, times)
 
     r.infer = spy  # type: ignore[method-assign]
-    res = await r.infer_async(_inputs(golden, 9))
+    res = await r.infer_async(_inputs(golden, 9), _times(golden, 9))
     assert res.ok and res.score > r.threshold
     assert seen and seen[0].startswith("model-motor-ae")
     r.close()
 
     fast = ModelRunner.load(REF, warmup_runs=3, latency_budget_us=1e6)
     assert fast.inline
-    res2 = await fast.infer_async(_inputs(golden, 0))
+    res2 = await fast.infer_async(_inputs(golden, 0), _times(golden, 0))
     assert res2.ok and res2.score < fast.threshold
     await asyncio.sleep(0)

@@ -31,6 +31,14 @@ becomes an `I2CError` (a `DeviceError`) naming the bus, address, register and op
 so the hub's log line says which wire to check. Nothing is retried here: retry policy
 belongs to the hub (per sensor, from the config).
 
+Sample time: the worker notes `time.monotonic()` as each transaction starts, and the
+awaiting coroutine publishes it in the context variable `TRANSACTION_T` (first
+transaction since the variable was reset). The hub resets it before every read and stamps
+the read's samples with it: under CPU load the hop back to the event loop can take
+several milliseconds (p99 ~7 ms with the CPU oversubscribed), and a completion-time stamp
+would carry that as timing noise into anything that uses sample times (the anomaly
+model's resampling, docs/inference.md).
+
 A cancelled awaiter (the hub's read timeout) cancels its job if the job has not started:
 the worker checks the future before running it, so no stale transaction reaches the wire
 later. A transaction already running cannot be interrupted (an ioctl); it completes, its
@@ -41,6 +49,7 @@ anyway.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno as errno_mod
 import os
 import queue
@@ -51,7 +60,13 @@ from typing import Any, Protocol, TypeVar
 
 from drivers.errors import DeviceError
 
-__all__ = ["AsyncI2CBus", "I2CError", "SMBusLike", "open_real_bus"]
+__all__ = ["TRANSACTION_T", "AsyncI2CBus", "I2CError", "SMBusLike", "open_real_bus"]
+
+# time.monotonic() at the start of the first transaction the current task awaited since
+# it set this to None (the hub does, before each read): when the device was read.
+TRANSACTION_T: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "edgerund_i2c_transaction_t", default=None
+)
 
 T = TypeVar("T")
 
@@ -123,6 +138,7 @@ _HINTS = {
 
 
 _perf = time.perf_counter
+_mono = time.monotonic
 _STOP = None  # the worker's sentinel
 
 
@@ -215,9 +231,11 @@ class AsyncI2CBus:
             job = get()  # blocks (GIL released) until there is work
             if job is _STOP:
                 return
-            fut, fn, addr, reg, op = job
+            fut, fn, addr, reg, op, started = job
             if fut.cancelled():  # its awaiter timed out before the job started
                 continue
+            if started is not None:
+                started[0] = _mono()  # the sample time the awaiter publishes
             result: Any = None
             exc: BaseException | None = None
             try:
@@ -240,7 +258,12 @@ class AsyncI2CBus:
         self._thread = t
 
     def _submit(
-        self, fn: Callable[[SMBusLike], T] | None, addr: int, reg: int | None, op: str
+        self,
+        fn: Callable[[SMBusLike], T] | None,
+        addr: int,
+        reg: int | None,
+        op: str,
+        started: list[float] | None = None,
     ) -> asyncio.Future[T]:
         """Queue one job; the returned future is the loop's own (cancel = skip the job)."""
         if self._closed:
@@ -248,18 +271,22 @@ class AsyncI2CBus:
         if self._thread is None:
             self._start()
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((fut, fn, addr, reg, op))
+        self._jobs.put((fut, fn, addr, reg, op, started))
         return fut
 
     async def _call(self, fn: Callable[[SMBusLike], T], addr: int, reg: int | None, op: str) -> T:
-        fut = self._submit(fn, addr, reg, op)
+        started = [0.0]
+        fut = self._submit(fn, addr, reg, op, started)
         self._pending += 1
         try:
             # A caller cancelled (its read timeout) before the job started also cancels
             # the job: no stale transaction runs later. One already on the wire finishes.
-            return await fut
+            result = await fut
         finally:
             self._pending -= 1
+        if TRANSACTION_T.get() is None:
+            TRANSACTION_T.set(started[0])
+        return result
 
     # -- AsyncI2CBusLike -----------------------------------------------------------------
 

@@ -57,6 +57,7 @@ import structlog
 
 from drivers.base import ChannelInfo, Reading, Sample, SensorConfig
 from drivers.errors import DeviceError, FrameError
+from drivers.i2c.bus import TRANSACTION_T
 from edgerund.hub import health as hm
 from edgerund.hub.ring import Ring
 
@@ -95,6 +96,8 @@ _set_value: Callable[[Sample, Any], None] = _SLOTS["value"].__set__
 _set_unit: Callable[[Sample, Any], None] = _SLOTS["unit"].__set__
 _set_quality: Callable[[Sample, Any], None] = _SLOTS["quality"].__set__
 _monotonic = time.monotonic
+_transaction_t = TRANSACTION_T.get
+_reset_transaction_t = TRANSACTION_T.set
 _wall = time.time
 
 
@@ -265,6 +268,11 @@ class Acquirer:
     def store(self, readings: Sequence[Reading]) -> None:
         rt = self.rt
         t_mono = _monotonic()
+        # Samples carry the instant the device was read (the I2C worker's transaction
+        # start, drivers/i2c/bus.py TRANSACTION_T), not when the loop got the result:
+        # under CPU load that hop adds milliseconds of jitter to the sample times.
+        t_tx = _transaction_t()
+        t_sample = t_tx if t_tx is not None and t_tx <= t_mono else t_mono
         t_wall = _wall()
         sid = rt.config.id
         slots = rt.slots
@@ -279,12 +287,12 @@ class Acquirer:
             s = _new_sample(Sample)
             _set_sid(s, sid)
             _set_channel(s, r.channel)
-            _set_t_mono(s, t_mono)
+            _set_t_mono(s, t_sample)
             _set_t_wall(s, t_wall)
             _set_value(s, v)
             _set_unit(s, slot.unit)
             _set_quality(s, r.quality)
-            slot.ring.push(t_mono, v)
+            slot.ring.push(t_sample, v)
             slot.latest = s
             append(s)
         c = rt.counters
@@ -303,6 +311,7 @@ class Acquirer:
         reason = "no attempt"
         frame_only = True
         for _ in range(rt.config.retries + 1):
+            _reset_transaction_t(None)  # the read's first transaction sets it
             try:
                 async with asyncio.timeout(timeout_s):
                     readings = await sensor.read()

@@ -43,9 +43,11 @@ Kind `fft_band_energy/2` (the reference model from version 2.0.0) adds step 0:
    consecutive samples longer than `max_gap_ms` (a stalled sensor is not interpolated
    over), and the samples must reach back to within `max_gap_ms` of the grid's first
    point (a window that covers too short a time, e.g. a sensor polled faster than the
-   model's rate, is refused rather than stretched). Grid points before the oldest sample
-   (at most `max_gap_ms`, where the Hann window is ~0) hold that sample's value; samples
-   older than the grid are not used.
+   model's rate, is refused rather than stretched), and at least `min_density` x window
+   samples must fall inside the grid's span (a sensor read far below the model's rate
+   has no measurement in the upper bands, only interpolation: refused, not guessed).
+   Grid points before the oldest sample (at most `max_gap_ms`, where the Hann window is
+   ~0) hold that sample's value; samples older than the grid are not used.
 
    Without timestamps (`times=None`, the API of kind /1) the samples are taken as evenly
    spaced at the declared rate: the resampling is the identity, exactly kind /1's
@@ -107,6 +109,7 @@ class FeatureSpec:
     kind: str = FFT_BAND_ENERGY
     resample: str | None = None  # kind /2: "linear"
     max_gap_ms: float = 40.0  # kind /2: longest gap interpolated over (and edge held)
+    min_density: float = 0.0  # kind /2: samples in the grid's span / window, at least
 
     @property
     def timed(self) -> bool:
@@ -138,6 +141,11 @@ class FeatureSpec:
                     f"got {self.resample!r}"
                 )
             period_ms = 1000.0 / self.sample_rate_hz if self.sample_rate_hz > 0 else math.inf
+            if not 0.0 <= self.min_density <= 1.0:
+                raise FeatureError(
+                    f"preprocessing.resample.min_density: a fraction in [0, 1] expected, "
+                    f"got {self.min_density}"
+                )
             if not (math.isfinite(self.max_gap_ms) and self.max_gap_ms >= period_ms):
                 raise FeatureError(
                     f"preprocessing.resample.max_gap_ms: a finite value >= one sample period "
@@ -197,6 +205,7 @@ class FeatureSpec:
                 f"times={{{self.vibration_input!r}: t}})",
                 "grid": "t_end - k / sample_rate_hz, k = window-1 .. 0 (t_end: newest sample)",
                 "max_gap_ms": self.max_gap_ms,
+                "min_density": self.min_density,
             }
         return out
 
@@ -208,6 +217,7 @@ class FeatureSpec:
             raise FeatureError(f"preprocessing.kind: expected one of {list(KINDS)}, got {kind!r}")
         resample: str | None = None
         max_gap_ms = 40.0
+        min_density = 0.0
         if kind == FFT_BAND_ENERGY_TIMED:
             r = d.get("resample")
             if not isinstance(r, Mapping):
@@ -225,6 +235,12 @@ class FeatureSpec:
                     f"preprocessing.resample.max_gap_ms: a number expected, got {g!r}"
                 )
             max_gap_ms = float(g)
+            dens = r.get("min_density", 0.0)
+            if isinstance(dens, bool) or not isinstance(dens, (int, float)):
+                raise FeatureError(
+                    f"preprocessing.resample.min_density: a number expected, got {dens!r}"
+                )
+            min_density = float(dens)
         required = (
             "vibration_input",
             "window",
@@ -253,6 +269,7 @@ class FeatureSpec:
                 kind=str(kind),
                 resample=resample,
                 max_gap_ms=max_gap_ms,
+                min_density=min_density,
             )
         except (TypeError, ValueError) as exc:
             raise FeatureError(f"preprocessing: malformed value ({exc})") from exc
@@ -270,13 +287,16 @@ def resample_uniform(
     rate_hz: float,
     max_gap_s: float,
     out: F64 | None = None,
+    min_density: float = 0.0,
 ) -> F64:
     """Values `x` (n, axes) sampled at times `t` (n,) seconds -> (n, axes) float64 on the
     uniform grid `t[-1] - k / rate_hz` (oldest first), by linear interpolation.
 
     Raises FeatureError when the timestamps cannot honestly be interpolated: not finite,
     not strictly increasing, a gap over `max_gap_s` between samples that the grid uses,
-    or the oldest sample later than `max_gap_s` after the grid's first point."""
+    or the oldest sample later than `max_gap_s` after the grid's first point, or fewer
+    than `min_density * n` samples inside the grid's span (a sensor read so much slower
+    than `rate_hz` that the upper bands hold no measurement, only interpolation)."""
     ts = np.asarray(t, dtype=np.float64).reshape(-1)
     xv = np.asarray(x)
     n = xv.shape[0]
@@ -303,6 +323,13 @@ def resample_uniform(
                 f"faster than the model's rate or the window is short"
             )
         first = 0
+    inside = n - 1 - first  # samples after the grid's first point (the newest included)
+    if inside < min_density * n:
+        raise FeatureError(
+            f"timestamps: {inside} samples in the last {span * 1000:.0f} ms, at least "
+            f"{math.ceil(min_density * n)} expected ({min_density:.0%} of {rate_hz:g} Hz): "
+            f"sensor read too slowly"
+        )
     gaps = d[first:]
     k = int(np.argmax(gaps))
     if gaps[k] > max_gap_s:
@@ -409,6 +436,7 @@ class Preprocessor:
                 spec.sample_rate_hz,
                 spec.max_gap_ms / 1000.0,
                 out=self._grid,
+                min_density=spec.min_density,
             )
         self._raw[: self._nb] = self._bands(x)
         for i, name in enumerate(spec.scalars):

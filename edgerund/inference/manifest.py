@@ -17,8 +17,8 @@ Format `edgerund.model/1` (JSON object; * = required):
   (list of positive ints), `dtype`* ("float32"), `rate_hz`, `unit`, `description`}.
 - `preprocessing`*: {`kind`*: "fft_band_energy/1" | "fft_band_energy/2", ...}
   (edgerund.inference.features); kind /2 adds `resample`: {`method`*: "linear",
-  `max_gap_ms`*}: the vibration input is resampled on per-sample timestamps that the
-  loop passes as `runner.infer(inputs, times={name: t})`.
+  `max_gap_ms`*, `min_density`}: the vibration input is resampled on per-sample
+  timestamps that the loop passes as `runner.infer(inputs, times={name: t})`.
 - `model_inputs`*, `model_outputs`*: the ONNX graph's tensors [{`name`, `shape`,
   `dtype`}]; the runner checks the loaded graph against them (the ABI check).
 - `output`*: {`name`*: the output holding the score, `meaning`, `higher_is_anomalous`}.

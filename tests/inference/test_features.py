@@ -198,3 +198,17 @@ def test_timed_spec_json_roundtrip_and_validation() -> None:
         _spec(**{**TIMED, "max_gap_ms": 2.0}).validate()  # shorter than a 5 ms period
     with pytest.raises(FeatureError, match=r"resample\.method"):
         _spec(**{**TIMED, "resample": "cubic"}).validate()
+
+
+def test_a_sensor_read_far_below_the_rate_is_an_input_fault() -> None:
+    """At 60 Hz only ~77 samples fall in the 1.275 s grid: under min_density (40 % of 256),
+    the upper bands would be interpolation only: refused. At 120 Hz (60 %) it is used."""
+    pre = Preprocessor(_spec(**TIMED, min_density=0.4))
+    for rate, ok in ((60.0, False), (120.0, True)):
+        t = 10.0 + np.arange(256) / rate
+        inputs = {"accel_g": _tones_at(t), "temp_c": [20.0], "current_a": [3.0]}
+        if ok:
+            assert np.isfinite(pre(inputs, {"accel_g": t})).all()
+        else:
+            with pytest.raises(FeatureError, match=r"77 samples in the last 1275 ms, at least 103"):
+                pre(inputs, {"accel_g": t})

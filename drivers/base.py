@@ -71,7 +71,7 @@ class Sample:
 
     sensor_id: str
     channel: str
-    t_mono: float  # time.monotonic() when the read completed (loop.time() base)
+    t_mono: float  # time.monotonic() of the read: I2C transaction start, else completion
     t_wall: float  # time.time() at the same instant
     value: float
     unit: str

@@ -153,7 +153,7 @@ class Windows:
 # the model is trained and validated on: the features resample on timestamps, and the
 # model learns that whatever remains of the timing (less information when samples are
 # sparse) is normal.
-TIMING_MIX = (("steady", 0.15), ("hub", 0.45), ("heavy", 0.25), ("gaps", 0.15))
+TIMING_MIX = (("steady", 0.12), ("hub", 0.38), ("heavy", 0.2), ("gaps", 0.15), ("starved", 0.15))
 TIMINGS = tuple(name for name, _ in TIMING_MIX)
 
 
@@ -170,10 +170,21 @@ def poll_times_ms(rng: np.random.Generator, n: int, timing: str = "hub") -> F64:
     - "steady": the same with ~50 us of jitter (an idle machine);
     - "heavy": a heavily loaded machine: each poll late by uniform(0, U) ms, U in 3..10 ms
       per window, plus stalls (gaps up to ~15 ms and more);
+    - "starved": 5 ms reads with one stretch of 15-35 reads 8-35 ms apart (the hub's
+      task starved of CPU for up to a second, as measured on an oversubscribed CPU);
     - "gaps": no deadlines at all, independent gaps uniform in 2..U ms, U in 10..20 ms
       per window (a sensor read at 90-170 Hz on average: what the hub achieves on an
       oversubscribed CPU; the jitter-invariance test uses 2..15 ms)."""
     period = 1000.0 / FS_HZ
+    if timing == "starved":
+        # 5 ms +- jitter, with one stretch of 15-35 reads where the poll starves
+        gaps = np.clip(rng.normal(5.0, 1.5, (n, WINDOW)), 0.3, None)
+        length = rng.integers(15, 36, n)
+        start = rng.integers(0, WINDOW - 20, n)
+        col = np.arange(WINDOW)[None, :]
+        inside = (col >= start[:, None]) & (col < (start + length)[:, None])
+        gaps = np.where(inside, rng.uniform(8.0, 35.0, (n, WINDOW)), gaps)
+        return np.cumsum(gaps, axis=1)
     if timing == "gaps":
         top = rng.uniform(10.0, 20.0, n)[:, None]  # mean gap 6-11 ms: 45-85 % of 200 Hz
         gaps = 2.0 + rng.uniform(0.0, 1.0, (n, WINDOW)) * (top - 2.0)

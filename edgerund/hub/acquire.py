@@ -273,7 +273,8 @@ class Acquirer:
         # under CPU load that hop adds milliseconds of jitter to the sample times.
         t_tx = _transaction_t()
         t_sample = t_tx if t_tx is not None and t_tx <= t_mono else t_mono
-        t_wall = _wall()
+        # The same instant on the wall clock (telemetry timestamps agree with t_mono).
+        t_wall = _wall() - (t_mono - t_sample)
         sid = rt.config.id
         slots = rt.slots
         samples: list[Sample] = []

@@ -201,8 +201,7 @@ class DaemonProcess:
         return rc
 
 
-def simulated(tmp_path: Path, overrides: dict[str, Any] | None = None, **kw: Any
-              ) -> DaemonProcess:
+def simulated(tmp_path: Path, overrides: dict[str, Any] | None = None, **kw: Any) -> DaemonProcess:
     """A DaemonProcess on the shipped simulated config, with its paths moved under
     tmp_path (so tests never collide with each other or a developer's simulator)."""
     from edgerund.config.loader import simulate_config_path
@@ -214,7 +213,8 @@ def simulated(tmp_path: Path, overrides: dict[str, Any] | None = None, **kw: Any
     cfg["diag"]["mode"] = 0o666
     cfg.setdefault("logging", {})["format"] = "json"
     cfg = deep_merge(cfg, overrides or {})
-    d = DaemonProcess(tmp_path, config_text=yaml.safe_dump(cfg, sort_keys=False),
-                      simulate=True, **kw)
+    d = DaemonProcess(
+        tmp_path, config_text=yaml.safe_dump(cfg, sort_keys=False), simulate=True, **kw
+    )
     d.config = cfg
     return d

@@ -130,6 +130,22 @@ def _sensor_row(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _model_row(m: dict[str, Any]) -> dict[str, Any]:
+    """The columns a technician reads; --json has everything."""
+    return {
+        "name": m.get("name"),
+        "version": m.get("version"),
+        "slot": m.get("active_slot"),
+        "state": m.get("state"),
+        "precision": m.get("precision"),
+        "runs": m.get("inferences"),
+        "faults": m.get("faults"),
+        "NaN": m.get("nan_outputs"),
+        "us p50/p99": f"{_fmt(m.get('infer_p50_us'))}/{_fmt(m.get('infer_p99_us'))}",
+        "last error": m.get("last_error"),
+    }
+
+
 def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:
     def p99(d: Any) -> Any:
         return d.get("p99") if isinstance(d, dict) else None
@@ -425,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         render_status(console, result)
     elif cmd == "log" and isinstance(result, list):
         _render_log(console, result)
+    elif cmd == "models" and isinstance(result, list):
+        console.print(table([_model_row(r) for r in result], "models"))
     elif cmd == "loops" and isinstance(result, list):
         from edgerund.control.render import format_loops
 

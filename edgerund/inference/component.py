@@ -154,6 +154,10 @@ class ModelsComponent:
             row["active_slot"] = info.get("active_slot")
             if info.get("state") is not None:
                 row["state"] = str(info["state"])
+            # The signed bundle's version is what was installed (the model's own manifest
+            # may carry an older one when a model is re-released unchanged).
+            if info.get("version"):
+                row["version"] = str(info["version"])
         return row
 
     def status(self) -> dict[str, Any]:

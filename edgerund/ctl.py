@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -202,21 +203,20 @@ def render_status(console: Console, st: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- commands
 
-Simple = tuple[str, str, Callable[[argparse.Namespace], dict[str, Any]]]
+# (command, help, add its arguments to the subparser, build the request's args)
+RemoteCommand = tuple[
+    str,
+    str,
+    Callable[[argparse.ArgumentParser], None],
+    Callable[[argparse.Namespace], dict[str, Any]],
+]
 
 
 def _no_args(a: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-SIMPLE: list[
-    tuple[
-        str,
-        str,
-        Callable[[argparse.ArgumentParser], None],
-        Callable[[argparse.Namespace], dict[str, Any]],
-    ]
-] = [
+SIMPLE: list[RemoteCommand] = [
     ("status", "summary of every component", lambda p: None, _no_args),
     ("sensors", "every sensor: state, value, age, rate, errors", lambda p: None, _no_args),
     ("loops", "control loops: ticks, misses, lateness, latency, mode", lambda p: None, _no_args),
@@ -279,19 +279,10 @@ def _inject_args(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _abs(path: str) -> str:
-    import os
-
     return os.path.abspath(path)
 
 
-WITH_ARGS: list[
-    tuple[
-        str,
-        str,
-        Callable[[argparse.ArgumentParser], None],
-        Callable[[argparse.Namespace], dict[str, Any]],
-    ]
-] = [
+WITH_ARGS: list[RemoteCommand] = [
     (
         "attest",
         "TPM quote over the configured PCRs for a verifier's nonce",

@@ -120,6 +120,10 @@ install -D -m 0644 systemd/edgerund.tmpfiles "$STAGE/usr/lib/tmpfiles.d/edgerund
 install -D -m 0640 packaging/edgerund.yaml "$STAGE/etc/edgerund/edgerund.yaml"
 install -d "$STAGE/usr/share/edgerund/models/reference"
 cp -a models/reference/. "$STAGE/usr/share/edgerund/models/reference/"
+# The simulator's DEVELOPMENT keyring (public keys only; the private key is never packaged).
+# Only the shipped simulated config refers to it; production keyrings live in /etc/edgerund.
+install -D -m 0644 models/dev-keys/keyring.dev.json \
+    "$STAGE/usr/share/edgerund/models/dev-keys/keyring.dev.json"
 install -D -m 0644 README.md "$STAGE/usr/share/doc/edgerund/README.md"
 for d in docs/*.md; do
     [ -e "$d" ] && install -D -m 0644 "$d" "$STAGE/usr/share/doc/edgerund/$d"

@@ -35,7 +35,11 @@ def test_sensors_scan_sniff_inject_over_the_socket(tmp_path: Path) -> None:
         scan = d.call("i2c-scan", {"bus": 1})
         by = {r["address"]: r["status"] for r in scan}
         assert by["0x68"] == "in use" and by["0x44"] == "responds" and by["0x40"] == "responds"
+        deadline = time.monotonic() + 10.0  # the GPS talks once a second
         frames = d.call("serial-sniff", {"port": "sim://gps", "n": 2})
+        while len(frames) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            frames = d.call("serial-sniff", {"port": "sim://gps", "n": 2})
         assert len(frames) == 2 and all(f["text"].startswith("$GP") for f in frames)
         res = d.call(
             "sim-inject", {"kind": "dropout", "duration_s": 60, "sensor": "cab", "severity": 1.0}

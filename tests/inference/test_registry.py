@@ -49,7 +49,7 @@ class FakeUpdates:
 
     def slot_info(self, name: str) -> dict[str, Any]:
         return (
-            {"active_slot": "b", "state": "committed", "version": "1.0.0"}
+            {"active_slot": "b", "state": "committed", "version": "1.1.0"}
             if name in self.dirs
             else {}
         )

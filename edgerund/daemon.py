@@ -46,12 +46,12 @@ from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
 from edgerund.context import Context, FatalComponentError, Supervisor
 from edgerund.control import component as control_component
+from edgerund.control.histogram import Histogram
 from edgerund.diag import DiagServer
 from edgerund.errors import ConfigError, DeviceError
 from edgerund.hub import component as hub_component
 from edgerund.identity import component as identity_component
 from edgerund.inference import component as inference_component
-from edgerund.metrics import Histogram
 from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
 from edgerund.toolkit import prometheus
@@ -98,7 +98,7 @@ class LoopLagMonitor:
             lag = max(0.0, now - deadline)
             self.last_s = lag
             self.max_s = max(self.max_s, lag)
-            self.hist.record(lag)
+            self.hist.record(lag * 1e3)
             deadline += self.interval_s
             if deadline < now:  # we were blocked for several intervals: skip, don't burst
                 deadline = now + self.interval_s
@@ -114,7 +114,7 @@ class LoopLagMonitor:
     def status(self) -> dict[str, Any]:
         return {
             "loop_lag_ms": round(self.last_s * 1e3, 3),
-            "loop_lag": {**self.hist.summary_ms(), "samples": self.hist.count},
+            "loop_lag": {**self.hist.summary(), "samples": self.hist.count},
         }
 
 

@@ -85,13 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     c.set_defaults(func=cmd_check_config)
 
-    # Capability tools live beside their code; imported here, not at module load, so
-    # `edgerund run` does not pay for them.
-    from edgerund.identity import cli as identity_cli
-    from edgerund.telemetry import cli as telemetry_cli
-    from edgerund.updates import cli as updates_cli
+    # Publisher and backend tools live in their own packages, which the daemon never
+    # imports; imported here, not at module load, so `edgerund run` does not pay for them.
+    from edgerund.backend import attest_cli, telemetry_cli
+    from edgerund.publisher import cli as publisher_cli
 
-    for tools in (updates_cli, telemetry_cli, identity_cli):
+    for tools in (publisher_cli, telemetry_cli, attest_cli):
         tools.register(sub)
     return p
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgerund.identity.verify import parse_nonce
+from edgerund.identity.binding import parse_nonce
 
 Kind = Literal["tpm", "software"]
 

@@ -30,9 +30,9 @@ import structlog
 from edgerund.component import Command, CommandError, Peer
 from edgerund.errors import ConfigError, DeviceError
 from edgerund.identity.base import Identity
+from edgerund.identity.binding import parse_nonce
 from edgerund.identity.software import SoftwareIdentity
 from edgerund.identity.tpm_errors import LAYER_MASK, TCTI_LAYER, TpmError
-from edgerund.identity.verify import parse_nonce
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config

@@ -13,10 +13,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from edgerund.backend.verify import verify_result
 from edgerund.component import CommandError, Peer
 from edgerund.errors import ConfigError, DeviceError
+from edgerund.identity.binding import binding_value
 from edgerund.identity.component import IdentityComponent, build
-from edgerund.identity.verify import binding_value, verify_result
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.identity.conftest import make_context
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgerund.identity.verify import binding_value, verify_result
+from edgerund.backend.verify import verify_result
+from edgerund.identity.binding import binding_value
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.helpers.daemon import DaemonProcess
 from tests.identity.test_tpm import lockout_counter

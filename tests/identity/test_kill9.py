@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from edgerund.backend.verify import verify_result
 from edgerund.identity.tpm import TpmIdentity
-from edgerund.identity.verify import verify_result
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.identity.conftest import tpm_config
 from tests.identity.test_tpm import esapi, lockout_counter, use_da_protected_key

@@ -17,11 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from edgerund.backend.attest_cli import export_checkquote_files
+from edgerund.backend.verify import expected_binding_for_files, verify_result
 from edgerund.errors import DeviceError
 from edgerund.identity import tpmstruct as ts
-from edgerund.identity.cli import export_checkquote_files
+from edgerund.identity.binding import binding_value
 from edgerund.identity.tpm import TpmIdentity
-from edgerund.identity.verify import binding_value, expected_binding_for_files, verify_result
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.identity.conftest import tpm_config
 

@@ -14,15 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgerund.backend.verify import expected_binding_for_files, verify_result
 from edgerund.identity import tpmstruct as ts
+from edgerund.identity.binding import binding_value, parse_nonce
 from edgerund.identity.config import IdentityConfig
 from edgerund.identity.software import SoftwareIdentity
-from edgerund.identity.verify import (
-    binding_value,
-    expected_binding_for_files,
-    parse_nonce,
-    verify_result,
-)
 
 NONCE = b"\x5a" * 32
 
@@ -170,7 +166,7 @@ def test_pcr_selection_roundtrip():
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     code = (
         "import argparse, sys\n"
-        "from edgerund.identity.cli import register\n"
+        "from edgerund.backend.attest_cli import register\n"
         "p = argparse.ArgumentParser(prog='edgerund'); sub = p.add_subparsers(required=True)\n"
         "register(sub); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
     )

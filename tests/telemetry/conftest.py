@@ -14,10 +14,10 @@ import msgspec
 import pytest_asyncio
 
 from drivers.base import Sample
+from edgerund.backend.consumer import Consumer, run
 from edgerund.config.schema import Config
 from edgerund.context import Context, FatalComponentError, Supervisor
 from edgerund.identity.component import build as build_identity
-from edgerund.telemetry.consumer import Consumer, run
 from tests.helpers.daemon import deep_merge
 
 

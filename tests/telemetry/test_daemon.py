@@ -13,7 +13,7 @@ from typing import Any
 
 import aiomqtt
 
-from edgerund.telemetry.consumer import Consumer
+from edgerund.backend.consumer import Consumer
 from tests.helpers.daemon import DaemonProcess
 
 BATCH_AGE_S = 1.0

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiomqtt
 
+from edgerund.backend.consumer import Consumer
 from edgerund.telemetry.component import TelemetryComponent
-from edgerund.telemetry.consumer import Consumer
 from tests.telemetry.conftest import HubStandIn, identity_in, make_config, make_ctx
 
 

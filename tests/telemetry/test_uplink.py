@@ -294,7 +294,7 @@ async def test_tls_handshake_refused_is_reported_not_fatal(
 async def test_consumer_repairs_a_gap_with_resend(tmp_path: Path, mosquitto: Any) -> None:
     """A consumer without a persistent session misses batches while it is away; the next
     batch it sees exposes the gap, and cmd/resend brings the missing ones back."""
-    from edgerund.telemetry.consumer import Consumer, run
+    from edgerund.backend.consumer import Consumer, run
     from tests.telemetry.conftest import Collector
 
     ctx = make_ctx(make_config(tmp_path, mosquitto), tmp_path)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerund.config.schema import Config
 from edgerund.context import Context, Supervisor
-from edgerund.updates import build as B
+from edgerund.publisher import build as B
 from tests.updates import models as M
 
 

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerund.component import CommandError, Peer
-from edgerund.updates import build as B
+from edgerund.publisher import build as B
 from tests.updates import models as M
 from tests.updates.support import Publisher, sha_tree
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from edgerund.updates import build as B
+from edgerund.publisher import build as B
 
 REPO = Path(__file__).resolve().parents[2]
 REF = REPO / "models" / "reference"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgerund.component import CommandError, Peer
-from edgerund.updates import build as B
+from edgerund.publisher import build as B
 from tests.updates import models as M
 from tests.updates.support import Publisher, sha_tree
 

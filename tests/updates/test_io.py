@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from edgerund.component import CommandError, Peer
-from edgerund.updates import build as B
+from edgerund.publisher import build as B
+from edgerund.publisher.cli import register
 from edgerund.updates import fsutil
-from edgerund.updates.cli import register
 from tests.updates import models as M
 from tests.updates.support import Publisher, sha_tree, wait_for
 

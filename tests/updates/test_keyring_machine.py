@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerund.errors import TrustError
-from edgerund.updates import build as B
+from edgerund.publisher import build as B
 from edgerund.updates import machine as m
 from edgerund.updates.keyring import check_rotation, check_self_signed, parse_keyring
 from edgerund.updates.manifest import MANIFEST_DOMAIN, canonical, decode_manifest, signing_message

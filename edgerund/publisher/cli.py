@@ -28,7 +28,7 @@ from edgerund.errors import TrustError
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from edgerund.updates.build import keygen
+    from edgerund.publisher.build import keygen
 
     try:
         priv, pub, kid = keygen(Path(args.out), args.name)
@@ -43,7 +43,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from edgerund.updates.build import build_from_dir, load_private
+    from edgerund.publisher.build import build_from_dir, load_private
 
     health: dict[str, Any] = {}
     for key in ("probation_s", "latency_p95_ms", "atol", "rtol", "max_rel_latency"):
@@ -131,7 +131,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _keyring(args: argparse.Namespace) -> int:
-    from edgerund.updates.build import keyring_bytes, load_private, load_public, make_keyring
+    from edgerund.publisher.build import keyring_bytes, load_private, load_public, make_keyring
     from edgerund.updates.keyring import check_rotation, check_self_signed, parse_keyring
 
     try:

@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgerund.backend.verify import expected_binding_for_files, verify_result
 from edgerund.identity import tpmstruct as ts
-from edgerund.identity.verify import expected_binding_for_files, parse_nonce, verify_result
+from edgerund.identity.binding import parse_nonce
 
 
 class UsageError(Exception):

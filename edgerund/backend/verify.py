@@ -50,8 +50,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from edgerund.identity import tpmstruct as ts
+from edgerund.identity.binding import binding_value
 
-MAX_NONCE_BYTES = 64
 HASH_ALGS: dict[int, hashes.HashAlgorithm] = {
     ts.ALG_SHA1: hashes.SHA1(),
     ts.ALG_SHA256: hashes.SHA256(),
@@ -89,34 +89,6 @@ class Verdict:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def parse_nonce(text: str) -> bytes:
-    """A verifier nonce given as hex: 1..64 bytes. Raises ValueError with the reason."""
-    t = text.strip()
-    if t.startswith(("0x", "0X")):
-        t = t[2:]
-    try:
-        nonce = bytes.fromhex(t)
-    except ValueError:
-        raise ValueError(f"nonce must be hex digits (got {text[:80]!r})") from None
-    if not nonce:
-        raise ValueError("nonce is empty: a fresh random nonce is mandatory (e.g. 32 bytes)")
-    if len(nonce) > MAX_NONCE_BYTES:
-        raise ValueError(f"nonce is {len(nonce)} bytes; at most {MAX_NONCE_BYTES} are allowed")
-    return nonce
-
-
-def binding_value(config_sha256: bytes, model_sha256s: Sequence[bytes]) -> bytes:
-    """The expected binding PCR (sha256 bank) after a reset, the config and the models.
-
-    The daemon resets the PCR, extends it with sha256(config file bytes), then with
-    sha256(manifest.json bytes) of each active model in order of model name.
-    """
-    value = bytes(32)
-    for digest in (config_sha256, *model_sha256s):
-        value = ts.extend(value, digest)
-    return value
 
 
 def expected_binding_for_files(config_file: Path, manifests: Sequence[Path]) -> bytes:

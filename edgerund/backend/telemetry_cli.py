@@ -2,7 +2,7 @@
 
 decode: one payload from FILE or stdin (`-`), or with `--hex` one hex payload per line,
         printed as JSON lines (one per block); exit 1 with the DecodeError on bad input.
-consume: the reference consumer (edgerund/telemetry/consumer.py) against a broker.
+consume: the reference consumer (edgerund/backend/consumer.py) against a broker.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import signal
 import sys
 from typing import Any
 
+from edgerund.backend.consumer import Consumer, JsonLinesSink, SqliteSink, run
 from edgerund.telemetry import codec
-from edgerund.telemetry.consumer import Consumer, JsonLinesSink, SqliteSink, run
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -149,12 +149,69 @@ class Supervisor:
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, backoff_max_s)
 
+    def scope(self, component: str) -> TaskScope:
+        """A task scope for one component: the only way a component starts a task."""
+        return TaskScope(self, component)
+
     async def cancel_all(self, timeout_s: float = 5.0) -> None:
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
+
+
+class TaskScope:
+    """The background tasks of one component, owned by the daemon's Supervisor.
+
+    The composition root enters a component's scope before the component and leaves it
+    after the component's own `__aexit__`: leaving cancels every task the component still
+    has and waits for them, so no task outlives its component and none is started any
+    other way. Task names are prefixed with the component's name.
+    """
+
+    def __init__(self, supervisor: Supervisor, component: str) -> None:
+        self._supervisor = supervisor
+        self.component = component
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(
+        self,
+        name: str,
+        factory: Callable[[], Awaitable[None]],
+        *,
+        restart: bool = True,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> asyncio.Task[None]:
+        task = self._supervisor.spawn(
+            f"{self.component}.{name}",
+            factory,
+            restart=restart,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def tasks(self) -> frozenset[asyncio.Task[None]]:
+        return frozenset(self._tasks)
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Cancel this component's tasks and wait up to `timeout_s` for them to end."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    async def __aenter__(self) -> TaskScope:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 @dataclass

@@ -1,0 +1,183 @@
+"""The typed contracts between the daemon's components (ports, in ports-and-adapters terms).
+
+The composition root (edgerund/daemon.py) builds each component with exactly the ports it
+needs, as constructor arguments; a component never looks a peer up by name, never polls for
+a peer built after it and never tests a peer with `hasattr`. Each port is the narrowest view
+one component needs of another, so a test hands a component a small fake that implements
+the port instead of a whole peer.
+
+Who provides what (see docs/architecture.md for the graph):
+
+    port            provided by                      used by
+    SampleSource    hub (SensorHub)                  loops, telemetry
+    ModelHost       models (ModelsComponent)         loops, updates
+    SlotSource      updates' slot repository         models
+    Measurer        identity                         models (PCR binding after a swap)
+    Signer          identity                         telemetry (batch signatures)
+    Counter         identity (TPM NV) or a file      updates (anti-rollback)
+    LoopStats       loops (LoopsComponent)           updates (probation)
+    CommandRouter   the root's RemoteCommands        updates registers; telemetry dispatches
+    EventSink       the root's EventBus              every component publishes
+
+No `Any` crosses these boundaries: records are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from drivers.base import Sample
+    from edgerund.context import Event
+    from edgerund.inference.runner import ModelRunner
+
+    F64 = npt.NDArray[np.float64]
+
+
+# ---------------------------------------------------------------- samples
+
+
+class SampleSource(Protocol):
+    """The newest samples of every configured sensor (the hub)."""
+
+    def channels(self) -> list[tuple[str, str, str]]:
+        """(sensor_id, channel, unit) of every channel, in config order."""
+        ...
+
+    def state(self, sensor_id: str) -> str:
+        """ "ok", "stale", "failed", ... (drivers/base.py SensorState values)."""
+        ...
+
+    def latest(self, sensor_id: str, channel: str) -> Sample | None: ...
+
+    def window(self, sensor_id: str, channel: str, n: int) -> tuple[F64, F64]:
+        """The newest `n` (t_mono, value) of one channel, oldest first."""
+        ...
+
+    def subscribe(self, fn: Callable[[Sample], None]) -> Callable[[], None]:
+        """Call `fn` on the event loop for every sample; returns the unsubscribe call."""
+        ...
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCounters:
+    """Monotonic counters of one model's runner since start (probation takes deltas)."""
+
+    inferences: int
+    faults: int
+    nan_outputs: int
+    score_mean: float | None  # mean anomaly score of the recent window, None before any
+
+
+class ModelHost(Protocol):
+    """The running models (the models component)."""
+
+    def runner(self, name: str) -> ModelRunner | None:
+        """The runner serving `name` now; looked up on every tick, so a swap is atomic."""
+        ...
+
+    async def swap(self, name: str, model_dir: Path) -> None:
+        """Load, check and warm up off the loop, then replace; ModelError keeps the old."""
+        ...
+
+    def counters(self, name: str) -> ModelCounters: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRecord:
+    """What the slot store says about one managed model."""
+
+    name: str
+    active_slot: str | None  # "a" | "b" | None (no slot installed: the packaged model runs)
+    version: str | None
+    state: str  # the update state machine's state, e.g. "COMMITTED", "PROBATION"
+    model_dir: Path | None  # the active slot's directory, verified at start-up
+
+
+class SlotSource(Protocol):
+    """The verified A/B slots (the updates component's slot repository)."""
+
+    def active(self, name: str) -> SlotRecord | None:
+        """None when updates do not manage `name`."""
+        ...
+
+
+# ---------------------------------------------------------------- identity
+
+
+class Measurer(Protocol):
+    """Binds what runs into the attestation (a PCR or NV extend)."""
+
+    async def bind_model(self, manifest_sha256: bytes, name: str) -> None: ...
+
+
+class Signer(Protocol):
+    """The gateway's signing key (TPM-resident or software)."""
+
+    @property
+    def kind(self) -> str:
+        """ "tpm" | "software"."""
+        ...
+
+    @property
+    def key_id(self) -> str: ...
+
+    def public_key_pem(self) -> str: ...
+
+    async def sign_digest(self, digest: bytes) -> bytes:
+        """DER ECDSA signature over a SHA-256 digest."""
+        ...
+
+
+class Counter(Protocol):
+    """A monotonic counter against rollback (TPM NV counter or a file)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    async def read(self) -> int: ...
+
+    async def ratchet(self, value: int) -> int:
+        """Raise the counter to at least `value`; returns the new value."""
+        ...
+
+
+# ---------------------------------------------------------------- loops
+
+
+@dataclass(frozen=True, slots=True)
+class LoopCounters:
+    """Monotonic tick counters summed over the control loops (probation takes deltas)."""
+
+    ticks: int
+    missed: int
+    overruns: int
+
+
+class LoopStats(Protocol):
+    def counters(self) -> LoopCounters: ...
+
+
+# ---------------------------------------------------------------- remote commands, events
+
+RemoteHandler = Callable[[bytes], Awaitable[bytes | None]]
+"""Handles one remote (MQTT `cmd/{name}`) request payload; returns the reply payload."""
+
+
+class CommandRouter(Protocol):
+    def register(self, name: str, handler: RemoteHandler) -> None:
+        """Serve `cmd/{name}`; a name registered twice is a programming error."""
+        ...
+
+
+class EventSink(Protocol):
+    def publish(self, kind: str, source: str, **fields: object) -> Event: ...

@@ -12,12 +12,9 @@ written in YAML as hex (`0x81000001`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from edgerund.config.base import Section
-
-if TYPE_CHECKING:
-    from edgerund.config.schema import Config
 
 RESETTABLE_PCRS = (16, 23)  # resettable from locality 0 (PC Client platform profile)
 
@@ -45,7 +42,14 @@ class IdentityConfig(Section):
     shutdown_on_exit: bool = True  # orderly TPM2_Shutdown(CLEAR) when the daemon stops
 
 
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
+class _Identity(Protocol):
+    """What `cross_check` reads of the root config (edgerund/config/schema.py)."""
+
+    @property
+    def identity(self) -> IdentityConfig: ...
+
+
+def cross_check(cfg: _Identity) -> list[tuple[str, str]]:
     """Checks of the identity section that msgspec's types cannot express."""
     from edgerund.identity.tpmstruct import HASH_IDS, parse_pcr_selection_string
 

@@ -11,8 +11,7 @@ from typing import Any
 import aiomqtt
 
 from edgerund.backend.consumer import Consumer
-from edgerund.telemetry.component import TelemetryComponent
-from tests.telemetry.conftest import HubStandIn, identity_in, make_config, make_ctx
+from tests.telemetry.conftest import HubStandIn, identity_in, make_config, make_ctx, telemetry_in
 
 
 async def test_normal_flow_decoded_and_verified(
@@ -24,11 +23,10 @@ async def test_normal_flow_decoded_and_verified(
     cfg = make_config(tmp_path, mosquitto)
     ctx = make_ctx(cfg, tmp_path)
     hub = HubStandIn([("env", "temp", "degC"), ("vib", "x", "g")])
-    ctx.components["hub"] = hub
     async with identity_in(ctx) as ident:
         key = Consumer.load_public_key(ident.public_key_pem().encode())
         col = await collector_factory(mosquitto, public_keys=[key], require_signature=True)
-        async with TelemetryComponent(ctx) as tel:
+        async with telemetry_in(ctx, hub, signer=ident) as tel:
             t0 = time.time() - 5
             sent = []
             for i in range(50):

@@ -12,9 +12,8 @@ import numpy as np
 
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Cls, LossBlock, LossReason, SeriesBlock
-from edgerund.telemetry.component import TelemetryComponent
 from edgerund.telemetry.spool import Spool
-from tests.telemetry.conftest import HubStandIn, make_config, make_ctx
+from tests.telemetry.conftest import HubStandIn, make_config, make_ctx, telemetry_in
 
 REPO = Path(__file__).resolve().parents[2]
 TTL = {Cls.EVT: 1e6, Cls.AGG: 1e6, Cls.RAW: 1e6}
@@ -105,9 +104,8 @@ async def test_cap_loss_reaches_consumer_without_gaps(
     cfg = make_config(tmp_path, mosquitto, telemetry={"spool_max_mb": 0.3, "batch_max_age_s": 0.2})
     ctx = make_ctx(cfg, tmp_path)
     hub = HubStandIn([("env", "temp", "degC")])
-    ctx.components["hub"] = hub
     rng = np.random.default_rng(5)
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, hub) as tel:
         t = time.time() - 3600
         while tel.spool.stats.lost_batches < 5:
             for v in rng.normal(20, 5, 15000):  # noisy: compresses badly, fills the cap fast

@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 * One writer thread owns the only connection. Every operation (append a sealed batch,
-  mark rows acknowledged, fetch the backlog, register series) is a message on its queue,
-  answered through a concurrent future, so the event loop never waits on SQLite, zstd or
-  fsync. Appends are *grouped*: the thread keeps one transaction open and commits it
+  mark rows acknowledged, fetch the backlog, register series) is a typed closure on its
+  queue (`_Op`: one `_op_*` method and its arguments), answered through a concurrent
+  future, so the event loop never waits on SQLite, zstd or fsync. Each `_op_*` says in its
+  `_Answer` whether the caller hears back at once (reads) or after the commit (writes), and
+  whether the group must commit now. Appends are *grouped*: the thread keeps one transaction open and commits it
   `commit_interval` after its first write (an `urgent` append, i.e. an event, commits at
   once). Futures resolve only after the commit, so "appended" means "on disk"
   (synchronous=FULL: the WAL is fsynced at every commit, one fsync per group).
@@ -28,6 +30,10 @@ Theory of operation
   (written atomically) because it must survive the database it numbers; a fresh epoch is
   at least the current Unix time in minutes, so wiping the state directory cannot reuse an
   old (epoch, seq) pair.
+
+One cohesive thing, hence one module of ~800 lines: the writer thread's transaction
+grouping, the byte budget and the corruption recovery share one connection and one set of
+counters, and a disk-full rollback must fail exactly the futures of the group it undid.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 
@@ -72,6 +78,33 @@ CREATE INDEX IF NOT EXISTS ix_age ON batches(acked, seq);
 CREATE TABLE IF NOT EXISTS series (name TEXT PRIMARY KEY, id INTEGER NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS metas (ver INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, json TEXT NOT NULL);
 """
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer(Generic[T]):
+    """What an operation returns to the writer loop.
+
+    after_commit: resolve the caller's future only once the open transaction has committed
+    ("stored" means on disk); otherwise at once (reads). commit_now: commit the group now
+    instead of `commit_interval_s` after its first write (events, flush, close, requeue).
+    """
+
+    value: T
+    after_commit: bool = False
+    commit_now: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Op(Generic[T]):
+    """One call queued to the writer thread: a typed closure and the caller's future."""
+
+    name: str
+    run: Callable[[], _Answer[T]]
+    future: cf.Future[T]
+    stop: bool = False  # close: the writer commits, checkpoints and ends after this
 
 
 class SpoolError(Exception):
@@ -164,7 +197,7 @@ class Spool:
         self.clock = clock
         self.stats = SpoolStats(budget_bytes=self.budget)
         self.series_ids: dict[str, int] = {}
-        self._q: queue.Queue[tuple[str, tuple[Any, ...], cf.Future[Any]]] = queue.Queue()
+        self._q: queue.Queue[_Op[Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._next_seq = 1
@@ -188,7 +221,7 @@ class Spool:
         """Commit what is pending and stop the thread. Blocking; idempotent."""
         if self._thread is None or self._closed:
             return
-        self._call("close").result(timeout=60)
+        self._submit("close", self._op_commit, stop=True).result(timeout=60)
         self._thread.join(timeout=60)
         self._closed = True
 
@@ -318,47 +351,53 @@ class Spool:
 
     # ------------------------------------------------------------ public API
 
-    def _call(self, op: str, *args: Any) -> cf.Future[Any]:
-        fut: cf.Future[Any] = cf.Future()
+    def _submit(
+        self, name: str, run: Callable[[], _Answer[T]], *, stop: bool = False
+    ) -> cf.Future[T]:
+        fut: cf.Future[T] = cf.Future()
         if self._closed or self._thread is None:
             fut.set_exception(SpoolError("spool is closed"))
             return fut
-        self._q.put((op, args, fut))
+        self._q.put(_Op(name, run, fut, stop))
         return fut
 
     def append(
         self, cls: Cls, blocks: Sequence[Block], schema_ver: int, *, urgent: bool = False
     ) -> cf.Future[int]:
         """Seal: assign a seq, encode, store. Resolves to the seq once committed."""
-        return self._call("append", cls, tuple(blocks), schema_ver, urgent)
+        blocks = tuple(blocks)
+        return self._submit("append", lambda: self._op_append(cls, blocks, schema_ver, urgent))
 
     def ack(self, seqs: Sequence[int]) -> cf.Future[None]:
-        return self._call("ack", tuple(seqs))
+        seqs = tuple(seqs)
+        return self._submit("ack", lambda: self._op_ack(seqs))
 
     def requeue(self, epoch: int, first: int, last: int) -> cf.Future[tuple[list[int], int]]:
         """Mark kept rows first..last undelivered again (cmd/resend): (requeued, missing)."""
-        return self._call("requeue", epoch, first, last)
+        return self._submit("requeue", lambda: self._op_requeue(epoch, first, last))
 
     def fetch(self, cls: Cls, after_seq: int, limit: int) -> cf.Future[list[Row]]:
-        return self._call("fetch", cls, after_seq, limit)
+        return self._submit("fetch", lambda: self._op_fetch(cls, after_seq, limit))
 
     def register_series(self, names: Sequence[str]) -> cf.Future[dict[str, int]]:
-        return self._call("series", tuple(names))
+        names = tuple(names)
+        return self._submit("series", lambda: self._op_series(names))
 
     def register_meta(self, meta_json: str) -> cf.Future[int]:
-        return self._call("meta", meta_json)
+        return self._submit("meta", lambda: self._op_meta(meta_json))
 
     def meta_versions(self, vers: Sequence[int]) -> cf.Future[dict[int, str]]:
-        return self._call("get_metas", tuple(vers))
+        vers = tuple(vers)
+        return self._submit("get_metas", lambda: self._op_meta_versions(vers))
 
     def backlog_schema_versions(self) -> cf.Future[list[int]]:
-        return self._call("backlog_vers")
+        return self._submit("backlog_vers", self._op_backlog_versions)
 
     def flush(self) -> cf.Future[None]:
-        return self._call("flush")
+        return self._submit("flush", self._op_commit)
 
     def housekeeping(self) -> cf.Future[None]:
-        return self._call("housekeeping")
+        return self._submit("housekeeping", self._op_housekeeping)
 
     async def aflush(self) -> None:
         await asyncio.wrap_future(self.flush())
@@ -372,9 +411,7 @@ class Spool:
             now = time.monotonic()
             wait = min(next_house, deadline if deadline is not None else next_house) - now
             try:
-                item: tuple[str, tuple[Any, ...], cf.Future[Any]] | None = self._q.get(
-                    timeout=max(0.0, wait)
-                )
+                item: _Op[Any] | None = self._q.get(timeout=max(0.0, wait))
             except queue.Empty:
                 item = None
             batch_items = [item] if item else []
@@ -386,20 +423,24 @@ class Spool:
                 batch_items.append(item)
             commit_now = False
             stop = False
-            for op, args, fut in batch_items:
-                if fut.done():  # cancelled by the caller
+            for op in batch_items:
+                if op.future.done():  # cancelled by the caller
                     continue
                 try:
-                    urgent = self._dispatch(op, args, fut)
+                    answer = op.run()
                 except Exception as exc:
-                    self._fail(exc, fut)
+                    self._fail(exc, op.future)
                     if _is_corrupt(exc):
                         self._recover_corrupt(exc)
                     continue
-                if op == "close":
+                if answer.after_commit:
+                    self._pending.append((op.future, answer.value))
+                else:
+                    op.future.set_result(answer.value)
+                if op.stop:
                     stop = True
                     commit_now = True
-                elif urgent:
+                elif answer.commit_now:
                     commit_now = True
                 if self._dirty and deadline is None:
                     deadline = time.monotonic() + self.commit_interval_s
@@ -514,114 +555,94 @@ class Spool:
         if self.on_quarantine:
             self.on_quarantine(self.stats.epoch, dest)
 
-    def _dispatch(self, op: str, args: tuple[Any, ...], fut: cf.Future[Any]) -> bool:
-        """Run one op; returns True when it wants an immediate commit."""
-        c = self._conn
-        assert c is not None
-        if op == "append":
-            cls, blocks, schema_ver, urgent = args
-            seq = self._append(cls, blocks, schema_ver)
-            self._pending.append((fut, seq))
-            return bool(urgent)
-        if op == "ack":
-            seqs: tuple[int, ...] = args[0]
-            self._begin()
-            rows = self._select_in(
-                "SELECT seq, LENGTH(payload) FROM batches WHERE acked=0 AND seq IN ({})", seqs
-            )
-            if self.keep_acked_s > 0:
-                self._exec_in("UPDATE batches SET acked=1 WHERE seq IN ({})", [r[0] for r in rows])
-                self.stats.kept_acked_batches += len(rows)
-            else:
-                self._exec_in("DELETE FROM batches WHERE seq IN ({})", [r[0] for r in rows])
-                self.stats.total_bytes -= sum(r[1] + ROW_OVERHEAD for r in rows)
-            self.stats.backlog_batches -= len(rows)
-            self.stats.backlog_bytes -= sum(r[1] for r in rows)
-            self._pending.append((fut, None))
-            return False
-        if op == "requeue":
-            epoch, first, last = args
-            if epoch != self.stats.epoch:
-                raise SpoolError(f"epoch {epoch} is not the current spool epoch {self.stats.epoch}")
-            self._begin()
-            rows = c.execute(
-                "SELECT seq, LENGTH(payload) FROM batches WHERE acked=1 AND seq BETWEEN ? AND ?",
-                (first, last),
-            ).fetchall()
-            pend = c.execute(
-                "SELECT COUNT(*) FROM batches WHERE acked=0 AND seq BETWEEN ? AND ?", (first, last)
-            ).fetchone()[0]
-            self._exec_in("UPDATE batches SET acked=0 WHERE seq IN ({})", [r[0] for r in rows])
-            self.stats.kept_acked_batches -= len(rows)
-            self.stats.backlog_batches += len(rows)
-            self.stats.backlog_bytes += sum(r[1] for r in rows)
-            missing = (last - first + 1) - len(rows) - int(pend)
-            self._pending.append((fut, ([r[0] for r in rows], missing)))
-            return True
-        if op == "fetch":
-            cls, after, limit = args
-            rows = c.execute(
-                "SELECT seq, cls, created, schema_ver, payload FROM batches "
-                "WHERE acked=0 AND cls=? AND seq>? ORDER BY seq LIMIT ?",
-                (int(cls), after, limit),
-            ).fetchall()
-            fut.set_result([Row(r[0], Cls(r[1]), r[2], r[3], bytes(r[4])) for r in rows])
-            return False
-        if op == "series":
-            names: tuple[str, ...] = args[0]
-            new = [n for n in names if n not in self.series_ids]
-            if new:
-                self._begin()
-                nxt = max(self.series_ids.values(), default=0) + 1
-                for n in new:
-                    self.series_ids[n] = nxt
-                    c.execute("INSERT INTO series(name, id) VALUES (?, ?)", (n, nxt))
-                    nxt += 1
-                self._pending.append((fut, {n: self.series_ids[n] for n in names}))
-                return True
-            fut.set_result({n: self.series_ids[n] for n in names})
-            return False
-        if op == "meta":
-            text: str = args[0]
-            h = hashlib.sha256(text.encode()).hexdigest()
-            row = c.execute("SELECT ver FROM metas WHERE hash=?", (h,)).fetchone()
-            if row:
-                fut.set_result(int(row[0]))
-                return False
-            self._begin()
-            ver = int(c.execute("SELECT COALESCE(MAX(ver), 0) + 1 FROM metas").fetchone()[0])
-            c.execute("INSERT INTO metas(ver, hash, json) VALUES (?, ?, ?)", (ver, h, text))
-            self._pending.append((fut, ver))
-            return True
-        if op == "get_metas":
-            vers: tuple[int, ...] = args[0]
-            fut.set_result(
-                {
-                    int(v): j
-                    for v, j in self._select_in(
-                        "SELECT ver, json FROM metas WHERE ver IN ({})", vers
-                    )
-                }
-            )
-            return False
-        if op == "backlog_vers":
-            fut.set_result(
-                [
-                    int(r[0])
-                    for r in c.execute("SELECT DISTINCT schema_ver FROM batches WHERE acked=0")
-                ]
-            )
-            return False
-        if op == "housekeeping":
-            self._housekeeping()
-            self._pending.append((fut, None))
-            return True
-        if op in ("flush", "close"):
-            self._pending.append((fut, None))
-            if not self._dirty:
-                self._resolve_pending()
-            return True
-        raise SpoolError(f"unknown spool op {op!r}")
+    # ------------------------------------------------------------ operations (writer thread)
+
+    def _op_append(
+        self, cls: Cls, blocks: Sequence[Block], schema_ver: int, urgent: bool
+    ) -> _Answer[int]:
+        return _Answer(self._append(cls, blocks, schema_ver), after_commit=True, commit_now=urgent)
+
+    def _op_ack(self, seqs: Sequence[int]) -> _Answer[None]:
+        self._begin()
+        rows = self._select_in(
+            "SELECT seq, LENGTH(payload) FROM batches WHERE acked=0 AND seq IN ({})", seqs
+        )
+        if self.keep_acked_s > 0:
+            self._exec_in("UPDATE batches SET acked=1 WHERE seq IN ({})", [r[0] for r in rows])
+            self.stats.kept_acked_batches += len(rows)
+        else:
+            self._exec_in("DELETE FROM batches WHERE seq IN ({})", [r[0] for r in rows])
+            self.stats.total_bytes -= sum(r[1] + ROW_OVERHEAD for r in rows)
+        self.stats.backlog_batches -= len(rows)
+        self.stats.backlog_bytes -= sum(r[1] for r in rows)
+        return _Answer(None, after_commit=True)  # acks ride with the next group commit
+
+    def _op_requeue(self, epoch: int, first: int, last: int) -> _Answer[tuple[list[int], int]]:
+        if epoch != self.stats.epoch:
+            raise SpoolError(f"epoch {epoch} is not the current spool epoch {self.stats.epoch}")
+        c = self._begin()
+        rows = c.execute(
+            "SELECT seq, LENGTH(payload) FROM batches WHERE acked=1 AND seq BETWEEN ? AND ?",
+            (first, last),
+        ).fetchall()
+        pend = c.execute(
+            "SELECT COUNT(*) FROM batches WHERE acked=0 AND seq BETWEEN ? AND ?", (first, last)
+        ).fetchone()[0]
+        self._exec_in("UPDATE batches SET acked=0 WHERE seq IN ({})", [r[0] for r in rows])
+        self.stats.kept_acked_batches -= len(rows)
+        self.stats.backlog_batches += len(rows)
+        self.stats.backlog_bytes += sum(r[1] for r in rows)
+        missing = (last - first + 1) - len(rows) - int(pend)
+        return _Answer(([r[0] for r in rows], missing), after_commit=True, commit_now=True)
+
+    def _op_fetch(self, cls: Cls, after: int, limit: int) -> _Answer[list[Row]]:
+        assert self._conn is not None
+        rows = self._conn.execute(
+            "SELECT seq, cls, created, schema_ver, payload FROM batches "
+            "WHERE acked=0 AND cls=? AND seq>? ORDER BY seq LIMIT ?",
+            (int(cls), after, limit),
+        ).fetchall()
+        return _Answer([Row(r[0], Cls(r[1]), r[2], r[3], bytes(r[4])) for r in rows])
+
+    def _op_series(self, names: Sequence[str]) -> _Answer[dict[str, int]]:
+        new = [n for n in names if n not in self.series_ids]
+        if not new:
+            return _Answer({n: self.series_ids[n] for n in names})
+        c = self._begin()
+        nxt = max(self.series_ids.values(), default=0) + 1
+        for n in new:
+            self.series_ids[n] = nxt
+            c.execute("INSERT INTO series(name, id) VALUES (?, ?)", (n, nxt))
+            nxt += 1
+        return _Answer({n: self.series_ids[n] for n in names}, after_commit=True, commit_now=True)
+
+    def _op_meta(self, text: str) -> _Answer[int]:
+        assert self._conn is not None
+        h = hashlib.sha256(text.encode()).hexdigest()
+        row = self._conn.execute("SELECT ver FROM metas WHERE hash=?", (h,)).fetchone()
+        if row:
+            return _Answer(int(row[0]))
+        c = self._begin()
+        ver = int(c.execute("SELECT COALESCE(MAX(ver), 0) + 1 FROM metas").fetchone()[0])
+        c.execute("INSERT INTO metas(ver, hash, json) VALUES (?, ?, ?)", (ver, h, text))
+        return _Answer(ver, after_commit=True, commit_now=True)
+
+    def _op_meta_versions(self, vers: Sequence[int]) -> _Answer[dict[int, str]]:
+        rows = self._select_in("SELECT ver, json FROM metas WHERE ver IN ({})", vers)
+        return _Answer({int(v): j for v, j in rows})
+
+    def _op_backlog_versions(self) -> _Answer[list[int]]:
+        assert self._conn is not None
+        sql = "SELECT DISTINCT schema_ver FROM batches WHERE acked=0"
+        return _Answer([int(r[0]) for r in self._conn.execute(sql)])
+
+    def _op_housekeeping(self) -> _Answer[None]:
+        self._housekeeping()
+        return _Answer(None, after_commit=True, commit_now=True)
+
+    def _op_commit(self) -> _Answer[None]:
+        """flush and close: answered once everything before them is committed."""
+        return _Answer(None, after_commit=True, commit_now=True)
 
     def _select_in(self, sql: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:
         assert self._conn is not None

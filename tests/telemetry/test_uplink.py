@@ -65,7 +65,7 @@ async def test_broker_outage_loses_nothing(
         emitted = await emitter
         await asyncio.sleep(1.0)  # let the last open batch seal
         await tel.spool.aflush()
-        last_seq = tel.spool._next_seq - 1
+        last_seq = tel.spool.last_seq
         await col.wait_for(lambda: tel.spool.stats.backlog_batches == 0, 30)
         await col.wait_for(lambda: (tel.spool.epoch, last_seq) in col.seqs(), 30)
         await col.wait_for(lambda: not col.consumer.gaps(), 30)  # shared: repaired by resend

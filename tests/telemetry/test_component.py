@@ -4,12 +4,15 @@ after an anomaly become evt batches, and a clean stop seals what is open."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from edgerund.remote import RemoteCommands
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Cls, EventBlock, SeriesBlock
+from edgerund.telemetry.commands import Dispatcher, json_obj
 from edgerund.telemetry.spool import Row, Spool
 from tests.telemetry.conftest import HubStandIn, make_config, make_ctx, telemetry_in, until
 
@@ -64,3 +67,34 @@ async def test_tasks_live_in_the_scope_and_a_clean_stop_loses_nothing(
     ]
     assert sum(b.n for b in raw) == 10  # sealed at the stop
     assert len(rows[Cls.AGG]) == 1  # the open aggregation window too
+
+
+async def test_dispatcher_routes_through_the_router_and_answers_every_failure() -> None:
+    router = RemoteCommands()
+
+    async def ok(payload: bytes) -> bytes:
+        return b"got:" + payload
+
+    async def broken(payload: bytes) -> bytes:
+        raise OSError("disk on fire")
+
+    async def picky(payload: bytes) -> bytes:
+        json_obj(payload)
+        return b"{}"
+
+    router.register("ok", ok)
+    router.register("broken", broken)
+    router.register("picky", picky)
+    d = Dispatcher(router, max_bytes=16)
+    assert await d("ok", b"x") == b"got:x"
+    errors = {}
+    for name, payload in [("broken", b""), ("picky", b"[1]"), ("ok", b"y" * 17), ("nope", b"")]:
+        reply = json.loads(await d(name, payload) or b"")
+        assert reply["ok"] is False
+        errors[name] = reply["error"]
+    assert errors["broken"] == {"code": "failed", "message": "OSError: disk on fire"}
+    assert errors["picky"]["code"] == "bad_json"
+    assert errors["ok"]["code"] == "too_large"
+    assert errors["nope"]["code"] == "unknown_command"
+    assert "['broken', 'ok', 'picky']" in errors["nope"]["message"]
+    assert (d.handled, d.rejected) == (1, 4)

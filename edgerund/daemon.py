@@ -52,12 +52,26 @@ from edgerund.errors import ConfigError, DeviceError
 from edgerund.hub import component as hub_component
 from edgerund.identity import component as identity_component
 from edgerund.inference import component as inference_component
+from edgerund.remote import RemoteCommands
 from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
 from edgerund.toolkit import prometheus
 from edgerund.updates import component as updates_component
 
 log = structlog.get_logger("edgerund")
+
+
+def _build_telemetry(ctx: Context) -> Any:
+    # Interim bridge (issue #13): the composition root will pass these ports itself.
+    return telemetry_component.build(
+        ctx.config,
+        scope=ctx.supervisor.scope("telemetry"),
+        events=ctx.events,
+        samples=ctx.get("hub"),
+        signer=ctx.get("identity"),
+        router=RemoteCommands(),
+    )
+
 
 # Each component's builder, in start-up order (see the module docstring).
 BUILDERS: tuple[Callable[[Context], Any], ...] = (
@@ -66,7 +80,7 @@ BUILDERS: tuple[Callable[[Context], Any], ...] = (
     updates_component.build,
     inference_component.build,
     control_component.build,
-    telemetry_component.build,
+    _build_telemetry,
 )
 
 EXIT_OK = 0

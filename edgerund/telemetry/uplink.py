@@ -10,7 +10,9 @@ last will `state` = offline, and TLS from CA / client certificate files when con
 After the CONNACK it publishes the retained birth `state` (online, spool epoch, boot time)
 and the retained `meta`, subscribes to `cmd/+` (no-local), then runs a reader (commands)
 and a sender in one TaskGroup: when the broker goes away the reader's iterator raises,
-the group cancels everything and the loop reconnects.
+the group cancels everything and the loop reconnects. The reader hands each `cmd/{name}`
+request to `dispatch` (telemetry/commands.py) and publishes the reply it returns to the
+request's response topic (default `cmd/{name}/reply`) with its correlation data.
 
 The sender never hands the backlog to paho's RAM queue. It takes one row at a time from
 the spool in priority order (evt, then agg, then raw; oldest first within a class; the
@@ -40,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import structlog
@@ -51,14 +53,19 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Cls
+from edgerund.telemetry.commands import CommandRejected
 from edgerund.telemetry.config import UplinkConfig
 from edgerund.telemetry.spool import Row, Spool
+
+if TYPE_CHECKING:
+    from edgerund import ports
 
 log = structlog.get_logger("edgerund.telemetry.uplink")
 
 CONTENT_TYPE = "application/vnd.edgerund.tlm.v1"
 FETCH_ROWS = 64  # rows read per spool round trip (payloads, so bounded: <= 64 batches in RAM)
-CmdHandler = Callable[[bytes], Awaitable[bytes | None]]
+Dispatch = Callable[[str, bytes], Awaitable[bytes | None]]
+"""(command name, request payload) -> reply payload, or None for no reply."""
 
 
 def _props(packet_type: int) -> Properties:
@@ -72,19 +79,10 @@ def meta_with_ver(content: str, ver: int) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-class CommandRejected(Exception):
-    """A `cmd/` message we refuse: code is stable, message says expected vs got."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
-
-
 class Signer:
     """Adapter over the identity component: digest -> 4-byte key id and r||s."""
 
-    def __init__(self, identity: Any) -> None:
+    def __init__(self, identity: ports.Signer) -> None:
         from cryptography.hazmat.primitives import serialization
 
         self._identity = identity
@@ -170,8 +168,6 @@ class UplinkStats:
     last_error: str | None = None
     inflight: int = 0
     inflight_peak: int = 0
-    cmd_handled: int = 0
-    cmd_rejected: int = 0
     publish_rejected: int = 0
     sign_errors: int = 0
     connected_since: float | None = None
@@ -188,6 +184,7 @@ class Uplink:
         signer: Signer | None,
         meta: Callable[[], tuple[int, str]],
         birth: Callable[[], dict[str, Any]],
+        dispatch: Dispatch,
     ) -> None:
         self.cfg = cfg
         self.base = f"{cfg.topic_prefix}/{site}/{gateway}"
@@ -197,7 +194,7 @@ class Uplink:
         self._meta = meta
         self._birth = birth
         self.stats = UplinkStats()
-        self.commands: dict[str, CmdHandler] = {}
+        self._dispatch = dispatch
         self._bucket = TokenBucket(cfg.replay_bytes_per_s, cfg.replay_burst_bytes)
         self._wake = asyncio.Event()
         self._gen = 0
@@ -208,7 +205,6 @@ class Uplink:
         self._idle.set()
         self._client: _AckClient | None = None
         self._cursor_reset = 0
-        self._logged_rejects: set[str] = set()
 
     # ------------------------------------------------------------ hooks
 
@@ -497,36 +493,7 @@ class Uplink:
         if rt and not any(c in rt for c in "#+") and not rt.startswith("$"):
             reply_topic = rt
         corr = getattr(props, "CorrelationData", None) if props is not None else None
-        try:
-            if len(payload) > self.cfg.cmd_max_bytes:
-                raise CommandRejected(
-                    "too_large", f"expected <= {self.cfg.cmd_max_bytes} bytes, got {len(payload)}"
-                )
-            handler = self.commands.get(name)
-            if handler is None:
-                raise CommandRejected(
-                    "unknown_command", f"expected one of {sorted(self.commands)}, got {name!r}"
-                )
-            reply = await handler(bytes(payload))
-            self.stats.cmd_handled += 1
-        except CommandRejected as exc:
-            self.stats.cmd_rejected += 1
-            key = f"{name}:{exc.code}"
-            if key not in self._logged_rejects:  # log each kind once, count all
-                self._logged_rejects.add(key)
-                log.warning("telemetry_cmd_rejected", cmd=name, code=exc.code, error=exc.message)
-            reply = json.dumps(
-                {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-            ).encode()
-        except Exception as exc:
-            self.stats.cmd_rejected += 1
-            log.error("telemetry_cmd_failed", cmd=name, error=repr(exc))
-            reply = json.dumps(
-                {
-                    "ok": False,
-                    "error": {"code": "failed", "message": f"{type(exc).__name__}: {exc}"},
-                }
-            ).encode()
+        reply = await self._dispatch(name, bytes(payload))
         if reply is None:
             return
         rprops = _props(PacketTypes.PUBLISH)

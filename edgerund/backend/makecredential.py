@@ -32,7 +32,12 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+try:  # cryptography >= 47 moved CFB (the mode the TPM uses for credentials) to "decrepit"
+    from cryptography.hazmat.decrepit.ciphers.modes import CFB
+except ImportError:  # pragma: no cover - older cryptography
+    from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from edgerund.identity import tpmstruct as ts
 
@@ -151,7 +156,7 @@ def make_credential(
     else:
         seed, enc_seed = _seed_ecc(ek.key, ek.name_alg)
     sym_key = kdfa(ek.name_alg, seed, b"STORAGE", ak_name, b"", ek.sym_bits)
-    enc = Cipher(algorithms.AES(sym_key), modes.CFB(bytes(16))).encryptor()
+    enc = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
     enc_identity = enc.update(ts.b2(credential)) + enc.finalize()
     hmac_key = kdfa(ek.name_alg, seed, b"INTEGRITY", b"", b"", dsize * 8)
     outer = hmac.new(hmac_key, enc_identity + ak_name, ts.HASH_NAMES[ek.name_alg]).digest()

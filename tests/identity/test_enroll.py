@@ -353,3 +353,22 @@ def test_enroll_refuses_a_substituted_ak(tmp_path: Path, ca_swtpm: SwtpmProcess,
         nonce = os.urandom(16)
         r = d.call("attest", {"nonce": nonce.hex()})
         assert verify_result(r, nonce=nonce, ak_pem=d.call("identity")["ak_pem"]).ok
+
+
+async def test_activate_is_privileged_and_software_identity_refuses(tmp_path: Path):
+    from edgerund.component import Peer
+    from edgerund.identity.component import build
+    from tests.identity.conftest import make_context
+
+    comp = build(make_context(tmp_path, kind="software"))
+    async with comp:
+        cmd = comp.commands()["attest-activate"]
+        assert cmd.mutating is True  # the diag socket refuses it to unprivileged peers
+        info = await comp.commands()["identity"].handler({}, Peer(1, 0, 0))
+        with pytest.raises(VerifyError) as verr:
+            enroll.parse_device_facts(info)
+        assert verr.value.code == "software_identity"
+        blob = base64.b64encode(b"\x00\x03abc").decode()
+        with pytest.raises(CommandError) as err:
+            await cmd.handler({"credential_blob": blob, "encrypted_secret": blob}, Peer(1, 0, 0))
+        assert err.value.code == "not_supported"

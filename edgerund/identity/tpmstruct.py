@@ -182,7 +182,10 @@ def parse_tpmt_public(raw: bytes) -> PublicArea:
         r.u16("parameters.keyBits")
         exponent = r.u32("parameters.exponent") or 65537
         modulus = r.b2("unique.rsa")
-        key = rsa.RSAPublicNumbers(exponent, int.from_bytes(modulus, "big")).public_key()
+        try:
+            key = rsa.RSAPublicNumbers(exponent, int.from_bytes(modulus, "big")).public_key()
+        except ValueError as exc:
+            raise StructError(f"TPMT_PUBLIC: invalid RSA public key: {exc}") from exc
     else:
         raise StructError(f"TPMT_PUBLIC: unsupported key type 0x{typ:04x} (want ECC or RSA)")
     r.done()

@@ -271,3 +271,29 @@ def test_forged_quotes_accepted_is_zero(result: dict[str, Any]):
 
     lax = forged_quotes_accepted(verify=lax_verify)
     assert lax["forged_quotes_accepted"] >= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.sampled_from(["ek_public", "ak_public", "ek_certificate", "kind",
+                                        "secret", "result"]),
+                       st.one_of(st.text(max_size=40), st.integers(), st.none(),
+                                 st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode()))))  # fmt: skip
+def test_enrolment_parsers_fail_only_with_verify_errors(doc: dict[str, Any]):
+    from edgerund.backend import enroll
+    from edgerund.backend.verify import VerifyError
+
+    with pytest.raises(VerifyError):
+        enroll.parse_device_facts(doc)
+    pending = enroll.Pending(secret=b"\x01" * 32, ak_public=b"", ak_name=b"")
+    with pytest.raises(VerifyError) as err:
+        enroll.finish(pending, doc)
+    assert err.value.code == "activation_failed"
+
+
+def test_invalid_rsa_public_area_is_malformed_not_a_crash(result: dict[str, Any]):
+    import struct
+
+    body = struct.pack(">HHI", ts.ALG_RSA, ts.ALG_SHA256, 0x00050072) + ts.b2(b"")
+    body += struct.pack(">HHHI", ts.ALG_NULL, ts.ALG_NULL, 2048, 0) + ts.b2(b"\x00")  # n = 0
+    bad = dict(result, ak_public=base64.b64encode(ts.b2(body)).decode())
+    assert check(bad) == (False, "malformed")

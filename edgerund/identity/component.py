@@ -12,7 +12,8 @@ Start-up (`__aenter__`, first component the daemon enters):
      `bind_model` at every swap).
 Shutdown sends an orderly TPM2_Shutdown and closes the context on its thread.
 
-Socket commands: `identity` (public facts) and `attest` (args {"nonce": hex}); status key
+Socket commands: `identity` (public facts), `attest` (args {"nonce": hex}) and the
+privileged `attest-activate` (credential activation, identity/credential.py); status key
 `identity`. Other components use the methods below (team contract in docs/identity.md).
 """
 
@@ -31,6 +32,7 @@ from edgerund.component import Command, CommandError, Peer
 from edgerund.errors import ConfigError, DeviceError
 from edgerund.identity.base import Identity
 from edgerund.identity.binding import parse_nonce
+from edgerund.identity.credential import handle_activate
 from edgerund.identity.software import SoftwareIdentity
 from edgerund.identity.tpm_errors import LAYER_MASK, TCTI_LAYER, TpmError
 
@@ -173,6 +175,12 @@ class IdentityComponent:
             "attest": Command(
                 self._cmd_attest, help="TPM quote for a verifier nonce: args {nonce: HEX}"
             ),
+            "attest-activate": Command(
+                lambda args, peer: handle_activate(self.identity, args),
+                mutating=True,
+                help="AK enrolment: TPM2_ActivateCredential, args {credential_blob, "
+                "encrypted_secret} (edgerund attest enroll)",
+            ),
         }
 
     async def _cmd_identity(self, args: dict[str, Any], peer: Peer) -> Any:
@@ -185,6 +193,8 @@ class IdentityComponent:
                 "ak_pem": static["ak_pem"],
                 "ak_public": static["ak_public"],
                 "ek_pem": static["ek_pem"],
+                "ek_public": static.get("ek_public"),
+                "ek_certificate": static.get("ek_certificate"),
             }
         )
         return out

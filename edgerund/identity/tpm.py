@@ -750,6 +750,36 @@ class TpmIdentity(Identity):
     async def _quote(self, nonce: bytes) -> dict[str, Any]:
         return await self.worker.call(lambda e: self._quote_job(e, nonce), what="quote PCRs")
 
+    # ------------------------------------------------------------ credential activation
+
+    async def activate_credential(self, blob: bytes, encrypted_secret: bytes) -> bytes:
+        """TPM2_ActivateCredential(AK, EK): the device half of AK enrolment (credential.py)."""
+        return await self.worker.call(
+            lambda e: self._activate_job(e, blob, encrypted_secret),
+            what="activate a credential with the AK and EK (enrolment)",
+        )
+
+    def _activate_job(self, ectx: Any, blob: bytes, encrypted_secret: bytes) -> bytes:
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.types import TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
+
+        cred, _ = TPM2B_ID_OBJECT.unmarshal(blob)
+        enc, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+        ek, _, _ = self._create_ek(ectx, self.state["ek"]["template"])
+        try:
+            if bytes(ectx.tr_get_name(ek)).hex() != self.state["ek"]["name"]:
+                raise DeviceError("the EK re-derived now differs from the enrolled one")
+            s = self._ek_session(ectx)
+            try:  # AK: empty password; EK: PolicySecret(endorsement)
+                out = ectx.activate_credential(
+                    self._h.ak, ek, cred, enc, session1=ESYS_TR.PASSWORD, session2=s
+                )
+            finally:
+                ectx.flush_context(s)
+        finally:
+            ectx.flush_context(ek)
+        return bytes(out)
+
     def public_fields(self) -> dict[str, Any]:
         if self._static is None:
             self._static = self._make_public_fields()

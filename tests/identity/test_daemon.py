@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def tpm_daemon(tmp_path: Path, swtpm: SwtpmProcess) -> DaemonProcess:
 def attest_ok(d: DaemonProcess) -> dict[str, object]:
     nonce = os.urandom(32)
     result = d.call("attest", {"nonce": nonce.hex()})
-    v = verify_result(result, nonce=nonce)
+    v = verify_result(result, nonce=nonce, ak_pem=result["ak_pem"])
     assert v.ok, v
     return dict(result)
 
@@ -96,11 +97,13 @@ def test_edgerunctl_attest_then_edgerund_attest_verify(tmp_path: Path, swtpm: Sw
         assert bad.returncode == 1 and "hex" in (bad.stdout + bad.stderr)
     result_file = tmp_path / "quote.json"
     result_file.write_text(out.stdout)
+    ak_file = tmp_path / "ak.pem"  # the test made this AK: it pins it (enrol: test_enroll.py)
+    ak_file.write_text(json.loads(out.stdout)["ak_pem"])
 
     def verify(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "edgerund.cli", "attest", "verify",
-             "--result", str(result_file), "--nonce", nonce, *extra],
+             "--result", str(result_file), "--nonce", nonce, "--ak-pem", str(ak_file), *extra],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 

@@ -62,7 +62,8 @@ async def still_signs(swtpm: SwtpmProcess, state: Path) -> None:
     try:
         assert not ident.enrolled_now and ident.restored == []
         await ident.sign_digest(hashlib.sha256(b"after the kills").digest())
-        assert verify_result(await ident.attest(b"\x42" * 20), nonce=b"\x42" * 20).ok
+        r = await ident.attest(b"\x42" * 20)
+        assert verify_result(r, nonce=b"\x42" * 20, ak_pem=r["ak_pem"]).ok
         assert ident.status()["da_lockout_counter"] == 0
     finally:
         await ident.close()

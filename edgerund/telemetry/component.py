@@ -655,6 +655,8 @@ class TelemetryComponent:
                 "cmd_handled": up.cmd_handled if up else 0,
                 "cmd_rejected": up.cmd_rejected if up else 0,
                 "sign_errors": up.sign_errors if up else 0,
+                "sign_held_batches": up.sign_held if up else 0,
+                "unsigned_batches": up.unsigned_batches if up else 0,
                 "write_errors": sp.write_errors,
                 "quarantined": list(sp.quarantined),
                 "schema_ver": self.schema_ver,

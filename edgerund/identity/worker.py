@@ -315,10 +315,10 @@ class TpmWorker:
                                  self.call_timeout_ms / 1000)
                 )  # fmt: skip
             except DeviceError as exc:
-                self._next_reopen = time.monotonic() + self.reopen_backoff_s
                 if not gen.abandoned:  # it answered but refused: start over next time
                     self._abandon(gen, f"re-open failed: {exc}")
                     self._broken = f"re-open failed: {exc}"
+                self._next_reopen = time.monotonic() + self.reopen_backoff_s
                 raise
             self._broken = None
             self.reopens += 1

@@ -131,6 +131,11 @@ class TpmWorker:
         return self._broken is not None
 
     @property
+    def current_context(self) -> Any:
+        """The live ESAPI context. Only for the benchmark's inline (on-loop) baseline."""
+        return self._gen.ectx
+
+    @property
     def pending(self) -> int:
         return self._pending
 

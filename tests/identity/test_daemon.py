@@ -152,3 +152,26 @@ def test_running_daemon_binding_survives_pcr_reset_and_follows_sighup(
         while bound_config(d) != cfg2:
             assert time.monotonic() < deadline, "SIGHUP did not re-bind the config"
             time.sleep(1.0)  # within the attest rate limit (1/s, burst 5)
+
+
+def test_running_daemon_rate_limits_attest_and_keeps_signing(tmp_path: Path, swtpm: SwtpmProcess):
+    """#12.5 against the running daemon: an attest flood from one uid is refused at once."""
+    from edgerund.ctlclient import RemoteCommandError
+
+    d = DaemonProcess(
+        tmp_path,
+        {"identity": {"kind": "tpm", "tcti": swtpm.tcti, "attest_rate_per_s": 0.2,
+                      "attest_burst": 3}},
+    )  # fmt: skip
+    with d:
+        d.wait_ready()
+        codes = []
+        for i in range(8):
+            try:
+                d.call("attest", {"nonce": f"{i:02x}" * 16})
+                codes.append("ok")
+            except RemoteCommandError as exc:
+                codes.append(exc.code)
+        assert codes[:3] == ["ok"] * 3 and set(codes[3:]) == {"rate_limited"}
+        st = d.call("status")["identity"]
+        assert st["tpm_state"] == "ok" and st["tpm_timeouts"] == 0

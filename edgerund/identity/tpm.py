@@ -823,14 +823,26 @@ class TpmIdentity(Identity):
             ],
         }
         event = nvbinding.event_digest(self.config_sha256, self.models)
+        log_value = self._log_value()
 
-        def job(e: Any) -> None:
+        def job(e: Any) -> bytes:
             self._measure_job(e, digests)
+            before = nvindex.read(e, self._h.nvb, self._binding_spec)
             nvindex.write(e, self._h.nvb, self._binding_spec, event)
+            return before
 
-        await self.worker.call(
-            job, what=f"measure config/models into PCR {self.cfg.pcr_binding} and NV binding"
-        )
+        try:
+            before = await self.worker.call(
+                job, what=f"measure config/models into PCR {self.cfg.pcr_binding} and NV binding"
+            )
+        except BaseException:
+            # the extend may still land (a hung call completes later): the next attest
+            # re-measures, and the read above re-synchronises the log
+            self._measured = False
+            raise
+        if before != log_value:
+            log.warning("tpm_nv_binding_log_resync", found=before.hex(), log=log_value.hex())
+            self._nv_initial, self._nv_events = before, []
         self._nv_events.append(record)
         if len(self._nv_events) > NV_LOG_KEEP:  # fold the oldest events into `initial`
             drop = self._nv_events[:-NV_LOG_KEEP]
@@ -839,6 +851,11 @@ class TpmIdentity(Identity):
             )
             self._nv_initial = nvbinding.replay(initial, digests_dropped)
             self._nv_events = self._nv_events[-NV_LOG_KEEP:]
+
+    def _log_value(self) -> bytes:
+        """What the NV binding index holds if our log is complete."""
+        initial, digests, _ = nvbinding.log_events(self.nv_binding_log())
+        return nvbinding.replay(initial, digests)
 
     def nv_binding_log(self) -> dict[str, Any]:
         return {

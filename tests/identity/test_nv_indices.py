@@ -255,3 +255,24 @@ async def test_reload_with_a_changed_config_rebinds(swtpm: SwtpmProcess, tmp_pat
         v2 = _verify(ident, r2, n2, expected_config_sha256=new)
         assert v2.value != v1.value and len(r2["nv_binding"]["log"]["events"]) >= 2
         assert r2["binding"]["config_sha256"] == new.hex()
+
+
+async def test_binding_log_resynchronises_after_an_extend_it_missed(
+    swtpm: SwtpmProcess, tmp_path: Path
+):
+    """A timed-out extend that still landed later must not break the log for good."""
+    ident = await opened(swtpm, tmp_path)
+    try:
+        await ident.bind_config(hashlib.sha256(b"cfg").digest())
+        spec = nvindex.NvSpec(BINDING, "extend", "nv_binding_index")
+        # the late extend: applied in the TPM, unknown to the log
+        await ident.worker.call(
+            lambda e: nvindex.write(e, ident._h.nvb, spec, b"\x55" * 32), what="late extend"
+        )
+        model = hashlib.sha256(b"m").digest()
+        await ident.bind_model(model, name="m")
+        n = b"\x07" * 8
+        v = _verify(ident, await ident.attest(n), n, expected_models={"m": model})
+        assert v.config_sha256 == hashlib.sha256(b"cfg").digest()
+    finally:
+        await ident.close()

@@ -296,6 +296,8 @@ class TelemetryComponent:
                 "cmd_handled": self.dispatcher.handled,
                 "cmd_rejected": self.dispatcher.rejected,
                 "sign_errors": up.sign_errors if up else 0,
+                "sign_held_batches": up.sign_held if up else 0,
+                "unsigned_batches": up.unsigned_batches if up else 0,
                 "write_errors": sp.write_errors,
                 "quarantined": list(sp.quarantined),
                 "schema_ver": self.schema_ver,

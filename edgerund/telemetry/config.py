@@ -109,6 +109,10 @@ class UplinkConfig(Section):
     cmd_max_bytes: int = 1048576  # larger cmd messages are rejected
     message_expiry_raw_s: int | None = None  # MQTT 5 Message Expiry on raw batches
     protocol: Literal["mqtt5"] = "mqtt5"
+    # signing failed (TPM busy/hung): false = hold batches in the spool and retry; true =
+    # publish unsigned (counted in status as unsigned_batches)
+    allow_unsigned: bool = False
+    sign_retry_s: float = 5.0  # wait after a signing failure before retrying held batches
 
 
 _CLASSES = ("evt", "agg", "raw")

@@ -22,6 +22,12 @@ of raw batches), waits for a byte token bucket (`replay_bytes_per_s`, burst
 (identity key; the trailer is added at send time so the spool holds unsigned rows and loss
 records can be written from the spool thread), and publishes it at QoS 1.
 
+Signing failures (TPM busy, hung or gone) never silently downgrade to unsigned telemetry:
+the batch is not published and stays undelivered in the spool (`sign_held` counts it), the
+sender pauses for `sign_retry_s`, waits for in-flight publishes, and re-reads the spool
+from the start, so held batches go out signed once the identity answers again. Only
+`uplink.allow_unsigned: true` publishes unsigned instead (counted in `unsigned_batches`).
+
 PUBACK: aiomqtt 2.x `await client.publish(..., qos=1)` returns when paho's `on_publish`
 fires, which for QoS 1 is on PUBACK, but it drops the MQTT 5 reason code, and a PUBACK
 with a code >= 0x80 (not authorized, quota exceeded, ...) means the broker did NOT take
@@ -177,6 +183,8 @@ class UplinkStats:
     inflight_peak: int = 0
     publish_rejected: int = 0
     sign_errors: int = 0
+    sign_held: int = 0  # batches not published because signing failed (kept in the spool)
+    unsigned_batches: int = 0  # published unsigned (only with uplink.allow_unsigned)
     connected_since: float | None = None
 
 
@@ -212,6 +220,8 @@ class Uplink:
         self._idle.set()
         self._client: _AckClient | None = None
         self._cursor_reset = 0
+        self._sign_retry_at = 0.0  # loop.time() before which held batches are not retried
+        self._signing_failed = False
 
     # ------------------------------------------------------------ hooks
 
@@ -422,6 +432,13 @@ class Uplink:
         reset_seen = self._cursor_reset
         session_start = time.time()
         while True:
+            if self._sign_retry_at:  # signing failed: pause, then re-read held rows
+                await asyncio.sleep(
+                    max(0.0, self._sign_retry_at - asyncio.get_running_loop().time())
+                )
+                await self._idle.wait()
+                self._sign_retry_at = 0.0
+                reset_seen = -1  # forces the cursor reset below
             if reset_seen != self._cursor_reset:
                 reset_seen = self._cursor_reset
                 cursors = {c: 0 for c in Cls}
@@ -462,10 +479,26 @@ class Uplink:
             if self.signer is not None:
                 try:
                     payload = await self.signer.sign(payload)
-                except Exception as exc:  # send unsigned rather than hold the backlog
+                except Exception as exc:
                     self.stats.sign_errors += 1
-                    if self.stats.sign_errors == 1:
-                        log.error("telemetry_sign_failed", error=repr(exc))
+                    if not self._signing_failed:  # log the state change, not every retry
+                        self._signing_failed = True
+                        log.error(
+                            "telemetry_sign_failed", error=repr(exc),
+                            action="publishing unsigned" if self.cfg.allow_unsigned
+                            else "holding batches in the spool",
+                        )  # fmt: skip
+                    if not self.cfg.allow_unsigned:
+                        self.stats.sign_held += 1
+                        self._sign_retry_at = (
+                            asyncio.get_running_loop().time() + self.cfg.sign_retry_s
+                        )
+                        return  # not acked: the row stays undelivered in the spool
+                    self.stats.unsigned_batches += 1
+                else:
+                    if self._signing_failed:
+                        self._signing_failed = False
+                        log.info("telemetry_sign_recovered")
             props = _props(PacketTypes.PUBLISH)
             props.ContentType = CONTENT_TYPE
             user = [("epoch", str(self.spool.epoch)), ("seq", str(row.seq))]

@@ -42,6 +42,10 @@ def run_and_kill(tcti: str, state: Path, extra_s: float) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
+        for _ in range(20):  # log lines (e.g. tpm_flushed_stale_handles) may come first
+            if line.strip() == "READY" or not line:
+                break
+            line = proc.stdout.readline()
         if line.strip() != "READY":
             proc.kill()
             _, err = proc.communicate(timeout=30)

@@ -445,8 +445,16 @@ async def test_silent_tpm_times_out_instead_of_hanging(tmp_path: Path):
             await ident.open()
         assert time.monotonic() - t0 < 5.0
         assert ident.worker.wedged
-        with pytest.raises(DeviceError, match="stopped answering earlier"):
+        # the next call tries ONE re-open (bounded by the timeout as well) ...
+        t1 = time.monotonic()
+        with pytest.raises(DeviceError, match=r"did not answer within 0.5 s.*re-open"):
             await ident.worker.call(lambda e: None, what="anything")
+        assert time.monotonic() - t1 < 3.0
+        # ... and calls during the back-off fail fast, naming why
+        t2 = time.monotonic()
+        with pytest.raises(DeviceError, match=r"not answering.*next attempt in"):
+            await ident.worker.call(lambda e: None, what="anything")
+        assert time.monotonic() - t2 < 0.1
     finally:
         for s in servers:
             s.close()

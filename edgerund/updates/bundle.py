@@ -43,7 +43,7 @@ from edgerund.errors import TrustError
 from edgerund.updates import fsutil
 from edgerund.updates.jsonguard import check_depth
 from edgerund.updates.keyring import Keyring
-from edgerund.updates.tarread import Member, UstarReader, safe_name
+from edgerund.updates.tarread import Member, UstarReader
 from edgerund.updates.trust import (
     Device,
     FileDigest,
@@ -60,12 +60,6 @@ CHUNK = 1 << 20
 MAX_MEMBERS = 256  # manifest.json, manifest.sig and the payload files
 
 Progress = Callable[[int, int], None]
-
-
-def check_name(name: str) -> str:
-    """The member's safe name, or TrustError("unsafe_path") (kept for callers of the old
-    tarfile-based check_member)."""
-    return safe_name(name.encode("utf-8", "surrogateescape"))
 
 
 class _CappedReader(io.RawIOBase):

@@ -147,7 +147,8 @@ def parse_header(block: bytes) -> Member | None:
     if block[257:265] != MAGIC:
         raise TrustError(
             "bundle_malformed",
-            f"tar header magic: expected POSIX ustar {MAGIC!r}, got {block[257:265]!r}",
+            f"tar header magic: expected POSIX ustar {MAGIC!r}, got {block[257:265]!r}"
+            " (build with `edgerund bundle build` or `tar --format=ustar`)",
         )
     if block[157:257].strip(b"\x00"):
         raise TrustError("bundle_malformed", f"tar member {shown!r}: a regular file has a linkname")

@@ -1,24 +1,32 @@
 """Reading a bundle: one sequential pass over the tar, checks before every byte (blocking I/O;
 the component runs it in a worker thread).
 
-Bundle layout (see docs/updates.md): an uncompressed POSIX tar whose FIRST member is
-`manifest.json` and SECOND is `manifest.sig`, followed by the payload files listed in the
-manifest. Fixing the order lets the device authenticate the manifest before it extracts a
-single payload byte, and read the tar as a stream (no seeking, no second open: what is
-hashed is exactly what is written to staging, so there is no time-of-check/time-of-use gap).
+Bundle layout (see docs/updates.md): an uncompressed POSIX ustar archive (no pax or GNU
+extension headers) whose FIRST member is `manifest.json` and SECOND is `manifest.sig`,
+followed by the payload files listed in the manifest. Fixing the order lets the device
+authenticate the manifest before it extracts a single payload byte, and read the tar as a
+stream (no seeking, no second open: what is hashed is exactly what is written to staging,
+so there is no time-of-check/time-of-use gap).
+
+No general-purpose parser sees the unauthenticated bytes: the tar headers are read by
+tarread.UstarReader (fixed 512-byte ustar headers, linear time, regular files only; never
+`tarfile`), and manifest.json / manifest.sig are depth-checked (jsonguard) and size-capped
+before the strict JSON parser runs on them.
 
 Checks, in order:
   - the path is a regular file (a FIFO or device, e.g. an endless /dev/zero, is refused)
     and its size is within bundle_max_mb, before anything is read;
-  - every tar member is a regular file with a safe relative name (no absolute path, no
-    `..`, no backslash or NUL, normalised) - links, devices, FIFOs and directories are
-    refused before extraction;
+  - every tar header is plain ustar with a valid checksum, a regular file with a safe
+    relative name (no absolute path, no `..`, no backslash or NUL, normalised), listed
+    once; links, devices, FIFOs, directories and extension headers are refused from the
+    header, before their content is read (tarread.py);
   - manifest.json and manifest.sig are size-capped and read into memory; the trust
     decision (trust.verify_manifest) runs on them;
   - each payload member must be listed in the signed manifest with the same size, is at
-    most file_max_mb, appears once, and is copied into the staging directory while being
-    hashed, reading never more than its declared size;
-  - trust.verify_files then compares every size and hash (missing, extra, mix-and-match).
+    most file_max_mb, and is copied into the staging directory while being hashed,
+    reading never more than its declared size;
+  - trust.verify_files then compares every size and hash (missing, extra, mix-and-match);
+  - after the end-of-archive block only zero padding may follow.
 """
 
 from __future__ import annotations
@@ -26,16 +34,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import posixpath
 import stat
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from edgerund.errors import TrustError
 from edgerund.updates import fsutil
+from edgerund.updates.jsonguard import check_depth
 from edgerund.updates.keyring import Keyring
+from edgerund.updates.tarread import Member, UstarReader
 from edgerund.updates.trust import (
     Device,
     FileDigest,
@@ -49,37 +57,9 @@ from edgerund.updates.trust import (
 
 SIG_MAX_BYTES = 64 * 1024
 CHUNK = 1 << 20
+MAX_MEMBERS = 256  # manifest.json, manifest.sig and the payload files
 
 Progress = Callable[[int, int], None]
-
-
-def check_member(m: tarfile.TarInfo) -> str:
-    """The member's safe name, or TrustError (links, devices, traversal)."""
-    name = m.name
-    if m.issym() or m.islnk():
-        raise TrustError("link_member", f"tar member {name!r} is a link (to {m.linkname!r})")
-    if not m.isreg() or m.sparse is not None:
-        kind = (
-            "directory"
-            if m.isdir()
-            else "device or FIFO"
-            if (m.ischr() or m.isblk() or m.isfifo())
-            else "special"
-        )
-        raise TrustError(
-            "special_member", f"tar member {name!r} is a {kind}, expected a regular file"
-        )
-    if (
-        not name
-        or name.startswith("/")
-        or "\\" in name
-        or "\x00" in name
-        or ".." in name.split("/")
-        or posixpath.normpath(name) != name
-        or name.startswith("./")
-    ):
-        raise TrustError("unsafe_path", f"tar member name {name!r} is not a safe relative path")
-    return name
 
 
 class _CappedReader(io.RawIOBase):
@@ -103,12 +83,15 @@ class _CappedReader(io.RawIOBase):
         return int(n)
 
 
-def _read_small(tf: tarfile.TarFile, m: tarfile.TarInfo, cap: int, what: str) -> bytes:
+def _reader(f: IO[bytes], size: int, member_max: int) -> UstarReader:
+    capped = io.BufferedReader(_CappedReader(f, size), buffer_size=CHUNK)
+    return UstarReader(capped, size, member_max_bytes=member_max, max_members=MAX_MEMBERS)
+
+
+def _read_small(tr: UstarReader, m: Member, cap: int, what: str) -> bytes:
     if m.size > cap:
         raise TrustError("file_too_large", f"{what}: expected at most {cap} bytes, got {m.size}")
-    f = tf.extractfile(m)
-    assert f is not None
-    data = f.read(cap + 1)
+    data = tr.read(m.size)
     if len(data) != m.size:
         raise TrustError("bundle_truncated", f"{what}: expected {m.size} bytes, got {len(data)}")
     return data
@@ -139,17 +122,14 @@ def peek_model_name(path: Path, manifest_max: int) -> str:
     in the manifest is used before the signature check."""
     f, size = open_bundle(path)
     with f:
-        try:
-            tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|", bufsize=CHUNK)
-            m = tf.next()
-            if m is None or m.name != "manifest.json":
-                raise TrustError("bundle_layout", "the first tar member must be manifest.json")
-            check_member(m)
-            data = _read_small(tf, m, manifest_max, "manifest.json")
-        except (tarfile.TarError, EOFError) as exc:
-            raise TrustError("bundle_malformed", f"not a tar bundle: {exc}") from None
+        tr = _reader(f, size, manifest_max)
+        m = tr.next()
+        if m is None or m.name != "manifest.json":
+            raise TrustError("bundle_layout", "the first tar member must be manifest.json")
+        data = _read_small(tr, m, manifest_max, "manifest.json")
     from edgerund.updates.manifest import strict_json
 
+    check_depth(data, "manifest.json", "manifest_malformed")
     raw = strict_json(data, "manifest.json", "manifest_malformed")
     name = raw.get("model_name") if isinstance(raw, dict) else None
     if not isinstance(name, str):
@@ -176,12 +156,9 @@ def read_bundle(
     f, size = open_bundle(path)
     with f:
         check_size(size, limits)
-        try:
-            return _read(
-                f, size, staging, keyring, now, device, installed, limits, manifest_max, progress
-            )
-        except (tarfile.TarError, EOFError) as exc:
-            raise TrustError("bundle_malformed", f"not a valid tar bundle: {exc}") from None
+        return _read(
+            f, size, staging, keyring, now, device, installed, limits, manifest_max, progress
+        )
 
 
 def _read(
@@ -196,20 +173,22 @@ def _read(
     manifest_max: int,
     progress: Progress | None,
 ) -> tuple[Verdict, bytes, bytes]:
-    tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|", bufsize=CHUNK)
-    first = tf.next()
+    tr = _reader(f, size, max(limits.file_max_bytes, manifest_max, SIG_MAX_BYTES))
+    first = tr.next()
     if first is None:
         raise TrustError("bundle_malformed", "empty tar")
-    if check_member(first) != "manifest.json":
+    if first.name != "manifest.json":
         raise TrustError(
             "bundle_layout", f"the first tar member must be manifest.json, got {first.name!r}"
         )
-    manifest_bytes = _read_small(tf, first, manifest_max, "manifest.json")
-    second = tf.next()
+    manifest_bytes = _read_small(tr, first, manifest_max, "manifest.json")
+    check_depth(manifest_bytes, "manifest.json", "manifest_malformed")
+    second = tr.next()
     sig_bytes: bytes | None = None
-    pending: tarfile.TarInfo | None = second
-    if second is not None and check_member(second) == "manifest.sig":
-        sig_bytes = _read_small(tf, second, SIG_MAX_BYTES, "manifest.sig")
+    pending: Member | None = second
+    if second is not None and second.name == "manifest.sig":
+        sig_bytes = _read_small(tr, second, SIG_MAX_BYTES, "manifest.sig")
+        check_depth(sig_bytes, "manifest.sig", "signature_malformed")
         pending = None
     verdict = verify_manifest(
         manifest_bytes,
@@ -226,12 +205,12 @@ def _read(
     total = sum(e.size for e in verdict.manifest.files)
     done = 0
     while True:
-        m = pending if pending is not None else tf.next()
+        m = pending if pending is not None else tr.next()
         pending = None
         if m is None:
             break
-        name = check_member(m)
-        if name in ("manifest.json", "manifest.sig") or name in digests:
+        name = m.name
+        if name in ("manifest.json", "manifest.sig"):
             raise TrustError("duplicate_member", f"tar member {name!r} appears more than once")
         entry = expected.get(name)
         if entry is None:
@@ -247,8 +226,6 @@ def _read(
             raise TrustError(
                 "file_size", f"{name}: expected {entry.size} bytes, tar header says {m.size}"
             )
-        src = tf.extractfile(m)
-        assert src is not None
         dest = staging / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
@@ -256,7 +233,7 @@ def _read(
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             while n < entry.size:
-                chunk = src.read(min(CHUNK, entry.size - n))
+                chunk = tr.read(min(CHUNK, entry.size - n))
                 if not chunk:
                     break
                 h.update(chunk)

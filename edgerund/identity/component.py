@@ -13,7 +13,9 @@ Start-up (`__aenter__`, first component the daemon enters):
 Shutdown sends an orderly TPM2_Shutdown and closes the context on its thread.
 
 Socket commands: `identity` (public facts) and `attest` (args {"nonce": hex}); status key
-`identity`. Other components use the methods below (team contract in docs/identity.md).
+`identity`. The component implements `ports.IdentityPort` (and so `Signer` and `Measurer`);
+the composition root hands it to peers under the narrowest of those ports each one needs.
+Its properties are valid once it has been entered (the root enters it first).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ from edgerund.identity.tpm_errors import LAYER_MASK, TCTI_LAYER, TpmError
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
-    from edgerund.context import Context
+
+# The `identity` section when no identity runs (the daemon always builds one; kept so every
+# component module answers the same question the same way).
+EMPTY_STATUS: dict[str, object] = {"identity": {"kind": "none", "key_id": None}}
 
 log = structlog.get_logger("edgerund.identity")
 
@@ -81,19 +86,20 @@ async def _fallback(cfg: Config, state_dir: Path, reason: str) -> Identity:
     return ident
 
 
-def config_sha256(ctx: Context) -> bytes:
+def config_sha256(cfg: Config, config_path: Path) -> bytes:
     """sha256 of the config file bytes as deployed (else of the canonical JSON)."""
     try:
-        return hashlib.sha256(Path(ctx.config_path).read_bytes()).digest()
+        return hashlib.sha256(Path(config_path).read_bytes()).digest()
     except OSError:
-        return hashlib.sha256(msgspec.json.encode(ctx.config)).digest()
+        return hashlib.sha256(msgspec.json.encode(cfg)).digest()
 
 
 class IdentityComponent:
     name = "identity"
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, cfg: Config, *, config_path: Path) -> None:
+        self.cfg = cfg
+        self.config_path = Path(config_path)
         self._ident: Identity | None = None
 
     @property
@@ -105,9 +111,9 @@ class IdentityComponent:
     # -- lifecycle
 
     async def __aenter__(self) -> Self:
-        self._ident = await open_identity(self.ctx.config, self.ctx.state_dir)
+        self._ident = await open_identity(self.cfg, Path(self.cfg.paths.state_dir))
         try:
-            await self._ident.bind_config(config_sha256(self.ctx))
+            await self._ident.bind_config(config_sha256(self.cfg, self.config_path))
         except BaseException:
             await self._ident.close()
             self._ident = None
@@ -154,17 +160,19 @@ class IdentityComponent:
     async def counter_increment(self) -> int:
         return await self.identity.counter_increment()
 
-    async def bind_model(self, manifest_sha256: bytes, name: str = "") -> None:
+    async def bind_model(self, manifest_sha256: bytes, name: str) -> None:
         await self.identity.bind_model(manifest_sha256, name)
 
-    async def attest(self, nonce: bytes) -> dict[str, Any]:
+    async def attest(self, nonce: bytes) -> dict[str, object]:
         return await self.identity.attest(nonce)
 
     # -- daemon integration
 
     def status(self) -> dict[str, Any]:
         if self._ident is None:
-            return {"identity": {"kind": self.ctx.config.identity.kind, "state": "stopped"}}
+            return {
+                "identity": {"kind": self.cfg.identity.kind, "key_id": None, "state": "stopped"}
+            }
         return {"identity": self._ident.status()}
 
     def commands(self) -> Mapping[str, Command]:
@@ -209,6 +217,6 @@ class IdentityComponent:
             raise CommandError("tpm_error", str(exc)) from None
 
 
-def build(ctx: Context) -> IdentityComponent:
+def build(cfg: Config, *, config_path: Path) -> IdentityComponent:
     """The identity component is always built (software when no TPM is configured)."""
-    return IdentityComponent(ctx)
+    return IdentityComponent(cfg, config_path=config_path)

@@ -42,6 +42,7 @@ import numpy.typing as npt
 import structlog
 
 from edgerund.component import Command, Peer
+from edgerund.errors import CommandError as CommandRejected
 from edgerund.telemetry import aggregate
 from edgerund.telemetry.codec import (
     Block,
@@ -54,7 +55,7 @@ from edgerund.telemetry.codec import (
 )
 from edgerund.telemetry.config import TelemetryConfig
 from edgerund.telemetry.spool import Spool
-from edgerund.telemetry.uplink import CmdHandler, CommandRejected, Signer, Uplink, meta_with_ver
+from edgerund.telemetry.uplink import CmdHandler, Signer, Uplink, meta_with_ver
 
 if TYPE_CHECKING:
     from drivers.base import Sample
@@ -63,6 +64,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger("edgerund.telemetry")
 
 BUILTIN_COMMANDS = ("resend", "upload_raw", "rebirth")
+
+
+# The `telemetry` section when telemetry is disabled (DESIGN.md keys; #13: the daemon no
+# longer hard-codes it).
+EMPTY_STATUS: dict[str, object] = {
+    "telemetry": {"connected": False, "backlog_batches": 0, "sent_batches": 0, "lost_samples": 0}
+}
 
 
 class Ring:

@@ -49,6 +49,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgerund.errors import CommandError as CommandRejected
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Cls
 from edgerund.telemetry.config import UplinkConfig
@@ -70,15 +71,6 @@ def meta_with_ver(content: str, ver: int) -> str:
     obj = json.loads(content)
     obj["schema_ver"] = ver
     return json.dumps(obj, separators=(",", ":"))
-
-
-class CommandRejected(Exception):
-    """A `cmd/` message we refuse: code is stable, message says expected vs got."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
 
 
 class Signer:

@@ -125,7 +125,9 @@ class Supervisor:
         await self.cancel_all()
         tg, self._tg = self._tg, None
         if tg is not None:
-            await tg.__aexit__(exc_type, exc, tb)
+            # Every task has ended; an exception of the body propagates as it is (the
+            # TaskGroup would wrap it in an ExceptionGroup).
+            await tg.__aexit__(None, None, None)
 
     def spawn(
         self,

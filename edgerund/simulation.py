@@ -36,11 +36,12 @@ class Simulation:
                 for a in sim.anomalies
             ],
         )
-        self._resources = SimResources(self.scenario, i2c_bus=sim.i2c_bus)
+        # The emulated devices behind the transports (tests and tools reach them here).
+        self.plant = SimResources(self.scenario, i2c_bus=sim.i2c_bus)
 
     @property
     def resources(self) -> Resources:
-        return self._resources
+        return self.plant
 
     @property
     def actuators(self) -> Mapping[str, ActuatorSpec]:
@@ -54,10 +55,10 @@ class Simulation:
         return ANOMALY_KINDS
 
     def now_s(self) -> float:
-        return self._resources.now_s()
+        return self.plant.now_s()
 
     def device_for(self, cfg: SensorConfig) -> str | None:
-        return self._resources.device_for(cfg) or None
+        return self.plant.device_for(cfg) or None
 
     def inject(
         self,

@@ -256,7 +256,7 @@ class Daemon:
         if self.stop_event.is_set():
             return
 
-        resources, sim, actuators = _resources(cfg, self.simulate)
+        resources, sim, actuators = _resources(cfg, self.simulate or cfg.simulation.enabled)
         hub_scope = sup.scope("hub")
         hub = hub_component.build(cfg, resources=resources, scope=hub_scope, events=events, sim=sim)
         await self._enter(stack, hub, hub_scope, hub.reload)
@@ -480,7 +480,7 @@ class Daemon:
 
     def _on_hup(self) -> None:
         with contextlib.suppress(RuntimeError):  # before start or after stop: nothing to do
-            self.scope.spawn("reload", self._reload_task, restart=False)
+            self.scope.spawn("reload", self._reload_task)
 
     async def _reload_task(self) -> None:
         await self.reload()

@@ -274,6 +274,9 @@ async def test_shutdown_drives_actuators_to_safe_state() -> None:
     async with running(ctx, hub, vib_models()) as (comp, _events):
         a0, a1 = actuator_of(comp, 0), actuator_of(comp, 1)
         assert await wait_for(lambda: a0.value == NORMAL and a1.value == ACTIVE, 3.0)
+        # LoopStats sums the loops' tick counters (one read on the loop: no tick between)
+        ticks = [lp.ticks for lp in comp.loops]
+        assert comp.counters().ticks == sum(ticks) and min(ticks) > 0
     assert a0.value == SAFE and a0.commands[-1][2] == SAFE
     assert a1.value == 7.0 and a1.commands[-1][2] == 7.0
     assert not a0.is_open and not a1.is_open
@@ -301,6 +304,9 @@ async def test_actuator_fault_counted_and_visible_never_crashes() -> None:
         st = comp.status()["loops"][0]
         assert st["actuator"]["state"] == "failed" and "injected fault" in st["actuator"]["error"]
         assert st["ticks"] >= 2 and len(comp.scope.tasks) == 1
+        # LoopStats (what probation reads) counts the same ticks as the status
+        c = comp.counters()
+        assert c.ticks >= st["ticks"] and c.missed == loop.missed >= 0
         assert not next(iter(comp.scope.tasks)).done()
 
 

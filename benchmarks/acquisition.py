@@ -60,6 +60,7 @@ from drivers.emulated.simulated import SimResources
 from drivers.i2c.bus import AsyncI2CBus
 from drivers.registry import sensor_drivers
 from edgerund.config.schema import Config
+from edgerund.context import Supervisor, TaskScope
 from edgerund.hub.component import SensorHub
 
 BUSES = (1, 2, 3, 4)
@@ -260,8 +261,15 @@ async def hub_phase(
     sensors: list[Any], seconds: float, interval_s: float, inline: bool
 ) -> dict[str, Any]:
     """Run the 20 sensors in a SensorHub; CPU, reads, lag and final status."""
+    async with Supervisor(print) as sup, sup.scope("hub") as scope:
+        return await _hub_phase(sensors, seconds, interval_s, inline, scope)
+
+
+async def _hub_phase(
+    sensors: list[Any], seconds: float, interval_s: float, inline: bool, scope: TaskScope
+) -> dict[str, Any]:
     res = MultiBusSim(Scenario(seed=42), inline=inline)
-    hub = SensorHub(sensors, res)
+    hub = SensorHub(sensors, res, scope=scope)
     n_samples = [0]
 
     def subscriber(sample: Any) -> None:  # a cheap fan-out consumer, as telemetry is

@@ -69,10 +69,11 @@ sys.path.insert(0, str(ROOT))
 import msgspec  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from drivers.emulated import register_drivers  # noqa: E402
+from drivers.emulated import actuator as emulated_actuator  # noqa: E402
 from drivers.emulated.scenario import Scenario  # noqa: E402
+from drivers.registry import actuator_drivers  # noqa: E402
 from edgerund.config.schema import Config  # noqa: E402
-from edgerund.context import Context, Supervisor  # noqa: E402
+from edgerund.context import EventBus, Supervisor  # noqa: E402
 from edgerund.control.component import LoopsComponent  # noqa: E402
 from edgerund.control.histogram import Histogram  # noqa: E402
 
@@ -370,22 +371,28 @@ async def run_loop(
     runner: Any,
     manifest: dict[str, Any],
     hub: ThreadHub,
-    make_load: Callable[[Context], Load] | None,
+    make_load: Callable[[ThreadHub, LoopsComponent], Load] | None,
 ) -> dict[str, Any]:
-    """The real `loops` component on its own Context for `seconds` (after 1 s settling)."""
+    """The real `loops` component, wired as the daemon's root does, for `seconds` (after
+    1 s settling)."""
     cfg = loop_config(manifest, None)
-    register_drivers()  # the loop writes the emulated actuator: this script is its own root
-    ctx = Context(config=cfg, config_path=Path("bench.yaml"), supervisor=Supervisor(print))
-    ctx.components["hub"] = hub
-    ctx.components["models"] = Models(manifest["name"], runner)
-    comp = LoopsComponent(ctx)
     figs: dict[str, Any] = {}
     async with contextlib.AsyncExitStack() as stack:
+        sup = await stack.enter_async_context(Supervisor(print))
+        scope = await stack.enter_async_context(sup.scope("loops"))
+        comp = LoopsComponent(
+            cfg,
+            samples=hub,  # type: ignore[arg-type]
+            resources=hub.resources,  # type: ignore[arg-type]
+            models=Models(manifest["name"], runner),  # type: ignore[arg-type]
+            events=EventBus(),
+            scope=scope,
+            actuators={**actuator_drivers(), "emulated": emulated_actuator.ACTUATOR},
+        )
         await stack.enter_async_context(comp)
-        ctx.components["loops"] = comp
         load = None
         if make_load is not None:
-            load = await stack.enter_async_context(make_load(ctx))
+            load = await stack.enter_async_context(make_load(hub, comp))
         await asyncio.sleep(1.0)  # settle (window fill, first model call, caches)
         loop = comp.loops[0]
         for h in (loop.h_lateness, loop.h_latency, loop.h_age, loop.h_actuation, loop.h_infer):
@@ -465,13 +472,15 @@ class Load:
 
     def __init__(
         self,
-        ctx: Context,
+        hub: ThreadHub,
+        loops: LoopsComponent,
         seconds: float,
         tmp: Path,
         kinds: tuple[str, ...] = ("telemetry", "bundle", "status"),
     ) -> None:
         self.enabled = kinds
-        self.ctx = ctx
+        self.hub = hub
+        self.loops = loops
         self.seconds = seconds
         self.tmp = tmp
         self.tasks: list[asyncio.Task[Any]] = []
@@ -615,14 +624,11 @@ class Load:
             from edgerund.diag import DiagServer
         except ImportError:
             DiagServer = None
-        hub = self.ctx.require("hub")
+        hub = self.hub
 
         async def status(args: dict[str, Any], peer: Any) -> Any:
             out: dict[str, Any] = {"version": "bench", "uptime_s": 0}
-            for comp in self.ctx.components.values():
-                st = getattr(comp, "status", None)
-                if callable(st):
-                    out.update(st())
+            out.update(self.loops.status())
             out["sensors"] = [
                 {"id": s, "channel": c, "value": float(hub.window(s, c, 1)[1][-1])}
                 for s, c, _ in hub.channels()
@@ -788,7 +794,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 runner,
                 manifest,
                 hub,
-                lambda ctx: Load(ctx, args.loop_s, Path(tmp), tuple(args.load.split(","))),
+                lambda hub, loops: Load(
+                    hub, loops, args.loop_s, Path(tmp), tuple(args.load.split(","))
+                ),
             )
         lf = loaded["load"]
         say(f"    load: {'; '.join(lf.pop('kinds'))}")

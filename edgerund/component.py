@@ -1,21 +1,35 @@
-"""The component contract used by the composition root (edgerund/daemon.py).
+"""The component contract the composition root (edgerund/daemon.py) runs.
 
-A component is an async context manager that owns its resources and tasks:
-`__aenter__` opens everything (and raises ConfigError/DeviceError to refuse start-up),
-`__aexit__` stops tasks, drives outputs to their safe state and closes. Between the two,
-the daemon asks it for its `status()` section, routes diagnostics commands from
-`commands()` to it and hands it a new validated config on SIGHUP through `reload()`.
+A component is an async context manager that owns its resources: `__aenter__` opens
+everything (and raises ConfigError/DeviceError to refuse start-up), `__aexit__` drives
+outputs to their safe state and closes. Between the two the root asks it for its
+`status()` section(s), routes the diagnostics commands from `commands()` to it, and hands
+it a new validated config on SIGHUP through `reload()` when it has one.
 
-Components find each other only through the `Context` (edgerund/context.py) and public
-methods; none reaches into another's internals.
+Wiring: a component receives everything it needs as constructor arguments from the root:
+the config, the typed ports of its peers (edgerund/ports.py), the event sink, and its own
+`TaskScope` (edgerund/context.py) when it runs background tasks. It never looks a peer up
+by name, polls for one or tests one with `hasattr`; a peer that is not configured is
+passed as None and the component's type says so.
+
+Status: each component module exposes `EMPTY_STATUS`, the section(s) it reports when it is
+not configured, so that `status` always carries the keys DESIGN.md promises without the
+root knowing any component's fields.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+from edgerund.errors import CommandError
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
+
+__all__ = ["Command", "CommandError", "Component", "Handler", "Peer", "Reloadable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,15 +43,8 @@ class Peer:
     privileged: bool = False  # root, or member of the daemon's admin group
 
 
-class CommandError(Exception):
-    """Raised by a command handler: becomes `{"ok": false, "error": {code, message}}`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
-
-
+# Socket commands take the request's JSON `args` and return a JSON-able result; they raise
+# CommandError (edgerund.errors) to answer `{"ok": false, "error": {code, message}}`.
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
 
 
@@ -48,12 +55,8 @@ class Command:
     handler: Handler
     mutating: bool = False
     help: str = ""
-    # Extra keys are read from the request line and passed in args; `stream` lets a
-    # handler read more bytes from the connection (bundle upload).
-    meta: Mapping[str, Any] = field(default_factory=dict)
 
 
-@runtime_checkable
 class Component(Protocol):
     name: str
 
@@ -66,8 +69,8 @@ class Component(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    def status(self) -> Any:
-        """The JSON-able value of this component's section in `status`."""
+    def status(self) -> Mapping[str, object]:
+        """This component's section(s) of the `status` response, by top-level key."""
         ...
 
     def commands(self) -> Mapping[str, Command]:
@@ -76,6 +79,6 @@ class Component(Protocol):
 
 
 class Reloadable(Protocol):
-    def reload(self, config: Any) -> None:
+    def reload(self, config: Config) -> None:
         """Apply what may change live from a new, already validated config."""
         ...

@@ -1,9 +1,19 @@
-"""What the composition root hands to every component.
+"""Shared plumbing the composition root hands to components: events and task scopes.
 
-`Context` is built once by edgerund/daemon.py. It carries the validated config, the logger,
-the event bus (anomaly, sensor-state and update events flowing to telemetry and the log),
-the supervisor that owns every background task, and a name -> component map through which
-components find each other's *public* API (e.g. `ctx.require("hub")`).
+- `EventBus`: synchronous fan-out of `Event`s (anomaly, sensor-state, update events) to
+  telemetry and the log. Components publish through the `ports.EventSink` view of it.
+- `Supervisor`: owns every background task of the daemon, inside one asyncio TaskGroup
+  (attached by the root, or entered as an async context manager by a test). A crashed
+  task is restarted with capped, jittered backoff, or, when declared fatal, stops the
+  daemon.
+- `TaskScope`: one per component (`supervisor.scope(name)`), the only way a component
+  starts a task. The root enters a component's scope before the component and leaves it
+  after the component's `__aexit__`, which cancels what is left, so no task outlives its
+  component. There is no other way to start a task: `spawn` without a TaskGroup is a
+  programming error, not a fallback to a bare `create_task`.
+
+Components do not find each other here: the root (edgerund/daemon.py) passes each one the
+typed ports (edgerund/ports.py) of the peers it needs, as constructor arguments.
 """
 
 from __future__ import annotations
@@ -15,9 +25,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import structlog
+
+from edgerund.errors import EdgerundError
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
@@ -68,7 +81,7 @@ class EventBus:
         return ev
 
 
-class FatalComponentError(Exception):
+class FatalComponentError(EdgerundError):
     """A non-restartable task of a component failed: the daemon exits non-zero."""
 
     def __init__(self, task_name: str, exc: BaseException) -> None:
@@ -96,6 +109,26 @@ class Supervisor:
         """Own every later task through the daemon's TaskGroup."""
         self._tg = tg
 
+    async def __aenter__(self) -> Supervisor:
+        """Run with a TaskGroup of its own (tests, tools); the daemon uses `attach`."""
+        tg = asyncio.TaskGroup()
+        await tg.__aenter__()
+        self._tg = tg
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.cancel_all()
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            # Every task has ended; an exception of the body propagates as it is (the
+            # TaskGroup would wrap it in an ExceptionGroup).
+            await tg.__aexit__(None, None, None)
+
     def spawn(
         self,
         name: str,
@@ -105,11 +138,10 @@ class Supervisor:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
     ) -> asyncio.Task[None]:
-        coro = self._run(name, factory, restart, backoff_initial_s, backoff_max_s)
-        task = (
-            self._tg.create_task(coro, name=name)
-            if self._tg is not None
-            else asyncio.create_task(coro, name=name)
+        if self._tg is None:
+            raise RuntimeError(f"task {name!r}: the supervisor runs no TaskGroup (attach one)")
+        task = self._tg.create_task(
+            self._run(name, factory, restart, backoff_initial_s, backoff_max_s), name=name
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -214,11 +246,18 @@ class TaskScope:
         await self.aclose()
 
 
+# ---------------------------------------------------------------------------------------
+# TEMPORARY (issue #13, until the `updates` and `telemetry` helpers' branches are merged):
+# the pre-#13 updates and telemetry components still take this name-keyed record and look
+# their peers up in it. Only edgerund/_interim.py builds one; no other component uses it.
+# The lead deletes this class together with edgerund/_interim.py at the merge.
+
+
 @dataclass
 class Context:
     config: Config
     config_path: Path
-    supervisor: Supervisor
+    supervisor: Any  # a TaskScope, or _interim.py's deferring spawner
     events: EventBus = field(default_factory=EventBus)
     simulate: bool = False
     started_wall: float = field(default_factory=time.time)
@@ -227,12 +266,6 @@ class Context:
 
     def get(self, name: str) -> Any | None:
         return self.components.get(name)
-
-    def require(self, name: str) -> Any:
-        comp = self.components.get(name)
-        if comp is None:
-            raise LookupError(f"component {name!r} is not configured or not built yet")
-        return comp
 
     @property
     def state_dir(self) -> Path:

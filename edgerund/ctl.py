@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerund import __version__
-from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable, default_socket
+from edgerund.ctlclient import DiagClient, Unreachable, default_socket
+from edgerund.errors import CommandError
 from edgerund.toolkit import ctl as toolkit_ctl
 
 EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE = 0, 1, 2
@@ -416,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Unreachable as exc:
         err.print(f"edgerunctl: {exc}", markup=False)
         return EXIT_UNREACHABLE
-    except RemoteCommandError as exc:
+    except CommandError as exc:
         err.print(
             f"edgerunctl: {cmd if 'cmd' in locals() else args.command}: {exc.message} [{exc.code}]",
             markup=False,

@@ -9,6 +9,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from edgerund.errors import CommandError, EdgerundError
+
 DEFAULT_SOCKET = "/run/edgerund/diag.sock"
 SIMULATE_SOCKET = "/tmp/edgerund-sim/diag.sock"
 
@@ -23,17 +25,8 @@ def default_socket() -> str:
     return DEFAULT_SOCKET
 
 
-class Unreachable(Exception):
+class Unreachable(EdgerundError):
     """The daemon could not be reached (no socket, refused, permission, timeout)."""
-
-
-class RemoteCommandError(Exception):
-    """The daemon answered with ok=false."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
 
 
 class DiagClient:
@@ -101,5 +94,5 @@ class DiagClient:
         resp = json.loads(raw)
         if not resp.get("ok"):
             err = resp.get("error") or {}
-            raise RemoteCommandError(str(err.get("code", "error")), str(err.get("message", "")))
+            raise CommandError(str(err.get("code", "error")), str(err.get("message", "")))
         return resp.get("result")

@@ -1,12 +1,38 @@
-"""The composition root: build every component from the config and run them.
+"""The composition root: build every component from the config, wire it, run it.
 
-Start-up: validate the config (done by the caller), check the state directory, then build
-and enter components in dependency order — identity, hub, updates, models, loops,
-telemetry — each an async context manager that opens its resources and starts its tasks
-through the `Supervisor`; then the diagnostics socket; then `gc.freeze()` (start-up
-garbage never gets scanned again, which keeps full collections off the control loops);
-then `READY=1`. Components exit in reverse order, so loops drive their actuators to the
-safe state while buses are still open and telemetry flushes its spool last.
+Wiring. `Daemon._start` constructs each component explicitly with exactly the ports
+(edgerund/ports.py) of the peers it needs, in dependency order:
+
+    identity -> hub -> update slots -> models -> loops -> updates -> telemetry -> diag
+
+identity is the `Signer` of telemetry, the `Measurer` of models and the source of the
+anti-rollback `Counter`; the hub is the `SampleSource` of loops and telemetry; the slot
+repository is the `SlotSource` of models; models are the `ModelHost` of loops and updates;
+loops are the `LoopStats` of updates' probation; the one `RemoteCommands` router takes
+remote (MQTT) commands from the components that serve them and is dispatched by telemetry.
+A peer that is not configured is passed as None. Nothing is looked up by name, nothing
+polls for a peer, and every peer a component uses has been entered before it.
+
+This module is also the only place that chooses the hardware or the simulated plant:
+`--simulate` (or `simulation.enabled`) builds edgerund/simulation.py's `Simulation`, whose
+transports the hub and the actuators use and which adds the emulated actuator driver;
+otherwise the hub gets `HardwareResources` and the production driver registry.
+
+Tasks. Each component that runs background tasks gets its own `TaskScope` from the
+`Supervisor` (edgerund/context.py), entered before the component and left after it, so
+leaving a component cancels whatever tasks it still has. The root's own tasks (loop-lag
+monitor, status line, metrics textfile, SIGHUP reload) live in the "daemon" scope.
+
+Start-up: validate the config (done by the caller), check the state directory, then enter
+the components in the order above, each an async context manager that opens its resources;
+then the diagnostics socket; then `gc.freeze()` (start-up garbage never gets scanned again,
+which keeps full collections off the control loops); then `READY=1`. Components exit in
+reverse order, so loops drive their actuators to the safe state while buses are still open
+and telemetry flushes its spool last.
+
+Status: each component reports its own section(s) (`status()`); for a component that is
+not configured the root emits its module's `EMPTY_STATUS`, so `status` always carries the
+keys DESIGN.md promises without this module knowing any component's fields.
 
 Crash policy (documented in README): a component's background task that crashes is logged
 with its name and restarted with capped, jittered backoff when the component declares the
@@ -29,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import hashlib
 import os
@@ -40,47 +67,41 @@ from typing import Any
 
 import structlog
 
+from drivers.base import Resources
+from drivers.registry import ActuatorSpec, actuator_drivers
 from edgerund import __version__, logs
-from edgerund.component import Command, CommandError, Peer
+
+# TEMPORARY (issue #13): until the `updates` branch is merged these three builders come
+# from edgerund/_interim.py (the old component behind the new signatures).
+from edgerund._interim import build_slots, counter_for, updates_build
+from edgerund.component import Command, Component, Peer
 from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
-from edgerund.context import Context, FatalComponentError, Supervisor
+from edgerund.context import EventBus, FatalComponentError, Supervisor, TaskScope
 from edgerund.control import component as control_component
 from edgerund.control.histogram import Histogram
 from edgerund.diag import DiagServer
-from edgerund.errors import ConfigError, DeviceError
+from edgerund.errors import CommandError, ConfigError, DeviceError
 from edgerund.hub import component as hub_component
+from edgerund.hub.component import SimControl
 from edgerund.identity import component as identity_component
 from edgerund.inference import component as inference_component
 from edgerund.remote import RemoteCommands
 from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
+from edgerund.telemetry.component import build as telemetry_build
 from edgerund.toolkit import prometheus
-from edgerund.updates import component as updates_component
 
 log = structlog.get_logger("edgerund")
 
-
-def _build_telemetry(ctx: Context) -> Any:
-    # Interim bridge (issue #13): the composition root will pass these ports itself.
-    return telemetry_component.build(
-        ctx.config,
-        scope=ctx.supervisor.scope("telemetry"),
-        events=ctx.events,
-        samples=ctx.get("hub"),
-        signer=ctx.get("identity"),
-        router=RemoteCommands(),
-    )
-
-
-# Each component's builder, in start-up order (see the module docstring).
-BUILDERS: tuple[Callable[[Context], Any], ...] = (
-    identity_component.build,
-    hub_component.build,
-    updates_component.build,
-    inference_component.build,
-    control_component.build,
-    _build_telemetry,
+# The sections `status` always carries (DESIGN.md), each owned by its component's module:
+# emitted as they are when the component is not configured, replaced by its own otherwise.
+EMPTY_STATUS: tuple[Mapping[str, object], ...] = (
+    identity_component.EMPTY_STATUS,
+    hub_component.EMPTY_STATUS,
+    control_component.EMPTY_STATUS,
+    inference_component.EMPTY_STATUS,
+    telemetry_component.EMPTY_STATUS,
 )
 
 EXIT_OK = 0
@@ -154,21 +175,45 @@ def _check_state_dir(cfg: Config) -> None:
         ) from None
 
 
+def _resources(
+    cfg: Config, simulate: bool
+) -> tuple[Resources, SimControl | None, Mapping[str, ActuatorSpec]]:
+    """Hardware, or the simulated plant: the transports, `sim-inject`'s view of the plant,
+    and the actuator drivers a loop may name."""
+    if simulate:
+        from edgerund.simulation import Simulation  # loads drivers.emulated: simulation only
+
+        sim = Simulation(cfg)
+        return sim.resources, sim, {**actuator_drivers(), **sim.actuators}
+    from edgerund.hub.resources import HardwareResources
+
+    return HardwareResources(), None, actuator_drivers()
+
+
 class Daemon:
     def __init__(self, config_path: Path, config: Config, *, simulate: bool = False) -> None:
         self.config_path = config_path
+        self.config = config
+        self.simulate = simulate
+        self.started_wall = time.time()
+        self.started_mono = time.monotonic()
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.fatal: FatalComponentError | None = None
         self.supervisor = Supervisor(self._on_fatal)
-        self.ctx = Context(
-            config=config, config_path=config_path, supervisor=self.supervisor, simulate=simulate
-        )
+        self.scope = self.supervisor.scope("daemon")
+        self.events = EventBus()
+        self.router = RemoteCommands()
         self.lag = LoopLagMonitor(
             config.daemon.loop_lag_interval_ms / 1e3,
             config.daemon.watchdog_lag_limit_ms / 1e3,
             self.notifier,
         )
+        # Entered components in start-up order, and the ones that apply a SIGHUP live.
+        self.components: list[Component] = []
+        self._reloaders: list[tuple[str, Callable[[Config], None]]] = []
+        self._all_commands: dict[str, Command] = {}
+        self._diag: DiagServer | None = None
         self.reloads = 0
         self.reload_errors = 0
 
@@ -176,6 +221,97 @@ class Daemon:
         if self.fatal is None:
             self.fatal = err
         self.stop_event.set()
+
+    # ------------------------------------------------------------------ wiring
+
+    async def _enter(
+        self,
+        stack: contextlib.AsyncExitStack,
+        comp: Component,
+        scope: TaskScope | None = None,
+        reload: Callable[[Config], None] | None = None,
+    ) -> None:
+        """Enter `comp` (after its task scope, which is left after it)."""
+        if scope is not None:
+            await stack.enter_async_context(scope)
+        await stack.enter_async_context(comp)
+        self.components.append(comp)
+        if reload is not None:
+            self._reloaders.append((comp.name, reload))
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Build and enter every component in dependency order (module docstring)."""
+        cfg = self.config
+        sup = self.supervisor
+        events = self.events
+
+        identity_scope = sup.scope("identity")
+        identity = identity_component.build(cfg, config_path=self.config_path, scope=identity_scope)
+        await self._enter(stack, identity, identity_scope, identity.reload)
+        # The anti-rollback counter depends on the identity alone (TPM NV or a file).
+        counter = counter_for(cfg, identity)
+        if self.stop_event.is_set():
+            return
+
+        resources, sim, actuators = _resources(cfg, self.simulate or cfg.simulation.enabled)
+        hub_scope = sup.scope("hub")
+        hub = hub_component.build(cfg, resources=resources, scope=hub_scope, events=events, sim=sim)
+        await self._enter(stack, hub, hub_scope, hub.reload)
+        if self.stop_event.is_set():
+            return
+
+        slots = build_slots(cfg, events=events)
+        if slots is not None:
+            await stack.enter_async_context(slots)
+
+        models = inference_component.build(cfg, slots=slots, measurer=identity, events=events)
+        if models is not None:
+            await self._enter(stack, models, reload=models.reload)
+        if self.stop_event.is_set():
+            return
+
+        loops_scope = sup.scope("loops")
+        loops = control_component.build(
+            cfg,
+            samples=hub,
+            resources=hub.resources,
+            models=models,
+            events=events,
+            scope=loops_scope,
+            actuators=actuators,
+        )
+        if loops is not None:
+            await self._enter(stack, loops, loops_scope, loops.reload)
+        if self.stop_event.is_set():
+            return
+
+        if slots is not None:
+            updates_scope = sup.scope("updates")
+            updates = updates_build(
+                cfg,
+                slots=slots,
+                scope=updates_scope,
+                events=events,
+                counter=counter,
+                models=models,
+                loops=loops,
+                router=self.router,
+            )
+            await self._enter(stack, updates, updates_scope)
+            if self.stop_event.is_set():
+                return
+
+        telemetry_scope = sup.scope("telemetry")
+        telemetry = telemetry_build(
+            cfg,
+            scope=telemetry_scope,
+            events=events,
+            samples=hub,
+            signer=identity,
+            router=self.router,
+        )
+        if telemetry is not None:
+            await self._enter(stack, telemetry, telemetry_scope)
 
     # ------------------------------------------------------------------ commands
 
@@ -194,7 +330,7 @@ class Daemon:
             # Test-only: block the event loop on purpose (watchdog tests). Never enabled
             # by a config key, only by the environment of a test process.
             cmds["test-block-loop"] = Command(self._cmd_test_block, mutating=True)
-        for comp in self.ctx.components.values():
+        for comp in self.components:
             for name, cmd in comp.commands().items():
                 if name in cmds:
                     raise RuntimeError(f"diagnostics command {name!r} registered twice")
@@ -203,36 +339,29 @@ class Daemon:
         return cmds
 
     def status(self) -> dict[str, Any]:
-        cfg = self.ctx.config
+        cfg = self.config
         out: dict[str, Any] = {
             "version": __version__,
             "gateway": {"id": cfg.gateway.id, "site": cfg.gateway.site},
             "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.ctx.started_mono, 1),
-            "simulate": self.ctx.simulate,
+            "uptime_s": round(time.monotonic() - self.started_mono, 1),
+            "simulate": self.simulate,
             "config_path": str(self.config_path),
-            "identity": {"kind": "none", "key_id": None},
-            "sensors": [],
-            "loops": [],
-            "models": [],
-            "telemetry": {
-                "connected": False,
-                "backlog_batches": 0,
-                "sent_batches": 0,
-                "lost_samples": 0,
-            },
-            "supervisor": {"restarts": dict(self.supervisor.restarts)},
-            "reloads": {"ok": self.reloads, "failed": self.reload_errors},
         }
+        for empty in EMPTY_STATUS:
+            out.update(copy.deepcopy(empty))
+        out["supervisor"] = {"restarts": dict(self.supervisor.restarts)}
+        out["reloads"] = {"ok": self.reloads, "failed": self.reload_errors}
         out.update(self.lag.status())
-        for comp in self.ctx.components.values():
+        for comp in self.components:
             try:
                 section = comp.status()
             except Exception as exc:  # a broken status must not hide the others
                 log.exception("status_failed", component=comp.name)
                 section = {f"{comp.name}_error": repr(exc)}
-            if isinstance(section, Mapping):
-                out.update(section)
+            out.update(section)
+        if self._diag is not None:
+            out.update(self._diag.status())
         return out
 
     async def _cmd_status(self, args: dict[str, Any], peer: Peer) -> Any:
@@ -258,7 +387,7 @@ class Daemon:
         """Write the metrics for node_exporter's textfile collector: temp file + rename
         (the collector must never read a half-written file), off the event loop."""
         while True:
-            cfg = self.ctx.config.metrics
+            cfg = self.config.metrics
             if cfg.textfile:
                 text = prometheus.render(self.status())
                 await asyncio.to_thread(_write_atomic, Path(cfg.textfile), text)
@@ -287,7 +416,7 @@ class Daemon:
             self.reload_errors += 1
             log.error("config_reload_failed", reason=str(exc), kept="running config")
             return False, str(exc)
-        old = self.ctx.config
+        old = self.config
         restart_needed = [
             name
             for name in ("gateway", "paths", "diag", "identity", "updates", "uplink")
@@ -297,17 +426,15 @@ class Daemon:
             restart_needed.append("sensors (added/removed)")
         if [lp.id for lp in old.loops] != [lp.id for lp in new.loops]:
             restart_needed.append("loops (added/removed)")
-        self.ctx.config = new
+        self.config = new
         logs.set_level(new.logging.level)
         logs.RING.resize(new.logging.ring_size)
-        for comp in self.ctx.components.values():
-            fn = getattr(comp, "reload", None)
-            if fn is not None:
-                try:
-                    fn(new)
-                except Exception as exc:
-                    log.exception("component_reload_failed", component=comp.name)
-                    restart_needed.append(f"{comp.name} ({exc})")
+        for name, apply in self._reloaders:
+            try:
+                apply(new)
+            except Exception as exc:
+                log.exception("component_reload_failed", component=name)
+                restart_needed.append(f"{name} ({exc})")
         self.reloads += 1
         msg = "applied" + (
             f"; restart needed for: {', '.join(restart_needed)}" if restart_needed else ""
@@ -336,12 +463,10 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        cfg = self.ctx.config
+        cfg = self.config
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: self.supervisor.spawn("reload", self._reload_task)
-        )
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         started = time.monotonic()
         try:
             return await self._run_components(cfg, started)
@@ -349,6 +474,10 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self.notifier.close()
+
+    def _on_hup(self) -> None:
+        with contextlib.suppress(RuntimeError):  # before start or after stop: nothing to do
+            self.scope.spawn("reload", self._reload_task)
 
     async def _reload_task(self) -> None:
         await self.reload()
@@ -366,18 +495,13 @@ class Daemon:
             stack = contextlib.AsyncExitStack()
             try:
                 await stack.__aenter__()
-                for builder in BUILDERS:
-                    comp = builder(self.ctx)
-                    if comp is None:
-                        continue
-                    self.ctx.components[comp.name] = comp
-                    await stack.enter_async_context(comp)
-                    if self.stop_event.is_set():
-                        break
+                await stack.enter_async_context(self.scope)
+                await self._start(stack)
+                commands = self._commands()
                 if cfg.diag.enabled:
                     diag = DiagServer(
                         cfg.diag.socket,
-                        self._commands(),
+                        commands,
                         mode=cfg.diag.mode,
                         group=cfg.diag.group,
                         max_request_bytes=cfg.diag.max_request_bytes,
@@ -385,12 +509,10 @@ class Daemon:
                         max_clients=cfg.diag.max_clients,
                     )
                     await stack.enter_async_context(diag)
-                    self.ctx.components.setdefault("diag", diag)
-                else:
-                    self._commands()
-                self.supervisor.spawn("loop-lag", self.lag.run)
-                self.supervisor.spawn("status-line", self._status_reporter)
-                self.supervisor.spawn("metrics-textfile", self._metrics_textfile)
+                    self._diag = diag
+                self.scope.spawn("loop-lag", self.lag.run)
+                self.scope.spawn("status-line", self._status_reporter)
+                self.scope.spawn("metrics-textfile", self._metrics_textfile)
                 gc.collect()
                 gc.freeze()
                 ready_s = time.monotonic() - started
@@ -399,8 +521,8 @@ class Daemon:
                     "ready",
                     version=__version__,
                     ready_s=round(ready_s, 3),
-                    components=list(self.ctx.components),
-                    simulate=self.ctx.simulate,
+                    components=[c.name for c in self.components],
+                    simulate=self.simulate,
                     config=str(self.config_path),
                     config_sha256=hashlib.sha256(self.config_path.read_bytes()).hexdigest()[:16]
                     if self.config_path.exists()

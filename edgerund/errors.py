@@ -6,20 +6,24 @@ CLI can map it to an exit code and a one-line message without a traceback:
 - ConfigError: the configuration (file, key, value) is wrong; exit 2 at start-up.
 - DeviceError: a bus, port, chip or TPM misbehaved; usually retried, never fatal alone.
 - TrustError: a bundle, keyring or quote failed a trust check; carries a reason code.
-- RemoteError: a peer (broker, diagnostics client) failed or refused.
+- CommandError: a command (diagnostics socket, remote MQTT `cmd/`, or the daemon's answer
+  as the client sees it) was refused: a stable `code` and a message.
 
 Messages say what was expected and what was found.
 """
 
 from __future__ import annotations
 
-from drivers.errors import DeviceError, FrameError
+from drivers.errors import DeviceError, EdgerundError, FrameError
 
-__all__ = ["ConfigError", "DeviceError", "EdgerundError", "FrameError", "RemoteError", "TrustError"]
-
-
-class EdgerundError(Exception):
-    """Base of every error the daemon raises on purpose."""
+__all__ = [
+    "CommandError",
+    "ConfigError",
+    "DeviceError",
+    "EdgerundError",
+    "FrameError",
+    "TrustError",
+]
 
 
 class ConfigError(EdgerundError):
@@ -52,5 +56,13 @@ class TrustError(EdgerundError):
         super().__init__(f"{code}: {message}")
 
 
-class RemoteError(EdgerundError):
-    """A remote peer failed or refused (broker, socket client)."""
+class CommandError(EdgerundError):
+    """A refused command: `{"ok": false, "error": {code, message}}` on the diagnostics
+    socket, the error reply of a remote `cmd/` request, and what the client raises when the
+    daemon answered so. `code` is stable and machine-readable; `message` says expected vs
+    got."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")

@@ -15,6 +15,7 @@ Who provides what (see docs/architecture.md for the graph):
     Measurer        identity                         models (PCR binding after a swap)
     Signer          identity                         telemetry (batch signatures)
     Counter         identity (TPM NV) or a file      updates (anti-rollback)
+    IdentityPort    identity (IdentityComponent)     the root (counter_for), diag commands
     LoopStats       loops (LoopsComponent)           updates (probation)
     CommandRouter   the root's RemoteCommands        updates registers; telemetry dispatches
     EventSink       the root's EventBus              every component publishes
@@ -148,6 +149,23 @@ class Counter(Protocol):
 
     async def ratchet(self, value: int) -> int:
         """Raise the counter to at least `value`; returns the new value."""
+        ...
+
+
+class IdentityPort(Signer, Measurer, Protocol):
+    """The whole public surface of the identity component (TPM-backed or software)."""
+
+    @property
+    def insecure(self) -> bool:
+        """True for the software identity standing in for an absent TPM."""
+        ...
+
+    async def counter_read(self) -> int: ...
+
+    async def counter_increment(self) -> int: ...
+
+    async def attest(self, nonce: bytes) -> dict[str, object]:
+        """A quote over the binding PCRs for a verifier's nonce (DESIGN.md "Attestation")."""
         ...
 
 

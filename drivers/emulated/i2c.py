@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from drivers.errors import EdgerundError
+
 __all__ = [
     "Clock",
     "EmulatedDevice",
@@ -78,7 +80,7 @@ def constant(value: float) -> Signal:
     return signal
 
 
-class Nack(Exception):
+class Nack(EdgerundError):
     """Raised by a device to NACK: at the address phase (absent/busy) or a data byte."""
 
     def __init__(self, phase: str = "address") -> None:

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import serial
 
 from drivers.base import note_acquired
-from drivers.errors import DeviceError
+from drivers.errors import DeviceError, EdgerundError
 
 __all__ = ["AsyncSerialPort", "SerialPorts", "char_time_s", "frames_to_rows"]
 
@@ -76,7 +76,7 @@ def frames_to_rows(frames: list[tuple[float, bytes]]) -> list[dict[str, Any]]:
     return rows
 
 
-class _NoNode(Exception):
+class _NoNode(EdgerundError):
     pass
 
 

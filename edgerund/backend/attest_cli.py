@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from edgerund.backend.verify import expected_binding_for_files, verify_result
+from edgerund.errors import EdgerundError
 from edgerund.identity import tpmstruct as ts
 from edgerund.identity.binding import parse_nonce
 
 
-class UsageError(Exception):
+class UsageError(EdgerundError):
     pass
 
 

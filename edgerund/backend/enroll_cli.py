@@ -79,7 +79,8 @@ def _done(args: argparse.Namespace, enrolled: Enrolled, extra: dict[str, Any]) -
 
 
 def _direct(args: argparse.Namespace) -> int:
-    from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable
+    from edgerund.ctlclient import DiagClient, Unreachable
+    from edgerund.errors import CommandError
 
     anchors = _anchors(args)
     try:
@@ -90,14 +91,14 @@ def _direct(args: argparse.Namespace) -> int:
             )
             try:
                 response = c.call("attest-activate", challenge)
-            except RemoteCommandError as exc:
+            except CommandError as exc:
                 if exc.code in ("activation_failed", "not_supported"):
                     raise VerifyError("activation_failed", f"{exc.code}: {exc.message}") from None
                 raise
             enrolled = finish(pending, response)
             nonce = os.urandom(32)
             quote = c.call("attest", {"nonce": nonce.hex()})
-    except (Unreachable, RemoteCommandError) as exc:
+    except (Unreachable, CommandError) as exc:
         raise _Usage(f"daemon at {args.socket}: {exc}") from None
     verdict = verify_result(quote, nonce=nonce, ak_pem=enrolled.ak_pem)
     if not verdict.ok:

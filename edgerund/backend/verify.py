@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from edgerund.errors import EdgerundError
 from edgerund.identity import tpmstruct as ts
 from edgerund.identity.binding import binding_value
 
@@ -73,7 +74,7 @@ HASH_ALGS: dict[int, hashes.HashAlgorithm] = {
 }
 
 
-class VerifyError(Exception):
+class VerifyError(EdgerundError):
     """One failed check: `code` is stable (see the module docstring), message is for humans."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -2,16 +2,20 @@
 
 Theory of operation
 -------------------
-`build(ctx)` returns None when no loop is configured. `__aenter__`:
+`build(cfg, ...)` returns None when no loop is configured. The composition root passes
+the ports the loops need: `samples` (`ports.SampleSource`, the hub), `resources` (the
+transports the hub opened, which actuators share), `models` (`ports.ModelHost`, None when
+no model is configured), the event sink, the component's `TaskScope`, and the actuator
+drivers by config name (the production registry, plus the emulated actuator in simulated
+mode: the root's choice, not this module's). `__aenter__`:
 
 1. checks what the config alone could not: every input and rule channel exists on the hub
-   (`hub.channels()`), and, when the model is already loaded, its manifest's input ABI
+   (`samples.channels()`), and, when the model is already loaded, its manifest's input ABI
    fits the loop's inputs. Both are ConfigErrors naming the loop key and both sides;
-2. opens each loop's actuator through drivers.registry (`actuator_drivers()`, shared
-   transports from `hub.resources`) and writes its safe state before the first tick; an
-   `mqtt` actuator is bound to the event bus (`actuator.command` events, forwarded by the
-   telemetry uplink);
-3. spawns one task per loop through the supervisor, *not* restartable: a loop that crashed
+2. opens each loop's actuator through its driver spec and writes its safe state before the
+   first tick; an `mqtt` actuator is bound to the event bus (`actuator.command` events,
+   forwarded by the telemetry uplink);
+3. spawns one task per loop in its scope, *not* restartable: a loop that crashed
    on a bug has already driven its actuator safe, and the daemon exits so systemd restarts
    it rather than running a loop in an unknown state. Device faults and model faults do
    not crash a loop (they are counted and handled by fallback/safe state).
@@ -20,35 +24,41 @@ While loops run, the interpreter's GIL switch interval is lowered to 0.5 ms (res
 exit): a worker thread running Python code can otherwise hold the GIL for 5 ms while a
 loop's timer has fired.
 
-`__aexit__` (shutdown, or the daemon unwinding after a fault) cancels the loop tasks, then
+`__aexit__` (shutdown, or the daemon unwinding after a fault) closes its scope (cancelling
+the loop tasks), then
 drives every actuator to its safe state while the hub's buses are still open (the daemon
 exits components in reverse order), and closes the drivers. It also runs the safe-state
 writes when start-up fails half way.
 
 Timing environment: the daemon installs uvloop when available and calls `gc.freeze()`
 after start-up (edgerund/daemon.py); the scheduler copes with uvloop's early wake-ups.
-Status: `{"loops": [...]}`; socket command `loops` (optional `id`).
+Status: `{"loops": [...]}`; socket command `loops` (optional `id`). As `ports.LoopStats`
+(probation) it sums the loops' tick counters in `counters()`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 import structlog
 
-from drivers.base import ActuatorDriver
-from drivers.registry import actuator_drivers
+from drivers.base import ActuatorDriver, Resources
+from drivers.registry import ActuatorSpec, actuator_drivers
 from edgerund.component import Command, CommandError, Peer
-from edgerund.context import Context
 from edgerund.control.config import LoopConfig, actuator_driver_name
 from edgerund.control.loop import ControlLoop, _Input, abi_mismatch
 from edgerund.errors import ConfigError, DeviceError
+from edgerund.ports import LoopCounters
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
+    from edgerund.context import TaskScope
+    from edgerund.ports import EventSink, ModelHost, SampleSource
 
 log = structlog.get_logger("edgerund.control")
 
@@ -60,19 +70,55 @@ STALE_SAMPLE_PERIODS = 3.0  # default staleness: this many sensor sample periods
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
-def build(ctx: Context) -> LoopsComponent | None:
-    if not ctx.config.loops:
+EMPTY_STATUS: dict[str, object] = {"loops": []}
+
+
+def build(
+    cfg: Config,
+    *,
+    samples: SampleSource,
+    resources: Resources,
+    models: ModelHost | None,
+    events: EventSink,
+    scope: TaskScope,
+    actuators: Mapping[str, ActuatorSpec],
+) -> LoopsComponent | None:
+    if not cfg.loops:
         return None
-    return LoopsComponent(ctx)
+    return LoopsComponent(
+        cfg,
+        samples=samples,
+        resources=resources,
+        models=models,
+        events=events,
+        scope=scope,
+        actuators=actuators,
+    )
 
 
 class LoopsComponent:
     name = "loops"
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        samples: SampleSource,
+        resources: Resources,
+        models: ModelHost | None,
+        events: EventSink,
+        scope: TaskScope,
+        actuators: Mapping[str, ActuatorSpec] | None = None,
+    ) -> None:
+        """`actuators` defaults to the production registry (drivers.registry)."""
+        self.cfg = cfg
+        self.samples = samples
+        self.resources = resources
+        self.models = models
+        self.events = events
+        self.scope = scope
+        self.actuators = dict(actuators if actuators is not None else actuator_drivers())
         self.loops: list[ControlLoop] = []
-        self._tasks: list[asyncio.Task[None]] = []
         self._drivers: list[tuple[ControlLoop | None, ActuatorDriver]] = []
         self._prev_switch_s: float | None = None
 
@@ -82,20 +128,17 @@ class LoopsComponent:
         if loop.stale_after_ms is not None:
             return loop.stale_after_ms / 1000.0
         rate = 1.0
-        for s in self.ctx.config.sensors:
+        for s in self.cfg.sensors:
             if s.id == sensor_id:
                 rate = s.rate_hz
         return STALE_SAMPLE_PERIODS / max(rate, 1e-6) + loop.period_ms / 1000.0
 
-    def _check_channels(self, hub: Any) -> None:
-        channels_fn = getattr(hub, "channels", None)
-        if channels_fn is None:
-            return
+    def _check_channels(self) -> None:
         known: dict[str, list[str]] = {}
-        for sensor_id, channel, _unit in channels_fn():
+        for sensor_id, channel, _unit in self.samples.channels():
             known.setdefault(sensor_id, []).append(channel)
         problems: list[str] = []
-        for i, loop in enumerate(self.ctx.config.loops):
+        for i, loop in enumerate(self.cfg.loops):
             for j, inp in enumerate(loop.inputs):
                 for ch in inp.channels:
                     if ch not in known.get(inp.sensor, []):
@@ -112,10 +155,10 @@ class LoopsComponent:
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def _check_abi(self, idx: int, loop: ControlLoop, models: Any) -> None:
-        if models is None or loop.cfg.model is None:
+    def _check_abi(self, idx: int, loop: ControlLoop) -> None:
+        if self.models is None or loop.cfg.model is None:
             return
-        runner = models.runner(loop.cfg.model)
+        runner = self.models.runner(loop.cfg.model)
         if runner is None:
             log.warning(
                 "loop_model_not_loaded",
@@ -132,48 +175,46 @@ class LoopsComponent:
                 path=f"loops[{idx}].inputs",
             )
 
-    def _open_actuator(self, idx: int, cfg: LoopConfig, hub: Any) -> ActuatorDriver | None:
+    def _open_actuator(self, idx: int, cfg: LoopConfig) -> ActuatorDriver | None:
         acfg = cfg.actuator
         if acfg is None:
             return None
         name = actuator_driver_name(acfg)
-        spec = actuator_drivers().get(name)
+        spec = self.actuators.get(name)
         if spec is None or not isinstance(acfg, spec.config_type):
             raise ConfigError(
-                f"no actuator driver {name!r} (known: {sorted(actuator_drivers())})",
+                f"no actuator driver {name!r} (known: {sorted(self.actuators)})",
                 path=f"loops[{idx}].actuator.driver",
             )
-        drv = spec.factory(acfg, hub.resources)
+        drv = spec.factory(acfg, self.resources)
         bind = getattr(drv, "bind", None)
         if callable(bind):
             loop_id = cfg.id
 
             def sink(command: str, value: float) -> None:
-                self.ctx.events.publish("actuator.command", loop_id, command=command, value=value)
+                self.events.publish("actuator.command", loop_id, command=command, value=value)
 
             bind(sink)
         return drv
 
     async def __aenter__(self) -> Self:
-        cfgs = self.ctx.config.loops
+        cfgs = self.cfg.loops
         self._prev_switch_s = sys.getswitchinterval()
         sys.setswitchinterval(min(self._prev_switch_s, GIL_SWITCH_INTERVAL_S))
-        hub = self.ctx.require("hub")
-        models = self.ctx.get("models")
-        self._check_channels(hub)
         try:
+            self._check_channels()
             for i, cfg in enumerate(cfgs):
-                drv = self._open_actuator(i, cfg, hub)
+                drv = self._open_actuator(i, cfg)
                 loop = ControlLoop(
                     cfg,
-                    hub=hub,
-                    models=models,
-                    publish=self.ctx.events.publish,
+                    hub=self.samples,
+                    models=self.models,
+                    publish=self.events.publish,
                     actuator=drv,
                     input_stale_s={inp.name: self._stale_s(cfg, inp.sensor) for inp in cfg.inputs},
                     rule_stale_s=[self._stale_s(cfg, r.sensor) for r in cfg.fallback],
                 )
-                self._check_abi(i, loop, models)
+                self._check_abi(i, loop)
                 if drv is not None:
                     try:
                         await drv.open()
@@ -185,9 +226,7 @@ class LoopsComponent:
                     await loop.start()
                 self.loops.append(loop)
             for loop in self.loops:
-                self._tasks.append(
-                    self.ctx.supervisor.spawn(f"loop:{loop.id}", loop.run, restart=False)
-                )
+                self.scope.spawn(loop.id, loop.run, restart=False)
         except BaseException:
             await self._shutdown("start-up failed")
             raise
@@ -201,11 +240,9 @@ class LoopsComponent:
     # --- shutdown ---------------------------------------------------------------------
 
     async def _shutdown(self, why: str) -> None:
-        for t in self._tasks:
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
-        self._tasks.clear()
+        # The loop tasks must be gone before the safe-state writes (a tick in flight would
+        # overwrite them); the root's closing of the scope afterwards then finds nothing.
+        await self.scope.aclose()
         for loop, drv in self._drivers:
             if loop is not None:
                 await loop.drive_safe(why)
@@ -229,6 +266,15 @@ class LoopsComponent:
     def status(self) -> dict[str, Any]:
         return {"loops": [lp.status() for lp in self.loops]}
 
+    def counters(self) -> LoopCounters:
+        """`ports.LoopStats`: tick counters summed over the loops (monotonic)."""
+        ticks = missed = overruns = 0
+        for lp in self.loops:
+            ticks += lp.ticks
+            missed += lp.missed
+            overruns += lp.overruns
+        return LoopCounters(ticks=ticks, missed=missed, overruns=overruns)
+
     async def _cmd_loops(self, args: dict[str, Any], peer: Peer) -> Any:
         want = args.get("id")
         out = [lp.status() for lp in self.loops if want is None or lp.id == want]
@@ -243,7 +289,7 @@ class LoopsComponent:
             "loops": Command(self._cmd_loops, help="control loops: timing, mode, model, actuator")
         }
 
-    def reload(self, config: Any) -> None:
+    def reload(self, config: Config) -> None:
         """Apply live settings to loops with the same id: the policy (threshold, hysteresis,
         debounce) and the active/normal values. Inputs, model, actuator and period need a
         restart (the daemon names them)."""

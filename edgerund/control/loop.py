@@ -295,6 +295,10 @@ class ControlLoop:
     def missed(self) -> int:
         return self._schedule.missed if self._schedule is not None else 0
 
+    @property
+    def overruns(self) -> int:
+        return self._schedule.overruns if self._schedule is not None else 0
+
     def forget_runner(self) -> None:
         """Re-read the runner's manifest (ABI, threshold) on the next tick."""
         self._runner = None

@@ -51,6 +51,7 @@ class Schedule:
     period_s: float
     k: int = 0
     missed: int = 0  # deadlines skipped because a tick overran them
+    overruns: int = 0  # ticks that ran past the next deadline (each skipped >= 1)
 
     def __post_init__(self) -> None:
         if not self.period_s > 0:
@@ -78,6 +79,7 @@ class Schedule:
         skipped = k_new - k_next
         self.k = k_new
         self.missed += skipped
+        self.overruns += 1
         return skipped
 
 

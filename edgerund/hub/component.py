@@ -2,7 +2,7 @@
 task, keeps the latest sample and a ring window per channel, and serves the technician
 commands `sensors`, `i2c-scan`, `serial-sniff` and (simulated mode) `sim-inject`.
 
-Public API (docs/sensors.md, /work/team/apis.md):
+Public API (docs/sensors.md; the `ports.SampleSource` of loops and telemetry):
 
     hub.latest(sensor_id, channel) -> Sample | None
     hub.window(sensor_id, channel, n) -> (t_mono[k], values[k])   newest last, copies
@@ -10,13 +10,18 @@ Public API (docs/sensors.md, /work/team/apis.md):
     hub.channels() -> [(sensor_id, channel, unit), ...]
     hub.subscribe(fn) -> unsubscribe        fn(Sample) on the loop, for every new sample
     hub.resources                           the shared transports (actuators use them too)
-    hub.scenario                            the running Scenario in simulated mode, else None
+
+Wiring: the composition root chooses the transports (`resources`: the hardware buses and
+ports, or the simulated plant's; the hub never decides that itself and never imports
+drivers.emulated) and passes the hub its `TaskScope`, its event sink and, in simulated
+mode, the `SimControl` view of the plant that `sim-inject` drives.
 
 Life cycle: the constructor builds driver objects (no I/O, so `channels()` is known before
 start and a bad driver setting is a start-up error); `__aenter__` spawns one supervised
-task per enabled sensor (edgerund/hub/acquire.py) and returns at once: a sensor that is
-absent at start-up is `failed` and re-probed, it never blocks the daemon's start.
-`__aexit__` cancels the tasks (each closes its device) and closes the shared transports.
+task per enabled sensor (edgerund/hub/acquire.py) in the hub's scope and returns at once:
+a sensor that is absent at start-up is `failed` and re-probed, it never blocks the
+daemon's start. `__aexit__` cancels the tasks (each closes its device) and closes the
+shared transports.
 
 Subscribers are called synchronously for every sample, so they must be cheap (append to
 a buffer); one that raises is counted and logged once, and never stops acquisition.
@@ -24,13 +29,12 @@ a buffer); one that raises is counted and logged once, and never stops acquisiti
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import msgspec
 import numpy as np
@@ -47,10 +51,35 @@ from edgerund.hub.resources import TrackingResources
 from edgerund.hub.ring import F64, Ring
 
 if TYPE_CHECKING:
-    from drivers.emulated.scenario import Scenario
-    from edgerund.context import Context
+    from edgerund.config.schema import Config
+    from edgerund.context import TaskScope
+    from edgerund.ports import EventSink
 
 log = structlog.get_logger("edgerund.hub")
+
+EMPTY_STATUS: dict[str, object] = {"sensors": []}
+
+
+class SimControl(Protocol):
+    """The simulated plant as `sim-inject` drives it (edgerund/simulation.py)."""
+
+    @property
+    def anomaly_kinds(self) -> tuple[str, ...]: ...
+
+    def now_s(self) -> float:
+        """The scenario's clock."""
+        ...
+
+    def device_for(self, cfg: SensorConfig) -> str | None:
+        """The emulated device behind a sensor's config, for a targeted dropout."""
+        ...
+
+    def inject(
+        self, kind: str, *, start_s: float, duration_s: float, severity: float, sensor: str | None
+    ) -> None:
+        """Schedule an anomaly; ValueError when the scenario cannot play it."""
+        ...
+
 
 RATE_WINDOW_S = 10.0  # achieved rates are measured over this trailing window
 
@@ -91,16 +120,17 @@ class SensorHub:
         sensors: Sequence[SensorConfig],
         resources: Resources,
         *,
-        ctx: Context | None = None,
+        scope: TaskScope,
+        events: EventSink | None = None,
         drivers: Mapping[str, SensorSpec] | None = None,
-        sim: Any | None = None,
+        sim: SimControl | None = None,
     ) -> None:
         """`drivers` defaults to drivers.registry; tests pass their own specs.
 
-        `sim` is the simulated resources object (drivers/emulated/simulated.py) when
-        running simulated: it carries the Scenario and its clock for `sim-inject`.
+        `sim` is the simulated plant when running simulated (for `sim-inject`), else None.
         """
-        self._ctx = ctx
+        self._scope = scope
+        self._events = events
         self.resources = TrackingResources(resources)
         self._sim = sim
         specs = dict(drivers if drivers is not None else sensor_drivers())
@@ -111,7 +141,7 @@ class SensorHub:
         self._subs: list[Callable[[Sample], None]] = []
         self._sub_errors = 0
         self._sub_error_logged = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._started = 0
         self._scans: set[int] = set()
         for cfg in sensors:
             spec = by_type.get(type(cfg)) or specs.get(_driver_name(cfg))
@@ -145,10 +175,6 @@ class SensorHub:
             self._acq[cfg.id] = Acquirer(rt, self._make_sink(cfg.id), self._publish)
 
     # -- public API ---------------------------------------------------------------------
-    @property
-    def scenario(self) -> Scenario | None:
-        return getattr(self._sim, "scenario", None) if self._sim is not None else None
-
     def latest(self, sensor_id: str, channel: str) -> Sample | None:
         rt = self._rts.get(sensor_id)
         if rt is None:
@@ -190,8 +216,8 @@ class SensorHub:
 
     # -- plumbing -----------------------------------------------------------------------
     def _publish(self, kind: str, source: str, **fields: Any) -> None:
-        if self._ctx is not None:
-            self._ctx.events.publish(kind, source, **fields)
+        if self._events is not None:
+            self._events.publish(kind, source, **fields)
 
     def _make_sink(self, sensor_id: str) -> Callable[[list[Sample], float], None]:
         subs = self._subs  # the list object is stable; (un)subscribe mutate it in place
@@ -226,12 +252,9 @@ class SensorHub:
         for sid, acq in self._acq.items():
             if not acq.rt.config.enabled:
                 continue
-            if self._ctx is not None:
-                task = self._ctx.supervisor.spawn(f"hub.{sid}", acq.run, restart=True)
-            else:
-                task = asyncio.create_task(acq.run(), name=f"hub.{sid}")
-            self._tasks.append(task)
-        log.info("hub_started", sensors=len(self._tasks), simulated=self._sim is not None)
+            self._scope.spawn(sid, acq.run, restart=True)
+            self._started += 1
+        log.info("hub_started", sensors=self._started, simulated=self._sim is not None)
         return self
 
     async def __aexit__(
@@ -240,11 +263,9 @@ class SensorHub:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for t in self._tasks:
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
-        self._tasks.clear()
+        # Stop reading before the devices close (the scope would cancel these tasks after
+        # this __aexit__ anyway, but then a read could race the transport's close below).
+        await self._scope.aclose()
         for acq in self._acq.values():  # tasks close in `finally`; this is the backstop
             await acq.close()
         with contextlib.suppress(Exception):
@@ -253,7 +274,7 @@ class SensorHub:
     # -- reload (SIGHUP) --------------------------------------------------------------
     LIVE_KEYS = ("rate_hz", "read_timeout_ms", "retries", "fail_after", "reprobe_s")
 
-    def reload(self, config: Any) -> None:
+    def reload(self, config: Config) -> None:
         """Apply live acquisition settings of sensors whose identity did not change.
 
         rate_hz, read_timeout_ms, retries, fail_after and reprobe_s change in place (from
@@ -461,90 +482,62 @@ class SensorHub:
 
     async def _cmd_sim_inject(self, args: dict[str, Any], peer: Peer) -> Any:
         sim = self._sim
-        scenario = self.scenario
-        if sim is None or scenario is None:
+        if sim is None:
             raise CommandError(
                 "not_simulating",
                 "sim-inject works only in simulated mode (edgerund run --simulate)",
             )
-        from drivers.emulated.scenario import ANOMALY_KINDS, Anomaly
-
         kind = args.get("kind")
-        if kind not in ANOMALY_KINDS:
+        if not isinstance(kind, str) or kind not in sim.anomaly_kinds:
             raise CommandError(
-                "bad_args", f"kind: expected one of {', '.join(ANOMALY_KINDS)}, got {kind!r}"
+                "bad_args", f"kind: expected one of {', '.join(sim.anomaly_kinds)}, got {kind!r}"
             )
         sensor = args.get("sensor")
         if isinstance(sensor, str) and sensor in self._rts:
             sensor = sim.device_for(self._rts[sensor].config)
+        target = sensor if isinstance(sensor, str) else None
         try:
             duration = float(args.get("duration_s", 30.0))
             severity = float(args.get("severity", 1.0))
             start = float(sim.now_s()) + float(args.get("start_in_s", 0.0))
-            a = Anomaly(
-                kind=cast(Any, kind),
-                start_s=start,
-                duration_s=duration,
-                severity=severity,
-                sensor=sensor if isinstance(sensor, str) else None,
-            )
+            sim.inject(kind, start_s=start, duration_s=duration, severity=severity, sensor=target)
         except (TypeError, ValueError) as exc:
             raise CommandError("bad_args", str(exc)) from exc
-        scenario.add_anomaly(a)
         log.info(
             "sim_anomaly_injected",
-            kind=a.kind,
-            start_s=round(a.start_s, 3),
-            duration_s=a.duration_s,
-            severity=a.severity,
-            sensor=a.sensor,
+            kind=kind,
+            start_s=round(start, 3),
+            duration_s=duration,
+            severity=severity,
+            sensor=target,
         )
         self._publish(
             "sim.inject",
             "hub",
-            anomaly=a.kind,
-            start_s=a.start_s,
-            duration_s=a.duration_s,
-            severity=a.severity,
-            sensor=a.sensor,
+            anomaly=kind,
+            start_s=start,
+            duration_s=duration,
+            severity=severity,
+            sensor=target,
         )
         return {
-            "kind": a.kind,
-            "start_s": round(a.start_s, 3),
-            "duration_s": a.duration_s,
-            "severity": a.severity,
-            "sensor": a.sensor,
+            "kind": kind,
+            "start_s": round(start, 3),
+            "duration_s": duration,
+            "severity": severity,
+            "sensor": target,
         }
 
 
-def build(ctx: Context) -> SensorHub:
-    """The hub is always built: even with no sensors, `i2c-scan` helps wire the first."""
-    cfg = ctx.config
-    sim: Any | None = None
-    resources: Resources
-    if ctx.simulate or cfg.simulation.enabled:
-        from drivers.emulated import register_drivers
-        from drivers.emulated.scenario import Anomaly, Scenario
-        from drivers.emulated.simulated import SimResources
+def build(
+    cfg: Config,
+    *,
+    resources: Resources,
+    scope: TaskScope,
+    events: EventSink,
+    sim: SimControl | None = None,
+) -> SensorHub:
+    """The hub is always built: even with no sensors, `i2c-scan` helps wire the first.
 
-        register_drivers()  # the emulated actuator (transitional: the root's job, #13)
-        scenario = Scenario(
-            seed=cfg.simulation.seed,
-            anomalies=[
-                Anomaly(
-                    kind=a.kind,
-                    start_s=a.start_s,
-                    duration_s=a.duration_s,
-                    severity=a.severity,
-                    sensor=a.sensor,
-                )
-                for a in cfg.simulation.anomalies
-            ],
-        )
-        sim = SimResources(scenario, i2c_bus=cfg.simulation.i2c_bus)
-        resources = sim
-    else:
-        from edgerund.hub.resources import HardwareResources
-
-        resources = HardwareResources()
-    return SensorHub(list(cfg.sensors), resources, ctx=ctx, sim=sim)
+    `resources` (hardware or simulated) is the composition root's choice."""
+    return SensorHub(list(cfg.sensors), resources, scope=scope, events=events, sim=sim)

@@ -16,7 +16,9 @@ Socket commands: `identity` (public facts), `attest` (args {"nonce": hex}, rate-
 per client uid: `rate_limited`; a full TPM queue answers `busy`) and the privileged
 `attest-activate` (credential activation, identity/credential.py); status key `identity`.
 `reload` (SIGHUP) re-binds the config digest into the NV binding and the binding PCR.
-Other components use the methods below (team contract in docs/identity.md).
+The component implements `ports.IdentityPort` (and so `Signer` and `Measurer`); the
+composition root hands it to peers under the narrowest of those ports each one needs. Its
+properties are valid once it has been entered (the root enters it first).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ from edgerund.identity.worker import TpmBusy
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
-    from edgerund.context import Context
+    from edgerund.context import TaskScope
+
+# The `identity` section when no identity runs (the daemon always builds one; kept so every
+# component module answers the same question the same way).
+EMPTY_STATUS: dict[str, object] = {"identity": {"kind": "none", "key_id": None}}
 
 log = structlog.get_logger("edgerund.identity")
 
@@ -88,21 +94,23 @@ async def _fallback(cfg: Config, state_dir: Path, reason: str) -> Identity:
     return ident
 
 
-def config_sha256(ctx: Context) -> bytes:
+def config_sha256(cfg: Config, config_path: Path) -> bytes:
     """sha256 of the config file bytes as deployed (else of the canonical JSON)."""
     try:
-        return hashlib.sha256(Path(ctx.config_path).read_bytes()).digest()
+        return hashlib.sha256(Path(config_path).read_bytes()).digest()
     except OSError:
-        return hashlib.sha256(msgspec.json.encode(ctx.config)).digest()
+        return hashlib.sha256(msgspec.json.encode(cfg)).digest()
 
 
 class IdentityComponent:
     name = "identity"
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, cfg: Config, *, config_path: Path, scope: TaskScope) -> None:
+        self.cfg = cfg
+        self.config_path = Path(config_path)
+        self._scope = scope
         self._ident: Identity | None = None
-        ic = ctx.config.identity
+        ic = cfg.identity
         self._attest_buckets = PerKeyBuckets(ic.attest_rate_per_s, ic.attest_burst)
 
     @property
@@ -114,9 +122,9 @@ class IdentityComponent:
     # -- lifecycle
 
     async def __aenter__(self) -> Self:
-        self._ident = await open_identity(self.ctx.config, self.ctx.state_dir)
+        self._ident = await open_identity(self.cfg, Path(self.cfg.paths.state_dir))
         try:
-            await self._ident.bind_config(config_sha256(self.ctx))
+            await self._ident.bind_config(config_sha256(self.cfg, self.config_path))
         except BaseException:
             await self._ident.close()
             self._ident = None
@@ -167,10 +175,10 @@ class IdentityComponent:
     async def counter_increment(self) -> int:
         return await self.identity.counter_increment()
 
-    async def bind_model(self, manifest_sha256: bytes, name: str = "") -> None:
+    async def bind_model(self, manifest_sha256: bytes, name: str) -> None:
         await self.identity.bind_model(manifest_sha256, name)
 
-    async def attest(self, nonce: bytes) -> dict[str, Any]:
+    async def attest(self, nonce: bytes) -> dict[str, object]:
         return await self.identity.attest(nonce)
 
     # -- daemon integration
@@ -180,18 +188,22 @@ class IdentityComponent:
         if self._ident is None:
             return
         ident = self._ident
+        self.cfg = config
 
         async def rebind() -> None:
-            digest = await asyncio.to_thread(config_sha256, self.ctx)  # file read: off the loop
+            # file read off the loop; idempotent, so a failed attempt is simply retried
+            digest = await asyncio.to_thread(config_sha256, config, self.config_path)
             if digest != ident.config_sha256:
                 await ident.bind_config(digest)
                 log.info("identity_config_rebound", config_sha256=digest.hex())
 
-        self.ctx.supervisor.spawn("identity.rebind", rebind, restart=False)
+        self._scope.spawn("rebind", rebind, restart=True)
 
     def status(self) -> dict[str, Any]:
         if self._ident is None:
-            return {"identity": {"kind": self.ctx.config.identity.kind, "state": "stopped"}}
+            return {
+                "identity": {"kind": self.cfg.identity.kind, "key_id": None, "state": "stopped"}
+            }
         return {"identity": self._ident.status()}
 
     def commands(self) -> Mapping[str, Command]:
@@ -254,6 +266,6 @@ class IdentityComponent:
             raise CommandError("tpm_error", str(exc)) from None
 
 
-def build(ctx: Context) -> IdentityComponent:
+def build(cfg: Config, *, config_path: Path, scope: TaskScope) -> IdentityComponent:
     """The identity component is always built (software when no TPM is configured)."""
-    return IdentityComponent(ctx)
+    return IdentityComponent(cfg, config_path=config_path, scope=scope)

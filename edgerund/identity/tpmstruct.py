@@ -21,6 +21,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from edgerund.errors import EdgerundError
+
 # algorithm identifiers (TPM2_ALG_*)
 ALG_RSA = 0x0001
 ALG_SHA1 = 0x0004
@@ -65,7 +67,7 @@ ST_ATTEST_CERTIFY = 0x8017
 ST_ATTEST_QUOTE = 0x8018
 
 
-class StructError(ValueError):
+class StructError(EdgerundError, ValueError):
     """Bytes that do not parse as the expected TPM structure."""
 
 

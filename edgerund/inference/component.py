@@ -2,11 +2,14 @@
 
 Theory of operation
 -------------------
-Built when `models:` lists at least one model. On start (after "updates", before "loops")
-each model is loaded *off the event loop* from, in order of preference:
+Built when `models:` lists at least one model, with the ports it needs: `slots`
+(`ports.SlotSource`, the updates' verified A/B slots, None when updates do not run),
+`measurer` (`ports.Measurer`, the identity) and the event sink. On start (after the slot
+repository has recovered, before "loops") each model is loaded *off the event loop* from,
+in order of preference:
 
-1. `updates.model_dir(name)`: the active A/B slot, when the updates component exists and
-   has one (a verified, committed or trial model);
+1. `slots.active(name).model_dir`: the active A/B slot, when updates manage the model and
+   one is installed (a verified, committed or trial model);
 2. `models[].path` from the config (the shipped model).
 
 When the slot fails to load (a runtime that cannot run what was committed), the error is
@@ -16,15 +19,15 @@ a ConfigError naming `models[i].path` and the reason (not ONNX, ABI mismatch wit
 sides, missing manifest field, golden vectors not reproduced).
 
 After every successful load or swap, the SHA-256 of the model's manifest.json is bound
-into the identity's measurement (`identity.bind_model`, a TPM PCR extend), so an
+into the identity's measurement (`measurer.bind_model`, a TPM PCR extend), so an
 attestation quote says which model the gateway runs.
 
-Public API (other components): `runner(name)`, `await swap(name, model_dir)`,
-`stats(name)`. Status key "models": [{name, active_slot, version, state}] where
-active_slot/state come from `updates.slot_info(name)` when updates manages the model.
-Socket command `models`: one row per model with version, precision, threshold, mode
-(inline or dedicated thread), inference count, faults, NaN outputs, latency p50/p99 and
-the recent score mean.
+The component is the `ports.ModelHost` of loops and updates: `runner(name)`,
+`await swap(name, model_dir)`, `counters(name)`. Status key "models": [{name,
+active_slot, version, state}] where active_slot/state/version come from the slot record
+when updates manage the model. Socket command `models`: one row per model with version,
+precision, threshold, mode (inline or dedicated thread), inference count, faults, NaN
+outputs, latency p50/p99 and the recent score mean.
 """
 
 from __future__ import annotations
@@ -33,28 +36,44 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import structlog
 
 from edgerund.component import Command, Peer
-from edgerund.context import Context
 from edgerund.errors import ConfigError
 from edgerund.inference.errors import ModelError
 from edgerund.inference.registry import ModelRegistry
 from edgerund.inference.runner import ModelRunner
+from edgerund.ports import ModelCounters
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
+    from edgerund.ports import EventSink, Measurer, SlotSource
 
 log = structlog.get_logger("edgerund.inference")
 
-__all__ = ["ModelsComponent", "build"]
+__all__ = ["EMPTY_STATUS", "ModelsComponent", "build"]
+
+EMPTY_STATUS: dict[str, object] = {"models": []}
 
 
 class ModelsComponent:
     name = "models"
 
-    def __init__(self, ctx: Context, registry: ModelRegistry | None = None) -> None:
-        self.ctx = ctx
-        self.configs = list(ctx.config.models)
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        slots: SlotSource | None,
+        measurer: Measurer | None,
+        events: EventSink,
+        registry: ModelRegistry | None = None,
+    ) -> None:
+        self.slots = slots
+        self.measurer = measurer
+        self.events = events
+        self.configs = list(cfg.models)
         self.registry = registry or ModelRegistry(self.configs)
         self.source: dict[str, str] = {}  # name -> "slot" | "config" | "other" (a swap)
         self.bind_errors = 0
@@ -69,18 +88,21 @@ class ModelsComponent:
         failure; the old runner stays)."""
         runner = await self.registry.swap(name, Path(model_dir))
         self.source[name] = "slot" if self._is_slot_dir(name, Path(model_dir)) else "other"
-        self.ctx.events.publish("model.swapped", name, version=runner.version, dir=str(model_dir))
+        self.events.publish("model.swapped", name, version=runner.version, dir=str(model_dir))
         await self._bind(runner)
 
+    def counters(self, name: str) -> ModelCounters:
+        return self.registry.counters(name)
+
     def stats(self, name: str) -> dict[str, Any]:
+        """Everything about one model, for display."""
         return self.registry.stats(name)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        updates = self.ctx.get("updates")
         for i, mc in enumerate(self.configs):
-            slot_dir = _updates_dir(updates, mc.name)
+            slot_dir = self._slot_dir(mc.name)
             if slot_dir is not None:
                 try:
                     runner = await self.registry.load(mc.name, slot_dir)
@@ -95,7 +117,7 @@ class ModelsComponent:
                         error=str(exc),
                         fallback=mc.path,
                     )
-                    self.ctx.events.publish(
+                    self.events.publish(
                         "model.load_failed", mc.name, dir=str(slot_dir), error=str(exc)
                     )
             try:
@@ -123,17 +145,20 @@ class ModelsComponent:
     ) -> None:
         self.registry.close()
 
+    def _slot_dir(self, name: str) -> Path | None:
+        rec = self.slots.active(name) if self.slots is not None else None
+        return None if rec is None else rec.model_dir
+
     def _is_slot_dir(self, name: str, d: Path) -> bool:
-        cur = _updates_dir(self.ctx.get("updates"), name)
-        return cur is not None and Path(cur).resolve() == d.resolve()
+        cur = self._slot_dir(name)
+        return cur is not None and cur.resolve() == d.resolve()
 
     async def _bind(self, runner: ModelRunner) -> None:
-        identity = self.ctx.get("identity")
-        if identity is None or not hasattr(identity, "bind_model"):
+        if self.measurer is None:
             return
         digest = runner.manifest.sha256 or hashlib.sha256(b"").digest()
         try:
-            await identity.bind_model(digest, runner.name)
+            await self.measurer.bind_model(digest, runner.name)
         except Exception as exc:  # the model runs regardless; the quote will show it
             self.bind_errors += 1
             log.error("model_bind_failed", model=runner.name, error=repr(exc))
@@ -149,15 +174,14 @@ class ModelsComponent:
             "version": None if r is None else r.version,
             "state": st.state,
         }
-        info = _slot_info(self.ctx.get("updates"), name)
-        if info:
-            row["active_slot"] = info.get("active_slot")
-            if info.get("state") is not None:
-                row["state"] = str(info["state"])
+        rec = self.slots.active(name) if self.slots is not None else None
+        if rec is not None:
+            row["active_slot"] = rec.active_slot
+            row["state"] = rec.state
             # The signed bundle's version is what was installed (the model's own manifest
             # may carry an older one when a model is re-released unchanged).
-            if info.get("version"):
-                row["version"] = str(info["version"])
+            if rec.version:
+                row["version"] = rec.version
         return row
 
     def status(self) -> dict[str, Any]:
@@ -190,40 +214,21 @@ class ModelsComponent:
             rows.append(row)
         return rows
 
-    def reload(self, config: Any) -> None:
+    def reload(self, config: Config) -> None:
         """Models change through updates or a restart; a SIGHUP changes nothing here."""
-        new = {m.name: m.path for m in getattr(config, "models", [])}
+        new = {m.name: m.path for m in config.models}
         old = {m.name: m.path for m in self.configs}
         if new != old:
             log.warning("models_config_changed_needs_restart", old=old, new=new)
 
 
-def _updates_dir(updates: Any, name: str) -> Path | None:
-    if updates is None or not hasattr(updates, "model_dir"):
-        return None
-    try:
-        d = updates.model_dir(name)
-    except Exception as exc:
-        log.error("updates_model_dir_failed", model=name, error=repr(exc))
-        return None
-    return None if d is None else Path(d)
-
-
-def _slot_info(updates: Any, name: str) -> dict[str, Any]:
-    if updates is None or not hasattr(updates, "slot_info"):
-        return {}
-    try:
-        info = updates.slot_info(name)
-    except Exception:
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def build(ctx: Context) -> ModelsComponent | None:
-    if not ctx.config.models:
+def build(
+    cfg: Config, *, slots: SlotSource | None, measurer: Measurer | None, events: EventSink
+) -> ModelsComponent | None:
+    if not cfg.models:
         return None
     import onnxruntime
 
     # A gateway phones home to nobody: onnxruntime's usage telemetry stays off.
     onnxruntime.disable_telemetry_events()
-    return ModelsComponent(ctx)
+    return ModelsComponent(cfg, slots=slots, measurer=measurer, events=events)

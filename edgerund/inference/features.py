@@ -69,6 +69,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgerund.errors import EdgerundError
+
 __all__ = [
     "FFT_BAND_ENERGY",
     "FFT_BAND_ENERGY_TIMED",
@@ -89,7 +91,7 @@ F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
 
-class FeatureError(ValueError):
+class FeatureError(EdgerundError, ValueError):
     """The preprocessing parameters or an input do not fit together (message says how)."""
 
 

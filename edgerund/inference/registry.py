@@ -32,6 +32,7 @@ import structlog
 from edgerund.inference.config import ModelConfig
 from edgerund.inference.errors import ModelError
 from edgerund.inference.runner import ModelRunner
+from edgerund.ports import ModelCounters
 
 log = structlog.get_logger("edgerund.inference")
 
@@ -141,7 +142,22 @@ class ModelRegistry:
         self._runners[st.config.name] = runner
         st.state, st.model_dir, st.last_error = "running", model_dir, None
 
+    def counters(self, name: str) -> ModelCounters:
+        """The active runner's monotonic counters (zeros before any runner). A swap
+        starts a new runner from zero, which probation sees as its own window's start."""
+        self.state(name)  # ModelError for an unknown model
+        r = self._runners.get(name)
+        if r is None:
+            return ModelCounters(inferences=0, faults=0, nan_outputs=0, score_mean=None)
+        return ModelCounters(
+            inferences=r.inferences,
+            faults=r.faults,
+            nan_outputs=r.nan_outputs,
+            score_mean=r.score_mean(),
+        )
+
     def stats(self, name: str) -> dict[str, Any]:
+        """Everything about one model, for display (`models` command)."""
         st = self.state(name)
         r = self._runners.get(name)
         out: dict[str, Any] = r.stats() if r is not None else {"name": name}

@@ -403,6 +403,11 @@ class ModelRunner:
 
     # -- figures -------------------------------------------------------------------------
 
+    def score_mean(self) -> float | None:
+        """Mean anomaly score over the recent score ring (None before the first score)."""
+        m = min(self._scores_n, _SCORE_RING)
+        return float(self._scores[:m].mean()) if m else None
+
     def stats(self) -> dict[str, Any]:
         n = min(self._lat_n, _LAT_RING)
         lat = self._lat[:n]

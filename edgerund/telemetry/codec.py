@@ -48,6 +48,8 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from edgerund.errors import EdgerundError
+
 VERSION = 1
 
 FLAG_ZSTD = 0x01
@@ -95,7 +97,7 @@ class LossReason(enum.IntEnum):
     WRITE_FAILED = 5  # the spool could not store the batch (disk full, I/O error)
 
 
-class DecodeError(ValueError):
+class DecodeError(EdgerundError, ValueError):
     """A payload that is not a valid v1 batch; the message says what and at which byte."""
 
 

@@ -14,7 +14,7 @@ own three here (`TelemetryCommands.register`):
 
 The uplink receives every `cmd/{name}` message and hands (name, payload) to the
 `Dispatcher`, which refuses oversized payloads and unknown names, calls the handler the
-router holds, and turns a `CommandRejected` (or any failure) into the JSON error reply
+router holds, and turns a `CommandError` (or any failure) into the JSON error reply
 `{"ok": false, "error": {"code", "message"}}`. The uplink publishes whatever bytes come back.
 """
 
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from edgerund.errors import CommandError
 from edgerund.telemetry.batcher import Batcher, Sealed, UnknownSeries
 
 if TYPE_CHECKING:
@@ -40,15 +41,6 @@ log = structlog.get_logger("edgerund.telemetry.commands")
 MAX_RESEND_BATCHES = 1_000_000
 
 
-class CommandRejected(Exception):
-    """A `cmd/` message we refuse: code is stable, message says expected vs got."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
-
-
 def json_obj(payload: bytes) -> dict[str, Any]:
     """The request as a JSON object (an empty payload is `{}`)."""
     if not payload.strip():
@@ -56,18 +48,18 @@ def json_obj(payload: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandRejected(
+        raise CommandError(
             "bad_json", f"expected a JSON object, got invalid JSON ({exc})"
         ) from None
     if not isinstance(obj, dict):
-        raise CommandRejected("bad_json", f"expected a JSON object, got {type(obj).__name__}")
+        raise CommandError("bad_json", f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
 def int_arg(obj: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> int:
     v = obj.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise CommandRejected("bad_args", f"{key}: expected an integer {lo}..{hi}, got {v!r}")
+        raise CommandError("bad_args", f"{key}: expected an integer {lo}..{hi}, got {v!r}")
     return v
 
 
@@ -100,13 +92,13 @@ class TelemetryCommands:
         first = int_arg(obj, "from_seq", 1)
         last = int_arg(obj, "to_seq", first)
         if last - first > MAX_RESEND_BATCHES:
-            raise CommandRejected(
+            raise CommandError(
                 "bad_args",
                 f"range too large: expected <= {MAX_RESEND_BATCHES} batches, "
                 f"got {last - first + 1}",
             )
         if epoch != self._spool.epoch:
-            raise CommandRejected(
+            raise CommandError(
                 "wrong_epoch", f"expected the current spool epoch {self._spool.epoch}, got {epoch}"
             )
         requeued, missing = await asyncio.wrap_future(self._spool.requeue(epoch, first, last))
@@ -121,13 +113,13 @@ class TelemetryCommands:
         obj = json_obj(payload)
         pattern = obj.get("series", "*")
         if not isinstance(pattern, str) or not pattern or len(pattern) > 200:
-            raise CommandRejected("bad_args", f"series: expected a glob string, got {pattern!r}")
+            raise CommandError("bad_args", f"series: expected a glob string, got {pattern!r}")
         t_from = int_arg(obj, "from_ms")
         t_to = int_arg(obj, "to_ms", t_from)
         try:
             batches, n = self._batcher.upload_raw(pattern, t_from, t_to)
         except UnknownSeries as exc:
-            raise CommandRejected("unknown_series", str(exc)) from None
+            raise CommandError("unknown_series", str(exc)) from None
         for sealed in batches:
             self._write(sealed)
         return json.dumps(
@@ -157,18 +149,18 @@ class Dispatcher:
     async def __call__(self, name: str, payload: bytes) -> bytes | None:
         try:
             if len(payload) > self.max_bytes:
-                raise CommandRejected(
+                raise CommandError(
                     "too_large", f"expected <= {self.max_bytes} bytes, got {len(payload)}"
                 )
             handler = self._router.handler(name)
             if handler is None:
-                raise CommandRejected(
+                raise CommandError(
                     "unknown_command", f"expected one of {self._router.names()}, got {name!r}"
                 )
             reply = await handler(payload)
             self.handled += 1
             return reply
-        except CommandRejected as exc:
+        except CommandError as exc:
             self.rejected += 1
             key = f"{name}:{exc.code}"
             if key not in self._logged_rejects:  # log each kind once, count all

@@ -53,6 +53,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("edgerund.telemetry")
 
+# The `telemetry` section when telemetry is disabled (the DESIGN.md keys; the daemon does
+# not hard-code them).
+EMPTY_STATUS: dict[str, object] = {
+    "telemetry": {"connected": False, "backlog_batches": 0, "sent_batches": 0, "lost_samples": 0}
+}
+
 SEAL_TICK_S = 0.5
 EVENT_QUEUE_MAX = 10_000
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import structlog
 
+from edgerund.errors import EdgerundError
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Batch, Block, Cls, LossBlock, LossReason, SeriesBlock
 
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS metas (ver INTEGER PRIMARY KEY, hash TEXT NOT NULL UN
 """
 
 
-class SpoolError(Exception):
+class SpoolError(EdgerundError):
     """A spool operation failed (disk full, I/O error, closed); the data was not stored."""
 
 

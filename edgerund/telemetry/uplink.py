@@ -57,9 +57,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgerund.errors import CommandError as CommandRejected
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Cls
-from edgerund.telemetry.commands import CommandRejected
 from edgerund.telemetry.config import UplinkConfig
 from edgerund.telemetry.spool import Row, Spool
 

@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from edgerund import __version__
-from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable
+from edgerund.ctlclient import DiagClient, Unreachable
+from edgerund.errors import CommandError, EdgerundError
 from edgerund.toolkit.check import run_checks
 
 SECRET_KEY = re.compile(
@@ -36,7 +37,7 @@ SECRET_KEY = re.compile(
 PRIVATE_PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----")
 
 
-class SecretLeak(Exception):
+class SecretLeak(EdgerundError):
     pass
 
 
@@ -107,7 +108,7 @@ def collect(client: DiagClient, config_path: Path) -> dict[str, bytes]:
     error = None
     try:
         st = client.call("status")
-    except (Unreachable, RemoteCommandError) as exc:
+    except (Unreachable, CommandError) as exc:
         error = str(exc)
     members["status.json"] = st if st is not None else {"error": error}
     if st is not None:
@@ -119,7 +120,7 @@ def collect(client: DiagClient, config_path: Path) -> dict[str, bytes]:
         ):
             try:
                 result = client.call(cmd, args)
-            except (Unreachable, RemoteCommandError) as exc:
+            except (Unreachable, CommandError) as exc:
                 result = {"error": str(exc)}
             members[name] = (
                 result["text"]

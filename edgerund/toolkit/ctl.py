@@ -13,7 +13,8 @@ from rich.console import Console
 
 from edgerund.config.loader import simulate_config_path
 from edgerund.config.schema import DEFAULT_CONFIG_PATH
-from edgerund.ctlclient import SIMULATE_SOCKET, DiagClient, RemoteCommandError, Unreachable
+from edgerund.ctlclient import SIMULATE_SOCKET, DiagClient, Unreachable
+from edgerund.errors import CommandError
 from edgerund.toolkit import bundle, check, top
 
 
@@ -39,7 +40,7 @@ def _check(args: argparse.Namespace, client: DiagClient, console: Console) -> in
         st = client.call("status")
         time.sleep(1.0)  # a second sample: rates and misses over a window, not since start
         later = client.call("status")
-    except (Unreachable, RemoteCommandError) as exc:
+    except (Unreachable, CommandError) as exc:
         error = str(exc)
     cfg_path = (
         Path(args.config)

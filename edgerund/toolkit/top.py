@@ -29,7 +29,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable
+from edgerund.ctlclient import DiagClient, Unreachable
+from edgerund.errors import CommandError
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 MIN_COLS, MIN_ROWS = 60, 16
@@ -308,6 +309,6 @@ def run_top(
     except Unreachable as exc:
         err.print(f"edgerunctl top: {exc}", markup=False)
         return 2
-    except RemoteCommandError as exc:
+    except CommandError as exc:
         err.print(f"edgerunctl top: {exc.message} [{exc.code}]", markup=False)
         return 1

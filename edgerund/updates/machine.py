@@ -35,6 +35,8 @@ from typing import Literal
 
 import msgspec
 
+from edgerund.errors import EdgerundError
+
 
 class S(enum.StrEnum):
     IDLE = "IDLE"
@@ -131,7 +133,7 @@ class Event:
     now: float = 0.0
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(EdgerundError):
     def __init__(self, state: S, event: EventKind) -> None:
         super().__init__(f"event {event!r} is not allowed in state {state}")
         self.state = state

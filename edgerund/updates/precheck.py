@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgerund.errors import EdgerundError
+
 _DTYPES = {
     "tensor(float)": "float32",
     "tensor(double)": "float64",
@@ -58,7 +60,7 @@ class PrecheckResult:
     figures: dict[str, Any] | None = None
 
 
-class _Fail(Exception):
+class _Fail(EdgerundError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason

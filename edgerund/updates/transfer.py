@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgerund.errors import EdgerundError
 from edgerund.updates import fsutil
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class TransferError(Exception):
+class TransferError(EdgerundError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code

@@ -1,4 +1,5 @@
-"""Peers for in-process control-loop tests that speak the hub and models interfaces.
+"""Peers for in-process control-loop tests that implement the ports the loops take:
+`ScenarioHub` is a `ports.SampleSource`, `Models` a `ports.ModelHost`.
 
 `ScenarioHub` samples the shared simulated plant (drivers/emulated/scenario.py) into the
 hub's own ring buffers (edgerund/hub/ring.py) at each sensor's rate, like the real hub's
@@ -15,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from drivers.base import Sample
 from drivers.emulated.scenario import Scenario
 from edgerund.hub.ring import Ring
+from edgerund.ports import ModelCounters
 
 
 @dataclass
@@ -77,6 +81,17 @@ class ScenarioHub:
 
     def channels(self) -> list[tuple[str, str, str]]:
         return [(sid, ch, "") for sid, s in self.sensors.items() for ch in s.channels]
+
+    def latest(self, sensor_id: str, channel: str) -> Sample | None:
+        ring = self.sensors[sensor_id].rings[channel]
+        if len(ring) == 0:
+            return None
+        t, v = ring.window(1)
+        return Sample(sensor_id, channel, float(t[0]), time.time(), float(v[0]), "")
+
+    def subscribe(self, fn: Callable[[Sample], None]) -> Callable[[], None]:
+        # The loops read windows; nothing here pushes samples to subscribers.
+        return lambda: None
 
     # --- acquisition: every sample whose nominal time has passed, like a device FIFO ---
     def prefill(self, seconds: float) -> None:
@@ -191,10 +206,17 @@ def manifest(
 
 
 class Models:
-    """The models registry interface: `runner(name)`; tests swap by assignment."""
+    """A `ports.ModelHost`: `runner(name)`; tests swap by assignment to `runners`."""
 
     def __init__(self, **runners: Any) -> None:
         self.runners: dict[str, Any] = dict(runners)
 
     def runner(self, name: str) -> Any:
         return self.runners.get(name)
+
+    async def swap(self, name: str, model_dir: Path) -> None:
+        raise AssertionError("the loops never swap models")
+
+    def counters(self, name: str) -> ModelCounters:
+        calls = getattr(self.runners.get(name), "calls", 0)
+        return ModelCounters(inferences=calls, faults=0, nan_outputs=0, score_mean=None)

@@ -1,8 +1,9 @@
 """Control loops in-process: real component, real ONNX model call, hub fed by the scenario.
 
-Every test runs the `loops` component (edgerund/control/component.py) on a Context the
-way the daemon does, with `ScenarioHub` (tests/control/fakes.py) standing in for the hub
-and the emulated actuator recording what the loop commanded.
+Every test builds the `loops` component (edgerund/control/component.py) with the ports the
+daemon's root gives it: `ScenarioHub` (tests/control/fakes.py) as the SampleSource, `Models`
+as the ModelHost, an event bus, a task scope, and the production actuator drivers plus the
+emulated actuator (as in simulated mode), which records what the loop commanded.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import msgspec
 import numpy as np
 import pytest
 
+from drivers.emulated import actuator as emulated_actuator
 from drivers.emulated.actuator import EmulatedActuator
 from drivers.emulated.scenario import Anomaly, Scenario
+from drivers.registry import actuator_drivers
 from edgerund.config.schema import Config
-from edgerund.context import Context, Event, Supervisor
+from edgerund.context import Event, EventBus
 from edgerund.control.component import LoopsComponent, build
 from edgerund.control.config import cross_check
 from edgerund.errors import ConfigError, DeviceError
 from tests.control.fakes import Models, OnnxRunner, ScenarioHub, manifest, variance_model
+from tests.helpers.wiring import task_scope
 
 WINDOW = 128
 REF_MODEL = Path(__file__).resolve().parents[2] / "models" / "reference"
@@ -56,7 +60,15 @@ def loop_cfg(**over: Any) -> dict[str, Any]:
     return cfg
 
 
-def make_ctx(loops: list[dict[str, Any]], models: list[str] = ("vib",)) -> Context:  # type: ignore[assignment]
+class LoopEnv:
+    """The config and event bus the root would hand the loops."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.events = EventBus()
+
+
+def make_ctx(loops: list[dict[str, Any]], models: list[str] = ("vib",)) -> LoopEnv:  # type: ignore[assignment]
     config = msgspec.convert(
         {
             "gateway": {"id": "gw-test"},
@@ -65,23 +77,28 @@ def make_ctx(loops: list[dict[str, Any]], models: list[str] = ("vib",)) -> Conte
         },
         Config,
     )
-    fatal: list[Any] = []
-    return Context(
-        config=config, config_path=Path("test.yaml"), supervisor=Supervisor(fatal.append)
-    )
+    return LoopEnv(config)
+
+
+ACTUATORS = {**actuator_drivers(), "emulated": emulated_actuator.ACTUATOR}
 
 
 @contextlib.asynccontextmanager
 async def running(
-    ctx: Context, hub: ScenarioHub, models: Models | None
+    ctx: LoopEnv, hub: ScenarioHub, models: Models | None
 ) -> AsyncIterator[tuple[LoopsComponent, list[Event]]]:
     events: list[Event] = []
     ctx.events.subscribe(events.append)
-    ctx.components["hub"] = hub
-    if models is not None:
-        ctx.components["models"] = models
-    async with hub:
-        comp = build(ctx)
+    async with hub, task_scope("loops") as scope:
+        comp = build(
+            ctx.config,
+            samples=hub,
+            resources=hub.resources,
+            models=models,
+            events=ctx.events,
+            scope=scope,
+            actuators=ACTUATORS,
+        )
         assert comp is not None
         async with comp:
             yield comp, events
@@ -257,10 +274,13 @@ async def test_shutdown_drives_actuators_to_safe_state() -> None:
     async with running(ctx, hub, vib_models()) as (comp, _events):
         a0, a1 = actuator_of(comp, 0), actuator_of(comp, 1)
         assert await wait_for(lambda: a0.value == NORMAL and a1.value == ACTIVE, 3.0)
+        # LoopStats sums the loops' tick counters (one read on the loop: no tick between)
+        ticks = [lp.ticks for lp in comp.loops]
+        assert comp.counters().ticks == sum(ticks) and min(ticks) > 0
     assert a0.value == SAFE and a0.commands[-1][2] == SAFE
     assert a1.value == 7.0 and a1.commands[-1][2] == 7.0
     assert not a0.is_open and not a1.is_open
-    assert all(t.done() for t in comp._tasks) or comp._tasks == []
+    assert all(t.done() for t in comp.scope.tasks)
 
 
 async def test_actuator_fault_counted_and_visible_never_crashes() -> None:
@@ -283,7 +303,11 @@ async def test_actuator_fault_counted_and_visible_never_crashes() -> None:
         assert await wait_for(lambda: loop.actuator_errors >= 4, 3.0)
         st = comp.status()["loops"][0]
         assert st["actuator"]["state"] == "failed" and "injected fault" in st["actuator"]["error"]
-        assert st["ticks"] >= 2 and not comp._tasks[0].done()
+        assert st["ticks"] >= 2 and len(comp.scope.tasks) == 1
+        # LoopStats (what probation reads) counts the same ticks as the status
+        c = comp.counters()
+        assert c.ticks >= st["ticks"] and c.missed == loop.missed >= 0
+        assert not next(iter(comp.scope.tasks)).done()
 
 
 async def test_model_swap_takes_effect_between_ticks() -> None:

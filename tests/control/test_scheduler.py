@@ -98,7 +98,7 @@ async def test_overrun_skips_to_next_deadline_and_counts_missed() -> None:
     await run_schedule(sched, tick, spin_s=0.0, clock=clock, sleep=sleep, max_ticks=10)
     ks = [round((d - t0) / period) for d in seen]
     assert ks == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12]
-    assert sched.missed == 3
+    assert sched.missed == 3 and sched.overruns == 1  # one tick overran three deadlines
     # phase kept: still on the grid after the skip
     assert all(d == t0 + k * period for d, k in zip(seen, ks, strict=True))
 
@@ -108,7 +108,7 @@ def test_schedule_advance_boundaries() -> None:
     assert s.advance(100.2) == 0 and s.deadline == 100.5
     assert s.advance(100.5) == 0 and s.deadline == 101.0  # exactly on time is not missed
     assert s.advance(102.25) == 2 and s.deadline == 102.5  # 101.5, 102.0 skipped
-    assert s.missed == 2
+    assert s.missed == 2 and s.overruns == 1
     with pytest.raises(ValueError):
         Schedule(0.0, 0.0)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edgerund.ctlclient import DiagClient, RemoteCommandError
+from edgerund.ctlclient import DiagClient
+from edgerund.errors import CommandError
 from tests.helpers.daemon import DaemonProcess
 
 STATUS_KEYS = {
@@ -257,6 +258,6 @@ def test_ctl_exit_codes(tmp_path: Path) -> None:
         ctl[4] = d.socket_path
         r = subprocess.run([*ctl, "call", "nope"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and "unknown_command" in r.stderr
-        with pytest.raises(RemoteCommandError):
+        with pytest.raises(CommandError):
             d.call("nope")
         assert d.stop() == 0

@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable
+from edgerund.ctlclient import DiagClient, Unreachable
+from edgerund.errors import CommandError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -166,7 +167,7 @@ class DaemonProcess:
     def try_call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         try:
             return self.call(cmd, args)
-        except (Unreachable, RemoteCommandError):
+        except (Unreachable, CommandError):
             return None
 
     def signal(self, sig: int) -> None:

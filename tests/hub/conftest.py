@@ -1,10 +1,10 @@
-"""Fixtures for hub tests: a real Context (event bus, supervisor) around a SensorHub."""
+"""Fixtures for hub tests: a real event bus and task scope around a SensorHub."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -12,19 +12,14 @@ import pytest
 
 from drivers.base import SensorConfig
 from edgerund.config.schema import Config
-from edgerund.context import Context, Event, Supervisor
+from edgerund.context import Event, EventBus, TaskScope
 from edgerund.hub.component import SensorHub
+from tests.helpers.wiring import task_scope
 from tests.hub.fakes import FAKE_DRIVERS, FakeConfig, FakeStreamConfig
 
 
-def make_ctx(extra: dict[str, Any] | None = None) -> Context:
-    cfg = msgspec.convert({"gateway": {"id": "test-gw"}, **(extra or {})}, Config)
-    fatal: list[Any] = []
-    return Context(
-        config=cfg,
-        config_path=Path("/nonexistent.yaml"),
-        supervisor=Supervisor(on_fatal=fatal.append),
-    )
+def make_config(extra: dict[str, Any] | None = None) -> Config:
+    return msgspec.convert({"gateway": {"id": "test-gw"}, **(extra or {})}, Config)
 
 
 def fake(id: str, **kw: Any) -> FakeConfig:
@@ -36,9 +31,9 @@ def fake_stream(id: str, **kw: Any) -> FakeStreamConfig:
 
 
 class HubHarness:
-    def __init__(self, hub: SensorHub, ctx: Context, events: list[Event]) -> None:
+    def __init__(self, hub: SensorHub, bus: EventBus, events: list[Event]) -> None:
         self.hub = hub
-        self.ctx = ctx
+        self.bus = bus
         self.events = events
 
     def driver(self, sid: str) -> Any:
@@ -51,23 +46,28 @@ class HubHarness:
 
 
 @pytest.fixture
+async def hub_scope() -> AsyncIterator[TaskScope]:
+    """The hub's task scope, on a running supervisor."""
+    async with task_scope("hub") as scope:
+        yield scope
+
+
+@pytest.fixture
 async def fake_hub() -> AsyncIterator[Callable[[Sequence[SensorConfig]], Any]]:
     """Factory: `async with (await fake_hub([...])) as h:` is awkward, so the factory
     enters the hub itself and the fixture exits it."""
-    hubs: list[SensorHub] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(sensors: Sequence[SensorConfig]) -> HubHarness:
-        ctx = make_ctx()
-        events: list[Event] = []
-        ctx.events.subscribe(events.append)
-        hub = SensorHub(sensors, _NoResources(), ctx=ctx, drivers=FAKE_DRIVERS)
-        await hub.__aenter__()
-        hubs.append(hub)
-        return HubHarness(hub, ctx, events)
+        async def start(sensors: Sequence[SensorConfig]) -> HubHarness:
+            bus = EventBus()
+            events: list[Event] = []
+            bus.subscribe(events.append)
+            scope = await stack.enter_async_context(task_scope("hub"))
+            hub = SensorHub(sensors, _NoResources(), scope=scope, events=bus, drivers=FAKE_DRIVERS)
+            await stack.enter_async_context(hub)
+            return HubHarness(hub, bus, events)
 
-    yield start  # type: ignore[misc]
-    for h in hubs:
-        await h.__aexit__(None, None, None)
+        yield start  # type: ignore[misc]
 
 
 async def wait_for(pred: Any, within_s: float = 5.0, step: float = 0.01) -> None:

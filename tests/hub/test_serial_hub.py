@@ -16,20 +16,20 @@ import structlog
 from drivers.emulated.nmea_gps import NmeaGpsEmulator
 from drivers.emulated.scenario import Scenario
 from edgerund.component import Peer
-from edgerund.context import Event
+from edgerund.context import Event, EventBus, TaskScope
 from edgerund.hub.component import SensorHub
 from edgerund.hub.resources import HardwareResources
-from tests.hub.conftest import make_ctx, wait_for
+from tests.hub.conftest import make_config, wait_for
 
 PEER = Peer(pid=1, uid=0, gid=0, privileged=True)
 
 
-async def test_pty_unplug_replug_and_bad_frames(tmp_path: Path) -> None:
+async def test_pty_unplug_replug_and_bad_frames(tmp_path: Path, hub_scope: TaskScope) -> None:
     sc = Scenario(seed=3)
     link = tmp_path / "ttyGPS0"
     emu = NmeaGpsEmulator(link, fix=sc.gps, rate_hz=10.0)
     await emu.start()
-    ctx = make_ctx(
+    cfg = make_config(
         {
             "sensors": [
                 {
@@ -44,8 +44,9 @@ async def test_pty_unplug_replug_and_bad_frames(tmp_path: Path) -> None:
             ]
         }
     )
+    bus = EventBus()
     events: list[Event] = []
-    ctx.events.subscribe(events.append)
+    bus.subscribe(events.append)
     other_ticks: list[float] = []
 
     async def other_loop() -> None:  # stands in for a control loop on the same event loop
@@ -56,7 +57,7 @@ async def test_pty_unplug_replug_and_bad_frames(tmp_path: Path) -> None:
 
     ticker = asyncio.create_task(other_loop())
     with structlog.testing.capture_logs() as logs:
-        hub = SensorHub(list(ctx.config.sensors), HardwareResources(), ctx=ctx)
+        hub = SensorHub(list(cfg.sensors), HardwareResources(), scope=hub_scope, events=bus)
         await hub.__aenter__()
         try:
             await wait_for(lambda: hub.state("gps") == "ok", within_s=5.0)
@@ -91,15 +92,17 @@ async def test_pty_unplug_replug_and_bad_frames(tmp_path: Path) -> None:
     assert ticks_during > 50  # the other loop kept running while the port was gone
 
 
-async def test_missing_port_at_start_is_failed_not_fatal(tmp_path: Path) -> None:
-    ctx = make_ctx(
+async def test_missing_port_at_start_is_failed_not_fatal(
+    tmp_path: Path, hub_scope: TaskScope
+) -> None:
+    cfg = make_config(
         {
             "sensors": [
                 {"id": "gps", "driver": "nmea", "port": str(tmp_path / "ttyNONE"), "reprobe_s": 0.2}
             ]
         }
     )
-    hub = SensorHub(list(ctx.config.sensors), HardwareResources(), ctx=ctx)
+    hub = SensorHub(list(cfg.sensors), HardwareResources(), scope=hub_scope)
     emu: NmeaGpsEmulator | None = None
     await hub.__aenter__()
     try:

@@ -17,48 +17,50 @@ import pytest
 from drivers.emulated.simulated import SimResources
 from edgerund.component import CommandError, Peer
 from edgerund.config.loader import load_config
-from edgerund.context import Context, Event, Supervisor
+from edgerund.config.schema import Config
+from edgerund.context import Event, EventBus, TaskScope
 from edgerund.hub.component import SensorHub, build
-from tests.hub.conftest import make_ctx, wait_for
+from edgerund.simulation import Simulation
+from tests.hub.conftest import make_config, wait_for
 
 SIMULATE_YAML = Path(__file__).resolve().parents[2] / "edgerund" / "data" / "simulate.yaml"
 PEER = Peer(pid=1, uid=0, gid=0, privileged=True)
 
 
-def scenario_at(hub: SensorHub, sid: str, channel: str) -> tuple[float, float]:
+def scenario_at(hub: SensorHub, sim: SimResources, sid: str, channel: str) -> tuple[float, float]:
     """(sample value, sample's scenario time)."""
     s = hub.latest(sid, channel)
     assert s is not None, f"no sample for {sid}.{channel}"
-    sim = hub._sim
-    assert isinstance(sim, SimResources)
     import time
 
     t = sim.now_s() - (time.monotonic() - s.t_mono)
     return s.value, t
 
 
+def sim_hub_for(cfg: Config, scope: TaskScope, bus: EventBus) -> tuple[SensorHub, Simulation]:
+    """The hub on the simulated plant, chosen and wired as the daemon's root does."""
+    simulation = Simulation(cfg)
+    hub = build(cfg, resources=simulation.resources, scope=scope, events=bus, sim=simulation)
+    return hub, simulation
+
+
 @pytest.fixture
-async def sim_hub() -> Any:
-    cfg = load_config(SIMULATE_YAML)
-    ctx = Context(
-        config=cfg,
-        config_path=SIMULATE_YAML,
-        supervisor=Supervisor(on_fatal=lambda e: None),
-        simulate=True,
-    )
-    hub = build(ctx)
+async def sim_hub(hub_scope: TaskScope) -> Any:
+    hub, simulation = sim_hub_for(load_config(SIMULATE_YAML), hub_scope, EventBus())
     async with hub:
-        yield hub
+        yield hub, simulation
 
 
-async def test_every_emulated_part_gives_plausible_values(sim_hub: SensorHub) -> None:
-    hub = sim_hub
+async def test_every_emulated_part_gives_plausible_values(
+    sim_hub: tuple[SensorHub, Simulation],
+) -> None:
+    hub, simulation = sim_hub
+    plant = simulation.plant
     ids = hub.sensor_ids()
     assert len(ids) == 9
     await wait_for(lambda: all(hub.state(s) == "ok" for s in ids), within_s=15.0)
     await asyncio.sleep(1.2)  # every sensor has read at least once more
-    sc = hub.scenario
-    assert sc is not None
+    sc = simulation.scenario
 
     # Vibration: gravity on z, ~40 mg of unbalance on x/y; temperature sensor is there too.
     _, vz = hub.window("motor_vib", "accel_z", 200)
@@ -70,45 +72,45 @@ async def test_every_emulated_part_gives_plausible_values(sim_hub: SensorHub) ->
     t_ch = next(c for c in chans if "temp" in c)
     p_ch = next(c for c in chans if "press" in c)
     h_ch = next(c for c in chans if "hum" in c)
-    v, t = scenario_at(hub, "cabinet", t_ch)
+    v, t = scenario_at(hub, plant, "cabinet", t_ch)
     assert abs(v - float(sc.cabinet_temp_c(t)[0])) < 0.5
-    v, t = scenario_at(hub, "cabinet", p_ch)
+    v, t = scenario_at(hub, plant, "cabinet", p_ch)
     assert abs(v - float(sc.pressure_pa(t)[0])) < 50.0
-    v, t = scenario_at(hub, "cabinet", h_ch)
+    v, t = scenario_at(hub, plant, "cabinet", h_ch)
     assert abs(v - float(sc.humidity_pct(t)[0])) < 2.0
     sht = {c for s, c, _ in hub.channels() if s == "cabinet_sht"}
-    v, t = scenario_at(hub, "cabinet_sht", next(c for c in sht if "temp" in c))
+    v, t = scenario_at(hub, plant, "cabinet_sht", next(c for c in sht if "temp" in c))
     assert abs(v - float(sc.cabinet_temp_c(t)[0])) < 0.5
     # Battery through the INA219, motor current through the ADS1115 clamp.
     bat = {c: u for s, c, u in hub.channels() if s == "battery"}
     bus_v = next(c for c, u in bat.items() if u == "V" and "bus" in c)
     cur = next(c for c, u in bat.items() if u == "A")
-    v, t = scenario_at(hub, "battery", bus_v)
+    v, t = scenario_at(hub, plant, "battery", bus_v)
     assert abs(v - float(sc.battery_v(t)[0])) < 0.05
-    v, t = scenario_at(hub, "battery", cur)
+    v, t = scenario_at(hub, plant, "battery", cur)
     assert abs(v - float(sc.battery_a(t)[0])) < 0.2
-    v, t = scenario_at(hub, "motor_current", "motor_a")
+    v, t = scenario_at(hub, plant, "motor_current", "motor_a")
     assert abs(v - float(sc.motor_current_a(t)[0])) < 0.1
     # Serial: GPS near the scenario's track, the meter's current is the motor current,
     # the BMS pack voltage is the battery voltage, the drive's rpm is the shaft rate.
     gps = {c for s, c, _ in hub.channels() if s == "gps"}
     lat_ch = next(c for c in gps if "lat" in c)
-    v, t = scenario_at(hub, "gps", lat_ch)
+    v, t = scenario_at(hub, plant, "gps", lat_ch)
     assert abs(v - sc.gps(t).lat_deg) < 1e-3
-    v, t = scenario_at(hub, "power_meter", "current_a")
+    v, t = scenario_at(hub, plant, "power_meter", "current_a")
     assert abs(v - float(sc.motor_current_a(t)[0])) < 0.2
-    v, _ = scenario_at(hub, "power_meter", "frequency_hz")
+    v, _ = scenario_at(hub, plant, "power_meter", "frequency_hz")
     assert 49.9 < v < 50.1
-    v, t = scenario_at(hub, "bms", "pack_v")
+    v, t = scenario_at(hub, plant, "bms", "pack_v")
     assert abs(v - float(sc.battery_v(t)[0])) < 0.05
-    v, t = scenario_at(hub, "drive", "rpm")
+    v, t = scenario_at(hub, plant, "drive", "rpm")
     assert abs(v - float(sc.shaft_hz(t)[0]) * 60.0) < 5.0
     for row in await hub.commands()["sensors"].handler({}, PEER):
         assert row["state"] == "ok" and row["value"], row
 
 
-async def test_i2c_scan_and_serial_sniff(sim_hub: SensorHub) -> None:
-    hub = sim_hub
+async def test_i2c_scan_and_serial_sniff(sim_hub: tuple[SensorHub, Simulation]) -> None:
+    hub, _ = sim_hub
     await wait_for(lambda: hub.state("cabinet") == "ok" and hub.state("gps") == "ok", within_s=10.0)
     scan = hub.commands()["i2c-scan"].handler
     rows = await scan({"bus": 1}, PEER)
@@ -137,24 +139,26 @@ async def test_i2c_scan_and_serial_sniff(sim_hub: SensorHub) -> None:
     assert ei.value.code == "not_found" and "sim://gps" in ei.value.message
 
 
-def _sim_cfg(sensors: list[dict[str, Any]]) -> Any:
-    return make_ctx({"simulation": {"enabled": True, "seed": 7}, "sensors": sensors})
+def _sim_cfg(sensors: list[dict[str, Any]]) -> Config:
+    return make_config({"simulation": {"enabled": True, "seed": 7}, "sensors": sensors})
 
 
-async def _start(ctx: Context) -> tuple[SensorHub, list[Event]]:
+async def _start(
+    cfg: Config, scope: TaskScope
+) -> tuple[SensorHub, SimResources, Simulation, list[Event]]:
+    bus = EventBus()
     events: list[Event] = []
-    ctx.events.subscribe(events.append)
-    hub = build(ctx)
+    bus.subscribe(events.append)
+    hub, simulation = sim_hub_for(cfg, scope, bus)
     await hub.__aenter__()
-    return hub, events
+    return hub, simulation.plant, simulation, events
 
 
-async def test_scan_finds_unclaimed_parts_and_not_unplugged_ones() -> None:
-    ctx = _sim_cfg([{"id": "cab", "driver": "bme280", "bus": 1, "address": 0x76, "rate_hz": 5}])
-    hub, _ = await _start(ctx)
+async def test_scan_finds_unclaimed_parts_and_not_unplugged_ones(hub_scope: TaskScope) -> None:
+    cfg = _sim_cfg([{"id": "cab", "driver": "bme280", "bus": 1, "address": 0x76, "rate_hz": 5}])
+    hub, sim, _, _ = await _start(cfg, hub_scope)
     try:
         await wait_for(lambda: hub.state("cab") == "ok", within_s=10.0)
-        sim = hub._sim
         sim.devices["ina219"].unplug()
         rows = await hub.commands()["i2c-scan"].handler({"bus": 1}, PEER)
         by = {r["address"]: r["status"] for r in rows}
@@ -164,8 +168,8 @@ async def test_scan_finds_unclaimed_parts_and_not_unplugged_ones() -> None:
         await hub.__aexit__(None, None, None)
 
 
-async def test_i2c_nack_crc_and_dropout_through_hub() -> None:
-    ctx = _sim_cfg(
+async def test_i2c_nack_crc_and_dropout_through_hub(hub_scope: TaskScope) -> None:
+    cfg = _sim_cfg(
         [
             {
                 "id": "sht",
@@ -180,10 +184,9 @@ async def test_i2c_nack_crc_and_dropout_through_hub() -> None:
             {"id": "vib", "driver": "mpu6050", "bus": 1, "address": 0x68, "rate_hz": 100},
         ]
     )
-    hub, events = await _start(ctx)
+    hub, sim, simulation, events = await _start(cfg, hub_scope)
     try:
         await wait_for(lambda: hub.state("sht") == "ok" and hub.state("vib") == "ok", within_s=10.0)
-        sim = hub._sim
         dev = sim.devices["sht"]
         # bad CRC: counted, the read retried, the sensor stays ok
         n0 = hub.sensor_status("sht")["frame_errors"]
@@ -211,7 +214,7 @@ async def test_i2c_nack_crc_and_dropout_through_hub() -> None:
             await hub.commands()["sim-inject"].handler({"kind": "meteor"}, PEER)
         assert ei.value.code == "bad_args"
         # an anomaly that changes a signal: overheat raises the cabinet temperature
-        sc = hub.scenario
+        sc = simulation.scenario
         t = sim.now_s()
         before = float(sc.cabinet_temp_c(t + 5.0)[0])
         await hub.commands()["sim-inject"].handler(
@@ -230,11 +233,11 @@ async def test_sim_inject_refused_when_not_simulating(fake_hub: Any) -> None:
         await h.hub.commands()["sim-inject"].handler({"kind": "overheat"}, PEER)
     assert ei.value.code == "not_simulating"
     assert h.hub.commands()["sim-inject"].mutating
-    assert h.hub.scenario is None
+    assert h.hub._sim is None
 
 
-async def test_serial_dropout_goes_silent_then_recovers() -> None:
-    ctx = _sim_cfg(
+async def test_serial_dropout_goes_silent_then_recovers(hub_scope: TaskScope) -> None:
+    cfg = _sim_cfg(
         [
             {
                 "id": "gps",
@@ -247,7 +250,7 @@ async def test_serial_dropout_goes_silent_then_recovers() -> None:
             },
         ]
     )
-    hub, events = await _start(ctx)
+    hub, sim, _, events = await _start(cfg, hub_scope)
     try:
         await wait_for(lambda: hub.state("gps") == "ok", within_s=10.0)
         await hub.commands()["sim-inject"].handler(
@@ -257,6 +260,6 @@ async def test_serial_dropout_goes_silent_then_recovers() -> None:
         await wait_for(lambda: hub.state("gps") == "ok", within_s=10.0)
         states = [e.fields["state"] for e in events if e.kind == "sensor.state"]
         assert states == ["ok", "failed", "ok"]
-        assert hub._sim.serial_devices["gps"].counters["frames_dropped"] >= 1
+        assert sim.serial_devices["gps"].counters["frames_dropped"] >= 1
     finally:
         await hub.__aexit__(None, None, None)

@@ -1,4 +1,4 @@
-"""Helpers for identity tests: configs, contexts, tpm2-tools lookups."""
+"""Helpers for identity tests: configs, components, tpm2-tools lookups."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from edgerund.config.schema import Config
-from edgerund.context import Context, Supervisor
+from edgerund.identity.component import IdentityComponent
 from edgerund.identity.config import IdentityConfig
 from tests.fixtures.binaries import require_binary
 from tests.telemetry.conftest import collector_factory  # noqa: F401  (fixture, re-exported)
@@ -29,17 +29,16 @@ def make_config(state_dir: Path, **identity: Any) -> Config:
     )
 
 
-def make_context(state_dir: Path, config_path: Path | None = None, **identity: Any) -> Context:
+def make_identity(
+    state_dir: Path, config_path: Path | None = None, **identity: Any
+) -> IdentityComponent:
+    """The identity component as the daemon's root builds it (config + config file path)."""
     cfg = make_config(state_dir, **identity)
     if config_path is None:
         config_path = state_dir / "edgerund.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text("gateway:\n  id: gw-test\n")
-
-    def on_fatal(exc: BaseException) -> None:
-        raise AssertionError(f"fatal: {exc!r}")
-
-    return Context(config=cfg, config_path=config_path, supervisor=Supervisor(on_fatal))
+    return IdentityComponent(cfg, config_path=config_path)
 
 
 def tpm_config(tcti: str, **kw: Any) -> IdentityConfig:

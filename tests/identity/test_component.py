@@ -1,4 +1,4 @@
-"""The identity component as the daemon uses it: build(), status, socket commands, fallback."""
+"""The identity component as the daemon uses it: constructor, status, socket commands, fallback."""
 
 from __future__ import annotations
 
@@ -17,16 +17,15 @@ from edgerund.backend.verify import verify_result
 from edgerund.component import CommandError, Peer
 from edgerund.errors import ConfigError, DeviceError
 from edgerund.identity.binding import binding_value
-from edgerund.identity.component import IdentityComponent, build
+from edgerund.identity.component import IdentityComponent
 from tests.fixtures.swtpm import SwtpmProcess
-from tests.identity.conftest import make_context
+from tests.identity.conftest import make_identity
 
 PEER = Peer(pid=1, uid=0, gid=0)
 
 
 async def test_tpm_component_status_and_commands(swtpm: SwtpmProcess, tmp_path: Path):
-    ctx = make_context(tmp_path, kind="tpm", tcti=swtpm.tcti)
-    comp = build(ctx)
+    comp = make_identity(tmp_path, kind="tpm", tcti=swtpm.tcti)
     assert comp.name == "identity"
     async with comp:
         st = comp.status()["identity"]
@@ -40,7 +39,7 @@ async def test_tpm_component_status_and_commands(swtpm: SwtpmProcess, tmp_path: 
         v = verify_result(result, nonce=nonce, ak_pem=info["ak_pem"])
         assert v.ok, v
         # start-up measured the config file into PCR 23
-        cfg_digest = hashlib.sha256(ctx.config_path.read_bytes()).digest()
+        cfg_digest = hashlib.sha256(comp.config_path.read_bytes()).digest()
         assert result["pcrs"]["sha256:23"] == binding_value(cfg_digest, []).hex()
         assert comp.status()["identity"]["last_quote_time"] is not None
         # bad nonces get specific errors
@@ -72,9 +71,9 @@ async def test_tpm_component_status_and_commands(swtpm: SwtpmProcess, tmp_path: 
 
 
 async def test_fallback_none_refuses_with_device_group_and_fix(tmp_path: Path):
-    ctx = make_context(tmp_path, kind="tpm", tcti="device:/nonexistent/tpmrm0")
+    ident = make_identity(tmp_path, kind="tpm", tcti="device:/nonexistent/tpmrm0")
     with pytest.raises(DeviceError) as ei:
-        async with build(ctx):
+        async with ident:
             pass
     msg = str(ei.value)
     assert "/nonexistent/tpmrm0" in msg and "'tss'" in msg and "fallback" in msg
@@ -82,10 +81,10 @@ async def test_fallback_none_refuses_with_device_group_and_fix(tmp_path: Path):
 
 
 async def test_fallback_software_is_loud(tmp_path: Path):
-    ctx = make_context(tmp_path, kind="tpm", tcti="device:/nonexistent/tpmrm0",
+    ident = make_identity(tmp_path, kind="tpm", tcti="device:/nonexistent/tpmrm0",
                        fallback="software")  # fmt: skip
     with structlog.testing.capture_logs() as logs:
-        async with build(ctx) as comp:
+        async with ident as comp:
             st = comp.status()["identity"]
             assert st["kind"] == "software" and st["insecure"] is True
             assert "INSECURE" in st["warning"] and "/nonexistent/tpmrm0" in st["fallback_reason"]
@@ -95,8 +94,8 @@ async def test_fallback_software_is_loud(tmp_path: Path):
 
 
 async def test_software_identity_files_and_result(tmp_path: Path):
-    ctx = make_context(tmp_path)  # default kind: software
-    async with build(ctx) as comp:
+    ident = make_identity(tmp_path)  # default kind: software
+    async with ident as comp:
         assert isinstance(comp, IdentityComponent)
         key_file = tmp_path / "identity" / "software-key.pem"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -112,19 +111,19 @@ async def test_software_identity_files_and_result(tmp_path: Path):
         assert v.ok, v
         assert any("INSECURE" in w for w in v.warnings)
     # restart: same key, counter continues
-    async with build(ctx) as comp:
+    async with ident as comp:
         assert comp.key_id == key_id
         assert await comp.counter_read() == 2
     # a world-readable key file is refused, with the fix
     key_file.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        async with build(ctx):
+        async with ident:
             pass
 
 
 async def test_unreadable_auth_file_is_a_config_error(tmp_path: Path):
-    ctx = make_context(tmp_path, kind="tpm", tcti="swtpm:host=127.0.0.1,port=1",
+    ident = make_identity(tmp_path, kind="tpm", tcti="swtpm:host=127.0.0.1,port=1",
                        owner_auth_file=str(tmp_path / "missing-owner-pw"))  # fmt: skip
     with pytest.raises(ConfigError, match=r"identity.owner_auth_file.*missing-owner-pw"):
-        async with build(ctx):
+        async with ident:
             pass

@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 
 from edgerund.config.schema import Config
-from edgerund.context import Context, Supervisor
+from edgerund.context import EventBus
 from edgerund.errors import ConfigError
 from edgerund.inference import ModelError, ModelRunner
 from edgerund.inference.component import ModelsComponent, build
 from edgerund.inference.config import ModelConfig, cross_check
 from edgerund.inference.registry import ModelRegistry, default_loader
+from edgerund.ports import ModelCounters, SlotRecord
 from tests.inference.conftest import REF, copy_reference, edit_manifest, install_model, tiny_onnx
 
 
-def _ctx(tmp_path: Path, models: list[dict[str, Any]]) -> Context:
-    cfg = msgspec.convert(
+def _cfg(tmp_path: Path, models: list[dict[str, Any]]) -> Config:
+    return msgspec.convert(
         {
             "gateway": {"id": "gw"},
             "paths": {"state_dir": str(tmp_path / "state")},
@@ -32,30 +33,25 @@ def _ctx(tmp_path: Path, models: list[dict[str, Any]]) -> Context:
         Config,
     )
 
-    def fatal(exc: Exception) -> None:
-        raise AssertionError(exc)
 
-    return Context(config=cfg, config_path=tmp_path / "c.yaml", supervisor=Supervisor(fatal))
-
-
-class FakeUpdates:
-    """Speaks the updates component's interface (model_dir, slot_info)."""
+class FakeSlots:
+    """A `ports.SlotSource`: the active slot "b" of each model it manages."""
 
     def __init__(self, dirs: dict[str, Path]) -> None:
         self.dirs = dirs
 
-    def model_dir(self, name: str) -> Path | None:
-        return self.dirs.get(name)
-
-    def slot_info(self, name: str) -> dict[str, Any]:
-        return (
-            {"active_slot": "b", "state": "committed", "version": "1.1.0"}
-            if name in self.dirs
-            else {}
+    def active(self, name: str) -> SlotRecord | None:
+        d = self.dirs.get(name)
+        if d is None:
+            return None
+        return SlotRecord(
+            name=name, active_slot="b", version="1.1.0", state="committed", model_dir=d
         )
 
 
 class FakeIdentity:
+    """A `ports.Measurer` that records what it was asked to bind."""
+
     def __init__(self) -> None:
         self.bound: list[tuple[bytes, str]] = []
 
@@ -140,11 +136,9 @@ async def test_failed_swap_keeps_the_old_runner(tmp_path: Path) -> None:
 async def test_component_loads_from_updates_slot_and_binds_identity(tmp_path: Path) -> None:
     slot = copy_reference(tmp_path / "slot-b")
     edit_manifest(slot, lambda d: d.update(version="1.1.0"))
-    ctx = _ctx(tmp_path, [{"name": "motor", "path": str(tmp_path / "missing"), "warmup_runs": 3}])
-    ctx.components["updates"] = FakeUpdates({"motor": slot})
+    cfg = _cfg(tmp_path, [{"name": "motor", "path": str(tmp_path / "missing"), "warmup_runs": 3}])
     ident = FakeIdentity()
-    ctx.components["identity"] = ident
-    comp = build(ctx)
+    comp = build(cfg, slots=FakeSlots({"motor": slot}), measurer=ident, events=EventBus())
     assert isinstance(comp, ModelsComponent)
     async with comp:
         r = comp.runner("motor")
@@ -165,13 +159,20 @@ async def test_component_loads_from_updates_slot_and_binds_identity(tmp_path: Pa
         assert comp.runner("motor").version == "2.0.0"  # type: ignore[union-attr]
         assert len(ident.bound) == 2
         assert comp.stats("motor")["swaps"] == 1
+        # The ModelHost counters probation reads are the active runner's, from zero.
+        assert comp.counters("motor") == ModelCounters(0, 0, 0, None)
+        for _ in range(3):
+            assert comp.runner("motor").infer(_feeds()).ok  # type: ignore[union-attr]
+        c = comp.counters("motor")
+        assert c.inferences == 3 and c.faults == 0 and c.nan_outputs == 0
+        assert c.score_mean is not None and c.score_mean >= 0.0
 
 
 async def test_component_uses_config_path_without_updates_and_refuses_bad_model(
     tmp_path: Path,
 ) -> None:
-    ctx = _ctx(tmp_path, [{"name": "motor", "path": str(REF), "warmup_runs": 3}])
-    async with ModelsComponent(ctx) as comp:
+    cfg = _cfg(tmp_path, [{"name": "motor", "path": str(REF), "warmup_runs": 3}])
+    async with ModelsComponent(cfg, slots=None, measurer=None, events=EventBus()) as comp:
         assert comp.runner("motor") is not None
         assert comp.status()["models"][0] == {
             "name": "motor",
@@ -183,9 +184,9 @@ async def test_component_uses_config_path_without_updates_and_refuses_bad_model(
     junk = copy_reference(tmp_path / "junk")
     (tmp_path / "j.bin").write_bytes(b"not onnx at all")
     install_model(junk, tmp_path / "j.bin")
-    ctx2 = _ctx(tmp_path, [{"name": "motor", "path": str(junk), "warmup_runs": 3}])
+    cfg2 = _cfg(tmp_path, [{"name": "motor", "path": str(junk), "warmup_runs": 3}])
     with pytest.raises(ConfigError) as ei:
-        async with ModelsComponent(ctx2):
+        async with ModelsComponent(cfg2, slots=None, measurer=None, events=EventBus()):
             pass
     assert str(ei.value).startswith("models[0].path: ")
     assert "not a loadable ONNX model" in str(ei.value)
@@ -194,11 +195,13 @@ async def test_component_uses_config_path_without_updates_and_refuses_bad_model(
 async def test_broken_slot_falls_back_to_the_shipped_model(tmp_path: Path) -> None:
     slot = copy_reference(tmp_path / "slot")
     (slot / "model.onnx").write_bytes(b"corrupt")
-    ctx = _ctx(tmp_path, [{"name": "motor", "path": str(REF), "warmup_runs": 3}])
-    ctx.components["updates"] = FakeUpdates({"motor": slot})
+    cfg = _cfg(tmp_path, [{"name": "motor", "path": str(REF), "warmup_runs": 3}])
+    bus = EventBus()
     events: list[str] = []
-    ctx.events.subscribe(lambda ev: events.append(ev.kind))
-    async with ModelsComponent(ctx) as comp:
+    bus.subscribe(lambda ev: events.append(ev.kind))
+    async with ModelsComponent(
+        cfg, slots=FakeSlots({"motor": slot}), measurer=None, events=bus
+    ) as comp:
         r = comp.runner("motor")
         assert r is not None and r.model_dir == REF
         assert events == ["model.load_failed"]
@@ -206,13 +209,13 @@ async def test_broken_slot_falls_back_to_the_shipped_model(tmp_path: Path) -> No
 
 
 def test_build_returns_none_without_models(tmp_path: Path) -> None:
-    assert build(_ctx(tmp_path, [])) is None
+    assert build(_cfg(tmp_path, []), slots=None, measurer=None, events=EventBus()) is None
 
 
 def test_cross_check(tmp_path: Path) -> None:
     bad = copy_reference(tmp_path / "bad")
     edit_manifest(bad, lambda d: d.pop("threshold"))
-    cfg = _ctx(
+    cfg = _cfg(
         tmp_path,
         [
             {"name": "a", "path": str(REF)},
@@ -220,7 +223,7 @@ def test_cross_check(tmp_path: Path) -> None:
             {"name": "b", "path": str(tmp_path / "nowhere")},
             {"name": "c", "path": str(bad)},
         ],
-    ).config
+    )
     errs = dict(cross_check(cfg))
     assert "models[0].name" not in errs and "models[0].path" not in errs
     assert "got 'a' (also models[0])" in errs["models[1].name"]

@@ -2,7 +2,7 @@
 task, keeps the latest sample and a ring window per channel, and serves the technician
 commands `sensors`, `i2c-scan`, `serial-sniff` and (simulated mode) `sim-inject`.
 
-Public API (docs/sensors.md, /work/team/apis.md):
+Public API (docs/sensors.md; the typed contract is `SampleSource` in edgerund/ports.py):
 
     hub.latest(sensor_id, channel) -> Sample | None
     hub.window(sensor_id, channel, n) -> (t_mono[k], values[k])   newest last, copies

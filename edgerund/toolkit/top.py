@@ -29,7 +29,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable
+from edgerund.ctl.client import DiagClient, RemoteCommandError, Unreachable
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 MIN_COLS, MIN_ROWS = 60, 16

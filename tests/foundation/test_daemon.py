@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerund.ctlclient import DiagClient, RemoteCommandError
+from edgerund.ctl.client import DiagClient, RemoteCommandError
 from tests.helpers.daemon import DaemonProcess
 
 STATUS_KEYS = {

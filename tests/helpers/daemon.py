@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable
+from edgerund.ctl.client import DiagClient, RemoteCommandError, Unreachable
 
 REPO = Path(__file__).resolve().parents[2]
 

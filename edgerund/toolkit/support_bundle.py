@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from edgerund import __version__
-from edgerund.ctlclient import DiagClient, RemoteCommandError, Unreachable
+from edgerund.ctl.client import DiagClient, RemoteCommandError, Unreachable
 from edgerund.toolkit.check import run_checks
 
 SECRET_KEY = re.compile(

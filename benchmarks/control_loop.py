@@ -76,6 +76,7 @@ from edgerund.config.schema import Config  # noqa: E402
 from edgerund.context import EventBus, Supervisor  # noqa: E402
 from edgerund.control.component import LoopsComponent  # noqa: E402
 from edgerund.control.histogram import Histogram  # noqa: E402
+from edgerund.inference.session import open_session  # noqa: E402
 
 REF_DIR = ROOT / "models" / "reference"
 PERIOD_MS = 10
@@ -95,16 +96,6 @@ def pct(v: list[float] | np.ndarray, q: float) -> float:
 # ---------------------------------------------------------------- (a) bare inference
 
 
-def session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def golden_features(n_features: int) -> np.ndarray:
     g = REF_DIR / "golden.npz"
     if g.exists():
@@ -118,7 +109,7 @@ def part_a(calls: int) -> dict[str, float]:
     manifest = json.loads((REF_DIR / "manifest.json").read_text())
     int8_path = REF_DIR / manifest["model"]["file"]
     fp32_path = REF_DIR / manifest["reference_fp32"]["file"]
-    s8, s32 = session(int8_path), session(fp32_path)
+    s8, s32 = open_session(int8_path), open_session(fp32_path)
     in_name = s8.get_inputs()[0].name
     n_feat = int(s8.get_inputs()[0].shape[-1])
     feed = {in_name: golden_features(n_feat)}
@@ -181,7 +172,7 @@ def load_runner() -> tuple[Any, str]:
         def __init__(self) -> None:
             self.manifest = manifest
             self.pre = Preprocessor(FeatureSpec.from_json(manifest["preprocessing"]))
-            self.sess = session(REF_DIR / manifest["model"]["file"])
+            self.sess = open_session(REF_DIR / manifest["model"]["file"])
             self.in_name = self.sess.get_inputs()[0].name
 
         def infer(self, inputs: Mapping[str, np.ndarray]) -> _Result:

@@ -90,6 +90,7 @@ from edgerund.inference.features import (  # noqa: E402
     FeatureSpec,
     Preprocessor,
 )
+from edgerund.inference.session import open_session  # noqa: E402
 
 MODEL_NAME = "motor-ae"
 MODEL_VERSION = "2.0.0"
@@ -429,18 +430,6 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calib_rows: F32) -> None:
     )
 
 
-def session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def scores(sess: Any, rows: F32) -> F32:
     return np.array([sess.run(["score"], {"features": r[None, :]})[0][0] for r in rows], np.float32)
 
@@ -564,7 +553,7 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
         int8_model.producer_name = "edgerund-models-build"
         int8_model.producer_version = MODEL_VERSION
         onnx.save_model(int8_model, str(int8_path))
-    s_fp32, s_int8 = session(fp32_path), session(int8_path)
+    s_fp32, s_int8 = open_session(fp32_path), open_session(int8_path)
 
     # 6. threshold from the int8 normal score distribution
     val_int8 = scores(s_int8, x_val)

@@ -79,7 +79,7 @@ def _done(args: argparse.Namespace, enrolled: Enrolled, extra: dict[str, Any]) -
 
 
 def _direct(args: argparse.Namespace) -> int:
-    from edgerund.ctlclient import DiagClient, Unreachable
+    from edgerund.ctl.client import DiagClient, Unreachable
     from edgerund.errors import CommandError
 
     anchors = _anchors(args)

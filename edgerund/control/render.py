@@ -3,7 +3,7 @@
 A loop row has two dozen keys (docs/control.md), too many for one table line, so each
 loop is printed as a short block: timing figures as p50/p99/max, the mode and why, the
 model and its recent scores as a sparkline against the threshold, and the actuator.
-`edgerund/ctl.py` calls `format_loops(result)` for the `loops` command unless `--json`.
+`edgerund/ctl/cli.py` calls `format_loops(result)` for the `loops` command unless `--json`.
 """
 
 from __future__ import annotations

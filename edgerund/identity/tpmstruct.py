@@ -1,9 +1,9 @@
 """TPM 2.0 wire structures in pure Python (no libtss2): parse and marshal.
 
-The verifier (verify.py) must run on a fleet backend that has no TPM stack, and the software
-identity (software.py) produces results in the same format as the TPM, so both need the few
-TPM structures of an attestation: TPMT_PUBLIC / TPM2B_PUBLIC (ECC and RSA keys),
-TPMT_SIGNATURE (ECDSA, RSASSA, RSAPSS), TPMS_ATTEST (quote and certify) and
+The verifier (backend/verify.py) must run on a fleet backend that has no TPM stack, and
+the software identity (identity/software.py) produces results in the same format as the
+TPM, so both need the few TPM structures of an attestation: TPMT_PUBLIC / TPM2B_PUBLIC
+(ECC and RSA keys), TPMT_SIGNATURE (ECDSA, RSASSA, RSAPSS), TPMS_ATTEST (quote and certify) and
 TPML_PCR_SELECTION. Everything is big-endian; a TPM2B is a u16 size followed by the bytes
 (TPM 2.0 Library Part 2, "Structures"). Parsers take bytes and return frozen values or raise
 `StructError` naming the field that was short or wrong; they never trust a length.

@@ -7,11 +7,9 @@ thread (the registry calls it off the event loop):
 
 1. parse `manifest.json` (edgerund.inference.manifest; errors name the field) and read
    the model file, checking its SHA-256 against the manifest;
-2. create an onnxruntime session fitted to tiny models: one intra-op and one inter-op
-   thread, sequential execution, `allow_spinning=0` (no thread pool burning a core
-   between ticks) and ORT_ENABLE_ALL -- QDQ int8 models *need* it: only the optimiser
-   fuses QuantizeLinear/DequantizeLinear pairs into QGemm, without it int8 is slower
-   than fp32. A file that is not ONNX is refused here with onnxruntime's reason;
+2. create an onnxruntime session fitted to tiny models (edgerund/inference/session.py:
+   single-threaded, no spinning pools, ORT_ENABLE_ALL so QDQ int8 fuses into QGemm).
+   A file that is not ONNX is refused here with onnxruntime's reason;
 3. the ABI check: the graph's inputs and outputs must equal the manifest's
    `model_inputs`/`model_outputs` in name, dtype and shape; a mismatch names both sides;
 4. bind preallocated buffers with IOBinding: the preprocessor writes the feature vector
@@ -58,8 +56,9 @@ import numpy.typing as npt
 from edgerund.inference.errors import ModelError
 from edgerund.inference.features import FeatureError, Preprocessor
 from edgerund.inference.manifest import Manifest, TensorSpec, check_file, load_manifest
+from edgerund.inference.session import open_session
 
-__all__ = ["InferenceResult", "ModelRunner", "session_options"]
+__all__ = ["InferenceResult", "ModelRunner"]
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -80,21 +79,6 @@ class InferenceResult:
     ok: bool
     fault: str | None
     infer_us: float
-
-
-def session_options() -> Any:
-    """onnxruntime session options for tiny models (see the module docstring)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3  # errors only: ORT's warnings are not ours to print
-    return so
 
 
 def _describe_graph(t: Any) -> str:
@@ -202,8 +186,6 @@ class ModelRunner:
 
         `model_file` selects another file the manifest names (`reference_fp32.file` for
         the fp32 comparison model; its own threshold and golden scores are used)."""
-        import onnxruntime as ort
-
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         threshold = manifest.threshold
@@ -229,7 +211,7 @@ class ModelRunner:
         data = check_file(model_dir, fname, sha, field_path)
         model_path = model_dir / fname
         try:
-            sess = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+            sess = open_session(data)
         except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidProtobuf...)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(

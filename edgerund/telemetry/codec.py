@@ -3,7 +3,7 @@
 Pure: arrays and records in, bytes out, and back; no I/O, no clock. docs/telemetry.md is
 the normative description (byte tables); this docstring is the theory.
 
-Why this shape (measured in shared/notes/telemetry.md): sensor values are decimals
+Why this shape (figures: `benchmarks/telemetry.py`): sensor values are decimals
 quantised by the sensor, so they travel as integers `round(v * 10**-scale_exp)`; the round
 trip of those integers is exact. Consecutive samples are close, so values are differenced
 (order 0, 1 or 2) and timestamps are coded as residuals against an implicit periodic

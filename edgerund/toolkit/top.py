@@ -29,7 +29,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from edgerund.ctlclient import DiagClient, Unreachable
+from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError
 
 BLOCKS = "▁▂▃▄▅▆▇█"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerund.ctlclient import DiagClient
+from edgerund.ctl.client import DiagClient
 from edgerund.errors import CommandError
 from tests.helpers.daemon import DaemonProcess
 

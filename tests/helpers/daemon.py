@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from edgerund.ctlclient import DiagClient, Unreachable
+from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -159,7 +159,7 @@ def test_running_daemon_binding_survives_pcr_reset_and_follows_sighup(
 
 def test_running_daemon_rate_limits_attest_and_keeps_signing(tmp_path: Path, swtpm: SwtpmProcess):
     """#12.5 against the running daemon: an attest flood from one uid is refused at once."""
-    from edgerund.ctlclient import RemoteCommandError
+    from edgerund.errors import CommandError
 
     d = DaemonProcess(
         tmp_path,
@@ -173,7 +173,7 @@ def test_running_daemon_rate_limits_attest_and_keeps_signing(tmp_path: Path, swt
             try:
                 d.call("attest", {"nonce": f"{i:02x}" * 16})
                 codes.append("ok")
-            except RemoteCommandError as exc:
+            except CommandError as exc:
                 codes.append(exc.code)
         assert codes[:3] == ["ok"] * 3 and set(codes[3:]) == {"rate_limited"}
         st = d.call("status")["identity"]

@@ -30,7 +30,6 @@ from edgerund.backend.ekcert import validate_ek_certificate
 from edgerund.backend.makecredential import make_credential
 from edgerund.backend.verify import VerifyError, verify_result
 from edgerund.component import CommandError
-from edgerund.ctlclient import RemoteCommandError
 from edgerund.identity import tpmstruct as ts
 from edgerund.identity.base import pem
 from edgerund.identity.credential import handle_activate
@@ -336,7 +335,7 @@ def test_enroll_refuses_a_substituted_ak(tmp_path: Path, ca_swtpm: SwtpmProcess,
         ).decode()
         doc["ak_pem"] = pem(attacker.public_key())
         challenge, pending = enroll.begin(enroll.parse_device_facts(doc), [test_ca.cert])
-        with pytest.raises(RemoteCommandError) as err:
+        with pytest.raises(CommandError) as err:
             d.call("attest-activate", challenge)
         assert err.value.code == "activation_failed"
         with pytest.raises(VerifyError) as verr:

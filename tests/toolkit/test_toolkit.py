@@ -22,7 +22,7 @@ import pyte
 import pytest
 import yaml
 
-from edgerund.toolkit.bundle import redact
+from edgerund.toolkit.support_bundle import redact
 from tests.helpers.daemon import DaemonProcess, simulated
 
 CTL = [sys.executable, "-m", "edgerund.ctl"]

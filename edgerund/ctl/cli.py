@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerund import __version__
-from edgerund.ctlclient import DiagClient, Unreachable, default_socket
+from edgerund.ctl import local
+from edgerund.ctl.client import DiagClient, Unreachable, default_socket
 from edgerund.errors import CommandError
-from edgerund.toolkit import ctl as toolkit_ctl
 
 EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("args", nargs="?", default="{}", help="JSON object of arguments")
     c.set_defaults(remote=None, to_args=None)
     # Local commands that do more than one request (top, check, support-bundle, metrics).
-    toolkit_ctl.register(sub)
+    local.register(sub)
     return p
 
 
@@ -444,7 +444,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         render(console, result, cmd)
     return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

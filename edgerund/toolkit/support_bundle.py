@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from edgerund import __version__
-from edgerund.ctlclient import DiagClient, Unreachable
+from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError, EdgerundError
 from edgerund.toolkit.check import run_checks
 

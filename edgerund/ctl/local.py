@@ -1,4 +1,4 @@
-"""edgerunctl subcommands of the technician's toolkit: top, check, support-bundle, metrics."""
+"""edgerunctl subcommands that run locally: top, check, support-bundle, metrics."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from rich.console import Console
 
 from edgerund.config.loader import simulate_config_path
 from edgerund.config.schema import DEFAULT_CONFIG_PATH
-from edgerund.ctlclient import SIMULATE_SOCKET, DiagClient, Unreachable
+from edgerund.ctl.client import SIMULATE_SOCKET, DiagClient, Unreachable
 from edgerund.errors import CommandError
-from edgerund.toolkit import bundle, check, top
+from edgerund.toolkit import check, support_bundle, top
 
 
 def _top(args: argparse.Namespace, client: DiagClient, console: Console) -> int:
@@ -67,9 +67,9 @@ def _check(args: argparse.Namespace, client: DiagClient, console: Console) -> in
 def _support_bundle(args: argparse.Namespace, client: DiagClient, console: Console) -> int:
     out = Path(args.output)
     try:
-        members = bundle.collect(client, _config_guess(args, client))
-        bundle.write_bundle(out, members)
-    except bundle.SecretLeak as exc:
+        members = support_bundle.collect(client, _config_guess(args, client))
+        support_bundle.write_bundle(out, members)
+    except support_bundle.SecretLeak as exc:
         print(f"edgerunctl support-bundle: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

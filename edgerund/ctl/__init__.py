@@ -1,0 +1,16 @@
+"""`edgerunctl`, the field technician's client of the diagnostics socket: its one home.
+
+- `client`: `DiagClient`, the synchronous JSON-lines client of the socket (also used by
+  tests and tools), and the choice of which socket to trust (`default_socket`).
+- `cli`: the command line: one subcommand per socket command, rendering, exit codes.
+- `local`: subcommands that do more than one request or work with the daemon down
+  (`top`, `check`, `support-bundle`, `metrics`); their engines live in `edgerund.toolkit`.
+
+The `edgerunctl` entry point is `edgerund.ctl:main`; `python -m edgerund.ctl` runs it too.
+"""
+
+from __future__ import annotations
+
+from edgerund.ctl.cli import build_parser, main
+
+__all__ = ["build_parser", "main"]

@@ -61,7 +61,7 @@ import hashlib
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,11 @@ EMPTY_STATUS: tuple[Mapping[str, object], ...] = (
 EXIT_OK = 0
 EXIT_FAILURE = 1  # runtime failure: systemd restarts us
 EXIT_CONFIG = 2  # needs a human (bad config, refused start): RestartPreventExitStatus=2
+
+
+# A component's reload: applies what may change live; async where it must do I/O (the
+# identity re-binds the config digest through the TPM).
+Reloader = Callable[[Config], Awaitable[None] | None]
 
 
 class LoopLagMonitor:
@@ -211,7 +216,7 @@ class Daemon:
         )
         # Entered components in start-up order, and the ones that apply a SIGHUP live.
         self.components: list[Component] = []
-        self._reloaders: list[tuple[str, Callable[[Config], None]]] = []
+        self._reloaders: list[tuple[str, Reloader]] = []
         self._all_commands: dict[str, Command] = {}
         self._diag: DiagServer | None = None
         self.reloads = 0
@@ -229,7 +234,7 @@ class Daemon:
         stack: contextlib.AsyncExitStack,
         comp: Component,
         scope: TaskScope | None = None,
-        reload: Callable[[Config], None] | None = None,
+        reload: Reloader | None = None,
     ) -> None:
         """Enter `comp` (after its task scope, which is left after it)."""
         if scope is not None:
@@ -245,9 +250,8 @@ class Daemon:
         sup = self.supervisor
         events = self.events
 
-        identity_scope = sup.scope("identity")
-        identity = identity_component.build(cfg, config_path=self.config_path, scope=identity_scope)
-        await self._enter(stack, identity, identity_scope, identity.reload)
+        identity = identity_component.build(cfg, config_path=self.config_path)
+        await self._enter(stack, identity, reload=identity.reload)
         # The anti-rollback counter depends on the identity alone (TPM NV or a file).
         counter = counter_for(cfg, identity)
         if self.stop_event.is_set():
@@ -431,7 +435,9 @@ class Daemon:
         logs.RING.resize(new.logging.ring_size)
         for name, apply in self._reloaders:
             try:
-                apply(new)
+                pending = apply(new)
+                if pending is not None:
+                    await pending
             except Exception as exc:
                 log.exception("component_reload_failed", component=name)
                 restart_needed.append(f"{name} ({exc})")

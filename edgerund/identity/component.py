@@ -45,7 +45,6 @@ from edgerund.identity.worker import TpmBusy
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
-    from edgerund.context import TaskScope
 
 # The `identity` section when no identity runs (the daemon always builds one; kept so every
 # component module answers the same question the same way).
@@ -105,10 +104,9 @@ def config_sha256(cfg: Config, config_path: Path) -> bytes:
 class IdentityComponent:
     name = "identity"
 
-    def __init__(self, cfg: Config, *, config_path: Path, scope: TaskScope) -> None:
+    def __init__(self, cfg: Config, *, config_path: Path) -> None:
         self.cfg = cfg
         self.config_path = Path(config_path)
-        self._scope = scope
         self._ident: Identity | None = None
         ic = cfg.identity
         self._attest_buckets = PerKeyBuckets(ic.attest_rate_per_s, ic.attest_burst)
@@ -183,21 +181,15 @@ class IdentityComponent:
 
     # -- daemon integration
 
-    def reload(self, config: Any) -> None:
+    async def reload(self, config: Config) -> None:
         """SIGHUP: the config file changed, so the binding must attest the new one."""
+        self.cfg = config
         if self._ident is None:
             return
-        ident = self._ident
-        self.cfg = config
-
-        async def rebind() -> None:
-            # file read off the loop; idempotent, so a failed attempt is simply retried
-            digest = await asyncio.to_thread(config_sha256, config, self.config_path)
-            if digest != ident.config_sha256:
-                await ident.bind_config(digest)
-                log.info("identity_config_rebound", config_sha256=digest.hex())
-
-        self._scope.spawn("rebind", rebind, restart=True)
+        digest = await asyncio.to_thread(config_sha256, config, self.config_path)  # file read
+        if digest != self._ident.config_sha256:
+            await self._ident.bind_config(digest)
+            log.info("identity_config_rebound", config_sha256=digest.hex())
 
     def status(self) -> dict[str, Any]:
         if self._ident is None:
@@ -266,6 +258,6 @@ class IdentityComponent:
             raise CommandError("tpm_error", str(exc)) from None
 
 
-def build(cfg: Config, *, config_path: Path, scope: TaskScope) -> IdentityComponent:
+def build(cfg: Config, *, config_path: Path) -> IdentityComponent:
     """The identity component is always built (software when no TPM is configured)."""
-    return IdentityComponent(cfg, config_path=config_path, scope=scope)
+    return IdentityComponent(cfg, config_path=config_path)

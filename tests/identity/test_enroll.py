@@ -356,10 +356,9 @@ def test_enroll_refuses_a_substituted_ak(tmp_path: Path, ca_swtpm: SwtpmProcess,
 
 async def test_activate_is_privileged_and_software_identity_refuses(tmp_path: Path):
     from edgerund.component import Peer
-    from edgerund.identity.component import build
-    from tests.identity.conftest import make_context
+    from tests.identity.conftest import make_identity
 
-    comp = build(make_context(tmp_path, kind="software"))
+    comp = make_identity(tmp_path, kind="software")
     async with comp:
         cmd = comp.commands()["attest-activate"]
         assert cmd.mutating is True  # the diag socket refuses it to unprivileged peers

@@ -14,12 +14,12 @@ import pytest
 from edgerund.backend.binding_verify import BindingError, verify_nv_binding
 from edgerund.errors import DeviceError
 from edgerund.identity import nvindex
-from edgerund.identity.component import IdentityComponent, open_identity
+from edgerund.identity.component import open_identity
 from edgerund.identity.tpm import TpmIdentity
 from edgerund.updates.counter import RefusedCounter, select_counter
 from tests.fixtures.binaries import require_binary
 from tests.fixtures.swtpm import SwtpmProcess
-from tests.identity.conftest import make_config, make_context, tpm_config
+from tests.identity.conftest import make_config, make_identity, tpm_config
 
 pytestmark = pytest.mark.needs_swtpm
 COUNTER = 0x01500100
@@ -235,8 +235,7 @@ async def test_pcr_reset_by_another_process_does_not_change_the_nv_binding(
 async def test_reload_with_a_changed_config_rebinds(swtpm: SwtpmProcess, tmp_path: Path):
     cfg_path = tmp_path / "edgerund.yaml"
     cfg_path.write_text("gateway:\n  id: gw-test\n")
-    ctx = make_context(tmp_path, config_path=cfg_path, kind="tpm", tcti=swtpm.tcti)
-    comp = IdentityComponent(ctx)
+    comp = make_identity(tmp_path, config_path=cfg_path, kind="tpm", tcti=swtpm.tcti)
     async with comp:
         ident = comp.identity
         assert isinstance(ident, TpmIdentity)
@@ -244,7 +243,7 @@ async def test_reload_with_a_changed_config_rebinds(swtpm: SwtpmProcess, tmp_pat
         v1 = _verify(ident, await comp.attest(n1), n1,
                      expected_config_sha256=hashlib.sha256(cfg_path.read_bytes()).digest())  # fmt: skip
         cfg_path.write_text("gateway:\n  id: gw-test\nlogging:\n  level: debug\n")  # SIGHUP
-        comp.reload(ctx.config)
+        await comp.reload(comp.cfg)
         new = hashlib.sha256(cfg_path.read_bytes()).digest()
         for _ in range(100):
             if ident.config_sha256 == new:

@@ -8,8 +8,14 @@ from typing import Any
 
 from edgerund.backend.consumer import Consumer
 from edgerund.errors import DeviceError
-from edgerund.telemetry.component import TelemetryComponent
-from tests.telemetry.conftest import HubStandIn, identity_in, make_config, make_ctx, until
+from tests.telemetry.conftest import (
+    HubStandIn,
+    identity_in,
+    make_config,
+    make_ctx,
+    telemetry_in,
+    until,
+)
 
 
 class FlakySigner:
@@ -33,13 +39,11 @@ async def _run(tmp_path: Path, mosquitto: Any, collector_factory: Any, **uplink:
     cfg = make_config(tmp_path, mosquitto, uplink={"sign_retry_s": 0.3, **uplink})
     ctx = make_ctx(cfg, tmp_path)
     hub = HubStandIn([("env", "temp", "degC")])
-    ctx.components["hub"] = hub
     async with identity_in(ctx) as real:
         flaky = FlakySigner(real)
-        ctx.components["identity"] = flaky
         key = Consumer.load_public_key(real.public_key_pem().encode())
         col = await collector_factory(mosquitto, public_keys=[key], require_signature=False)
-        async with TelemetryComponent(ctx) as tel:
+        async with telemetry_in(ctx, hub, signer=flaky) as tel:
             t0 = time.time() - 5
             for i in range(30):
                 hub.emit("env", "temp", 20 + 0.01 * i, t0 + i * 0.1)

@@ -17,11 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from edgerund.component import CommandError, Peer
 from edgerund.errors import DeviceError
-from edgerund.identity.component import IdentityComponent
 from edgerund.identity.tpm import TpmIdentity
 from edgerund.identity.worker import TpmBusy
 from tests.fixtures.swtpm import SwtpmProcess
-from tests.identity.conftest import make_context, tpm_config
+from tests.identity.conftest import make_identity, tpm_config
 
 pytestmark = pytest.mark.needs_swtpm
 
@@ -121,8 +120,9 @@ async def test_hung_tpm_call_times_out_then_the_context_is_reopened(
 
 
 async def test_attest_is_rate_limited_per_client_uid(swtpm: SwtpmProcess, tmp_path: Path):
-    ctx = make_context(tmp_path, kind="tpm", tcti=swtpm.tcti, attest_rate_per_s=0.5, attest_burst=3)
-    comp = IdentityComponent(ctx)
+    comp = make_identity(
+        tmp_path, kind="tpm", tcti=swtpm.tcti, attest_rate_per_s=0.5, attest_burst=3
+    )
     async with comp:
         cmd = comp.commands()["attest"]
         alice, bob = Peer(pid=1, uid=1001, gid=1001), Peer(pid=2, uid=1002, gid=1002)

@@ -1,7 +1,7 @@
 """Helpers for telemetry tests: a hub stand-in that speaks the part of the SampleSource
-port telemetry uses (`channels`, `subscribe`), a Context builder, the component built as
-the composition root builds it (in its own task scope), and a consumer running against
-the broker."""
+port telemetry uses (`channels`, `subscribe`), the component built as the composition
+root builds it (its ports, in its own task scope), and a consumer running against the
+broker."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ import pytest_asyncio
 from drivers.base import Sample
 from edgerund.backend.consumer import Consumer, run
 from edgerund.config.schema import Config
-from edgerund.context import Context, FatalComponentError, Supervisor
-from edgerund.identity.component import build as build_identity
+from edgerund.context import EventBus
+from edgerund.identity.component import IdentityComponent
 from edgerund.remote import RemoteCommands
 from edgerund.telemetry.component import TelemetryComponent
 from tests.helpers.daemon import deep_merge
+from tests.helpers.wiring import task_scope
 
 
 class HubStandIn:
@@ -73,31 +75,35 @@ def make_config(tmp_path: Path, broker: Any | None, **over: Any) -> Config:
     return msgspec.convert(deep_merge(base, over), Config)
 
 
-def make_ctx(cfg: Config, tmp_path: Path) -> Context:
-    fatal: list[FatalComponentError] = []
-    return Context(
-        config=cfg, config_path=tmp_path / "edgerund.yaml", supervisor=Supervisor(fatal.append)
-    )
+@dataclass
+class Env:
+    """What the composition root would hand the components under test."""
+
+    config: Config
+    config_path: Path
+    events: EventBus = field(default_factory=EventBus)
+
+
+def make_ctx(cfg: Config, tmp_path: Path) -> Env:
+    return Env(cfg, tmp_path / "edgerund.yaml")
 
 
 @contextlib.asynccontextmanager
-async def identity_in(ctx: Context) -> AsyncIterator[Any]:
-    comp = build_identity(ctx)
-    async with comp:
-        ctx.components["identity"] = comp
+async def identity_in(ctx: Env) -> AsyncIterator[IdentityComponent]:
+    async with IdentityComponent(ctx.config, config_path=ctx.config_path) as comp:
         yield comp
 
 
 @contextlib.asynccontextmanager
 async def telemetry_in(
-    ctx: Context,
+    ctx: Env,
     samples: HubStandIn | None = None,
     *,
     signer: Any | None = None,
     router: RemoteCommands | None = None,
 ) -> AsyncIterator[TelemetryComponent]:
     """The component with its ports, inside its task scope (as the daemon's root does)."""
-    async with ctx.supervisor.scope("telemetry") as scope:
+    async with task_scope("telemetry") as scope:
         comp = TelemetryComponent(
             ctx.config,
             scope=scope,

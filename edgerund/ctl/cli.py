@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerund import __version__
-from edgerund.ctl import local
+from edgerund.ctl import local, update
 from edgerund.ctl.client import DiagClient, RemoteCommandError, Unreachable, default_socket
 
 EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE = 0, 1, 2
@@ -234,6 +234,11 @@ def _add_attest(p: argparse.ArgumentParser) -> None:
 
 def _add_update(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="bundle file (read by the daemon; give a path it can read)")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the trial started, without waiting for the probation verdict",
+    )
 
 
 def _add_rollback(p: argparse.ArgumentParser) -> None:
@@ -291,7 +296,8 @@ WITH_ARGS: list[RemoteCommand] = [
     ),
     (
         "update",
-        "install a signed model bundle (root or edgerund group)",
+        "install a signed model bundle and wait for its verdict: exit 0 committed, "
+        "1 rejected or rolled back (root or edgerund group)",
         _add_update,
         lambda a: {"path": _abs(a.path)},
     ),
@@ -413,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cmd, cmd_args = args.remote, args.to_args(args)
         result = client.call(cmd, cmd_args)
+        if args.remote == "update" and not args.no_wait:
+            result = update.wait_final(
+                client, result, lambda m: err.print(f"edgerunctl: update: {m}", markup=False)
+            )
     except Unreachable as exc:
         err.print(f"edgerunctl: {exc}", markup=False)
         return EXIT_UNREACHABLE
@@ -442,4 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _render_sniff(console, result)
     else:
         render(console, result, cmd)
+    if cmd == "update" and (failure := update.verdict(result)) is not None:
+        err.print(f"edgerunctl: update: {failure}", markup=False)
+        return EXIT_REMOTE
     return EXIT_OK

@@ -73,7 +73,10 @@ class Child:
                 def report(msg: dict[str, object]) -> None:
                     os.write(w, json.dumps(msg).encode() + b"\n")
 
-                body(report)
+                try:
+                    body(report)
+                except BaseException as exc:  # say what went wrong instead of vanishing
+                    report({"child_error": repr(exc)})
                 os.read(hold_r, 1)  # until released (or the parent dies)
             finally:
                 os._exit(0)
@@ -102,26 +105,31 @@ _KEEP: list[socket.socket] = []
 
 
 def _flood(path: str, n: int) -> Callable[[Callable[[dict[str, object]], None]], None]:
-    """Open `n` connections, keep them alive with newlines; report who was let in."""
+    """Open `n` connections and keep them; report which were admitted and why not."""
 
     def body(report: Callable[[dict[str, object]], None]) -> None:
         held: list[socket.socket] = []
         busy: list[str] = []
         for _ in range(n):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(path)
-            s.sendall(b"\n")
-            s.settimeout(0.5)
+            s.settimeout(20)
             try:
+                s.connect(path)
+                # A refused client is told `busy` at once; an admitted one answers this.
+                s.sendall(b'{"id": 1, "cmd": "ping"}\n')
                 msg = _read_line(s)
-            except TimeoutError:
-                held.append(s)  # admitted: a blank line gets no answer
+            except OSError as exc:
+                busy.append(f"closed: {exc}")
+                s.close()
+                continue
+            if msg is not None and msg.get("ok") is True:
+                held.append(s)
                 continue
             err = msg.get("error") if msg else None
             busy.append(str(err.get("message")) if isinstance(err, dict) else "closed")
             s.close()
         for s in held:
-            s.sendall(b"\n")
+            s.sendall(b"\n")  # then only blank lines, as the reported attack did
         report({"held": len(held), "busy": busy})
         _KEEP.extend(held)  # open until the child exits
 

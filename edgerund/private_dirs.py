@@ -5,8 +5,9 @@ create a path first. If another user owned the run directory, they could replace
 diagnostics socket and answer as the daemon; if they owned the state directory, they
 could plant models and keys. So a directory is created with `mode` (0700: only us), and
 one that already exists must be a real directory (lstat: a symlink is refused, never
-followed), owned by us or root, and not writable by anyone else. Errors are ConfigErrors
-naming the config key, so start-up stops with exit 2 and a message saying what to do.
+followed), owned by us or root, and not writable by group or others (it is never
+chmod-ed: it could be /tmp itself). Errors are ConfigErrors naming the config key, so
+start-up stops with exit 2 and a message saying what to do.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def ensure_private_dir(path: Path, key: str, mode: int = 0o700) -> None:
             path=key,
         )
     if st.st_mode & 0o022:
-        if st.st_uid != me:
-            raise ConfigError(
-                f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})",
-                path=key,
-            )
-        os.chmod(path, stat.S_IMODE(st.st_mode) & mode)  # ours: tighten it
+        # Never chmod an existing directory: it may be /tmp itself.
+        raise ConfigError(
+            f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "choose a directory only this user can write",
+            path=key,
+        )

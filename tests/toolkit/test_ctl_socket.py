@@ -142,3 +142,22 @@ def test_simulator_creates_its_dirs_private(tmp_path: Path) -> None:
         for p in (base / "run", base / "run" / "state"):
             assert p.stat().st_mode & 0o777 == 0o700, oct(p.stat().st_mode)
         assert d.stop() == 0
+
+
+def test_private_dir_rules(tmp_path: Path) -> None:
+    from edgerund.errors import ConfigError
+    from edgerund.private_dirs import ensure_private_dir
+
+    fresh = tmp_path / "a" / "run"
+    ensure_private_dir(fresh, "paths.run_dir")
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(ConfigError, match="writable by other users"):
+        ensure_private_dir(shared, "paths.run_dir")
+    assert shared.stat().st_mode & 0o7777 == 0o1777, "an existing directory is never chmod-ed"
+    link = tmp_path / "link"
+    link.symlink_to(fresh)
+    with pytest.raises(ConfigError, match="not a directory"):
+        ensure_private_dir(link, "paths.run_dir")

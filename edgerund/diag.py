@@ -1,7 +1,7 @@
 """The local diagnostics socket: JSON lines over a Unix stream socket.
 
-Protocol (DESIGN.md §4): one JSON object per line, one response per request:
-request `{"id": 1, "cmd": "status", "args": {}}`, response `{"id": 1, "ok": true,
+Protocol (README.md, "Diagnostics socket"): one JSON object per line, one response per
+request: `{"id": 1, "cmd": "status", "args": {}}`, response `{"id": 1, "ok": true,
 "result": ...}` or `{"id": 1, "ok": false, "error": {"code": "...", "message": "..."}}`.
 
 Robustness rules, each tested: a line longer than `diag.max_request_bytes` gets a

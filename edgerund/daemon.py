@@ -86,6 +86,7 @@ from edgerund.hub import component as hub_component
 from edgerund.hub.component import SimControl
 from edgerund.identity import component as identity_component
 from edgerund.inference import component as inference_component
+from edgerund.private_dirs import ensure_private_dir
 from edgerund.remote import RemoteCommands
 from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
@@ -163,6 +164,17 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _private_sim_dirs(cfg: Config) -> None:
+    """The simulator's run, socket and state dirs default to /tmp: ours alone (0700)."""
+    dirs = {
+        "paths.run_dir": Path(cfg.paths.run_dir),
+        "diag.socket": Path(cfg.diag.socket).parent,
+        "paths.state_dir": Path(cfg.paths.state_dir),
+    }
+    for key, d in sorted(dirs.items(), key=lambda kv: len(kv[1].parts)):
+        ensure_private_dir(d, key)
 
 
 def _check_state_dir(cfg: Config) -> None:
@@ -581,6 +593,8 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
         cfg.simulation.enabled = True
     logs.configure(cfg.logging.level, cfg.logging.format, cfg.logging.ring_size)
     try:
+        if simulate or cfg.simulation.enabled:
+            _private_sim_dirs(cfg)
         _check_state_dir(cfg)
     except ConfigError as exc:
         log.error("startup_refused", error=str(exc))

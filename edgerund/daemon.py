@@ -26,7 +26,8 @@ monitor, status line, metrics textfile, SIGHUP reload) live in the "daemon" scop
 Start-up: validate the config (done by the caller), check the state directory, then enter
 the components in the order above, each an async context manager that opens its resources;
 then the diagnostics socket; then `gc.freeze()` (start-up garbage never gets scanned again,
-which keeps full collections off the control loops); then `READY=1`. Components exit in
+which keeps full collections off the control loops); then the loops, entered warm and held,
+are released (their first tick comes after that collection, not during it); then `READY=1`. Components exit in
 reverse order, so loops drive their actuators to the safe state while buses are still open
 and telemetry flushes its spool last.
 
@@ -231,6 +232,7 @@ class Daemon:
         self._reloaders: list[tuple[str, Reloader]] = []
         self._all_commands: dict[str, Command] = {}
         self._diag: DiagServer | None = None
+        self._loops: control_component.LoopsComponent | None = None
         self.reloads = 0
         self.reload_errors = 0
 
@@ -295,7 +297,9 @@ class Daemon:
             events=events,
             scope=loops_scope,
             actuators=actuators,
+            hold=True,
         )
+        self._loops = loops
         if loops is not None:
             await self._enter(stack, loops, loops_scope, loops.reload)
         if self.stop_event.is_set():
@@ -533,6 +537,8 @@ class Daemon:
                 self.scope.spawn("metrics-textfile", self._metrics_textfile)
                 gc.collect()
                 gc.freeze()
+                if self._loops is not None:  # warm and held since they were entered
+                    self._loops.release()
                 ready_s = time.monotonic() - started
                 self.notifier.notify(READY=1, STATUS=self._status_line())
                 log.info(

@@ -15,10 +15,17 @@ mode: the root's choice, not this module's). `__aenter__`:
 2. opens each loop's actuator through its driver spec and writes its safe state before the
    first tick; an `mqtt` actuator is bound to the event bus (`actuator.command` events,
    forwarded by the telemetry uplink);
-3. spawns one task per loop in its scope, *not* restartable: a loop that crashed
+3. warms each loop (`ControlLoop.warm`: the tick's inputs, model call, rules, policy,
+   histograms and status run 20 times and are forgotten), so no first call lands on a
+   deadline;
+4. spawns one task per loop in its scope, *not* restartable: a loop that crashed
    on a bug has already driven its actuator safe, and the daemon exits so systemd restarts
    it rather than running a loop in an unknown state. Device faults and model faults do
    not crash a loop (they are counted and handled by fallback/safe state).
+   With `hold=True` (the daemon) the tasks wait for `release()` before their first
+   deadline: the root enters the components after this one, collects and freezes the
+   start-up heap (a full collection takes tens of ms) and only then releases the loops
+   and sends READY, so the first tick meets a warm, quiet process.
 
 While loops run, the interpreter's GIL switch interval is lowered to 0.5 ms (restored on
 exit): a worker thread running Python code can otherwise hold the GIL for 5 ms while a
@@ -82,6 +89,7 @@ def build(
     events: EventSink,
     scope: TaskScope,
     actuators: Mapping[str, ActuatorSpec],
+    hold: bool = False,
 ) -> LoopsComponent | None:
     if not cfg.loops:
         return None
@@ -93,6 +101,7 @@ def build(
         events=events,
         scope=scope,
         actuators=actuators,
+        hold=hold,
     )
 
 
@@ -109,8 +118,11 @@ class LoopsComponent:
         events: EventSink,
         scope: TaskScope,
         actuators: Mapping[str, ActuatorSpec] | None = None,
+        hold: bool = False,
     ) -> None:
-        """`actuators` defaults to the production registry (drivers.registry)."""
+        """`actuators` defaults to the production registry (drivers.registry); `hold`:
+        the loops tick only after `release()`."""
+        self.hold = hold
         self.cfg = cfg
         self.samples = samples
         self.resources = resources
@@ -213,6 +225,7 @@ class LoopsComponent:
                     actuator=drv,
                     input_stale_s={inp.name: self._stale_s(cfg, inp.sensor) for inp in cfg.inputs},
                     rule_stale_s=[self._stale_s(cfg, r.sensor) for r in cfg.fallback],
+                    hold=self.hold,
                 )
                 self._check_abi(i, loop)
                 if drv is not None:
@@ -226,6 +239,8 @@ class LoopsComponent:
                     await loop.start()
                 self.loops.append(loop)
             for loop in self.loops:
+                await loop.warm()
+            for loop in self.loops:
                 self.scope.spawn(loop.id, loop.run, restart=False)
         except BaseException:
             await self._shutdown("start-up failed")
@@ -236,6 +251,11 @@ class LoopsComponent:
             gil_switch_interval_ms=sys.getswitchinterval() * 1000,
         )
         return self
+
+    def release(self) -> None:
+        """Start the held loops (see `hold`): their first deadlines follow now."""
+        for loop in self.loops:
+            loop.release()
 
     # --- shutdown ---------------------------------------------------------------------
 

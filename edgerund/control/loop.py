@@ -91,6 +91,7 @@ class ModelsLike(Protocol):
 
 Publish = Callable[..., Any]
 STATUS_CACHE_S = 0.25  # histogram summaries in `status` are at most this old
+WARM_RUNS = 20  # start-up passes over the tick's code (CPython specialises after a few)
 
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:
@@ -179,8 +180,12 @@ class ControlLoop:
         rule_stale_s: Sequence[float],
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        hold: bool = False,
     ) -> None:
+        """`hold`: `run()` waits for `release()` before its first deadline."""
         self.cfg = cfg
+        self.hold = hold
+        self._go = asyncio.Event()
         self.id = cfg.id
         self.hub = hub
         self.models = models
@@ -270,7 +275,50 @@ class ControlLoop:
         if self.actuator is not None and self.safe_value is not None:
             await self._write(self.safe_value)
 
+    async def warm(self, runs: int = WARM_RUNS) -> None:
+        """Run the tick's code paths `runs` times before the first tick, then forget them.
+
+        Why: the first calls of each path are slow (numpy's and onnxruntime's first
+        calls on a new shape allocate and pick kernels, CPython specialises bytecode
+        after a few executions, the first histogram and status call build their
+        buffers). Done at start-up, before READY, they never land on a deadline. Inputs
+        that are not usable yet (a window still filling) are skipped: the model's own
+        warm-up (ModelRunner) covered its call with golden vectors. Nothing is
+        actuated and no event is published; figures and counters are reset after.
+        """
+        scratch = LoopPolicy(
+            threshold=self.policy.threshold,
+            hysteresis_ratio=self.policy.hysteresis_ratio,
+            on_ticks=self.policy.debouncer.on_ticks,
+            off_ticks=self.policy.debouncer.off_ticks,
+        )
+        for _ in range(runs):
+            _newest, fault = self._gather_inputs()
+            score: float | None = None
+            model_fault = fault
+            if fault is None:
+                score, model_fault = await self._infer()
+            rules, rules_fault, _ = self._evaluate_rules()
+            scratch.step(Observation(score, model_fault, rules, rules_fault))
+            for h in (self.h_lateness, self.h_age, self.h_actuation, self.h_latency):
+                h.record(0.0)
+            self.h_infer.record(0.0)
+            self._summary_cache = None
+            self.status()
+        for h in (self.h_lateness, self.h_age, self.h_actuation, self.h_latency, self.h_infer):
+            h.reset()
+        self._summary_cache = None
+        self.ticks = self.model_faults = self.fallback_ticks = self.safe_ticks = 0
+        self.scores.clear()
+        self.last_score = None
+
+    def release(self) -> None:
+        """Let `run()` start ticking (see `hold`)."""
+        self._go.set()
+
     async def run(self) -> None:
+        if self.hold:  # the daemon releases the loops after gc.freeze(), just before READY
+            await self._go.wait()
         self._schedule = Schedule(self.first_deadline(self.clock()), self.period_s)
         try:
             await run_schedule(

@@ -567,7 +567,8 @@ async def test_loop_passes_sample_timestamps_to_a_runner_that_takes_them() -> No
     ctx = make_ctx([loop_cfg()])
     async with running(ctx, hub, Models(vib=runner)) as (comp, _events):
         loop = comp.loops[0]
-        assert await wait_for(lambda: len(runner.times) >= 3, 3.0)
+        # (the warm-up before the first tick calls the runner too: wait for real ticks)
+        assert await wait_for(lambda: loop.ticks >= 3 and len(runner.times) >= 3, 3.0)
         got = runner.times[-1]
         assert got is not None and set(got) == {"vibration"}
         t = got["vibration"]
@@ -577,3 +578,36 @@ async def test_loop_passes_sample_timestamps_to_a_runner_that_takes_them() -> No
         t_hub, _ = hub.window("imu", "ax", WINDOW + 64)
         assert np.isin(t, t_hub).all()
         assert loop.status()["mode"] == "model"
+
+
+async def test_held_loops_are_warm_and_tick_only_after_release() -> None:
+    """The daemon enters the loops with `hold=True`: the component warms each loop (the
+    model is called before any deadline, then the figures are forgotten) and no tick runs
+    until `release()` (after the root's gc.collect()/freeze), then ticks follow."""
+    scenario = Scenario(seed=1)
+    hub = ScenarioHub.motor(scenario)
+    runner = _TimedRunner(variance_model(WINDOW), manifest(WINDOW, THRESHOLD))
+    ctx = make_ctx([loop_cfg()])
+    async with hub, task_scope("loops") as scope:
+        assert await wait_for(lambda: len(hub.window("imu", "ax", WINDOW)[1]) >= WINDOW, 5.0)
+        comp = build(
+            ctx.config,
+            samples=hub,
+            resources=hub.resources,
+            models=Models(vib=runner),
+            events=ctx.events,
+            scope=scope,
+            actuators=ACTUATORS,
+            hold=True,
+        )
+        assert comp is not None
+        async with comp:
+            loop = comp.loops[0]
+            warm_calls = len(runner.times)
+            assert warm_calls >= 20  # the warm-up ran the model path before any tick
+            await asyncio.sleep(0.3)
+            assert loop.ticks == 0 and loop.status()["lateness_ms"]["p99"] is None
+            assert len(runner.times) == warm_calls  # held: nothing ran meanwhile
+            comp.release()
+            assert await wait_for(lambda: loop.ticks >= 5, 3.0)
+            assert loop.status()["mode"] == "model"

@@ -26,7 +26,22 @@ def _config_path(args: argparse.Namespace) -> Path:
     return Path(DEFAULT_CONFIG_PATH)
 
 
+def _without_rich() -> None:
+    """Keep `rich` out of the daemon's process when nothing will render with it.
+
+    structlog imports rich (for pretty tracebacks) as soon as structlog itself is
+    imported, whatever renderer is configured: ~40 ms and several MB at start-up, used only
+    by the console renderer on a terminal. Under systemd (stderr is the journal, not a
+    TTY) the daemon logs JSON, so rich is marked absent before structlog is imported;
+    structlog then formats tracebacks itself. `logging.format: console` without a TTY
+    still works, with plain tracebacks.
+    """
+    if "rich" not in sys.modules and not sys.stderr.isatty():
+        sys.modules["rich"] = None  # type: ignore[assignment]  # import raises ImportError
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _without_rich()
     from edgerund.daemon import run
 
     return run(_config_path(args), simulate=args.simulate)
@@ -48,7 +63,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tools: bool = True) -> argparse.ArgumentParser:
+    """The CLI; `tools=False` leaves out the publisher and backend subcommands (whose
+    imports `edgerund run` does not need)."""
     p = argparse.ArgumentParser(
         prog="edgerund",
         description="Edge runtime daemon for IoT gateways. `edgerund run` is what systemd "
@@ -85,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     c.set_defaults(func=cmd_check_config)
 
+    if not tools:
+        return p
     # Publisher and backend tools live in their own packages, which the daemon never
-    # imports; imported here, not at module load, so `edgerund run` does not pay for them.
+    # imports; imported here, not at module load, and not at all for `edgerund run`.
     from edgerund.backend import attest_cli, telemetry_cli
     from edgerund.publisher import cli as publisher_cli
 
@@ -96,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    first = list(sys.argv[1:2] if argv is None else argv[:1])
+    parser = build_parser(tools=first != ["run"])
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

@@ -63,8 +63,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(tools: bool = True) -> argparse.ArgumentParser:
-    """The CLI; `tools=False` leaves out the publisher and backend subcommands (whose
+def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
+    """The CLI; `with_tools=False` leaves out the publisher and backend subcommands (whose
     imports `edgerund run` does not need)."""
     p = argparse.ArgumentParser(
         prog="edgerund",
@@ -102,7 +102,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     c.set_defaults(func=cmd_check_config)
 
-    if not tools:
+    if not with_tools:
         return p
     # Publisher and backend tools live in their own packages, which the daemon never
     # imports; imported here, not at module load, and not at all for `edgerund run`.
@@ -116,7 +116,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     first = list(sys.argv[1:2] if argv is None else argv[:1])
-    parser = build_parser(tools=first != ["run"])
+    parser = build_parser(with_tools=first != ["run"])
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

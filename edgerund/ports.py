@@ -65,6 +65,11 @@ class SampleSource(Protocol):
         """Call `fn` on the event loop for every sample; returns the unsubscribe call."""
         ...
 
+    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float, before_s: float) -> bool:
+        """Read a polled sensor so each read completes `before_s` ahead of the deadlines
+        `t0_s + k * period_s` (time.monotonic); False when the sensor cannot (a stream)."""
+        ...
+
 
 # ---------------------------------------------------------------- models
 

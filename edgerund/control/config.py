@@ -41,6 +41,10 @@ class InputConfig(Section):
     sensor: str  # hub sensor id
     channels: Annotated[list[str], msgspec.Meta(min_length=1)]  # stacked as columns, in order
     window: Annotated[int, msgspec.Meta(ge=1, le=65536)]  # samples, newest last
+    # True: the hub reads this (polled) sensor phase-locked to the loop, each read timed to
+    # complete just before a tick (lead learned from its read duration), so the loop decides
+    # on a sample well under a millisecond or two old instead of up to a sensor period
+    fresh: bool = False
 
 
 class PolicyConfig(Section):

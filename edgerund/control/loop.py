@@ -7,6 +7,9 @@ Theory of operation
 tick, then `Schedule.advance()` skips any deadline the tick overran (counted as missed).
 A tick does, in order, all of it on the event loop:
 
+0. **Fresh inputs.** When the loop starts, each input marked `fresh` has its (polled)
+   sensor phase-locked by the hub to the loop's deadline grid: the read completes just
+   before the spin that precedes each tick (edgerund/hub/acquire.py, phase lock).
 1. **Inputs.** For each configured input, `hub.window(sensor, channel, window)` for every
    channel, written column by column into a buffer preallocated at start-up (no per-tick
    array growth). An input is *unusable* when its sensor is not "ok", a channel has fewer
@@ -77,6 +80,10 @@ F64 = npt.NDArray[np.float64]
 class HubLike(Protocol):
     def window(self, sensor_id: str, channel: str, n: int) -> tuple[F64, F64]: ...
     def state(self, sensor_id: str) -> str: ...
+
+
+class PhaseLockable(Protocol):
+    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float, before_s: float) -> bool: ...
 
 
 class RunnerLike(Protocol):
@@ -320,6 +327,7 @@ class ControlLoop:
         if self.hold:  # the daemon releases the loops after gc.freeze(), just before READY
             await self._go.wait()
         self._schedule = Schedule(self.first_deadline(self.clock()), self.period_s)
+        self._lock_fresh_inputs(self._schedule.t0)
         try:
             await run_schedule(
                 self._schedule, self.tick, spin_s=self.spin_s, clock=self.clock, sleep=self.sleep
@@ -330,6 +338,23 @@ class ControlLoop:
             log.error("loop_crashed", loop=self.id, error=repr(exc))
             await self.drive_safe(f"loop crashed: {exc!r}")
             raise
+
+    def _lock_fresh_inputs(self, t0: float) -> None:
+        """Ask the hub to read each `fresh` input's sensor just before every tick: done
+        once the deadline grid is known (the spin is the margin: the event loop stores no
+        sample while the loop spins)."""
+        sensors = {i.sensor for i in self.cfg.inputs if i.fresh}
+        if not sensors:
+            return
+        hub: PhaseLockable = self.hub  # type: ignore[assignment]
+        for sensor in sorted(sensors):
+            if not hub.lock_phase(sensor, self.period_s, t0, self.spin_s):
+                log.warning(
+                    "loop_input_not_phase_locked",
+                    loop=self.id,
+                    sensor=sensor,
+                    why="a stream sensor delivers at its own pace",
+                )
 
     def first_deadline(self, now: float) -> float:
         """t0 of the deadline grid: free-running, or aligned to the clock plus `phase_us`."""

@@ -29,6 +29,18 @@ sensor is `failed`: the device is closed, and re-opened every `reprobe_s` until 
 works again. Logging and `sensor.state` events come from the state machine's actions, so
 each visible transition is logged once, not every retry.
 
+Phase lock (`lock(period_s, t0_s, before_s)`, asked for by a control loop whose input is
+`fresh`): the polled grid moves onto the loop's: reads are due at `t0 + k*P - before -
+lead` on `time.monotonic()` (the loop's clock; uvloop's `loop.time()` is whole
+milliseconds), `P` the loop period divided by the whole number of reads per tick nearest
+the configured rate, so the read that completes last before each tick ends `before` (the
+loop's spin, during which the event loop stores nothing) ahead of it. `lead` is learned:
+the longest of the last LEAD_WINDOW locked reads, each timed from its due instant to its
+sample being stored (the read itself plus the timer's wake-up lateness and the hop back to
+the event loop), plus LOCK_SLACK_S; so a sensor whose reads slow down (a busy bus, a
+loaded CPU) starts earlier instead of delivering after the tick. The sample a tick uses is then `before + lead` old rather than
+anything up to a whole sensor period plus the read's own lateness.
+
 Stream sensors (`mode == "stream"`) iterate `frames()`. A `FrameError` escaping the
 iterator (a bad CRC, a garbage line) is counted and the iteration resumes with a fresh
 `frames()` (drivers keep their framer state on the object, so nothing is lost); a
@@ -46,6 +58,7 @@ call, which fans them out to subscribers (telemetry).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import random
@@ -78,6 +91,23 @@ BACKOFF_INITIAL_S = 0.05  # first pause after a failed read (then x2 per failure
 BACKOFF_MAX_S = 1.0  # ... capped here: a flaky sensor below fail_after keeps being read
 OPEN_TIMEOUT_MIN_S = 2.0  # opening reads calibration, chip ids...: more than one read
 READ_OK = hm.ReadOk()  # events are immutable: one instance for the hot path
+LEAD_WINDOW = 32  # phase lock: reads whose durations set the lead (the longest of them)
+LOCK_SLACK_S = 0.0004  # phase lock: the event loop's timer wake-up error, on top of the lead
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseLock:
+    """Reads due at `t0_s + k * period_s - before_s - lead` (time.monotonic)."""
+
+    period_s: float
+    t0_s: float
+    before_s: float
+
+    def next_start(self, now: float, lead_s: float) -> float:
+        """The first read start at or after `now` (pure)."""
+        off = self.t0_s - self.before_s - lead_s
+        k = math.ceil((now - off) / self.period_s)
+        return off + k * self.period_s
 
 
 @dataclass(slots=True)
@@ -171,6 +201,20 @@ class Acquirer:
         # reads back to back while a control loop's tick waits behind them.
         self.phase = zlib.crc32(rt.config.id.encode()) / 2.0**32
         self._last_was_frame_error = False
+        self.lock_: PhaseLock | None = None
+        self._read_s: collections.deque[float] = collections.deque(maxlen=LEAD_WINDOW)
+        self._relock = asyncio.Event()
+
+    def lock(self, loop_period_s: float, t0_s: float, before_s: float) -> None:
+        """Phase-lock the polled reads to a loop's ticks (see the module docstring)."""
+        per_tick = max(1, round(loop_period_s / self.period_s))
+        self.lock_ = PhaseLock(loop_period_s / per_tick, t0_s, before_s)
+        self._relock.set()
+
+    @property
+    def lead_s(self) -> float:
+        """How long before its due instant a locked read starts (learned)."""
+        return (max(self._read_s) if self._read_s else self.timeout_s / 4) + LOCK_SLACK_S
 
     def apply(self, cfg: SensorConfig) -> None:
         """Take (new) acquisition settings; a running task uses them from its next read."""
@@ -318,6 +362,7 @@ class Acquirer:
         reason = "no attempt"
         frame_only = True
         for _ in range(rt.config.retries + 1):
+            t_start = _monotonic()
             begin_acquisition()  # the read's first bus transaction notes its instant
             try:
                 async with asyncio.timeout(timeout_s):
@@ -343,6 +388,8 @@ class Acquirer:
                 reason = self._driver_bug(exc)
             else:
                 self.store(readings)
+                if self.lock_ is None:  # (locked reads count from their due instant)
+                    self._read_s.append(_monotonic() - t_start)
                 return None
         c.failed_reads += 1
         self._last_was_frame_error = frame_only
@@ -362,9 +409,12 @@ class Acquirer:
                 # First read at once (a fresh open wants its proof of life); the grid after
                 # it is pulled earlier by this sensor's phase offset, so a sample never
                 # comes later than on an unshifted grid.
+                if self.lock_ is not None:
+                    await self._run_locked()
+                    continue
                 deadline = loop.time()
                 shift = self.phase * 0.5 * min(self.period_s, 1.0)
-                while True:
+                while self.lock_ is None:
                     period = self.period_s  # re-read: a reload may change the rate
                     delay = deadline - loop.time()
                     if delay > 0:
@@ -391,6 +441,35 @@ class Acquirer:
                         deadline += skipped * period
         finally:
             await self._close_quietly()
+
+    async def _run_locked(self) -> None:
+        """Polled reads on the phase lock's grid, until a read fails for good (returns to
+        re-open) or the lock changes (returns to re-lock)."""
+        while True:
+            lock = self.lock_
+            assert lock is not None
+            self._relock.clear()
+            start = lock.next_start(_monotonic(), self.lead_s)
+            delay = start - _monotonic()
+            if delay > 0:
+                # woken early by a new lock: compute its grid
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._relock.wait()
+                if self._relock.is_set():
+                    continue
+            why = await self.read_once()
+            if why is None:
+                # due instant -> stored: the read plus the timer's wake-up lateness
+                self._read_s.append(_monotonic() - start)
+                h = self.rt.health
+                if h.state != "ok" or h.consecutive_failures:
+                    self._event(READ_OK)
+            else:
+                if self._event(hm.ReadFailed(why)):
+                    await self._reprobe_wait()
+                    return
+                await asyncio.sleep(self._backoff_s())
 
     # -- streamed ---------------------------------------------------------------------
     async def run_stream(self) -> None:

@@ -189,6 +189,25 @@ class SensorHub:
             raise KeyError(f"no channel {sensor_id}.{channel}")
         return slot.ring.window(n)
 
+    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float, before_s: float) -> bool:
+        """Time a polled sensor's reads to complete `before_s` ahead of each deadline
+        `t0_s + k * period_s` (time.monotonic) of a control loop: acquire.py, phase lock.
+        False (nothing changes) for a stream sensor, which delivers at its own pace."""
+        acq = self._acq.get(sensor_id)
+        if acq is None:
+            raise KeyError(f"no sensor {sensor_id!r}")
+        if acq.rt.mode != "poll":
+            return False
+        acq.lock(period_s, t0_s, before_s)
+        log.info(
+            "sensor_phase_locked",
+            sensor=sensor_id,
+            loop_period_ms=round(period_s * 1000, 3),
+            read_period_ms=round(acq.lock_.period_s * 1000, 3) if acq.lock_ else None,
+            before_ms=round(before_s * 1000, 3),
+        )
+        return True
+
     def state(self, sensor_id: str) -> str:
         rt = self._rts.get(sensor_id)
         if rt is None:

@@ -310,3 +310,34 @@ async def test_a_note_does_not_outlive_its_read(fake_hub: Any) -> None:
     h.driver("s").queue.put_nowait(1.0)
     await wait_for(lambda: len(got) == 1)
     assert got[0].t_mono >= before  # not the open's note, 200 ms earlier
+
+
+async def test_phase_lock_lands_each_read_just_before_the_tick(fake_hub: Any) -> None:
+    """A loop's `fresh` input locks its polled sensor to the loop's deadline grid: each
+    read (2 ms long here, learned) completes `before_s` ahead of a tick. The grid is put
+    where the free-running reads land 6 ms before each tick; locked, they land just over
+    `before_s` + the learned lead before it."""
+    h = await fake_hub([fake("p", rate_hz=100.0, work_ms=2.0)])
+    await wait_for(lambda: h.hub.state("p") == "ok")
+    await asyncio.sleep(0.5)  # free-running reads
+    period, before = 0.010, 0.001
+    t_free, _ = h.hub.window("p", "x", 40)
+    t0 = float(t_free[-1]) + 0.006 + 0.1  # free-running: samples 6 ms before each tick
+    free = (t0 - t_free) % period
+    assert float(np.median(free)) > 0.0045, free  # (the premise of the comparison)
+    assert h.hub.lock_phase("p", period, t0, before)
+    await asyncio.sleep(0.3)  # the lock takes effect from the next read
+    n0 = len(h.hub.window("p", "x", 4096)[0])
+    await asyncio.sleep(1.5)
+    t, _ = h.hub.window("p", "x", 4096)
+    t = t[n0:]
+    assert len(t) >= 100, len(t)  # still ~100 Hz
+    to_tick = (t0 - t) % period  # from each sample to the next deadline
+    acq = h.hub._acq["p"]
+    assert 0.002 <= acq.lead_s < 0.010, acq.lead_s
+    # locked: most samples land within before + lead of the tick, well after free-running
+    assert float(np.median(to_tick)) < float(np.median(free)) - 0.001, (
+        np.median(free),
+        np.percentile(to_tick, [10, 50, 90]),
+    )
+    assert float(np.mean(to_tick < 0.005)) > 0.6, np.percentile(to_tick, [10, 50, 90])

@@ -308,12 +308,75 @@ class ThreadHub:
         self._thread.join(timeout=2)
 
 
+class RealHub:
+    """The daemon's hub (edgerund/hub) over the simulated plant: every sensor of the
+    shipped simulated config, REAL drivers talking to the register-level and serial
+    emulators (drivers/emulated), composed as edgerund/daemon.py does in simulated mode."""
+
+    def __init__(self) -> None:
+        import yaml
+
+        from edgerund.config.loader import simulate_config_path
+        from edgerund.simulation import Simulation
+
+        data = yaml.safe_load(simulate_config_path().read_text())
+        self.cfg = msgspec.convert(
+            {
+                "gateway": {"id": "bench"},
+                "simulation": data["simulation"],
+                "sensors": data["sensors"],
+            },
+            Config,
+        )
+        self.sim = Simulation(self.cfg)
+        self.hub: Any = None
+        self.read_late_us = Histogram(resolution=0.1)  # (the thread hub's figure)
+
+    async def __aenter__(self) -> Any:
+        from edgerund.hub import component as hub_component
+
+        self._stack = contextlib.AsyncExitStack()
+        sup = await self._stack.enter_async_context(Supervisor(print))
+        scope = sup.scope("hub")
+        await self._stack.enter_async_context(scope)
+        self.hub = hub_component.build(
+            self.cfg, resources=self.sim.resources, scope=scope, events=EventBus(), sim=self.sim
+        )
+        await self._stack.enter_async_context(self.hub)
+        # the loop's windows: 256 vibration samples (1.3 s at 200 Hz) and the 1 Hz sensors
+        for _ in range(100):
+            (vs, vch) = NAMES["accel_g"]
+            if len(self.hub.window(vs, vch[0], 300)[1]) >= 300:
+                break
+            await asyncio.sleep(0.1)
+        return self.hub
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+
 # ---------------------------------------------------------------- the loop under test
+
+
+# the model's inputs -> (sensor id, channels) on each hub
+THREAD_NAMES = {
+    "accel_g": ("imu", ("ax", "ay", "az")),
+    "temp_c": ("cabinet", ("temp_c",)),
+    "current_a": ("motor", ("current_a",)),
+}
+REAL_NAMES = {  # the simulated config's sensors (edgerund/data/simulate.yaml)
+    "accel_g": ("motor_vib", ("accel_x", "accel_y", "accel_z")),
+    "temp_c": ("cabinet", ("temperature",)),
+    "current_a": ("motor_current", ("motor_a",)),
+}
+NAMES = REAL_NAMES
+FRESH = True  # the vibration input asks for phase-locked reads (real hub only)
 
 
 def loop_config(manifest: dict[str, Any], record: str | None) -> Config:
     inputs = {i["name"]: i for i in manifest["inputs"]}
     win = int(inputs["accel_g"]["shape"][0])
+    n = NAMES
     return msgspec.convert(
         {
             "gateway": {"id": "bench"},
@@ -328,25 +391,36 @@ def loop_config(manifest: dict[str, Any], record: str | None) -> Config:
                     "inputs": [
                         {
                             "name": "accel_g",
-                            "sensor": "imu",
-                            "channels": ["ax", "ay", "az"],
+                            "sensor": n["accel_g"][0],
+                            "channels": list(n["accel_g"][1]),
                             "window": win,
+                            "fresh": FRESH,
                         },
                         {
                             "name": "temp_c",
-                            "sensor": "cabinet",
-                            "channels": ["temp_c"],
+                            "sensor": n["temp_c"][0],
+                            "channels": list(n["temp_c"][1]),
                             "window": 1,
                         },
                         {
                             "name": "current_a",
-                            "sensor": "motor",
-                            "channels": ["current_a"],
+                            "sensor": n["current_a"][0],
+                            "channels": list(n["current_a"][1]),
                             "window": 1,
                         },
                     ],
                     "policy": {"on_ticks": 3, "off_ticks": 20},
-                    "fallback": [{"sensor": "cabinet", "channel": "temp_c", "above": 70.0}],
+                    # the simulated config's rule: a vibration limit (so a fallback tick decides
+                    # on a 200 Hz sample too, as in the daemon, not on the 1 Hz temperature)
+                    "fallback": [
+                        {
+                            "sensor": n["accel_g"][0],
+                            "channel": n["accel_g"][1][0],
+                            "stat": "std",
+                            "samples": 200,
+                            "above": 0.045,
+                        }
+                    ],
                     "actuator": {"driver": "emulated", "name": "relay", "keep": 100},
                     "refresh_ms": 0,  # write every tick: every tick measures to actuation
                     "stale_after_ms": 3000,
@@ -361,8 +435,8 @@ async def run_loop(
     seconds: float,
     runner: Any,
     manifest: dict[str, Any],
-    hub: ThreadHub,
-    make_load: Callable[[ThreadHub, LoopsComponent], Load] | None,
+    hub: Any,
+    make_load: Callable[[Any, LoopsComponent], Load] | None,
 ) -> dict[str, Any]:
     """The real `loops` component, wired as the daemon's root does, for `seconds`, every
     figure counted from its first tick."""
@@ -466,7 +540,7 @@ class Load:
 
     def __init__(
         self,
-        hub: ThreadHub,
+        hub: Any,
         loops: LoopsComponent,
         seconds: float,
         tmp: Path,
@@ -694,19 +768,20 @@ class Load:
 # ---------------------------------------------------------------- (d) baselines
 
 
-async def part_d(
-    seconds: float, runner: Any, manifest: dict[str, Any], hub: ThreadHub
-) -> dict[str, Any]:
+async def part_d(seconds: float, runner: Any, manifest: dict[str, Any], hub: Any) -> dict[str, Any]:
     win = int({i["name"]: i for i in manifest["inputs"]}["accel_g"]["shape"][0])
     period = PERIOD_MS / 1000
 
     def work() -> None:  # the same tick work: windows + model call
-        wins = [hub.window("imu", c, win) for c in ("ax", "ay", "az")]
+        (vs, vch), (ts, (tch,)), (cs, (cch,)) = (
+            NAMES[k] for k in ("accel_g", "temp_c", "current_a")
+        )
+        wins = [hub.window(vs, c, win) for c in vch]
         acc = np.stack([w[1] for w in wins], axis=1)
         feeds = {
             "accel_g": acc.astype(np.float32),
-            "temp_c": hub.window("cabinet", "temp_c", 1)[1].astype(np.float32),
-            "current_a": hub.window("motor", "current_a", 1)[1].astype(np.float32),
+            "temp_c": hub.window(ts, tch, 1)[1].astype(np.float32),
+            "current_a": hub.window(cs, cch, 1)[1].astype(np.float32),
         }
         try:  # ModelRunner resamples on the sample timestamps, as the control loop passes them
             runner.infer(feeds, times={"accel_g": wins[0][0]})
@@ -751,9 +826,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     manifest = json.loads((REF_DIR / "manifest.json").read_text())
     runner, runner_kind = load_runner()
     say(f"runner: {runner_kind}; event loop: {type(asyncio.get_running_loop()).__module__}")
-    hub = ThreadHub(Scenario(seed=42))
-    hub.rt_priority = args.rt_priority
-    hub.start(horizon_s=2 * args.loop_s + 2 * args.baseline_s + 60.0)
+    thread_hub: ThreadHub | None = None
+    real: RealHub | None = None
     if args.rt_priority:
         # only this thread: executor threads reset themselves, children reset on fork
         def other() -> None:
@@ -766,6 +840,15 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(args.rt_priority)
         )
         say(f"event-loop thread: SCHED_FIFO priority {args.rt_priority}")
+    hub: Any
+    if args.hub == "thread":
+        thread_hub = hub = ThreadHub(Scenario(seed=42))
+        thread_hub.rt_priority = args.rt_priority
+        thread_hub.start(horizon_s=2 * args.loop_s + 2 * args.baseline_s + 60.0)
+    else:  # after the scheduling change: the bus worker threads inherit it
+        real = RealHub()
+        hub = await real.__aenter__()
+        say("hub: the real SensorHub over the simulated plant (all 9 emulated sensors)")
     gc.collect()
     gc.freeze()  # as the daemon does after start-up
     try:
@@ -816,11 +899,17 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             f"    absolute deadlines, no spin: lateness p50/p99/max ms {fmt3(base['deadline_nospin_lateness'])} "
             f"(earliest {base['deadline_nospin_min_ms']:.3f} ms)"
         )
-        say(
-            f"    sensor thread read lateness p50/p99 us: {hub.read_late_us.percentile(50):.0f} / {hub.read_late_us.percentile(99):.0f}"
-        )
+        if thread_hub is not None:
+            late = thread_hub.read_late_us
+            say(
+                f"    sensor thread read lateness p50/p99 us: {late.percentile(50):.0f} / "
+                f"{late.percentile(99):.0f}"
+            )
     finally:
-        hub.stop()
+        if thread_hub is not None:
+            thread_hub.stop()
+        if real is not None:
+            await real.__aexit__(None, None, None)
     return {"idle": idle, "load": loaded, "base": base, "runner": runner_kind}
 
 
@@ -829,7 +918,7 @@ def r(x: float | None, d: int = 3) -> float | None:
 
 
 def main() -> int:
-    global REF_DIR, SPIN_US, PHASE_US
+    global REF_DIR, SPIN_US, PHASE_US, NAMES, FRESH
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--loop-s", type=float, default=60.0, help="duration of (b) and of (c) (default 60)"
@@ -843,6 +932,18 @@ def main() -> int:
         "--load",
         default="telemetry,bundle,status",
         help="the concurrent work of (c), comma-separated subset of telemetry,bundle,status",
+    )
+    ap.add_argument(
+        "--hub",
+        choices=("real", "thread"),
+        default="real",
+        help="real (default): the daemon's SensorHub over the emulated plant, the vibration "
+        "input phase-locked (fresh); thread: the older benchmark driver thread",
+    )
+    ap.add_argument(
+        "--no-fresh",
+        action="store_true",
+        help="real hub without the phase lock: the vibration sensor free-runs on its grid",
     )
     ap.add_argument("--spin-us", type=int, default=SPIN_US, help="the loop's spin_us")
     ap.add_argument("--phase-us", type=int, default=PHASE_US, help="the loop's phase_us")
@@ -864,6 +965,11 @@ def main() -> int:
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
     REF_DIR = args.model_dir
+    SPIN_US, PHASE_US = args.spin_us, args.phase_us
+    if args.hub == "thread":
+        NAMES, FRESH = THREAD_NAMES, False
+    elif args.no_fresh:
+        FRESH = False
     if args.quick:
         args.loop_s, args.baseline_s, args.calls = 10.0, 5.0, 2000
     if not (REF_DIR / "manifest.json").exists():
@@ -892,6 +998,8 @@ def main() -> int:
         **{k: v for k, v in a.items()},
         "loop_s": args.loop_s,
         "event_loop": "asyncio" if loop_factory is None else "uvloop",
+        "hub": args.hub,
+        "fresh_input": FRESH,
         "rt_priority": args.rt_priority,
         "gil_switch_interval_ms": idle["switch_ms"],
         "spin_us": SPIN_US,

@@ -35,8 +35,8 @@ lead` on `time.monotonic()` (the loop's clock; uvloop's `loop.time()` is whole
 milliseconds), `P` the loop period divided by the whole number of reads per tick nearest
 the configured rate, so the read that completes last before each tick ends `before` (the
 loop's spin, during which the event loop stores nothing) ahead of it. `lead` is learned:
-the longest of the last LEAD_WINDOW locked reads, each timed from its due instant to its
-sample being stored (the read itself plus the timer's wake-up lateness and the hop back to
+the LEAD_QUANTILE quantile of the last LEAD_WINDOW locked reads, each timed from its due
+instant to its sample being stored (the read itself plus the timer's wake-up lateness and the hop back to
 the event loop), plus LOCK_SLACK_S; so a sensor whose reads slow down (a busy bus, a
 loaded CPU) starts earlier instead of delivering after the tick. The sample a tick uses is then `before + lead` old rather than
 anything up to a whole sensor period plus the read's own lateness.
@@ -93,6 +93,7 @@ OPEN_TIMEOUT_MIN_S = 2.0  # opening reads calibration, chip ids...: more than on
 READ_OK = hm.ReadOk()  # events are immutable: one instance for the hot path
 LEAD_WINDOW = 32  # phase lock: reads whose durations set the lead (the longest of them)
 LOCK_SLACK_S = 0.0004  # phase lock: the event loop's timer wake-up error, on top of the lead
+LEAD_QUANTILE = 0.8  # phase lock: the lead covers this share of recent reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +104,12 @@ class PhaseLock:
     t0_s: float
     before_s: float
 
-    def next_start(self, now: float, lead_s: float) -> float:
-        """The first read start at or after `now` (pure)."""
-        off = self.t0_s - self.before_s - lead_s
-        k = math.ceil((now - off) / self.period_s)
-        return off + k * self.period_s
+    def slot(self, now: float, lead_s: float) -> int:
+        """The first grid slot whose read starts at or after `now` (pure)."""
+        return math.ceil((now - self.t0_s + self.before_s + lead_s) / self.period_s)
+
+    def start(self, k: int, lead_s: float) -> float:
+        return self.t0_s + k * self.period_s - self.before_s - lead_s
 
 
 @dataclass(slots=True)
@@ -214,7 +216,12 @@ class Acquirer:
     @property
     def lead_s(self) -> float:
         """How long before its due instant a locked read starts (learned)."""
-        return (max(self._read_s) if self._read_s else self.timeout_s / 4) + LOCK_SLACK_S
+        if not self._read_s:
+            return self.timeout_s / 4 + LOCK_SLACK_S
+        # a high quantile, not the maximum: one stalled read (a busy bus, a preempted
+        # thread) would otherwise pull every read a whole stall early for LEAD_WINDOW reads
+        ordered = sorted(self._read_s)
+        return max(0.0, ordered[int(LEAD_QUANTILE * (len(ordered) - 1))]) + LOCK_SLACK_S
 
     def apply(self, cfg: SensorConfig) -> None:
         """Take (new) acquisition settings; a running task uses them from its next read."""
@@ -445,11 +452,19 @@ class Acquirer:
     async def _run_locked(self) -> None:
         """Polled reads on the phase lock's grid, until a read fails for good (returns to
         re-open) or the lock changes (returns to re-lock)."""
+        last: tuple[PhaseLock, int] | None = None
         while True:
             lock = self.lock_
             assert lock is not None
             self._relock.clear()
-            start = lock.next_start(_monotonic(), self.lead_s)
+            lead = self.lead_s
+            k = lock.slot(_monotonic(), lead)
+            if last is not None and last[0] is lock and k <= last[1]:
+                # an early wake-up (uvloop fires timers up to 1 ms early) read before its
+                # slot's instant: never read the same slot twice (the rate stays exact)
+                k = last[1] + 1
+            last = (lock, k)
+            start = lock.start(k, lead)
             delay = start - _monotonic()
             if delay > 0:
                 # woken early by a new lock: compute its grid

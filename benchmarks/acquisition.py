@@ -29,6 +29,12 @@ minus the thread hop), measured in the same process minutes before the hub phase
 does nothing the bare loop skips except its own work (timeouts, retries, health, samples,
 rings, fan-out, rate bookkeeping) and the hop to the bus workers.
 
+4. Wire time (`--wire-s`, default 30): the acquisition phase again with every emulated
+   transaction also taking its wire time at `--wire-scl-hz` (9 clocks per byte), slept
+   with the GIL released, as a kernel I2C transfer is: `loop_lag_p99_ms_wire_time`. The
+   emulators' own Python still holds the GIL while it runs (a kernel transfer would not),
+   so this figure still carries that tax.
+
 Usage: python benchmarks/acquisition.py [--duration-s 60] [--bare-s 20] [--no-uvloop]
 The last line is one JSON object with every figure (units in the names).
 """
@@ -136,8 +142,10 @@ class MultiBusSim:
     """Resources routing bus n to its own SimResources (one emulated bus each), each
     emulated SMBus wrapped in a CPU meter; `inline` drops the bus worker threads."""
 
-    def __init__(self, scenario: Scenario, inline: bool = False) -> None:
-        self.sims = {b: SimResources(scenario, i2c_bus=b) for b in BUSES}
+    def __init__(
+        self, scenario: Scenario, inline: bool = False, scl_hz: float | None = None
+    ) -> None:
+        self.sims = {b: SimResources(scenario, i2c_bus=b, scl_hz=scl_hz) for b in BUSES}
         self.inline = inline
         self.meters: dict[int, MeteredSMBus] = {}
         self._buses: dict[int, AsyncI2CBus] = {}
@@ -258,17 +266,26 @@ async def bare_phase(
 
 
 async def hub_phase(
-    sensors: list[Any], seconds: float, interval_s: float, inline: bool
+    sensors: list[Any],
+    seconds: float,
+    interval_s: float,
+    inline: bool,
+    scl_hz: float | None = None,
 ) -> dict[str, Any]:
     """Run the 20 sensors in a SensorHub; CPU, reads, lag and final status."""
     async with Supervisor(print) as sup, sup.scope("hub") as scope:
-        return await _hub_phase(sensors, seconds, interval_s, inline, scope)
+        return await _hub_phase(sensors, seconds, interval_s, inline, scope, scl_hz)
 
 
 async def _hub_phase(
-    sensors: list[Any], seconds: float, interval_s: float, inline: bool, scope: TaskScope
+    sensors: list[Any],
+    seconds: float,
+    interval_s: float,
+    inline: bool,
+    scope: TaskScope,
+    scl_hz: float | None = None,
 ) -> dict[str, Any]:
-    res = MultiBusSim(Scenario(seed=42), inline=inline)
+    res = MultiBusSim(Scenario(seed=42), inline=inline, scl_hz=scl_hz)
     hub = SensorHub(sensors, res, scope=scope)
     n_samples = [0]
 
@@ -335,6 +352,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     hi_path = hub_inline["cpu"] / max(1, sum(hub_inline["reads"].values()))
     print(f"hub over inline buses (no worker threads): {hi_path * 1e6:.1f} us CPU/read")
     m = await hub_phase(sensors, args.duration_s, interval, inline=False)
+    wire = None
+    if args.wire_s > 0:  # the same hub, every transaction also taking its wire time
+        wire = await hub_phase(
+            sensors, args.wire_s, interval, inline=False, scl_hz=args.wire_scl_hz
+        )
     bare_runs.append(await bare_phase(sensors, args.bare_s / 2, interval))
     # same rates and durations: each half has the same number of reads (to <1 %)
     (b0, e0, r0, _, q0), (b1, e1, r1, _, q1) = bare_runs
@@ -378,7 +400,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         f"(idle p99 {pct(idle_lag, 99) * 1e3:.3f} ms); loop thread waited "
         f"{m['rq_wait'] / dt * 1e3:.2f} ms/s for a CPU (idle {idle_rq * 1e3:.2f} ms/s)"
     )
+    wire_fig: dict[str, Any] = {}
+    if wire is not None:
+        wl, wdt = wire["lag"], wire["dt"]
+        wratios = [wire["reads"][s.id] / (s.rate_hz * wdt) for s in sensors]
+        print(
+            f"with wire time ({args.wire_scl_hz / 1000:.0f} kHz SCL, slept by the emulated bus "
+            f"with the GIL released, as a kernel transfer would be; {args.wire_s:g} s): loop "
+            f"lag p50 {pct(wl, 50) * 1e3:.3f} ms, p99 {pct(wl, 99) * 1e3:.3f} ms, max "
+            f"{max(wl) * 1e3:.3f} ms; rate achieved min {min(wratios):.3f}; loop thread "
+            f"waited {wire['rq_wait'] / wdt * 1e3:.2f} ms/s for a CPU"
+        )
+        wire_fig = {
+            "loop_lag_p50_ms_wire_time": round(pct(wl, 50) * 1e3, 3),
+            "loop_lag_p99_ms_wire_time": round(pct(wl, 99) * 1e3, 3),
+            "loop_lag_max_ms_wire_time": round(max(wl) * 1e3, 3),
+            "rate_achieved_ratio_min_wire_time": round(min(wratios), 4),
+            "loop_runqueue_wait_ms_per_s_wire_time": round(wire["rq_wait"] / wdt * 1e3, 3),
+            "wire_scl_hz": args.wire_scl_hz,
+        }
     return {
+        **wire_fig,
         "sensors": len(sensors),
         "duration_s": round(dt, 2),
         "configured_reads_per_s": round(total_rate, 1),
@@ -417,6 +459,13 @@ def main() -> int:
     ap.add_argument("--bare-s", type=float, default=20.0)
     ap.add_argument("--hub-inline-s", type=float, default=15.0)
     ap.add_argument("--lag-interval-ms", type=float, default=10.0)
+    ap.add_argument(
+        "--wire-s",
+        type=float,
+        default=30.0,
+        help="a further hub phase with each transaction's I2C wire time modelled (0: none)",
+    )
+    ap.add_argument("--wire-scl-hz", type=float, default=400_000.0)
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument(
         "--switch-interval-ms",

@@ -14,8 +14,18 @@ Baselines, built in this run:
   (cbor2 is not in this environment's package index) using the shortest exact float;
 - Sparkplug B NDATA batch from the Eclipse Tahu schema (Payload: timestamp=1, metrics=2,
   seq=3; Metric: alias=2, timestamp=3, datatype=4, int_value=10, float_value=12; Float=9,
-  Int16=2): encoded by hand in protobuf wire format (no generated code, no protobuf
-  dependency), one metric per sample with alias + ms timestamp + value, as Tahu does.
+  Int16=2), one metric per sample with alias + ms timestamp + value, as Tahu does: encoded
+  by the real `protobuf` library from benchmarks/sparkplug_b.proto (written from the
+  public spec), and every batch also encoded by hand here and checked byte for byte
+  against it, and decoded back by the library.
+
+Signed, on the wire (issue #18): the simulator's whole series mix (`mix_sizes`: the real
+hub over the emulated plant, every series raw through the real Batcher, each batch encoded
+and ECDSA-signed as the uplink does and verified as the consumer does), overall and per
+series (signed_temp / signed_volt: cabinet.temperature, battery.bus_voltage). The daemon
+puts every series of a window into one batch, so one 69-byte trailer covers them all; the
+per-series figures of the traces above add it to a one-series batch alone (the worst
+case, `*_alone_signed_*`).
 
 Spool: samples/s sealed (encoded + zstd) and committed with grouped commits, against one
 commit (fsync) per batch. Drain: batches/s the uplink delivers from a backlog to a real
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 import math
 import shutil
@@ -210,10 +221,52 @@ def sparkplug_batch(
     )
 
 
+def sparkplug_pb(
+    payload_cls: Any, aliases: list[int], t: np.ndarray, vals: np.ndarray, int16: bool, seq: int
+) -> bytes:
+    """The same NDATA built and serialised by the protobuf library from the schema."""
+    p = payload_cls(timestamp=int(t[-1]), seq=seq % 256)
+    for i, ti in enumerate(t):
+        row = vals[i] if vals.ndim > 1 else [vals[i]]
+        for j, alias in enumerate(aliases):
+            m = p.metrics.add(alias=alias, timestamp=int(ti), datatype=2 if int16 else 9)
+            if int16:
+                m.int_value = int(row[j]) & 0xFFFFFFFF
+            else:
+                m.float_value = float(row[j])
+    return bytes(p.SerializeToString())
+
+
+class SparkplugCheck:
+    """Every hand-encoded Sparkplug batch against the protobuf library's own encoding of
+    the same payload (benchmarks/sparkplug_b.proto): the bytes must be identical, and the
+    library must decode the hand-encoded bytes back to the batch. The reported Sparkplug
+    figure is the library's encoding."""
+
+    def __init__(self) -> None:
+        from benchmarks import sparkplug
+
+        self.cls = sparkplug.load()
+        self.checked = 0
+
+    def size(
+        self, aliases: list[int], t: np.ndarray, vals: np.ndarray, int16: bool, seq: int
+    ) -> int:
+        ours_pb = sparkplug_batch(aliases, t, vals, int16, seq)
+        lib = sparkplug_pb(self.cls, aliases, t, vals, int16, seq)
+        assert ours_pb == lib, "hand-written Sparkplug encoding differs from protobuf's"
+        back = self.cls.FromString(ours_pb)
+        assert len(back.metrics) == len(t) * len(aliases) and back.seq == seq % 256
+        assert [m.timestamp for m in back.metrics[:: len(aliases)]] == [int(x) for x in t]
+        self.checked += 1
+        return len(lib)
+
+
 # ---------------------------------------------------------------- size study
 
 
 def sizes() -> dict[str, float]:
+    sp = SparkplugCheck()
     rng = np.random.default_rng(42)
     out: dict[str, float] = {}
     for name, (t, v, scale) in (("temp", temp_trace(rng)), ("volt", volt_trace(rng))):
@@ -244,7 +297,7 @@ def sizes() -> dict[str, float]:
             tot["json_batch"] += len(jb)
             tot["json_gzip"] += len(gzip.compress(jb, 6))
             tot["senml_cbor"] += len(senml_cbor([name], t[sl], v[sl]))
-            tot["sparkplug"] += len(sparkplug_batch([1], t[sl], v[sl], False, k))
+            tot["sparkplug"] += sp.size([1], t[sl], v[sl], False, k)
         for k2, b in tot.items():
             out[f"{name}_{k2}"] = b / n
     t, g = accel_trace(rng)
@@ -276,9 +329,141 @@ def sizes() -> dict[str, float]:
         tot["json_batch"] += len(jb)
         tot["json_gzip"] += len(gzip.compress(jb, 6))
         tot["senml_cbor"] += len(senml_cbor(["x", "y", "z"], t[sl], g[sl]))
-        tot["sparkplug"] += len(sparkplug_batch([1, 2, 3], t[sl], g[sl], True, k))
+        tot["sparkplug"] += sp.size([1, 2, 3], t[sl], g[sl], True, k)
     for k2, b in tot.items():
         out[f"accel_{k2}"] = b / n
+    out["sparkplug_checked_batches"] = sp.checked
+    return out
+
+
+# ---------------------------------------------------------------- the simulator's mix, signed
+
+# Resolutions an integrator would configure for the simulated parts (their LSBs): what the
+# daemon sends is decided by these scales, so they are part of the figure.
+MIX_SERIES = [
+    {"match": "*.temperature", "scale_exp": -2},
+    {"match": "*.humidity", "scale_exp": -2},
+    {"match": "cabinet.pressure", "scale_exp": 0},
+    {"match": "battery.bus_voltage", "scale_exp": -3},
+    {"match": "battery.shunt_voltage", "scale_exp": -5},
+    {"match": "motor_vib.accel_*", "scale_exp": -4},
+    {"match": "motor_vib.gyro_*", "scale_exp": -2},
+]
+MIX_TEMP, MIX_VOLT = "cabinet.temperature", "battery.bus_voltage"
+
+
+async def mix_sizes(seconds: float) -> dict[str, float]:
+    """Every series of the simulated config, as the daemon sends them with `raw: true`.
+
+    The real hub reads the emulated plant (REAL drivers, edgerund/data/simulate.yaml's
+    sensors) for `seconds`; every sample goes through the telemetry `Batcher` (raw batches
+    sealed at batch_max_age_s or batch_max_samples, all series of the window in one batch),
+    each batch is encoded by the codec and signed with an ECDSA P-256 key exactly as the
+    uplink signs (codec.signing_digest -> attach_signature). Bytes per sample are what goes
+    on the wire, signature included. A series' share of a batch is what it adds to the
+    batch (the batch's size minus its size encoded without that series) plus a share, by
+    samples, of what the series have in common (header, zstd frame, signature trailer);
+    the shares sum to the batch's signed size.
+    """
+    import msgspec
+    import yaml
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    from edgerund.config.loader import simulate_config_path
+    from edgerund.config.schema import Config
+    from edgerund.context import EventBus, Supervisor
+    from edgerund.hub import component as hub_component
+    from edgerund.simulation import Simulation
+    from edgerund.telemetry.batcher import Batcher
+    from edgerund.telemetry.config import TelemetryConfig
+
+    data = yaml.safe_load(simulate_config_path().read_text())
+    cfg = msgspec.convert(
+        {"gateway": {"id": "bench"}, "simulation": data["simulation"], "sensors": data["sensors"]},
+        Config,
+    )
+    tcfg = msgspec.convert(
+        {"series": [{**m, "raw": True} for m in MIX_SERIES] + [{"match": "*", "raw": True}]},
+        TelemetryConfig,
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = key.public_key()
+    key_id = bytes(4)
+    batcher = Batcher(tcfg, now_mono=time.monotonic())
+    sealed: list[Any] = []
+    ids: dict[str, int] = {}
+
+    def take(sample: Any) -> None:
+        batcher.ingest(sample)
+
+    sim = Simulation(cfg)
+    async with Supervisor(print) as sup:
+        scope = sup.scope("hub")
+        async with scope:
+            hub = hub_component.build(
+                cfg, resources=sim.resources, scope=scope, events=EventBus(), sim=sim
+            )
+            async with hub:
+                unsubscribe = hub.subscribe(take)
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    await asyncio.sleep(0.5)
+                    if batcher.ids_pending:
+                        for name in batcher.names():
+                            ids.setdefault(name, len(ids) + 1)
+                        batcher.assign_ids(ids)
+                    sealed += batcher.tick(time.monotonic(), time.time())
+                unsubscribe()
+    if batcher.ids_pending:
+        for name in batcher.names():
+            ids.setdefault(name, len(ids) + 1)
+        batcher.assign_ids(ids)
+    sealed += [b for b in batcher.flush(time.monotonic(), time.time()) if b.cls is Cls.RAW]
+    raw = [b for b in sealed if b.cls is Cls.RAW]
+    name_of = {v: k for k, v in ids.items()}
+    total_bytes = total_n = 0
+    per: dict[str, list[float]] = {}  # name -> [bytes, samples]
+    for seq, b in enumerate(raw):
+        payload = codec.encode(Batch(Cls.RAW, 1, seq + 1, 1, b.blocks))
+        der = key.sign(codec.signing_digest(payload), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        signed = codec.attach_signature(
+            payload,
+            codec.Signature(codec.SIG_ALG_ECDSA_P256_SHA256, key_id, codec.der_to_rs(der)),
+        )
+        got = codec.decode(signed)  # the consumer's path: split, verify, decode
+        assert got.signature is not None
+        pub.verify(
+            codec.rs_to_der(got.signature.rs),
+            hashlib.sha256(got.signed_bytes).digest(),
+            ec.ECDSA(utils.Prehashed(hashes.SHA256())),
+        )
+        # a series' cost: what it adds to the batch (the batch encoded without it, left
+        # out), plus a share of what all share (header, zstd frame, signature) by samples
+        marginal = [
+            len(payload)
+            - len(codec.encode(Batch(Cls.RAW, 1, seq + 1, 1, b.blocks[:i] + b.blocks[i + 1 :])))
+            for i in range(len(b.blocks))
+        ]
+        common = len(signed) - sum(marginal)
+        n_batch = sum(blk.n for blk in b.blocks if isinstance(blk, SeriesBlock))
+        total_bytes += len(signed)
+        for blk, mb in zip(b.blocks, marginal, strict=True):
+            assert isinstance(blk, SeriesBlock)
+            e = per.setdefault(name_of[blk.series_id], [0.0, 0.0])
+            e[0] += mb + common * blk.n / n_batch
+            e[1] += blk.n
+            total_n += blk.n
+    out = {
+        "mix_batches": float(len(raw)),
+        "mix_series": float(len(per)),
+        "mix_samples": float(total_n),
+        "signed_mix": total_bytes / total_n,
+    }
+    for name, (nbytes, n) in per.items():
+        out[f"series:{name}"] = nbytes / n
+    out["signed_temp"] = out[f"series:{MIX_TEMP}"]
+    out["signed_volt"] = out[f"series:{MIX_VOLT}"]
     return out
 
 
@@ -327,6 +512,10 @@ async def until(pred: Any, step_s: float = 0.005) -> None:
         if pred():
             return
         await asyncio.sleep(step_s)
+
+
+async def _no_dispatch(command: str, body: bytes) -> bytes | None:
+    return None
 
 
 async def drain(n_batches: int) -> tuple[float, float]:
@@ -391,6 +580,7 @@ async def drain(n_batches: int) -> tuple[float, float]:
             signer=None,
             meta=lambda: (1, "{}"),
             birth=dict,
+            dispatch=_no_dispatch,
         )
         task = asyncio.create_task(up.run())
         await until(lambda: up is not None and up.stats.connected)
@@ -407,7 +597,21 @@ async def drain(n_batches: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--mix-s",
+        type=float,
+        default=130.0,
+        help="seconds of the simulated plant for the signed mix (default 130: 4 raw batches)",
+    )
+    args = ap.parse_args()
     s = sizes()
+    print(
+        f"Sparkplug B: the hand encoding equals the protobuf library's for all "
+        f"{s['sparkplug_checked_batches']} batches (benchmarks/sparkplug_b.proto)"
+    )
     print("bytes per sample, 60 s batches (accelerometer: per 3-axis sample)")
     print(f"{'encoding':<24}{'temp 1 Hz':>12}{'volt 10 Hz':>12}{'accel 100 Hz':>14}")
     labels = [
@@ -429,6 +633,22 @@ def main() -> None:
             f"{s[f'{tr}_json_gzip'] / s[f'{tr}_ours']:.1f}x smaller than gzip'd JSON, "
             f"{s[f'{tr}_senml_cbor'] / s[f'{tr}_ours']:.1f}x smaller than SenML-CBOR"
         )
+    mix = asyncio.run(mix_sizes(args.mix_s))
+    print(
+        f"signed, on the wire (ECDSA P-256 trailer included), the simulator's whole mix "
+        f"({mix['mix_series']:.0f} series, {mix['mix_samples']:.0f} samples in "
+        f"{mix['mix_batches']:.0f} raw batches over {args.mix_s:g} s): "
+        f"{mix['signed_mix']:.3f} B/sample; {MIX_TEMP} {mix['signed_temp']:.3f}, "
+        f"{MIX_VOLT} {mix['signed_volt']:.3f} B/sample"
+    )
+    for k in sorted(k for k in mix if k.startswith("series:")):
+        print(f"    {k[7:]:<32}{mix[k]:>8.3f} B/sample")
+    print(
+        f"    Sparkplug B (protobuf, same run) over signed codec: temp "
+        f"{s['temp_sparkplug'] / mix['signed_temp']:.1f}x, volt "
+        f"{s['volt_sparkplug'] / mix['signed_volt']:.1f}x; a one-series 60 s batch alone "
+        f"signed: temp {s['temp_ours_signed']:.2f}, volt {s['volt_ours_signed']:.2f} B/sample"
+    )
     grouped = spool_rate(1.0, 300)
     single = spool_rate(1.0, 100, one_by_one=True)
     print(
@@ -446,11 +666,19 @@ def main() -> None:
     else:
         print("drain: mosquitto not installed, skipped")
     figures = {
+        "signed_temp_bytes_per_sample": round(mix["signed_temp"], 3),
+        "signed_volt_bytes_per_sample": round(mix["signed_volt"], 3),
+        "signed_mix_bytes_per_sample": round(mix["signed_mix"], 3),
+        "signed_mix_series": int(mix["mix_series"]),
+        "signed_mix_batches": int(mix["mix_batches"]),
+        "sparkplug_over_signed_temp_ratio": round(s["temp_sparkplug"] / mix["signed_temp"], 2),
+        "sparkplug_over_signed_volt_ratio": round(s["volt_sparkplug"] / mix["signed_volt"], 2),
+        "sparkplug_checked_batches": s["sparkplug_checked_batches"],
         "temp_bytes_per_sample": round(s["temp_ours"], 3),
         "volt_bytes_per_sample": round(s["volt_ours"], 3),
         "accel_bytes_per_sample": round(s["accel_ours"], 3),
-        "temp_signed_bytes_per_sample": round(s["temp_ours_signed"], 3),
-        "volt_signed_bytes_per_sample": round(s["volt_ours_signed"], 3),
+        "temp_alone_signed_bytes_per_sample": round(s["temp_ours_signed"], 3),
+        "volt_alone_signed_bytes_per_sample": round(s["volt_ours_signed"], 3),
         "sparkplug_temp_bytes_per_sample": round(s["temp_sparkplug"], 3),
         "sparkplug_volt_bytes_per_sample": round(s["volt_sparkplug"], 3),
         "sparkplug_accel_bytes_per_sample": round(s["accel_sparkplug"], 3),

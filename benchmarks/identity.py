@@ -32,10 +32,10 @@ from typing import Any
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.peers.swtpm import SwtpmProcess, provision_state
 from edgerund.identity.config import IdentityConfig
 from edgerund.identity.software import SoftwareIdentity
 from edgerund.identity.tpm import TpmIdentity
-from tests.fixtures.swtpm import SwtpmProcess, provision_state
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -521,10 +521,10 @@ async def _no_dispatch(command: str, body: bytes) -> bytes | None:
 async def drain(n_batches: int) -> tuple[float, float]:
     import aiomqtt
 
+    from benchmarks.peers.mosquitto import Broker
     from edgerund.telemetry.config import UplinkConfig
     from edgerund.telemetry.spool import Spool
     from edgerund.telemetry.uplink import Uplink
-    from tests.fixtures.mosquitto import Broker
 
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     d = Path(tempfile.mkdtemp(prefix="tlm-drain-"))

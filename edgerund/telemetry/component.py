@@ -42,14 +42,15 @@ from edgerund.component import Command, Peer
 from edgerund.telemetry.batcher import Batcher, Sealed
 from edgerund.telemetry.codec import Cls, LossReason
 from edgerund.telemetry.commands import Dispatcher, TelemetryCommands
+from edgerund.telemetry.signing import Signer, meta_with_ver
 from edgerund.telemetry.spool import Spool
-from edgerund.telemetry.uplink import Signer, Uplink, meta_with_ver
 
 if TYPE_CHECKING:
     from edgerund import ports
     from edgerund.config.schema import Config
     from edgerund.context import Event, EventBus, TaskScope
     from edgerund.remote import RemoteCommands
+    from edgerund.telemetry.uplink import Uplink
 
 log = structlog.get_logger("edgerund.telemetry")
 
@@ -133,6 +134,10 @@ class TelemetryComponent:
                 log.error("telemetry_signer_unavailable", error=repr(exc))
         await self._register_ids()
         if self.ucfg.enabled:
+            # imported here: aiomqtt, paho, ssl cost start-up time and memory, and a
+            # gateway without an uplink (the simulated mode) never needs them
+            from edgerund.telemetry.uplink import Uplink
+
             self.uplink = Uplink(
                 self.ucfg,
                 site=self.site,

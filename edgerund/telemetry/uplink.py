@@ -58,13 +58,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgerund.errors import CommandError as CommandRejected
-from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Cls
 from edgerund.telemetry.config import UplinkConfig
+from edgerund.telemetry.signing import Signer, meta_with_ver
 from edgerund.telemetry.spool import Row, Spool
 
 if TYPE_CHECKING:
-    from edgerund import ports
+    pass
 
 log = structlog.get_logger("edgerund.telemetry.uplink")
 
@@ -82,42 +82,6 @@ def _json_props() -> Properties:
     props = _props(PacketTypes.PUBLISH)
     props.ContentType = "application/json"
     return props
-
-
-def meta_with_ver(content: str, ver: int) -> str:
-    """The published meta: the stored content plus its schema version."""
-    obj = json.loads(content)
-    obj["schema_ver"] = ver
-    return json.dumps(obj, separators=(",", ":"))
-
-
-class Signer:
-    """Adapter over the identity component: digest -> 4-byte key id and r||s."""
-
-    def __init__(self, identity: ports.Signer) -> None:
-        from cryptography.hazmat.primitives import serialization
-
-        self._identity = identity
-        pem = identity.public_key_pem()
-        key = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
-        spki = key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        self.key_id = codec.key_id_for(spki)
-
-    async def sign_meta(self, text: str) -> str:
-        """The meta document with its `sig` member (codec.meta_signing_digest)."""
-        doc = json.loads(text)
-        der = await self._identity.sign_digest(codec.meta_signing_digest(doc))
-        signed = codec.with_meta_signature(doc, self.key_id, codec.der_to_rs(der))
-        return json.dumps(signed, separators=(",", ":"))
-
-    async def sign(self, payload: bytes) -> bytes:
-        der = await self._identity.sign_digest(codec.signing_digest(payload))
-        return codec.attach_signature(
-            payload,
-            codec.Signature(codec.SIG_ALG_ECDSA_P256_SHA256, self.key_id, codec.der_to_rs(der)),
-        )
 
 
 class TokenBucket:

@@ -388,6 +388,14 @@ class SensorHub:
             "counters": c.as_dict(),
             "driver_counters": dict(drv),
             "channels": chans,
+            # a loop's `fresh` input: reads timed to land just before its ticks
+            "phase_lock": None
+            if (acq := self._acq[sid]).lock_ is None
+            else {
+                "read_period_ms": round(acq.lock_.period_s * 1000, 3),
+                "before_ms": round(acq.lock_.before_s * 1000, 3),
+                "lead_ms": round(acq.lead_s * 1000, 3),
+            },
         }
 
     def status(self) -> dict[str, Any]:

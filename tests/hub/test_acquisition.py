@@ -335,6 +335,8 @@ async def test_phase_lock_lands_each_read_just_before_the_tick(fake_hub: Any) ->
     to_tick = (t0 - t) % period  # from each sample to the next deadline
     acq = h.hub._acq["p"]
     assert 0.002 <= acq.lead_s < 0.010, acq.lead_s
+    lock = h.hub.sensor_status("p")["phase_lock"]
+    assert lock["read_period_ms"] == 10.0 and lock["before_ms"] == 1.0 and lock["lead_ms"] > 2
     # locked: most samples land within before + lead of the tick, well after free-running
     assert float(np.median(to_tick)) < float(np.median(free)) - 0.001, (
         np.median(free),

@@ -79,6 +79,10 @@ class Reading:
     channel: str
     value: float
     quality: Quality = Quality.GOOD
+    # How long before the read's acquisition instant the device sampled this value: 0 for
+    # a register read now; a FIFO record k samples older than the newest carries k / ODR.
+    # The hub stamps the sample that much earlier.
+    age_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

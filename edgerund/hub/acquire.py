@@ -345,12 +345,13 @@ class Acquirer:
             s = _new_sample(Sample)
             _set_sid(s, sid)
             _set_channel(s, r.channel)
-            _set_t_mono(s, t_sample)
-            _set_t_wall(s, t_wall)
+            age = r.age_s  # a FIFO record: sampled that long before the read
+            _set_t_mono(s, t_sample - age)
+            _set_t_wall(s, t_wall - age)
             _set_value(s, v)
             _set_unit(s, slot.unit)
             _set_quality(s, r.quality)
-            slot.ring.push(t_sample, v)
+            slot.ring.push(t_sample - age, v)
             slot.latest = s
             append(s)
         c = rt.counters

@@ -52,21 +52,166 @@ from edgerund.errors import ConfigError, DeviceError
 from edgerund.hub import component as hub_component
 from edgerund.identity import component as identity_component
 from edgerund.inference import component as inference_component
+from edgerund.ports import LoopCounters, ModelCounters
+from edgerund.remote import RemoteCommands
 from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
 from edgerund.toolkit import prometheus
 from edgerund.updates import component as updates_component
+from edgerund.updates.counter import counter_for
+from edgerund.updates.repository import SlotRepository, build_slots
 
 log = structlog.get_logger("edgerund")
+
+# --- TEMPORARY (helper `updates`, issue #13): the old ctx-based root adapted to the
+# updates component's new typed builders (build_slots / counter_for / build). `core`'s
+# composition root replaces all of this at merge time.
+
+
+class _LegacySlots:
+    """The slot repository under the old "updates" ctx key (the models component of this
+    branch still asks `ctx.get("updates").model_dir(name)`); status and commands are the
+    updates component's once it is built."""
+
+    name = "updates"
+
+    def __init__(self, slots: SlotRepository) -> None:
+        self.slots = slots
+        self.component: updates_component.UpdatesComponent | None = None
+
+    async def __aenter__(self) -> _LegacySlots:
+        await self.slots.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.slots.__aexit__(*exc)
+
+    def model_dir(self, name: str) -> Path | None:
+        rec = self.slots.active(name)
+        return None if rec is None else rec.model_dir
+
+    def slot_info(self, name: str) -> dict[str, Any]:
+        return {} if self.component is None else self.component.slot_info(name)
+
+    def status(self) -> dict[str, Any]:
+        return {} if self.component is None else self.component.status()
+
+    def commands(self) -> Mapping[str, Command]:
+        return {} if self.component is None else self.component.commands()
+
+
+class _LegacyModelHost:
+    """ports.ModelHost over this branch's ModelsComponent (counters from stats())."""
+
+    def __init__(self, models: Any) -> None:
+        self._m = models
+
+    def runner(self, name: str) -> Any:
+        return self._m.runner(name)
+
+    async def swap(self, name: str, model_dir: Path) -> None:
+        await self._m.swap(name, model_dir)
+
+    def counters(self, name: str) -> ModelCounters:
+        s = self._m.stats(name)
+        score = s.get("score") or {}
+        mean = score.get("mean")
+        return ModelCounters(
+            inferences=int(s.get("inferences", 0) or 0),
+            faults=int(s.get("faults", 0) or 0),
+            nan_outputs=int(s.get("nan_outputs", 0) or 0),
+            score_mean=float(mean) if isinstance(mean, (int, float)) else None,
+        )
+
+
+class _LegacyLoopStats:
+    """ports.LoopStats over this branch's LoopsComponent (sums of status())."""
+
+    def __init__(self, loops: Any) -> None:
+        self._l = loops
+
+    def counters(self) -> LoopCounters:
+        items = self._l.status().get("loops", [])
+        return LoopCounters(
+            ticks=sum(int(i.get("ticks", 0)) for i in items),
+            missed=sum(int(i.get("missed", 0)) for i in items),
+            overruns=sum(int(i.get("overruns", 0) or 0) for i in items),
+        )
+
+
+class _LegacyUpdates:
+    """Enters the updates component inside its task scope (after models and loops)."""
+
+    name = "updates-run"
+
+    def __init__(self, comp: updates_component.UpdatesComponent, scope: Any) -> None:
+        self.comp = comp
+        self.scope = scope
+
+    async def __aenter__(self) -> _LegacyUpdates:
+        await self.scope.__aenter__()
+        await self.comp.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.comp.__aexit__(*exc)
+        await self.scope.__aexit__(*exc)
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def commands(self) -> Mapping[str, Command]:
+        return {}
+
+
+def _legacy_slots(ctx: Context) -> _LegacySlots | None:
+    slots = build_slots(ctx.config, events=ctx.events)
+    return None if slots is None else _LegacySlots(slots)
+
+
+def _legacy_updates(ctx: Context) -> _LegacyUpdates | None:
+    shim = ctx.get("updates")
+    if not isinstance(shim, _LegacySlots):
+        return None
+    models = ctx.get("models")
+    loops = ctx.get("loops")
+    router = RemoteCommands()
+    ctx.components["remote-commands"] = router
+    scope = ctx.supervisor.scope("updates")
+    comp = updates_component.build(
+        ctx.config,
+        slots=shim.slots,
+        scope=scope,
+        events=ctx.events,
+        counter=counter_for(ctx.config, ctx.get("identity")),
+        models=None if models is None else _LegacyModelHost(models),
+        loops=None if loops is None else _LegacyLoopStats(loops),
+        router=router,
+    )
+    shim.component = comp
+    return _LegacyUpdates(comp, scope)
+
+
+def _legacy_telemetry(ctx: Context) -> Any:
+    tel = telemetry_component.build(ctx)
+    router = ctx.components.pop("remote-commands", None)
+    if tel is not None and isinstance(router, RemoteCommands):
+        for name in router.names():
+            handler = router.handler(name)
+            assert handler is not None
+            tel.register_command(name, handler)
+    return tel
+
 
 # Each component's builder, in start-up order (see the module docstring).
 BUILDERS: tuple[Callable[[Context], Any], ...] = (
     identity_component.build,
     hub_component.build,
-    updates_component.build,
+    _legacy_slots,
     inference_component.build,
     control_component.build,
-    telemetry_component.build,
+    _legacy_updates,
+    _legacy_telemetry,
 )
 
 EXIT_OK = 0

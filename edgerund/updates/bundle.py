@@ -30,12 +30,14 @@ import posixpath
 import stat
 import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from edgerund.errors import TrustError
 from edgerund.updates import fsutil
 from edgerund.updates.keyring import Keyring
+from edgerund.updates.manifest import BundleManifest
 from edgerund.updates.trust import (
     Device,
     FileDigest,
@@ -134,27 +136,86 @@ def open_bundle(path: Path) -> tuple[IO[bytes], int]:
     return f, st.st_size
 
 
-def peek_model_name(path: Path, manifest_max: int) -> str:
-    """The (unauthenticated) model name, to pick the model's state record. Nothing else
-    in the manifest is used before the signature check."""
-    f, size = open_bundle(path)
-    with f:
-        try:
-            tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|", bufsize=CHUNK)
-            m = tf.next()
-            if m is None or m.name != "manifest.json":
-                raise TrustError("bundle_layout", "the first tar member must be manifest.json")
-            check_member(m)
-            data = _read_small(tf, m, manifest_max, "manifest.json")
-        except (tarfile.TarError, EOFError) as exc:
-            raise TrustError("bundle_malformed", f"not a tar bundle: {exc}") from None
-    from edgerund.updates.manifest import strict_json
+@dataclass(frozen=True)
+class BundleHead:
+    """The first two members, read into memory: nothing in them is trusted yet."""
 
-    raw = strict_json(data, "manifest.json", "manifest_malformed")
-    name = raw.get("model_name") if isinstance(raw, dict) else None
-    if not isinstance(name, str):
-        raise TrustError("manifest_malformed", "manifest.json has no model_name")
-    return name
+    manifest_bytes: bytes
+    sig_bytes: bytes | None  # None: the second member is not manifest.sig (unsigned)
+
+
+class BundleReader:
+    """One bundle file, opened once and read front to back (blocking: run each call off
+    the event loop). `sniff` looks at the first bytes without consuming them (a keyring
+    document or a tar?), `head` reads manifest.json and manifest.sig, `extract` copies the
+    payload into staging while hashing it. The same open file serves all three, so what
+    was authenticated and what is extracted come from one read of one file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f, self.size = open_bundle(path)
+        self._tf: tarfile.TarFile | None = None
+        self._pending: tarfile.TarInfo | None = None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> BundleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sniff(self, n: int = 64) -> bytes:
+        """The first `n` bytes, without moving the read position."""
+        return os.pread(self._f.fileno(), n, 0)
+
+    def read_all(self, cap: int) -> bytes:
+        """The whole (small) file: a keyring document."""
+        data = self._f.read(cap + 1)
+        if len(data) > cap:
+            raise TrustError("too_large", f"{self.path}: expected at most {cap} bytes")
+        return data
+
+    def head(self, manifest_max: int) -> BundleHead:
+        """manifest.json (first member) and manifest.sig (second, when present)."""
+        try:
+            tf = tarfile.open(fileobj=_CappedReader(self._f, self.size), mode="r|", bufsize=CHUNK)
+            self._tf = tf
+            first = tf.next()
+            if first is None:
+                raise TrustError("bundle_malformed", "empty tar")
+            if check_member(first) != "manifest.json":
+                raise TrustError(
+                    "bundle_layout",
+                    f"the first tar member must be manifest.json, got {first.name!r}",
+                )
+            manifest_bytes = _read_small(tf, first, manifest_max, "manifest.json")
+            second = tf.next()
+            sig_bytes: bytes | None = None
+            self._pending = second
+            if second is not None and check_member(second) == "manifest.sig":
+                sig_bytes = _read_small(tf, second, SIG_MAX_BYTES, "manifest.sig")
+                self._pending = None
+        except (tarfile.TarError, EOFError) as exc:
+            raise TrustError("bundle_malformed", f"not a valid tar bundle: {exc}") from None
+        return BundleHead(manifest_bytes, sig_bytes)
+
+    def extract(
+        self,
+        staging: Path,
+        manifest: BundleManifest,
+        limits: Limits,
+        progress: Progress | None = None,
+    ) -> None:
+        """The payload members (after `head` and the trust decision on it) into the empty
+        `staging` directory, each hashed while copied; then every size and hash checked.
+        On TrustError staging may hold partial files: the caller wipes it."""
+        assert self._tf is not None, "head() first"
+        try:
+            _extract(self._tf, self._pending, staging, manifest, limits, progress)
+        except (tarfile.TarError, EOFError) as exc:
+            raise TrustError("bundle_malformed", f"not a valid tar bundle: {exc}") from None
 
 
 def read_bundle(
@@ -168,62 +229,36 @@ def read_bundle(
     limits: Limits,
     manifest_max: int,
     progress: Progress | None = None,
-) -> tuple[Verdict, bytes, bytes]:
-    """Verify `path` and extract its payload into the (empty) `staging` directory.
-
-    Returns the verdict and the raw manifest.json / manifest.sig bytes. On any TrustError
-    the staging directory may hold partial files; the caller wipes it."""
-    f, size = open_bundle(path)
-    with f:
-        check_size(size, limits)
-        try:
-            return _read(
-                f, size, staging, keyring, now, device, installed, limits, manifest_max, progress
-            )
-        except (tarfile.TarError, EOFError) as exc:
-            raise TrustError("bundle_malformed", f"not a valid tar bundle: {exc}") from None
-
-
-def _read(
-    f: IO[bytes],
-    size: int,
-    staging: Path,
-    keyring: Keyring,
-    now: float,
-    device: Device,
-    installed: Installed,
-    limits: Limits,
-    manifest_max: int,
-    progress: Progress | None,
-) -> tuple[Verdict, bytes, bytes]:
-    tf = tarfile.open(fileobj=_CappedReader(f, size), mode="r|", bufsize=CHUNK)
-    first = tf.next()
-    if first is None:
-        raise TrustError("bundle_malformed", "empty tar")
-    if check_member(first) != "manifest.json":
-        raise TrustError(
-            "bundle_layout", f"the first tar member must be manifest.json, got {first.name!r}"
+) -> tuple[Verdict, BundleHead]:
+    """Verify `path` and extract its payload into the (empty) `staging` directory, in one
+    pass (for `edgerund bundle verify`; the daemon drives the BundleReader step by step)."""
+    with BundleReader(path) as reader:
+        check_size(reader.size, limits)
+        head = reader.head(manifest_max)
+        verdict = verify_manifest(
+            head.manifest_bytes,
+            head.sig_bytes,
+            keyring,
+            now=now,
+            device=device,
+            installed=installed,
+            limits=limits,
         )
-    manifest_bytes = _read_small(tf, first, manifest_max, "manifest.json")
-    second = tf.next()
-    sig_bytes: bytes | None = None
-    pending: tarfile.TarInfo | None = second
-    if second is not None and check_member(second) == "manifest.sig":
-        sig_bytes = _read_small(tf, second, SIG_MAX_BYTES, "manifest.sig")
-        pending = None
-    verdict = verify_manifest(
-        manifest_bytes,
-        sig_bytes,
-        keyring,
-        now=now,
-        device=device,
-        installed=installed,
-        limits=limits,
-    )
-    assert sig_bytes is not None  # verify_manifest refuses unsigned bundles
-    expected = {e.path: e for e in verdict.manifest.files}
+        reader.extract(staging, verdict.manifest, limits, progress)
+    return verdict, head
+
+
+def _extract(
+    tf: tarfile.TarFile,
+    pending: tarfile.TarInfo | None,
+    staging: Path,
+    manifest: BundleManifest,
+    limits: Limits,
+    progress: Progress | None,
+) -> None:
+    expected = {e.path: e for e in manifest.files}
     digests: dict[str, FileDigest] = {}
-    total = sum(e.size for e in verdict.manifest.files)
+    total = sum(e.size for e in manifest.files)
     done = 0
     while True:
         m = pending if pending is not None else tf.next()
@@ -271,11 +306,10 @@ def _read(
         if n != entry.size:
             raise TrustError("bundle_truncated", f"{name}: expected {entry.size} bytes, got {n}")
         digests[name] = FileDigest(h.hexdigest(), n)
-    verify_files(verdict.manifest, digests)
+    verify_files(manifest, digests)
     # Directory entries of the extracted files must be durable before the slot marker.
     for d in {staging, *((staging / p).parent for p in digests)}:
         fsutil.fsync_dir(d)
-    return verdict, manifest_bytes, sig_bytes
 
 
 def hash_file(path: Path) -> FileDigest:

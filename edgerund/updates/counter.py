@@ -14,9 +14,24 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from edgerund.updates import fsutil
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
+    from edgerund.ports import Counter
+
+
+class NvCounterIdentity(Protocol):
+    """What the counter needs of the identity (a TPM NV counter when kind == "tpm")."""
+
+    @property
+    def kind(self) -> str: ...
+
+    async def counter_read(self) -> int: ...
+
+    async def counter_increment(self) -> int: ...
 
 
 class FileCounter:
@@ -51,7 +66,7 @@ class IdentityCounter:
 
     kind = "tpm"
 
-    def __init__(self, identity: Any, max_steps: int) -> None:
+    def __init__(self, identity: NvCounterIdentity, max_steps: int) -> None:
         self._id = identity
         self._max_steps = max_steps
 
@@ -67,3 +82,12 @@ class IdentityCounter:
             cur = int(await self._id.counter_increment())
             steps += 1
         return cur
+
+
+def counter_for(cfg: Config, identity: NvCounterIdentity | None) -> Counter:
+    """The TPM NV counter when the identity is a TPM, else the file counter."""
+    u = cfg.updates
+    if identity is not None and identity.kind == "tpm":
+        return IdentityCounter(identity, max_steps=max(1000, u.max_counter_jump))
+    path = Path(u.counter_file)
+    return FileCounter(path if path.is_absolute() else Path(cfg.paths.state_dir) / path)

@@ -1,0 +1,408 @@
+"""The steps of an update: the machine driver and the executor of each action.
+
+Theory of operation
+-------------------
+`drive(name, event)` feeds the pure state machine (machine.step) one event, gets the new
+record and its actions, and executes the actions in order; the first is always PERSIST
+(state.json is durable before any side effect). The outcome of the actions is the next
+event ("ok" with what VERIFY learnt, or "fail" with a reason), until an action yields
+none. A failure while cleaning up (rolling back, discarding) is logged and the remaining
+cleanup still runs. Blocking work (tar reading, hashing, fsync, renames) runs in threads;
+the precheck runs in a subprocess; the probation samples counters and asks the pure
+`probation.judge` for a verdict.
+
+A bundle is read once: the job runner opened it and read its head (manifest.json,
+manifest.sig) to pick the model's record; VERIFY authenticates that same parsed
+manifest and extracts the payload from the same open file. The verified manifest is then
+kept as the model's `Candidate` for STAGE, PRECHECK and WATCH (after a restart it is read
+back once from the slot's bundle.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from edgerund import __version__
+from edgerund.errors import TrustError
+from edgerund.ports import Counter, EventSink, LoopStats, ModelHost
+from edgerund.updates import fsutil, probation
+from edgerund.updates import machine as m
+from edgerund.updates.abi import runtime_max_opset
+from edgerund.updates.bundle import BundleHead, BundleReader
+from edgerund.updates.config import UpdatesConfig
+from edgerund.updates.manifest import BundleManifest, decode_manifest, parse_time
+from edgerund.updates.precheck import run_precheck
+from edgerund.updates.recovery import publish_state
+from edgerund.updates.repository import SlotRepository
+from edgerund.updates.trust import Device, Installed, Limits, check_size, verify_document
+
+if TYPE_CHECKING:
+    from edgerund.updates.jobs import JobTicket, Tracker
+
+log = structlog.get_logger("edgerund.updates")
+
+
+@dataclass(frozen=True)
+class Received:
+    """A bundle as the job runner read it: the open file, its head, manifest.json parsed."""
+
+    reader: BundleReader
+    head: BundleHead
+    document: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The verified bundle being installed for one model."""
+
+    manifest: BundleManifest
+    manifest_sha256: str
+    head: BundleHead | None  # the signed bytes to store in the slot (None once staged)
+
+
+class Steps:
+    def __init__(
+        self,
+        cfg: UpdatesConfig,
+        *,
+        repo: SlotRepository,
+        hardware_id: str,
+        events: EventSink,
+        counter: Counter,
+        models: ModelHost | None,
+        loops: LoopStats | None,
+    ) -> None:
+        self.cfg = cfg
+        self.repo = repo
+        self.events = events
+        self.counter = counter
+        self.models = models
+        self.loops = loops
+        self.limits = Limits(
+            bundle_max_bytes=int(cfg.bundle_max_mb * 1024 * 1024),
+            file_max_bytes=int(cfg.file_max_mb * 1024 * 1024),
+            max_counter_jump=cfg.max_counter_jump,
+            max_version_jump=cfg.max_version_jump,
+        )
+        self.device = Device(
+            hardware_id=hardware_id,
+            daemon_version=__version__,
+            max_opset=runtime_max_opset(),
+            models=tuple(repo.stores),
+        )
+        self.counter_value: int | None = None
+        self.candidates: dict[str, Candidate] = {}
+        self.aborts: dict[str, tuple[str, str]] = {}  # model -> (reason, message): by hand
+        self.last_precheck: dict[str, dict[str, Any]] = {}
+        self.last_rollback_ms: float | None = None
+        self._rollback_started = 0.0
+        self._changed = asyncio.Event()
+
+    # -- change notification ---------------------------------------------------------------
+    def touch(self) -> None:
+        self._changed.set()
+
+    async def wait_until(self, pred: Callable[[], bool]) -> None:
+        while not pred():
+            self._changed.clear()
+            await self._changed.wait()
+
+    # -- the machine driver ----------------------------------------------------------------
+    async def drive(
+        self,
+        name: str,
+        ev: m.Event,
+        *,
+        received: Received | None = None,
+        ticket: JobTicket | None = None,
+        tracker: Tracker | None = None,
+    ) -> m.Record:
+        next_ev: m.Event | None = ev
+        records = self.repo.records
+        while next_ev is not None:
+            rec = records[name]
+            if (
+                next_ev.kind == "ok"
+                and rec.state in m.IN_FLIGHT
+                and rec.writes >= self.cfg.max_state_writes
+            ):
+                next_ev = m.Event(
+                    "fail",
+                    reason="state_loop",
+                    message=f"more than {self.cfg.max_state_writes} state writes in one deployment",
+                    now=time.time(),
+                )
+            new, actions = m.step(rec, next_ev)
+            records[name] = new
+            self.touch()
+            if tracker is not None:
+                tracker.update(phase=str(new.state))
+            next_ev = await self.execute(name, new, actions, received, tracker)
+            if ticket is not None and new.state in (m.S.PROBATION, *m.TERMINAL):
+                ticket.trial_reached.set()
+        if records[name].state in m.TERMINAL:
+            self.candidates.pop(name, None)
+        return records[name]
+
+    async def execute(
+        self,
+        name: str,
+        rec: m.Record,
+        actions: list[m.Action],
+        received: Received | None = None,
+        tracker: Tracker | None = None,
+    ) -> m.Event | None:
+        result: m.Event | None = None
+        for action in actions:
+            try:
+                ev = await self._execute_one(name, action, received, tracker)
+            except TrustError as exc:
+                ev = m.Event("fail", reason=exc.code, message=_message(exc), now=time.time())
+            except OSError as exc:
+                reason = "no_space" if exc.errno == errno.ENOSPC else "io_error"
+                ev = m.Event(
+                    "fail", reason=reason, message=f"{action.kind}: {exc}", now=time.time()
+                )
+            except Exception as exc:
+                ev = m.Event(
+                    "fail", reason=f"{action.kind}_failed", message=repr(exc), now=time.time()
+                )
+            if ev is not None and ev.kind == "fail" and rec.state in m.TERMINAL:
+                # Failing while rolling back or cleaning up: keep going, the rest still helps.
+                log.error(
+                    "update_cleanup_step_failed",
+                    model=name,
+                    action=str(action.kind),
+                    reason=ev.reason,
+                    message=ev.message,
+                )
+                continue
+            if ev is not None:
+                result = ev
+                if ev.kind == "fail":
+                    return ev
+        return result
+
+    async def _execute_one(
+        self,
+        name: str,
+        action: m.Action,
+        received: Received | None,
+        tracker: Tracker | None,
+    ) -> m.Event | None:
+        store = self.repo.stores[name]
+        rec = self.repo.records[name]
+        kind = action.kind
+        if kind is m.A.PERSIST:
+            await asyncio.to_thread(store.save_record, rec)
+            fsutil.abort_point(str(rec.state))
+            publish_state(self.events, name, rec)
+            return None
+        if kind is m.A.VERIFY:
+            assert received is not None
+            return await self._verify(name, received, tracker)
+        if kind is m.A.STAGE:
+            assert action.slot is not None
+            return await self._stage(name, action.slot)
+        if kind is m.A.PRECHECK:
+            assert action.slot is not None
+            return await self.precheck(name, action.slot)
+        if kind is m.A.RESUME_TRIAL:
+            return m.Event("ok", now=time.time())
+        if kind is m.A.FLIP:
+            assert action.slot is not None
+            started = time.perf_counter()
+            await asyncio.to_thread(store.flip, action.slot)
+            if rec.state is m.S.ROLLED_BACK:
+                self._rollback_started = started
+            fsutil.abort_point(f"{rec.state}.flipped")
+            return None
+        if kind is m.A.SWAP:
+            assert action.slot is not None
+            if self.models is not None:  # else the flipped `current` loads at the next start
+                await self.models.swap(name, store.dir(action.slot))
+            if rec.state is m.S.ROLLED_BACK:
+                self.last_rollback_ms = (time.perf_counter() - self._rollback_started) * 1e3
+            return m.Event("ok", now=time.time()) if rec.state is m.S.TRIAL else None
+        if kind is m.A.WATCH:
+            return await self._watch(name)
+        if kind is m.A.RATCHET:
+            await self.ratchet(name)
+            return m.Event("ratcheted", now=time.time())
+        if kind is m.A.INVALIDATE:
+            assert action.slot is not None
+            await asyncio.to_thread(store.invalidate, action.slot)
+            return None
+        if kind is m.A.SYNC_SLOTS:
+            dep = rec.deployment
+            keep = dep.target if (dep is not None and rec.state in m.IN_FLIGHT) else None
+            await asyncio.to_thread(store.sync_slots, rec, keep)
+            return None
+        if kind is m.A.DISCARD:
+            await asyncio.to_thread(store.clean_staging)
+            return None
+        raise AssertionError(f"unhandled action {action}")
+
+    # -- the steps ---------------------------------------------------------------------------
+    def installed(self, name: str) -> Installed:
+        rec = self.repo.records[name]
+        info = rec.slots.get(rec.active) if rec.active else None
+        return Installed(
+            counter=self.counter_value or 0,
+            version=info.version if info else None,
+            bundle_id=info.bundle_id if info else None,
+            created=info.created if info else None,
+        )
+
+    async def _verify(self, name: str, received: Received, tracker: Tracker | None) -> m.Event:
+        store = self.repo.stores[name]
+        self.counter_value = await self.counter.read()
+        staging = await asyncio.to_thread(store.reset_staging)
+        check_size(received.reader.size, self.limits)
+        head = received.head
+        verdict = verify_document(
+            received.document,
+            head.sig_bytes,
+            self.repo.keyring,
+            now=time.time(),
+            device=self.device,
+            installed=self.installed(name),
+            limits=self.limits,
+        )
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:
+            # Called from the worker thread: hand the figures to the loop.
+            if tracker is not None:
+                loop.call_soon_threadsafe(
+                    lambda: tracker.update(bytes_done=done, bytes_total=total)
+                )
+
+        await asyncio.to_thread(
+            received.reader.extract, staging, verdict.manifest, self.limits, progress
+        )
+        man = verdict.manifest
+        self.candidates[name] = Candidate(man, verdict.manifest_sha256, head)
+        probation_s = (
+            man.health.probation_s if man.health.probation_s is not None else self.cfg.probation_s
+        )
+        dep = m.Deployment(
+            bundle_id=man.bundle_id,
+            version=man.version,
+            security_counter=man.security_counter,
+            manifest_sha256=verdict.manifest_sha256,
+            created=parse_time(man.created, "created"),
+            probation_s=min(probation_s, self.cfg.probation_max_s),
+        )
+        return m.Event("ok", deployment=dep, now=time.time())
+
+    async def _stage(self, name: str, slot: str) -> m.Event:
+        store = self.repo.stores[name]
+        cand = self.candidates[name]
+        assert cand.head is not None and cand.head.sig_bytes is not None
+        dep = self.repo.records[name].deployment
+        await asyncio.to_thread(
+            store.install_staging,
+            slot,
+            cand.manifest,
+            cand.manifest_sha256,
+            cand.head.manifest_bytes,
+            cand.head.sig_bytes,
+            dep.created if dep else None,
+        )
+        self.candidates[name] = Candidate(cand.manifest, cand.manifest_sha256, None)
+        return m.Event("ok", now=time.time())
+
+    async def _candidate(self, name: str, slot: str) -> BundleManifest:
+        """The candidate's manifest: from memory, or (after a restart) from the slot."""
+        cand = self.candidates.get(name)
+        if cand is None:
+            data = await asyncio.to_thread(
+                (self.repo.stores[name].dir(slot) / "bundle.json").read_bytes
+            )
+            man, _ = decode_manifest(data)
+            dep = self.repo.records[name].deployment
+            cand = Candidate(man, dep.manifest_sha256 if dep else "", None)
+            self.candidates[name] = cand
+        return cand.manifest
+
+    async def precheck(self, name: str, slot: str) -> m.Event:
+        store = self.repo.stores[name]
+        if not await asyncio.to_thread(store.verify_slot, slot, quiet=True):
+            return m.Event(
+                "fail",
+                reason="slot_corrupt",
+                message=f"slot {slot} failed its re-hash before the precheck",
+                now=time.time(),
+            )
+        man = await self._candidate(name, slot)
+        rec = self.repo.records[name]
+        baseline = store.dir(rec.active) if rec.active and rec.active != slot else None
+        res = await run_precheck(
+            store.dir(slot),
+            baseline,
+            man.io_signature,
+            man.health,
+            timeout_s=self.cfg.precheck_timeout_s,
+            cpu_s=self.cfg.precheck_cpu_s or self.cfg.precheck_timeout_s,
+            runs=self.cfg.precheck_runs,
+        )
+        self.last_precheck[name] = {"ok": res.ok, "reason": res.reason, "figures": res.figures}
+        if not res.ok:
+            return m.Event("fail", reason=res.reason, message=res.message, now=time.time())
+        return m.Event("ok", now=time.time())
+
+    def _sample(self, name: str) -> probation.Sample:
+        return probation.Sample(
+            model=self.models.counters(name) if self.models is not None else probation.NO_MODEL,
+            loops=self.loops.counters() if self.loops is not None else probation.NO_LOOPS,
+        )
+
+    async def _watch(self, name: str) -> m.Event:
+        dep = self.repo.records[name].deployment
+        assert dep is not None
+        policy = self.cfg.probation
+        health = (await self._candidate(name, dep.target)).health
+        start = self._sample(name)
+        started = time.monotonic()
+        while True:
+            if name in self.aborts:
+                reason, message = self.aborts.pop(name)
+                return m.Event("rollback", reason=reason, message=message, now=time.time())
+            elapsed = time.monotonic() - started
+            verdict = probation.judge(
+                start,
+                self._sample(name),
+                elapsed_s=elapsed,
+                window_s=dep.probation_s,
+                health=health,
+                policy=policy,
+            )
+            if verdict.kind == "fail":
+                return m.Event(
+                    "fail", reason=verdict.reason, message=verdict.message, now=time.time()
+                )
+            if verdict.kind == "pass":
+                return m.Event("ok", now=time.time())
+            left = max(0.0, dep.probation_s - elapsed)
+            await asyncio.sleep(min(policy.poll_interval_ms / 1000.0, left + 0.001))
+
+    async def ratchet(self, name: str) -> None:
+        rec = self.repo.records[name]
+        info = rec.slots.get(rec.active) if rec.active else None
+        if info is None:
+            return
+        self.counter_value = await self.counter.ratchet(info.security_counter)
+        fsutil.abort_point("COMMITTED.ratcheted")
+
+
+def _message(exc: TrustError) -> str:
+    """The human half of a TrustError ("code: message")."""
+    return str(exc).split(": ", 1)[-1]

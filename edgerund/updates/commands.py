@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerund.component import Command, CommandError, Peer
-from edgerund.updates import machine as m
+from edgerund.updates import machine
 from edgerund.updates.jobs import Job, JobRunner
 from edgerund.updates.steps import Steps
 
@@ -72,7 +72,7 @@ class UpdateCommands:
         if ticket.error is not None:
             raise CommandError(ticket.error.code, str(ticket.error).split(": ", 1)[-1])
         if ticket.result is None and ticket.model is not None:
-            return m.summary(self.steps.repo.records[ticket.model])
+            return machine.summary(self.steps.repo.records[ticket.model])
         return ticket.result
 
     async def rollback(self, args: dict[str, Any], peer: Peer) -> Any:
@@ -83,27 +83,27 @@ class UpdateCommands:
                 "unknown_model", f"model: expected one of {sorted(records)}, got {name!r}"
             )
         rec = records[name]
-        if rec.state in (m.S.TRIAL, m.S.PROBATION):
+        if rec.state in (machine.State.TRIAL, machine.State.PROBATION):
             self.steps.aborts[name] = ("manual", f"rolled back by hand (uid {peer.uid})")
             async with asyncio.timeout(30):
-                await self.steps.wait_until(lambda: records[name].state not in m.IN_FLIGHT)
-            return m.summary(records[name])
-        if rec.state in m.IN_FLIGHT:
+                await self.steps.wait_until(lambda: records[name].state not in machine.IN_FLIGHT)
+            return machine.summary(records[name])
+        if rec.state in machine.IN_FLIGHT:
             raise CommandError("busy", f"{name} is in {rec.state}; nothing to roll back to yet")
-        if rec.active is None or rec.slots.get(m.other(rec.active)) is None:
+        if rec.active is None or rec.slots.get(machine.other(rec.active)) is None:
             raise CommandError(
                 "no_previous", f"{name}: the other slot holds no valid model to roll back to"
             )
         await self.steps.drive(
             name,
-            m.Event(
+            machine.Event(
                 "rollback",
                 reason="manual",
                 message=f"rolled back by hand (uid {peer.uid})",
                 now=time.time(),
             ),
         )
-        return m.summary(records[name])
+        return machine.summary(records[name])
 
     async def slots(self, args: dict[str, Any], peer: Peer) -> Any:
-        return [m.summary(r) for r in self.steps.repo.records.values()]
+        return [machine.summary(r) for r in self.steps.repo.records.values()]

@@ -29,7 +29,7 @@ from edgerund.component import Command
 from edgerund.config.schema import Config
 from edgerund.context import TaskScope
 from edgerund.ports import CommandRouter, Counter, EventSink, LoopStats, ModelHost
-from edgerund.updates import machine as m
+from edgerund.updates import machine
 from edgerund.updates.commands import UpdateCommands
 from edgerund.updates.jobs import Job, JobRunner, JobTicket
 from edgerund.updates.keyring import Keyring
@@ -113,7 +113,7 @@ class UpdatesComponent:
         return self.slots.stores
 
     @property
-    def records(self) -> Mapping[str, m.Record]:
+    def records(self) -> Mapping[str, machine.Record]:
         return self.slots.records
 
     @property
@@ -122,7 +122,7 @@ class UpdatesComponent:
 
     def slot_info(self, name: str) -> dict[str, Any]:
         rec = self.slots.records.get(name)
-        return {} if rec is None else m.summary(rec)
+        return {} if rec is None else machine.summary(rec)
 
     async def submit(self, job: Job) -> JobTicket:
         return await self.runner.submit(job)
@@ -144,7 +144,7 @@ class UpdatesComponent:
         kr = self.slots.keyring
         return {
             "updates": {
-                "models": [m.summary(r) for r in self.slots.records.values()],
+                "models": [machine.summary(r) for r in self.slots.records.values()],
                 "job": self.runner.progress(),
                 "transfers": self.transfers.progress(),
                 "recent_rejections": list(self.runner.rejections)[-5:],

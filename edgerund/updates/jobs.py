@@ -34,7 +34,7 @@ import structlog
 
 from edgerund.errors import TrustError
 from edgerund.ports import EventSink
-from edgerund.updates import machine as m
+from edgerund.updates import machine
 from edgerund.updates.bundle import BundleReader
 from edgerund.updates.manifest import parse_manifest_json
 from edgerund.updates.steps import Received, Steps
@@ -105,7 +105,7 @@ class JobRunner:
         *,
         events: EventSink,
         manifest_max: int,
-        deferred: list[tuple[str, m.Action]],
+        deferred: list[tuple[str, machine.Action]],
     ) -> None:
         self.steps = steps
         self.events = events
@@ -129,7 +129,7 @@ class JobRunner:
             self._queue.qsize()
             or self._deferred
             or self._tracker is not None
-            or any(r.state in m.IN_FLIGHT for r in self.steps.repo.records.values())
+            or any(r.state in machine.IN_FLIGHT for r in self.steps.repo.records.values())
         )
 
     # -- the worker -----------------------------------------------------------------------------
@@ -154,12 +154,14 @@ class JobRunner:
                 self._tracker = None
                 self.steps.touch()
 
-    async def _resume(self, name: str, action: m.Action) -> None:
+    async def _resume(self, name: str, action: machine.Action) -> None:
         self._tracker = Tracker(JobProgress(source="recovery", phase=str(action.kind), model=name))
-        if action.kind is m.A.RATCHET:
+        if action.kind is machine.ActionKind.RATCHET:
             await self.steps.ratchet(name)
-        elif action.kind is m.A.RESUME_TRIAL:
-            await self.steps.drive(name, m.Event("ok", now=time.time()), tracker=self._tracker)
+        elif action.kind is machine.ActionKind.RESUME_TRIAL:
+            await self.steps.drive(
+                name, machine.Event("ok", now=time.time()), tracker=self._tracker
+            )
         else:
             rec = self.steps.repo.records[name]
             ev = await self.steps.execute(name, rec, [action], tracker=self._tracker)
@@ -192,20 +194,23 @@ class JobRunner:
                 )
             ticket.model = name
             tracker.update(model=name)
-            if records[name].state in m.IN_FLIGHT:
+            if records[name].state in machine.IN_FLIGHT:
                 raise TrustError("busy", f"{name} has an update in {records[name].state}")
-            dep = m.Deployment(source=job.source, received_at=time.time())
+            dep = machine.Deployment(source=job.source, received_at=time.time())
             rec = await self.steps.drive(
                 name,
-                m.Event("receive", deployment=dep, now=time.time()),
+                machine.Event("receive", deployment=dep, now=time.time()),
                 received=Received(reader, head, document),
                 ticket=ticket,
                 tracker=tracker,
             )
-            if rec.state in (m.S.REJECTED, m.S.ROLLED_BACK) and rec.last_failure is not None:
+            if (
+                rec.state in (machine.State.REJECTED, machine.State.ROLLED_BACK)
+                and rec.last_failure is not None
+            ):
                 lf = rec.last_failure
                 ticket.error = TrustError(lf.reason, lf.message)
-                if rec.state is m.S.REJECTED:
+                if rec.state is machine.State.REJECTED:
                     self.rejections.append(
                         {
                             "path": str(job.path),
@@ -216,7 +221,7 @@ class JobRunner:
                             "at": lf.at,
                         }
                     )
-            ticket.result = m.summary(rec)
+            ticket.result = machine.summary(rec)
         except TrustError as err:
             self._reject(job, ticket, err)
         finally:

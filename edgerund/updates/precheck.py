@@ -219,15 +219,12 @@ def check(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def _find_runner() -> Any:
-    for mod in ("edgerund.inference.runner", "edgerund.inference"):
-        try:
-            m = __import__(mod, fromlist=["ModelRunner"])
-        except Exception:
-            continue
-        cls = getattr(m, "ModelRunner", None)
-        if cls is not None and hasattr(cls, "load"):
-            return cls
-    return None
+    """The inference runtime's ModelRunner (None when the runtime cannot be imported)."""
+    try:
+        from edgerund.inference.runner import ModelRunner
+    except ImportError:
+        return None
+    return ModelRunner
 
 
 def main() -> int:

@@ -25,30 +25,34 @@ from pathlib import Path
 import structlog
 
 from edgerund.ports import EventSink
-from edgerund.updates import fsutil
-from edgerund.updates import machine as m
+from edgerund.updates import fsutil, machine
 from edgerund.updates.slots import SlotStore
 
 log = structlog.get_logger("edgerund.updates")
 
-DEFERRED = frozenset({m.A.PRECHECK, m.A.RESUME_TRIAL, m.A.RATCHET})
+DEFERRED = frozenset(
+    {machine.ActionKind.PRECHECK, machine.ActionKind.RESUME_TRIAL, machine.ActionKind.RATCHET}
+)
 
 
-def publish_state(events: EventSink, name: str, rec: m.Record) -> None:
+def publish_state(events: EventSink, name: str, rec: machine.Record) -> None:
     """Log and publish a persisted state (update.state; update.result when terminal)."""
     d = rec.deployment
     fields: dict[str, object] = {"state": str(rec.state), "version": d.version if d else None}
-    if rec.state in (m.S.REJECTED, m.S.ROLLED_BACK) and rec.last_failure is not None:
+    if (
+        rec.state in (machine.State.REJECTED, machine.State.ROLLED_BACK)
+        and rec.last_failure is not None
+    ):
         fields.update(reason=rec.last_failure.reason, message=rec.last_failure.message)
     log.info("update_state", model=name, **fields)
     events.publish("update.state", name, **fields)
-    if rec.state in (m.S.COMMITTED, m.S.ROLLED_BACK, m.S.REJECTED):
+    if rec.state in (machine.State.COMMITTED, machine.State.ROLLED_BACK, machine.State.REJECTED):
         events.publish("update.result", name, result=str(rec.state), **fields)
 
 
 async def recover_model(
     store: SlotStore, shipped: Path, *, attempts: int, events: EventSink
-) -> tuple[m.Record, list[m.Action]]:
+) -> tuple[machine.Record, list[machine.Action]]:
     """The recovered record of `store`'s model and the deferred actions (see module doc)."""
     name = store.name
     rec, note = await asyncio.to_thread(store.load_record)
@@ -58,19 +62,19 @@ async def recover_model(
         if fsutil.read_link(store.current) is not None:
             rec = await asyncio.to_thread(store.rebuild_record)
         else:
-            rec = m.Record(model=name)
+            rec = machine.Record(model=name)
     if rec.active is None:
         rec = await seed(store, shipped, rec)
-    new, actions = m.recover(rec, max_attempts=attempts, now=time.time())
+    new, actions = machine.recover(rec, max_attempts=attempts, now=time.time())
     if new.state != rec.state:
         log.warning(
             "update_recovered",
             model=name,
             found=str(rec.state),
             now=str(new.state),
-            table=m.RECOVERY[rec.state],
+            table=machine.RECOVERY[rec.state],
         )
-    deferred: list[m.Action] = []
+    deferred: list[machine.Action] = []
     for action in actions:
         if action.kind in DEFERRED:
             deferred.append(action)
@@ -82,28 +86,30 @@ async def recover_model(
     return new, deferred
 
 
-async def _apply(store: SlotStore, rec: m.Record, action: m.Action, events: EventSink) -> None:
+async def _apply(
+    store: SlotStore, rec: machine.Record, action: machine.Action, events: EventSink
+) -> None:
     kind = action.kind
-    if kind is m.A.PERSIST:
+    if kind is machine.ActionKind.PERSIST:
         await asyncio.to_thread(store.save_record, rec)
         publish_state(events, store.name, rec)
-    elif kind is m.A.FLIP:
+    elif kind is machine.ActionKind.FLIP:
         assert action.slot is not None
         await asyncio.to_thread(store.flip, action.slot)
-    elif kind is m.A.SYNC_SLOTS:
+    elif kind is machine.ActionKind.SYNC_SLOTS:
         dep = rec.deployment
-        keep = dep.target if (dep is not None and rec.state in m.IN_FLIGHT) else None
+        keep = dep.target if (dep is not None and rec.state in machine.IN_FLIGHT) else None
         await asyncio.to_thread(store.sync_slots, rec, keep)
-    elif kind is m.A.INVALIDATE:
+    elif kind is machine.ActionKind.INVALIDATE:
         assert action.slot is not None
         await asyncio.to_thread(store.invalidate, action.slot)
-    elif kind is m.A.DISCARD:
+    elif kind is machine.ActionKind.DISCARD:
         await asyncio.to_thread(store.clean_staging)
     else:
         raise AssertionError(f"recovery does not run {action}")
 
 
-async def seed(store: SlotStore, shipped: Path, rec: m.Record) -> m.Record:
+async def seed(store: SlotStore, shipped: Path, rec: machine.Record) -> machine.Record:
     """Copy the shipped model into slot `a` (first start, or nothing valid is left)."""
     if not await asyncio.to_thread(shipped.is_dir):
         log.warning("update_no_shipped_model", model=store.name, path=str(shipped))
@@ -111,17 +117,19 @@ async def seed(store: SlotStore, shipped: Path, rec: m.Record) -> m.Record:
     info = await asyncio.to_thread(store.seed, shipped, "a")
     slots = dict(rec.slots)
     slots["a"] = info
-    rec = m.Record(model=store.name, active="a", slots=slots, last_failure=rec.last_failure)
+    rec = machine.Record(model=store.name, active="a", slots=slots, last_failure=rec.last_failure)
     await asyncio.to_thread(store.save_record, rec)
     log.info("update_seeded", model=store.name, version=info.version, source=str(shipped))
     return rec
 
 
-async def _active_corrupt(store: SlotStore, shipped: Path, rec: m.Record, active: str) -> m.Record:
-    other = m.other(active)
+async def _active_corrupt(
+    store: SlotStore, shipped: Path, rec: machine.Record, active: str
+) -> machine.Record:
+    other = machine.other(active)
     slots = dict(rec.slots)
     slots[active] = None
-    fail = m.Failure(
+    fail = machine.Failure(
         reason="slot_corrupt",
         message=f"slot {active} failed its re-hash at start-up",
         state=str(rec.state),
@@ -130,16 +138,16 @@ async def _active_corrupt(store: SlotStore, shipped: Path, rec: m.Record, active
     if rec.slots.get(other) is not None and await asyncio.to_thread(
         store.verify_slot, other, quiet=True
     ):
-        new = m.Record(
+        new = machine.Record(
             model=store.name,
             active=other,
             slots=slots,
             last_failure=fail,
             last_result="ROLLED_BACK",
-            state=m.S.ROLLED_BACK,
+            state=machine.State.ROLLED_BACK,
         )
     else:
-        new = m.Record(model=store.name, slots={"a": None, "b": None}, last_failure=fail)
+        new = machine.Record(model=store.name, slots={"a": None, "b": None}, last_failure=fail)
         await asyncio.to_thread(store.invalidate, active)
         new = await seed(store, shipped, new)
     await asyncio.to_thread(store.save_record, new)

@@ -27,8 +27,7 @@ import structlog
 from edgerund.config.schema import Config
 from edgerund.errors import ConfigError, TrustError
 from edgerund.ports import EventSink, SlotRecord
-from edgerund.updates import fsutil
-from edgerund.updates import machine as m
+from edgerund.updates import fsutil, machine
 from edgerund.updates.keyring import Keyring, check_rotation, check_self_signed, parse_keyring
 from edgerund.updates.recovery import recover_model
 from edgerund.updates.slots import SlotStore
@@ -46,8 +45,8 @@ class SlotRepository:
             mc.name: SlotStore(self.state_dir / "models" / mc.name, mc.name) for mc in cfg.models
         }
         self.shipped = {mc.name: Path(mc.path) for mc in cfg.models}
-        self.records: dict[str, m.Record] = {}
-        self.deferred: list[tuple[str, m.Action]] = []
+        self.records: dict[str, machine.Record] = {}
+        self.deferred: list[tuple[str, machine.Action]] = []
         self._keyring: Keyring | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -71,7 +70,7 @@ class SlotRepository:
         # finished or undone by recovery at the next start.
         return None
 
-    def take_deferred(self) -> list[tuple[str, m.Action]]:
+    def take_deferred(self) -> list[tuple[str, machine.Action]]:
         """The work recovery left for the updates component (handed over once)."""
         out, self.deferred = self.deferred, []
         return out

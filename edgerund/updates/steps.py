@@ -32,8 +32,7 @@ import structlog
 from edgerund import __version__
 from edgerund.errors import TrustError
 from edgerund.ports import Counter, EventSink, LoopStats, ModelHost
-from edgerund.updates import fsutil, probation
-from edgerund.updates import machine as m
+from edgerund.updates import fsutil, machine, probation
 from edgerund.updates.abi import runtime_max_opset
 from edgerund.updates.bundle import BundleHead, BundleReader
 from edgerund.updates.config import UpdatesConfig
@@ -118,63 +117,63 @@ class Steps:
     async def drive(
         self,
         name: str,
-        ev: m.Event,
+        ev: machine.Event,
         *,
         received: Received | None = None,
         ticket: JobTicket | None = None,
         tracker: Tracker | None = None,
-    ) -> m.Record:
-        next_ev: m.Event | None = ev
+    ) -> machine.Record:
+        next_ev: machine.Event | None = ev
         records = self.repo.records
         while next_ev is not None:
             rec = records[name]
             if (
                 next_ev.kind == "ok"
-                and rec.state in m.IN_FLIGHT
+                and rec.state in machine.IN_FLIGHT
                 and rec.writes >= self.cfg.max_state_writes
             ):
-                next_ev = m.Event(
+                next_ev = machine.Event(
                     "fail",
                     reason="state_loop",
                     message=f"more than {self.cfg.max_state_writes} state writes in one deployment",
                     now=time.time(),
                 )
-            new, actions = m.step(rec, next_ev)
+            new, actions = machine.step(rec, next_ev)
             records[name] = new
             self.touch()
             if tracker is not None:
                 tracker.update(phase=str(new.state))
             next_ev = await self.execute(name, new, actions, received, tracker)
-            if ticket is not None and new.state in (m.S.PROBATION, *m.TERMINAL):
+            if ticket is not None and new.state in (machine.State.PROBATION, *machine.TERMINAL):
                 ticket.trial_reached.set()
-        if records[name].state in m.TERMINAL:
+        if records[name].state in machine.TERMINAL:
             self.candidates.pop(name, None)
         return records[name]
 
     async def execute(
         self,
         name: str,
-        rec: m.Record,
-        actions: list[m.Action],
+        rec: machine.Record,
+        actions: list[machine.Action],
         received: Received | None = None,
         tracker: Tracker | None = None,
-    ) -> m.Event | None:
-        result: m.Event | None = None
+    ) -> machine.Event | None:
+        result: machine.Event | None = None
         for action in actions:
             try:
                 ev = await self._execute_one(name, action, received, tracker)
             except TrustError as exc:
-                ev = m.Event("fail", reason=exc.code, message=_message(exc), now=time.time())
+                ev = machine.Event("fail", reason=exc.code, message=_message(exc), now=time.time())
             except OSError as exc:
                 reason = "no_space" if exc.errno == errno.ENOSPC else "io_error"
-                ev = m.Event(
+                ev = machine.Event(
                     "fail", reason=reason, message=f"{action.kind}: {exc}", now=time.time()
                 )
             except Exception as exc:
-                ev = m.Event(
+                ev = machine.Event(
                     "fail", reason=f"{action.kind}_failed", message=repr(exc), now=time.time()
                 )
-            if ev is not None and ev.kind == "fail" and rec.state in m.TERMINAL:
+            if ev is not None and ev.kind == "fail" and rec.state in machine.TERMINAL:
                 # Failing while rolling back or cleaning up: keep going, the rest still helps.
                 log.error(
                     "update_cleanup_step_failed",
@@ -193,59 +192,61 @@ class Steps:
     async def _execute_one(
         self,
         name: str,
-        action: m.Action,
+        action: machine.Action,
         received: Received | None,
         tracker: Tracker | None,
-    ) -> m.Event | None:
+    ) -> machine.Event | None:
         store = self.repo.stores[name]
         rec = self.repo.records[name]
         kind = action.kind
-        if kind is m.A.PERSIST:
+        if kind is machine.ActionKind.PERSIST:
             await asyncio.to_thread(store.save_record, rec)
             fsutil.abort_point(str(rec.state))
             publish_state(self.events, name, rec)
             return None
-        if kind is m.A.VERIFY:
+        if kind is machine.ActionKind.VERIFY:
             assert received is not None
             return await self._verify(name, received, tracker)
-        if kind is m.A.STAGE:
+        if kind is machine.ActionKind.STAGE:
             assert action.slot is not None
             return await self._stage(name, action.slot)
-        if kind is m.A.PRECHECK:
+        if kind is machine.ActionKind.PRECHECK:
             assert action.slot is not None
             return await self.precheck(name, action.slot)
-        if kind is m.A.RESUME_TRIAL:
-            return m.Event("ok", now=time.time())
-        if kind is m.A.FLIP:
+        if kind is machine.ActionKind.RESUME_TRIAL:
+            return machine.Event("ok", now=time.time())
+        if kind is machine.ActionKind.FLIP:
             assert action.slot is not None
             started = time.perf_counter()
             await asyncio.to_thread(store.flip, action.slot)
-            if rec.state is m.S.ROLLED_BACK:
+            if rec.state is machine.State.ROLLED_BACK:
                 self._rollback_started = started
             fsutil.abort_point(f"{rec.state}.flipped")
             return None
-        if kind is m.A.SWAP:
+        if kind is machine.ActionKind.SWAP:
             assert action.slot is not None
             if self.models is not None:  # else the flipped `current` loads at the next start
                 await self.models.swap(name, store.dir(action.slot))
-            if rec.state is m.S.ROLLED_BACK:
+            if rec.state is machine.State.ROLLED_BACK:
                 self.last_rollback_ms = (time.perf_counter() - self._rollback_started) * 1e3
-            return m.Event("ok", now=time.time()) if rec.state is m.S.TRIAL else None
-        if kind is m.A.WATCH:
+            return (
+                machine.Event("ok", now=time.time()) if rec.state is machine.State.TRIAL else None
+            )
+        if kind is machine.ActionKind.WATCH:
             return await self._watch(name)
-        if kind is m.A.RATCHET:
+        if kind is machine.ActionKind.RATCHET:
             await self.ratchet(name)
-            return m.Event("ratcheted", now=time.time())
-        if kind is m.A.INVALIDATE:
+            return machine.Event("ratcheted", now=time.time())
+        if kind is machine.ActionKind.INVALIDATE:
             assert action.slot is not None
             await asyncio.to_thread(store.invalidate, action.slot)
             return None
-        if kind is m.A.SYNC_SLOTS:
+        if kind is machine.ActionKind.SYNC_SLOTS:
             dep = rec.deployment
-            keep = dep.target if (dep is not None and rec.state in m.IN_FLIGHT) else None
+            keep = dep.target if (dep is not None and rec.state in machine.IN_FLIGHT) else None
             await asyncio.to_thread(store.sync_slots, rec, keep)
             return None
-        if kind is m.A.DISCARD:
+        if kind is machine.ActionKind.DISCARD:
             await asyncio.to_thread(store.clean_staging)
             return None
         raise AssertionError(f"unhandled action {action}")
@@ -261,7 +262,9 @@ class Steps:
             created=info.created if info else None,
         )
 
-    async def _verify(self, name: str, received: Received, tracker: Tracker | None) -> m.Event:
+    async def _verify(
+        self, name: str, received: Received, tracker: Tracker | None
+    ) -> machine.Event:
         store = self.repo.stores[name]
         self.counter_value = await self.counter.read()
         staging = await asyncio.to_thread(store.reset_staging)
@@ -293,7 +296,7 @@ class Steps:
         probation_s = (
             man.health.probation_s if man.health.probation_s is not None else self.cfg.probation_s
         )
-        dep = m.Deployment(
+        dep = machine.Deployment(
             bundle_id=man.bundle_id,
             version=man.version,
             security_counter=man.security_counter,
@@ -301,9 +304,9 @@ class Steps:
             created=parse_time(man.created, "created"),
             probation_s=min(probation_s, self.cfg.probation_max_s),
         )
-        return m.Event("ok", deployment=dep, now=time.time())
+        return machine.Event("ok", deployment=dep, now=time.time())
 
-    async def _stage(self, name: str, slot: str) -> m.Event:
+    async def _stage(self, name: str, slot: str) -> machine.Event:
         store = self.repo.stores[name]
         cand = self.candidates[name]
         assert cand.head is not None and cand.head.sig_bytes is not None
@@ -318,7 +321,7 @@ class Steps:
             dep.created if dep else None,
         )
         self.candidates[name] = Candidate(cand.manifest, cand.manifest_sha256, None)
-        return m.Event("ok", now=time.time())
+        return machine.Event("ok", now=time.time())
 
     async def _candidate(self, name: str, slot: str) -> BundleManifest:
         """The candidate's manifest: from memory, or (after a restart) from the slot."""
@@ -333,10 +336,10 @@ class Steps:
             self.candidates[name] = cand
         return cand.manifest
 
-    async def precheck(self, name: str, slot: str) -> m.Event:
+    async def precheck(self, name: str, slot: str) -> machine.Event:
         store = self.repo.stores[name]
         if not await asyncio.to_thread(store.verify_slot, slot, quiet=True):
-            return m.Event(
+            return machine.Event(
                 "fail",
                 reason="slot_corrupt",
                 message=f"slot {slot} failed its re-hash before the precheck",
@@ -356,8 +359,8 @@ class Steps:
         )
         self.last_precheck[name] = {"ok": res.ok, "reason": res.reason, "figures": res.figures}
         if not res.ok:
-            return m.Event("fail", reason=res.reason, message=res.message, now=time.time())
-        return m.Event("ok", now=time.time())
+            return machine.Event("fail", reason=res.reason, message=res.message, now=time.time())
+        return machine.Event("ok", now=time.time())
 
     def _sample(self, name: str) -> probation.Sample:
         return probation.Sample(
@@ -365,7 +368,7 @@ class Steps:
             loops=self.loops.counters() if self.loops is not None else probation.NO_LOOPS,
         )
 
-    async def _watch(self, name: str) -> m.Event:
+    async def _watch(self, name: str) -> machine.Event:
         dep = self.repo.records[name].deployment
         assert dep is not None
         policy = self.cfg.probation
@@ -375,7 +378,7 @@ class Steps:
         while True:
             if name in self.aborts:
                 reason, message = self.aborts.pop(name)
-                return m.Event("rollback", reason=reason, message=message, now=time.time())
+                return machine.Event("rollback", reason=reason, message=message, now=time.time())
             elapsed = time.monotonic() - started
             verdict = probation.judge(
                 start,
@@ -386,11 +389,11 @@ class Steps:
                 policy=policy,
             )
             if verdict.kind == "fail":
-                return m.Event(
+                return machine.Event(
                     "fail", reason=verdict.reason, message=verdict.message, now=time.time()
                 )
             if verdict.kind == "pass":
-                return m.Event("ok", now=time.time())
+                return machine.Event("ok", now=time.time())
             left = max(0.0, dep.probation_s - elapsed)
             await asyncio.sleep(min(policy.poll_interval_ms / 1000.0, left + 0.001))
 

@@ -136,10 +136,6 @@ class UpdatesComponent:
         async with asyncio.timeout(timeout_s):
             await self.steps.wait_until(self.runner.idle)
 
-    @property
-    def last_rollback_ms(self) -> float | None:
-        return self.steps.last_rollback_ms
-
     def status(self) -> dict[str, Any]:
         kr = self.slots.keyring
         return {

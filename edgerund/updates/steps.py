@@ -100,8 +100,6 @@ class Steps:
         self.candidates: dict[str, Candidate] = {}
         self.aborts: dict[str, tuple[str, str]] = {}  # model -> (reason, message): by hand
         self.last_precheck: dict[str, dict[str, Any]] = {}
-        self.last_rollback_ms: float | None = None
-        self._rollback_started = 0.0
         self._changed = asyncio.Event()
 
     # -- change notification ---------------------------------------------------------------
@@ -217,18 +215,13 @@ class Steps:
             return machine.Event("ok", now=time.time())
         if kind is machine.ActionKind.FLIP:
             assert action.slot is not None
-            started = time.perf_counter()
             await asyncio.to_thread(store.flip, action.slot)
-            if rec.state is machine.State.ROLLED_BACK:
-                self._rollback_started = started
             fsutil.abort_point(f"{rec.state}.flipped")
             return None
         if kind is machine.ActionKind.SWAP:
             assert action.slot is not None
             if self.models is not None:  # else the flipped `current` loads at the next start
                 await self.models.swap(name, store.dir(action.slot))
-            if rec.state is machine.State.ROLLED_BACK:
-                self.last_rollback_ms = (time.perf_counter() - self._rollback_started) * 1e3
             return (
                 machine.Event("ok", now=time.time()) if rec.state is machine.State.TRIAL else None
             )

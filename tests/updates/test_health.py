@@ -117,13 +117,14 @@ async def test_probation_nan_rolls_back(harness: Any, tmp_path: Path, publisher:
 async def test_probation_missed_ticks_rolls_back(
     harness: Any, tmp_path: Path, publisher: Publisher
 ) -> None:
-    # A model far slower than the 10 ms loop period: the loop really misses ticks.
+    # A model far slower than the 10 ms loop period (~20 ms per inference on a fast x86
+    # core, more on a Pi): the loop really misses ticks, loaded host or not.
     async with harness(updates={"probation": {"max_missed_ticks": 5, "poll_interval_ms": 50}}) as h:
         b = publisher.bundle(
             tmp_path / "b",
             version="2.0.0",
             counter=1,
-            model=M.slow(n=8, dim=512, rows=128),
+            model=M.slow(n=8, dim=512, rows=512),
             health={"probation_s": 5.0, "latency_p95_ms": 10_000.0},
         )
         await _expect_refused(h, b, "probation_missed_ticks")

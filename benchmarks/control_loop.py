@@ -69,6 +69,7 @@ sys.path.insert(0, str(ROOT))
 import msgspec  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from drivers.emulated import register_drivers  # noqa: E402
 from drivers.emulated.scenario import Scenario  # noqa: E402
 from edgerund.config.schema import Config  # noqa: E402
 from edgerund.context import Context, Supervisor  # noqa: E402
@@ -373,6 +374,7 @@ async def run_loop(
 ) -> dict[str, Any]:
     """The real `loops` component on its own Context for `seconds` (after 1 s settling)."""
     cfg = loop_config(manifest, None)
+    register_drivers()  # the loop writes the emulated actuator: this script is its own root
     ctx = Context(config=cfg, config_path=Path("bench.yaml"), supervisor=Supervisor(print))
     ctx.components["hub"] = hub
     ctx.components["models"] = Models(manifest["name"], runner)

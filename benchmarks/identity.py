@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace, base: Path, swtpm: SwtpmProcess) -> dict
 
         async def inline_burst() -> None:  # what the worker thread avoids
             for i in range(100):
-                tpm._quote_job(tpm.worker._ectx, i.to_bytes(4, "big"))
+                tpm._quote_job(tpm.worker.current_context, i.to_bytes(4, "big"))
                 await asyncio.sleep(0)  # the loop runs between quotes, as with awaited calls
 
         # the worker thread must be idle for the inline run (same ESAPI context)

@@ -11,12 +11,25 @@ gone, wrong chip id) and `FrameError` for one bad frame (CRC, checksum, garbage)
 counts both, retries/backs off, and marks the sensor failed after `fail_after` consecutive
 failures. Drivers never swallow a fault silently: they count it in `counters` too.
 
+Acquisition time: a sample carries the instant the device was sampled, not the instant
+its value reached the event loop. Under CPU load the hop from an I2C bus worker thread back
+to the loop took up to 23 ms, and stamping at completion put that jitter into the model's
+resampled windows (false anomalies). So the transport notes the start of the read's first
+bus transaction with `note_acquired(time.monotonic())`: the I2C bus worker as it starts a
+job, the serial port as it sends a request. The note lives in a context variable, i.e. in
+the task that awaits the read, so drivers need do nothing and concurrent sensors never see
+each other's notes. The hub calls `begin_acquisition()` before each read (and before each
+stream frame), then stamps the samples with `acquired_at()`, or with the completion time
+when no transport noted one (a stream frame assembled from bytes as they arrived). The
+same instant on the wall clock is `time.time()` minus the monotonic time elapsed since.
+
 Config structs are msgspec tagged unions on `driver:`; each driver's struct subclasses
 `SensorConfig` with `tag="<driver name>"` and adds its own keys (units in key names).
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +54,9 @@ __all__ = [
     "Sample",
     "SensorConfig",
     "StreamSensor",
+    "acquired_at",
+    "begin_acquisition",
+    "note_acquired",
 ]
 
 
@@ -71,11 +87,35 @@ class Sample:
 
     sensor_id: str
     channel: str
-    t_mono: float  # time.monotonic() of the read: I2C transaction start, else completion
+    t_mono: float  # time.monotonic() when the device was sampled (see acquired_at)
     t_wall: float  # time.time() at the same instant
     value: float
     unit: str
     quality: Quality = Quality.GOOD
+
+
+# time.monotonic() at the start of the first bus transaction the current task awaited
+# since it called begin_acquisition(); None: no transport noted one.
+_ACQUIRED: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "drivers_acquired_mono", default=None
+)
+
+
+def begin_acquisition() -> None:
+    """The hub, before a read: forget the previous read's instant."""
+    _ACQUIRED.set(None)
+
+
+def acquired_at() -> float | None:
+    """When the current task's read sampled the device, if a transport noted it."""
+    return _ACQUIRED.get()
+
+
+def note_acquired(t_mono: float) -> None:
+    """A transport, as a bus transaction starts: the first note since begin_acquisition
+    is the read's instant (later transactions of the same read do not move it)."""
+    if _ACQUIRED.get() is None:
+        _ACQUIRED.set(t_mono)
 
 
 class SensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="driver"):

@@ -193,14 +193,17 @@ def _legacy_updates(ctx: Context) -> _LegacyUpdates | None:
 
 
 def _legacy_telemetry(ctx: Context) -> Any:
-    tel = telemetry_component.build(ctx)
+    # The updates component registered "update" with the router it left in ctx; telemetry
+    # dispatches every incoming cmd/* through that same router.
     router = ctx.components.pop("remote-commands", None)
-    if tel is not None and isinstance(router, RemoteCommands):
-        for name in router.names():
-            handler = router.handler(name)
-            assert handler is not None
-            tel.register_command(name, handler)
-    return tel
+    return telemetry_component.build(
+        ctx.config,
+        scope=ctx.supervisor.scope("telemetry"),
+        events=ctx.events,
+        samples=ctx.get("hub"),
+        signer=ctx.get("identity"),
+        router=router if isinstance(router, RemoteCommands) else RemoteCommands(),
+    )
 
 
 # Each component's builder, in start-up order (see the module docstring).

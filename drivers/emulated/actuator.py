@@ -14,6 +14,10 @@ of buffered I/O flushed per line (a test artefact, not a production path).
 `write_latency_ms` emulates a slow output (e.g. a Modbus round trip) with an
 `asyncio.sleep`; `fail_after_writes` makes every write after the n-th raise DeviceError,
 to test the fault path.
+
+Its config struct lives in drivers/simulation.py (so any config parses without loading
+this package); `ACTUATOR` enters the driver registry only through
+`drivers.emulated.register_drivers()`, which the composition root calls in simulated mode.
 """
 
 from __future__ import annotations
@@ -24,19 +28,11 @@ import time
 from collections import deque
 from typing import IO, Any
 
-from drivers.base import ActuatorConfig, DeviceError, Resources
+from drivers.base import DeviceError, Resources
 from drivers.registry import ActuatorSpec
+from drivers.simulation import EmulatedActuatorConfig
 
-
-class EmulatedActuatorConfig(ActuatorConfig, tag="emulated", kw_only=True):
-    name: str = "emulated"  # identifies the output (two loops may not share one)
-    record_path: str | None = None  # append every command as a JSON line
-    keep: int = 10000  # commands kept in memory
-    write_latency_ms: float = 0.0
-    fail_after_writes: int | None = None
-
-    def target(self) -> str:
-        return self.name
+__all__ = ["ACTUATOR", "EmulatedActuator", "EmulatedActuatorConfig"]
 
 
 class EmulatedActuator:

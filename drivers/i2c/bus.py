@@ -32,12 +32,12 @@ so the hub's log line says which wire to check. Nothing is retried here: retry p
 belongs to the hub (per sensor, from the config).
 
 Sample time: the worker notes `time.monotonic()` as each transaction starts, and the
-awaiting coroutine publishes it in the context variable `TRANSACTION_T` (first
-transaction since the variable was reset). The hub resets it before every read and stamps
-the read's samples with it: under CPU load the hop back to the event loop can take
-several milliseconds (p99 ~7 ms with the CPU oversubscribed), and a completion-time stamp
-would carry that as timing noise into anything that uses sample times (the anomaly
-model's resampling, docs/inference.md).
+awaiting coroutine reports it through the driver contract's `note_acquired`
+(drivers/base.py: the first transaction since the hub's `begin_acquisition` is the read's
+instant). Under CPU load the hop back to the event loop can take several milliseconds
+(p99 ~7 ms with the CPU oversubscribed), and a completion-time stamp would carry that as
+timing noise into anything that uses sample times (the anomaly model's resampling,
+docs/inference.md).
 
 A cancelled awaiter (the hub's read timeout) cancels its job if the job has not started:
 the worker checks the future before running it, so no stale transaction reaches the wire
@@ -49,7 +49,6 @@ anyway.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import errno as errno_mod
 import os
 import queue
@@ -58,15 +57,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from drivers.base import note_acquired
 from drivers.errors import DeviceError
 
-__all__ = ["TRANSACTION_T", "AsyncI2CBus", "I2CError", "SMBusLike", "open_real_bus"]
-
-# time.monotonic() at the start of the first transaction the current task awaited since
-# it set this to None (the hub does, before each read): when the device was read.
-TRANSACTION_T: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "edgerund_i2c_transaction_t", default=None
-)
+__all__ = ["AsyncI2CBus", "I2CError", "SMBusLike", "open_real_bus"]
 
 T = TypeVar("T")
 
@@ -284,8 +278,7 @@ class AsyncI2CBus:
             result = await fut
         finally:
             self._pending -= 1
-        if TRANSACTION_T.get() is None:
-            TRANSACTION_T.set(started[0])
+        note_acquired(started[0])
         return result
 
     # -- AsyncI2CBusLike -----------------------------------------------------------------

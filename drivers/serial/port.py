@@ -24,6 +24,10 @@ Sharing: one `AsyncSerialPort` per URL is shared by every sensor and actuator on
 take `transaction()`, an exclusive lock, around each request/response so several slave
 units can share one RS-485 line without interleaving.
 
+Sample time: a write is a request to the device, so it notes the read's acquisition
+time (drivers/base.py `note_acquired`), as the I2C bus does at a transaction's start; a
+frame the instrument sends unasked is stamped on arrival by the hub.
+
 Sniffing: drivers call `record_frame()` with each complete raw frame they framed (a
 line, a sentence, a Modbus ADU, a COBS packet); the last `sniff_frames` frames are kept in
 a bounded ring with their wall-clock time for the `serial-sniff` technician command.
@@ -43,6 +47,7 @@ from typing import Any, Literal
 
 import serial
 
+from drivers.base import note_acquired
 from drivers.errors import DeviceError
 
 __all__ = ["AsyncSerialPort", "SerialPorts", "char_time_s", "frames_to_rows"]
@@ -341,8 +346,13 @@ class AsyncSerialPort:
 
     # -- transmit ----------------------------------------------------------------------
     async def write(self, data: bytes) -> None:
-        """Write all of `data`; parks on add_writer only while the OS buffer is full."""
+        """Write all of `data`; parks on add_writer only while the OS buffer is full.
+
+        A write is a request to the device (a Modbus query, a poll command): its start is
+        when the device is sampled, so it is noted as the read's acquisition time
+        (drivers/base.py; only the first transaction of a read counts)."""
         async with self._write_lock:
+            note_acquired(time.monotonic())
             await self._write_locked(data)
 
     async def _write_locked(self, data: bytes) -> None:

@@ -1,10 +1,21 @@
 """`edgerund attest ...`: the upstream verifier (pure Python, no TPM stack needed).
 
-edgerund attest verify --result FILE [--nonce HEX] [--previous FILE]
+edgerund attest verify --result FILE --nonce HEX --ak-pem FILE [--previous FILE]
                        [--expect-model MANIFEST ... --expect-config CONFIG]
-                       [--ak-pem FILE] [--allow-software] [--json]
+                       [--allow-software] [--insecure-no-nonce] [--insecure-skip-ak-trust]
+                       [--json]
     exit 0: valid; 1: invalid (the reason code and message are printed); 2: usage
-    (unreadable file, bad JSON, bad nonce).
+    (unreadable file, bad JSON, bad nonce). Without --nonce and --ak-pem the verdict is
+    INVALID (no_nonce / ak_untrusted) unless the matching --insecure-... flag is given.
+edgerund attest enroll --socket PATH --ek-ca FILE --out AK.pem [--insecure-skip-ek-cert]
+    credential activation against a daemon's socket (on the gateway, or forwarded over
+    ssh): check the EK certificate against the CA bundle, MakeCredential for the AK Name,
+    `attest-activate`, compare, write the pinned AK, then verify a fresh quote with it.
+edgerund attest enroll --identity FILE --ek-ca FILE --challenge-out FILE --pending-out FILE
+edgerund attest enroll --pending FILE --response FILE --out AK.pem
+    the same in two offline steps (the device runs
+    `edgerunctl --json call attest-activate "$(cat CHALLENGE)" > RESPONSE`).
+    exit 0: enrolled; 1: refused (code and message printed); 2: usage / unreachable.
 edgerund attest export --result FILE --dir DIR
     write ak.pem, quote.msg, quote.sig, pcrs.bin for tpm2_checkquote and print its
     command line, so a quote can be cross-checked with tpm2-tools.
@@ -63,7 +74,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     verdict = verify_result(
         result, nonce=nonce, previous=previous, expected_binding=expected, ak_pem=ak_pem,
-        allow_software=args.allow_software,
+        allow_software=args.allow_software, insecure_skip_ak_trust=args.insecure_skip_ak_trust,
+        insecure_no_nonce=args.insecure_no_nonce,
     )  # fmt: skip
     if args.json:
         print(json.dumps(verdict.as_dict(), indent=2))
@@ -134,7 +146,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = asub.add_parser("verify", help="verify an attestation result (exit 0 valid, 1 invalid)")
     v.add_argument("--result", required=True, help="result JSON file (from edgerunctl --json "
                    "attest), or - for stdin")  # fmt: skip
-    v.add_argument("--nonce", help="the nonce (hex) you sent: checks freshness")
+    v.add_argument("--nonce", help="the nonce (hex) you sent: checks freshness (required)")
     v.add_argument("--previous", help="an earlier result of the same gateway: clock checks")
     v.add_argument(
         "--expect-model",
@@ -145,14 +157,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     v.add_argument("--expect-config", metavar="CONFIG",
                    help="the config file deployed (alone: expect no active model)")  # fmt: skip
-    v.add_argument("--ak-pem", help="the gateway's registered AK (PEM): pins the key")
+    v.add_argument(
+        "--ak-pem",
+        help="the gateway's AK (PEM) as enrolled by `edgerund attest enroll` (required)",
+    )
     v.add_argument(
         "--allow-software",
         action="store_true",
         help="accept an (insecure) software identity result",
     )
+    v.add_argument(
+        "--insecure-no-nonce",
+        action="store_true",
+        help="INSECURE: skip the freshness check (a replayed quote passes)",
+    )
+    v.add_argument(
+        "--insecure-skip-ak-trust",
+        action="store_true",
+        help="INSECURE: trust whatever AK the result names (a quote made in software passes)",
+    )
     v.add_argument("--json", action="store_true", help="machine-readable verdict")
     v.set_defaults(func=cmd_verify)
+    from edgerund.backend.enroll_cli import add_enroll_parser
+
+    add_enroll_parser(asub)
     e = asub.add_parser("export", help="write files for tpm2_checkquote")
     e.add_argument("--result", required=True)
     e.add_argument("--dir", required=True)

@@ -17,7 +17,9 @@ duplicates.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import json
 import random
 import sqlite3
@@ -29,28 +31,90 @@ from typing import IO, Any
 from edgerund.telemetry import codec
 
 
+class RangeSet:
+    """Disjoint, sorted, inclusive integer ranges: sequences seen or declared lost.
+
+    Memory and time grow with the number of runs, not with the span, so a hostile pair of
+    sequences 1 and 2**50 costs two ranges, not a walk over 2**50 numbers.
+    """
+
+    __slots__ = ("_hi", "_lo")
+
+    def __init__(self) -> None:
+        self._lo: list[int] = []
+        self._hi: list[int] = []
+
+    def __contains__(self, x: object) -> bool:
+        if not isinstance(x, int):
+            return False
+        i = bisect.bisect_right(self._lo, x) - 1
+        return i >= 0 and x <= self._hi[i]
+
+    def __bool__(self) -> bool:
+        return bool(self._lo)
+
+    def add(self, x: int) -> None:
+        self.add_range(x, x)
+
+    def add_range(self, lo: int, hi: int) -> None:
+        i = bisect.bisect_left(self._hi, lo - 1)  # first range that may touch [lo, hi]
+        j = i
+        while j < len(self._lo) and self._lo[j] <= hi + 1:
+            lo, hi = min(lo, self._lo[j]), max(hi, self._hi[j])
+            j += 1
+        self._lo[i:j] = [lo]
+        self._hi[i:j] = [hi]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._lo, self._hi, strict=True))
+
+
 @dataclass
 class SeqTracker:
-    seen: set[int] = field(default_factory=set)
-    lost: set[int] = field(default_factory=set)
+    seen: RangeSet = field(default_factory=RangeSet)
+    lost: RangeSet = field(default_factory=RangeSet)
 
     def missing(self) -> list[tuple[int, int]]:
+        """The gaps between the lowest and the highest sequence seen or lost."""
         if not self.seen:
             return []
-        lo, hi = min(self.seen | self.lost), max(self.seen | self.lost)
-        gaps: list[tuple[int, int]] = []
-        start: int | None = None
-        for s in range(lo, hi + 1):
-            if s in self.seen or s in self.lost:
-                if start is not None:
-                    gaps.append((start, s - 1))
-                    start = None
-            elif start is None:
-                start = s
-        return gaps
+        covered = RangeSet()
+        for lo, hi in (*self.seen.ranges(), *self.lost.ranges()):
+            covered.add_range(lo, hi)
+        runs = covered.ranges()
+        return [(a_hi + 1, b_lo - 1) for (_, a_hi), (b_lo, _) in itertools.pairwise(runs)]
+
+
+def _parse_meta(obj: Any) -> tuple[int, dict[int, dict[str, Any]]]:
+    """A meta document's schema version and series by id; DecodeError when malformed."""
+    if not isinstance(obj, dict):
+        raise codec.DecodeError("meta: expected a JSON object")
+    ver = obj.get("schema_ver")
+    if not isinstance(ver, int) or isinstance(ver, bool) or not 0 <= ver < 1 << 32:
+        raise codec.DecodeError("meta: `schema_ver` must be an integer 0..2**32-1")
+    series = obj.get("series", [])
+    if not isinstance(series, list):
+        raise codec.DecodeError("meta: `series` must be a list")
+    out: dict[int, dict[str, Any]] = {}
+    for i, s in enumerate(series):
+        sid = s.get("id") if isinstance(s, dict) else None
+        if not isinstance(sid, int) or isinstance(sid, bool) or not 0 <= sid < 1 << 32:
+            raise codec.DecodeError(f"meta: series[{i}] has no integer `id`")
+        for key in ("name", "unit"):
+            if key in s and not isinstance(s[key], str | None):
+                raise codec.DecodeError(f"meta: series[{i}].{key} must be a string")
+        ch = s.get("channels")
+        if ch is not None and not (isinstance(ch, list) and all(isinstance(c, str) for c in ch)):
+            raise codec.DecodeError(f"meta: series[{i}].channels must be a list of strings")
+        out[sid] = s
+    return ver, out
 
 
 class Consumer:
+    """Pure: (topic, payload) in, JSON-able records out. `handle` never raises on input:
+    everything it cannot accept becomes one record `{"type": "invalid", "error": ...}`
+    (codec.DecodeError is the one error type of every decoding failure)."""
+
     def __init__(
         self,
         *,
@@ -87,6 +151,20 @@ class Consumer:
     def mark_seen(self, gateway: str, epoch: int, seq: int) -> None:
         self.trackers.setdefault((gateway, epoch), SeqTracker()).seen.add(seq)
 
+    def _verified(self, sig: codec.Signature | None, verify: Any) -> bool | None:
+        """True/False when a configured key could check `sig`, None when none could."""
+        if sig is None or not self.keys:
+            return None
+        key = self.keys.get(sig.key_id)
+        return key is not None and bool(verify(key))
+
+    def _refusal(self, verified: bool | None, signed: bool) -> str | None:
+        if verified is False:
+            return "signature does not verify with the given key(s)"
+        if self.require_signature and verified is None:
+            return "unsigned" if not signed else "signed by an unknown key"
+        return None
+
     def handle(
         self, topic: str, payload: bytes, received: float | None = None
     ) -> list[dict[str, Any]]:
@@ -101,53 +179,66 @@ class Consumer:
                 }
             ]
         site, gw, kind = parts[n], parts[n + 1], parts[n + 2]
-        self.sites[gw] = site
         rec_base = {"site": site, "gateway": gw, "topic": topic}
-        if kind in ("meta", "state"):
-            try:
-                obj = json.loads(payload) if payload else {}
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                return [dict(rec_base, type="invalid", error=f"{kind} is not JSON: {exc}")]
-            if kind == "meta" and isinstance(obj, dict):
-                ver = obj.get("schema_ver")
-                if isinstance(ver, int):
-                    self.metas[(gw, ver)] = {
-                        int(s["id"]): s for s in obj.get("series", []) if isinstance(s, dict)
-                    }
-            elif kind == "state" and isinstance(obj, dict):
-                self.states[gw] = obj
-            return [dict(rec_base, type=kind, value=obj)]
-        if kind not in ("evt", "agg", "raw"):
-            return [dict(rec_base, type="ignored")]
         try:
-            dec = codec.decode(payload)
+            out = self._handle(site, gw, kind, payload, rec_base, received)
         except codec.DecodeError as exc:
             self.counts["invalid"] += 1
             return [dict(rec_base, type="invalid", error=str(exc))]
-        b = dec.batch
-        verified: bool | None = None
-        if dec.signature is not None and self.keys:
-            key = self.keys.get(dec.signature.key_id)
-            verified = key is not None and codec.verify(dec, key)
-        if self.require_signature and not verified:
-            self.counts["invalid"] += 1
-            why = (
-                "unsigned"
-                if dec.signature is None
-                else "signature does not verify with the given key(s)"
-            )
-            return [dict(rec_base, type="invalid", epoch=b.epoch, seq=b.seq, error=why)]
-        if verified is None:
+        self.sites[gw] = site
+        return out
+
+    def _handle(
+        self,
+        site: str,
+        gw: str,
+        kind: str,
+        payload: bytes,
+        rec_base: dict[str, Any],
+        received: float | None,
+    ) -> list[dict[str, Any]]:
+        if kind in ("meta", "state"):
+            obj = codec.loads_bounded(payload, kind) if payload else {}
+            if kind == "state":
+                if not isinstance(obj, dict):
+                    raise codec.DecodeError("state: expected a JSON object")
+                self.states[gw] = obj
+                return [dict(rec_base, type=kind, value=obj)]
+            if not obj:  # an empty retained message clears the topic
+                return [dict(rec_base, type=kind, value=obj)]
+            ver, series = _parse_meta(obj)
+            sig = codec.meta_signature(obj)
+            verified = self._verified(sig, lambda k: codec.verify_meta(obj, k))
+            why = self._refusal(verified, sig is not None)
+            if why is not None:
+                raise codec.DecodeError(f"meta: {why}")
+            self.metas[(gw, ver)] = series
+            return [dict(rec_base, type=kind, value=obj, verified=verified)]
+        if kind not in ("evt", "agg", "raw"):
+            return [dict(rec_base, type="ignored")]
+        # Authenticate before decompressing or parsing anything of the body.
+        framed = codec.unframe(payload)
+        verified = self._verified(
+            framed.signature,
+            lambda k: codec.verify_signature(framed.signature, framed.signed_bytes, k),
+        )
+        why = self._refusal(verified, framed.signature is not None)
+        if why is not None:
+            raise codec.DecodeError(f"batch {framed.epoch}/{framed.seq}: {why}")
+        if verified is None:  # counted per processed batch, duplicates included
             self.counts["unverified"] += 1
-        if self.is_seen(gw, b.epoch, b.seq):
+        if self.is_seen(gw, framed.epoch, framed.seq):
             self.counts["duplicates"] += 1
-            return [dict(rec_base, type="duplicate", epoch=b.epoch, seq=b.seq)]
+            return [dict(rec_base, type="duplicate", epoch=framed.epoch, seq=framed.seq)]
+        dec = codec.decode_framed(framed)
+        b = dec.batch
         self.mark_seen(gw, b.epoch, b.seq)
         self.counts["batches"] += 1
         tracker = self.trackers[(gw, b.epoch)]
         for blk in b.blocks:
             if isinstance(blk, codec.LossBlock):
-                tracker.lost.update(blk.seqs)
+                for s in blk.seqs:
+                    tracker.lost.add(s)
         meta = self.metas.get((gw, b.schema_ver))
         out = codec.to_json(dec, meta)
         for r in out:

@@ -6,6 +6,15 @@ the verifier's expectations and returns a `Verdict`; `edgerund attest verify` is
 over it. Checks, in order, each failing with a stable reason code:
 
 1. `malformed`          every field decodes (base64/hex) and parses as its TPM structure.
+   `no_nonce`           the verifier gave its nonce (else a quote can be a replay, or made
+                        in advance by whoever held the key once); skipped only by
+                        `insecure_no_nonce` (`--insecure-no-nonce`).
+   `ak_untrusted`       the verifier trusts the AK: it pinned it (`ak_pem`, written by
+                        `edgerund attest enroll` after credential activation, see
+                        enroll.py). The AK in the result is chosen by whoever wrote the
+                        result, so without a pin a quote signed by ANY key (made in
+                        software, no TPM) is self-consistent; skipped only by
+                        `insecure_skip_ak_trust` (`--insecure-skip-ak-trust`).
 2. `ak_attributes`      the AK is a restricted signing key that cannot decrypt (only a
                         restricted key refuses to sign outside data that starts with the
                         TPM_GENERATED magic, so only it makes a quote unforgeable).
@@ -29,7 +38,11 @@ over it. Checks, in order, each failing with a stable reason code:
 
 What a quote does NOT prove by itself: that the AK lives in the TPM named by the EK
 certificate. That is established once at registration by credential activation
-(MakeCredential to the EK, bound to the AK Name); the verifier then pins the AK (`ak_pem`).
+(MakeCredential to the EK, bound to the AK Name: makecredential.py, enroll.py, EK
+certificate chain: ekcert.py); the verifier then pins the AK (`ak_pem`), and every later
+quote is checked against that pin. A `kind: software` result is refused unless
+`allow_software` (`software_identity`), but the `kind` field is the sender's claim: the pin
+is what stops a software-made quote that says `kind: tpm`.
 """
 
 from __future__ import annotations
@@ -185,10 +198,19 @@ def verify_result(
     expected_binding: bytes | None = None,
     ak_pem: str | None = None,
     allow_software: bool = False,
+    insecure_skip_ak_trust: bool = False,
+    insecure_no_nonce: bool = False,
 ) -> Verdict:
-    """Check an attestation result. Never raises for bad input: returns Verdict(ok=False)."""
+    """Check an attestation result. Never raises for bad input: returns Verdict(ok=False).
+
+    Secure by default: without `nonce` and a pinned `ak_pem` the verdict is `no_nonce` /
+    `ak_untrusted`; the `insecure_*` switches skip exactly the check they name.
+    """
     try:
-        return _verify(result, nonce, previous, expected_binding, ak_pem, allow_software)
+        return _verify(
+            result, nonce, previous, expected_binding, ak_pem, allow_software,
+            insecure_skip_ak_trust=insecure_skip_ak_trust, insecure_no_nonce=insecure_no_nonce,
+        )  # fmt: skip
     except VerifyError as exc:
         return Verdict(False, exc.code, exc.message)
 
@@ -200,6 +222,9 @@ def _verify(
     expected_binding: bytes | None,
     ak_pem: str | None,
     allow_software: bool,
+    *,
+    insecure_skip_ak_trust: bool,
+    insecure_no_nonce: bool,
 ) -> Verdict:
     if not isinstance(result, Mapping):
         raise VerifyError("malformed", "the result must be a JSON object")
@@ -209,8 +234,32 @@ def _verify(
     ak_pub_raw = _b64(result, "ak_public")
     assert attest_raw is not None and sig_raw is not None and ak_pub_raw is not None
 
-    # 2-3: the AK
     ak = _parse(ts.parse_tpm2b_public, ak_pub_raw, "ak_public")
+
+    # 1: the verifier's own trust inputs
+    if nonce is None:
+        if not insecure_no_nonce:
+            raise VerifyError(
+                "no_nonce",
+                "no verifier nonce: without the fresh nonce you sent, the quote may be a "
+                "replay or made in advance; pass --nonce HEX (or --insecure-no-nonce)",
+            )
+        verdict.warnings.append("INSECURE: no nonce (--insecure-no-nonce): freshness not checked")
+    if ak_pem is None:
+        if not insecure_skip_ak_trust:
+            raise VerifyError(
+                "ak_untrusted",
+                "no trusted AK: the result names its own signing key, so a quote made in "
+                "software with any key is self-consistent; pin the AK with --ak-pem FILE "
+                "(from `edgerund attest enroll`, credential activation) or pass "
+                "--insecure-skip-ak-trust",
+            )
+        verdict.warnings.append(
+            "INSECURE: AK not pinned (--insecure-skip-ak-trust): the signature only proves "
+            "self-consistency, not that a TPM made this quote"
+        )
+
+    # 2-3: the AK
     if not (ak.has(ts.OA_RESTRICTED) and ak.has(ts.OA_SIGN)) or ak.has(ts.OA_DECRYPT):
         raise VerifyError(
             "ak_attributes",
@@ -221,13 +270,8 @@ def _verify(
         raise VerifyError("ak_attributes", "the AK is not fixedTPM: it could have been exported")
     if "ak_pem" in result and not _same_key(_load_pem(result["ak_pem"], "ak_pem"), ak.key):
         raise VerifyError("ak_mismatch", "the result's ak_pem differs from its ak_public")
-    if ak_pem is not None:
-        if not _same_key(_load_pem(ak_pem, "the pinned AK"), ak.key):
-            raise VerifyError("ak_mismatch", "the quote's AK is not the AK pinned by the verifier")
-    else:
-        verdict.warnings.append(
-            "AK not pinned (--ak-pem): the signature only proves self-consistency"
-        )
+    if ak_pem is not None and not _same_key(_load_pem(ak_pem, "the pinned AK"), ak.key):
+        raise VerifyError("ak_mismatch", "the quote's AK is not the AK pinned by the verifier")
     if result.get("kind") == "software":
         msg = "software identity: keys live in a file, not in a TPM (INSECURE)"
         if not allow_software:
@@ -249,8 +293,6 @@ def _verify(
         )
     if att.extra_data != declared_nonce:
         raise VerifyError("nonce_mismatch", "the quoted nonce differs from the result's nonce")
-    if nonce is None:
-        verdict.warnings.append("no --nonce given: freshness (replay) not checked")
     verdict.reset_count, verdict.restart_count = att.reset_count, att.restart_count
     verdict.clock_ms = att.clock
     if not att.safe:

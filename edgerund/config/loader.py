@@ -9,7 +9,7 @@ path (following tagged unions through the raw data) and rewrite the message as
 
     FILE:LINE: sensors[0].adress: unknown key 'adress'; did you mean 'address'?
 
-After the typed pass, each section's `cross_check(cfg)` returns semantic problems (a loop
+After the typed pass, the checks in schema.CROSS_CHECKS return semantic problems (a loop
 naming an unknown sensor) as (key.path, message) pairs that get the same FILE:LINE prefix.
 
 Strings may reference `${NAME}` environment variables; `${EDGERUND_SHARE}` defaults to the
@@ -22,14 +22,14 @@ import difflib
 import os
 import re
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import yaml
 
-from edgerund.config.schema import Config
+from edgerund.config.schema import CROSS_CHECKS, Config
 from edgerund.errors import ConfigError
 
 PathKey = tuple[str | int, ...]
@@ -340,29 +340,6 @@ def _explain(exc: msgspec.ValidationError, doc: _Doc, file: str) -> ConfigError:
 # --------------------------------------------------------------------------- public
 
 
-CrossCheck = Callable[[Config], list[tuple[str, str]]]
-
-
-def _cross_checks() -> list[CrossCheck]:
-    """Each section's semantic checks (names resolved late: sections may not define one)."""
-    import importlib
-
-    out: list[CrossCheck] = []
-    for mod_name in (
-        "edgerund.config.checks",
-        "edgerund.hub.config",
-        "edgerund.inference.config",
-        "edgerund.control.config",
-        "edgerund.identity.config",
-        "edgerund.updates.config",
-        "edgerund.telemetry.config",
-    ):
-        fn = getattr(importlib.import_module(mod_name), "cross_check", None)
-        if fn is not None:
-            out.append(fn)
-    return out
-
-
 def parse_config(text: str, file: str = "<config>") -> Config:
     """Validate config text. Raises ConfigError with FILE:LINE: key.path: message."""
     doc = _parse_yaml(text, file)
@@ -379,7 +356,7 @@ def parse_config(text: str, file: str = "<config>") -> Config:
     except msgspec.ValidationError as exc:
         raise _explain(exc, doc, file) from None
     problems: list[tuple[str, str]] = []
-    for check in _cross_checks():
+    for check in CROSS_CHECKS:
         problems.extend(check(cfg))
     if problems:
         errors = [

@@ -1,83 +1,74 @@
-"""The root config: one struct per section, each section's schema owned by its component.
+"""The root config: the one table of sections, and the one table of their cross-checks.
 
-Sensor and actuator entries are msgspec tagged unions on `driver:` built from
-drivers.registry, so every driver validates its own keys.
+`Config` has one field per top-level YAML section; each section's struct is owned by the
+component that reads it (edgerund/<capability>/config.py, the foundation's in
+edgerund/config/foundation.py). `sensors[]` and `loops[].actuator` are msgspec tagged
+unions on `driver:` built from drivers.registry, so every driver validates its own keys.
+
+`CROSS_CHECKS` lists, in the order their problems are reported, the checks that need more
+than one section (a loop naming an unknown sensor). Each section module's `cross_check`
+states what it reads as a small Protocol, which `Config` satisfies structurally, so the
+section modules never import this one: dependencies run one way, from here to them, and
+mypy checks every row of the table against `Config`.
+
+Adding a section: its struct in the owning component's config.py (importing only
+edgerund.config.base and drivers), a field on `Config`, and, if it has checks that span
+keys or sections, a row in `CROSS_CHECKS`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Union
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from drivers.base import ActuatorConfig, SensorConfig
-from drivers.registry import actuator_drivers, sensor_drivers
+from drivers.base import SensorConfig
+from drivers.registry import sensor_config_union
+from edgerund.config import foundation
 from edgerund.config.base import Section
+from edgerund.config.foundation import (
+    DaemonConfig,
+    DiagConfig,
+    GatewayConfig,
+    LoggingConfig,
+    MetricsConfig,
+    PathsConfig,
+)
+from edgerund.control import config as control
 from edgerund.control.config import LoopConfig
+from edgerund.hub import config as hub
 from edgerund.hub.config import SimulationConfig
+from edgerund.identity import config as identity
 from edgerund.identity.config import IdentityConfig
+from edgerund.inference import config as inference
 from edgerund.inference.config import ModelConfig
+from edgerund.telemetry import config as telemetry
 from edgerund.telemetry.config import TelemetryConfig, UplinkConfig
+from edgerund.updates import config as updates
 from edgerund.updates.config import UpdatesConfig
+
+__all__ = [
+    "CROSS_CHECKS",
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "CrossCheck",
+    "DaemonConfig",
+    "DiagConfig",
+    "GatewayConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "PathsConfig",
+    "Problem",
+    "SensorEntry",
+]
 
 DEFAULT_CONFIG_PATH = "/etc/edgerund/edgerund.yaml"
 
-
-def _union(types: list[type[Any]], fallback: type[Any]) -> Any:
-    if not types:
-        return fallback
-    if len(types) == 1:
-        return types[0]
-    return Union[tuple(types)]  # noqa: UP007 - built at run time from the registry
-
-
 if TYPE_CHECKING:
     SensorEntry = SensorConfig
-    ActuatorEntry = ActuatorConfig
 else:
-    SensorEntry = _union([s.config_type for s in sensor_drivers().values()], SensorConfig)
-    ActuatorEntry = _union([s.config_type for s in actuator_drivers().values()], ActuatorConfig)
-
-
-class GatewayConfig(Section):
-    id: str
-    site: str = "default"
-    hardware_id: str = "generic"  # matched against bundle compatibility
-
-
-class PathsConfig(Section):
-    state_dir: str = "/var/lib/edgerund"
-    run_dir: str = "/run/edgerund"
-
-
-class LoggingConfig(Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
-    ring_size: int = 2000  # recent events kept in memory for `edgerunctl log`
-
-
-class DiagConfig(Section):
-    enabled: bool = True
-    socket: str = "/run/edgerund/diag.sock"
-    mode: int = 0o660
-    group: str = "edgerund"  # members (and root) may run mutating commands
-    max_request_bytes: int = 65536
-    idle_timeout_s: float = 300.0
-    max_clients: int = 64
-
-
-class DaemonConfig(Section):
-    watchdog_lag_limit_ms: float = 500.0  # WATCHDOG=1 is withheld while loop lag exceeds this
-    loop_lag_interval_ms: int = 100  # how often the loop-lag monitor samples
-    shutdown_timeout_s: float = 10.0
-    use_uvloop: bool = True
-
-
-class MetricsConfig(Section):
-    # Write Prometheus text to this file every interval_s for node_exporter's textfile
-    # collector (e.g. /var/lib/prometheus/node-exporter/edgerund.prom); empty: off.
-    textfile: str = ""
-    interval_s: float = 15.0
+    SensorEntry = sensor_config_union()
 
 
 class Config(Section):
@@ -95,3 +86,17 @@ class Config(Section):
     uplink: UplinkConfig = msgspec.field(default_factory=UplinkConfig)
     simulation: SimulationConfig = msgspec.field(default_factory=SimulationConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+
+Problem = tuple[str, str]  # (key.path, message): the loader adds FILE:LINE
+CrossCheck = Callable[[Config], list[Problem]]
+
+CROSS_CHECKS: tuple[CrossCheck, ...] = (
+    foundation.cross_check,  # gateway, paths, diag, daemon
+    hub.cross_check,  # sensors, simulation
+    inference.cross_check,  # models
+    control.cross_check,  # loops against sensors and models
+    identity.cross_check,  # identity
+    updates.cross_check,  # updates against models
+    telemetry.cross_check,  # telemetry, uplink against sensors and gateway
+)

@@ -13,29 +13,19 @@ channel names) run at start-up in the component and raise ConfigError naming bot
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 import msgspec
 
-from drivers.base import ActuatorConfig
-from drivers.registry import actuator_drivers
+from drivers.base import ActuatorConfig, SensorConfig
+from drivers.registry import actuator_config_union
 from edgerund.config.base import Section
 
 if TYPE_CHECKING:
-    from edgerund.config.schema import Config
-
     ActuatorEntry = ActuatorConfig
 else:
-
-    def _actuator_union() -> Any:
-        types = [s.config_type for s in actuator_drivers().values()]
-        if not types:
-            return ActuatorConfig
-        if len(types) == 1:
-            return types[0]
-        return Union[tuple(types)]  # noqa: UP007 - built at run time from the registry
-
-    ActuatorEntry = _actuator_union()
+    ActuatorEntry = actuator_config_union()
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -128,7 +118,23 @@ def actuator_target(cfg: ActuatorConfig) -> str:
     return f"{actuator_driver_name(cfg)}:{ident}"
 
 
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class _Loops(Protocol):
+    """What `cross_check` reads of the root config (edgerund/config/schema.py)."""
+
+    @property
+    def loops(self) -> Sequence[LoopConfig]: ...
+    @property
+    def sensors(self) -> Sequence[SensorConfig]: ...
+    @property
+    def models(self) -> Sequence[_Named]: ...
+
+
+def cross_check(cfg: _Loops) -> list[tuple[str, str]]:
     """Cross-section checks of `loops` against `sensors` and `models`."""
     errors: list[tuple[str, str]] = []
     sensors = {s.id: s for s in cfg.sensors}

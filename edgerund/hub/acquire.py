@@ -36,8 +36,10 @@ iterator (a bad CRC, a garbage line) is counted and the iteration resumes with a
 sensor and re-opens it with a short backoff, and at the re-probe period once failed, so a
 USB-serial adapter that comes back is picked up.
 
-Storing: each `Reading` becomes one `Sample` (the only per-sample allocation), written
-into the channel's preallocated ring; the samples of one read go to the hub's sink in one
+Storing: each `Reading` becomes one `Sample` (the only per-sample allocation), stamped
+with the read's acquisition time from the driver contract (drivers/base.py: the first bus
+transaction's start, as the transport noted it, else the completion), written into the
+channel's preallocated ring; the samples of one read go to the hub's sink in one
 call, which fans them out to subscribers (telemetry).
 """
 
@@ -55,9 +57,15 @@ from typing import Any
 
 import structlog
 
-from drivers.base import ChannelInfo, Reading, Sample, SensorConfig
+from drivers.base import (
+    ChannelInfo,
+    Reading,
+    Sample,
+    SensorConfig,
+    acquired_at,
+    begin_acquisition,
+)
 from drivers.errors import DeviceError, FrameError
-from drivers.i2c.bus import TRANSACTION_T
 from edgerund.hub import health as hm
 from edgerund.hub.ring import Ring
 
@@ -96,8 +104,6 @@ _set_value: Callable[[Sample, Any], None] = _SLOTS["value"].__set__
 _set_unit: Callable[[Sample, Any], None] = _SLOTS["unit"].__set__
 _set_quality: Callable[[Sample, Any], None] = _SLOTS["quality"].__set__
 _monotonic = time.monotonic
-_transaction_t = TRANSACTION_T.get
-_reset_transaction_t = TRANSACTION_T.set
 _wall = time.time
 
 
@@ -268,11 +274,11 @@ class Acquirer:
     def store(self, readings: Sequence[Reading]) -> None:
         rt = self.rt
         t_mono = _monotonic()
-        # Samples carry the instant the device was read (the I2C worker's transaction
-        # start, drivers/i2c/bus.py TRANSACTION_T), not when the loop got the result:
-        # under CPU load that hop adds milliseconds of jitter to the sample times.
-        t_tx = _transaction_t()
-        t_sample = t_tx if t_tx is not None and t_tx <= t_mono else t_mono
+        # Samples carry the instant the device was read, as its transport noted it
+        # (drivers/base.py, acquisition time), not when the loop got the result: under
+        # CPU load that hop adds milliseconds of jitter to the sample times.
+        t_acq = acquired_at()
+        t_sample = t_acq if t_acq is not None and t_acq <= t_mono else t_mono
         # The same instant on the wall clock (telemetry timestamps agree with t_mono).
         t_wall = _wall() - (t_mono - t_sample)
         sid = rt.config.id
@@ -312,7 +318,7 @@ class Acquirer:
         reason = "no attempt"
         frame_only = True
         for _ in range(rt.config.retries + 1):
-            _reset_transaction_t(None)  # the read's first transaction sets it
+            begin_acquisition()  # the read's first bus transaction notes its instant
             try:
                 async with asyncio.timeout(timeout_s):
                     readings = await sensor.read()
@@ -401,6 +407,9 @@ class Acquirer:
                 it: AsyncIterator[Sequence[Reading]] = rt.sensor.frames()
                 try:
                     while True:
+                        # a frame's instant is its arrival, unless the driver polled
+                        # for it (then the request's): no note may outlive its frame
+                        begin_acquisition()
                         try:
                             async with asyncio.timeout(self.stall_s):
                                 readings = await anext(it)

@@ -523,9 +523,11 @@ def build(ctx: Context) -> SensorHub:
     sim: Any | None = None
     resources: Resources
     if ctx.simulate or cfg.simulation.enabled:
+        from drivers.emulated import register_drivers
         from drivers.emulated.scenario import Anomaly, Scenario
         from drivers.emulated.simulated import SimResources
 
+        register_drivers()  # the emulated actuator (transitional: the root's job, #13)
         scenario = Scenario(
             seed=cfg.simulation.seed,
             anomalies=[

@@ -17,15 +17,14 @@ with FILE:LINE:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import msgspec
 
+from drivers.base import SensorConfig
 from drivers.registry import sensor_drivers
 from edgerund.config.base import Section
-
-if TYPE_CHECKING:
-    from edgerund.config.schema import Config
 
 # The serial URLs the simulated resources (drivers/emulated/simulated.py) understand.
 SIM_PORTS: tuple[str, ...] = ("sim://gps", "sim://modbus", "sim://line", "sim://cobs")
@@ -56,7 +55,16 @@ def driver_names() -> list[str]:
     return sorted(sensor_drivers())
 
 
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
+class _Sensors(Protocol):
+    """What `cross_check` reads of the root config (edgerund/config/schema.py)."""
+
+    @property
+    def sensors(self) -> Sequence[SensorConfig]: ...
+    @property
+    def simulation(self) -> SimulationConfig: ...
+
+
+def cross_check(cfg: _Sensors) -> list[tuple[str, str]]:
     errors: list[tuple[str, str]] = []
     ids: dict[str, int] = {}
     i2c: dict[tuple[int, int], tuple[int, str]] = {}

@@ -3,7 +3,9 @@
 Two preallocated float64 arrays per channel; `push` writes one slot and advances an index,
 so acquisition allocates nothing per sample besides the `Sample` object consumers see.
 `window(n)` returns copies in time order (newest last) so a control loop can keep them
-across awaits while acquisition keeps writing.
+across awaits while acquisition keeps writing; `between(t_lo, t_hi)` selects by time
+instead of count. The time base is the caller's: the hub pushes `t_mono` seconds,
+telemetry pushes wall-clock milliseconds (integers, exact in a float64 up to 2**53).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ class Ring:
             np.concatenate((self._t[start:], self._t[: self._i])),
             np.concatenate((self._v[start:], self._v[: self._i])),
         )
+
+    def between(self, t_lo: float, t_hi: float) -> tuple[F64, F64]:
+        """The stored samples with t_lo <= t <= t_hi, in push order, as fresh arrays."""
+        t, v = self.window(self.capacity)
+        m = (t >= t_lo) & (t <= t_hi)
+        return t[m], v[m]
 
     def times_since(self, t_from: float) -> F64:
         """Timestamps of the stored samples newer than `t_from` (unordered use: counting)."""

@@ -85,6 +85,11 @@ class Identity(abc.ABC):
     def ek_certificate_found(self) -> bool:
         return False
 
+    @property
+    def counter_refusal(self) -> str | None:
+        """Why the anti-rollback counter must not be used (updates are then refused)."""
+        return None
+
     @abc.abstractmethod
     def public_key_pem(self) -> str: ...
 
@@ -184,6 +189,8 @@ class Identity(abc.ABC):
             "insecure": self.insecure,
             "binding_pcr": self.pcr_binding,
         }
+        if self.counter_refusal:
+            out["counter_refused"] = self.counter_refusal
         if self.insecure:
             out["warning"] = (
                 "INSECURE software identity: keys are in files, not in a TPM; quotes prove "

@@ -12,12 +12,16 @@ Start-up (`__aenter__`, first component the daemon enters):
      `bind_model` at every swap).
 Shutdown sends an orderly TPM2_Shutdown and closes the context on its thread.
 
-Socket commands: `identity` (public facts) and `attest` (args {"nonce": hex}); status key
-`identity`. Other components use the methods below (team contract in docs/identity.md).
+Socket commands: `identity` (public facts), `attest` (args {"nonce": hex}, rate-limited
+per client uid: `rate_limited`; a full TPM queue answers `busy`) and the privileged
+`attest-activate` (credential activation, identity/credential.py); status key `identity`.
+`reload` (SIGHUP) re-binds the config digest into the NV binding and the binding PCR.
+Other components use the methods below (team contract in docs/identity.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,8 +35,11 @@ from edgerund.component import Command, CommandError, Peer
 from edgerund.errors import ConfigError, DeviceError
 from edgerund.identity.base import Identity
 from edgerund.identity.binding import parse_nonce
+from edgerund.identity.credential import handle_activate
+from edgerund.identity.ratelimit import PerKeyBuckets
 from edgerund.identity.software import SoftwareIdentity
 from edgerund.identity.tpm_errors import LAYER_MASK, TCTI_LAYER, TpmError
+from edgerund.identity.worker import TpmBusy
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
@@ -95,6 +102,8 @@ class IdentityComponent:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._ident: Identity | None = None
+        ic = ctx.config.identity
+        self._attest_buckets = PerKeyBuckets(ic.attest_rate_per_s, ic.attest_burst)
 
     @property
     def identity(self) -> Identity:
@@ -148,6 +157,10 @@ class IdentityComponent:
     def public_key_pem(self) -> str:
         return self.identity.public_key_pem()
 
+    @property
+    def counter_refusal(self) -> str | None:
+        return self.identity.counter_refusal
+
     async def counter_read(self) -> int:
         return await self.identity.counter_read()
 
@@ -162,6 +175,20 @@ class IdentityComponent:
 
     # -- daemon integration
 
+    def reload(self, config: Any) -> None:
+        """SIGHUP: the config file changed, so the binding must attest the new one."""
+        if self._ident is None:
+            return
+        ident = self._ident
+
+        async def rebind() -> None:
+            digest = await asyncio.to_thread(config_sha256, self.ctx)  # file read: off the loop
+            if digest != ident.config_sha256:
+                await ident.bind_config(digest)
+                log.info("identity_config_rebound", config_sha256=digest.hex())
+
+        self.ctx.supervisor.spawn("identity.rebind", rebind, restart=False)
+
     def status(self) -> dict[str, Any]:
         if self._ident is None:
             return {"identity": {"kind": self.ctx.config.identity.kind, "state": "stopped"}}
@@ -172,6 +199,12 @@ class IdentityComponent:
             "identity": Command(self._cmd_identity, help="device identity: keys, AK Name, EK"),
             "attest": Command(
                 self._cmd_attest, help="TPM quote for a verifier nonce: args {nonce: HEX}"
+            ),
+            "attest-activate": Command(
+                lambda args, peer: handle_activate(self.identity, args),
+                mutating=True,
+                help="AK enrolment: TPM2_ActivateCredential, args {credential_blob, "
+                "encrypted_secret} (edgerund attest enroll)",
             ),
         }
 
@@ -185,6 +218,8 @@ class IdentityComponent:
                 "ak_pem": static["ak_pem"],
                 "ak_public": static["ak_public"],
                 "ek_pem": static["ek_pem"],
+                "ek_public": static.get("ek_public"),
+                "ek_certificate": static.get("ek_certificate"),
             }
         )
         return out
@@ -203,8 +238,18 @@ class IdentityComponent:
             nonce = parse_nonce(raw)
         except ValueError as exc:
             raise CommandError("bad_nonce", str(exc)) from None
+        wait_s = self._attest_buckets.take(peer.uid)
+        if wait_s:
+            raise CommandError(
+                "rate_limited",
+                f"too many attest requests from uid {peer.uid} (identity.attest_rate_per_s="
+                f"{self._attest_buckets.rate:g}, attest_burst={self._attest_buckets.burst:g}); "
+                f"retry in {wait_s:.1f} s",
+            )
         try:
             return await self.identity.attest(nonce)
+        except TpmBusy as exc:
+            raise CommandError("busy", str(exc)) from None
         except DeviceError as exc:
             raise CommandError("tpm_error", str(exc)) from None
 

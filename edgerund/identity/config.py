@@ -12,12 +12,9 @@ written in YAML as hex (`0x81000001`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from edgerund.config.base import Section
-
-if TYPE_CHECKING:
-    from edgerund.config.schema import Config
 
 RESETTABLE_PCRS = (16, 23)  # resettable from locality 0 (PC Client platform profile)
 
@@ -42,10 +39,22 @@ class IdentityConfig(Section):
     ak_handle: int = 0x81010020  # persistent attestation key (under the EK)
     signing_key_handle: int = 0x81000020  # persistent telemetry signing key (under the SRK)
     nv_counter_index: int = 0x01500100  # TPM_NT_COUNTER, NO_DA: anti-rollback counter
+    nv_binding_index: int = 0x01500101  # TPM_NT_EXTEND: config + model binding (extend log)
+    nv_auth_file: str = "identity/nv-auth"  # secret authorizing our NV indices (mode 0600)
+    max_queued_calls: int = 32  # TPM calls queued or running; one more answers `busy`
+    attest_rate_per_s: float = 1.0  # socket `attest` per client uid: sustained rate
+    attest_burst: int = 5  # ... and burst (token bucket)
     shutdown_on_exit: bool = True  # orderly TPM2_Shutdown(CLEAR) when the daemon stops
 
 
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
+class _Identity(Protocol):
+    """What `cross_check` reads of the root config (edgerund/config/schema.py)."""
+
+    @property
+    def identity(self) -> IdentityConfig: ...
+
+
+def cross_check(cfg: _Identity) -> list[tuple[str, str]]:
     """Checks of the identity section that msgspec's types cannot express."""
     from edgerund.identity.tpmstruct import HASH_IDS, parse_pcr_selection_string
 
@@ -93,6 +102,7 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
         ("ak_handle", ident.ak_handle, 0x81000000, 0x817FFFFF),
         ("signing_key_handle", ident.signing_key_handle, 0x81000000, 0x817FFFFF),
         ("nv_counter_index", ident.nv_counter_index, 0x01000000, 0x01BFFFFF),
+        ("nv_binding_index", ident.nv_binding_index, 0x01000000, 0x01BFFFFF),
     ):
         if not lo <= value <= hi:
             errors.append(
@@ -109,7 +119,13 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
                 "srk_handle, ak_handle and signing_key_handle must be three different handles",
             )
         )
-    for key in ("call_timeout_ms", "enrol_timeout_ms"):
+    if ident.nv_binding_index == ident.nv_counter_index:
+        errors.append(("identity.nv_binding_index", "must differ from identity.nv_counter_index"))
+    for key in ("call_timeout_ms", "enrol_timeout_ms", "max_queued_calls", "attest_burst"):
         if getattr(ident, key) <= 0:
             errors.append((f"identity.{key}", f"expected > 0, got {getattr(ident, key)}"))
+    if ident.attest_rate_per_s <= 0:
+        errors.append(
+            ("identity.attest_rate_per_s", f"expected > 0, got {ident.attest_rate_per_s}")
+        )
     return errors

@@ -13,6 +13,11 @@ them): the telemetry signing key and a separate attestation key (P-256, PKCS#8 P
 so that `sign_digest` can never produce a valid "quote"), a counter file (written
 atomically and fsync'ed, so a power cut leaves the old or the new value, never less), and a
 boot counter standing in for the TPM's resetCount. The binding PCR is emulated in memory.
+
+As a FALLBACK for an absent TPM (`reason` set) the counter is refused: the real
+anti-rollback counter lives in the TPM, and a file counter starting at 0 would accept
+every old bundle. `counter_read`/`counter_increment` raise a DeviceError with the reason
+(visible in status as `counter_refused`), so updates are refused until the TPM is back.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from edgerund.errors import ConfigError
+from edgerund.errors import ConfigError, DeviceError
 from edgerund.identity import tpmstruct as ts
 from edgerund.identity.base import Identity, pem, spki_fingerprint
 from edgerund.identity.config import IdentityConfig
@@ -173,10 +178,25 @@ class SoftwareIdentity(Identity):
 
         return self._sk.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
 
+    @property
+    def counter_refusal(self) -> str | None:
+        if not self.reason:
+            return None
+        return (
+            f"the anti-rollback counter lives in the TPM, which was missing at start-up "
+            f"({self.reason}); updates are refused until the TPM is back (restart the daemon)"
+        )
+
+    def _check_counter(self) -> None:
+        if self.counter_refusal:
+            raise DeviceError(self.counter_refusal)
+
     async def counter_read(self) -> int:
+        self._check_counter()
         return await asyncio.to_thread(_read_int, self.counter_path)
 
     async def counter_increment(self) -> int:
+        self._check_counter()
         async with self._lock:
             return await asyncio.to_thread(self._increment)
 

@@ -8,7 +8,9 @@ Key hierarchy (docs/identity.md has the picture):
     owner:       SRK (ECC P-256 storage primary, noDA) -- persistent at srk_handle
                   `- telemetry key: non-restricted ECDSA P-256, persistent at
                           signing_key_handle; certified by the AK at every attestation
-    NV:          counter at nv_counter_index (TPM_NT_COUNTER, NO_DA, own empty auth)
+    NV:          counter at nv_counter_index (TPM_NT_COUNTER) and binding index at
+                 nv_binding_index (TPM_NT_EXTEND): written only through a policy that
+                 needs the daemon's NV secret, Names pinned (nvindex.py)
 
 Every password-less object has noDA (the EK template is fixed by the TCG and is only used
 through policy sessions, which are not DA-checked): an unclean power cut after using a
@@ -25,6 +27,14 @@ reads each persistent handle, and:
   - Name differs -> refuse (another tool took the handle or the TPM was cleared).
 `tr_from_tpmpublic` trusts whatever sits at a handle, so the Name check is essential.
 
+The NV binding index is extended with a binding event (nvbinding.py) whenever the config or
+a model changes, and every attestation carries its TPM2_NV_Certify by the AK plus the event
+log since start-up. The PCR binding is kept for compatibility, but a PCR resettable at
+locality 0 proves nothing against a local attacker; the NV binding does.
+
+When the worker abandons a hung context (worker.py) `_reattach` runs on the new context:
+the persistent handles are looked up and Name-checked again.
+
 Transient objects and sessions are flushed in `finally` blocks inside the worker jobs. On
 a raw TCTI (no resource manager) objects leaked by a killed predecessor are flushed at
 start-up: the daemon assumes it is the TPM's only user there (production uses tpmrm0).
@@ -32,6 +42,7 @@ start-up: the daemon assumes it is the TPM's only user there (production uses tp
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -46,12 +57,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from edgerund.errors import ConfigError, DeviceError
+from edgerund.identity import nvbinding, nvindex
 from edgerund.identity import tpmstruct as ts
 from edgerund.identity.base import Identity, pem, spki_fingerprint
 from edgerund.identity.config import IdentityConfig
 from edgerund.identity.tpm_errors import (
     RC_HANDLE,
-    RC_NV_UNINITIALIZED,
     TpmError,
     base_error,
 )
@@ -61,6 +72,7 @@ log = structlog.get_logger("edgerund.identity")
 
 STATE_VERSION = 1
 QUOTE_RETRIES = 5  # PCRs extended by others (IMA) can change between quote and read
+NV_LOG_KEEP = 32  # binding events kept in the log (older ones fold into `initial`)
 
 
 def _read_auth(path: str, what: str) -> bytes | None:
@@ -101,6 +113,7 @@ class _Handles:
     ak: Any = None
     sk: Any = None
     nv: Any = None
+    nvb: Any = None
 
 
 class TpmIdentity(Identity):
@@ -111,7 +124,19 @@ class TpmIdentity(Identity):
         self.cfg = cfg
         sf = Path(cfg.state_file)
         self.state_path = sf if sf.is_absolute() else state_dir / sf
-        self.worker = TpmWorker(cfg.tcti, cfg.call_timeout_ms)
+        self.worker = TpmWorker(
+            cfg.tcti, cfg.call_timeout_ms, max_queued=cfg.max_queued_calls,
+            on_reopen=self._reattach,
+        )  # fmt: skip
+        nf = Path(cfg.nv_auth_file)
+        self.nv_secret_path = nf if nf.is_absolute() else state_dir / nf
+        self._nv_secret = b""
+        self._counter_spec = nvindex.NvSpec(cfg.nv_counter_index, "counter", "nv_counter_index")
+        self._binding_spec = nvindex.NvSpec(cfg.nv_binding_index, "extend", "nv_binding_index")
+        self._nv_found = bytes(32)  # binding index contents found at open
+        self._nv_initial: bytes | None = None
+        self._nv_events: list[dict[str, Any]] = []
+        self.counter_migrated = False
         self._owner_auth = _read_auth(cfg.owner_auth_file, "owner")
         self._endorsement_auth = _read_auth(cfg.endorsement_auth_file, "endorsement")
         self._h = _Handles()
@@ -150,8 +175,9 @@ class TpmIdentity(Identity):
             {
                 "tcti": self.cfg.tcti,
                 "ek_type": self.state.get("ek", {}).get("template"),
-                "tpm_calls": self.worker.calls,
-                "tpm_errors": self.worker.errors,
+                **self.worker.status(),
+                "nv_binding_index": f"0x{self.cfg.nv_binding_index:08x}",
+                "nv_binding_events": len(self._nv_events),
                 "da_lockout_counter": self.lockout.get("counter"),
                 "da_in_lockout": bool(self.lockout.get("in_lockout")),
             }
@@ -161,6 +187,9 @@ class TpmIdentity(Identity):
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
+        self._nv_secret = await asyncio.to_thread(
+            nvindex.load_or_create_secret, self.nv_secret_path
+        )
         await self.worker.open()
         try:
             await self.worker.call(self._prepare, what="inspect the TPM")
@@ -179,6 +208,8 @@ class TpmIdentity(Identity):
             sk_pub = ts.parse_tpm2b_public(base64.b64decode(self.state["signing_key"]["public"]))
             assert isinstance(sk_pub.key, ec.EllipticCurvePublicKey)
             self._sk_key = sk_pub.key
+            if self._nv_initial is None:
+                self._nv_initial = self._nv_found
         except BaseException:
             await self.worker.close()
             raise
@@ -461,7 +492,8 @@ class TpmIdentity(Identity):
             "public": base64.b64encode(sk_pub.marshal()).decode(),
             "private": base64.b64encode(sk_priv.marshal()).decode(),
         }
-        state["nv_counter"] = {"index": self.cfg.nv_counter_index}
+        state["nv_counter"] = {"index": self.cfg.nv_counter_index, "auth": "policy"}
+        state["nv_binding"] = {"index": self.cfg.nv_binding_index}
         # written BEFORE the keys are made persistent: a crash from here on is repaired by
         # _attach (restore from blobs) instead of leaving orphans in the TPM
         self.state = state
@@ -481,6 +513,17 @@ class TpmIdentity(Identity):
         self._h.ak = self._ensure_key(ectx, "ak", "ak_handle")
         self._h.sk = self._ensure_key(ectx, "signing_key", "signing_key_handle")
         self._h.nv = self._ensure_counter(ectx)
+        self._h.nvb = self._ensure_binding(ectx)
+
+    def _reattach(self, ectx: Any) -> None:
+        """On a context re-opened after a hang: hierarchy auth, then handles + Name checks."""
+        from tpm2_pytss.constants import ESYS_TR
+
+        if self._owner_auth is not None:
+            ectx.tr_set_auth(ESYS_TR.OWNER, self._owner_auth)
+        if self._endorsement_auth is not None:
+            ectx.tr_set_auth(ESYS_TR.ENDORSEMENT, self._endorsement_auth)
+        self._attach(ectx)
 
     def _ensure_srk(self, ectx: Any) -> Any:
         want = bytes.fromhex(self.state["srk"]["name"])
@@ -555,54 +598,83 @@ class TpmIdentity(Identity):
         self.restored.append(key)
         log.warning("tpm_key_restored", key=key, handle=f"0x{handle:08x}")
 
-    def _nv_public(self) -> Any:
-        from tpm2_pytss.constants import TPM2_ALG, TPM2_NT, TPMA_NV
-        from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
-
-        attrs = (
-            TPMA_NV.AUTHREAD | TPMA_NV.AUTHWRITE | TPMA_NV.NO_DA
-            | (TPM2_NT.COUNTER << TPMA_NV.TPM2_NT_SHIFT)
-        )  # fmt: skip
-        return TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
-            nvIndex=self.cfg.nv_counter_index, nameAlg=TPM2_ALG.SHA256,
-            attributes=attrs, authPolicy=b"", dataSize=8,
-        ))  # fmt: skip
+    # -- NV indices (policy-written, Name-pinned: nvindex.py)
 
     def _ensure_counter(self, ectx: Any) -> Any:
-        from tpm2_pytss import TSS2_Exception
-        from tpm2_pytss.constants import ESYS_TR, TPM2_NT, TPMA_NV
+        spec = self._counter_spec
+        entry = self.state["nv_counter"]
+        h = nvindex.lookup(ectx, spec.index)
+        if entry.get("auth") != "policy":  # enrolled before the counter had a write policy
+            return self._migrate_counter(ectx, h)
+        return self._ensure_nv(ectx, spec, entry, h, b"")
 
-        index = int(self.state["nv_counter"]["index"])
-        h = self._read_persistent(ectx, index)
-        if h is not None:
-            pub, _name = ectx.nv_read_public(h)
-            attrs = int(pub.nvPublic.attributes)
-            nt = (attrs & TPMA_NV.TPM2_NT_MASK) >> TPMA_NV.TPM2_NT_SHIFT
-            if nt != TPM2_NT.COUNTER or not attrs & TPMA_NV.NO_DA or not attrs & TPMA_NV.AUTHWRITE:
+    def _ensure_binding(self, ectx: Any) -> Any:
+        spec = self._binding_spec
+        entry = self.state.setdefault("nv_binding", {"index": spec.index})
+        h = nvindex.lookup(ectx, spec.index)
+        h = self._ensure_nv(ectx, spec, entry, h, nvbinding.GENESIS)
+        self._nv_found = nvindex.read(ectx, h, spec)
+        return h
+
+    def _ensure_nv(
+        self, ectx: Any, spec: nvindex.NvSpec, entry: dict[str, Any], h: Any, first: bytes
+    ) -> Any:
+        pinned = entry.get("name")
+        if h is None:
+            if pinned:
                 raise DeviceError(
-                    f"NV index 0x{index:08x} (identity.nv_counter_index) exists but is not a "
-                    f"NO_DA counter with its own auth (attributes 0x{attrs:08x}); choose a "
-                    "free index or undefine it (tpm2_nvundefine)"
+                    f"{spec.where()} was undefined since enrolment (pinned Name {pinned}). "
+                    "Refusing to define a fresh one silently; restore the TPM state or "
+                    f"re-enrol (move {self.state_path} away)"
                 )
-            want = self.state["nv_counter"].get("name")
-            if want is None:
-                self.state["nv_counter"]["name"] = bytes(ectx.tr_get_name(h)).hex()
-                self._save_state()
+            try:
+                h, name = nvindex.define(ectx, spec, self._nv_secret, first)
+            except Exception as exc:
+                if hasattr(exc, "rc"):
+                    raise TpmError.from_tss(
+                        exc,
+                        f"define {spec.where()}",
+                        tcti=self.cfg.tcti,
+                        hint="check identity.owner_auth_file, or choose a free index",
+                    ) from exc
+                raise
+            entry["name"] = name
+            self._save_state()
             return h
-        try:
-            h = ectx.nv_define_space(b"", self._nv_public(), auth_handle=ESYS_TR.OWNER)
-        except TSS2_Exception as exc:
-            raise TpmError.from_tss(
-                exc,
-                f"define the NV counter 0x{index:08x}",
-                tcti=self.cfg.tcti,
-                hint="check identity.owner_auth_file",
-            ) from exc
-        # a counter reads NV_UNINITIALIZED until its first increment; the first increment
-        # starts from the highest value any counter in this TPM ever had (rollback-safe)
-        ectx.nv_increment(h, auth_handle=h)
-        self.state["nv_counter"]["name"] = bytes(ectx.tr_get_name(h)).hex()
+        # a crash between definition and saving the Name leaves no pin: the template
+        # check plus the authorized read (our secret) still prove the index is ours
+        nvindex.check(ectx, h, spec, self._nv_secret, pinned or "")
+        if not pinned:
+            entry["name"] = bytes(ectx.tr_get_name(h)).hex()
+            self._save_state()
+        return h
+
+    def _migrate_counter(self, ectx: Any, h: Any) -> Any:
+        """Replace the pre-policy (empty auth) counter by a policy-written one.
+
+        An NV counter is defined at the highest value any counter in this TPM ever had, so
+        undefine + define never goes back below the old value (checked).
+        """
+        from tpm2_pytss.constants import ESYS_TR
+
+        spec = self._counter_spec
+        old = 0
+        if h is not None:
+            if not nvindex.legacy_counter(ectx, h):
+                raise DeviceError(
+                    f"{spec.where()} is not the counter edgerund enrolled (attributes or "
+                    "policy changed); refusing it"
+                )
+            old = int.from_bytes(bytes(ectx.nv_read(h, 8, 0, auth_handle=h)), "big")
+            ectx.nv_undefine_space(h, ESYS_TR.OWNER)
+        h, name = nvindex.define(ectx, spec, self._nv_secret, b"")
+        new = int.from_bytes(nvindex.read(ectx, h, spec), "big")
+        if new < old:  # pragma: no cover - the TPM guarantees it
+            raise DeviceError(f"{spec.where()}: migrated counter went back ({old} -> {new})")
+        self.state["nv_counter"] = {"index": spec.index, "auth": "policy", "name": name}
         self._save_state()
+        self.counter_migrated = True
+        log.warning("tpm_nv_counter_migrated", index=f"0x{spec.index:08x}", old=old, new=new)
         return h
 
     # -- state file
@@ -687,7 +759,15 @@ class TpmIdentity(Identity):
             self._h.sk, self._h.ak, TPM2B_DATA(nonce), null_scheme,
             session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD,
         )  # fmt: skip
+        nv_att, nv_sig = nvindex.certify(ectx, self._h.ak, self._h.nvb, self._binding_spec, nonce)
         return {
+            "nv_binding": {
+                "index": f"0x{self._binding_spec.index:08x}",
+                "name": self.state["nv_binding"]["name"],
+                "attest": base64.b64encode(nv_att).decode(),
+                "signature": base64.b64encode(nv_sig).decode(),
+                "log": self.nv_binding_log(),
+            },
             "attest": base64.b64encode(attest).decode(),
             "signature": base64.b64encode(sig.marshal()).decode(),
             "pcrs": {f"{ts.HASH_NAMES[b]}:{i}": v.hex() for (b, i), v in sorted(values.items())},
@@ -707,18 +787,11 @@ class TpmIdentity(Identity):
             ectx.pcr_extend(pcr, TPML_DIGEST_VALUES([ha]))
 
     def _counter_read_job(self, ectx: Any) -> int:
-        from tpm2_pytss import TSS2_Exception
-
-        try:
-            data = ectx.nv_read(self._h.nv, 8, 0, auth_handle=self._h.nv)
-        except TSS2_Exception as exc:
-            if base_error(int(exc.rc)) == RC_NV_UNINITIALIZED:
-                return 0
-            raise
-        return int.from_bytes(bytes(data), "big")
+        # NV_UNINITIALIZED is an error (nvindex.read): our counter is written at definition
+        return int.from_bytes(nvindex.read(ectx, self._h.nv, self._counter_spec), "big")
 
     def _counter_increment_job(self, ectx: Any) -> int:
-        ectx.nv_increment(self._h.nv, auth_handle=self._h.nv)
+        nvindex.write(ectx, self._h.nv, self._counter_spec)
         return self._counter_read_job(ectx)
 
     def _shutdown(self, ectx: Any) -> None:
@@ -742,13 +815,86 @@ class TpmIdentity(Identity):
         return await self.worker.call(self._counter_increment_job, what="increment the NV counter")
 
     async def _measure(self, digests: list[bytes]) -> None:
-        await self.worker.call(
-            lambda e: self._measure_job(e, digests),
-            what=f"measure config/models into PCR {self.cfg.pcr_binding}",
-        )
+        # called by Identity._remeasure under the bind lock, config/models already updated
+        record = {
+            "config_sha256": self.config_sha256.hex(),
+            "models": [
+                {"name": n, "manifest_sha256": d.hex()} for n, d in sorted(self.models.items())
+            ],
+        }
+        event = nvbinding.event_digest(self.config_sha256, self.models)
+        log_value = self._log_value()
+
+        def job(e: Any) -> bytes:
+            self._measure_job(e, digests)
+            before = nvindex.read(e, self._h.nvb, self._binding_spec)
+            nvindex.write(e, self._h.nvb, self._binding_spec, event)
+            return before
+
+        try:
+            before = await self.worker.call(
+                job, what=f"measure config/models into PCR {self.cfg.pcr_binding} and NV binding"
+            )
+        except BaseException:
+            # the extend may still land (a hung call completes later): the next attest
+            # re-measures, and the read above re-synchronises the log
+            self._measured = False
+            raise
+        if before != log_value:
+            log.warning("tpm_nv_binding_log_resync", found=before.hex(), log=log_value.hex())
+            self._nv_initial, self._nv_events = before, []
+        self._nv_events.append(record)
+        if len(self._nv_events) > NV_LOG_KEEP:  # fold the oldest events into `initial`
+            drop = self._nv_events[:-NV_LOG_KEEP]
+            initial, digests_dropped, _ = nvbinding.log_events(
+                {"initial": (self._nv_initial or bytes(32)).hex(), "events": drop}
+            )
+            self._nv_initial = nvbinding.replay(initial, digests_dropped)
+            self._nv_events = self._nv_events[-NV_LOG_KEEP:]
+
+    def _log_value(self) -> bytes:
+        """What the NV binding index holds if our log is complete."""
+        initial, digests, _ = nvbinding.log_events(self.nv_binding_log())
+        return nvbinding.replay(initial, digests)
+
+    def nv_binding_log(self) -> dict[str, Any]:
+        return {
+            "initial": (self._nv_initial or bytes(32)).hex(),
+            "events": [dict(e) for e in self._nv_events],
+        }
 
     async def _quote(self, nonce: bytes) -> dict[str, Any]:
         return await self.worker.call(lambda e: self._quote_job(e, nonce), what="quote PCRs")
+
+    # ------------------------------------------------------------ credential activation
+
+    async def activate_credential(self, blob: bytes, encrypted_secret: bytes) -> bytes:
+        """TPM2_ActivateCredential(AK, EK): the device half of AK enrolment (credential.py)."""
+        return await self.worker.call(
+            lambda e: self._activate_job(e, blob, encrypted_secret),
+            what="activate a credential with the AK and EK (enrolment)",
+        )
+
+    def _activate_job(self, ectx: Any, blob: bytes, encrypted_secret: bytes) -> bytes:
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.types import TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
+
+        cred, _ = TPM2B_ID_OBJECT.unmarshal(blob)
+        enc, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+        ek, _, _ = self._create_ek(ectx, self.state["ek"]["template"])
+        try:
+            if bytes(ectx.tr_get_name(ek)).hex() != self.state["ek"]["name"]:
+                raise DeviceError("the EK re-derived now differs from the enrolled one")
+            s = self._ek_session(ectx)
+            try:  # AK: empty password; EK: PolicySecret(endorsement)
+                out = ectx.activate_credential(
+                    self._h.ak, ek, cred, enc, session1=ESYS_TR.PASSWORD, session2=s
+                )
+            finally:
+                ectx.flush_context(s)
+        finally:
+            ectx.flush_context(ek)
+        return bytes(out)
 
     def public_fields(self) -> dict[str, Any]:
         if self._static is None:

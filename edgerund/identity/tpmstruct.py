@@ -131,6 +131,10 @@ class PublicArea:
     scheme_hash: int
     key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
     raw: bytes  # the marshalled TPMT_PUBLIC
+    # parameters.symmetric of a storage/decrypt key (the EK: AES-128-CFB); ALG_NULL if none
+    sym_alg: int = ALG_NULL
+    sym_bits: int = 0
+    sym_mode: int = ALG_NULL
 
     @property
     def name(self) -> bytes:
@@ -147,9 +151,10 @@ def parse_tpmt_public(raw: bytes) -> PublicArea:
     attrs = r.u32("objectAttributes")
     policy = r.b2("authPolicy")
     sym = r.u16("parameters.symmetric.algorithm")
+    sym_bits = sym_mode = 0
     if sym != ALG_NULL:
-        r.u16("parameters.symmetric.keyBits")
-        r.u16("parameters.symmetric.mode")
+        sym_bits = r.u16("parameters.symmetric.keyBits")
+        sym_mode = r.u16("parameters.symmetric.mode")
     scheme = r.u16("parameters.scheme")
     scheme_hash = ALG_NULL
     if scheme != ALG_NULL:
@@ -177,11 +182,17 @@ def parse_tpmt_public(raw: bytes) -> PublicArea:
         r.u16("parameters.keyBits")
         exponent = r.u32("parameters.exponent") or 65537
         modulus = r.b2("unique.rsa")
-        key = rsa.RSAPublicNumbers(exponent, int.from_bytes(modulus, "big")).public_key()
+        try:
+            key = rsa.RSAPublicNumbers(exponent, int.from_bytes(modulus, "big")).public_key()
+        except ValueError as exc:
+            raise StructError(f"TPMT_PUBLIC: invalid RSA public key: {exc}") from exc
     else:
         raise StructError(f"TPMT_PUBLIC: unsupported key type 0x{typ:04x} (want ECC or RSA)")
     r.done()
-    return PublicArea(typ, name_alg, attrs, policy, scheme, scheme_hash, key, raw)
+    return PublicArea(
+        typ, name_alg, attrs, policy, scheme, scheme_hash, key, raw,
+        sym_alg=sym, sym_bits=sym_bits, sym_mode=sym_mode or ALG_NULL,
+    )  # fmt: skip
 
 
 def parse_tpm2b_public(data: bytes) -> PublicArea:

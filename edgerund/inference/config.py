@@ -17,15 +17,13 @@ from the manifest; loading the ONNX graph and its ABI check happen at start-up.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 
 from edgerund.config.base import Section
-
-if TYPE_CHECKING:
-    from edgerund.config.schema import Config
 
 
 class ModelConfig(Section):
@@ -36,7 +34,14 @@ class ModelConfig(Section):
     warmup_runs: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 50
 
 
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
+class _Models(Protocol):
+    """What `cross_check` reads of the root config (edgerund/config/schema.py)."""
+
+    @property
+    def models(self) -> Sequence[ModelConfig]: ...
+
+
+def cross_check(cfg: _Models) -> list[tuple[str, str]]:
     """Unique names; each path holds a parseable manifest and the model file it names."""
     from edgerund.inference.errors import ModelError
     from edgerund.inference.manifest import MANIFEST_FILE, load_manifest

@@ -258,9 +258,13 @@ def sign_manifest(manifest: Mapping[str, Any], keys: Iterable[Ed25519PrivateKey]
 
 
 def write_tar(out: Path, members: Sequence[tuple[str, bytes]]) -> None:
-    """Members in the given order (manifest.json, manifest.sig first), deterministic."""
+    """Members in the given order (manifest.json, manifest.sig first), deterministic.
+
+    Plain POSIX ustar, regular files only: exactly what the device's reader
+    (edgerund.updates.tarread) accepts. USTAR_FORMAT makes tarfile raise instead of
+    emitting a pax header when a name (> 255 bytes) or a size (>= 8 GiB) does not fit."""
     tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
         for name, data in members:
             ti = tarfile.TarInfo(name)
             ti.size = len(data)

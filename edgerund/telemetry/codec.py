@@ -21,8 +21,17 @@ signature over SHA-256 of every byte before it (with the SIGNED flag already set
 backend can prove the batch came from the gateway's identity key.
 
 `decode` accepts nothing it does not understand: truncation, trailing bytes, an unknown
-version, block type or column spec, out-of-range integers or a zstd bomb all raise
-DecodeError saying what and where.
+version, block type or column spec, out-of-range integers, JSON nested deeper than
+MAX_JSON_DEPTH, numbers Python refuses, a zstd bomb or a body that expands more than
+MAX_ZSTD_RATIO all raise DecodeError saying what and where: it is the ONE error type of
+every decoding failure. `unframe` splits header, body and trailer without decompressing or
+parsing the body, so a backend checks the signature before it spends anything on the body.
+
+The retained `meta` document is signed too (`meta_signing_digest` / `with_meta_signature`):
+an ECDSA signature over SHA-256 of a domain tag and the canonical JSON of the document
+without its `sig` member, so whoever can publish on the broker cannot relabel signed data.
+
+One cohesive thing (the v1 wire format, both directions), hence one module of ~900 lines.
 """
 
 from __future__ import annotations
@@ -61,6 +70,13 @@ TRAILER_LEN = 1 + 4 + 64
 MAX_ABS = 1 << 60  # scaled integers and timestamps must stay inside +-2**60
 MAX_VALUES = 16_000_000  # per batch, decoder side: refuse memory bombs
 MAX_BODY = 64 * 1024 * 1024
+# A zstd body may expand at most this much (and always to ZSTD_FLOOR): a 299-byte frame that
+# expands to megabytes of one-byte varints would otherwise cost seconds of CPU to decode.
+# The encoder sends a body uncompressed rather than exceed it, so no genuine batch is refused.
+MAX_ZSTD_RATIO = 32
+ZSTD_FLOOR = 64 * 1024
+MAX_JSON_DEPTH = 32  # event fields and meta documents: flat records, never deep trees
+META_DOMAIN = b"edgerund-meta-v1\x00"
 
 I64 = npt.NDArray[np.int64]
 
@@ -152,6 +168,20 @@ class Signature:
 @dataclass(frozen=True, slots=True)
 class Decoded:
     batch: Batch
+    signature: Signature | None
+    signed_bytes: bytes  # what the signature covers (empty when unsigned)
+
+
+@dataclass(frozen=True, slots=True)
+class Framed:
+    """A payload split into header, (still compressed) body and trailer: nothing parsed."""
+
+    flags: int
+    epoch: int
+    seq: int
+    schema_ver: int
+    body: bytes
+    body_start: int
     signature: Signature | None
     signed_bytes: bytes  # what the signature covers (empty when unsigned)
 
@@ -516,9 +546,9 @@ def _decode_event(rd: Reader) -> EventBlock:
     source = rd.string("event source", limit=256)
     text = rd.string("event fields")
     try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise rd.fail(f"event fields are not JSON: {exc}") from None
+        fields = loads_bounded(text, "event fields")
+    except DecodeError as exc:
+        raise rd.fail(str(exc)) from None
     if not isinstance(fields, dict):
         raise rd.fail(f"event fields: expected a JSON object, got {type(fields).__name__}")
     return EventBlock(t, kind, source, fields)
@@ -592,7 +622,7 @@ def encode(batch: Batch, *, compress: bool = True) -> bytes:
     payload_body = bytes(body)
     if compress:
         z = _ZC.compress(payload_body)
-        if len(z) < len(payload_body):
+        if len(z) < len(payload_body) <= zstd_output_cap(len(z)):
             payload_body = z
             flags |= FLAG_ZSTD
     out = bytearray([VERSION, flags])
@@ -660,8 +690,16 @@ def _parse_header(rd: Reader) -> tuple[int, int, int, int]:
     return flags, epoch, seq, rd.uvarint("schema_ver", limit=(1 << 32) - 1)
 
 
-def decode(payload: bytes, *, max_body: int = MAX_BODY) -> Decoded:
-    """Payload -> batch and signature. Raises DecodeError on anything unexpected."""
+def zstd_output_cap(compressed_len: int, max_body: int = MAX_BODY) -> int:
+    """The most bytes a zstd body of `compressed_len` bytes may expand to."""
+    return min(max_body, max(ZSTD_FLOOR, MAX_ZSTD_RATIO * compressed_len))
+
+
+def unframe(payload: bytes, *, max_body: int = MAX_BODY) -> Framed:
+    """Split header, body and signature trailer; the body is neither decompressed nor parsed.
+
+    Cheap and linear in the payload: what a backend runs before the signature check.
+    """
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise DecodeError(f"expected bytes, got {type(payload).__name__}")
     payload = bytes(payload)
@@ -680,20 +718,28 @@ def decode(payload: bytes, *, max_body: int = MAX_BODY) -> Decoded:
         key_id = rd.take(4, "signature key id")
         signature = Signature(alg, key_id, rd.take(64, "signature r||s"))
     rd.done("the batch")
-    if flags & FLAG_ZSTD:
-        try:
-            dobj = zstandard.ZstdDecompressor()
-            params = zstandard.get_frame_parameters(body)
-            if (
-                params.content_size in (0, zstandard.CONTENTSIZE_UNKNOWN)
-                or params.content_size > max_body
-            ):
-                raise DecodeError(
-                    f"payload: byte {body_start}: zstd frame content size {params.content_size} missing or above {max_body}"
-                )
-            body = dobj.decompress(body, max_output_size=max_body)
-        except zstandard.ZstdError as exc:
-            raise DecodeError(f"payload: byte {body_start}: bad zstd body: {exc}") from None
+    signed = payload[:sig_end] if signature else b""
+    return Framed(flags, epoch, seq, schema, body, body_start, signature, signed)
+
+
+def _decompress(f: Framed, max_body: int) -> bytes:
+    cap = zstd_output_cap(len(f.body), max_body)
+    try:
+        params = zstandard.get_frame_parameters(f.body)
+        if params.content_size in (0, zstandard.CONTENTSIZE_UNKNOWN) or params.content_size > cap:
+            raise DecodeError(
+                f"payload: byte {f.body_start}: zstd frame content size {params.content_size} "
+                f"missing or above {cap} ({len(f.body)} compressed bytes may expand at most "
+                f"{MAX_ZSTD_RATIO}x, and to at least {ZSTD_FLOOR})"
+            )
+        return bytes(zstandard.ZstdDecompressor().decompress(f.body, max_output_size=cap))
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"payload: byte {f.body_start}: bad zstd body: {exc}") from None
+
+
+def decode_framed(f: Framed, *, max_body: int = MAX_BODY) -> Decoded:
+    """Decompress (capped) and parse the body of an unframed payload."""
+    body = _decompress(f, max_body) if f.flags & FLAG_ZSTD else f.body
     brd = Reader(body, what="body")
     nblocks = brd.uvarint("block count", limit=1 << 20)
     blocks: list[Block] = []
@@ -715,27 +761,119 @@ def decode(payload: bytes, *, max_body: int = MAX_BODY) -> Decoded:
         sub.done(f"block {i}")
         brd.pos += blen_i
     brd.done("the last block")
-    batch = Batch(Cls((flags & CLS_MASK) >> CLS_SHIFT), epoch, seq, schema, tuple(blocks))
-    return Decoded(batch, signature, payload[:sig_end] if signature else b"")
+    cls = Cls((f.flags & CLS_MASK) >> CLS_SHIFT)
+    batch = Batch(cls, f.epoch, f.seq, f.schema_ver, tuple(blocks))
+    return Decoded(batch, f.signature, f.signed_bytes)
 
 
-def verify(decoded: Decoded, public_key: Any) -> bool:
-    """Check the trailer against an EllipticCurvePublicKey (cryptography)."""
+def decode(payload: bytes, *, max_body: int = MAX_BODY) -> Decoded:
+    """Payload -> batch and signature. Raises DecodeError on anything unexpected."""
+    return decode_framed(unframe(payload, max_body=max_body), max_body=max_body)
+
+
+def verify_signature(signature: Signature | None, signed_bytes: bytes, public_key: Any) -> bool:
+    """Check a trailer against an EllipticCurvePublicKey (cryptography)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-    if decoded.signature is None:
+    if signature is None:
         return False
-    digest = hashlib.sha256(decoded.signed_bytes).digest()
+    digest = hashlib.sha256(signed_bytes).digest()
     try:
-        public_key.verify(
-            rs_to_der(decoded.signature.rs), digest, ec.ECDSA(Prehashed(hashes.SHA256()))
-        )
-    except InvalidSignature:
+        public_key.verify(rs_to_der(signature.rs), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def verify(decoded: Decoded, public_key: Any) -> bool:
+    """Check a decoded batch's trailer against an EllipticCurvePublicKey (cryptography)."""
+    return verify_signature(decoded.signature, decoded.signed_bytes, public_key)
+
+
+# ---------------------------------------------------------------- bounded JSON, signed meta
+
+
+def _json_depth_ok(text: str, max_depth: int) -> bool:
+    """True when no bracket nesting outside strings exceeds `max_depth` (linear scan), so
+    json.loads can never recurse deeply on hostile input."""
+    depth = 0
+    in_str = False
+    esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def loads_bounded(text: str | bytes, what: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads that raises only DecodeError: depth capped, Python's huge-number refusal
+    (ValueError) and recursion turned into DecodeError naming `what`."""
+    try:
+        s = text.decode("utf-8") if isinstance(text, bytes | bytearray) else text
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{what} is not UTF-8: {exc}") from None
+    if not _json_depth_ok(s, max_depth):
+        raise DecodeError(f"{what}: JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(s)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit
+        raise DecodeError(f"{what} is not acceptable JSON: {str(exc)[:200]}") from None
+
+
+def _canonical_meta(doc: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in doc.items() if k != "sig"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def meta_signing_digest(doc: dict[str, Any]) -> bytes:
+    """SHA-256 over the domain tag and the canonical JSON of `doc` without its `sig`."""
+    return hashlib.sha256(META_DOMAIN + _canonical_meta(doc)).digest()
+
+
+def with_meta_signature(doc: dict[str, Any], key_id: bytes, rs: bytes) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k != "sig"}
+    out["sig"] = {"alg": "ecdsa-p256-sha256", "key_id": key_id.hex(), "rs": rs.hex()}
+    return out
+
+
+def meta_signature(doc: dict[str, Any]) -> Signature | None:
+    """The signature a meta document carries; DecodeError when `sig` is malformed."""
+    sig = doc.get("sig")
+    if sig is None:
+        return None
+    try:
+        if not isinstance(sig, dict) or sig.get("alg") != "ecdsa-p256-sha256":
+            raise ValueError("alg")
+        key_id, rs = bytes.fromhex(str(sig["key_id"])), bytes.fromhex(str(sig["rs"]))
+    except (ValueError, KeyError, TypeError):
+        raise DecodeError("meta: malformed `sig` (expected alg, key_id and rs)") from None
+    if len(key_id) != 4 or len(rs) != 64:
+        raise DecodeError("meta: `sig` key_id must be 4 bytes and rs 64 bytes")
+    return Signature(SIG_ALG_ECDSA_P256_SHA256, key_id, rs)
+
+
+def verify_meta(doc: dict[str, Any], public_key: Any) -> bool:
+    sig = meta_signature(doc)
+    if sig is None:
+        return False
+    # verify_signature hashes what it is given: hand it the exact pre-image.
+    return verify_signature(sig, META_DOMAIN + _canonical_meta(doc), public_key)
 
 
 def to_json(

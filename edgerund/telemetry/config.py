@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import msgspec
 
 from edgerund.config.base import Section
-
-if TYPE_CHECKING:
-    from edgerund.config.schema import Config
 
 
 class SeriesConfig(Section):
@@ -111,12 +109,41 @@ class UplinkConfig(Section):
     cmd_max_bytes: int = 1048576  # larger cmd messages are rejected
     message_expiry_raw_s: int | None = None  # MQTT 5 Message Expiry on raw batches
     protocol: Literal["mqtt5"] = "mqtt5"
+    # signing failed (TPM busy/hung): false = hold batches in the spool and retry; true =
+    # publish unsigned (counted in status as unsigned_batches)
+    allow_unsigned: bool = False
+    sign_retry_s: float = 5.0  # wait after a signing failure before retrying held batches
 
 
 _CLASSES = ("evt", "agg", "raw")
 
 
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
+class _Gateway(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def site(self) -> str: ...
+
+
+class _Sensor(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class _Telemetry(Protocol):
+    """What `cross_check` reads of the root config (edgerund/config/schema.py)."""
+
+    @property
+    def telemetry(self) -> TelemetryConfig: ...
+    @property
+    def uplink(self) -> UplinkConfig: ...
+    @property
+    def gateway(self) -> _Gateway: ...
+    @property
+    def sensors(self) -> Sequence[_Sensor]: ...
+
+
+def cross_check(cfg: _Telemetry) -> list[tuple[str, str]]:
     """Checks across keys: returns (key.path, message) pairs, empty when fine."""
     errs: list[tuple[str, str]] = []
     t = cfg.telemetry

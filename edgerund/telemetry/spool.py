@@ -2,13 +2,19 @@
 
 Theory of operation
 -------------------
-* One writer thread owns the only connection. Every operation (append a sealed batch,
-  mark rows acknowledged, fetch the backlog, register series) is a message on its queue,
-  answered through a concurrent future, so the event loop never waits on SQLite, zstd or
-  fsync. Appends are *grouped*: the thread keeps one transaction open and commits it
+* One writer thread owns the only connection (telemetry/spooldb.py: the file, its space
+  rules and loss records). Every operation (append a sealed batch, mark rows acknowledged,
+  fetch the backlog, register series) is a typed closure on its queue (`_Op`: one `_op_*`
+  method and its arguments), answered through a concurrent future, so the event loop never
+  waits on SQLite, zstd or fsync. Each `_op_*` says in its `_Answer` whether the caller
+  hears back at once (reads) or after the commit (writes), and whether the group must
+  commit now.
+* Appends are *grouped*: the thread keeps one transaction open and commits it
   `commit_interval` after its first write (an `urgent` append, i.e. an event, commits at
   once). Futures resolve only after the commit, so "appended" means "on disk"
-  (synchronous=FULL: the WAL is fsynced at every commit, one fsync per group).
+  (synchronous=FULL: the WAL is fsynced at every commit, one fsync per group). A group
+  that fails to commit, or that SQLite rolls back (disk full), fails exactly the futures
+  of the writes in it: nothing is reported stored that is not.
 * The writer thread assigns the batch sequence (AUTOINCREMENT: never reused, even after
   deletion) and encodes the batch itself, so sequence order is commit order and the dedup
   key (spool epoch, seq) is unique. A kill -9 loses what the process had not yet handed
@@ -16,120 +22,59 @@ Theory of operation
   `batch_max_age_s`, which bounds the loss.
 * Rows are deleted only after their PUBACK: `ack()` marks them delivered; delivered rows
   are kept (for `cmd/resend`) until `keep_acked_s` or until space is needed.
-* Space: a byte budget derived from `max_bytes` (leaving room for the WAL and for B-tree
-  slack, so the files on disk stay under the cap) and a TTL per class. When over budget the
-  spool drops delivered rows first, then undelivered raw, agg and evt rows, oldest first,
-  and writes a loss record (an evt batch naming the class, series, time range, sample
-  count and the lost batch sequences) in the same transaction, so no gap is silent.
-* A database SQLite calls corrupt (at open: `PRAGMA quick_check`; later: any
-  SQLITE_CORRUPT/NOTADB) is moved aside as `spool.db.corrupt-<UTC time>` (never deleted:
-  someone may want to recover it), a new one is created and the spool epoch goes up, so
-  sequence numbers restart in a new dedup namespace. The epoch lives in a separate file
-  (written atomically) because it must survive the database it numbers; a fresh epoch is
-  at least the current Unix time in minutes, so wiping the state directory cannot reuse an
-  old (epoch, seq) pair.
+* Space (a byte budget under `max_bytes`, a TTL per class, loss records for what is
+  dropped) and corruption (quarantine, new epoch) are described in spooldb.py; the writer
+  runs the TTL housekeeping every `housekeeping_s` and reports a quarantine through
+  `on_quarantine` (from the writer thread), a commit through `on_commit`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import contextlib
-import hashlib
-import os
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 
-from edgerund.telemetry import codec
-from edgerund.telemetry.codec import Batch, Block, Cls, LossBlock, LossReason, SeriesBlock
+from edgerund.telemetry.codec import Block, Cls
+from edgerund.telemetry.spooldb import Row, SpoolDb, SpoolError, SpoolStats, is_corrupt
+
+__all__ = ["Row", "Spool", "SpoolError", "SpoolStats"]
 
 log = structlog.get_logger("edgerund.telemetry.spool")
 
-ROW_OVERHEAD = 96  # bytes per row beyond its payload (B-tree cell, index entries)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    cls INTEGER NOT NULL,
-    created REAL NOT NULL,
-    t_first_ms INTEGER NOT NULL,
-    t_last_ms INTEGER NOT NULL,
-    n_samples INTEGER NOT NULL,
-    series TEXT NOT NULL,
-    schema_ver INTEGER NOT NULL,
-    acked INTEGER NOT NULL DEFAULT 0,
-    payload BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ix_backlog ON batches(acked, cls, seq);
-CREATE INDEX IF NOT EXISTS ix_age ON batches(acked, seq);
-CREATE TABLE IF NOT EXISTS series (name TEXT PRIMARY KEY, id INTEGER NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS metas (ver INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, json TEXT NOT NULL);
-"""
-
-
-class SpoolError(Exception):
-    """A spool operation failed (disk full, I/O error, closed); the data was not stored."""
+T = TypeVar("T")
+MAX_OPS_PER_ROUND = 512  # queued calls taken per wake-up before deciding on a commit
 
 
 @dataclass(frozen=True, slots=True)
-class Row:
-    seq: int
-    cls: Cls
-    created: float
-    schema_ver: int
-    payload: bytes
+class _Answer(Generic[T]):
+    """What an operation returns to the writer loop.
+
+    after_commit: resolve the caller's future only once the open transaction has committed
+    ("stored" means on disk); otherwise at once (reads). commit_now: commit the group now
+    instead of `commit_interval_s` after its first write (events, flush, close, requeue).
+    """
+
+    value: T
+    after_commit: bool = False
+    commit_now: bool = False
 
 
-@dataclass
-class SpoolStats:
-    epoch: int = 0
-    backlog_batches: int = 0
-    backlog_bytes: int = 0
-    oldest_created: float | None = None
-    kept_acked_batches: int = 0
-    total_bytes: int = 0  # accounted bytes (payload + overhead) of every row
-    file_bytes: int = 0  # db + wal on disk
-    budget_bytes: int = 0
-    appended_batches: int = 0
-    appended_samples: int = 0
-    lost_samples: int = 0
-    lost_batches: int = 0
-    write_errors: int = 0
-    last_error: str | None = None
-    quarantined: list[str] = field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class _Op(Generic[T]):
+    """One call queued to the writer thread: a typed closure and the caller's future."""
 
-
-def _is_corrupt(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code in (11, 26):  # SQLITE_CORRUPT, SQLITE_NOTADB
-        return True
-    msg = str(exc).lower()
-    return "malformed" in msg or "not a database" in msg or "corrupt" in msg
-
-
-def _block_summary(blocks: Sequence[Block]) -> tuple[int, int, int, str]:
-    t_first, t_last, n = 1 << 62, 0, 0
-    ids: list[int] = []
-    for b in blocks:
-        if isinstance(b, SeriesBlock):
-            t_first = min(t_first, int(b.t_ms.min()))
-            t_last = max(t_last, int(b.t_ms.max()))
-            n += b.n * len(b.values)
-            ids.append(b.series_id)
-        elif isinstance(b, LossBlock):
-            t_first, t_last = min(t_first, b.t_first_ms), max(t_last, b.t_last_ms)
-        else:
-            t_first, t_last = min(t_first, b.t_ms), max(t_last, b.t_ms)
-    if t_first > t_last:
-        t_first = t_last = 0
-    return t_first, t_last, n, ",".join(str(i) for i in sorted(set(ids)))
+    name: str
+    run: Callable[[], _Answer[T]]
+    future: cf.Future[T]
+    stop: bool = False  # close: the writer commits, checkpoints and ends after this
 
 
 class Spool:
@@ -148,39 +93,41 @@ class Spool:
         on_quarantine: Callable[[int, str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.dir = Path(directory)
-        self.path = self.dir / "spool.db"
-        self.max_bytes = int(max_bytes)
-        # The WAL is truncated back to this after checkpoints; the B-tree wastes up to a
-        # quarter of its pages after deletions (freed pages are reused, never returned).
-        self.wal_limit = max(64 * 1024, min(4 * 1024 * 1024, self.max_bytes // 8))
-        self.budget = int((self.max_bytes - 2 * self.wal_limit) * 0.7)
-        self.ttl_s = dict(ttl_s)
-        self.keep_acked_s = keep_acked_s
+        self.db = SpoolDb(
+            directory, max_bytes=max_bytes, ttl_s=ttl_s, keep_acked_s=keep_acked_s, clock=clock
+        )
+        self.db.on_group_lost = self._fail_pending
+        self.dir = self.db.dir
+        self.max_bytes = self.db.max_bytes
         self.commit_interval_s = commit_interval_s
         self.housekeeping_s = housekeeping_s
         self.on_commit = on_commit
         self.on_quarantine = on_quarantine
-        self.clock = clock
-        self.stats = SpoolStats(budget_bytes=self.budget)
-        self.series_ids: dict[str, int] = {}
-        self._q: queue.Queue[tuple[str, tuple[Any, ...], cf.Future[Any]]] = queue.Queue()
+        self._q: queue.Queue[_Op[Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._next_seq = 1
-        self._in_txn = False
         self._pending: list[tuple[cf.Future[Any], Any]] = []
-        self._dirty = False
         self._closed = False
-        self._page_size = 4096
-        self._max_pages = 1 << 30
+
+    @property
+    def stats(self) -> SpoolStats:
+        return self.db.stats
+
+    @property
+    def epoch(self) -> int:
+        return self.db.stats.epoch
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence of the newest row appended (0 before any in this epoch)."""
+        return self.db.next_seq - 1
 
     # ------------------------------------------------------------ lifecycle
 
     def open(self) -> None:
         """Open (quarantining a corrupt db) and start the writer thread. Blocking."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._open_db()
+        quarantined = self.db.open()
+        if quarantined and self.on_quarantine:
+            self.on_quarantine(self.epoch, quarantined)
         self._thread = threading.Thread(target=self._run, name="telemetry-spool", daemon=True)
         self._thread.start()
 
@@ -188,180 +135,85 @@ class Spool:
         """Commit what is pending and stop the thread. Blocking; idempotent."""
         if self._thread is None or self._closed:
             return
-        self._call("close").result(timeout=60)
+        self._submit("close", self._op_commit, stop=True).result(timeout=60)
         self._thread.join(timeout=60)
         self._closed = True
 
-    @property
-    def epoch(self) -> int:
-        return self.stats.epoch
-
-    def _read_epoch(self) -> int | None:
-        try:
-            return int((self.dir / "epoch").read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def _write_epoch(self, epoch: int) -> None:
-        tmp = self.dir / "epoch.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{epoch}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / "epoch")
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _bump_epoch(self) -> None:
-        old = self._read_epoch() or 0
-        new = max(old + 1, int(self.clock() // 60))
-        self._write_epoch(new)
-        self.stats.epoch = new
-
-    def _quarantine(self, why: str) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = self.path.with_name(f"spool.db.corrupt-{stamp}")
-        n = 1
-        while dest.exists():
-            dest = self.path.with_name(f"spool.db.corrupt-{stamp}.{n}")
-            n += 1
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                os.replace(src, Path(str(dest) + suffix))
-        self.stats.quarantined.append(str(dest))
-        log.error("spool_quarantined", path=str(dest), reason=why)
-        return str(dest)
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
-        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, self.wal_limit // 4096 // 2)}")
-        # The hard stop behind the byte budget: SQLite itself refuses to grow the database
-        # file past the cap (SQLITE_FULL), which `_append` answers like a full disk.
-        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        self._page_size = page
-        self._max_pages = max(64, (self.max_bytes - self.wal_limit) // page)
-        conn.execute(f"PRAGMA max_page_count={self._max_pages}")
-        return conn
-
-    def _room(self) -> int:
-        """Bytes the database may still use before SQLite's page cap (free pages count)."""
-        assert self._conn is not None
-        count = int(self._conn.execute("PRAGMA page_count").fetchone()[0])
-        free = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
-        return (self._max_pages - count + free) * self._page_size
-
-    def _open_db(self) -> None:
-        fresh = not self.path.exists()
-        quarantined: str | None = None
-        conn: sqlite3.Connection | None = None
-        try:
-            conn = self._connect()
-            res = conn.execute("PRAGMA quick_check").fetchone()
-            if res is None or res[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {res[0] if res else 'no answer'}")
-            conn.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            if conn is not None:
-                conn.close()
-            if not _is_corrupt(exc) and "quick_check" not in str(exc):
-                raise
-            quarantined = self._quarantine(str(exc))
-            fresh = True
-            conn = self._connect()
-            conn.executescript(_SCHEMA)
-        self._conn = conn
-        epoch = self._read_epoch()
-        if fresh or epoch is None:
-            self._bump_epoch()
-        else:
-            self.stats.epoch = epoch
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='batches'").fetchone()
-        self._next_seq = (int(row[0]) if row else 0) + 1
-        for name, sid in conn.execute("SELECT name, id FROM series"):
-            self.series_ids[name] = sid
-        self._recount()
-        if quarantined and self.on_quarantine:
-            self.on_quarantine(self.stats.epoch, quarantined)
-
-    def _recount(self) -> None:
-        assert self._conn is not None
-        c = self._conn
-        n, b = c.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM batches WHERE acked=0"
-        ).fetchone()
-        na, ba = c.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM batches WHERE acked=1"
-        ).fetchone()
-        self.stats.backlog_batches, self.stats.backlog_bytes = int(n), int(b)
-        self.stats.kept_acked_batches = int(na)
-        self.stats.total_bytes = int(b) + int(ba) + ROW_OVERHEAD * (int(n) + int(na))
-        self._refresh_oldest()
-
-    def _refresh_oldest(self) -> None:
-        assert self._conn is not None
-        row = self._conn.execute(
-            "SELECT created FROM batches WHERE acked=0 ORDER BY seq LIMIT 1"
-        ).fetchone()
-        self.stats.oldest_created = float(row[0]) if row else None
-        size = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(OSError):
-                size += os.path.getsize(str(self.path) + suffix)
-        self.stats.file_bytes = size
-
     # ------------------------------------------------------------ public API
 
-    def _call(self, op: str, *args: Any) -> cf.Future[Any]:
-        fut: cf.Future[Any] = cf.Future()
+    def _submit(
+        self, name: str, run: Callable[[], _Answer[T]], *, stop: bool = False
+    ) -> cf.Future[T]:
+        fut: cf.Future[T] = cf.Future()
         if self._closed or self._thread is None:
             fut.set_exception(SpoolError("spool is closed"))
             return fut
-        self._q.put((op, args, fut))
+        self._q.put(_Op(name, run, fut, stop))
         return fut
 
     def append(
         self, cls: Cls, blocks: Sequence[Block], schema_ver: int, *, urgent: bool = False
     ) -> cf.Future[int]:
         """Seal: assign a seq, encode, store. Resolves to the seq once committed."""
-        return self._call("append", cls, tuple(blocks), schema_ver, urgent)
+        blocks = tuple(blocks)
+        return self._submit("append", lambda: self._op_append(cls, blocks, schema_ver, urgent))
 
     def ack(self, seqs: Sequence[int]) -> cf.Future[None]:
-        return self._call("ack", tuple(seqs))
+        seqs = tuple(seqs)
+        return self._submit("ack", lambda: self._op_ack(seqs))
 
     def requeue(self, epoch: int, first: int, last: int) -> cf.Future[tuple[list[int], int]]:
         """Mark kept rows first..last undelivered again (cmd/resend): (requeued, missing)."""
-        return self._call("requeue", epoch, first, last)
+        return self._submit("requeue", lambda: self._op_requeue(epoch, first, last))
 
     def fetch(self, cls: Cls, after_seq: int, limit: int) -> cf.Future[list[Row]]:
-        return self._call("fetch", cls, after_seq, limit)
+        return self._submit("fetch", lambda: _Answer(self.db.fetch(cls, after_seq, limit)))
 
     def register_series(self, names: Sequence[str]) -> cf.Future[dict[str, int]]:
-        return self._call("series", tuple(names))
+        names = tuple(names)
+        return self._submit("series", lambda: _written(*self.db.register_series(names)))
 
     def register_meta(self, meta_json: str) -> cf.Future[int]:
-        return self._call("meta", meta_json)
+        return self._submit("meta", lambda: _written(*self.db.register_meta(meta_json)))
 
     def meta_versions(self, vers: Sequence[int]) -> cf.Future[dict[int, str]]:
-        return self._call("get_metas", tuple(vers))
+        vers = tuple(vers)
+        return self._submit("get_metas", lambda: _Answer(self.db.meta_versions(vers)))
 
     def backlog_schema_versions(self) -> cf.Future[list[int]]:
-        return self._call("backlog_vers")
+        return self._submit("backlog_vers", lambda: _Answer(self.db.backlog_versions()))
 
     def flush(self) -> cf.Future[None]:
-        return self._call("flush")
+        return self._submit("flush", self._op_commit)
 
     def housekeeping(self) -> cf.Future[None]:
-        return self._call("housekeeping")
+        return self._submit("housekeeping", self._op_housekeeping)
 
     async def aflush(self) -> None:
         await asyncio.wrap_future(self.flush())
+
+    # ------------------------------------------------------------ operations (writer thread)
+
+    def _op_append(
+        self, cls: Cls, blocks: Sequence[Block], schema_ver: int, urgent: bool
+    ) -> _Answer[int]:
+        seq = self.db.append(cls, blocks, schema_ver)
+        return _Answer(seq, after_commit=True, commit_now=urgent)
+
+    def _op_ack(self, seqs: Sequence[int]) -> _Answer[None]:
+        self.db.ack(seqs)
+        return _Answer(None, after_commit=True)  # acks ride with the next group commit
+
+    def _op_requeue(self, epoch: int, first: int, last: int) -> _Answer[tuple[list[int], int]]:
+        return _Answer(self.db.requeue(epoch, first, last), after_commit=True, commit_now=True)
+
+    def _op_housekeeping(self) -> _Answer[None]:
+        self.db.housekeeping()
+        return _Answer(None, after_commit=True, commit_now=True)
+
+    def _op_commit(self) -> _Answer[None]:
+        """flush and close: answered once everything before them is committed."""
+        return _Answer(None, after_commit=True, commit_now=True)
 
     # ------------------------------------------------------------ writer thread
 
@@ -372,13 +224,11 @@ class Spool:
             now = time.monotonic()
             wait = min(next_house, deadline if deadline is not None else next_house) - now
             try:
-                item: tuple[str, tuple[Any, ...], cf.Future[Any]] | None = self._q.get(
-                    timeout=max(0.0, wait)
-                )
+                item: _Op[Any] | None = self._q.get(timeout=max(0.0, wait))
             except queue.Empty:
                 item = None
             batch_items = [item] if item else []
-            while item is not None and len(batch_items) < 512:
+            while item is not None and len(batch_items) < MAX_OPS_PER_ROUND:
                 try:
                     item = self._q.get_nowait()
                 except queue.Empty:
@@ -386,85 +236,70 @@ class Spool:
                 batch_items.append(item)
             commit_now = False
             stop = False
-            for op, args, fut in batch_items:
-                if fut.done():  # cancelled by the caller
+            for op in batch_items:
+                if op.future.done():  # cancelled by the caller
                     continue
                 try:
-                    urgent = self._dispatch(op, args, fut)
+                    answer = op.run()
                 except Exception as exc:
-                    self._fail(exc, fut)
-                    if _is_corrupt(exc):
+                    self._fail(exc, op.future)
+                    if is_corrupt(exc):
                         self._recover_corrupt(exc)
                     continue
-                if op == "close":
+                if answer.after_commit:
+                    self._pending.append((op.future, answer.value))
+                else:
+                    op.future.set_result(answer.value)
+                if op.stop:
                     stop = True
                     commit_now = True
-                elif urgent:
+                elif answer.commit_now:
                     commit_now = True
-                if self._dirty and deadline is None:
+                if self.db.dirty and deadline is None:
                     deadline = time.monotonic() + self.commit_interval_s
             now = time.monotonic()
             if now >= next_house:
                 try:
-                    self._housekeeping()
+                    self.db.housekeeping()
                 except Exception as exc:
                     self._fail(exc, None)
                 next_house = now + self.housekeeping_s
-            if self._dirty and deadline is None:
+            if self.db.dirty and deadline is None:
                 deadline = now + self.commit_interval_s
-            if self._dirty and (commit_now or (deadline is not None and now >= deadline)):
+            if self.db.dirty and (commit_now or (deadline is not None and now >= deadline)):
                 self._commit()
                 deadline = None
-            elif not self._dirty:
+            elif not self.db.dirty:
                 deadline = None
                 self._resolve_pending()
             if stop:
-                assert self._conn is not None
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._conn.close()
+                self.db.close()
                 return
 
     def _fail(self, exc: BaseException, fut: cf.Future[Any] | None) -> None:
-        self.stats.write_errors += 1
+        st = self.db.stats
+        st.write_errors += 1
         msg = f"{type(exc).__name__}: {exc}"
-        if msg != self.stats.last_error:
+        if msg != st.last_error:
             log.error("spool_error", error=msg)
-        self.stats.last_error = msg
+        st.last_error = msg
         if fut is not None and not fut.done():
             fut.set_exception(SpoolError(msg))
 
-    def _begin(self) -> sqlite3.Connection:
-        assert self._conn is not None
-        if not self._in_txn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._in_txn = True
-        self._dirty = True
-        return self._conn
+    def _fail_pending(self, exc: BaseException) -> None:
+        """The open group is gone: every write waiting for its commit failed."""
+        pending, self._pending = self._pending, []
+        for fut, _ in pending:
+            self._fail(exc, fut)
 
     def _commit(self) -> None:
-        assert self._conn is not None
         try:
-            self._conn.execute("COMMIT")
-            self._in_txn = False
-            self._dirty = False
+            self.db.commit()
         except Exception as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-            self._in_txn = False
-            self._dirty = False
-            pending, self._pending = self._pending, []
-            for fut, _ in pending:
-                self._fail(exc, fut)
-            self._reload_after_rollback()
-            if _is_corrupt(exc):
+            self._fail_pending(exc)
+            if is_corrupt(exc):
                 self._recover_corrupt(exc)
             return
-        self._refresh_oldest()
-        if self.stats.file_bytes > self.max_bytes - self.wal_limit:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._refresh_oldest()
         self._resolve_pending()
         if self.on_commit is not None:
             try:
@@ -478,316 +313,13 @@ class Spool:
             if not fut.done():
                 fut.set_result(result)
 
-    def _reload_after_rollback(self) -> None:
-        # The rolled-back group changed nothing on disk: recount from the database.
-        with contextlib.suppress(sqlite3.Error):
-            row = (
-                self._conn.execute(
-                    "SELECT seq FROM sqlite_sequence WHERE name='batches'"
-                ).fetchone()
-                if self._conn
-                else None
-            )
-            self._next_seq = (int(row[0]) if row else 0) + 1
-            self._recount()
-
     def _recover_corrupt(self, exc: BaseException) -> None:
-        assert self._conn is not None
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.close()
-        self._in_txn = False
-        self._dirty = False
-        pending, self._pending = self._pending, []
-        for fut, _ in pending:
-            self._fail(exc, fut)
-        dest = self._quarantine(str(exc))
-        conn = self._connect()
-        conn.executescript(_SCHEMA)
-        self._conn = conn
-        self._bump_epoch()
-        self._next_seq = 1
-        # Keep the series numbering: the meta we publish stays valid.
-        conn.executemany(
-            "INSERT INTO series(name, id) VALUES (?, ?)", list(self.series_ids.items())
-        )
-        self._recount()
+        self._fail_pending(exc)
+        dest = self.db.recover_corrupt(exc)
         if self.on_quarantine:
-            self.on_quarantine(self.stats.epoch, dest)
+            self.on_quarantine(self.epoch, dest)
 
-    def _dispatch(self, op: str, args: tuple[Any, ...], fut: cf.Future[Any]) -> bool:
-        """Run one op; returns True when it wants an immediate commit."""
-        c = self._conn
-        assert c is not None
-        if op == "append":
-            cls, blocks, schema_ver, urgent = args
-            seq = self._append(cls, blocks, schema_ver)
-            self._pending.append((fut, seq))
-            return bool(urgent)
-        if op == "ack":
-            seqs: tuple[int, ...] = args[0]
-            self._begin()
-            rows = self._select_in(
-                "SELECT seq, LENGTH(payload) FROM batches WHERE acked=0 AND seq IN ({})", seqs
-            )
-            if self.keep_acked_s > 0:
-                self._exec_in("UPDATE batches SET acked=1 WHERE seq IN ({})", [r[0] for r in rows])
-                self.stats.kept_acked_batches += len(rows)
-            else:
-                self._exec_in("DELETE FROM batches WHERE seq IN ({})", [r[0] for r in rows])
-                self.stats.total_bytes -= sum(r[1] + ROW_OVERHEAD for r in rows)
-            self.stats.backlog_batches -= len(rows)
-            self.stats.backlog_bytes -= sum(r[1] for r in rows)
-            self._pending.append((fut, None))
-            return False
-        if op == "requeue":
-            epoch, first, last = args
-            if epoch != self.stats.epoch:
-                raise SpoolError(f"epoch {epoch} is not the current spool epoch {self.stats.epoch}")
-            self._begin()
-            rows = c.execute(
-                "SELECT seq, LENGTH(payload) FROM batches WHERE acked=1 AND seq BETWEEN ? AND ?",
-                (first, last),
-            ).fetchall()
-            pend = c.execute(
-                "SELECT COUNT(*) FROM batches WHERE acked=0 AND seq BETWEEN ? AND ?", (first, last)
-            ).fetchone()[0]
-            self._exec_in("UPDATE batches SET acked=0 WHERE seq IN ({})", [r[0] for r in rows])
-            self.stats.kept_acked_batches -= len(rows)
-            self.stats.backlog_batches += len(rows)
-            self.stats.backlog_bytes += sum(r[1] for r in rows)
-            missing = (last - first + 1) - len(rows) - int(pend)
-            self._pending.append((fut, ([r[0] for r in rows], missing)))
-            return True
-        if op == "fetch":
-            cls, after, limit = args
-            rows = c.execute(
-                "SELECT seq, cls, created, schema_ver, payload FROM batches "
-                "WHERE acked=0 AND cls=? AND seq>? ORDER BY seq LIMIT ?",
-                (int(cls), after, limit),
-            ).fetchall()
-            fut.set_result([Row(r[0], Cls(r[1]), r[2], r[3], bytes(r[4])) for r in rows])
-            return False
-        if op == "series":
-            names: tuple[str, ...] = args[0]
-            new = [n for n in names if n not in self.series_ids]
-            if new:
-                self._begin()
-                nxt = max(self.series_ids.values(), default=0) + 1
-                for n in new:
-                    self.series_ids[n] = nxt
-                    c.execute("INSERT INTO series(name, id) VALUES (?, ?)", (n, nxt))
-                    nxt += 1
-                self._pending.append((fut, {n: self.series_ids[n] for n in names}))
-                return True
-            fut.set_result({n: self.series_ids[n] for n in names})
-            return False
-        if op == "meta":
-            text: str = args[0]
-            h = hashlib.sha256(text.encode()).hexdigest()
-            row = c.execute("SELECT ver FROM metas WHERE hash=?", (h,)).fetchone()
-            if row:
-                fut.set_result(int(row[0]))
-                return False
-            self._begin()
-            ver = int(c.execute("SELECT COALESCE(MAX(ver), 0) + 1 FROM metas").fetchone()[0])
-            c.execute("INSERT INTO metas(ver, hash, json) VALUES (?, ?, ?)", (ver, h, text))
-            self._pending.append((fut, ver))
-            return True
-        if op == "get_metas":
-            vers: tuple[int, ...] = args[0]
-            fut.set_result(
-                {
-                    int(v): j
-                    for v, j in self._select_in(
-                        "SELECT ver, json FROM metas WHERE ver IN ({})", vers
-                    )
-                }
-            )
-            return False
-        if op == "backlog_vers":
-            fut.set_result(
-                [
-                    int(r[0])
-                    for r in c.execute("SELECT DISTINCT schema_ver FROM batches WHERE acked=0")
-                ]
-            )
-            return False
-        if op == "housekeeping":
-            self._housekeeping()
-            self._pending.append((fut, None))
-            return True
-        if op in ("flush", "close"):
-            self._pending.append((fut, None))
-            if not self._dirty:
-                self._resolve_pending()
-            return True
-        raise SpoolError(f"unknown spool op {op!r}")
 
-    def _select_in(self, sql: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:
-        assert self._conn is not None
-        out: list[tuple[Any, ...]] = []
-        ids = list(ids)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            out += self._conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
-        return out
-
-    def _exec_in(self, sql: str, ids: Sequence[int]) -> None:
-        assert self._conn is not None
-        ids = list(ids)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            self._conn.execute(sql.format(",".join("?" * len(chunk))), chunk)
-
-    def _append(self, cls: Cls, blocks: Sequence[Block], schema_ver: int) -> int:
-        """Insert; when the disk (or the page cap) is full, make room and retry once."""
-        try:
-            return self._insert(cls, blocks, schema_ver)
-        except sqlite3.OperationalError as exc:
-            if "full" not in str(exc).lower():
-                raise
-            self.stats.write_errors += 1
-            if self.stats.last_error != str(exc):
-                log.error("spool_full", error=str(exc), file_bytes=self.stats.file_bytes)
-            self.stats.last_error = f"OperationalError: {exc}"
-            assert self._conn is not None
-            if not self._conn.in_transaction:
-                # SQLite rolled the whole group back: those batches are gone, say so.
-                self._in_txn = False
-                self._dirty = False
-                pending, self._pending = self._pending, []
-                for fut, _ in pending:
-                    self._fail(exc, fut)
-                self._reload_after_rollback()
-                self._begin()
-            # Free a tenth of the budget (oldest, lowest class first, with loss records):
-            # the freed pages are reused by the retried insert.
-            self._shrink(max(self.stats.total_bytes // 10, 64 * 1024))
-            return self._insert(cls, blocks, schema_ver)
-
-    def _insert(self, cls: Cls, blocks: Sequence[Block], schema_ver: int) -> int:
-        c = self._begin()
-        seq = self._next_seq
-        payload = codec.encode(Batch(cls, self.stats.epoch, seq, schema_ver, tuple(blocks)))
-        # Hitting SQLITE_FULL rolls back the whole open group, so never go there on
-        # purpose: below the page cap's margin, evict first (the soft budget normally
-        # keeps far from it; this catches accounting drift and B-tree slack).
-        margin = 2 * len(payload) + 16 * self._page_size
-        if self._room() < margin:
-            self._shrink(max(margin, self.stats.total_bytes // 10))
-            if self._next_seq != seq:  # the loss record took that sequence
-                seq = self._next_seq
-                payload = codec.encode(Batch(cls, self.stats.epoch, seq, schema_ver, tuple(blocks)))
-        t_first, t_last, n, series = _block_summary(blocks)
-        c.execute(
-            "INSERT INTO batches(seq, cls, created, t_first_ms, t_last_ms, n_samples, series, schema_ver, payload)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, int(cls), self.clock(), t_first, t_last, n, series, schema_ver, payload),
-        )
-        self._next_seq = seq + 1
-        self.stats.backlog_batches += 1
-        self.stats.backlog_bytes += len(payload)
-        self.stats.total_bytes += len(payload) + ROW_OVERHEAD
-        self.stats.appended_batches += 1
-        self.stats.appended_samples += n
-        if cls is not Cls.EVT or n:
-            # Enforce per insert, not per commit: a long group must not overshoot the cap.
-            self._enforce_budget()
-        return seq
-
-    def _drop(
-        self, where: str, params: tuple[Any, ...], reason: LossReason, need: int | None
-    ) -> int:
-        """Delete undelivered rows matching `where`, oldest first (all of them, or until
-        `need` bytes are freed), and record one loss block per class. Returns bytes freed."""
-        assert self._conn is not None
-        freed = 0
-        rows = self._conn.execute(
-            f"SELECT seq, cls, LENGTH(payload), t_first_ms, t_last_ms, n_samples, series, schema_ver "
-            f"FROM batches WHERE acked=0 AND {where} ORDER BY seq",
-            params,
-        ).fetchall()
-        per_cls: dict[int, list[tuple[Any, ...]]] = {}
-        chosen: list[int] = []
-        for r in rows:
-            if need is not None and freed >= need:
-                break
-            chosen.append(r[0])
-            per_cls.setdefault(r[1], []).append(r)
-            freed += r[2] + ROW_OVERHEAD
-        if not chosen:
-            return 0
-        self._exec_in("DELETE FROM batches WHERE seq IN ({})", chosen)
-        self.stats.total_bytes -= freed
-        self.stats.backlog_batches -= len(chosen)
-        self.stats.backlog_bytes -= freed - ROW_OVERHEAD * len(chosen)
-        for cls_v, rs in per_cls.items():
-            sids = sorted({int(s) for r in rs for s in str(r[6]).split(",") if s})
-            n = sum(int(r[5]) for r in rs)
-            loss = LossBlock(
-                reason,
-                Cls(cls_v),
-                min(int(r[3]) for r in rs),
-                max(int(r[4]) for r in rs),
-                n,
-                tuple(int(r[0]) for r in rs),
-                tuple(sids),
-            )
-            self.stats.lost_samples += n
-            self.stats.lost_batches += len(rs)
-            log.warning(
-                "spool_loss",
-                reason=reason.name.lower(),
-                cls=Cls(cls_v).name.lower(),
-                batches=len(rs),
-                samples=n,
-            )
-            self._insert(Cls.EVT, [loss], int(rs[-1][7]))
-        return freed
-
-    def _enforce_budget(self) -> None:
-        if self.stats.total_bytes <= self.budget:
-            return
-        self._shrink(self.stats.total_bytes - int(self.budget * 0.9))
-
-    def _shrink(self, amount: int) -> None:
-        """Free `amount` accounted bytes: delivered rows, then raw, agg, evt (with loss)."""
-        assert self._conn is not None
-        target = self.stats.total_bytes - amount
-        # Delivered rows go first: nothing is lost by dropping them.
-        need = self.stats.total_bytes - target
-        rows = self._conn.execute(
-            "SELECT seq, LENGTH(payload) FROM batches WHERE acked=1 ORDER BY seq"
-        ).fetchall()
-        chosen: list[int] = []
-        freed = 0
-        for seq, ln in rows:
-            if freed >= need:
-                break
-            chosen.append(seq)
-            freed += ln + ROW_OVERHEAD
-        if chosen:
-            self._exec_in("DELETE FROM batches WHERE seq IN ({})", chosen)
-            self.stats.total_bytes -= freed
-            self.stats.kept_acked_batches -= len(chosen)
-        for cls in (Cls.RAW, Cls.AGG, Cls.EVT):
-            # Free a little more than needed: the loss record written for what is
-            # dropped must fit too (and must not be the next thing evicted).
-            while (need := self.stats.total_bytes - target) > 0:
-                if not self._drop("cls=?", (int(cls),), LossReason.EVICTED_CAP, need + 2048):
-                    break
-
-    def _housekeeping(self) -> None:
-        assert self._conn is not None
-        now = self.clock()
-        self._begin()
-        for cls, ttl in self.ttl_s.items():
-            self._drop("cls=? AND created<?", (int(cls), now - ttl), LossReason.EXPIRED_TTL, None)
-        rows = self._conn.execute(
-            "SELECT seq, LENGTH(payload) FROM batches WHERE acked=1 AND created<?",
-            (now - self.keep_acked_s,),
-        ).fetchall()
-        if rows:
-            self._exec_in("DELETE FROM batches WHERE seq IN ({})", [r[0] for r in rows])
-            self.stats.total_bytes -= sum(r[1] + ROW_OVERHEAD for r in rows)
-            self.stats.kept_acked_batches -= len(rows)
+def _written(value: T, wrote: bool) -> _Answer[T]:
+    """A registration: answered after the commit (at once) if it wrote, else at once."""
+    return _Answer(value, after_commit=wrote, commit_now=wrote)

@@ -10,7 +10,9 @@ last will `state` = offline, and TLS from CA / client certificate files when con
 After the CONNACK it publishes the retained birth `state` (online, spool epoch, boot time)
 and the retained `meta`, subscribes to `cmd/+` (no-local), then runs a reader (commands)
 and a sender in one TaskGroup: when the broker goes away the reader's iterator raises,
-the group cancels everything and the loop reconnects.
+the group cancels everything and the loop reconnects. The reader hands each `cmd/{name}`
+request to `dispatch` (telemetry/commands.py) and publishes the reply it returns to the
+request's response topic (default `cmd/{name}/reply`) with its correlation data.
 
 The sender never hands the backlog to paho's RAM queue. It takes one row at a time from
 the spool in priority order (evt, then agg, then raw; oldest first within a class; the
@@ -19,6 +21,12 @@ of raw batches), waits for a byte token bucket (`replay_bytes_per_s`, burst
 `replay_burst_bytes`) and for a free in-flight slot (`inflight_max`), signs the batch
 (identity key; the trailer is added at send time so the spool holds unsigned rows and loss
 records can be written from the spool thread), and publishes it at QoS 1.
+
+Signing failures (TPM busy, hung or gone) never silently downgrade to unsigned telemetry:
+the batch is not published and stays undelivered in the spool (`sign_held` counts it), the
+sender pauses for `sign_retry_s`, waits for in-flight publishes, and re-reads the spool
+from the start, so held batches go out signed once the identity answers again. Only
+`uplink.allow_unsigned: true` publishes unsigned instead (counted in `unsigned_batches`).
 
 PUBACK: aiomqtt 2.x `await client.publish(..., qos=1)` returns when paho's `on_publish`
 fires, which for QoS 1 is on PUBACK, but it drops the MQTT 5 reason code, and a PUBACK
@@ -40,7 +48,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import structlog
@@ -51,14 +59,19 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Cls
+from edgerund.telemetry.commands import CommandRejected
 from edgerund.telemetry.config import UplinkConfig
 from edgerund.telemetry.spool import Row, Spool
+
+if TYPE_CHECKING:
+    from edgerund import ports
 
 log = structlog.get_logger("edgerund.telemetry.uplink")
 
 CONTENT_TYPE = "application/vnd.edgerund.tlm.v1"
 FETCH_ROWS = 64  # rows read per spool round trip (payloads, so bounded: <= 64 batches in RAM)
-CmdHandler = Callable[[bytes], Awaitable[bytes | None]]
+Dispatch = Callable[[str, bytes], Awaitable[bytes | None]]
+"""(command name, request payload) -> reply payload, or None for no reply."""
 
 
 def _props(packet_type: int) -> Properties:
@@ -72,19 +85,10 @@ def meta_with_ver(content: str, ver: int) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-class CommandRejected(Exception):
-    """A `cmd/` message we refuse: code is stable, message says expected vs got."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
-
-
 class Signer:
     """Adapter over the identity component: digest -> 4-byte key id and r||s."""
 
-    def __init__(self, identity: Any) -> None:
+    def __init__(self, identity: ports.Signer) -> None:
         from cryptography.hazmat.primitives import serialization
 
         self._identity = identity
@@ -94,6 +98,13 @@ class Signer:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         self.key_id = codec.key_id_for(spki)
+
+    async def sign_meta(self, text: str) -> str:
+        """The meta document with its `sig` member (codec.meta_signing_digest)."""
+        doc = json.loads(text)
+        der = await self._identity.sign_digest(codec.meta_signing_digest(doc))
+        signed = codec.with_meta_signature(doc, self.key_id, codec.der_to_rs(der))
+        return json.dumps(signed, separators=(",", ":"))
 
     async def sign(self, payload: bytes) -> bytes:
         der = await self._identity.sign_digest(codec.signing_digest(payload))
@@ -170,10 +181,10 @@ class UplinkStats:
     last_error: str | None = None
     inflight: int = 0
     inflight_peak: int = 0
-    cmd_handled: int = 0
-    cmd_rejected: int = 0
     publish_rejected: int = 0
     sign_errors: int = 0
+    sign_held: int = 0  # batches not published because signing failed (kept in the spool)
+    unsigned_batches: int = 0  # published unsigned (only with uplink.allow_unsigned)
     connected_since: float | None = None
 
 
@@ -188,6 +199,7 @@ class Uplink:
         signer: Signer | None,
         meta: Callable[[], tuple[int, str]],
         birth: Callable[[], dict[str, Any]],
+        dispatch: Dispatch,
     ) -> None:
         self.cfg = cfg
         self.base = f"{cfg.topic_prefix}/{site}/{gateway}"
@@ -197,7 +209,7 @@ class Uplink:
         self._meta = meta
         self._birth = birth
         self.stats = UplinkStats()
-        self.commands: dict[str, CmdHandler] = {}
+        self._dispatch = dispatch
         self._bucket = TokenBucket(cfg.replay_bytes_per_s, cfg.replay_burst_bytes)
         self._wake = asyncio.Event()
         self._gen = 0
@@ -208,7 +220,8 @@ class Uplink:
         self._idle.set()
         self._client: _AckClient | None = None
         self._cursor_reset = 0
-        self._logged_rejects: set[str] = set()
+        self._sign_retry_at = 0.0  # loop.time() before which held batches are not retried
+        self._signing_failed = False
 
     # ------------------------------------------------------------ hooks
 
@@ -359,6 +372,7 @@ class Uplink:
 
     async def _publish_birth(self, client: _AckClient) -> None:
         ver, meta_text = self._meta()
+        meta_text = await self._signed_meta(meta_text)
         birth = dict(self._birth())
         birth.update(online=True, schema_ver=ver, client_id=self.client_id)
         props = _props(PacketTypes.PUBLISH)
@@ -378,10 +392,15 @@ class Uplink:
                 await self._checked(
                     client,
                     f"{self.base}/meta/{v}",
-                    meta_with_ver(text, v).encode(),
+                    (await self._signed_meta(meta_with_ver(text, v))).encode(),
                     retain=True,
                     properties=props,
                 )
+
+    async def _signed_meta(self, text: str) -> str:
+        """Signed when the gateway signs batches: the meta relabels them, so it is signed
+        by the same key (a backend that requires signatures refuses an unsigned meta)."""
+        return text if self.signer is None else await self.signer.sign_meta(text)
 
     async def _checked(
         self,
@@ -413,6 +432,13 @@ class Uplink:
         reset_seen = self._cursor_reset
         session_start = time.time()
         while True:
+            if self._sign_retry_at:  # signing failed: pause, then re-read held rows
+                await asyncio.sleep(
+                    max(0.0, self._sign_retry_at - asyncio.get_running_loop().time())
+                )
+                await self._idle.wait()
+                self._sign_retry_at = 0.0
+                reset_seen = -1  # forces the cursor reset below
             if reset_seen != self._cursor_reset:
                 reset_seen = self._cursor_reset
                 cursors = {c: 0 for c in Cls}
@@ -453,10 +479,26 @@ class Uplink:
             if self.signer is not None:
                 try:
                     payload = await self.signer.sign(payload)
-                except Exception as exc:  # send unsigned rather than hold the backlog
+                except Exception as exc:
                     self.stats.sign_errors += 1
-                    if self.stats.sign_errors == 1:
-                        log.error("telemetry_sign_failed", error=repr(exc))
+                    if not self._signing_failed:  # log the state change, not every retry
+                        self._signing_failed = True
+                        log.error(
+                            "telemetry_sign_failed", error=repr(exc),
+                            action="publishing unsigned" if self.cfg.allow_unsigned
+                            else "holding batches in the spool",
+                        )  # fmt: skip
+                    if not self.cfg.allow_unsigned:
+                        self.stats.sign_held += 1
+                        self._sign_retry_at = (
+                            asyncio.get_running_loop().time() + self.cfg.sign_retry_s
+                        )
+                        return  # not acked: the row stays undelivered in the spool
+                    self.stats.unsigned_batches += 1
+                else:
+                    if self._signing_failed:
+                        self._signing_failed = False
+                        log.info("telemetry_sign_recovered")
             props = _props(PacketTypes.PUBLISH)
             props.ContentType = CONTENT_TYPE
             user = [("epoch", str(self.spool.epoch)), ("seq", str(row.seq))]
@@ -497,36 +539,7 @@ class Uplink:
         if rt and not any(c in rt for c in "#+") and not rt.startswith("$"):
             reply_topic = rt
         corr = getattr(props, "CorrelationData", None) if props is not None else None
-        try:
-            if len(payload) > self.cfg.cmd_max_bytes:
-                raise CommandRejected(
-                    "too_large", f"expected <= {self.cfg.cmd_max_bytes} bytes, got {len(payload)}"
-                )
-            handler = self.commands.get(name)
-            if handler is None:
-                raise CommandRejected(
-                    "unknown_command", f"expected one of {sorted(self.commands)}, got {name!r}"
-                )
-            reply = await handler(bytes(payload))
-            self.stats.cmd_handled += 1
-        except CommandRejected as exc:
-            self.stats.cmd_rejected += 1
-            key = f"{name}:{exc.code}"
-            if key not in self._logged_rejects:  # log each kind once, count all
-                self._logged_rejects.add(key)
-                log.warning("telemetry_cmd_rejected", cmd=name, code=exc.code, error=exc.message)
-            reply = json.dumps(
-                {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-            ).encode()
-        except Exception as exc:
-            self.stats.cmd_rejected += 1
-            log.error("telemetry_cmd_failed", cmd=name, error=repr(exc))
-            reply = json.dumps(
-                {
-                    "ok": False,
-                    "error": {"code": "failed", "message": f"{type(exc).__name__}: {exc}"},
-                }
-            ).encode()
+        reply = await self._dispatch(name, bytes(payload))
         if reply is None:
             return
         rprops = _props(PacketTypes.PUBLISH)

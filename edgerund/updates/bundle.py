@@ -1,24 +1,32 @@
 """Reading a bundle: one sequential pass over the tar, checks before every byte (blocking I/O;
 the component runs it in a worker thread).
 
-Bundle layout (see docs/updates.md): an uncompressed POSIX tar whose FIRST member is
-`manifest.json` and SECOND is `manifest.sig`, followed by the payload files listed in the
-manifest. Fixing the order lets the device authenticate the manifest before it extracts a
-single payload byte, and read the tar as a stream (no seeking, no second open: what is
-hashed is exactly what is written to staging, so there is no time-of-check/time-of-use gap).
+Bundle layout (see docs/updates.md): an uncompressed POSIX ustar archive (no pax or GNU
+extension headers) whose FIRST member is `manifest.json` and SECOND is `manifest.sig`,
+followed by the payload files listed in the manifest. Fixing the order lets the device
+authenticate the manifest before it extracts a single payload byte, and read the tar as a
+stream (no seeking, no second open: what is hashed is exactly what is written to staging,
+so there is no time-of-check/time-of-use gap).
+
+No general-purpose parser sees the unauthenticated bytes: the tar headers are read by
+tarread.UstarReader (fixed 512-byte ustar headers, linear time, regular files only; never
+`tarfile`), and manifest.json / manifest.sig are depth-checked (jsonguard) and size-capped
+before the strict JSON parser runs on them.
 
 Checks, in order:
   - the path is a regular file (a FIFO or device, e.g. an endless /dev/zero, is refused)
     and its size is within bundle_max_mb, before anything is read;
-  - every tar member is a regular file with a safe relative name (no absolute path, no
-    `..`, no backslash or NUL, normalised) - links, devices, FIFOs and directories are
-    refused before extraction;
+  - every tar header is plain ustar with a valid checksum, a regular file with a safe
+    relative name (no absolute path, no `..`, no backslash or NUL, normalised), listed
+    once; links, devices, FIFOs, directories and extension headers are refused from the
+    header, before their content is read (tarread.py);
   - manifest.json and manifest.sig are size-capped and read into memory; the trust
     decision (trust.verify_manifest) runs on them;
   - each payload member must be listed in the signed manifest with the same size, is at
-    most file_max_mb, appears once, and is copied into the staging directory while being
-    hashed, reading never more than its declared size;
-  - trust.verify_files then compares every size and hash (missing, extra, mix-and-match).
+    most file_max_mb, and is copied into the staging directory while being hashed,
+    reading never more than its declared size;
+  - trust.verify_files then compares every size and hash (missing, extra, mix-and-match);
+  - after the end-of-archive block only zero padding may follow.
 """
 
 from __future__ import annotations
@@ -26,9 +34,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import posixpath
 import stat
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +42,10 @@ from typing import IO
 
 from edgerund.errors import TrustError
 from edgerund.updates import fsutil
+from edgerund.updates.jsonguard import check_depth
 from edgerund.updates.keyring import Keyring
-from edgerund.updates.manifest import BundleManifest
+from edgerund.updates.manifest import BundleManifest, strict_json
+from edgerund.updates.tarread import Member, UstarReader
 from edgerund.updates.trust import (
     Device,
     FileDigest,
@@ -51,37 +59,9 @@ from edgerund.updates.trust import (
 
 SIG_MAX_BYTES = 64 * 1024
 CHUNK = 1 << 20
+MAX_MEMBERS = 256  # manifest.json, manifest.sig and the payload files
 
 Progress = Callable[[int, int], None]
-
-
-def check_member(m: tarfile.TarInfo) -> str:
-    """The member's safe name, or TrustError (links, devices, traversal)."""
-    name = m.name
-    if m.issym() or m.islnk():
-        raise TrustError("link_member", f"tar member {name!r} is a link (to {m.linkname!r})")
-    if not m.isreg() or m.sparse is not None:
-        kind = (
-            "directory"
-            if m.isdir()
-            else "device or FIFO"
-            if (m.ischr() or m.isblk() or m.isfifo())
-            else "special"
-        )
-        raise TrustError(
-            "special_member", f"tar member {name!r} is a {kind}, expected a regular file"
-        )
-    if (
-        not name
-        or name.startswith("/")
-        or "\\" in name
-        or "\x00" in name
-        or ".." in name.split("/")
-        or posixpath.normpath(name) != name
-        or name.startswith("./")
-    ):
-        raise TrustError("unsafe_path", f"tar member name {name!r} is not a safe relative path")
-    return name
 
 
 class _CappedReader(io.RawIOBase):
@@ -105,12 +85,15 @@ class _CappedReader(io.RawIOBase):
         return int(n)
 
 
-def _read_small(tf: tarfile.TarFile, m: tarfile.TarInfo, cap: int, what: str) -> bytes:
+def _reader(f: IO[bytes], size: int, member_max: int) -> UstarReader:
+    capped = io.BufferedReader(_CappedReader(f, size), buffer_size=CHUNK)
+    return UstarReader(capped, size, member_max_bytes=member_max, max_members=MAX_MEMBERS)
+
+
+def _read_small(tr: UstarReader, m: Member, cap: int, what: str) -> bytes:
     if m.size > cap:
         raise TrustError("file_too_large", f"{what}: expected at most {cap} bytes, got {m.size}")
-    f = tf.extractfile(m)
-    assert f is not None
-    data = f.read(cap + 1)
+    data = tr.read(m.size)
     if len(data) != m.size:
         raise TrustError("bundle_truncated", f"{what}: expected {m.size} bytes, got {len(data)}")
     return data
@@ -138,7 +121,8 @@ def open_bundle(path: Path) -> tuple[IO[bytes], int]:
 
 @dataclass(frozen=True)
 class BundleHead:
-    """The first two members, read into memory: nothing in them is trusted yet."""
+    """The first two members, read into memory: nothing in them is trusted yet (both are
+    size-capped and depth-checked, nothing more)."""
 
     manifest_bytes: bytes
     sig_bytes: bytes | None  # None: the second member is not manifest.sig (unsigned)
@@ -154,8 +138,8 @@ class BundleReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f, self.size = open_bundle(path)
-        self._tf: tarfile.TarFile | None = None
-        self._pending: tarfile.TarInfo | None = None
+        self._tr: UstarReader | None = None
+        self._pending: Member | None = None
 
     def close(self) -> None:
         self._f.close()
@@ -179,26 +163,27 @@ class BundleReader:
 
     def head(self, manifest_max: int) -> BundleHead:
         """manifest.json (first member) and manifest.sig (second, when present)."""
-        try:
-            tf = tarfile.open(fileobj=_CappedReader(self._f, self.size), mode="r|", bufsize=CHUNK)
-            self._tf = tf
-            first = tf.next()
-            if first is None:
-                raise TrustError("bundle_malformed", "empty tar")
-            if check_member(first) != "manifest.json":
-                raise TrustError(
-                    "bundle_layout",
-                    f"the first tar member must be manifest.json, got {first.name!r}",
-                )
-            manifest_bytes = _read_small(tf, first, manifest_max, "manifest.json")
-            second = tf.next()
-            sig_bytes: bytes | None = None
-            self._pending = second
-            if second is not None and check_member(second) == "manifest.sig":
-                sig_bytes = _read_small(tf, second, SIG_MAX_BYTES, "manifest.sig")
-                self._pending = None
-        except (tarfile.TarError, EOFError) as exc:
-            raise TrustError("bundle_malformed", f"not a valid tar bundle: {exc}") from None
+        # Members are capped by the file size here; the per-file cap (file_max_mb) is
+        # applied in extract against the signed manifest, the head caps in _read_small.
+        tr = _reader(self._f, self.size, self.size)
+        self._tr = tr
+        first = tr.next()
+        if first is None:
+            raise TrustError("bundle_malformed", "empty tar")
+        if first.name != "manifest.json":
+            raise TrustError(
+                "bundle_layout",
+                f"the first tar member must be manifest.json, got {first.name!r}",
+            )
+        manifest_bytes = _read_small(tr, first, manifest_max, "manifest.json")
+        check_depth(manifest_bytes, "manifest.json", "manifest_malformed")
+        second = tr.next()
+        sig_bytes: bytes | None = None
+        self._pending = second
+        if second is not None and second.name == "manifest.sig":
+            sig_bytes = _read_small(tr, second, SIG_MAX_BYTES, "manifest.sig")
+            check_depth(sig_bytes, "manifest.sig", "signature_malformed")
+            self._pending = None
         return BundleHead(manifest_bytes, sig_bytes)
 
     def extract(
@@ -211,11 +196,21 @@ class BundleReader:
         """The payload members (after `head` and the trust decision on it) into the empty
         `staging` directory, each hashed while copied; then every size and hash checked.
         On TrustError staging may hold partial files: the caller wipes it."""
-        assert self._tf is not None, "head() first"
-        try:
-            _extract(self._tf, self._pending, staging, manifest, limits, progress)
-        except (tarfile.TarError, EOFError) as exc:
-            raise TrustError("bundle_malformed", f"not a valid tar bundle: {exc}") from None
+        assert self._tr is not None, "head() first"
+        pending, self._pending = self._pending, None
+        _extract(self._tr, pending, staging, manifest, limits, progress)
+
+
+def peek_model_name(path: Path, manifest_max: int) -> str:
+    """The (unauthenticated) model name, to pick the model's state record. Nothing else
+    in the manifest is used before the signature check."""
+    with BundleReader(path) as reader:
+        data = reader.head(manifest_max).manifest_bytes
+    raw = strict_json(data, "manifest.json", "manifest_malformed")
+    name = raw.get("model_name") if isinstance(raw, dict) else None
+    if not isinstance(name, str):
+        raise TrustError("manifest_malformed", "manifest.json has no model_name")
+    return name
 
 
 def read_bundle(
@@ -229,9 +224,11 @@ def read_bundle(
     limits: Limits,
     manifest_max: int,
     progress: Progress | None = None,
-) -> tuple[Verdict, BundleHead]:
+) -> tuple[Verdict, bytes, bytes]:
     """Verify `path` and extract its payload into the (empty) `staging` directory, in one
-    pass (for `edgerund bundle verify`; the daemon drives the BundleReader step by step)."""
+    pass (for `edgerund bundle verify` and tests; the daemon drives the BundleReader step
+    by step). Returns the verdict and the raw manifest.json / manifest.sig bytes. On any
+    TrustError the staging directory may hold partial files; the caller wipes it."""
     with BundleReader(path) as reader:
         check_size(reader.size, limits)
         head = reader.head(manifest_max)
@@ -244,13 +241,14 @@ def read_bundle(
             installed=installed,
             limits=limits,
         )
+        assert head.sig_bytes is not None  # verify_manifest refuses unsigned bundles
         reader.extract(staging, verdict.manifest, limits, progress)
-    return verdict, head
+    return verdict, head.manifest_bytes, head.sig_bytes
 
 
 def _extract(
-    tf: tarfile.TarFile,
-    pending: tarfile.TarInfo | None,
+    tr: UstarReader,
+    pending: Member | None,
     staging: Path,
     manifest: BundleManifest,
     limits: Limits,
@@ -261,12 +259,12 @@ def _extract(
     total = sum(e.size for e in manifest.files)
     done = 0
     while True:
-        m = pending if pending is not None else tf.next()
+        m = pending if pending is not None else tr.next()
         pending = None
         if m is None:
             break
-        name = check_member(m)
-        if name in ("manifest.json", "manifest.sig") or name in digests:
+        name = m.name
+        if name in ("manifest.json", "manifest.sig"):
             raise TrustError("duplicate_member", f"tar member {name!r} appears more than once")
         entry = expected.get(name)
         if entry is None:
@@ -282,8 +280,6 @@ def _extract(
             raise TrustError(
                 "file_size", f"{name}: expected {entry.size} bytes, tar header says {m.size}"
             )
-        src = tf.extractfile(m)
-        assert src is not None
         dest = staging / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
@@ -291,7 +287,7 @@ def _extract(
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             while n < entry.size:
-                chunk = src.read(min(CHUNK, entry.size - n))
+                chunk = tr.read(min(CHUNK, entry.size - n))
                 if not chunk:
                     break
                 h.update(chunk)

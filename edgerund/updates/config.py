@@ -7,14 +7,12 @@ long the probation lasts and how many crashed trials are tolerated before a roll
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import msgspec
 
 from edgerund.config.base import Section
-
-if TYPE_CHECKING:
-    from edgerund.config.schema import Config
 
 
 class ProbationConfig(Section):
@@ -56,7 +54,21 @@ class UpdatesConfig(Section):
     probation: ProbationConfig = msgspec.field(default_factory=ProbationConfig)
 
 
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class _Updates(Protocol):
+    """What `cross_check` reads of the root config (edgerund/config/schema.py)."""
+
+    @property
+    def updates(self) -> UpdatesConfig: ...
+    @property
+    def models(self) -> Sequence[_Named]: ...
+
+
+def cross_check(cfg: _Updates) -> list[tuple[str, str]]:
     """Cross-field checks of the updates section against the rest of the config."""
     errors: list[tuple[str, str]] = []
     u = cfg.updates

@@ -8,6 +8,12 @@ documented as such.
 
 `ratchet(target)` makes the counter max(stored, target); doing it twice changes nothing,
 so start-up recovery simply redoes it after a crash between COMMITTED and the ratchet.
+
+A counter may be REFUSED (`refusal` is a reason, not None): when the identity is the
+software fallback for a TPM that was missing at boot, the real counter is in the absent TPM
+and a file counter starting at 0 would accept any old bundle. `select_counter` returns a
+`RefusedCounter` then, whose read/ratchet raise DeviceError(reason): updates must be
+refused with that reason (and show it in status), never applied against a counter of 0.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from edgerund.errors import DeviceError
 from edgerund.updates import fsutil
 
 if TYPE_CHECKING:
@@ -29,6 +36,9 @@ class NvCounterIdentity(Protocol):
     @property
     def kind(self) -> str: ...
 
+    @property
+    def counter_refusal(self) -> str | None: ...
+
     async def counter_read(self) -> int: ...
 
     async def counter_increment(self) -> int: ...
@@ -36,6 +46,7 @@ class NvCounterIdentity(Protocol):
 
 class FileCounter:
     kind = "file"
+    refusal: str | None = None
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -70,6 +81,11 @@ class IdentityCounter:
         self._id = identity
         self._max_steps = max_steps
 
+    @property
+    def refusal(self) -> str | None:
+        reason = self._id.counter_refusal
+        return None if reason is None else str(reason)
+
     async def read(self) -> int:
         return int(await self._id.counter_read())
 
@@ -84,10 +100,41 @@ class IdentityCounter:
         return cur
 
 
-def counter_for(cfg: Config, identity: NvCounterIdentity | None) -> Counter:
-    """The TPM NV counter when the identity is a TPM, else the file counter."""
-    u = cfg.updates
+class RefusedCounter:
+    """No trustworthy counter: every use raises DeviceError(reason)."""
+
+    kind = "refused"
+
+    def __init__(self, reason: str) -> None:
+        self.refusal: str | None = reason
+        self.reason = reason
+
+    async def read(self) -> int:
+        raise DeviceError(f"anti-rollback counter unavailable: {self.reason}")
+
+    async def ratchet(self, target: int) -> int:
+        raise DeviceError(f"anti-rollback counter unavailable: {self.reason}")
+
+
+def select_counter(
+    identity: NvCounterIdentity | None, file_path: Path, max_steps: int
+) -> FileCounter | IdentityCounter | RefusedCounter:
+    """The counter for this identity: TPM NV, refused (TPM fallback), or the file."""
     if identity is not None and identity.kind == "tpm":
-        return IdentityCounter(identity, max_steps=max(1000, u.max_counter_jump))
+        return IdentityCounter(identity, max_steps)
+    reason = identity.counter_refusal if identity is not None else None
+    if reason:
+        return RefusedCounter(str(reason))
+    return FileCounter(file_path)
+
+
+def counter_for(cfg: Config, identity: NvCounterIdentity | None) -> Counter:
+    """The TPM NV counter when the identity is a TPM; a RefusedCounter when the identity
+    says the counter cannot be trusted (TPM missing, software fallback); else the file."""
+    u = cfg.updates
     path = Path(u.counter_file)
-    return FileCounter(path if path.is_absolute() else Path(cfg.paths.state_dir) / path)
+    return select_counter(
+        identity,
+        path if path.is_absolute() else Path(cfg.paths.state_dir) / path,
+        max(1000, u.max_counter_jump),
+    )

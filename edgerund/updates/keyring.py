@@ -14,6 +14,16 @@ by a threshold of the keys of N (the old owners agree) AND by a threshold of its
 (the new owners hold their keys). A lower or equal version is a keyring rollback; a jump
 would let an attacker skip a revocation. The device's first keyring is provisioned (trust
 on install), and must still be self-consistent (its own threshold of its own keys).
+
+Chain rule (start-up): nothing stored on disk is trusted because it is there. The device
+keeps every rotation document it accepted (keyringstore.py) and `verify_chain` re-checks
+each link from the provisioned root, version by version, with the rotation rule (expiry is
+checked only for the keyring finally used, as in TUF: an expired intermediate is still a
+valid link). A stored document that does not chain is refused with its reason and the last
+verified keyring is used. A version floor, raised every time a higher keyring verifies,
+makes revocation survive the deletion of stored documents: if the chain that can be
+verified ends below the floor, the verdict is not usable (`keyring_below_floor`) rather than
+silently falling back to the root's (possibly revoked) keys.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgerund.errors import TrustError
+from edgerund.updates.jsonguard import check_depth
 from edgerund.updates.manifest import (
     KEYRING_DOMAIN,
     SignatureEntry,
@@ -93,6 +104,7 @@ def _decode_key(i: int, k: KeyEntry) -> tuple[str, Ed25519PublicKey]:
 
 def parse_keyring(data: bytes) -> Keyring:
     """Decode a keyring document (structure only; signatures are checked by the callers)."""
+    check_depth(data, "keyring", "keyring_malformed")
     raw = strict_json(data, "keyring", "keyring_malformed")
     try:
         doc = msgspec.convert(raw, KeyringDoc)
@@ -202,8 +214,9 @@ def check_self_signed(k: Keyring) -> None:
         raise TrustError("keyring_" + err.code, str(err).split(": ", 1)[1])
 
 
-def check_rotation(old: Keyring, new: Keyring, now: float) -> None:
-    """Accept `new` as the successor of `old` or raise TrustError (see module docstring)."""
+def check_link(old: Keyring, new: Keyring) -> None:
+    """`new` is the successor of `old`: version exactly +1, a threshold of the old keys and
+    a threshold of the new keys (the rotation rule without expiry)."""
     if new.version <= old.version:
         raise TrustError(
             "keyring_rollback",
@@ -215,7 +228,10 @@ def check_rotation(old: Keyring, new: Keyring, now: float) -> None:
             f"keyring version: expected exactly {old.version + 1}, got {new.version}",
         )
     msg = keyring_message(new)
-    sigs = _sigs(new)
+    try:
+        sigs = _sigs(new)
+    except msgspec.ValidationError as exc:
+        raise TrustError("keyring_malformed", f"signatures: {exc}") from None
     for label, keys, thr in (("old", old.keys, old.threshold), ("new", new.keys, new.threshold)):
         err = threshold_error(
             f"keyring v{new.version} ({label} keys)",
@@ -225,7 +241,121 @@ def check_rotation(old: Keyring, new: Keyring, now: float) -> None:
         )
         if err is not None:
             raise TrustError(f"keyring_{label}_" + err.code, str(err).split(": ", 1)[1])
+
+
+def check_rotation(old: Keyring, new: Keyring, now: float) -> None:
+    """Accept `new` as the successor of `old` or raise TrustError (see module docstring)."""
+    check_link(old, new)
     if new.expires <= now:
         raise TrustError(
             "keyring_expired", f"keyring v{new.version} expired at {new.signed.get('expires')}"
         )
+
+
+MAX_CHAIN = 256  # links verified at start-up (python-tuf's max_root_rotations)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A stored keyring document that was not accepted, and why."""
+
+    version: int | None  # None: the document could not be parsed
+    reason: str  # TrustError code
+    message: str
+
+
+@dataclass(frozen=True)
+class ChainVerdict:
+    """The outcome of `verify_chain`.
+
+    `keyring` is the last keyring that verified along the chain from the root: the base
+    for the next rotation in every case. It may sign bundles and vouch for slots only when
+    `usable` (its version is at least the floor); otherwise `reason`/`message` say why the
+    device must refuse updates until the missing rotations are delivered again."""
+
+    keyring: Keyring
+    chain: tuple[Keyring, ...]  # root, root+1, ..., keyring
+    floor: int
+    refused: tuple[Refused, ...]
+    reason: str | None = None
+    message: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
+
+
+def _key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_chain(root: Keyring, stored: Sequence[bytes], *, floor: int) -> ChainVerdict:
+    """Re-verify stored rotation documents from the provisioned `root` (pure).
+
+    `root` must already have passed `check_self_signed`. `stored` is every keyring document
+    the device kept (any order; unparseable, stale, forged and duplicate ones included).
+    `floor` is the highest keyring version ever verified on this device (0 if unknown).
+    Documents at or below the root's version are ignored (the root outranks them); each
+    next version is taken from the first candidate (in a fixed order) that links."""
+    refused: list[Refused] = []
+    by_version: dict[int, list[tuple[str, Keyring]]] = {}
+    for data in stored:
+        try:
+            k = parse_keyring(data)
+        except TrustError as exc:
+            refused.append(Refused(None, exc.code, str(exc).split(": ", 1)[1]))
+            continue
+        if k.version <= root.version:
+            continue
+        by_version.setdefault(k.version, []).append((_key(data), k))
+    chain = [root]
+    cur = root
+    while len(chain) <= MAX_CHAIN:
+        cands = sorted(by_version.pop(cur.version + 1, []), key=lambda c: c[0])
+        if not cands:
+            break
+        nxt: Keyring | None = None
+        for _, k in cands:
+            try:
+                check_link(cur, k)
+            except TrustError as exc:
+                refused.append(Refused(k.version, exc.code, str(exc).split(": ", 1)[1]))
+                continue
+            if nxt is None:
+                nxt = k
+            else:
+                refused.append(
+                    Refused(
+                        k.version,
+                        "keyring_duplicate_version",
+                        f"a second valid keyring v{k.version} was stored; the first one is used",
+                    )
+                )
+        if nxt is None:
+            break
+        chain.append(nxt)
+        cur = nxt
+    # Whatever is left did not connect to the verified chain (a gap, or a link refused).
+    for v in sorted(by_version):
+        for _ in by_version[v]:
+            refused.append(
+                Refused(
+                    v,
+                    "keyring_chain_gap",
+                    f"keyring v{v} does not chain: the last verified keyring is v{cur.version}",
+                )
+            )
+    if cur.version < floor:
+        return ChainVerdict(
+            keyring=cur,
+            chain=tuple(chain),
+            floor=floor,
+            refused=tuple(refused),
+            reason="keyring_below_floor",
+            message=(
+                f"keyring v{floor} was verified on this device before, but only v{cur.version}"
+                " can be verified now (stored rotations deleted or damaged); refusing to fall"
+                f" back to older keys: deliver keyrings v{cur.version + 1}..v{floor} again"
+            ),
+        )
+    return ChainVerdict(keyring=cur, chain=tuple(chain), floor=floor, refused=tuple(refused))

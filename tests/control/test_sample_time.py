@@ -3,9 +3,10 @@
 The anomaly model resamples its vibration window on the samples' timestamps
 (docs/inference.md). On an I2C bus the transaction runs on the bus's worker thread and
 the result reaches the event loop later, by a delay that grows with CPU load; the worker
-therefore notes the transaction's start (`drivers.i2c.bus.TRANSACTION_T`) and the hub
-stamps the read's samples with it. Here the "wire" is slow on purpose (30 ms), so a
-completion-time stamp would be off by at least that much.
+therefore notes the transaction's start through the driver contract
+(`drivers.base.note_acquired`) and the hub stamps the read's samples with it. Here the
+"wire" is slow on purpose (30 ms), so a completion-time stamp would be off by at least
+that much.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import asyncio
 import time
 from typing import Any
 
-from drivers.i2c.bus import TRANSACTION_T, AsyncI2CBus
+from drivers.base import acquired_at, begin_acquisition
+from drivers.i2c.bus import AsyncI2CBus
 
 
 class _SlowWire:
@@ -38,16 +40,16 @@ async def test_transaction_start_is_published_to_the_awaiting_task() -> None:
     try:
 
         async def one_read() -> tuple[float | None, float]:
-            TRANSACTION_T.set(None)  # what the hub does before each read
+            begin_acquisition()  # what the hub does before each read
             await bus.read_block(0x68, 0x3B, 14)
             await bus.read_block(0x68, 0x3B, 14)  # a second transaction: the first counts
-            return TRANSACTION_T.get(), time.monotonic()
+            return acquired_at(), time.monotonic()
 
         t_tx, t_done = await asyncio.create_task(one_read())
         assert t_tx is not None
         assert abs(t_tx - wire.started[0]) < 0.005  # the first transaction's start
         assert t_done - t_tx >= 0.055  # a completion stamp would be >= 60 ms later
         # another task's reads do not leak into this context
-        assert TRANSACTION_T.get() is None
+        assert acquired_at() is None
     finally:
         await bus.close()

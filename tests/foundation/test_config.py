@@ -159,3 +159,96 @@ def test_shipped_simulate_config_is_valid() -> None:
     cfg = load_config(path)
     assert cfg.simulation.enabled
     assert cfg.sensors, "the simulated config should configure sensors"
+
+
+# -- the table of sections ---------------------------------------------------------------
+
+SECTION_MODULES = (
+    "edgerund/config/foundation.py",
+    "edgerund/hub/config.py",
+    "edgerund/control/config.py",
+    "edgerund/telemetry/config.py",
+    "edgerund/identity/config.py",
+    "edgerund/inference/config.py",
+    "edgerund/updates/config.py",
+)
+
+
+@pytest.mark.parametrize("rel", SECTION_MODULES)
+def test_section_modules_never_import_the_root_schema(rel: str) -> None:
+    """Dependencies run one way: schema.py lists the sections, they do not look back
+    (not even under TYPE_CHECKING), so there is no import cycle to break."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / rel).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert not {m for m in imported if m.startswith("edgerund.config.schema")}
+    assert not {m for m in imported if m.startswith("edgerund.config.loader")}
+
+
+def test_every_section_with_cross_field_checks_is_in_the_table() -> None:
+    import importlib
+
+    from edgerund.config.schema import CROSS_CHECKS
+
+    for rel in SECTION_MODULES:
+        mod = importlib.import_module(rel.removesuffix(".py").replace("/", "."))
+        assert mod.cross_check in CROSS_CHECKS, rel
+
+
+def test_problems_of_several_sections_are_reported_in_table_order(tmp_path: Path) -> None:
+    # one problem for the foundation (first row), the loops (fourth) and the uplink (last)
+    text = (
+        "gateway:\n  id: gw1\n"
+        "diag:\n  max_request_bytes: 10\n"
+        "loops:\n  - id: l1\n    fallback: [{sensor: nope, channel: x, above: 1}]\n"
+        "uplink:\n  port: 0\n"
+    )
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "x.yaml")
+    lines = str(ei.value).splitlines()
+    assert lines[0] == "x.yaml:4: diag.max_request_bytes: expected at least 1024, got 10"
+    assert lines[1].startswith("x.yaml:7: loops[0].fallback[0].sensor: unknown sensor 'nope'")
+    assert lines[2] == "x.yaml:9: uplink.port: expected 1..65535, got 0"
+
+
+def test_emulated_actuator_parses_everywhere_but_is_built_only_once_registered() -> None:
+    """Production code never loads drivers.emulated: the config schema knows the emulated
+    actuator's struct (drivers/simulation.py), the registry has its factory only after the
+    root registers it. A fresh interpreter, since registration lasts for the process."""
+    code = """
+import sys
+from edgerund.config.loader import parse_config
+from drivers.registry import actuator_drivers
+cfg = parse_config('''
+gateway: {id: gw1}
+loops:
+  - id: l1
+    fallback: [{sensor: s, channel: x, above: 1}]
+    actuator: {driver: emulated, name: relay}
+sensors: [{id: s, driver: bme280}]
+''')
+assert type(cfg.loops[0].actuator).__name__ == "EmulatedActuatorConfig"
+assert "emulated" not in actuator_drivers()
+assert not [m for m in sys.modules if m.startswith("drivers.emulated")], "loaded emulators"
+from drivers.emulated import register_drivers
+register_drivers()
+register_drivers()  # idempotent
+assert actuator_drivers()["emulated"].config_type is type(cfg.loops[0].actuator)
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_only_simulation_only_structs_may_be_registered() -> None:
+    from drivers.registry import actuator_drivers, register_actuator
+
+    gpio = actuator_drivers()["gpio"]
+    with pytest.raises(ValueError, match=r"drivers/simulation\.py"):
+        register_actuator(gpio)

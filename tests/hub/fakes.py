@@ -9,20 +9,22 @@ are switched at run time through attributes: `mode_fault` = None | "device" | "f
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from drivers.base import ChannelInfo, Reading, SensorConfig
+from drivers.base import ChannelInfo, Reading, SensorConfig, note_acquired
 from drivers.errors import DeviceError, FrameError
 from drivers.registry import SensorSpec
 
 
 class FakeConfig(SensorConfig, tag="fake"):
     work_ms: float = 0.0  # simulated time the read takes (awaited, like a bus hop)
+    transport_notes: bool = False  # note the acquisition time at the read's start, as a bus does
 
 
 class FakeStreamConfig(SensorConfig, tag="fake_stream"):
-    pass
+    command_at_open: bool = False  # open() writes to the device (and so notes a time)
 
 
 class FakePolled:
@@ -38,6 +40,7 @@ class FakePolled:
         self.opens = 0
         self.attempts = 0
         self.read_starts: list[float] = []
+        self.noted: list[float] = []
         self.is_open = False
 
     async def open(self) -> None:
@@ -49,6 +52,11 @@ class FakePolled:
     async def read(self) -> Sequence[Reading]:
         self.attempts += 1
         self.read_starts.append(asyncio.get_running_loop().time())
+        if self.cfg.transport_notes:
+            t = time.monotonic()
+            self.noted.append(t)
+            note_acquired(t)
+            note_acquired(t + 0.001)  # a second transaction of the same read does not count
         if self.cfg.work_ms:
             await asyncio.sleep(self.cfg.work_ms / 1000.0)
         f = self.fault
@@ -83,6 +91,8 @@ class FakeStream:
         self.opens += 1
         if self.open_fault:
             raise DeviceError("fake: port gone")
+        if self.cfg.command_at_open:
+            note_acquired(time.monotonic())
 
     async def frames(self) -> AsyncIterator[Sequence[Reading]]:
         while True:

@@ -271,3 +271,42 @@ async def test_sensor_grids_are_spread_not_aligned(fake_hub: Any) -> None:
     offsets = sorted(float(np.mean(np.asarray(h.driver(i).read_starts[1:3]) % 0.1)) for i in ids)
     # the reads themselves are spread in time (offsets span >= 0.3 of half the period)
     assert offsets[-1] - offsets[0] > 0.01
+
+
+async def test_samples_carry_the_instant_the_transport_noted(fake_hub: Any) -> None:
+    """The driver contract's acquisition time (drivers/base.py): the hub stamps a read's
+    samples with the first transaction's start that the transport noted, not with the
+    completion 30 ms later, and t_wall is the same instant on the wall clock."""
+    import time
+
+    from drivers.base import Sample
+
+    h = await fake_hub([fake("a", rate_hz=20.0, work_ms=30.0, transport_notes=True)])
+    got: list[tuple[Sample, float, float]] = []
+    unsub = h.hub.subscribe(lambda s: got.append((s, time.monotonic(), time.time())))
+    await wait_for(lambda: len(got) >= 6)
+    unsub()
+    noted = set(h.driver("a").noted)
+    for s, done_mono, done_wall in got:
+        assert s.t_mono in noted  # exactly the first note of its read
+        assert done_mono - s.t_mono >= 0.025  # a completion stamp would be ~0
+        # the same instant on both clocks (a completion-time t_wall would be 30 ms off)
+        assert abs((done_wall - s.t_wall) - (done_mono - s.t_mono)) < 0.005
+
+
+async def test_a_note_does_not_outlive_its_read(fake_hub: Any) -> None:
+    """A stream frame nobody noted is stamped on arrival, even if the driver wrote to the
+    device (and so noted a time) when it opened: the hub begins each frame afresh."""
+    import time
+
+    from drivers.base import Sample
+
+    h = await fake_hub([fake_stream("s", command_at_open=True)])
+    await wait_for(lambda: h.driver("s").opens == 1)
+    await asyncio.sleep(0.2)
+    got: list[Sample] = []
+    h.hub.subscribe(got.append)
+    before = time.monotonic()
+    h.driver("s").queue.put_nowait(1.0)
+    await wait_for(lambda: len(got) == 1)
+    assert got[0].t_mono >= before  # not the open's note, 200 ms earlier

@@ -54,3 +54,14 @@ def test_push_allocates_nothing() -> None:
 def test_zero_capacity_refused() -> None:
     with pytest.raises(ValueError, match="capacity"):
         Ring(0)
+
+
+def test_between_selects_by_time_across_wrap_around() -> None:
+    r = Ring(5)
+    for i in range(8):  # keeps 3..7
+        r.push(1000.0 * i, float(i))
+    t, v = r.between(2000.0, 6000.0)
+    assert t.tolist() == [3000.0, 4000.0, 5000.0, 6000.0] and v.tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert r.between(8000.0, 9000.0)[0].size == 0
+    t[0] = -1.0  # a copy: the ring is unchanged
+    assert r.between(3000.0, 3000.0)[0].tolist() == [3000.0]

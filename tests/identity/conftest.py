@@ -13,6 +13,7 @@ from edgerund.config.schema import Config
 from edgerund.context import Context, Supervisor
 from edgerund.identity.config import IdentityConfig
 from tests.fixtures.binaries import require_binary
+from tests.telemetry.conftest import collector_factory  # noqa: F401  (fixture, re-exported)
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 

@@ -106,9 +106,9 @@ async def test_software_identity_files_and_result(tmp_path: Path):
         nonce = b"\x07" * 16
         r = await comp.attest(nonce)
         assert r["kind"] == "software" and r["insecure"] is True
-        v = verify_result(r, nonce=nonce)
+        v = verify_result(r, nonce=nonce, ak_pem=r["ak_pem"])
         assert (v.ok, v.code) == (False, "software_identity")
-        v = verify_result(r, nonce=nonce, allow_software=True)
+        v = verify_result(r, nonce=nonce, allow_software=True, ak_pem=r["ak_pem"])
         assert v.ok, v
         assert any("INSECURE" in w for w in v.warnings)
     # restart: same key, counter continues

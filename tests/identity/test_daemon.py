@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def tpm_daemon(tmp_path: Path, swtpm: SwtpmProcess) -> DaemonProcess:
 def attest_ok(d: DaemonProcess) -> dict[str, object]:
     nonce = os.urandom(32)
     result = d.call("attest", {"nonce": nonce.hex()})
-    v = verify_result(result, nonce=nonce)
+    v = verify_result(result, nonce=nonce, ak_pem=result["ak_pem"])
     assert v.ok, v
     return dict(result)
 
@@ -96,11 +97,13 @@ def test_edgerunctl_attest_then_edgerund_attest_verify(tmp_path: Path, swtpm: Sw
         assert bad.returncode == 1 and "hex" in (bad.stdout + bad.stderr)
     result_file = tmp_path / "quote.json"
     result_file.write_text(out.stdout)
+    ak_file = tmp_path / "ak.pem"  # the test made this AK: it pins it (enrol: test_enroll.py)
+    ak_file.write_text(json.loads(out.stdout)["ak_pem"])
 
     def verify(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "edgerund.cli", "attest", "verify",
-             "--result", str(result_file), "--nonce", nonce, *extra],
+             "--result", str(result_file), "--nonce", nonce, "--ak-pem", str(ak_file), *extra],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
@@ -113,3 +116,65 @@ def test_edgerunctl_attest_then_edgerund_attest_verify(tmp_path: Path, swtpm: Sw
     usage = verify("--expect-model", str(tmp_path / "missing.json"), "--expect-config",
                    str(d.config_path))  # fmt: skip
     assert usage.returncode == 2
+
+
+def test_running_daemon_binding_survives_pcr_reset_and_follows_sighup(
+    tmp_path: Path, swtpm: SwtpmProcess
+):
+    """#12.7 against the running daemon: another process resets PCR 23; SIGHUP re-binds."""
+    import hashlib
+    import signal
+    import subprocess
+    import time
+
+    from edgerund.backend.binding_verify import verify_nv_binding
+    from tests.fixtures.binaries import require_binary
+
+    def tool(name: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+        exe = require_binary(name, "apt-get install tpm2-tools")
+        return subprocess.run([exe, "-T", swtpm.tcti, *args], capture_output=True, timeout=30)
+
+    def bound_config(d: DaemonProcess) -> bytes:
+        nonce = os.urandom(32)
+        r = d.call("attest", {"nonce": nonce.hex()})
+        v = verify_nv_binding(r, nonce=nonce, ak_pem=r["ak_pem"],
+                              pinned_name=bytes.fromhex(r["nv_binding"]["name"]))  # fmt: skip
+        return v.config_sha256
+
+    with tpm_daemon(tmp_path, swtpm) as d:
+        d.wait_ready()
+        cfg1 = hashlib.sha256(d.config_path.read_bytes()).digest()
+        assert bound_config(d) == cfg1
+        assert tool("tpm2_pcrreset", "23").returncode == 0  # another local process
+        assert tool("tpm2_nvincrement", "0x01500100").returncode != 0  # counter: daemon only
+        assert bound_config(d) == cfg1
+        d.write_config(dict(d.config, logging={"format": "json", "level": "debug"}))
+        cfg2 = hashlib.sha256(d.config_path.read_bytes()).digest()
+        d.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while bound_config(d) != cfg2:
+            assert time.monotonic() < deadline, "SIGHUP did not re-bind the config"
+            time.sleep(1.0)  # within the attest rate limit (1/s, burst 5)
+
+
+def test_running_daemon_rate_limits_attest_and_keeps_signing(tmp_path: Path, swtpm: SwtpmProcess):
+    """#12.5 against the running daemon: an attest flood from one uid is refused at once."""
+    from edgerund.ctlclient import RemoteCommandError
+
+    d = DaemonProcess(
+        tmp_path,
+        {"identity": {"kind": "tpm", "tcti": swtpm.tcti, "attest_rate_per_s": 0.2,
+                      "attest_burst": 3}},
+    )  # fmt: skip
+    with d:
+        d.wait_ready()
+        codes = []
+        for i in range(8):
+            try:
+                d.call("attest", {"nonce": f"{i:02x}" * 16})
+                codes.append("ok")
+            except RemoteCommandError as exc:
+                codes.append(exc.code)
+        assert codes[:3] == ["ok"] * 3 and set(codes[3:]) == {"rate_limited"}
+        st = d.call("status")["identity"]
+        assert st["tpm_state"] == "ok" and st["tpm_timeouts"] == 0

@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgerund.backend.verify import expected_binding_for_files, verify_result
 from edgerund.identity import tpmstruct as ts
+from edgerund.identity.base import pem
 from edgerund.identity.binding import binding_value, parse_nonce
 from edgerund.identity.config import IdentityConfig
 from edgerund.identity.software import SoftwareIdentity
+from tests.helpers.forged_quotes import forge_quote, forged_quotes_accepted
 
 NONCE = b"\x5a" * 32
 
@@ -35,6 +39,10 @@ def result(tmp_path: Path) -> dict[str, Any]:
 
 
 def check(r: dict[str, Any], **kw: Any) -> tuple[bool, str]:
+    """Verify as a configured verifier: its nonce and the AK it pinned (r's own by default)."""
+    kw.setdefault("nonce", bytes.fromhex(r["nonce"]) if isinstance(r.get("nonce"), str) else NONCE)
+    kw.setdefault("ak_pem", r.get("ak_pem") if isinstance(r.get("ak_pem"), str) else None)
+    kw.setdefault("insecure_skip_ak_trust", kw["ak_pem"] is None)
     v = verify_result(r, allow_software=True, **kw)
     return v.ok, v.code
 
@@ -53,6 +61,8 @@ def test_tampering_is_rejected_with_specific_codes(result: dict[str, Any]):
     r = result
     assert check(r, nonce=b"\x00" * 32) == (False, "nonce_mismatch")
     assert check(dict(r, nonce="00" * 32), nonce=NONCE) == (False, "nonce_mismatch")
+    # a replay: the verifier sent a new nonce, the result carries the old one
+    assert check(r, nonce=os.urandom(32)) == (False, "nonce_mismatch")
     assert check(dict(r, attest=flip(r["attest"], 40))) == (False, "bad_signature")
     assert check(dict(r, signature=flip(r["signature"], 10))) == (False, "bad_signature")
     bad_pcrs = dict(r["pcrs"], **{"sha256:0": "ab" * 32})
@@ -105,7 +115,7 @@ def test_clock_checks(tmp_path: Path):
     assert check(b, previous=a) == (True, "ok")
     assert check(a, previous=b) == (False, "clock")
     assert check(c, previous=b) == (True, "ok")  # after a reset the clock may restart
-    v = verify_result(c, previous=b, allow_software=True)
+    v = verify_result(c, previous=b, allow_software=True, nonce=b"\x03", ak_pem=c["ak_pem"])
     assert any("reset" in w for w in v.warnings)
     assert check(b, previous=c) == (False, "clock")  # resetCount went back
 
@@ -177,13 +187,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_exit_codes(result: dict[str, Any], tmp_path: Path):
     f = tmp_path / "r.json"
     f.write_text(json.dumps(result))
+    ak = tmp_path / "ak.pem"
+    ak.write_text(result["ak_pem"])
     ok = run_cli("attest", "verify", "--result", str(f), "--nonce", NONCE.hex(),
-                 "--allow-software")  # fmt: skip
+                 "--ak-pem", str(ak), "--allow-software")  # fmt: skip
     assert ok.returncode == 0 and ok.stdout.startswith("VALID"), ok.stdout + ok.stderr
     bad = run_cli("attest", "verify", "--result", str(f), "--nonce", "00" * 32,
-                  "--allow-software")  # fmt: skip
+                  "--ak-pem", str(ak), "--allow-software")  # fmt: skip
     assert bad.returncode == 1 and "INVALID (nonce_mismatch)" in bad.stdout
-    sw = run_cli("attest", "verify", "--result", str(f))
+    sw = run_cli(
+        "attest", "verify", "--result", str(f), "--nonce", NONCE.hex(), "--ak-pem", str(ak)
+    )
     assert sw.returncode == 1 and "software_identity" in sw.stdout
     usage = run_cli("attest", "verify", "--result", str(f), "--nonce", "xyz")
     assert usage.returncode == 2 and "hex" in usage.stderr
@@ -192,5 +206,94 @@ def test_cli_exit_codes(result: dict[str, Any], tmp_path: Path):
     assert run_cli("attest", "verify").returncode == 2  # argparse usage error
     # a socket response wrapper is accepted as well
     f.write_text(json.dumps({"id": 1, "ok": True, "result": result}))
-    js = run_cli("attest", "verify", "--result", str(f), "--allow-software", "--json")
+    js = run_cli("attest", "verify", "--result", str(f), "--allow-software", "--json",
+                 "--nonce", NONCE.hex(), "--ak-pem", str(ak))  # fmt: skip
     assert js.returncode == 0 and json.loads(js.stdout)["valid"] is True
+
+
+# ---------------------------------------------------------------- forged quotes (issue #12)
+
+
+def test_forged_quote_refused_by_default_with_the_reason():
+    """A quote made in software (no TPM) that says kind "tpm" used to print VALID."""
+    forged = forge_quote(ec.generate_private_key(ec.SECP256R1()), NONCE)
+    # the pre-fix invocation: no nonce, no pin
+    v = verify_result(forged)
+    assert (v.ok, v.code) == (False, "no_nonce") and "--nonce" in v.message
+    # with the nonce but no trusted AK
+    v = verify_result(forged, nonce=NONCE)
+    assert (v.ok, v.code) == (False, "ak_untrusted") and "--ak-pem" in v.message
+    # with the AK the verifier enrolled (the forger does not hold its private key)
+    genuine_ak = pem(ec.generate_private_key(ec.SECP256R1()).public_key())
+    v = verify_result(forged, nonce=NONCE, ak_pem=genuine_ak)
+    assert (v.ok, v.code) == (False, "ak_mismatch")
+    # the switches skip exactly what they name, and nothing else
+    v = verify_result(forged, nonce=NONCE, insecure_skip_ak_trust=True)
+    assert v.ok and any("INSECURE" in w for w in v.warnings)
+    v = verify_result(forged, ak_pem=forged["ak_pem"])
+    assert (v.ok, v.code) == (False, "no_nonce")
+    v = verify_result(forged, ak_pem=forged["ak_pem"], insecure_no_nonce=True)
+    assert v.ok and any("no nonce" in w for w in v.warnings)
+
+
+def test_cli_refuses_forged_quote_by_default(tmp_path: Path):
+    forged = forge_quote(ec.generate_private_key(ec.SECP256R1()), NONCE)
+    f = tmp_path / "forged.json"
+    f.write_text(json.dumps(forged))
+    bare = run_cli("attest", "verify", "--result", str(f))
+    assert bare.returncode == 1 and "INVALID (no_nonce)" in bare.stdout, bare.stdout
+    nonce_only = run_cli("attest", "verify", "--result", str(f), "--nonce", NONCE.hex())
+    assert nonce_only.returncode == 1 and "INVALID (ak_untrusted)" in nonce_only.stdout
+    pinned = tmp_path / "enrolled-ak.pem"
+    pinned.write_text(pem(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    p = run_cli("attest", "verify", "--result", str(f), "--nonce", NONCE.hex(),
+                "--ak-pem", str(pinned))  # fmt: skip
+    assert p.returncode == 1 and "INVALID (ak_mismatch)" in p.stdout
+    skip = run_cli("attest", "verify", "--result", str(f), "--nonce", NONCE.hex(),
+                   "--insecure-skip-ak-trust")  # fmt: skip
+    assert skip.returncode == 0 and "INSECURE" in skip.stdout
+
+
+def test_forged_quotes_accepted_is_zero(result: dict[str, Any]):
+    # the software identity's result plays a genuine earlier TPM result of the pinned AK
+    out = forged_quotes_accepted(ak_pem=result["ak_pem"], genuine=dict(result, kind="tpm"))
+    assert out["forged_quotes_tried"] >= 18
+    assert out["forged_quotes_accepted"] == 0, out["codes"]
+    assert out["codes"]["software_quote_claims_tpm"] == "ak_mismatch"
+    assert out["codes"]["software_quote_claims_tpm+no_flags"] == "no_nonce"
+    assert out["codes"]["replayed_genuine"] == "nonce_mismatch"
+    assert out["codes"]["genuine_altered_pcrs"] == "pcr_digest"
+    assert out["codes"]["software_kind"] == "ak_mismatch"
+
+    # and the counter does count: a verifier that trusts any AK accepts the forgery
+    def lax_verify(r: dict[str, Any], **kw: Any) -> Any:
+        return verify_result(r, **{**kw, "insecure_skip_ak_trust": True, "ak_pem": None})
+
+    lax = forged_quotes_accepted(verify=lax_verify)
+    assert lax["forged_quotes_accepted"] >= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.sampled_from(["ek_public", "ak_public", "ek_certificate", "kind",
+                                        "secret", "result"]),
+                       st.one_of(st.text(max_size=40), st.integers(), st.none(),
+                                 st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode()))))  # fmt: skip
+def test_enrolment_parsers_fail_only_with_verify_errors(doc: dict[str, Any]):
+    from edgerund.backend import enroll
+    from edgerund.backend.verify import VerifyError
+
+    with pytest.raises(VerifyError):
+        enroll.parse_device_facts(doc)
+    pending = enroll.Pending(secret=b"\x01" * 32, ak_public=b"", ak_name=b"")
+    with pytest.raises(VerifyError) as err:
+        enroll.finish(pending, doc)
+    assert err.value.code == "activation_failed"
+
+
+def test_invalid_rsa_public_area_is_malformed_not_a_crash(result: dict[str, Any]):
+    import struct
+
+    body = struct.pack(">HHI", ts.ALG_RSA, ts.ALG_SHA256, 0x00050072) + ts.b2(b"")
+    body += struct.pack(">HHHI", ts.ALG_NULL, ts.ALG_NULL, 2048, 0) + ts.b2(b"\x00")  # n = 0
+    bad = dict(result, ak_public=base64.b64encode(ts.b2(body)).decode())
+    assert check(bad) == (False, "malformed")

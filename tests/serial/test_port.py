@@ -255,3 +255,34 @@ async def test_concurrent_writes_do_not_interleave(link: Path, loop_guard: objec
             await dev.done.wait()
         assert bytes(dev.data) in (a + b, b + a)
         await port.close()
+
+
+async def test_a_request_notes_the_acquisition_time(link: Path, loop_guard: object) -> None:
+    """A write is a request to the device: its start is the read's instant in the driver
+    contract (drivers/base.py), like an I2C transaction's start; the reply, however late,
+    does not move it, and neither does a second request of the same read."""
+    import time
+
+    from drivers.base import acquired_at, begin_acquisition
+
+    async with Echo(link) as dev:
+        port = AsyncSerialPort(dev.path, baudrate=115200)
+        await port.open()
+        try:
+
+            async def one_read() -> float | None:
+                begin_acquisition()
+                t0 = time.monotonic()
+                await port.write(b"q1\n")
+                await read_exactly(port, 3)
+                await asyncio.sleep(0.05)
+                await port.write(b"q2\n")
+                await read_exactly(port, 3)
+                t = acquired_at()
+                assert t is not None and t0 <= t <= t0 + 0.02
+                return t
+
+            assert await asyncio.create_task(one_read()) is not None
+            assert acquired_at() is None  # the note stayed in the reading task
+        finally:
+            await port.close()

@@ -1,5 +1,7 @@
-"""Helpers for telemetry tests: a hub stand-in that speaks the SensorHub interface
-(`channels`, `subscribe`), a Context builder, and a consumer running against the broker."""
+"""Helpers for telemetry tests: a hub stand-in that speaks the part of the SampleSource
+port telemetry uses (`channels`, `subscribe`), a Context builder, the component built as
+the composition root builds it (in its own task scope), and a consumer running against
+the broker."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from edgerund.backend.consumer import Consumer, run
 from edgerund.config.schema import Config
 from edgerund.context import Context, FatalComponentError, Supervisor
 from edgerund.identity.component import build as build_identity
+from edgerund.remote import RemoteCommands
+from edgerund.telemetry.component import TelemetryComponent
 from tests.helpers.daemon import deep_merge
 
 
@@ -82,6 +86,28 @@ async def identity_in(ctx: Context) -> AsyncIterator[Any]:
     async with comp:
         ctx.components["identity"] = comp
         yield comp
+
+
+@contextlib.asynccontextmanager
+async def telemetry_in(
+    ctx: Context,
+    samples: HubStandIn | None = None,
+    *,
+    signer: Any | None = None,
+    router: RemoteCommands | None = None,
+) -> AsyncIterator[TelemetryComponent]:
+    """The component with its ports, inside its task scope (as the daemon's root does)."""
+    async with ctx.supervisor.scope("telemetry") as scope:
+        comp = TelemetryComponent(
+            ctx.config,
+            scope=scope,
+            events=ctx.events,
+            samples=samples,  # type: ignore[arg-type]
+            signer=signer,
+            router=router if router is not None else RemoteCommands(),
+        )
+        async with comp:
+            yield comp
 
 
 async def until(pred: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from cryptography.hazmat.primitives import serialization
 
 from edgerund.backend.consumer import Consumer
-from edgerund.telemetry.component import TelemetryComponent
-from tests.telemetry.conftest import HubStandIn, identity_in, make_config, make_ctx
+from edgerund.telemetry import codec
+from tests.telemetry.conftest import HubStandIn, identity_in, make_config, make_ctx, telemetry_in
 
 
 async def test_normal_flow_decoded_and_verified(
@@ -24,11 +25,13 @@ async def test_normal_flow_decoded_and_verified(
     cfg = make_config(tmp_path, mosquitto)
     ctx = make_ctx(cfg, tmp_path)
     hub = HubStandIn([("env", "temp", "degC"), ("vib", "x", "g")])
-    ctx.components["hub"] = hub
     async with identity_in(ctx) as ident:
         key = Consumer.load_public_key(ident.public_key_pem().encode())
+        spki = serialization.load_pem_public_key(ident.public_key_pem().encode()).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         col = await collector_factory(mosquitto, public_keys=[key], require_signature=True)
-        async with TelemetryComponent(ctx) as tel:
+        async with telemetry_in(ctx, hub, signer=ident) as tel:
             t0 = time.time() - 5
             sent = []
             for i in range(50):
@@ -88,4 +91,7 @@ async def test_normal_flow_decoded_and_verified(
     states = col.of("state")
     assert states and states[-1]["value"]["online"] in (True, False)
     assert col.consumer.gaps() == []
+    # meta names the key that signs the batches (docs/telemetry.md section 4).
+    metas = [r["value"] for r in col.of("meta")]
+    assert metas and metas[-1]["key_id"] == codec.key_id_for(spki).hex()
     await asyncio.sleep(0)

@@ -12,9 +12,8 @@ import numpy as np
 
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Cls, LossBlock, LossReason, SeriesBlock
-from edgerund.telemetry.component import TelemetryComponent
 from edgerund.telemetry.spool import Spool
-from tests.telemetry.conftest import HubStandIn, make_config, make_ctx
+from tests.telemetry.conftest import HubStandIn, make_config, make_ctx, telemetry_in
 
 REPO = Path(__file__).resolve().parents[2]
 TTL = {Cls.EVT: 1e6, Cls.AGG: 1e6, Cls.RAW: 1e6}
@@ -105,9 +104,8 @@ async def test_cap_loss_reaches_consumer_without_gaps(
     cfg = make_config(tmp_path, mosquitto, telemetry={"spool_max_mb": 0.3, "batch_max_age_s": 0.2})
     ctx = make_ctx(cfg, tmp_path)
     hub = HubStandIn([("env", "temp", "degC")])
-    ctx.components["hub"] = hub
     rng = np.random.default_rng(5)
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, hub) as tel:
         t = time.time() - 3600
         while tel.spool.stats.lost_batches < 5:
             for v in rng.normal(20, 5, 15000):  # noisy: compresses badly, fills the cap fast
@@ -120,7 +118,7 @@ async def test_cap_loss_reaches_consumer_without_gaps(
         await asyncio.to_thread(mosquitto.start)
         col = await collector_factory(mosquitto, client_id="cap-consumer", group=None)
         await tel.spool.aflush()
-        last = tel.spool._next_seq - 1
+        last = tel.spool.last_seq
         await col.wait_for(
             lambda: (tel.spool.epoch, last) in col.seqs() or tel.spool.stats.backlog_batches == 0,
             60,
@@ -139,7 +137,7 @@ def test_page_cap_makes_room_and_never_passes_the_cap(tmp_path: Path) -> None:
     loss records) before reaching it, so appends never fail."""
     cap = 1 << 20
     sp = Spool(tmp_path, max_bytes=cap, ttl_s=TTL, commit_interval_s=0.01)
-    sp.budget = 1 << 40  # fault injection: the soft byte budget never triggers
+    sp.db.budget = 1 << 40  # fault injection: the soft byte budget never triggers
     sp.open()
     rng = np.random.default_rng(11)
     seqs: list[int] = []
@@ -171,9 +169,9 @@ def test_disk_full_fails_the_group_loudly_and_recovers(tmp_path: Path) -> None:
 
     cap = 1 << 20
     sp = Spool(tmp_path, max_bytes=cap, ttl_s=TTL, commit_interval_s=0.01)
-    sp.budget = 1 << 40
+    sp.db.budget = 1 << 40
     sp.open()
-    sp._max_pages = 1 << 30  # fault injection: blind the pre-check, so SQLite says FULL
+    sp.db.max_pages = 1 << 30  # fault injection: blind the pre-check, so SQLite says FULL
     rng = np.random.default_rng(12)
     ok, failed = 0, 0
     for chunk in range(30):

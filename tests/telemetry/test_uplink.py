@@ -12,10 +12,11 @@ import aiomqtt
 import numpy as np
 import pytest
 
+from edgerund.remote import RemoteCommands
 from edgerund.telemetry.codec import Cls, SeriesBlock
 from edgerund.telemetry.component import TelemetryComponent
 from tests.fixtures.binaries import free_port
-from tests.telemetry.conftest import HubStandIn, make_config, make_ctx, until
+from tests.telemetry.conftest import HubStandIn, make_config, make_ctx, telemetry_in, until
 from tests.telemetry.mqtt_proxy import MqttProxy
 
 
@@ -41,14 +42,13 @@ async def test_broker_outage_loses_nothing(
     loop_guard.threshold_s = 0.3
     ctx = make_ctx(make_config(tmp_path, mosquitto, telemetry={"batch_max_age_s": 0.5}), tmp_path)
     hub = HubStandIn([("env", "temp", "degC")])
-    ctx.components["hub"] = hub
     col = await collector_factory(
         mosquitto,
         client_id="outage-consumer",
         group="g" if shared else None,
         resend_after_s=1.0 if shared else None,
     )
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, hub) as tel:
         stop = asyncio.Event()
         emitter = asyncio.create_task(_emit_until(hub, stop))
         await col.wait_for(lambda: col.consumer.counts["batches"] >= 3)
@@ -65,7 +65,7 @@ async def test_broker_outage_loses_nothing(
         emitted = await emitter
         await asyncio.sleep(1.0)  # let the last open batch seal
         await tel.spool.aflush()
-        last_seq = tel.spool._next_seq - 1
+        last_seq = tel.spool.last_seq
         await col.wait_for(lambda: tel.spool.stats.backlog_batches == 0, 30)
         await col.wait_for(lambda: (tel.spool.epoch, last_seq) in col.seqs(), 30)
         await col.wait_for(lambda: not col.consumer.gaps(), 30)  # shared: repaired by resend
@@ -100,8 +100,7 @@ async def test_replay_respects_inflight_limit_and_events_jump_ahead(
     port = free_port()
     cfg = make_config(tmp_path, mosquitto, uplink={"port": port, "inflight_max": 3})
     ctx = make_ctx(cfg, tmp_path)
-    ctx.components["hub"] = HubStandIn([])
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, HubStandIn([])) as tel:
         await _fill_backlog(tel, 40, 50)
         assert tel.status()["telemetry"]["connected"] is False
         await proxy.start(port)
@@ -138,8 +137,7 @@ async def test_replay_is_paced_by_byte_rate(tmp_path: Path, mosquitto: Any) -> N
         uplink={"port": port, "replay_bytes_per_s": rate, "replay_burst_bytes": burst},
     )
     ctx = make_ctx(cfg, tmp_path)
-    ctx.components["hub"] = HubStandIn([])
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, HubStandIn([])) as tel:
         await _fill_backlog(tel, 30, 200)
         backlog = tel.spool.stats.backlog_bytes
         await proxy.start(port)
@@ -164,15 +162,15 @@ async def test_replay_is_paced_by_byte_rate(tmp_path: Path, mosquitto: Any) -> N
 async def test_malformed_cmd_messages_rejected(tmp_path: Path, mosquitto: Any) -> None:
     cfg = make_config(tmp_path, mosquitto, uplink={"cmd_max_bytes": 4096})
     ctx = make_ctx(cfg, tmp_path)
-    ctx.components["hub"] = HubStandIn([("env", "temp", "degC")])
-    async with TelemetryComponent(ctx) as tel:
-        got: list[bytes] = []
+    got: list[bytes] = []
 
-        async def echo(payload: bytes) -> bytes:
-            got.append(payload)
-            return b"pong:" + payload
+    async def echo(payload: bytes) -> bytes:
+        got.append(payload)
+        return b"pong:" + payload
 
-        tel.register_command("echo", echo)
+    router = RemoteCommands()
+    router.register("echo", echo)  # another component's command, registered with the root's router
+    async with telemetry_in(ctx, HubStandIn([("env", "temp", "degC")]), router=router) as tel:
         await until(lambda: tel.status()["telemetry"]["connected"], 20, "connected")
         base = "tlm/v1/lab/gw1/cmd"
         cases = [
@@ -228,9 +226,8 @@ async def test_resend_republishes_kept_batches(
     tmp_path: Path, mosquitto: Any, collector_factory: Any
 ) -> None:
     ctx = make_ctx(make_config(tmp_path, mosquitto), tmp_path)
-    ctx.components["hub"] = HubStandIn([])
     col = await collector_factory(mosquitto, client_id="resend-consumer")
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, HubStandIn([])) as tel:
         await _fill_backlog(tel, 5, 10)
         await col.wait_for(lambda: col.consumer.counts["batches"] >= 5)
         first = min(s for _, s in col.seqs())
@@ -259,8 +256,7 @@ async def test_tls_with_client_certificate(tmp_path: Path, mosquitto_tls: Any) -
     b = mosquitto_tls
     tls = {"ca_file": b.tls.ca_file, "cert_file": b.tls.client_cert, "key_file": b.tls.client_key}
     ctx = make_ctx(make_config(tmp_path, b, uplink={"port": b.tls_port, "tls": tls}), tmp_path)
-    ctx.components["hub"] = HubStandIn([])
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, HubStandIn([])) as tel:
         await _fill_backlog(tel, 2, 10)
         t0 = time.monotonic()
         while tel.spool.stats.backlog_batches:
@@ -278,8 +274,7 @@ async def test_tls_handshake_refused_is_reported_not_fatal(
     other = make_test_pki(tmp_path / "other-pki")  # a CA the broker's certificate is not from
     tls = {"ca_file": other.ca_file, "cert_file": b.tls.client_cert, "key_file": b.tls.client_key}
     ctx = make_ctx(make_config(tmp_path, b, uplink={"port": b.tls_port, "tls": tls}), tmp_path)
-    ctx.components["hub"] = HubStandIn([])
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, HubStandIn([])) as tel:
         await _fill_backlog(tel, 2, 10)
         t0 = time.monotonic()
         while tel.uplink is not None and tel.uplink.stats.connect_failures < 2:
@@ -298,7 +293,6 @@ async def test_consumer_repairs_a_gap_with_resend(tmp_path: Path, mosquitto: Any
     from tests.telemetry.conftest import Collector
 
     ctx = make_ctx(make_config(tmp_path, mosquitto), tmp_path)
-    ctx.components["hub"] = HubStandIn([])
     col = Collector(Consumer())
 
     async def consume(stop: asyncio.Event) -> None:
@@ -320,7 +314,7 @@ async def test_consumer_repairs_a_gap_with_resend(tmp_path: Path, mosquitto: Any
         await stop.wait()
         await task
 
-    async with TelemetryComponent(ctx) as tel:
+    async with telemetry_in(ctx, HubStandIn([])) as tel:
         stop1 = asyncio.Event()
         c1 = asyncio.create_task(consume(stop1))
         await asyncio.sleep(0.3)

@@ -193,20 +193,47 @@ def case_device(pub: Publisher, d: Path) -> Path:
     return _with_member(pub, d, ti, None)
 
 
-def case_endless_member(pub: Publisher, d: Path) -> Path:
-    # A header claiming a 100 GiB model.onnx: refused from the header, nothing read.
+def _append_raw(pub: Publisher, d: Path, raw: bytes) -> Path:
+    """A signed manifest and signature, then `raw` (headers built by hand) in place of
+    the payload."""
     files = pub.files(M.affine(2.0))
     mb, sb, _ = signed_parts(pub, files, counter=5)
     out = d / "b"
     raw_tar(out, [reg("manifest.json", mb), reg("manifest.sig", sb)])
-    ti = tarfile.TarInfo("model.onnx")
-    ti.size = 100 << 30
-    hdr = ti.tobuf(format=tarfile.PAX_FORMAT)
     data = out.read_bytes()
     end = data.rstrip(b"\0")
     end = end + b"\0" * (-len(end) % 512)
-    out.write_bytes(end + hdr + os.urandom(4096))
+    out.write_bytes(end + raw)
     return out
+
+
+def case_endless_member(pub: Publisher, d: Path) -> Path:
+    # A header claiming an 8 GiB model.onnx (the largest ustar size): refused from the
+    # header, nothing read.
+    ti = tarfile.TarInfo("model.onnx")
+    ti.size = 8**11 - 1
+    return _append_raw(pub, d, ti.tobuf(format=tarfile.USTAR_FORMAT) + os.urandom(4096))
+
+
+def case_pax_size(pub: Publisher, d: Path) -> Path:
+    # The same claim spelled as a pax record (100 GiB): extension headers are refused.
+    ti = tarfile.TarInfo("model.onnx")
+    ti.size = 100 << 30
+    return _append_raw(pub, d, ti.tobuf(format=tarfile.PAX_FORMAT) + os.urandom(4096))
+
+
+def case_pax_flood(pub: Publisher, d: Path) -> Path:
+    # CVE-2024-6232 class: one pax header whose records make tarfile's parser quadratic.
+    # The reader refuses it from its 512-byte header without looking at the records.
+    from tests.updates.test_tar_reader import pax_flood
+
+    return _append_raw(pub, d, pax_flood(1 << 20))
+
+
+def case_gnu_longname(pub: Publisher, d: Path) -> Path:
+    ti = tarfile.TarInfo("m/" * 80 + "model.onnx")
+    ti.size = 4
+    return _append_raw(pub, d, ti.tobuf(format=tarfile.GNU_FORMAT) + b"abcd" + b"\0" * 508)
 
 
 def case_oversized_bundle(pub: Publisher, d: Path) -> Path:
@@ -260,6 +287,9 @@ CASES = {
     "hardlink": (case_hardlink, "link_member"),
     "device": (case_device, "special_member"),
     "endless_member": (case_endless_member, "file_too_large"),
+    "pax_size": (case_pax_size, "tar_extension"),
+    "pax_flood": (case_pax_flood, "tar_extension"),
+    "gnu_longname": (case_gnu_longname, "tar_extension"),
     "oversized_bundle": (case_oversized_bundle, "too_large"),
     "fifo_endless": (case_fifo, "not_a_file"),
     "wrong_hardware": (case_wrong_hardware, "incompatible_hardware"),

@@ -33,6 +33,8 @@ from edgerund.updates import machine
 from edgerund.updates.commands import UpdateCommands
 from edgerund.updates.jobs import Job, JobRunner, JobTicket
 from edgerund.updates.keyring import Keyring
+from edgerund.updates.ratelimit import SourceLimiter
+from edgerund.updates.refused import RefusedStore
 from edgerund.updates.repository import SlotRepository
 from edgerund.updates.slots import SlotStore
 from edgerund.updates.sources import InboxSource, MqttSource
@@ -70,12 +72,15 @@ class UpdatesComponent:
             models=models,
             loops=loops,
         )
+        self.limiter = SourceLimiter(self.cfg.source_per_min, self.cfg.source_burst)
         self.runner = JobRunner(
             self.steps,
             events=events,
             manifest_max=self.cfg.manifest_max_kb * 1024,
             deferred=slots.take_deferred(),
+            limiter=self.limiter,
         )
+        self.refused = RefusedStore(slots.upd_dir / "inbox-refused.json")
         self.transfers = TransferStore(
             slots.upd_dir / "transfers",
             max_bytes=self.steps.limits.bundle_max_bytes,
@@ -90,10 +95,36 @@ class UpdatesComponent:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        self.steps.counter_value = await self.counter.read()
+        refusal = self.steps.counter_refusal()
+        if refusal is None:
+            self.steps.counter_value = await self.counter.read()
+        else:
+            # The daemon runs (the models keep working); updates are refused with this
+            # reason (steps.refusal) and status shows it.
+            log.error("update_counter_refused", reason=refusal, action="updates are refused")
+        gate = self.steps.refusal()
+        if gate is not None:
+            log.error("updates_refused", reason=gate.code, message=str(gate).split(": ", 1)[-1])
         self.scope.spawn("worker", self.runner.run, restart=True)
         if self.cfg.inbox_dir:
-            inbox = InboxSource(Path(self.cfg.inbox_dir), self.cfg.inbox_poll_ms, self.submit)
+            for e in await asyncio.to_thread(self.refused.load):
+                entry = {
+                    "path": str(Path(self.cfg.inbox_dir) / e.name),
+                    "source": f"inbox:{e.name}",
+                    "model": None,
+                    "reason": e.reason,
+                    "message": e.message,
+                    "at": e.at,
+                }
+                log.error("update_inbox_crashed", **entry)
+                self.runner.rejections.append(entry)
+            inbox = InboxSource(
+                Path(self.cfg.inbox_dir),
+                self.cfg.inbox_poll_ms,
+                self.submit,
+                refused=self.refused,
+                limiter=self.limiter,
+            )
             self.scope.spawn("inbox", inbox.run, restart=True)
         return self
 
@@ -117,8 +148,13 @@ class UpdatesComponent:
         return self.slots.records
 
     @property
-    def keyring(self) -> Keyring:
+    def keyring(self) -> Keyring | None:
+        """The keyring bundles are verified with (None: unusable, see status)."""
         return self.slots.keyring
+
+    @property
+    def keyring_base(self) -> Keyring:
+        return self.slots.keyring_base
 
     def slot_info(self, name: str) -> dict[str, Any]:
         rec = self.slots.records.get(name)
@@ -137,7 +173,7 @@ class UpdatesComponent:
             await self.steps.wait_until(self.runner.idle)
 
     def status(self) -> dict[str, Any]:
-        kr = self.slots.keyring
+        gate = self.steps.refusal()
         return {
             "updates": {
                 "models": [machine.summary(r) for r in self.slots.records.values()],
@@ -146,12 +182,13 @@ class UpdatesComponent:
                 "recent_rejections": list(self.runner.rejections)[-5:],
                 "security_counter": self.steps.counter_value,
                 "counter_kind": self.counter.kind,
-                "keyring": {
-                    "version": kr.version,
-                    "threshold": kr.threshold,
-                    "keys": len(kr.keys),
-                    "expires": kr.signed.get("expires"),
-                },
+                "counter_refused": self.steps.counter_refusal(),
+                "keyring": self.slots.keyring_status(),
+                # Why every bundle is refused right now (None: updates are possible).
+                "refused": None
+                if gate is None
+                else {"reason": gate.code, "message": str(gate).split(": ", 1)[-1]},
+                "rate_limit": self.limiter.status(),
                 "last_precheck": self.steps.last_precheck,
             }
         }

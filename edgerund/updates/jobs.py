@@ -37,6 +37,7 @@ from edgerund.ports import EventSink
 from edgerund.updates import machine
 from edgerund.updates.bundle import BundleReader
 from edgerund.updates.manifest import parse_manifest_json
+from edgerund.updates.ratelimit import SourceLimiter, source_of
 from edgerund.updates.steps import Received, Steps
 
 log = structlog.get_logger("edgerund.updates")
@@ -49,6 +50,7 @@ class Job:
     path: Path
     source: str  # "socket:UID", "inbox:NAME", "mqtt:ID"
     remove_after: bool = False  # MQTT transfers: the completed file is ours to delete
+    admitted: bool = False  # the source already took its rate-limit token
 
 
 class JobTicket:
@@ -106,8 +108,10 @@ class JobRunner:
         events: EventSink,
         manifest_max: int,
         deferred: list[tuple[str, machine.Action]],
+        limiter: SourceLimiter | None = None,
     ) -> None:
         self.steps = steps
+        self.limiter = limiter
         self.events = events
         self.manifest_max = manifest_max
         self._deferred = list(deferred)
@@ -117,7 +121,26 @@ class JobRunner:
 
     # -- API ----------------------------------------------------------------------------------
     async def submit(self, job: Job) -> JobTicket:
+        """Queue a job; a source over its rate limit gets a ticket that is already done
+        with `rate_limited` (the file is not opened)."""
         ticket = JobTicket()
+        wait_s = (
+            0.0
+            if self.limiter is None or job.admitted
+            else self.limiter.take(source_of(job.source))
+        )
+        if wait_s > 0:
+            err = TrustError(
+                "rate_limited",
+                f"too many bundles from {source_of(job.source)}: try again in {wait_s:.0f} s",
+            )
+            self._reject(job, ticket, err)
+            if job.remove_after:
+                with contextlib.suppress(OSError):
+                    os.unlink(job.path)
+            ticket.trial_reached.set()
+            ticket.done.set()
+            return ticket
         await self._queue.put((job, ticket))
         return ticket
 
@@ -181,6 +204,10 @@ class JobRunner:
             if first.lstrip().startswith(b"{"):
                 await self._rotate_keyring(reader, ticket)
                 return
+            # No usable keyring or counter: refuse before a byte of the bundle is parsed.
+            refusal = self.steps.refusal()
+            if refusal is not None:
+                raise refusal
             head = await asyncio.to_thread(reader.head, self.manifest_max)
             document = parse_manifest_json(head.manifest_bytes)
             name = document.get("model_name")
@@ -234,13 +261,20 @@ class JobRunner:
             ticket.done.set()
 
     async def _rotate_keyring(self, reader: BundleReader, ticket: JobTicket) -> None:
-        old = self.steps.repo.keyring
+        repo = self.steps.repo
+        old = repo.keyring_base
         data = await asyncio.to_thread(reader.read_all, KEYRING_MAX_BYTES)
-        new = await asyncio.to_thread(self.steps.repo.rotate_keyring, data)
-        log.info("keyring_rotated", old_version=old.version, new_version=new.version)
+        new = await asyncio.to_thread(repo.rotate_keyring, data)
+        usable = repo.keyring is not None
+        log.info("keyring_rotated", old_version=old.version, new_version=new.version, usable=usable)
         self.events.publish("keyring.rotated", "updates", version=new.version)
         ticket.result = {
-            "keyring": {"version": new.version, "threshold": new.threshold, "keys": len(new.keys)}
+            "keyring": {
+                "version": new.version,
+                "threshold": new.threshold,
+                "keys": len(new.keys),
+                "usable": usable,
+            }
         }
 
     def _reject(self, job: Job, ticket: JobTicket, err: TrustError) -> None:

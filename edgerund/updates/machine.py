@@ -117,6 +117,9 @@ class Record(msgspec.Struct, kw_only=True):
     ratcheted: bool = True
     last_result: str | None = None
     last_failure: Failure | None = None
+    # Slots quarantined at start-up (slotcheck.verify_slot failed), with the reason; an
+    # entry goes when a new bundle is staged into that slot.
+    quarantined: dict[str, Failure] = msgspec.field(default_factory=dict)
 
 
 EventKind = Literal["receive", "ok", "fail", "rollback", "ratcheted"]
@@ -196,6 +199,9 @@ def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
             )
             r = msgspec.structs.replace(r, deployment=dep)
         if nxt is State.VERIFIED:
+            if dep.target in rec.quarantined:  # the slot is about to be rewritten
+                q = {k: v for k, v in rec.quarantined.items() if k != dep.target}
+                r = msgspec.structs.replace(r, quarantined=q)
             acts.append(Action(ActionKind.STAGE, dep.target))
         elif nxt is State.STAGED:
             acts.append(Action(ActionKind.PRECHECK, dep.target))
@@ -342,6 +348,10 @@ def summary(rec: Record) -> dict[str, object]:
             "state": lf.state,
             "version": lf.version,
             "at": lf.at,
+        },
+        "quarantined": {
+            k: {"reason": q.reason, "message": q.message, "at": q.at}
+            for k, q in sorted(rec.quarantined.items())
         },
     }
 

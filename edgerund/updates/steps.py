@@ -40,6 +40,7 @@ from edgerund.updates.manifest import BundleManifest, decode_manifest, parse_tim
 from edgerund.updates.precheck import run_precheck
 from edgerund.updates.recovery import publish_state
 from edgerund.updates.repository import SlotRepository
+from edgerund.updates.slotcheck import verify_slot
 from edgerund.updates.trust import Device, Installed, Limits, check_size, verify_document
 
 if TYPE_CHECKING:
@@ -244,6 +245,27 @@ class Steps:
             return None
         raise AssertionError(f"unhandled action {action}")
 
+    # -- refusing everything ------------------------------------------------------------------
+    def counter_refusal(self) -> str | None:
+        """Why the anti-rollback counter cannot be trusted (TPM missing under the software
+        fallback), or None."""
+        reason = getattr(self.counter, "refusal", None)
+        return None if reason is None else str(reason)
+
+    def refusal(self) -> TrustError | None:
+        """Why EVERY bundle is refused right now, before it is read: no usable keyring, or
+        no trustworthy anti-rollback counter."""
+        err = self.repo.keyring_refusal()
+        if err is not None:
+            return err
+        reason = self.counter_refusal()
+        if reason is not None:
+            return TrustError(
+                "counter_unavailable",
+                f"the anti-rollback counter cannot be trusted ({reason}); updates are refused",
+            )
+        return None
+
     # -- the steps ---------------------------------------------------------------------------
     def installed(self, name: str) -> Installed:
         rec = self.repo.records[name]
@@ -259,6 +281,11 @@ class Steps:
         self, name: str, received: Received, tracker: Tracker | None
     ) -> machine.Event:
         store = self.repo.stores[name]
+        refusal = self.refusal()
+        if refusal is not None:
+            raise refusal
+        keyring = self.repo.keyring
+        assert keyring is not None  # refusal() said it is usable
         self.counter_value = await self.counter.read()
         staging = await asyncio.to_thread(store.reset_staging)
         check_size(received.reader.size, self.limits)
@@ -266,7 +293,7 @@ class Steps:
         verdict = verify_document(
             received.document,
             head.sig_bytes,
-            self.repo.keyring,
+            keyring,
             now=time.time(),
             device=self.device,
             installed=self.installed(name),
@@ -331,11 +358,20 @@ class Steps:
 
     async def precheck(self, name: str, slot: str) -> machine.Event:
         store = self.repo.stores[name]
-        if not await asyncio.to_thread(store.verify_slot, slot, quiet=True):
+        # The same full check as at start-up (signature under the current keyring, every
+        # hash, nothing extra): the slot may have waited across a restart.
+        v = await asyncio.to_thread(
+            verify_slot,
+            store.dir(slot),
+            self.repo.keyring,
+            model=name,
+            shipped_dir=self.repo.shipped[name],
+        )
+        if not v.ok:
             return machine.Event(
                 "fail",
-                reason="slot_corrupt",
-                message=f"slot {slot} failed its re-hash before the precheck",
+                reason=v.reason or "slot_corrupt",
+                message=f"before the precheck: {v.message}",
                 now=time.time(),
             )
         man = await self._candidate(name, slot)

@@ -107,7 +107,10 @@ async def test_corrupt_active_slot_falls_back(
     async with harness() as h:
         assert h.current() == "a"
         assert h.models.runner("m1").version == "1.0.0"
-        assert h.updates.slot_info("m1")["last_failure"]["reason"] == "slot_corrupt"
+        info = h.updates.slot_info("m1")
+        assert info["last_failure"]["reason"] == "slot_file_hash"
+        assert info["quarantined"]["b"]["reason"] == "slot_file_hash"
+        assert info["slots"]["b"] is None
 
 
 async def test_mqtt_chunked_resumable_transfer(

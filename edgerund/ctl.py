@@ -143,8 +143,17 @@ def _model_row(m: dict[str, Any]) -> dict[str, Any]:
         "faults": m.get("faults"),
         "NaN": m.get("nan_outputs"),
         "us p50/p99": f"{_fmt(m.get('infer_p50_us'))}/{_fmt(m.get('infer_p99_us'))}",
-        "last error": m.get("last_error"),
+        "last error": m.get("last_error") or _quarantine_text(m),
     }
+
+
+def _quarantine_text(m: dict[str, Any]) -> str | None:
+    q = m.get("quarantined")
+    if not isinstance(q, dict) or not q:
+        return None
+    return "; ".join(
+        f"slot {slot} quarantined: {(v or {}).get('reason')}" for slot, v in sorted(q.items())
+    )
 
 
 def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:

@@ -158,6 +158,11 @@ class ModelsComponent:
             # may carry an older one when a model is re-released unchanged).
             if info.get("version"):
                 row["version"] = str(info["version"])
+            # Why the previous model is running: a failed update, a quarantined slot.
+            if info.get("last_failure"):
+                row["last_failure"] = info["last_failure"]
+            if info.get("quarantined"):
+                row["quarantined"] = info["quarantined"]
         return row
 
     def status(self) -> dict[str, Any]:

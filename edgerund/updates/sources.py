@@ -51,7 +51,10 @@ class MqttSource:
             tid = hdr.get("id")
             reply, done = await asyncio.to_thread(self.transfers.handle, hdr, data, time.time())
             if done is not None:
-                await self._submit(Job(done, f"mqtt:{tid}", remove_after=True))
+                ticket = await self._submit(Job(done, f"mqtt:{tid}", remove_after=True))
+                err = ticket.error if ticket.done.is_set() else None
+                if err is not None:  # refused at once (rate_limited): the file is gone
+                    raise TransferError(err.code, str(err).split(": ", 1)[-1])
         except TransferError as exc:
             reply = {"ok": False, "id": tid, "error": {"code": exc.code, "message": exc.message}}
         except OSError as exc:

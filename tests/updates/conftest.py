@@ -51,7 +51,10 @@ def harness(tmp_path: Path, publisher: Publisher) -> Callable[..., Any]:
 
     @contextlib.asynccontextmanager
     async def make(
-        updates: dict[str, Any] | None = None, shipped: bytes | None = None, with_loop: bool = True
+        updates: dict[str, Any] | None = None,
+        shipped: bytes | None = None,
+        with_loop: bool = True,
+        counter: Any = None,
     ) -> AsyncIterator[Harness]:
         h = Harness(tmp_path, publisher)
         if not (tmp_path / "shipped").exists():
@@ -59,7 +62,7 @@ def harness(tmp_path: Path, publisher: Publisher) -> Callable[..., Any]:
         if not (tmp_path / "keyring.json").exists():
             publisher.write_keyring(tmp_path / "keyring.json")
         cfg = make_config(tmp_path, updates=updates)
-        async with running(cfg, with_loop=with_loop) as r:
+        async with running(cfg, with_loop=with_loop, counter=counter) as r:
             h.updates = r.updates
             h.models = r.models
             h.loop = r.loop

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerund.config.schema import Config
 from edgerund.context import EventBus, Supervisor
-from edgerund.ports import LoopCounters, ModelCounters, SlotSource
+from edgerund.ports import Counter, LoopCounters, ModelCounters, SlotSource
 from edgerund.publisher import build as B
 from edgerund.updates.component import UpdatesComponent, build
 from edgerund.updates.counter import counter_for
@@ -288,7 +288,9 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: Config, *, with_loop: bool = True) -> AsyncIterator[Running]:
+async def running(
+    cfg: Config, *, with_loop: bool = True, counter: Counter | None = None
+) -> AsyncIterator[Running]:
     r = Running()
     r.events = EventBus()
     r.supervisor = make_supervisor()
@@ -307,7 +309,7 @@ async def running(cfg: Config, *, with_loop: bool = True) -> AsyncIterator[Runni
             slots=slots,
             scope=scope,
             events=r.events,
-            counter=counter_for(cfg, None),
+            counter=counter if counter is not None else counter_for(cfg, None),
             models=r.models,
             loops=r.loop if with_loop else None,
             router=None,

@@ -22,6 +22,10 @@ class ProbationConfig(Section):
     max_faults: int = 0  # model faults (exceptions) tolerated during probation
     max_nan_outputs: int = 0  # NaN/Inf outputs tolerated during probation
     max_missed_ticks: int = 0  # control-loop missed ticks tolerated during probation
+    # ... plus missed_ratio x what the PREVIOUS model's miss rate (measured just before the
+    # swap over a window as long as the probation, at most baseline_max_s) predicts.
+    missed_ratio: float = 2.0
+    baseline_max_s: float = 10.0  # 0 = no baseline: max_missed_ticks alone
     poll_interval_ms: int = 250  # how often models.stats()/loops.status() are sampled
 
 
@@ -101,6 +105,17 @@ def cross_check(cfg: _Updates) -> list[tuple[str, str]]:
     if u.mqtt_chunk_max_kb < 1 or u.mqtt_chunk_max_kb > 16384:
         errors.append(
             ("updates.mqtt_chunk_max_kb", f"expected 1..16384, got {u.mqtt_chunk_max_kb}")
+        )
+    if u.probation.missed_ratio < 0:
+        errors.append(
+            ("updates.probation.missed_ratio", f"expected >= 0, got {u.probation.missed_ratio}")
+        )
+    if u.probation.baseline_max_s < 0:
+        errors.append(
+            (
+                "updates.probation.baseline_max_s",
+                f"expected >= 0, got {u.probation.baseline_max_s}",
+            )
         )
     if u.source_per_min < 0:
         errors.append(("updates.source_per_min", f"expected >= 0, got {u.source_per_min}"))

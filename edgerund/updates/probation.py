@@ -17,6 +17,14 @@ the recent score mean must stay in), in this order, and returns one verdict:
 
 Counters are deltas, so what the previous model did before the swap never counts against
 the new one. The score check waits for at least one inference of the new model.
+
+Missed ticks are judged against the PREVIOUS model: on a loaded host the loops miss some
+ticks whatever model runs, and a single missed tick must not roll a good model back. So
+just before the swap the watcher measures the old model's miss rate over a window as long
+as the probation window (capped by `baseline_max_s`): a `Baseline`. The new model may
+then miss `max_missed_ticks` plus `missed_ratio` times what the old model's rate predicts
+for the ticks of the probation window. Without a baseline (a trial resumed after a crash,
+no loops) `max_missed_ticks` alone applies.
 """
 
 from __future__ import annotations
@@ -48,6 +56,33 @@ class ProbationVerdict:
     message: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """The loops' counters over a window while the PREVIOUS model ran (deltas)."""
+
+    ticks: int
+    missed: int
+
+    @property
+    def miss_rate(self) -> float:
+        """Missed deadlines per deadline (a tick run or a tick missed)."""
+        return self.missed / max(1, self.ticks + self.missed)
+
+
+def baseline_of(start: Sample, end: Sample) -> Baseline:
+    return Baseline(
+        ticks=end.loops.ticks - start.loops.ticks, missed=end.loops.missed - start.loops.missed
+    )
+
+
+def missed_allowed(policy: ProbationConfig, baseline: Baseline | None, deadlines: int) -> int:
+    """How many missed ticks the new model may cause over `deadlines` deadlines."""
+    if baseline is None:
+        return policy.max_missed_ticks
+    expected = baseline.miss_rate * deadlines * policy.missed_ratio
+    return policy.max_missed_ticks + math.ceil(expected)
+
+
 WATCH = ProbationVerdict("watch")
 PASS = ProbationVerdict("pass")
 
@@ -60,6 +95,7 @@ def judge(
     window_s: float,
     health: Health,
     policy: ProbationConfig,
+    baseline: Baseline | None = None,
 ) -> ProbationVerdict:
     """The verdict on the window so far (see the module docstring)."""
     faults = now.model.faults - start.model.faults
@@ -77,11 +113,19 @@ def judge(
             f"{nans} NaN/Inf output(s) during probation (max {policy.max_nan_outputs})",
         )
     missed = now.loops.missed - start.loops.missed
-    if missed > policy.max_missed_ticks:
+    deadlines = now.loops.ticks - start.loops.ticks + missed
+    allowed = missed_allowed(policy, baseline, deadlines)
+    if missed > allowed:
+        why = (
+            f"max {allowed}"
+            if baseline is None
+            else f"max {allowed}: the previous model missed {baseline.missed} of"
+            f" {baseline.ticks + baseline.missed} before the swap"
+        )
         return ProbationVerdict(
             "fail",
             "probation_missed_ticks",
-            f"{missed} missed loop tick(s) during probation (max {policy.max_missed_ticks})",
+            f"{missed} missed loop tick(s) of {deadlines} during probation ({why})",
         )
     mean = now.model.score_mean
     if mean is not None and now.model.inferences > start.model.inferences:

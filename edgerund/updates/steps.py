@@ -101,6 +101,7 @@ class Steps:
         self.candidates: dict[str, Candidate] = {}
         self.aborts: dict[str, tuple[str, str]] = {}  # model -> (reason, message): by hand
         self.last_precheck: dict[str, dict[str, Any]] = {}
+        self.baselines: dict[str, probation.Baseline] = {}
         self._changed = asyncio.Event()
 
     # -- change notification ---------------------------------------------------------------
@@ -213,6 +214,7 @@ class Steps:
             assert action.slot is not None
             return await self.precheck(name, action.slot)
         if kind is machine.ActionKind.RESUME_TRIAL:
+            await self._measure_baseline(name)
             return machine.Event("ok", now=time.time())
         if kind is machine.ActionKind.FLIP:
             assert action.slot is not None
@@ -397,11 +399,27 @@ class Steps:
             loops=self.loops.counters() if self.loops is not None else probation.NO_LOOPS,
         )
 
+    async def _measure_baseline(self, name: str) -> None:
+        """The previous model's loop miss rate just before the swap, over a window as
+        long as the probation (at most baseline_max_s): what the probation compares the
+        new model's missed ticks with (probation.Baseline)."""
+        self.baselines.pop(name, None)
+        dep = self.repo.records[name].deployment
+        window = min(dep.probation_s if dep else 0.0, self.cfg.probation.baseline_max_s)
+        if self.loops is None or window <= 0:
+            return
+        start = self._sample(name)
+        await asyncio.sleep(window)
+        b = probation.baseline_of(start, self._sample(name))
+        self.baselines[name] = b
+        log.info("update_probation_baseline", model=name, ticks=b.ticks, missed=b.missed)
+
     async def _watch(self, name: str) -> machine.Event:
         dep = self.repo.records[name].deployment
         assert dep is not None
         policy = self.cfg.probation
         health = (await self._candidate(name, dep.target)).health
+        baseline = self.baselines.pop(name, None)
         start = self._sample(name)
         started = time.monotonic()
         while True:
@@ -416,6 +434,7 @@ class Steps:
                 window_s=dep.probation_s,
                 health=health,
                 policy=policy,
+                baseline=baseline,
             )
             if verdict.kind == "fail":
                 return machine.Event(

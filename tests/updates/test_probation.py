@@ -10,7 +10,7 @@ import pytest
 from edgerund.ports import LoopCounters, ModelCounters
 from edgerund.updates.config import ProbationConfig
 from edgerund.updates.manifest import Health
-from edgerund.updates.probation import Sample, judge
+from edgerund.updates.probation import Baseline, Sample, baseline_of, judge, missed_allowed
 
 
 def sample(
@@ -89,3 +89,40 @@ def test_no_range_no_score_check() -> None:
         policy=POLICY,
     )
     assert v.kind == "watch"
+
+
+def _loops(ticks: int, missed: int) -> Sample:
+    return Sample(
+        ModelCounters(inferences=ticks, faults=0, nan_outputs=0, score_mean=1.0),
+        LoopCounters(ticks=ticks, missed=missed, overruns=0),
+    )
+
+
+def test_missed_ticks_judged_against_the_previous_models_rate() -> None:
+    # Issue #12 item 12: on a loaded host the old model missed 10 of 1000 deadlines before
+    # the swap; the new model missing 12 of 1000 is the host, not the model.
+    policy = ProbationConfig(max_missed_ticks=0, missed_ratio=2.0)
+    before = baseline_of(_loops(0, 0), _loops(990, 10))
+    assert before.miss_rate == pytest.approx(0.01)
+
+    def judge_missed(missed: int, baseline: Baseline | None) -> str:
+        v = judge(
+            _loops(0, 0),
+            _loops(1000 - missed, missed),
+            elapsed_s=1.0,
+            window_s=5.0,
+            health=HEALTH,
+            policy=policy,
+            baseline=baseline,
+        )
+        return v.kind if v.kind != "fail" else v.reason
+
+    assert judge_missed(12, before) == "watch"
+    assert judge_missed(20, before) == "watch"  # 2 x the old rate: still the host
+    assert judge_missed(21, before) == "probation_missed_ticks"  # worse than the old model
+    # Without a baseline (a resumed trial) the absolute limit alone applies.
+    assert judge_missed(1, None) == "probation_missed_ticks"
+    # An idle host: the old model missed nothing, so the new one may miss nothing either.
+    quiet = baseline_of(_loops(0, 0), _loops(1000, 0))
+    assert judge_missed(1, quiet) == "probation_missed_ticks"
+    assert missed_allowed(policy, quiet, 1000) == 0

@@ -337,6 +337,11 @@ def build_from_dir(
                 health.setdefault(key, float(g[key]))
     name = model_name or (mm or {}).get("name") or model_dir.name
     ver = version or str((mm or {}).get("version") or "1.0.0")
+    if mm is not None:
+        # One version, signed, everywhere: the runtime (loops, the PCR binding) reads the
+        # model manifest's, `models` the bundle's; the device refuses a bundle where they
+        # differ (version_mismatch).
+        mm = {**mm, "version": ver}
     man = make_manifest(
         model_name=str(name),
         version=ver,

@@ -3,7 +3,8 @@
     1. size cap              (before a single byte of the bundle is read)
     2. signature threshold   (distinct trusted keyids over the canonical manifest)
     3. expiry                (the manifest's and the device keyring's)
-    4. compatibility         (model name configured, hardware id, daemon version, opset)
+    4. compatibility         (model name configured, hardware id, daemon version, opset,
+                              the model manifest's version is the bundle's)
     5. anti-rollback         (counter >= stored, version > installed, no fast-forward,
                               created not older than the installed bundle's)
     6. every file's hash     (size and SHA-256 of each payload file, none missing or extra)
@@ -168,6 +169,14 @@ def verify_document(
         raise TrustError(
             "incompatible_opset",
             f"opset: bundle needs {c.opset_min}..{c.opset_max}, the runtime supports up to {device.max_opset}",
+        )
+    mm_version = (manifest.model_manifest or {}).get("version")
+    if mm_version is not None and str(mm_version) != manifest.version:
+        # The runtime (loops, PCR binding) reports the model manifest's version and the
+        # updates component the bundle's: they must be one signed version.
+        raise TrustError(
+            "version_mismatch",
+            f"version: the bundle says {manifest.version}, its model_manifest says {mm_version}",
         )
     # -- 5. anti-rollback
     if manifest.security_counter < installed.counter:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
+from edgerund import __version__
 from edgerund.component import Peer
+from edgerund.publisher import build as B
+from edgerund.updates.abi import runtime_max_opset
+from edgerund.updates.bundle import read_bundle
+from edgerund.updates.keyring import parse_keyring
+from edgerund.updates.trust import Device, Installed, Limits
 from tests.updates import models as M
+from tests.updates.support import Publisher, seed_dir
 
 ROOT = Peer(pid=1, uid=0, gid=0, privileged=True)
 
@@ -29,3 +38,33 @@ async def test_install_commit_and_manual_rollback(harness: Any, tmp_path: Path) 
         assert res["active_slot"] == "a" and res["last_failure"]["reason"] == "manual"
         assert h.current() == "a"
         assert h.models.runner("m1").version == "1.0.0"
+
+
+def test_bundle_build_version_is_the_model_manifests(tmp_path: Path, publisher: Publisher) -> None:
+    # Issue #12 item 17: `bundle build --version` set the bundle's version only, so
+    # `models` said 2.0.1 while the loops (the model manifest) said 1.0.0. (The device
+    # refuses such a bundle: test_attacks `version_mismatch`.)
+    src = seed_dir(tmp_path / "src", M.affine(2.0), version="1.0.0")
+    out = tmp_path / "v201.bundle"
+    man = B.build_from_dir(src, out, publisher.keys[:2], version="2.0.1")
+    assert man["version"] == man["model_manifest"]["version"] == "2.0.1"
+    assert json.loads((src / "manifest.json").read_text())["version"] == "1.0.0"  # untouched
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    verdict, _, _ = read_bundle(
+        out,
+        staging,
+        parse_keyring(B.keyring_bytes(publisher.keyring_doc)),
+        now=time.time(),
+        device=Device("gw-test", __version__, runtime_max_opset(), ("m1",)),
+        installed=Installed(counter=0, version="1.0.0"),
+        limits=Limits(
+            bundle_max_bytes=1 << 26,
+            file_max_bytes=1 << 26,
+            max_counter_jump=16,
+            max_version_jump=0,
+        ),
+        manifest_max=256 * 1024,
+    )
+    assert verdict.manifest.version == "2.0.1"
+    assert verdict.manifest.model_manifest == {"name": "m1", "version": "2.0.1"}

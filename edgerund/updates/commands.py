@@ -3,8 +3,10 @@
 steps').
 
 - `update {path, wait?}`: submit a bundle or keyring file (absolute path) and wait until
-  the trial is reached (`wait: "trial"`, default), the job is done (`"commit"`) or not at
-  all (`"none"`). A refusal or rollback answers the reason code and message.
+  the new model is in probation (`wait: "trial"`, default: PROBATION is durable, the
+  watch has just started), the job is done (`"commit"`) or not at all (`"none"`). A
+  refusal or rollback is always an error answer with the reason code and message (so
+  `edgerunctl update` exits 1), never a result.
 - `rollback {model}`: during TRIAL/PROBATION the probation is told to roll back; otherwise
   the machine reverts to the other valid slot.
 - `models-slots`: both slots of every model, versions, states, last failure.
@@ -72,7 +74,12 @@ class UpdateCommands:
         if ticket.error is not None:
             raise CommandError(ticket.error.code, str(ticket.error).split(": ", 1)[-1])
         if ticket.result is None and ticket.model is not None:
-            return machine.summary(self.steps.repo.records[ticket.model])
+            rec = self.steps.repo.records[ticket.model]
+            lf = rec.last_failure
+            if rec.state in (machine.State.REJECTED, machine.State.ROLLED_BACK) and lf:
+                # Never an "ok" answer for an update that did not take (edgerunctl exits 1).
+                raise CommandError(lf.reason, lf.message)
+            return machine.summary(rec)
         return ticket.result
 
     async def rollback(self, args: dict[str, Any], peer: Peer) -> Any:

@@ -143,9 +143,18 @@ class Steps:
             self.touch()
             if tracker is not None:
                 tracker.update(phase=str(new.state))
-            next_ev = await self.execute(name, new, actions, received, tracker)
-            if ticket is not None and new.state in (machine.State.PROBATION, *machine.TERMINAL):
+            if ticket is not None and new.state is machine.State.PROBATION:
+                # `wait: "trial"` returns once PROBATION is durable, not after the watch
+                # (issue #12 item 16); a refusal or rollback ends the job with its error.
+                first = await self.execute(name, new, actions[:1], received, tracker)
                 ticket.trial_reached.set()
+                next_ev = (
+                    first
+                    if first is not None and first.kind == "fail"
+                    else await self.execute(name, new, actions[1:], received, tracker)
+                )
+            else:
+                next_ev = await self.execute(name, new, actions, received, tracker)
         if records[name].state in machine.TERMINAL:
             self.candidates.pop(name, None)
         return records[name]

@@ -23,6 +23,7 @@ from typing import Any
 from edgerund.component import Command, CommandError, Peer
 from edgerund.updates import machine
 from edgerund.updates.jobs import Job, JobRunner
+from edgerund.updates.slotcheck import verify_slot
 from edgerund.updates.steps import Steps
 
 
@@ -100,6 +101,20 @@ class UpdateCommands:
         if rec.active is None or rec.slots.get(machine.other(rec.active)) is None:
             raise CommandError(
                 "no_previous", f"{name}: the other slot holds no valid model to roll back to"
+            )
+        # The target was verified at start-up; it may have been touched since.
+        target = machine.other(rec.active)
+        repo = self.steps.repo
+        v = await asyncio.to_thread(
+            verify_slot,
+            repo.stores[name].dir(target),
+            repo.keyring,
+            model=name,
+            shipped_dir=repo.shipped[name],
+        )
+        if not v.ok:
+            raise CommandError(
+                v.reason or "slot_corrupt", f"{name}: not rolling back to it: {v.message}"
             )
         await self.steps.drive(
             name,

@@ -44,6 +44,7 @@ ACTUATOR_MODULES: tuple[str, ...] = (
     "drivers.i2c.actuator",
     "drivers.serial.actuator",
     "drivers.serial.modbus_actuator",
+    "drivers.i2c.pca9685",
     "drivers.gpio",
     "drivers.mqtt_command",
 )

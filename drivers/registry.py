@@ -39,6 +39,7 @@ SENSOR_MODULES: tuple[str, ...] = (
     "drivers.serial.nmea",
     "drivers.serial.modbus",
     "drivers.serial.cobs",
+    "drivers.w1",
 )
 ACTUATOR_MODULES: tuple[str, ...] = (
     "drivers.i2c.actuator",

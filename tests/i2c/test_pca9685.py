@@ -22,7 +22,7 @@ def test_prescale_from_the_datasheet() -> None:
     assert proto.frequency_for(0x1E) == pytest.approx(196.9, abs=0.1)
     with pytest.raises(ValueError, match=r"expected 24\.\.1526 Hz"):
         proto.prescale_for(2000)
-    with pytest.raises(ValueError, match="outside 3..255"):
+    with pytest.raises(ValueError, match=r"outside 3\.\.255"):
         proto.prescale_for(20)
 
 

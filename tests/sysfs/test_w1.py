@@ -11,8 +11,8 @@ import pytest
 from drivers.errors import DeviceError, FrameError
 from drivers.registry import sensor_drivers
 from drivers.w1 import DS18B20, DS18B20Config, PowerOnFilter, crc8, list_probes, parse_w1_slave
-from tests.i2c.helpers import cfg
 from tests.hub.conftest import wait_for
+from tests.i2c.helpers import cfg
 from tests.sysfs.helpers import runtime
 
 # Scratchpads as a DS18B20 returns them (CRC in byte 8, Dallas CRC-8 over bytes 0..7).

@@ -47,6 +47,7 @@ ACTUATOR_MODULES: tuple[str, ...] = (
     "drivers.serial.modbus_actuator",
     "drivers.i2c.pca9685",
     "drivers.gpio",
+    "drivers.pwm_sysfs",
     "drivers.mqtt_command",
 )
 

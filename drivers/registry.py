@@ -40,6 +40,7 @@ SENSOR_MODULES: tuple[str, ...] = (
     "drivers.serial.modbus",
     "drivers.serial.cobs",
     "drivers.w1",
+    "drivers.gpio_input",
 )
 ACTUATOR_MODULES: tuple[str, ...] = (
     "drivers.i2c.actuator",

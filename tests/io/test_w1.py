@@ -13,7 +13,7 @@ from drivers.registry import sensor_drivers
 from drivers.w1 import DS18B20, DS18B20Config, PowerOnFilter, crc8, list_probes, parse_w1_slave
 from tests.hub.conftest import wait_for
 from tests.i2c.helpers import cfg
-from tests.sysfs.helpers import runtime
+from tests.io.helpers import runtime
 
 # Scratchpads as a DS18B20 returns them (CRC in byte 8, Dallas CRC-8 over bytes 0..7).
 PAD_23_125 = "72 01 4b 46 7f ff 0e 10 57"  # 0x0172 / 16 = 23.125 °C

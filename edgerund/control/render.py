@@ -67,18 +67,19 @@ def format_loop(r: dict[str, Any]) -> str:
     ]
     if model is not None:
         thr = r.get("threshold")
+        # one fact per line so the block fits 80 columns (the sparkline is 60 wide)
         lines += [
-            f"  model          {model} {r.get('model_version') or '(not loaded)'}"
-            f"  inference us {_h(r.get('inference_us'))}",
-            f"  score          {_n(r.get('score'))} / threshold {_n(thr)}"
-            f"  [{sparkline(r.get('scores') or [], top=2 * thr if thr else None)}]",
+            f"  model          {model} {r.get('model_version') or '(not loaded)'}",
+            f"  inference us   {_h(r.get('inference_us'))}",
+            f"  score          {_n(r.get('score'))} / threshold {_n(thr)}",
+            f"  scores         [{sparkline(r.get('scores') or [], top=2 * thr if thr else None)}]",
         ]
     state = "ANOMALY" if r.get("anomaly") else "normal"
-    lines.append(
+    lines += [
         f"  state          {state}  ({r.get('anomalies', 0)} since start,"
-        f" {r.get('model_faults', 0)} model faults, {r.get('fallback_ticks', 0)} fallback ticks,"
-        f" {r.get('safe_ticks', 0)} safe ticks)"
-    )
+        f" {r.get('model_faults', 0)} model faults)",
+        f"  ticks          {r.get('fallback_ticks', 0)} fallback, {r.get('safe_ticks', 0)} safe",
+    ]
     a = r.get("actuator")
     if isinstance(a, dict):
         err = f"  error: {a['error']}" if a.get("error") else ""

@@ -35,6 +35,7 @@ PURE_MODULES = (
     "edgerund/hub/ring.py",
     "edgerund/hub/health.py",
     "edgerund/ports.py",
+    "drivers/edges.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

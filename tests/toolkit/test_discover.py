@@ -215,3 +215,37 @@ def test_modbus_unit_range_is_checked(units: str) -> None:
 
     with pytest.raises(ValueError):
         _units(units)
+
+
+def test_edgerunctl_discover_leaves_the_running_daemons_ports_alone(tmp_path: Path) -> None:
+    """With the daemon running, `edgerunctl discover` asks it what it uses (sensors over
+    the socket) and does not touch those ports; another port is still listened to."""
+    from tests.helpers.daemon import DaemonProcess
+
+    m1, s1 = os.openpty()
+    m2, s2 = os.openpty()
+    used, free = os.ttyname(s1), os.ttyname(s2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    sensors = [{"id": "gps", "driver": "nmea", "port": used, "baudrate": 9600}]
+    try:
+        (tmp_path / "d").mkdir()
+        with DaemonProcess(tmp_path / "d", {"sensors": sensors}) as d:
+            d.wait_ready(60)
+            assert {s["id"]: s["where"] for s in d.call("sensors")}["gps"].startswith(used)
+            r = subprocess.run(
+                [
+                    *[sys.executable, "-m", "edgerund.ctl", "--socket", d.socket_path],
+                    *["discover", "--serial", used, "--serial", free, "--listen-s", "0.2"],
+                    *["--dev-root", str(empty), "--w1-root", str(empty), "--pwm-root", str(empty)],
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+    finally:
+        for fd in (m1, s1, m2, s2):
+            os.close(fd)
+    assert r.returncode == 1, r.stderr  # nothing identified
+    assert f"#   {used}: configured as sensor 'gps'" in r.stdout
+    assert f"#   {free}: no NMEA heard" in r.stdout

@@ -157,3 +157,42 @@ async def test_missing_probe_fails_the_sensor(tmp_path: Path) -> None:
     s = DS18B20(cfg(DS18B20Config, device="28-000000000099", sysfs_root=str(tmp_path)))
     with pytest.raises(DeviceError, match=r"no such probe .*found: 28-0316a2791aff"):
         await s.open()
+
+
+def test_the_daemon_reads_a_probe_and_marks_it_failed_when_it_goes(tmp_path: Path) -> None:
+    """The real daemon, configured with a ds18b20 over a sysfs-shaped tree."""
+    import time
+
+    from tests.helpers.daemon import DaemonProcess
+
+    root = tmp_path / "w1"
+    d = probe(root, "28-0316a2791aff", w1_text(PAD_23_125, 23125))
+    sensor = {
+        "id": "tank",
+        "driver": "ds18b20",
+        "device": "28-0316a2791aff",
+        "sysfs_root": str(root),
+        "rate_hz": 20,
+        "fail_after": 2,
+        "retries": 0,
+    }
+    (tmp_path / "d").mkdir()
+    with DaemonProcess(tmp_path / "d", {"sensors": [sensor]}) as dp:
+        dp.wait_ready(60)
+
+        def tank() -> dict[str, object]:
+            return next(s for s in dp.call("sensors") if s["id"] == "tank")
+
+        deadline = time.monotonic() + 20
+        while tank()["state"] != "ok" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        s = tank()
+        assert (
+            s["state"] == "ok" and "23.12" in str(s["value"]) and s["where"] == "w1 28-0316a2791aff"
+        )
+        (d / "w1_slave").unlink()
+        d.rmdir()
+        while tank()["state"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        s = tank()
+        assert s["state"] == "failed" and "probe gone" in str(s["last_error"])

@@ -9,6 +9,7 @@ model and its recent scores as a sparkline against the threshold, and the actuat
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,7 +90,17 @@ def format_loop(r: dict[str, Any]) -> str:
         )
     else:
         lines.append("  actuator       none (detect and report only)")
-    return "\n".join(lines)
+    return "\n".join(_fit(line) for line in lines)
+
+
+WIDTH = 80  # a technician's terminal, or a pipe
+
+
+def _fit(line: str) -> str:
+    """Long free text (a fault reason, an actuator error) continues under its value column."""
+    if len(line) <= WIDTH:
+        return line
+    return textwrap.fill(line, WIDTH, subsequent_indent=" " * 17, break_long_words=True)
 
 
 def format_loops(rows: Sequence[dict[str, Any]]) -> str:

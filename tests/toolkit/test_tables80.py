@@ -94,3 +94,15 @@ def test_sensors_is_one_line_per_sensor_and_wide_shows_every_channel(sim: Daemon
     units = [part.split()[-1] for part in multi["value"].split(", ")]
     assert wrow.count(",") == len(units) - 1 and all(u in wrow for u in units)  # uncut
     assert "where" in wide.splitlines()[1] and "overruns" in wide.splitlines()[1]
+
+
+def test_loop_block_wraps_long_reasons_under_the_value_column() -> None:
+    from edgerund.control.render import format_loop
+
+    reason = "model motor-ae: fault: bad input: timestamps: gap of 51.8 ms between samples " * 2
+    text = format_loop(
+        {"id": "motor", "period_ms": 10, "reason": reason, "model": "m", "scores": [1.0] * 100}
+    )
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "\n                 " in text  # the continuation sits under the value column
+    assert " ".join(text.split()).count("gap of 51.8 ms") == 2  # nothing cut

@@ -264,31 +264,38 @@ def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _say(console: Console, text: str) -> None:
+    """One plain line, continued (indented) rather than overflowing the terminal."""
+    width = max(40, console.width)
+    console.print(
+        textwrap.fill(text, width, subsequent_indent="  ", break_long_words=True),
+        markup=False,
+        highlight=False,
+    )
+
+
 def render_status(console: Console, st: dict[str, Any]) -> None:
     ident = st.get("identity") or {}
     tel = st.get("telemetry") or {}
     gw = st.get("gateway") or {}
-    console.print(
+    _say(
+        console,
         f"edgerund {st.get('version')}  gateway {gw.get('id', '?')} (site {gw.get('site', '?')})"
         f"  up {st.get('uptime_s', 0):.0f} s  loop lag {st.get('loop_lag_ms', 0):.2f} ms"
         + ("  [SIMULATED]" if st.get("simulate") else ""),
-        markup=False,
-        highlight=False,
     )
     key_id = str(ident.get("key_id") or "-")
-    console.print(
+    _say(
+        console,
         # the full key id is in `edgerunctl identity`; 16 hex digits identify it here
         f"identity: {ident.get('kind')} key {key_id[:16]}{'…' if len(key_id) > 16 else ''}"
         + ("  (INSECURE software key)" if ident.get("insecure") else ""),
-        markup=False,
-        highlight=False,
     )
-    console.print(
+    _say(
+        console,
         f"telemetry: {'connected' if tel.get('connected') else 'offline'}, "
         f"backlog {tel.get('backlog_batches', 0)} batches, sent "
         f"{tel.get('sent_batches', 0)}, lost samples {tel.get('lost_samples', 0)}",
-        markup=False,
-        highlight=False,
     )
     for key, cols in _STATUS_COLUMNS.items():
         rows = st.get(key) or []

@@ -280,7 +280,7 @@ class DS18B20:
         fut, self._inflight = self._inflight, None
         if fut is not None and not fut.done():
             # the thread cannot be interrupted; let it finish without a waiter
-            fut.add_done_callback(lambda f: f.exception())
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _factory(cfg: Any, resources: Resources) -> DS18B20:

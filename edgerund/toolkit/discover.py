@@ -14,8 +14,9 @@ comments. It never writes a register or a setting to a device:
   ADS1115 comparator thresholds at their power-on values 0x8000 / 0x7FFF (0x48..0x4B; the
   driver never changes them); INA219 configuration register at its power-on 0x399F and
   calibration 0 (0x40..0x4F; a part configured since power-on is listed as a likely
-  INA219, unconfirmed); PCA9685 MODE1 with ALLCALL set, reserved bits clear and a legal
-  PRE_SCALE (0x40..0x7F). A register read is a pointer write then a read, which changes no
+  INA219, unconfirmed); PCA9685 MODE1 with ALLCALL set, MODE2's reserved bits clear, a
+  legal PRE_SCALE, and two bytes read from 0x00 behaving as an 8-bit register map
+  (0x40..0x7F). A register read is a pointer write then a read, which changes no
   device state. Only on 0x44..0x46, and only after the reads above found no other part,
   is the Sensirion serial-number command sent (SHT4x 0x89, SHT3x 0x3780): the reply's
   CRC-8 per word is the identification, and that command changes nothing on the sensor.
@@ -175,6 +176,12 @@ def identify_i2c(bus: SMBusLike, addr: int) -> tuple[str, str] | None:
         mode1 = _byte(bus, addr, pca9685.REG_MODE1)
         pre = _byte(bus, addr, pca9685.REG_PRE_SCALE)
         mode2 = _byte(bus, addr, pca9685.REG_MODE2)
+        # an 8-bit register map: two bytes from 0x00 are MODE1 then MODE2 with
+        # auto-increment on, MODE1 twice without (a 16-bit part returns one word)
+        pair = bus.read_i2c_block_data(addr, pca9685.REG_MODE1, 2)
+        second = mode2 if mode1 & pca9685.MODE1_AI else mode1
+        if pair != [mode1, second]:
+            return None
         if mode1 & pca9685.MODE1_ALLCALL and not mode2 & 0xE0 and pre >= pca9685.PRESCALE_MIN:
             f = pca9685.frequency_for(pre)
             return "pca9685", f"PCA9685, MODE1 0x{mode1:02x}, PRE_SCALE {pre} ({f:.0f} Hz)"

@@ -249,3 +249,12 @@ def test_edgerunctl_discover_leaves_the_running_daemons_ports_alone(tmp_path: Pa
     assert r.returncode == 1, r.stderr  # nothing identified
     assert f"#   {used}: configured as sensor 'gps'" in r.stdout
     assert f"#   {free}: no NMEA heard" in r.stdout
+
+
+def test_a_configured_ina219_is_not_taken_for_a_pca9685() -> None:
+    ina = EmulatedINA219(0x40)
+    ina.config = 0x39A7  # configured since power-on: MSB 0x39 has ALLCALL and AI "set"
+    ina.cal = 4194
+    ina.read_word = lambda reg: {0xFE: 0x1E1E, 0x01: 0x0000}.get(reg, ina.config)  # type: ignore[method-assign]
+    got = identify_i2c(EmulatedSMBus([ina]), 0x40)
+    assert got is not None and got[0] == "?ina219", got

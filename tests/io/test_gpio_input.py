@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -165,3 +166,18 @@ async def test_sensor_counts_edges_from_the_event_fd() -> None:
         await s.read()
     await s.close()
     assert line.closed
+
+
+def test_edgerunctl_check_names_a_missing_gpio_chip(tmp_path: Path) -> None:
+    from edgerund.config.loader import load_config
+    from edgerund.toolkit.check import FAIL, check_devices, device_access
+
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "gateway: {id: gw}\n"
+        f"paths: {{state_dir: {tmp_path / 's'}}}\n"
+        "sensors:\n"
+        "  - {id: door, driver: gpio_input, chip: gpiochip9, line: 4}\n"
+    )
+    r = check_devices(load_config(path), None, device_access)
+    assert r.level == FAIL and "sensor door: /dev/gpiochip9 does not exist" in r.message

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edgerund.ctl.cli import fit_widths, sensors_rows
+from edgerund.ctl.render import fit_widths, sensors_rows
 from tests.helpers.daemon import DaemonProcess, simulated
 
 CTL = [sys.executable, "-m", "edgerund.ctl"]

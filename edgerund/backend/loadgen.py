@@ -98,8 +98,9 @@ def publish(
 ) -> None:
     """Publish (topic, payload) pairs at QoS 1 and wait for every PUBACK."""
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(200)
     c.max_queued_messages_set(0)
     c.connect(host, port)

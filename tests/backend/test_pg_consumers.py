@@ -99,9 +99,15 @@ def test_two_consumers_share_the_load_and_stay_exactly_once_across_a_kill(
         # Three publishers, two gateways each, at a pace that spans the kill below.
         errors: list[BaseException] = []
 
+        # Encoded up front: the codec's zstd context is not shared between threads.
+        shares = [
+            [(f"{g.topic}/raw", g.batch(s)) for s in range(1, per_gw + 1) for g in gws[i::3]]
+            for i in range(3)
+        ]
+
         def publisher(mine: list[SyntheticGateway], n: int) -> None:
             try:
-                items = [(f"{g.topic}/raw", g.batch(s)) for s in range(1, per_gw + 1) for g in mine]
+                items = shares[n]
                 retained = [(f"{g.topic}/meta", meta_bytes()) for g in mine]
                 publish(
                     mosquitto.host,

@@ -373,6 +373,7 @@ Sink = JsonLinesSink | SqliteSink
 class WriteResult(Protocol):
     new_batches: int
     duplicates: int
+    rejected: int
 
 
 class Store(Protocol):
@@ -484,9 +485,11 @@ async def run(
                 payload = str(payload or "").encode()
             recs.append(consumer.handle(str(m.topic), bytes(payload)))
         res = store.write_many(recs)
-        # The consumer counted every decoded batch; the database knows which were new.
-        consumer.counts["batches"] -= res.duplicates
+        # The consumer counted every decoded batch; the database knows which were new, and
+        # which it refused (set aside in the database, acknowledged, not retried).
+        consumer.counts["batches"] -= res.duplicates + res.rejected
         consumer.counts["duplicates"] += res.duplicates
+        consumer.counts["invalid"] += res.rejected
 
     async def read_into_store(client: Any) -> None:
         nonlocal last_gap, store_gaps

@@ -124,6 +124,17 @@ CREATE TABLE IF NOT EXISTS tlm_losses (
     series_ids bigint[] NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tlm_losses_key ON tlm_losses (gateway, epoch);
+-- Batches the database could not take (values out of range, ...): set aside, not retried.
+CREATE TABLE IF NOT EXISTS tlm_rejected (
+    gateway text NOT NULL,
+    epoch numeric NOT NULL,
+    seq numeric NOT NULL,
+    site text NOT NULL,
+    error text NOT NULL,
+    received timestamptz NOT NULL,
+    consumer text NOT NULL DEFAULT current_setting('application_name'),
+    PRIMARY KEY (gateway, epoch, seq)
+);
 -- Open gaps, refreshed from tlm_batches and tlm_losses (a snapshot, not a log).
 CREATE TABLE IF NOT EXISTS tlm_gaps (
     gateway text NOT NULL,
@@ -188,6 +199,7 @@ class WriteStats:
     new_batches: int = 0
     duplicates: int = 0
     rows: int = 0
+    rejected: int = 0
 
 
 def _day(ms: int) -> dt.date:
@@ -211,6 +223,34 @@ def _all_ok(ts: list[int]) -> bool:
     return bool(ts) and T_MIN_MS <= min(ts) and max(ts) < T_MAX_MS
 
 
+I64_MAX = (1 << 63) - 1
+
+
+def scrub(obj: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL: replace it (U+FFFD) in every string."""
+    if isinstance(obj, str):
+        return obj.replace("\x00", "\ufffd") if "\x00" in obj else obj
+    if isinstance(obj, dict):
+        return {scrub(k): scrub(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def _out_of_range(b: _Batch) -> str | None:
+    """Why a batch cannot be stored in bigint columns, or None. The codec allows up to
+    2**63 for sequences and counts, and loss sequences are sums of deltas."""
+    _, epoch, seq = b.key
+    if not (0 <= epoch <= I64_MAX and 0 <= seq <= I64_MAX):
+        return "batch key out of the bigint range"
+    for r in b.records:
+        if r["type"] == "loss" and (
+            r["n_samples"] > I64_MAX or any(x > I64_MAX for x in r["seqs"])
+        ):
+            return "loss record out of the bigint range"
+    return None
+
+
 @dataclass
 class _Batch:
     key: tuple[str, int, int]
@@ -222,6 +262,7 @@ class _Batch:
     records: list[dict[str, Any]]
     n_rows: int = 0
     dropped: int = 0
+    error: str | None = None
 
 
 def group_batches(messages: Iterable[list[dict[str, Any]]]) -> dict[tuple[str, int, int], _Batch]:
@@ -239,16 +280,19 @@ def group_batches(messages: Iterable[list[dict[str, Any]]]) -> dict[tuple[str, i
             b = mine.get(key)
             if b is None:
                 b = mine[key] = _Batch(
-                    key,
-                    str(r["site"]),
+                    (scrub(key[0]), key[1], key[2]),
+                    scrub(str(r["site"])),
                     str(r["cls"]),
                     int(r["schema_ver"]),
                     r.get("verified"),
                     float(r["received"]),
                     [],
                 )
+            if r["type"] in ("series", "event"):
+                r = scrub(r)  # names, channels, kinds, sources, fields
             b.records.append(r)
         for k, b in mine.items():
+            b.error = _out_of_range(b)
             for r in b.records:
                 if r["type"] == "series":
                     n = len(r["t_ms"])
@@ -406,10 +450,11 @@ class PostgresSink:
         """One transaction for these messages' batches, meta and state; retried on a
         deadlock or serialisation failure. Raises on anything else (the caller must then
         not acknowledge the messages)."""
+        import psycopg
         from psycopg import errors
 
         batches = group_batches(messages)
-        self.ensure_partitions(days_needed(batches.values()))
+        self.ensure_partitions(days_needed(b for b in batches.values() if b.error is None))
         for attempt in range(5):
             try:
                 return self._write_tx(messages, batches)
@@ -417,7 +462,45 @@ class PostgresSink:
                 if attempt == 4:
                     raise
                 time.sleep(0.01 * (attempt + 1))
+            except (psycopg.DataError, psycopg.ProgrammingError, ValueError, OverflowError) as exc:
+                # Content the database refuses (not an outage): find the message and set
+                # it aside, or it would come back after every reconnect (a poison message).
+                if len(messages) > 1:
+                    total = WriteStats()
+                    for m in messages:
+                        one = self.write_many([m])
+                        total.new_batches += one.new_batches
+                        total.duplicates += one.duplicates
+                        total.rows += one.rows
+                        total.rejected += one.rejected
+                    return total
+                return self._reject(batches, f"{type(exc).__name__}: {exc}")
         raise AssertionError("unreachable")
+
+    def _reject(self, batches: dict[tuple[str, int, int], _Batch], why: str) -> WriteStats:
+        log.warning("batches %s refused by the database: %s", sorted(batches), why)
+        if batches:
+            with self._c().transaction(), self._c().cursor() as cur:
+                self._insert_rejected(cur, list(batches.values()), why)
+        return WriteStats(rejected=len(batches))
+
+    @staticmethod
+    def _insert_rejected(cur: Any, bs: list[_Batch], why: str | None = None) -> None:
+        cur.executemany(
+            "INSERT INTO tlm_rejected (gateway, epoch, seq, site, error, received) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            [
+                (
+                    b.key[0],
+                    b.key[1],
+                    b.key[2],
+                    b.site,
+                    scrub(why or b.error or "")[:1000],
+                    dt.datetime.fromtimestamp(b.received, dt.UTC),
+                )
+                for b in bs
+            ],
+        )
 
     def _write_tx(
         self, messages: list[list[dict[str, Any]]], batches: dict[tuple[str, int, int], _Batch]
@@ -429,7 +512,13 @@ class PostgresSink:
                 for records in messages:
                     for r in records:
                         self._write_side_record(cur, r)
+                bad = [b for b in batches.values() if b.error is not None]
+                if bad:
+                    self._insert_rejected(cur, bad)
+                    stats.rejected = len(bad)
+                batches = {k: b for k, b in batches.items() if b.error is None}
                 if not batches:
+                    stats.duplicates = _deliveries(messages) - stats.rejected
                     return stats
                 keys = sorted(batches)
                 bs = [batches[k] for k in keys]
@@ -456,7 +545,7 @@ class PostgresSink:
                 )
                 new = {(g, e, s) for g, e, s in cur.fetchall()}
                 stats.new_batches = len(new)
-                stats.duplicates = _deliveries(messages) - len(new)
+                stats.duplicates = _deliveries(messages) - len(new) - stats.rejected
                 fresh = [batches[k] for k in keys if k in new]
                 stats.rows = self._copy_rows(cur, fresh)
         return stats
@@ -470,14 +559,14 @@ class PostgresSink:
                     "INSERT INTO tlm_meta (gateway, schema_ver, meta, verified) "
                     "VALUES (%s, %s, %s::jsonb, %s) ON CONFLICT (gateway, schema_ver) DO UPDATE "
                     "SET meta = EXCLUDED.meta, verified = EXCLUDED.verified, updated = now()",
-                    (r["gateway"], ver, json.dumps(r["value"]), r.get("verified")),
+                    (scrub(r["gateway"]), ver, json.dumps(scrub(r["value"])), r.get("verified")),
                 )
         elif t == "state" and isinstance(r.get("value"), dict):
             cur.execute(
                 "INSERT INTO tlm_gateways (gateway, site, state) VALUES (%s, %s, %s::jsonb) "
                 "ON CONFLICT (gateway) DO UPDATE SET site = EXCLUDED.site, "
                 "state = EXCLUDED.state, updated = now()",
-                (r["gateway"], r["site"], json.dumps(r["value"])),
+                (scrub(r["gateway"]), scrub(r["site"]), json.dumps(scrub(r["value"]))),
             )
 
     def _copy_rows(self, cur: Any, fresh: list[_Batch]) -> int:
@@ -508,7 +597,7 @@ class PostgresSink:
                             gw,
                             r["kind"],
                             r["source"],
-                            json.dumps(r["fields"]),
+                            r["fields"],  # the jsonb dumper serialises it
                             epoch,
                             seq,
                         )

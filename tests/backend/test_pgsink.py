@@ -224,3 +224,51 @@ def codec_json(doc: dict[str, Any]) -> bytes:
     import json
 
     return json.dumps(doc).encode()
+
+
+def test_hostile_batches_are_set_aside_not_retried_forever(pg_dsn: str) -> None:
+    """Content the codec accepts but PostgreSQL cannot hold: NUL in strings (text, jsonb),
+    a sequence of 2**63, loss sequences summing past bigint. Without the defence each is a
+    poison message: the transaction fails, the message is never acknowledged, comes back
+    after the reconnect and fails again, and the good batches of its group never land."""
+    consumer = Consumer(dedup=False)
+    sink = PostgresSink(pg_dsn)
+    now = int(time.time() * 1000)
+    topic = "tlm/v1/s/gw/raw"
+    nul_event = codec.EventBlock(now, "al\x00arm", "src\x00", {"k\x00": "v\x00", "n": [1, "\x00"]})
+    huge_loss = codec.LossBlock(
+        codec.LossReason(1),
+        codec.Cls.RAW,
+        now,
+        now,
+        1,
+        seqs=(1 << 62, 1 << 63, (1 << 63) + (1 << 62)),
+    )
+    msgs = [
+        consumer.handle(topic, _batch(1, 1, [now])),
+        consumer.handle(topic, _batch(1, 2, [now], (nul_event,))),
+        consumer.handle(topic, _batch(1, 1 << 63, [now])),
+        consumer.handle(topic, _batch(1, 3, [now], (huge_loss,))),
+        consumer.handle(topic, _batch(1, 4, [now])),
+        consumer.handle("tlm/v1/s/gw/state", b'{"online": true, "why": "a\\u0000b"}'),
+    ]
+    assert all(r["type"] != "invalid" for m in msgs for r in m), msgs
+    try:
+        s = sink.write_many(msgs)
+        assert (s.new_batches, s.rejected, s.duplicates) == (3, 2, 0)
+        with psycopg.connect(pg_dsn) as c:
+            assert c.execute("SELECT seq FROM tlm_batches ORDER BY seq").fetchall() == [
+                (1,),
+                (2,),
+                (4,),
+            ]
+            ev = c.execute("SELECT kind, source, fields FROM tlm_events").fetchone()
+            assert ev == ("al\ufffdarm", "src\ufffd", {"k\ufffd": "v\ufffd", "n": [1, "\ufffd"]})
+            rej = dict(c.execute("SELECT seq, error FROM tlm_rejected").fetchall())
+            assert set(rej) == {1 << 63, 3} and "range" in rej[1 << 63] and "range" in rej[3]
+            assert c.execute("SELECT state->>'why' FROM tlm_gateways").fetchone() == ("a\ufffdb",)
+        # The redelivery of the whole group is now all duplicates or already set aside.
+        s = sink.write_many(msgs)
+        assert (s.new_batches, s.rejected + s.duplicates) == (0, 5)
+    finally:
+        sink.close()

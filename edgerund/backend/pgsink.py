@@ -35,6 +35,13 @@ Timestamps that no timestamptz can hold sensibly (before 1970 or from year 10000
 the codec allows +-2**60 ms) are not stored; the batch row counts them in
 `dropped_rows`.
 
+Content the database cannot hold must not become a poison message (refused, never
+acknowledged, redelivered after every reconnect, blocking the member): NUL characters are
+replaced by U+FFFD in every string, bigint ranges are checked before writing, and when
+the database still refuses a group for its content (a data exception, not an outage)
+the messages are written one by one and the refused batch is recorded in `tlm_rejected`
+and acknowledged.
+
 Gaps are computed from the database, not from one consumer's memory: with a shared
 subscription each consumer sees only its share of the sequences.
 """

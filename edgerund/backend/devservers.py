@@ -72,7 +72,9 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout_s: float) -> N
 
 
 class PostgresServer:
-    """A private PostgreSQL cluster: `start()`, `dsn(dbname)`, `create_database()`, `stop()`."""
+    """A private PostgreSQL cluster: `start()`, `dsn(dbname)`, `create_database()`, `stop()`,
+    and `start()` again on the same port and data (an outage). A given `workdir` must be
+    reachable by the `postgres` user when we are root (pytest's tmp dirs are not)."""
 
     def __init__(self, bindir: Path, *, durable: bool = False, workdir: Path | None = None):
         self.bindir = bindir

@@ -140,8 +140,10 @@ class Consumer:
             )
             self.keys[codec.key_id_for(spki)] = k
         self.require_signature = require_signature
-        # False when a database is the dedup authority (PostgresSink): a batch must reach
-        # it again after a failed commit, so memory must not call the redelivery a duplicate.
+        # False when a database is the dedup and gap authority (PostgresSink): a batch must
+        # reach it again after a failed commit, so memory must not call the redelivery a
+        # duplicate; and a member of a group sees every other sequence, so its own ranges
+        # would only fragment (memory growing with the stream) without telling anything.
         self.dedup = dedup
         self.prefix = prefix.split("/")
         self.metas: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
@@ -244,13 +246,14 @@ class Consumer:
             return [dict(rec_base, type="duplicate", epoch=framed.epoch, seq=framed.seq)]
         dec = codec.decode_framed(framed)
         b = dec.batch
-        self.mark_seen(gw, b.epoch, b.seq)
         self.counts["batches"] += 1
-        tracker = self.trackers[(gw, b.epoch)]
-        for blk in b.blocks:
-            if isinstance(blk, codec.LossBlock):
-                for s in blk.seqs:
-                    tracker.lost.add(s)
+        if self.dedup:
+            self.mark_seen(gw, b.epoch, b.seq)
+            tracker = self.trackers[(gw, b.epoch)]
+            for blk in b.blocks:
+                if isinstance(blk, codec.LossBlock):
+                    for s in blk.seqs:
+                        tracker.lost.add(s)
         meta = self.metas.get((gw, b.schema_ver))
         out = codec.to_json(dec, meta)
         for r in out:

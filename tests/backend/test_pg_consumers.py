@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from edgerund.backend.loadgen import SyntheticGateway, meta_bytes, new_key, public_pem, publish
+from tests.fixtures.postgres import import_psycopg
+
+psycopg = import_psycopg()
 
 REPO = Path(__file__).resolve().parents[2]
 

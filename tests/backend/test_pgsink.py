@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 
 from edgerund.backend.consumer import Consumer
 from edgerund.backend.loadgen import SyntheticGateway, new_key
 from edgerund.backend.pgsink import PostgresSink
 from edgerund.telemetry import codec
+from tests.fixtures.postgres import import_psycopg
+
+psycopg = import_psycopg()
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 86_400_000

@@ -281,13 +281,13 @@ def group_batches(messages: Iterable[list[dict[str, Any]]]) -> dict[tuple[str, i
         for r in records:
             if r.get("type") not in _BATCH_TYPES:
                 continue
-            key = (str(r["gateway"]), int(r["epoch"]), int(r["seq"]))
+            key = (scrub(str(r["gateway"])), int(r["epoch"]), int(r["seq"]))
             if key in out:
                 continue
             b = mine.get(key)
             if b is None:
                 b = mine[key] = _Batch(
-                    (scrub(key[0]), key[1], key[2]),
+                    key,
                     scrub(str(r["site"])),
                     str(r["cls"]),
                     int(r["schema_ver"]),

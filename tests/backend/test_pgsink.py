@@ -252,17 +252,19 @@ def test_hostile_batches_are_set_aside_not_retried_forever(pg_dsn: str) -> None:
         consumer.handle(topic, _batch(1, 1 << 63, [now])),
         consumer.handle(topic, _batch(1, 3, [now], (huge_loss,))),
         consumer.handle(topic, _batch(1, 4, [now])),
+        consumer.handle("tlm/v1/s/g\x00w/raw", _batch(1, 5, [now])),  # past a lax broker
         consumer.handle("tlm/v1/s/gw/state", b'{"online": true, "why": "a\\u0000b"}'),
     ]
     assert all(r["type"] != "invalid" for m in msgs for r in m), msgs
     try:
         s = sink.write_many(msgs)
-        assert (s.new_batches, s.rejected, s.duplicates) == (3, 2, 0)
+        assert (s.new_batches, s.rejected, s.duplicates) == (4, 2, 0)
         with psycopg.connect(pg_dsn) as c:
-            assert c.execute("SELECT seq FROM tlm_batches ORDER BY seq").fetchall() == [
-                (1,),
-                (2,),
-                (4,),
+            assert c.execute("SELECT gateway, seq FROM tlm_batches ORDER BY seq").fetchall() == [
+                ("gw", 1),
+                ("gw", 2),
+                ("gw", 4),
+                ("g\ufffdw", 5),
             ]
             ev = c.execute("SELECT kind, source, fields FROM tlm_events").fetchone()
             assert ev == ("al\ufffdarm", "src\ufffd", {"k\ufffd": "v\ufffd", "n": [1, "\ufffd"]})
@@ -271,6 +273,6 @@ def test_hostile_batches_are_set_aside_not_retried_forever(pg_dsn: str) -> None:
             assert c.execute("SELECT state->>'why' FROM tlm_gateways").fetchone() == ("a\ufffdb",)
         # The redelivery of the whole group is now all duplicates or already set aside.
         s = sink.write_many(msgs)
-        assert (s.new_batches, s.rejected + s.duplicates) == (0, 5)
+        assert (s.new_batches, s.rejected + s.duplicates) == (0, 6)
     finally:
         sink.close()

@@ -59,8 +59,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--postgres",
         default=None,
         metavar="DSN",
-        help="write to PostgreSQL (libpq DSN or URI); give a fixed --client-id so a restart "
-        "resumes the broker session",
+        help="write to PostgreSQL (libpq DSN or URI), exactly once; needs a stable "
+        "--client-id per member, so that a restart resumes its broker session",
     )
     c.add_argument(
         "--partition-max-age-days",
@@ -147,13 +147,21 @@ def cmd_consume(args: argparse.Namespace) -> int:
     out = None
     sink: JsonLinesSink | SqliteSink
     store: PostgresSink | None = None
+    if args.postgres and not args.client_id:
+        # A random id would leave the session of every restarted member behind, still in
+        # the group and absorbing its share until it expires (docs/fleet.md §2.2).
+        print(
+            "edgerund telemetry consume: --postgres needs a stable --client-id per member",
+            file=sys.stderr,
+        )
+        return 2
     if args.postgres:
         consumer.dedup = False
         try:
             store = PostgresSink(
                 args.postgres,
                 max_age_days=args.partition_max_age_days,
-                application_name=args.client_id or "edgerund-consumer",
+                application_name=args.client_id,
             )
         except Exception as exc:  # psycopg.Error, ImportError: say it, do not trace
             print(f"edgerund telemetry consume: postgres: {exc}", file=sys.stderr)

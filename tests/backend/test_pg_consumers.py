@@ -227,3 +227,14 @@ def test_a_database_outage_loses_nothing_and_duplicates_nothing(
         if c1 is not None:
             c1.stop()
         pg.cleanup()
+
+
+def test_postgres_mode_requires_a_stable_client_id(pg_dsn: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "edgerund.cli", "telemetry", "consume", "--postgres", pg_dsn],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and b"--client-id" in r.stderr

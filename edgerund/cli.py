@@ -64,7 +64,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
-    """The CLI; `with_tools=False` leaves out the publisher and backend subcommands (whose
+    """The CLI; `with_tools=False` leaves out discover and the publisher and backend subcommands (whose
     imports `edgerund run` does not need)."""
     p = argparse.ArgumentParser(
         prog="edgerund",
@@ -104,6 +104,19 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
 
     if not with_tools:
         return p
+    d = sub.add_parser(
+        "discover",
+        help="probe buses and ports read-only, print a sensors: fragment",
+        description="Probe I2C buses, serial ports (NMEA), a named Modbus port, 1-Wire "
+        "probes, GPIO and PWM chips, read-only, and print a commented YAML fragment that "
+        "check-config accepts. For a daemon that is not running; with the daemon running "
+        "use `edgerunctl discover` (it leaves the daemon's buses and ports alone).",
+    )
+    from edgerund.toolkit import discover
+
+    discover.add_arguments(d)
+    d.set_defaults(func=lambda a: discover.run(discover.options_from_args(a)))
+
     # Publisher and backend tools live in their own packages, which the daemon never
     # imports; imported here, not at module load, and not at all for `edgerund run`.
     from edgerund.backend import attest_cli, telemetry_cli

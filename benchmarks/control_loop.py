@@ -28,11 +28,19 @@ All parts run in one process, one after another, on this machine:
     asyncio.sleep(period)` after the work (the naive loop: per-tick overshoot and drift),
     and absolute deadlines with a plain sleep and no spin.
 
-The sensor source: a driver thread samples the simulated plant (vibration at 200 Hz,
-cabinet temperature at 1 Hz, motor current at 10 Hz) on an absolute grid of the monotonic
-clock, stamps each sample when its "read" completes and writes it into a lock-protected
-ring, as a driver thread draining a device FIFO would. The loop runs on the same clock
-grid with `phase_us`, deciding ~1 ms after each vibration sample (docs/control.md).
+The sensor source (`--hub real`, the default): the daemon's own `SensorHub` over the
+simulated plant, every sensor of edgerund/data/simulate.yaml read by the REAL drivers from
+the register-level and serial emulators, composed as the daemon does in simulated mode;
+the vibration input is `fresh` (the hub phase-locks the MPU-6050's reads to the loop's
+ticks; `--no-fresh` lets it free-run for comparison), and the fallback rule is the
+simulated config's vibration limit. `--hub thread` keeps the older stand-in: a driver
+thread sampling the plant on an absolute grid of the monotonic clock into lock-protected
+rings, the loop at `phase_us` behind it.
+
+Every figure is counted from the loop's first tick (the loops component warms the loop
+before spawning it; nothing is hidden in a settling time); `first_second_missed` says how
+many of the missed ticks fell in the first second. Under load the load is set up and
+running before the loop starts.
 
 Figures: lateness = wake-up - deadline; latency = actuation done - newest sample used;
 the loop's own fixed-bucket histograms (edgerund/control/histogram.py) are reported.

@@ -196,7 +196,7 @@ class UpdatesComponent:
         assert self.keyring is not None
         new = parse_keyring(data)
         check_rotation(self.keyring, new, time.time())
-        self.upd_dir.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.upd_dir)
         fsutil.atomic_write(self.upd_dir / "keyring.json", data)
         return new
 

@@ -105,7 +105,7 @@ class SlotStore:
         return rec
 
     def save_record(self, rec: Record) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.root)
         fsutil.atomic_write(
             self.state_path, msgspec.json.format(msgspec.json.encode(rec), indent=2)
         )
@@ -198,7 +198,7 @@ class SlotStore:
         at it. Its version is read from its manifest.json (`version`), counter 0."""
         if not src.is_dir():
             raise FileNotFoundError(f"shipped model directory {src} does not exist")
-        self.root.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.root)
         st = self.reset_staging()
         files: dict[str, list[Any]] = {}
         for p in sorted(src.rglob("*")):

@@ -1,0 +1,19 @@
+"""The crash-consistency tests need strace (scripts/setup.sh installs it with the test
+packages) and a kernel that lets a process trace its children."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+
+def _strace_works() -> bool:
+    if shutil.which("strace") is None:
+        return False
+    res = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "true"], capture_output=True)
+    return res.returncode == 0
+
+
+needs_strace = pytest.mark.skipif(not _strace_works(), reason="strace is not usable here")

@@ -220,7 +220,7 @@ def run_update(
         len(seen),
     )
     log(
-        f"update: {len(ops)} ops ({rep.barriers} barriers), {generated} crash states, "
+        f"  update: {len(ops)} ops ({rep.barriers} barriers), {generated} crash states, "
         f"{len(seen)} distinct, checking {len(states)} (recorded in {rec.seconds:.1f} s)"
     )
     scratch = Path(tempfile.mkdtemp(prefix="crashsim-u-"))
@@ -265,7 +265,7 @@ def run_spool(
     states = _sample(list(seen.values()), limit)
     rep = Report("spool", len(ops), sum(o.is_barrier for o in ops), generated, len(seen))
     log(
-        f"spool: {len(ops)} ops ({rep.barriers} barriers), {generated} crash states, "
+        f"  spool: {len(ops)} ops ({rep.barriers} barriers), {generated} crash states, "
         f"{len(seen)} distinct, checking {len(states)}"
     )
     scratch = Path(tempfile.mkdtemp(prefix="crashsim-s-"))

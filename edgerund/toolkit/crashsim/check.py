@@ -6,8 +6,9 @@ update states: the state directory is rebuilt under a scratch copy and handed to
     re-hash of the active slot). Consistent means: recovery did not raise; the active
     slot's marker verifies (SlotStore.verify_slot re-hashes every file); the active model
     is the old one (every file hash equals the shipped model's) or the new one (every file
-    hash equals the signed bundle manifest's); and once the daemon had answered COMMITTED
-    (the `committed` marker) it is the new one.
+    hash equals the signed bundle manifest's); once the daemon had answered COMMITTED
+    (the `committed` marker) it is the new one and the security counter is ratcheted, and
+    once it had answered the manual rollback, the old one again.
 spool states: the spool directory is opened with the daemon's Spool (quarantine of a
     corrupt database included). Consistent means: every batch whose append future had
     resolved before the crash point is there with the same payload.
@@ -104,8 +105,9 @@ async def _recover(state: Path) -> Any:
 
 
 def check_update_state(
-    state: Path, old: dict[str, str], new: dict[str, str], must_be_new: bool
+    state: Path, old: dict[str, str], new: dict[str, str], must_be: str | None, committed: bool
 ) -> Verdict:
+    """must_be: "new", "old" or None (either); committed: the counter must be ratcheted."""
     from edgerund.updates.slots import SlotStore
 
     try:
@@ -126,9 +128,11 @@ def check_update_state(
             return False
 
     is_new, is_old = matches(new), matches(old)
-    if must_be_new and not is_new:
+    if must_be == "new" and not is_new:
         return Verdict(False, f"committed update lost: active {active.version} in {mdir.name}")
-    if must_be_new:
+    if must_be == "old" and not is_old:
+        return Verdict(False, f"rollback lost: active {active.version} in {mdir.name}")
+    if committed:
         # The anti-rollback counter must not fall back below the committed bundle's.
         try:
             value = int((state / "updates" / "security_counter").read_text().strip())
@@ -209,7 +213,18 @@ def run_update(
     rec, new = recording or record.record_update(work / "rec-update")
     old = record.shipped_hashes()
     ops, markers = fsmodel.filter_ops(rec.ops, rec.markers, keep_update_op(rec.root))
-    commit_at = min((at for name, at in markers if name == "committed"), default=len(ops) + 1)
+    never = len(ops) + 1
+    at = {name: pos for name, pos in markers}
+    commit_at = at.get("committed", never)
+    rb_req, rb_done = at.get("rollback_requested", never), at.get("rolled_back", never)
+
+    def promise(point: int) -> str | None:
+        if point >= rb_done:
+            return "old"
+        if commit_at <= point < rb_req:
+            return "new"
+        return None  # before the answer, or while the rollback is in flight: either
+
     generated, seen = distinct(rec, ops)
     states = _sample(list(seen.values()), limit)
     rep = Report(
@@ -229,7 +244,9 @@ def run_update(
             d = scratch / "state"
             d.mkdir()
             fsmodel.materialise(rec.initial, ops, st.key, d)
-            v = check_update_state(d, old, new, must_be_new=st.point >= commit_at)
+            v = check_update_state(
+                d, old, new, must_be=promise(st.point), committed=st.point >= commit_at
+            )
             rep.states_checked += 1
             if not v.ok:
                 rep.inconsistent.append((st, v.detail))

@@ -3,9 +3,10 @@
 update: the real daemon (`edgerund run`, the shipped reference model, the development
     keyring) starts on an empty state directory (it seeds slot `a`), receives a signed
     bundle over the diagnostics socket with `wait: commit` (stage, precheck, trial,
-    probation, commit), and is stopped. The driver opens `/__crashsim__/committed` once
-    the daemon answered COMMITTED, so the trace says from where on the new model must
-    survive any power cut.
+    probation, commit), is rolled back by hand (`rollback`), and is stopped. The driver
+    opens `/__crashsim__/committed` once the daemon answered COMMITTED,
+    `.../rollback_requested` before it sends `rollback` and `.../rolled_back` once it was
+    answered, so the trace says which model must survive a power cut where.
 spool: the daemon's Spool (telemetry/spool.py: SQLite WAL, synchronous=FULL, grouped
     commits) on an empty directory appends batches (urgent ones alone, others grouped)
     and acknowledges a few; after each append future resolved the driver opens
@@ -140,6 +141,12 @@ def _update_run(work: Path, bundle: Path) -> None:
         if res.get("state") != "COMMITTED":
             raise SystemExit(f"update did not commit: {res}")
         _marker("committed")
+        # Then the technician's manual rollback: from its answer on, the old model.
+        _marker("rollback_requested")
+        res = d.call("rollback", {"model": MODEL}, timeout_s=120)
+        if res.get("active_slot") != "a":
+            raise SystemExit(f"rollback did not return to slot a: {res}")
+        _marker("rolled_back")
     finally:
         d.stop()
 

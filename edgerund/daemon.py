@@ -70,10 +70,6 @@ import structlog
 from drivers.base import Resources
 from drivers.registry import ActuatorSpec, actuator_drivers
 from edgerund import __version__, logs
-
-# TEMPORARY (issue #13): until the `updates` branch is merged these three builders come
-# from edgerund/_interim.py (the old component behind the new signatures).
-from edgerund._interim import build_slots, counter_for, updates_build
 from edgerund.component import Command, Component, Peer
 from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
@@ -86,11 +82,15 @@ from edgerund.hub import component as hub_component
 from edgerund.hub.component import SimControl
 from edgerund.identity import component as identity_component
 from edgerund.inference import component as inference_component
+from edgerund.private_dirs import ensure_private_dir
 from edgerund.remote import RemoteCommands
 from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
 from edgerund.telemetry.component import build as telemetry_build
 from edgerund.toolkit import prometheus
+from edgerund.updates import component as updates_component
+from edgerund.updates.counter import counter_for
+from edgerund.updates.repository import build_slots
 
 log = structlog.get_logger("edgerund")
 
@@ -163,6 +163,17 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _private_sim_dirs(cfg: Config) -> None:
+    """The simulator's run, socket and state dirs default to /tmp: ours alone (0700)."""
+    dirs = {
+        "paths.run_dir": Path(cfg.paths.run_dir),
+        "diag.socket": Path(cfg.diag.socket).parent,
+        "paths.state_dir": Path(cfg.paths.state_dir),
+    }
+    for key, d in sorted(dirs.items(), key=lambda kv: len(kv[1].parts)):
+        ensure_private_dir(d, key)
 
 
 def _check_state_dir(cfg: Config) -> None:
@@ -291,7 +302,7 @@ class Daemon:
 
         if slots is not None:
             updates_scope = sup.scope("updates")
-            updates = updates_build(
+            updates = updates_component.build(
                 cfg,
                 slots=slots,
                 scope=updates_scope,
@@ -581,6 +592,8 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
         cfg.simulation.enabled = True
     logs.configure(cfg.logging.level, cfg.logging.format, cfg.logging.ring_size)
     try:
+        if simulate or cfg.simulation.enabled:
+            _private_sim_dirs(cfg)
         _check_state_dir(cfg)
     except ConfigError as exc:
         log.error("startup_refused", error=str(exc))

@@ -1,19 +1,29 @@
 """The local diagnostics socket: JSON lines over a Unix stream socket.
 
-Protocol (DESIGN.md §4): one JSON object per line, one response per request:
-request `{"id": 1, "cmd": "status", "args": {}}`, response `{"id": 1, "ok": true,
+Protocol (README.md, "Diagnostics socket"): one JSON object per line, one response per
+request: `{"id": 1, "cmd": "status", "args": {}}`, response `{"id": 1, "ok": true,
 "result": ...}` or `{"id": 1, "ok": false, "error": {"code": "...", "message": "..."}}`.
 
 Robustness rules, each tested: a line longer than `diag.max_request_bytes` gets a
 `request_too_large` error and the rest of that line is discarded (the connection stays
-usable); malformed JSON gets `bad_request`; an unknown command gets `unknown_command`
-listing the known ones; a client idle for `idle_timeout_s` is closed; at most
-`max_clients` connections are served at once (the next gets `busy` and is closed).
-A client that disconnects mid-request costs nothing but its own task.
+usable); malformed JSON, and JSON nested deeper than `MAX_JSON_DEPTH`, gets `bad_request`
+(the depth is checked by a linear scan before the JSON parser sees the line, so a line
+of 20,000 `[` never reaches the parser's recursion); an unknown command gets
+`unknown_command` listing the known ones. A client disconnecting mid-request costs
+nothing but its own task.
+
+Admission, so that no local user can lock the technician or root out: at most
+`max_clients` connections at once; the last `reserved_privileged` of them are kept for
+privileged peers, and no uid other than root holds more than `max_clients_per_uid`. A
+refused client gets `busy` and is closed. A client is closed `idle_timeout_s` after its
+last *useful* request (one that named a known command): blank lines, garbage and partial
+lines do not keep a connection open.
 
 Authorisation: mutating commands (`Command.mutating`) need a privileged peer: root, the
-daemon's own uid, or a member of the `diag.group` group, from SO_PEERCRED (+ the peer's
-supplementary groups from /proc/PID/status).
+daemon's own uid, or a member of the `diag.group` group. The uid and gid come from
+SO_PEERCRED and the supplementary groups from SO_PEERGROUPS, both captured by the kernel
+at connect() time; /proc/PID/status is not used because the unit's
+`ProtectProc=invisible` hides other users' processes from the daemon.
 
 Handlers run on the event loop; they must be quick or await off-loop work themselves.
 """
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import json
 import os
@@ -42,22 +53,76 @@ from edgerund.errors import ConfigError
 log = structlog.get_logger("edgerund.diag")
 
 _CRED = struct.Struct("3i")
+# SO_PEERGROUPS (Linux >= 4.13) is not exported by every Python's socket module.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GID = struct.Struct("=I")  # gid_t
+_NGROUPS_MAX = 65536
+MAX_JSON_DEPTH = 64
+RESERVED_PRIVILEGED = 4
+MAX_CLIENTS_PER_UID = 8
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups as the kernel recorded them at connect()."""
+    size = 64 * _GID.size
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            # ERANGE: more groups than the buffer holds (the kernel does not tell
+            # Python how many), so retry once with room for NGROUPS_MAX.
+            if exc.errno == errno.ERANGE and size < _NGROUPS_MAX * _GID.size:
+                size = _NGROUPS_MAX * _GID.size
+                continue
+            raise
+        n = len(raw) // _GID.size
+        return tuple(g for (g,) in _GID.iter_unpack(raw[: n * _GID.size]))
+
+
+def is_privileged(
+    uid: int, gid: int, groups: tuple[int, ...], admin_gid: int | None, daemon_uid: int
+) -> bool:
+    """Root, the daemon's own uid, or a member (primary or supplementary) of the admin group."""
+    return (
+        uid == 0
+        or uid == daemon_uid
+        or (admin_gid is not None and (gid == admin_gid or admin_gid in groups))
+    )
 
 
 def peer_credentials(sock: socket.socket, admin_gid: int | None) -> Peer:
     pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    groups: tuple[int, ...] = ()
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                groups = tuple(int(g) for g in line.split()[1:])
-                break
-    privileged = (
-        uid == 0
-        or uid == os.geteuid()
-        or (admin_gid is not None and (gid == admin_gid or admin_gid in groups))
-    )
+    try:
+        groups = peer_groups(sock)
+    except OSError:
+        groups = ()  # a kernel without SO_PEERGROUPS: primary group only, never /proc
+    privileged = is_privileged(uid, gid, groups, admin_gid, os.geteuid())
     return Peer(pid=pid, uid=uid, gid=gid, groups=groups, privileged=privileged)
+
+
+def json_too_deep(line: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if `line` nests arrays/objects deeper than `limit` (brackets inside
+    strings do not count). Linear, no recursion: run before `json.loads`."""
+    depth = 0
+    in_string = False
+    escaped = False
+    for b in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif b in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
 
 
 def _error(req_id: Any, code: str, message: str) -> dict[str, Any]:
@@ -80,6 +145,8 @@ class DiagServer:
         idle_timeout_s: float = 300.0,
         max_clients: int = 64,
         command_timeout_s: float = 120.0,
+        reserved_privileged: int = RESERVED_PRIVILEGED,
+        max_clients_per_uid: int = MAX_CLIENTS_PER_UID,
     ) -> None:
         self.path = path
         self.commands = dict(commands)
@@ -89,8 +156,11 @@ class DiagServer:
         self.idle_timeout_s = idle_timeout_s
         self.max_clients = max_clients
         self.command_timeout_s = command_timeout_s
+        # Never reserve every slot: unprivileged peers keep at least one.
+        self.reserved_privileged = max(0, min(reserved_privileged, max_clients - 1))
+        self.max_clients_per_uid = max_clients_per_uid
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._clients: dict[asyncio.Task[Any], Peer] = {}
         self.requests = 0
         self.errors = 0
         self.refused = 0
@@ -186,26 +256,44 @@ class DiagServer:
 
     # ------------------------------------------------------------------ connections
 
+    def admission(self, peer: Peer) -> str | None:
+        """None if `peer` may connect now, else why not (pure: counts only)."""
+        total = len(self._clients)
+        if total >= self.max_clients:
+            return f"too many clients ({self.max_clients}); retry"
+        if not peer.privileged and total >= self.max_clients - self.reserved_privileged:
+            return (
+                f"too many clients ({total}); the remaining {self.reserved_privileged} "
+                "are kept for root and the admin group; retry"
+            )
+        if peer.uid != 0:
+            mine = sum(1 for p in self._clients.values() if p.uid == peer.uid)
+            if mine >= self.max_clients_per_uid:
+                return (
+                    f"uid {peer.uid} already has {mine} connections "
+                    f"(at most {self.max_clients_per_uid}); close one and retry"
+                )
+        return None
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self._clients) >= self.max_clients:
-            self.refused += 1
-            await self._send(
-                writer, _error(None, "busy", f"too many clients ({self.max_clients}); retry")
-            )
-            writer.close()
-            return
-        if task is not None:
-            self._clients.add(task)
         try:
-            sock = writer.get_extra_info("socket")
-            peer = peer_credentials(sock, self._admin_gid)
+            peer = peer_credentials(writer.get_extra_info("socket"), self._admin_gid)
+            refusal = self.admission(peer)
+            if refusal is not None:
+                self.refused += 1
+                await self._send(writer, _error(None, "busy", refusal))
+                return
+            if task is not None:
+                self._clients[task] = peer
             await self._conversation(reader, writer, peer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to answer
+        except OSError as exc:
+            log.warning("diag_connection_failed", error=str(exc))
         finally:
             if task is not None:
-                self._clients.discard(task)
+                self._clients.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -213,15 +301,22 @@ class DiagServer:
     async def _conversation(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
     ) -> None:
+        loop = asyncio.get_running_loop()
+        # The deadline moves only on a useful request: bytes alone (blank lines, garbage,
+        # a line trickled in slowly) do not keep a connection.
+        deadline = loop.time() + self.idle_timeout_s
         buf = bytearray()
         discarding = False
         while True:
             try:
-                chunk = await asyncio.wait_for(reader.read(65536), self.idle_timeout_s)
+                async with asyncio.timeout_at(deadline):
+                    chunk = await reader.read(65536)
             except TimeoutError:
                 await self._send(
                     writer,
-                    _error(None, "idle_timeout", f"no request for {self.idle_timeout_s:g} s"),
+                    _error(
+                        None, "idle_timeout", f"no useful request for {self.idle_timeout_s:g} s"
+                    ),
                 )
                 return
             if not chunk:
@@ -246,7 +341,10 @@ class DiagServer:
                     continue
                 if not line.strip():
                     continue
-                await self._send(writer, await self.handle_line(line, peer))
+                response, useful = await self._answer(line, peer)
+                if useful:
+                    deadline = loop.time() + self.idle_timeout_s
+                await self._send(writer, response)
 
     def _too_large(self) -> dict[str, Any]:
         self.errors += 1
@@ -255,31 +353,43 @@ class DiagServer:
         )
 
     async def handle_line(self, line: bytes, peer: Peer) -> dict[str, Any]:
+        return (await self._answer(line, peer))[0]
+
+    async def _answer(self, line: bytes, peer: Peer) -> tuple[dict[str, Any], bool]:
+        """The response to one request line, and whether it named a known command."""
         self.requests += 1
+        if json_too_deep(line):
+            self.errors += 1
+            return _error(None, "bad_request", f"JSON nested deeper than {MAX_JSON_DEPTH}"), False
         try:
             req = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             self.errors += 1
-            return _error(None, "bad_request", f"malformed JSON: {exc}")
+            return _error(None, "bad_request", f"malformed JSON: {exc}"), False
         if not isinstance(req, dict):
             self.errors += 1
-            return _error(None, "bad_request", "expected a JSON object with 'cmd'")
+            return _error(None, "bad_request", "expected a JSON object with 'cmd'"), False
         req_id = req.get("id")
         cmd_name = req.get("cmd")
         args = req.get("args", {})
         if not isinstance(cmd_name, str):
             self.errors += 1
-            return _error(req_id, "bad_request", "missing 'cmd' (a string)")
+            return _error(req_id, "bad_request", "missing 'cmd' (a string)"), False
         if not isinstance(args, dict):
             self.errors += 1
-            return _error(req_id, "bad_request", "'args' must be an object")
+            return _error(req_id, "bad_request", "'args' must be an object"), False
         cmd = self.commands.get(cmd_name)
         if cmd is None:
             self.errors += 1
             known = ", ".join(sorted(self.commands))
             return _error(
                 req_id, "unknown_command", f"unknown command {cmd_name!r}; known: {known}"
-            )
+            ), False
+        return await self._run(cmd_name, cmd, req_id, args, peer), True
+
+    async def _run(
+        self, cmd_name: str, cmd: Command, req_id: Any, args: dict[str, Any], peer: Peer
+    ) -> dict[str, Any]:
         if cmd.mutating and not peer.privileged:
             self.errors += 1
             log.warning("diag_refused", cmd=cmd_name, uid=peer.uid, pid=peer.pid)
@@ -315,5 +425,10 @@ class DiagServer:
         return {"id": req_id, "ok": True, "result": result}
 
     async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-        writer.write(json.dumps(msg, separators=(",", ":"), default=repr).encode() + b"\n")
+        try:
+            data = json.dumps(msg, separators=(",", ":"), default=repr).encode()
+        except (ValueError, RecursionError) as exc:  # a result that cannot be encoded
+            err = _error(msg.get("id"), "internal", f"unencodable result: {exc}")
+            data = json.dumps(err).encode()
+        writer.write(data + b"\n")
         await writer.drain()

@@ -1,12 +1,11 @@
 """`edgerunctl`: the field technician's client of the diagnostics socket.
 
-Every command is a request on the socket (DESIGN.md §4). Output is a human table by
-default and the daemon's JSON result with `--json`. Exit codes: 0 success, 1 the daemon
-answered with an error, 2 the daemon cannot be reached (or bad arguments).
-
-Rendering is generic: a list of flat records becomes a table (nested {p50,p99,max}
-figures are shown as "p50/p99/max"), a mapping becomes aligned `key: value` lines, so a
-new socket command is usable from edgerunctl the day it exists (`edgerunctl call CMD`).
+Every command is a request on the socket (README.md, "Diagnostics socket"); one table
+lists them, so a new socket command is usable the day it exists (`edgerunctl call CMD`).
+Output is a human table by default (edgerund/ctl/render.py) and the daemon's JSON result
+with `--json`. Exit codes: 0 success, 1 the daemon answered with an error (or an update
+ended rolled back or rejected: edgerund/ctl/update.py), 2 the daemon cannot be reached
+(or bad arguments).
 """
 
 from __future__ import annotations
@@ -15,191 +14,25 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from edgerund import __version__
-from edgerund.ctl import local
+from edgerund.ctl import local, update
 from edgerund.ctl.client import DiagClient, Unreachable, default_socket
+from edgerund.ctl.render import (
+    model_row,
+    render,
+    render_log,
+    render_sniff,
+    render_status,
+    table,
+)
 from edgerund.errors import CommandError
 
 EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE = 0, 1, 2
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e6 else f"{v:.3e}"
-    if isinstance(v, dict):
-        if {"p50", "p99", "max"} <= v.keys():
-            return f"{_fmt(v['p50'])}/{_fmt(v['p99'])}/{_fmt(v['max'])}"
-        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
-    if isinstance(v, list):
-        if len(v) > 8 and all(isinstance(x, (int, float)) for x in v):
-            return f"[{len(v)} values]"
-        return ", ".join(_fmt(x) for x in v)
-    return str(v)
-
-
-def table(
-    rows: list[dict[str, Any]], title: str | None = None, columns: Sequence[str] | None = None
-) -> Table:
-    cols: list[str] = list(columns) if columns else []
-    if not cols:
-        for r in rows:
-            for k in r:
-                if k not in cols:
-                    cols.append(k)
-    t = Table(
-        title=title,
-        title_justify="left",
-        box=None,
-        pad_edge=False,
-        show_edge=False,
-        header_style="bold",
-    )
-    for c in cols:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*(_fmt(r.get(c)) for c in cols))
-    return t
-
-
-def _kv(d: dict[str, Any], indent: int = 0) -> list[str]:
-    lines: list[str] = []
-    width = max((len(str(k)) for k in d), default=0)
-    for k, v in d.items():
-        pad = " " * indent
-        if isinstance(v, dict) and not ({"p50", "p99", "max"} <= v.keys()) and len(v) > 3:
-            lines.append(f"{pad}{k}:")
-            lines.extend(_kv(v, indent + 2))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            lines.append(f"{pad}{k}: ({len(v)})")
-            for item in v:
-                lines.append(f"{pad}  - " + ", ".join(f"{a}={_fmt(b)}" for a, b in item.items()))
-        else:
-            lines.append(f"{pad}{str(k).ljust(width)}  {_fmt(v)}")
-    return lines
-
-
-def render(console: Console, result: Any, title: str | None = None) -> None:
-    if isinstance(result, list) and all(isinstance(r, dict) for r in result):
-        if result:
-            console.print(table(result, title))
-        else:
-            console.print(f"{title or 'result'}: none")
-    elif isinstance(result, dict):
-        console.print("\n".join(_kv(result)), markup=False, highlight=False)
-    else:
-        console.print(_fmt(result), markup=False, highlight=False)
-
-
-_STATUS_COLUMNS = {
-    "sensors": ["id", "driver", "state", "value", "unit", "age s", "rate Hz", "errors"],
-    "loops": ["id", "period", "mode", "ticks", "missed", "late p99", "lat p99", "score"],
-    "models": ["name", "version", "active_slot", "state"],
-}
-
-
-def _sensor_row(s: dict[str, Any]) -> dict[str, Any]:
-    """One line per sensor: the first channel's value, '+N' for the others."""
-    chans = s.get("channels") or []
-    if chans and isinstance(chans[0], dict):
-        more = f" (+{len(chans) - 1})" if len(chans) > 1 else ""
-        value: Any = f"{_fmt(chans[0].get('value'))}{more}"
-        unit: Any = chans[0].get("unit")
-    else:
-        value, unit = s.get("value"), s.get("unit")
-    return {
-        "id": s.get("id"),
-        "driver": s.get("driver"),
-        "state": s.get("state"),
-        "value": value,
-        "unit": unit,
-        "age s": s.get("age_s"),
-        "rate Hz": s.get("rate_achieved_hz"),
-        "errors": s.get("read_errors"),
-    }
-
-
-def _model_row(m: dict[str, Any]) -> dict[str, Any]:
-    """The columns a technician reads; --json has everything."""
-    return {
-        "name": m.get("name"),
-        "version": m.get("version"),
-        "slot": m.get("active_slot"),
-        "state": m.get("state"),
-        "precision": m.get("precision"),
-        "runs": m.get("inferences"),
-        "faults": m.get("faults"),
-        "NaN": m.get("nan_outputs"),
-        "us p50/p99": f"{_fmt(m.get('infer_p50_us'))}/{_fmt(m.get('infer_p99_us'))}",
-        "last error": m.get("last_error"),
-    }
-
-
-def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:
-    def p99(d: Any) -> Any:
-        return d.get("p99") if isinstance(d, dict) else None
-
-    score, thr = lp.get("score"), lp.get("threshold")
-    return {
-        "id": lp.get("id"),
-        "period": f"{lp.get('period_ms')} ms",
-        "mode": lp.get("mode"),
-        "ticks": lp.get("ticks"),
-        "missed": lp.get("missed"),
-        "late p99": p99(lp.get("lateness_ms")),
-        "lat p99": p99(lp.get("latency_ms")),
-        "score": f"{_fmt(score)}/{_fmt(thr)}" if thr is not None else _fmt(score),
-    }
-
-
-def render_status(console: Console, st: dict[str, Any]) -> None:
-    ident = st.get("identity") or {}
-    tel = st.get("telemetry") or {}
-    gw = st.get("gateway") or {}
-    console.print(
-        f"edgerund {st.get('version')}  gateway {gw.get('id', '?')} (site {gw.get('site', '?')})"
-        f"  up {st.get('uptime_s', 0):.0f} s  loop lag {st.get('loop_lag_ms', 0):.2f} ms"
-        + ("  [SIMULATED]" if st.get("simulate") else ""),
-        markup=False,
-        highlight=False,
-    )
-    console.print(
-        f"identity: {ident.get('kind')} key {ident.get('key_id') or '-'}"
-        + ("  (INSECURE software key)" if ident.get("insecure") else ""),
-        markup=False,
-        highlight=False,
-    )
-    console.print(
-        f"telemetry: {'connected' if tel.get('connected') else 'offline'}, "
-        f"backlog {tel.get('backlog_batches', 0)} batches, sent "
-        f"{tel.get('sent_batches', 0)}, lost samples {tel.get('lost_samples', 0)}",
-        markup=False,
-        highlight=False,
-    )
-    for key, cols in _STATUS_COLUMNS.items():
-        rows = st.get(key) or []
-        if key == "sensors":
-            rows = [_sensor_row(r) for r in rows]
-        elif key == "loops":
-            rows = [_loop_row(r) for r in rows]
-        console.print()
-        if rows:
-            console.print(table(rows, key, [c for c in cols if any(c in r for r in rows)]))
-        else:
-            console.print(f"{key}: none configured", markup=False, highlight=False)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -235,6 +68,11 @@ def _add_attest(p: argparse.ArgumentParser) -> None:
 
 def _add_update(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="bundle file (read by the daemon; give a path it can read)")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the trial started, without waiting for the probation verdict",
+    )
 
 
 def _add_rollback(p: argparse.ArgumentParser) -> None:
@@ -292,7 +130,8 @@ WITH_ARGS: list[RemoteCommand] = [
     ),
     (
         "update",
-        "install a signed model bundle (root or edgerund group)",
+        "install a signed model bundle and wait for its verdict: exit 0 committed, "
+        "1 rejected or rolled back (root or edgerund group)",
         _add_update,
         lambda a: {"path": _abs(a.path)},
     ),
@@ -327,40 +166,6 @@ WITH_ARGS: list[RemoteCommand] = [
         _inject_args,
     ),
 ]
-
-
-def _render_log(console: Console, events: list[dict[str, Any]]) -> None:
-    for e in events:
-        extra = " ".join(
-            f"{k}={_fmt(v)}"
-            for k, v in e.items()
-            if k not in ("timestamp", "level", "event", "logger")
-        )
-        console.print(
-            f"{e.get('timestamp', '')} {str(e.get('level', '')).upper():7} "
-            f"{e.get('event', '')} {extra}",
-            markup=False,
-            highlight=False,
-        )
-
-
-def _clock(t_wall: Any) -> str:
-    if not isinstance(t_wall, (int, float)):
-        return "-"
-    ms = int(t_wall * 1000) % 1000
-    return time.strftime("%H:%M:%S", time.localtime(t_wall)) + f".{ms:03d}"
-
-
-def _render_sniff(console: Console, result: Any) -> None:
-    frames = result.get("frames", result) if isinstance(result, dict) else result
-    for f in frames or []:
-        if isinstance(f, dict):
-            console.print(
-                f"{_clock(f.get('t_wall'))} {f.get('len', ''):>4}  {f.get('hex', '')}  "
-                f"|{f.get('text', '')}|",
-                markup=False,
-                highlight=False,
-            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cmd, cmd_args = args.remote, args.to_args(args)
         result = client.call(cmd, cmd_args)
+        if args.remote == "update" and not args.no_wait:
+            result = update.wait_final(
+                client, result, lambda m: err.print(f"edgerunctl: update: {m}", markup=False)
+            )
     except Unreachable as exc:
         err.print(f"edgerunctl: {exc}", markup=False)
         return EXIT_UNREACHABLE
@@ -432,15 +241,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif cmd == "status" and isinstance(result, dict):
         render_status(console, result)
     elif cmd == "log" and isinstance(result, list):
-        _render_log(console, result)
+        render_log(console, result)
     elif cmd == "models" and isinstance(result, list):
-        console.print(table([_model_row(r) for r in result], "models"))
+        console.print(table([model_row(r) for r in result], "models"))
     elif cmd == "loops" and isinstance(result, list):
         from edgerund.control.render import format_loops
 
         console.print(format_loops(result), markup=False, highlight=False)
     elif cmd == "serial-sniff":
-        _render_sniff(console, result)
+        render_sniff(console, result)
     else:
         render(console, result, cmd)
+    if cmd == "update" and (failure := update.verdict(result)) is not None:
+        err.print(f"edgerunctl: update: {failure}", markup=False)
+        return EXIT_REMOTE
     return EXIT_OK

@@ -157,7 +157,7 @@ class Identity(abc.ABC):
             await self._remeasure()
 
     async def attest(self, nonce: bytes) -> dict[str, Any]:
-        """The attestation result (DESIGN.md "Attestation result") for a verifier's nonce."""
+        """The attestation result (docs/identity.md, "Attestation result") for a nonce."""
         nonce = check_nonce(nonce)
         async with self._bind_lock:  # the binding log must match the quoted PCR
             if not self._measured:  # quoted before bind_config: measure "no config"

@@ -78,6 +78,12 @@ def _props(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
+def _json_props() -> Properties:
+    props = _props(PacketTypes.PUBLISH)
+    props.ContentType = "application/json"
+    return props
+
+
 def meta_with_ver(content: str, ver: int) -> str:
     """The published meta: the stored content plus its schema version."""
     obj = json.loads(content)
@@ -222,6 +228,7 @@ class Uplink:
         self._cursor_reset = 0
         self._sign_retry_at = 0.0  # loop.time() before which held batches are not retried
         self._signing_failed = False
+        self._meta_pending = False  # a meta was withheld because signing failed
 
     # ------------------------------------------------------------ hooks
 
@@ -371,36 +378,54 @@ class Uplink:
                 reader.cancel()
 
     async def _publish_birth(self, client: _AckClient) -> None:
-        ver, meta_text = self._meta()
-        meta_text = await self._signed_meta(meta_text)
+        ver, _ = self._meta()
         birth = dict(self._birth())
         birth.update(online=True, schema_ver=ver, client_id=self.client_id)
-        props = _props(PacketTypes.PUBLISH)
-        props.ContentType = "application/json"
+        await self._publish_metas(client)
         await self._checked(
-            client, f"{self.base}/meta", meta_text.encode(), retain=True, properties=props
+            client,
+            f"{self.base}/state",
+            json.dumps(birth).encode(),
+            retain=True,
+            properties=_json_props(),
         )
-        await self._checked(
-            client, f"{self.base}/state", json.dumps(birth).encode(), retain=True, properties=props
-        )
-        # Batches in the backlog written under an older schema need their meta too.
+
+    async def _publish_metas(self, client: _AckClient) -> None:
+        """The current `meta` and those of older schemas the backlog still uses, signed.
+
+        While signing fails the metas are withheld (unless `allow_unsigned`), like the
+        batches they describe, and published before the first batch once signing works.
+        """
+        ver, meta_text = self._meta()
+        metas = [(f"{self.base}/meta", meta_text)]
         old = [
             v for v in await asyncio.wrap_future(self.spool.backlog_schema_versions()) if v != ver
         ]
         if old:
             for v, text in (await asyncio.wrap_future(self.spool.meta_versions(old))).items():
-                await self._checked(
-                    client,
-                    f"{self.base}/meta/{v}",
-                    (await self._signed_meta(meta_with_ver(text, v))).encode(),
-                    retain=True,
-                    properties=props,
-                )
+                metas.append((f"{self.base}/meta/{v}", meta_with_ver(text, v)))
+        self._meta_pending = False
+        for topic, text in metas:
+            signed = await self._signed_meta(text)
+            if signed is None:
+                self._meta_pending = True
+                return
+            await self._checked(
+                client, topic, signed.encode(), retain=True, properties=_json_props()
+            )
 
-    async def _signed_meta(self, text: str) -> str:
+    async def _signed_meta(self, text: str) -> str | None:
         """Signed when the gateway signs batches: the meta relabels them, so it is signed
-        by the same key (a backend that requires signatures refuses an unsigned meta)."""
-        return text if self.signer is None else await self.signer.sign_meta(text)
+        by the same key (a backend that requires signatures refuses an unsigned meta).
+        None when signing fails and unsigned publishing is not allowed."""
+        if self.signer is None:
+            return text
+        try:
+            return await self.signer.sign_meta(text)
+        except Exception as exc:
+            self.stats.sign_errors += 1
+            log.warning("telemetry_meta_sign_failed", error=repr(exc))
+            return text if self.cfg.allow_unsigned else None
 
     async def _checked(
         self,
@@ -499,6 +524,8 @@ class Uplink:
                     if self._signing_failed:
                         self._signing_failed = False
                         log.info("telemetry_sign_recovered")
+                    if self._meta_pending:  # the batch must not arrive before its meta
+                        await self._publish_metas(client)
             props = _props(PacketTypes.PUBLISH)
             props.ContentType = CONTENT_TYPE
             user = [("epoch", str(self.spool.epoch)), ("seq", str(row.seq))]

@@ -11,8 +11,10 @@ by "<redacted>", and every member is scanned for PEM private keys before it is w
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import platform
 import re
 import shutil
@@ -22,7 +24,7 @@ import tarfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -152,16 +154,31 @@ def collect(client: DiagClient, config_path: Path) -> dict[str, bytes]:
     return out
 
 
+def open_private(path: Path) -> BinaryIO:
+    """A new file at `path`, mode 0600 from its creation (no window in which the umask
+    leaves it readable by others), never through a symlink, never over an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode is masked by the umask: never widened, made exact
+    return os.fdopen(fd, "wb")
+
+
 def write_bundle(path: Path, members: dict[str, bytes]) -> None:
+    """Write the tar.gz to `path.part` (created private) and rename it into place."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     top = f"edgerund-support-{stamp}"
     tmp = path.with_name(path.name + ".part")
-    with tarfile.open(tmp, "w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size = len(data)
-            info.mtime = int(time.time())
-            info.mode = 0o600
-            tf.addfile(info, io.BytesIO(data))
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover of an interrupted run (unlink never follows a symlink)
+    try:
+        with open_private(tmp) as raw, tarfile.open(fileobj=raw, mode="w:gz") as tf:
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"{top}/{name}")
+                info.size = len(data)
+                info.mtime = int(time.time())
+                info.mode = 0o600
+                tf.addfile(info, io.BytesIO(data))
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -30,7 +30,7 @@ from edgerund.errors import TrustError
 from edgerund.updates import fsutil
 from edgerund.updates.bundle import hash_file
 from edgerund.updates.machine import Failure, Record, SlotInfo
-from edgerund.updates.manifest import Manifest
+from edgerund.updates.manifest import BundleManifest
 
 SLOTS = ("a", "b")
 MARKER = "slot.json"
@@ -155,7 +155,7 @@ class SlotStore:
     def install_staging(
         self,
         slot: str,
-        manifest: Manifest,
+        manifest: BundleManifest,
         manifest_sha256: str,
         manifest_bytes: bytes,
         sig_bytes: bytes,
@@ -205,13 +205,16 @@ class SlotStore:
             if not p.is_file() or p.name == MARKER:
                 continue
             rel = p.relative_to(src).as_posix()
-            (st / rel).parent.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs((st / rel).parent)
             shutil.copyfile(p, st / rel)
             with open(st / rel, "rb") as fh:
                 os.fsync(fh.fileno())
             d = hash_file(st / rel)
             files[rel] = [d.size, d.sha256]
-        fsutil.fsync_dir(st)
+        # Every directory holding a copied file (not only the top): their entries must be
+        # durable before the slot marker says the slot is complete.
+        for holder in {st, *((st / rel).parent for rel in files)}:
+            fsutil.fsync_dir(holder)
         version = "0"
         try:
             mm = json.loads((st / "manifest.json").read_text())

@@ -1,0 +1,228 @@
+"""How edgerunctl shows results: generic tables and key/value lines, and the few
+commands with a layout of their own (status, models, log, serial-sniff).
+
+Rendering is generic: a list of flat records becomes a table (nested {p50,p99,max}
+figures are shown as "p50/p99/max"), a mapping becomes aligned `key: value` lines, so a
+new socket command is readable from edgerunctl the day it exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e6 else f"{v:.3e}"
+    if isinstance(v, dict):
+        if {"p50", "p99", "max"} <= v.keys():
+            return f"{fmt(v['p50'])}/{fmt(v['p99'])}/{fmt(v['max'])}"
+        return ", ".join(f"{k}={fmt(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        if len(v) > 8 and all(isinstance(x, (int, float)) for x in v):
+            return f"[{len(v)} values]"
+        return ", ".join(fmt(x) for x in v)
+    return str(v)
+
+
+def table(
+    rows: list[dict[str, Any]], title: str | None = None, columns: Sequence[str] | None = None
+) -> Table:
+    cols: list[str] = list(columns) if columns else []
+    if not cols:
+        for r in rows:
+            for k in r:
+                if k not in cols:
+                    cols.append(k)
+    t = Table(
+        title=title,
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+        show_edge=False,
+        header_style="bold",
+    )
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*(fmt(r.get(c)) for c in cols))
+    return t
+
+
+def _kv(d: dict[str, Any], indent: int = 0) -> list[str]:
+    lines: list[str] = []
+    width = max((len(str(k)) for k in d), default=0)
+    for k, v in d.items():
+        pad = " " * indent
+        if isinstance(v, dict) and not ({"p50", "p99", "max"} <= v.keys()) and len(v) > 3:
+            lines.append(f"{pad}{k}:")
+            lines.extend(_kv(v, indent + 2))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            lines.append(f"{pad}{k}: ({len(v)})")
+            for item in v:
+                lines.append(f"{pad}  - " + ", ".join(f"{a}={fmt(b)}" for a, b in item.items()))
+        else:
+            lines.append(f"{pad}{str(k).ljust(width)}  {fmt(v)}")
+    return lines
+
+
+def render(console: Console, result: Any, title: str | None = None) -> None:
+    if isinstance(result, list) and all(isinstance(r, dict) for r in result):
+        if result:
+            console.print(table(result, title))
+        else:
+            console.print(f"{title or 'result'}: none")
+    elif isinstance(result, dict):
+        console.print("\n".join(_kv(result)), markup=False, highlight=False)
+    else:
+        console.print(fmt(result), markup=False, highlight=False)
+
+
+_STATUS_COLUMNS = {
+    "sensors": ["id", "driver", "state", "value", "unit", "age s", "rate Hz", "errors"],
+    "loops": ["id", "period", "mode", "ticks", "missed", "late p99", "lat p99", "score"],
+    "models": ["name", "version", "active_slot", "state"],
+}
+
+
+def _sensor_row(s: dict[str, Any]) -> dict[str, Any]:
+    """One line per sensor: the first channel's value, '+N' for the others."""
+    chans = s.get("channels") or []
+    if chans and isinstance(chans[0], dict):
+        more = f" (+{len(chans) - 1})" if len(chans) > 1 else ""
+        value: Any = f"{fmt(chans[0].get('value'))}{more}"
+        unit: Any = chans[0].get("unit")
+    else:
+        value, unit = s.get("value"), s.get("unit")
+    return {
+        "id": s.get("id"),
+        "driver": s.get("driver"),
+        "state": s.get("state"),
+        "value": value,
+        "unit": unit,
+        "age s": s.get("age_s"),
+        "rate Hz": s.get("rate_achieved_hz"),
+        "errors": s.get("read_errors"),
+    }
+
+
+def model_row(m: dict[str, Any]) -> dict[str, Any]:
+    """The columns a technician reads; --json has everything."""
+    return {
+        "name": m.get("name"),
+        "version": m.get("version"),
+        "slot": m.get("active_slot"),
+        "state": m.get("state"),
+        "precision": m.get("precision"),
+        "runs": m.get("inferences"),
+        "faults": m.get("faults"),
+        "NaN": m.get("nan_outputs"),
+        "us p50/p99": f"{fmt(m.get('infer_p50_us'))}/{fmt(m.get('infer_p99_us'))}",
+        "last error": m.get("last_error") or _quarantine_text(m),
+    }
+
+
+def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:
+    def p99(d: Any) -> Any:
+        return d.get("p99") if isinstance(d, dict) else None
+
+    score, thr = lp.get("score"), lp.get("threshold")
+    return {
+        "id": lp.get("id"),
+        "period": f"{lp.get('period_ms')} ms",
+        "mode": lp.get("mode"),
+        "ticks": lp.get("ticks"),
+        "missed": lp.get("missed"),
+        "late p99": p99(lp.get("lateness_ms")),
+        "lat p99": p99(lp.get("latency_ms")),
+        "score": f"{fmt(score)}/{fmt(thr)}" if thr is not None else fmt(score),
+    }
+
+
+def render_status(console: Console, st: dict[str, Any]) -> None:
+    ident = st.get("identity") or {}
+    tel = st.get("telemetry") or {}
+    gw = st.get("gateway") or {}
+    console.print(
+        f"edgerund {st.get('version')}  gateway {gw.get('id', '?')} (site {gw.get('site', '?')})"
+        f"  up {st.get('uptime_s', 0):.0f} s  loop lag {st.get('loop_lag_ms', 0):.2f} ms"
+        + ("  [SIMULATED]" if st.get("simulate") else ""),
+        markup=False,
+        highlight=False,
+    )
+    console.print(
+        f"identity: {ident.get('kind')} key {ident.get('key_id') or '-'}"
+        + ("  (INSECURE software key)" if ident.get("insecure") else ""),
+        markup=False,
+        highlight=False,
+    )
+    console.print(
+        f"telemetry: {'connected' if tel.get('connected') else 'offline'}, "
+        f"backlog {tel.get('backlog_batches', 0)} batches, sent "
+        f"{tel.get('sent_batches', 0)}, lost samples {tel.get('lost_samples', 0)}",
+        markup=False,
+        highlight=False,
+    )
+    for key, cols in _STATUS_COLUMNS.items():
+        rows = st.get(key) or []
+        if key == "sensors":
+            rows = [_sensor_row(r) for r in rows]
+        elif key == "loops":
+            rows = [_loop_row(r) for r in rows]
+        console.print()
+        if rows:
+            console.print(table(rows, key, [c for c in cols if any(c in r for r in rows)]))
+        else:
+            console.print(f"{key}: none configured", markup=False, highlight=False)
+
+
+def render_log(console: Console, events: list[dict[str, Any]]) -> None:
+    for e in events:
+        extra = " ".join(
+            f"{k}={fmt(v)}"
+            for k, v in e.items()
+            if k not in ("timestamp", "level", "event", "logger")
+        )
+        console.print(
+            f"{e.get('timestamp', '')} {str(e.get('level', '')).upper():7} "
+            f"{e.get('event', '')} {extra}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _clock(t_wall: Any) -> str:
+    if not isinstance(t_wall, (int, float)):
+        return "-"
+    ms = int(t_wall * 1000) % 1000
+    return time.strftime("%H:%M:%S", time.localtime(t_wall)) + f".{ms:03d}"
+
+
+def render_sniff(console: Console, result: Any) -> None:
+    frames = result.get("frames", result) if isinstance(result, dict) else result
+    for f in frames or []:
+        if isinstance(f, dict):
+            console.print(
+                f"{_clock(f.get('t_wall'))} {f.get('len', ''):>4}  {f.get('hex', '')}  "
+                f"|{f.get('text', '')}|",
+                markup=False,
+                highlight=False,
+            )
+
+
+def _quarantine_text(m: dict[str, Any]) -> str | None:
+    q = m.get("quarantined")
+    if not isinstance(q, dict) or not q:
+        return None
+    return "; ".join(
+        f"slot {slot} quarantined: {(v or {}).get('reason')}" for slot, v in sorted(q.items())
+    )

@@ -3,6 +3,7 @@ packages) and a kernel that lets a process trace its children."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -16,4 +17,7 @@ def _strace_works() -> bool:
     return res.returncode == 0
 
 
-needs_strace = pytest.mark.skipif(not _strace_works(), reason="strace is not usable here")
+# With CI=true a missing peer fails the run instead of skipping (README, Tests).
+needs_strace = pytest.mark.skipif(
+    not _strace_works() and os.environ.get("CI") != "true", reason="strace is not usable here"
+)

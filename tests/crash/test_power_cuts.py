@@ -1,7 +1,8 @@
 """Power cuts, not only SIGKILL (issue #12): the fsync ordering of the slot store and the
 spool, checked ALICE-style on traces of the real code (edgerund/toolkit/crashsim).
 
-Bounded for CI: the update states are sampled (the full run is `make crash-check`)."""
+Bounded for CI: every distinct update state (about 120), a sample of 300 spool states (of
+about 2,150; the full run is `make crash-check`)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ def test_directories_created_for_a_file_are_made_durable(tmp_path: Path) -> None
 @pytest.mark.skipif(
     not (REPO / "models" / "reference" / "manifest.json").exists(), reason="no reference model"
 )
-def test_update_survives_every_sampled_power_cut(tmp_path: Path) -> None:
-    rep = check.run_update(tmp_path, limit=40, log=_quiet)
-    assert rep.states_distinct >= 40 and rep.states_checked >= 40
+def test_update_survives_every_power_cut(tmp_path: Path) -> None:
+    rep = check.run_update(tmp_path, log=_quiet)
+    assert rep.states_checked == rep.states_distinct >= 60
     assert rep.barriers > 20  # the trace really holds the daemon's fsyncs
     assert not rep.inconsistent, rep.inconsistent[:3]
 

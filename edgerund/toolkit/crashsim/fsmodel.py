@@ -507,11 +507,8 @@ def _replay(initial: Snapshot, ops: list[Op], include: Include, upto: int) -> St
         if k in ("write", "trunc"):
             hist.setdefault(op.ino, []).append((j, keep))
         elif k == "create":
-            d = entries.setdefault(op.parent, {})
-            if op.node == "hardlink":
-                d[op.name] = op.ino
-            else:
-                d[op.name] = op.ino
+            entries.setdefault(op.parent, {})[op.name] = op.ino
+            if op.node != "hardlink":  # a hard link names an inode that exists already
                 kinds[op.ino] = (op.node, op.name2)
                 if op.node == DIR:
                     entries.setdefault(op.ino, {})

@@ -108,7 +108,6 @@ def _arg(tok: str) -> Arg:
 
 def parse(lines: Iterable[str]) -> Iterator[Call]:
     pending: dict[tuple[int, str], str] = {}
-    last_unfinished: dict[int, str] = {}
     seq = 0
     for raw in lines:
         m = _LINE.match(raw.rstrip("\n"))
@@ -124,12 +123,10 @@ def parse(lines: Iterable[str]) -> Iterator[Call]:
             if head is None:
                 continue
             body = f"{name}({head}{r.group(2)}"
-            last_unfinished.pop(tid, None)
         elif body.endswith("<unfinished ...>"):
             c = _CALL.match(body)
             if c:
                 pending[(tid, c.group(1))] = c.group(2)[: -len("<unfinished ...>")].rstrip()
-                last_unfinished[tid] = c.group(1)
             continue
         c = _CALL.match(body)
         if not c:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from edgerund.ctl import _model_row
+from edgerund.ctl.render import model_row
 from edgerund.toolkit.check import check_models, check_updates
 
 QUARANTINED = {
@@ -35,4 +35,4 @@ def test_check_updates_fails_when_every_bundle_is_refused() -> None:
 
 
 def test_models_table_shows_the_quarantine() -> None:
-    assert _model_row(QUARANTINED)["last error"] == "slot b quarantined: slot_model_manifest"
+    assert model_row(QUARANTINED)["last error"] == "slot b quarantined: slot_model_manifest"

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from edgerund.ctlclient import RemoteCommandError
 
+from edgerund.errors import CommandError
 from edgerund.publisher import build as B
 from edgerund.updates.refused import RefusedStore, file_key
 from tests.updates.test_tar_reader import END, pax_flood
@@ -67,7 +67,7 @@ def _daemon(tmp: Path, keyring: Path, **updates: Any) -> Any:
 
 
 def _refused(d: Any, path: Path) -> str:
-    with pytest.raises(RemoteCommandError) as ei:
+    with pytest.raises(CommandError) as ei:
         d.call("update", {"path": str(path), "wait": "commit"}, timeout_s=120)
     return str(ei.value.code)
 

@@ -1,7 +1,7 @@
 """Power cuts, not only SIGKILL (issue #12): the fsync ordering of the slot store and the
 spool, checked ALICE-style on traces of the real code (edgerund/toolkit/crashsim).
 
-Bounded for CI: every distinct update state (about 120), a sample of 300 spool states (of
+Bounded for CI: every distinct update state (about 200), a sample of 300 spool states (of
 about 2,150; the full run is `make crash-check`)."""
 
 from __future__ import annotations

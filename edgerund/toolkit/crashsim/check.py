@@ -218,7 +218,11 @@ def run_update(
     commit_at = at.get("committed", never)
     rb_req, rb_done = at.get("rollback_requested", never), at.get("rolled_back", never)
 
+    rejected, sent = at.get("rejected", never), at.get("update_sent", never)
+
     def promise(point: int) -> str | None:
+        if rejected <= point < sent:
+            return "old"  # the rejected bundle never became active
         if point >= rb_done:
             return "old"
         if commit_at <= point < rb_req:

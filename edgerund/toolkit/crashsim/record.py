@@ -2,9 +2,11 @@
 
 update: the real daemon (`edgerund run`, the shipped reference model, the development
     keyring) starts on an empty state directory (it seeds slot `a`), receives a signed
-    bundle over the diagnostics socket with `wait: commit` (stage, precheck, trial,
+    bundle whose golden vectors do not match (staged, precheck fails, REJECTED), then a
+    good one over the diagnostics socket with `wait: commit` (stage, precheck, trial,
     probation, commit), is rolled back by hand (`rollback`), and is stopped. The driver
-    opens `/__crashsim__/committed` once the daemon answered COMMITTED,
+    opens `/__crashsim__/rejected` once the bad bundle was refused, `.../update_sent`
+    before it sends the good one, `.../committed` once the daemon answered COMMITTED,
     `.../rollback_requested` before it sends `rollback` and `.../rolled_back` once it was
     answered, so the trace says which model must survive a power cut where.
 spool: the daemon's Spool (telemetry/spool.py: SQLite WAL, synchronous=FULL, grouped
@@ -114,6 +116,36 @@ def build_bundle(out: Path) -> dict[str, str]:
     return {f["path"]: f["sha256"] for f in man["files"]}
 
 
+def build_bad_bundle(work: Path, out: Path) -> None:
+    """A correctly signed bundle whose golden vectors do not match its model: the daemon
+    stages it, the precheck fails (golden_mismatch) and it is REJECTED, its slot
+    invalidated: the stage-then-reject path."""
+    import numpy as np
+
+    from edgerund.publisher import build as B
+
+    model = (REF / "model.onnx").read_bytes()
+    inputs = B._golden_inputs(model, REF / "golden.npz")
+    buf = io.BytesIO(B.make_golden(model, inputs=inputs))
+    arrays = dict(np.load(buf, allow_pickle=False))
+    for k in list(arrays):
+        if k.startswith("out."):
+            arrays[k] = arrays[k] + 1.0
+    golden = work / "bad-golden-io.npz"
+    with open(golden, "wb") as fh:
+        np.savez(fh, **arrays)
+    B.build_from_dir(
+        REF,
+        out,
+        [B.load_private(DEV / "DEVELOPMENT-ONLY.key")],
+        version="2.0.9",
+        security_counter=1,
+        exclude=("model_fp32.onnx",),
+        health={"probation_s": 0.5},
+        golden=golden,
+    )
+
+
 def shipped_hashes() -> dict[str, str]:
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in REF.iterdir() if p.is_file()
@@ -124,19 +156,39 @@ def record_update(work: Path, timeout_s: float = 600.0) -> tuple[Recording, dict
     work.mkdir(parents=True, exist_ok=True)
     bundle = work / "update.bundle"
     new_files = build_bundle(bundle)
+    bad = work / "bad.bundle"
+    build_bad_bundle(work, bad)
     state = work / "state"
     state.mkdir()
-    rec = _record(state, ["update-run", str(work), str(bundle)], work / "update.strace", timeout_s)
+    rec = _record(
+        state,
+        ["update-run", str(work), str(bundle), str(bad)],
+        work / "update.strace",
+        timeout_s,
+    )
     return rec, new_files
 
 
-def _update_run(work: Path, bundle: Path) -> None:
+def _update_run(work: Path, bundle: Path, bad: Path) -> None:
+    from edgerund.errors import CommandError
     from edgerund.toolkit.daemonproc import DaemonProc
 
     d = DaemonProc(work, update_overrides())
     d.start()
     try:
         d.wait_ready(240)
+        # First a bundle the precheck rejects after staging; from its answer until the
+        # next update is sent, the old model.
+        try:
+            res = d.call("update", {"path": str(bad), "wait": "commit"}, timeout_s=400)
+            raise SystemExit(f"the bad bundle was not rejected: {res}")
+        except CommandError as exc:
+            if exc.code != "golden_mismatch":
+                raise SystemExit(
+                    f"bad bundle rejected for {exc.code}, not golden_mismatch"
+                ) from exc
+        _marker("rejected")
+        _marker("update_sent")
         res = d.call("update", {"path": str(bundle), "wait": "commit"}, timeout_s=400)
         if res.get("state") != "COMMITTED":
             raise SystemExit(f"update did not commit: {res}")
@@ -254,7 +306,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "dirs-run":
         _dirs_run(Path(argv[1]), argv[2])
     elif argv[0] == "update-run":
-        _update_run(Path(argv[1]), Path(argv[2]))
+        _update_run(Path(argv[1]), Path(argv[2]), Path(argv[3]))
     elif argv[0] == "spool-run":
         _spool_run(Path(argv[1]), int(argv[2]))
     else:

@@ -22,7 +22,9 @@ What runs:
      the attacks is exact when it rose during them; otherwise the attacks stayed under the
      max seen before them (both are printed).
   5. The power-cut check (edgerund/toolkit/crashsim, all distinct crash states unless
-     --crash-limit) and `forged_quotes_accepted` (edgerund/backend/forgeries.py).
+     --crash-limit) and `forged_quotes_accepted` (edgerund/backend/forgeries.py: every
+     forgery, against a verifier that pinned the running daemon's AK, with one genuine
+     result of that AK to replay or alter).
 
 Ends with one JSON line of all figures.
 """
@@ -527,6 +529,8 @@ def run_attacks(work: Path, log: Callable[[str], None]) -> dict[str, Any]:
             time.sleep(0.5)  # the loop status summary is cached up to STATUS_CACHE_S
         attack_s = time.monotonic() - t0
         m1 = motor(d)
+        # A genuine result of this daemon's identity: the forger may replay or alter it.
+        fig["genuine_attestation"] = d.call("attest", {"nonce": os.urandom(32).hex()})
     max_before = float(m0["lateness_ms"]["max"] or 0.0)
     max_after = float(m1["lateness_ms"]["max"] or 0.0)
     fig.update(
@@ -560,7 +564,10 @@ def main() -> int:
         fig.update(run_attacks(work / "daemon", print))
         from edgerund.backend.forgeries import forged_quotes_accepted
 
-        fq = forged_quotes_accepted()
+        # The verifier pinned this gateway's AK at enrolment; the software identity's
+        # result plays a genuine earlier TPM result of it (as tests/identity does).
+        genuine = fig.pop("genuine_attestation")
+        fq = forged_quotes_accepted(ak_pem=genuine["ak_pem"], genuine=dict(genuine, kind="tpm"))
         fig.update(
             forged_quotes_tried=fq["forged_quotes_tried"],
             forged_quotes_accepted=fq["forged_quotes_accepted"],

@@ -27,7 +27,11 @@ The component is the `ports.ModelHost` of loops and updates: `runner(name)`,
 active_slot, version, state}] where active_slot/state/version come from the slot record
 when updates manage the model. Socket command `models`: one row per model with version,
 precision, threshold, mode (inline or dedicated thread), inference count, faults, NaN
-outputs, latency p50/p99 and the recent score mean.
+outputs, latency p50/p99 and the recent score mean, and `drift`: the drift monitor's
+report (state ok / anomaly / sensor_fault / drift, since, the features that moved by how
+many reference sd, the score PSI); the status row carries its numeric summary (and so
+the Prometheus metrics `edgerund_model_drift_*`). With a task scope the component runs
+the drift task (edgerund.inference.driftwatch) for models with `drift_monitor: true`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import structlog
 
 from edgerund.component import Command, Peer
 from edgerund.errors import ConfigError
+from edgerund.inference.driftwatch import DriftWatch
 from edgerund.inference.errors import ModelError
 from edgerund.inference.registry import ModelRegistry
 from edgerund.inference.runner import ModelRunner
@@ -49,6 +54,7 @@ from edgerund.ports import ModelCounters
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
+    from edgerund.context import TaskScope
     from edgerund.ports import EventSink, Measurer, SlotProblem, SlotSource
 
 log = structlog.get_logger("edgerund.inference")
@@ -69,14 +75,19 @@ class ModelsComponent:
         measurer: Measurer | None,
         events: EventSink,
         registry: ModelRegistry | None = None,
+        scope: TaskScope | None = None,
     ) -> None:
         self.slots = slots
+        self.scope = scope
         self.measurer = measurer
         self.events = events
         self.configs = list(cfg.models)
         self.registry = registry or ModelRegistry(self.configs)
         self.source: dict[str, str] = {}  # name -> "slot" | "config" | "other" (a swap)
         self.bind_errors = 0
+        # Drift monitoring off the tick path (edgerund.inference.driftwatch); runs when
+        # the component has a task scope.
+        self.drift = DriftWatch(self._watched_runners, events)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -135,7 +146,16 @@ class ModelsComponent:
                 warmup_us=runner.warmup_us,
             )
             await self._bind(runner)
+        if self.scope is not None:
+            self.scope.spawn("drift", self.drift.run)
         return self
+
+    def _watched_runners(self) -> dict[str, Any]:
+        return {
+            mc.name: r
+            for mc in self.configs
+            if mc.drift_monitor and (r := self.registry.runner(mc.name)) is not None
+        }
 
     async def __aexit__(
         self,
@@ -187,6 +207,9 @@ class ModelsComponent:
                 row["last_failure"] = _problem_row(rec.last_failure)
             if rec.quarantined:
                 row["quarantined"] = {k: _problem_row(v) for k, v in rec.quarantined.items()}
+        drift = self.drift.status_row(name)
+        if drift is not None:
+            row["drift"] = drift
         return row
 
     def status(self) -> dict[str, Any]:
@@ -216,6 +239,9 @@ class ModelsComponent:
                 last_error=s.get("last_error") or s.get("last_fault"),
                 dir=s.get("model_dir"),
             )
+            detail = self.drift.detail(name)
+            if detail is not None:
+                row["drift"] = detail
             rows.append(row)
         return rows
 
@@ -228,7 +254,12 @@ class ModelsComponent:
 
 
 def build(
-    cfg: Config, *, slots: SlotSource | None, measurer: Measurer | None, events: EventSink
+    cfg: Config,
+    *,
+    slots: SlotSource | None,
+    measurer: Measurer | None,
+    events: EventSink,
+    scope: TaskScope | None = None,
 ) -> ModelsComponent | None:
     if not cfg.models:
         return None
@@ -236,7 +267,7 @@ def build(
 
     # A gateway phones home to nobody: onnxruntime's usage telemetry stays off.
     onnxruntime.disable_telemetry_events()
-    return ModelsComponent(cfg, slots=slots, measurer=measurer, events=events)
+    return ModelsComponent(cfg, slots=slots, measurer=measurer, events=events, scope=scope)
 
 
 def _problem_row(p: SlotProblem) -> dict[str, object]:

@@ -8,6 +8,10 @@ models:
                                      # active slot replaces it once one is committed
     latency_budget_ms: 2.0           # measured at warm-up: over budget -> own thread
     check_golden: true               # refuse a model that does not reproduce golden.npz
+    drift_monitor: true              # watch features/scores against the manifest's
+                                     # reference_profile (docs/learning.md)
+    auto_adapt: false                # adapt on the device when drift persists (off:
+                                     # only `edgerunctl adapt MODEL` starts one)
 ```
 
 `cross_check` reads each manifest (a small JSON file) so `edgerund check-config` already
@@ -32,6 +36,8 @@ class ModelConfig(Section):
     latency_budget_ms: Annotated[float, msgspec.Meta(gt=0.0, le=1000.0)] = 2.0
     check_golden: bool = True
     warmup_runs: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 50
+    drift_monitor: bool = True
+    auto_adapt: bool = False
 
 
 class _Models(Protocol):

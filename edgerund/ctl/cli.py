@@ -118,6 +118,15 @@ def _add_inject(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-in-s", type=float, default=0.0, help="delay before it starts")
 
 
+def _add_adapt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the model's config name")
+    p.add_argument("--dry-run", action="store_true", help="fit and check, show what would change")
+
+
+def _adapt_args(a: argparse.Namespace) -> dict[str, Any]:
+    return {"model": a.model, "dry_run": bool(a.dry_run)}
+
+
 def _inject_args(a: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "kind": a.kind,
@@ -171,6 +180,12 @@ WITH_ARGS: list[RemoteCommand] = [
         "the last raw frames a serial port received",
         _add_sniff,
         lambda a: {"port": a.port, "n": a.n},
+    ),
+    (
+        "adapt",
+        "fit a calibration of MODEL to the recent normal data, inside its signed policy",
+        _add_adapt,
+        _adapt_args,
     ),
     (
         "sim-inject",

@@ -36,6 +36,7 @@ the drift task (edgerund.inference.driftwatch) for models with `drift_monitor: t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,7 +46,10 @@ from typing import TYPE_CHECKING, Any, Self
 import structlog
 
 from edgerund.component import Command, Peer
-from edgerund.errors import ConfigError
+from edgerund.errors import CommandError, ConfigError
+from edgerund.inference import adapt
+from edgerund.inference.calibration import CalibrationRefused
+from edgerund.inference.drift import DriftConfig
 from edgerund.inference.driftwatch import DriftWatch
 from edgerund.inference.errors import ModelError
 from edgerund.inference.registry import ModelRegistry
@@ -87,7 +91,7 @@ class ModelsComponent:
         self.bind_errors = 0
         # Drift monitoring off the tick path (edgerund.inference.driftwatch); runs when
         # the component has a task scope.
-        self.drift = DriftWatch(self._watched_runners, events)
+        self.drift = DriftWatch(self._watched_runners, events, configs=self._drift_config)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -149,6 +153,12 @@ class ModelsComponent:
         if self.scope is not None:
             self.scope.spawn("drift", self.drift.run)
         return self
+
+    def _drift_config(self, name: str) -> DriftConfig | None:
+        mc = next((m for m in self.configs if m.name == name), None)
+        if mc is None:
+            return None
+        return DriftConfig(block=mc.drift_block, anomaly_max_blocks=mc.drift_anomaly_blocks)
 
     def _watched_runners(self) -> dict[str, Any]:
         return {
@@ -216,7 +226,33 @@ class ModelsComponent:
         return {"models": [self._row(n) for n in self.registry.names]}
 
     def commands(self) -> Mapping[str, Command]:
-        return {"models": Command(self._cmd_models, help="loaded models: version, faults, latency")}
+        return {
+            "models": Command(self._cmd_models, help="loaded models: version, faults, latency"),
+            "adapt": Command(
+                self._cmd_adapt,
+                help="args model, dry_run: fit a calibration within the signed policy",
+            ),
+        }
+
+    async def _cmd_adapt(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """Fit a calibration on the drift task's recent blocks, off the loop at low
+        priority, and check it against the signed policy and the must-detect vectors.
+        Only `dry_run` is served: installing it as a `+cal.N` slot is not wired yet."""
+        name = args.get("model")
+        runner = self.registry.runner(name) if isinstance(name, str) else None
+        if runner is None or not isinstance(name, str):
+            raise CommandError("unknown_model", f"expected one of {self.registry.names}")
+        if not args.get("dry_run"):
+            raise CommandError(
+                "not_available",
+                "installing a calibration (a +cal.N slot through the update gate) is not "
+                "implemented yet; use --dry-run to see what it would change",
+            )
+        blocks = self.drift.blocks(name)
+        try:
+            return await asyncio.to_thread(adapt.dry_run, runner, blocks)
+        except CalibrationRefused as exc:
+            return {"ok": False, "refused": exc.reason, "message": exc.detail}
 
     async def _cmd_models(self, args: dict[str, Any], peer: Peer) -> list[dict[str, Any]]:
         rows = []

@@ -12,6 +12,9 @@ models:
                                      # reference_profile (docs/learning.md)
     auto_adapt: false                # adapt on the device when drift persists (off:
                                      # only `edgerunctl adapt MODEL` starts one)
+    drift_block: 100                 # inferences per drift-monitor block
+    drift_anomaly_blocks: 30         # blocks a sustained anomaly stays "anomaly" before
+                                     # a broad feature shift makes it "drift"
 ```
 
 `cross_check` reads each manifest (a small JSON file) so `edgerund check-config` already
@@ -38,6 +41,8 @@ class ModelConfig(Section):
     warmup_runs: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 50
     drift_monitor: bool = True
     auto_adapt: bool = False
+    drift_block: Annotated[int, msgspec.Meta(ge=10, le=100000)] = 100
+    drift_anomaly_blocks: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 30
 
 
 class _Models(Protocol):

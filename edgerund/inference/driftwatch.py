@@ -82,6 +82,7 @@ class DriftWatch:
         interval_s: float = 1.0,
         stats_interval_s: float = 600.0,
         config: DriftConfig | None = None,
+        configs: Callable[[str], DriftConfig | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._runners = runners
@@ -89,6 +90,7 @@ class DriftWatch:
         self.interval_s = interval_s
         self.stats_interval_s = stats_interval_s
         self.config = config or DriftConfig()
+        self._configs = configs
         self.clock = clock
         self.watched: dict[str, _Watched] = {}
 
@@ -104,7 +106,8 @@ class DriftWatch:
             if w is None or w.runner is not runner:
                 if w is not None and getattr(w.runner, "tap", None) is w.tap:
                     w.runner.tap = None
-                w = _Watched(runner, monitor_for(runner, self.config))
+                cfg = (self._configs(name) if self._configs else None) or self.config
+                w = _Watched(runner, monitor_for(runner, cfg))
                 self.watched[name] = w
                 w.last_stats = now
                 if w.monitor is not None:
@@ -175,6 +178,11 @@ class DriftWatch:
             "fault_blocks": rep.fault_blocks,
             "channel": rep.channel,
         }
+
+    def blocks(self, name: str) -> list[tuple[Any, Any, str]]:
+        """The recent labelled blocks (fitting material for an adaptation)."""
+        w = self.watched.get(name)
+        return [] if w is None else list(w.blocks)
 
     def detail(self, name: str) -> dict[str, Any] | None:
         w = self.watched.get(name)

@@ -35,6 +35,7 @@ PURE_MODULES = (
     "edgerund/inference/drift.py",
     "edgerund/inference/profile.py",
     "edgerund/inference/calibration.py",
+    "edgerund/inference/federated.py",
     "edgerund/hub/ring.py",
     "edgerund/hub/health.py",
     "edgerund/ports.py",

@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgerund.inference.federated import Stats
 from edgerund.inference.profile import ReferenceProfile
 
 __all__ = [
@@ -321,6 +322,16 @@ class DriftMonitor:
 
     def report(self) -> DriftReport:
         return self.report_
+
+    def sufficient(self) -> Stats:
+        """The same as `stats`, as edgerund.inference.federated.Stats (to encode/merge)."""
+        return Stats(
+            count=self.count,
+            sum=self.sum.copy(),
+            sumsq=self.sumsq.copy(),
+            score_edges=self._edges.copy(),
+            score_hist=self.score_hist.copy(),
+        )
 
     def stats(self) -> dict[str, Any]:
         """Sufficient statistics of the normal blocks seen (see edgerund.inference.federated)."""

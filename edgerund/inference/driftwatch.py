@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from edgerund.inference import federated
 from edgerund.inference.drift import DriftConfig, DriftMonitor, feature_channels
 from edgerund.ports import EventSink
 
@@ -134,7 +135,10 @@ class DriftWatch:
                 self._transition(name, w, rep.state)
         if now - w.last_stats >= self.stats_interval_s and mon.count:
             w.last_stats = now
-            self.events.publish("drift.stats", name, **mon.stats())
+            doc = federated.encode(
+                mon.sufficient(), model=str(w.runner.name), version=str(w.runner.version)
+            )
+            self.events.publish("drift.stats", name, **doc)
 
     def _transition(self, name: str, w: _Watched, state: str) -> None:
         assert w.monitor is not None

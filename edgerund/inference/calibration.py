@@ -17,13 +17,15 @@ Fit (numpy only, pure; the caller runs it off the event loop):
   sensor-fault blocks are excluded, and so are blocks whose score p99 *under a first
   fit* exceeds `max_tail_ratio` x the profile's p99 (a heavy tail the shift does not
   explain may be a beginning fault); then the fit is redone on what is left.
-- shift: per feature `d = median(x) - mu_ref` (robust to the odd noisy window); with
+- shift: per feature `d = median(x) - mu_ref` (robust to the odd noisy window), zero
+  when |d| <= DEADBAND_SD (0.75 reference sd: a short window's time-of-day offset); with
   `fit_scale`, also the scale ratio `c = sd(x) / sd_ref` (off by default: a short
   window's spread understates the daily cycle the profile includes).
   Then `s' = s0 * c` and `m' = m0 + s0 * (mu_ref * (1 - c) + d)`, so that
   `(r - m') / s' = (x - d - mu_ref) / c + mu_ref` maps the live median onto `mu_ref`.
 - threshold: `threshold_margin x quantile(score', 1 - target_false_alarm)` of the
-  calibrated scores of the kept windows (the rule the build used).
+  calibrated scores of the kept windows (the rule the build used), but never below the
+  signed threshold (a site's short window is less diverse than the validation set).
 
 Policy (the manifest's signed `adaptation`): refused with a reason when the parameters
 are not allowed, fewer than `min_samples` windows were kept, any |d| exceeds
@@ -145,12 +147,19 @@ def _select(data: FitInput) -> tuple[list[tuple[F64, F64]], int]:
     return keep, excluded
 
 
+DEADBAND_SD = 0.75
+
+
 def _shift_fit(
     x: F64, profile: ReferenceProfile, m0: F64, s0: F64, fit_scale: bool
 ) -> tuple[F64, F64, F64, F64]:
     mu = np.asarray(profile.mean)
     sd = np.asarray(profile.std)
     d = (np.median(x, axis=0) - mu) / sd  # reference sd
+    # A feature whose median sits within DEADBAND_SD of the profile's mean is left alone:
+    # the profile spans days, a fitting window minutes, so a small offset is the time of
+    # day (the temperature's daily swing is about +-1.4 sd), not a drift to remove.
+    d = np.where(np.abs(d) > DEADBAND_SD, d, 0.0)
     c = np.ones_like(d)
     if fit_scale:
         c = np.maximum(x.std(axis=0), 1e-9) / sd
@@ -206,7 +215,10 @@ def fit_calibration(
     x1 = apply_normalization(x, m0, s0, m1, s1)
     s_new = np.asarray(scorer(x1), np.float64)
     q = float(np.quantile(s_new, 1.0 - policy.target_false_alarm))
-    thr = float(np.float32(policy.threshold_margin * q))
+    # Never below the signed threshold: one site's few minutes of normal data are less
+    # diverse than the publisher's validation set, and a calibration is there to remove
+    # false alarms, not to make the model more trigger-happy than it was released.
+    thr = float(np.float32(max(policy.threshold_margin * q, threshold0)))
     names = list(names) if names is not None else [f"f{i}" for i in range(len(d))]
     order = np.argsort(-np.abs(d), kind="stable")[:top]
     return Calibration(

@@ -17,9 +17,8 @@ buffer; a task off the tick path drains it into `DriftMonitor.feed`. The monitor
 2. **Anomaly** (short): a block in which at least half the scores exceed the model's
    threshold is an anomaly block: the loop trips on it as before; the block is kept out
    of the sufficient statistics and (edgerund.inference.calibration) of any fit. A run
-   of anomaly blocks stays "anomaly" for `anomaly_max_blocks`; after that, if the drift
-   test below also holds (many features moved, or the score distribution), the state is
-   "drift": a gain step trips the model as an anomaly would, and only its persistence
+   of anomaly blocks stays "anomaly" for `anomaly_max_blocks`; after that, if at least
+   one feature's CUSUM below has moved (or the quorum test holds), the state is "drift": a gain step trips the model as an anomaly would, and only its persistence
    and breadth tell it apart. Whether it *was* a fault is not the monitor's call: a
    calibration that would stop detecting a known fault is refused by the must-detect
    guard, which is what keeps a slow-onset fault from being learned.
@@ -258,7 +257,11 @@ class DriftMonitor:
         drifting = moved.size >= cfg.min_features or (
             len(self._scores) >= min(cfg.score_window, 10 * cfg.block) and p > cfg.psi_alarm
         )
-        self._persist = self._persist + 1 if drifting else 0
+        # A sustained trip with features moved away from the profile (even one: a warmer
+        # season moves only the temperature) is drift; the calibration's must-detect
+        # guard, not this classifier, keeps a real fault from being learned.
+        sustained = anomalous and self._anomaly_run > cfg.anomaly_max_blocks and moved.size >= 1
+        self._persist = self._persist + 1 if (drifting or sustained) else 0
         if anomalous and self._anomaly_run <= cfg.anomaly_max_blocks:
             self._set(t, "anomaly", reason="score above the threshold in most of the block")
         elif self._persist >= cfg.persist_blocks:

@@ -281,9 +281,12 @@ class Daemon:
         if slots is not None:
             await stack.enter_async_context(slots)
 
-        models = inference_component.build(cfg, slots=slots, measurer=identity, events=events)
+        models_scope = sup.scope("models")
+        models = inference_component.build(
+            cfg, slots=slots, measurer=identity, events=events, scope=models_scope
+        )
         if models is not None:
-            await self._enter(stack, models, reload=models.reload)
+            await self._enter(stack, models, models_scope, reload=models.reload)
         if self.stop_event.is_set():
             return
 

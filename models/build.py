@@ -114,6 +114,27 @@ THRESHOLD_QUANTILE = 0.999
 THRESHOLD_MARGIN = 1.5
 OPSET = 17
 
+# Reference profile (the drift monitor's baseline) and the adaptation policy, both signed
+# into the manifest; must-detect vectors (synthesised fault signatures a calibration may
+# never stop detecting) go into golden.npz.
+PROFILE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+MUST_DETECT_CASES = (("bearing_wear", 0.5), ("bearing_wear", 1.0), ("bearing_wear", 2.0))
+MUST_DETECT_CASES += (("overheat", 1.0),)
+MUST_DETECT_PER_CASE = 4
+MUST_DETECT_MARGIN = 1.25  # kept vectors score at least this x the threshold (no borderline)
+ADAPTATION_POLICY: dict[str, Any] = {
+    "parameters": ["normalization", "threshold"],
+    "max_shift_sd": 4.0,
+    "max_scale_ratio": 2.0,
+    "max_threshold_ratio": 1.5,
+    "min_samples": 600,
+    "cooldown_s": 3600.0,
+    "target_false_alarm": 0.001,
+    "threshold_margin": THRESHOLD_MARGIN,
+    "max_tail_ratio": 3.0,
+}
+
 TRAIN_SEEDS = tuple(range(101, 109))
 TRAIN_PER_SEED = 800
 VAL_SEEDS = (201, 202)
@@ -615,6 +636,32 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
     }
     quality["timing"] = jitter
 
+    # reference profile on the held-out normal windows (normalised features, int8 scores)
+    profile = reference_profile(x_norm, n_i8, len(normal_w))
+
+    # must-detect vectors: raw (un-normalised) feature vectors of synthesised faults that
+    # the int8 model flags with a margin; a device calibration must keep flagging them.
+    md_raw: list[F32] = []
+    md_case: list[int] = []
+    md_sev: list[float] = []
+    md_summary: list[dict[str, Any]] = []
+    for c, (kind, sev) in enumerate(MUST_DETECT_CASES):
+        w = test_set([Anomaly(kind, 0.0, 1e9, severity=sev)], 70 + c)  # type: ignore[arg-type]
+        sa = scores(s_int8, features(spec, w))
+        ok = np.flatnonzero(sa > MUST_DETECT_MARGIN * threshold)
+        # typical signatures: the MUST_DETECT_PER_CASE detected windows around the median
+        # score (the weakest ones are borderline: half their score is the window's noise)
+        srt = ok[np.argsort(sa[ok], kind="stable")]
+        mid = max(0, len(srt) // 2 - MUST_DETECT_PER_CASE // 2)
+        keep = srt[mid : mid + MUST_DETECT_PER_CASE]
+        md_raw.append(features(spec0, w.take(np.sort(keep))))
+        md_case += [c] * len(keep)
+        md_sev += [sev] * len(keep)
+        md_summary.append(
+            {"kind": kind, "severity": sev, "vectors": len(keep), "candidates": len(w)}
+        )
+    md_x = np.concatenate(md_raw).astype(np.float32)
+
     # 7. golden vectors: 8 normal, 4 worn bearing, 4 overheat windows
     g = concat(
         [
@@ -635,6 +682,9 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
             "score_int8": scores(s_int8, g_x),
             "score_fp32": scores(s_fp32, g_x),
             "label": np.array([0] * 8 + [1] * 8, np.int8),
+            "must_detect_raw": md_x,
+            "must_detect_case": np.array(md_case, np.int8),
+            "must_detect_severity": np.array(md_sev, np.float32),
         },
     )
 
@@ -716,6 +766,17 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
             f"{spec.n_features} ReLU autoencoder (sklearn MLPRegressor)",
             "epochs": EPOCHS,
         },
+        "reference_profile": profile,
+        "adaptation": dict(ADAPTATION_POLICY),
+        "must_detect": {
+            "file": "golden.npz",
+            "features": "must_detect_raw",
+            "case": "must_detect_case",
+            "cases": md_summary,
+            "rule": f"raw feature vectors (before normalisation) of held-out windows scoring "
+            f"> {MUST_DETECT_MARGIN} x threshold (int8), the {MUST_DETECT_PER_CASE} around the "
+            "median score per case",
+        },
         "quality": quality,
         "sizes_bytes": sizes,
     }
@@ -732,6 +793,34 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
         report["latency_us"] = {"int8": latency_us(s_int8, row), "fp32": latency_us(s_fp32, row)}
     log(render_report(report))
     return report
+
+
+def reference_profile(x: F32, score: F32, n: int) -> dict[str, Any]:
+    """The drift monitor's baseline: per normalised feature its mean, standard deviation
+    and PROFILE_QUANTILES; the score's SCORE_QUANTILES and its mean/std (float32-rounded,
+    so the JSON is short and reproducible)."""
+    x64 = x.astype(np.float64)
+    s64 = score.astype(np.float64)
+
+    def f32(v: npt.NDArray[Any]) -> list[float]:
+        return [float(np.float32(a)) for a in np.asarray(v).reshape(-1)]
+
+    return {
+        "source": f"{n} held-out normal windows (plants {list(TEST_SEEDS)}), timing mix",
+        "samples": n,
+        "features": {
+            "mean": f32(x64.mean(axis=0)),
+            "std": f32(x64.std(axis=0)),
+            "quantiles": {f"{q:g}": f32(np.quantile(x64, q, axis=0)) for q in PROFILE_QUANTILES},
+        },
+        "score": {
+            "mean": float(np.float32(s64.mean())),
+            "std": float(np.float32(s64.std())),
+            "quantiles": {
+                f"{q:g}": float(np.float32(np.quantile(s64, q))) for q in SCORE_QUANTILES
+            },
+        },
+    }
 
 
 def render_report(rep: dict[str, Any]) -> str:

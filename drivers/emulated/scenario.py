@@ -46,6 +46,19 @@ Physics, briefly (values are plausible, not calibrated against one real machine)
 - `dropout`: changes no signal; `is_dropout(sensor, t)` tells the emulated device named
   by `Anomaly.sensor` (or every device when it is None) to stop answering.
 
+Drifts (a healthy plant, or a sensor, that changed; for the learning work, docs/learning.md):
+- `gain_drift`: the accelerometer's gain becomes `1 + 0.4 x severity` (every axis,
+  gravity included): a step at `start_s`.
+- `resonance_shift`: a new mounting moves the housing resonance from near 1x to near 2x:
+  the 1x tones shrink by `0.3 x severity` (capped), the 2x tones grow by `1.5 x severity`.
+- `ambient_rise`: a warmer season, `+8 degC x severity` on the cabinet, ramped in over
+  30 minutes (humidity follows).
+- `load_profile`: a new process load, mean load `+0.12 x severity`: unbalance amplitude,
+  motor current and motor heat follow; the drive holds the shaft speed (the slip of the
+  base load), so the shaft phase is unchanged outside the window.
+- `slow_bearing`: a slow-onset bearing fault: the `bearing_wear` signature with severity
+  ramping linearly from 0 to `severity` over 30 minutes, then holding.
+
 `AFFECTS` lists, per anomaly kind, the signal methods it changes; the tests check that
 the other signals are bit-for-bit unchanged.
 """
@@ -64,6 +77,7 @@ import numpy.typing as npt
 __all__ = [
     "AFFECTS",
     "ANOMALY_KINDS",
+    "DRIFT_KINDS",
     "NOISE_GRID_HZ",
     "Anomaly",
     "AnomalyKind",
@@ -71,8 +85,35 @@ __all__ = [
     "Scenario",
 ]
 
-AnomalyKind = Literal["bearing_wear", "overheat", "voltage_sag", "dropout"]
-ANOMALY_KINDS: tuple[AnomalyKind, ...] = ("bearing_wear", "overheat", "voltage_sag", "dropout")
+AnomalyKind = Literal[
+    "bearing_wear",
+    "overheat",
+    "voltage_sag",
+    "dropout",
+    "gain_drift",
+    "resonance_shift",
+    "ambient_rise",
+    "load_profile",
+    "slow_bearing",
+]
+ANOMALY_KINDS: tuple[AnomalyKind, ...] = (
+    "bearing_wear",
+    "overheat",
+    "voltage_sag",
+    "dropout",
+    "gain_drift",
+    "resonance_shift",
+    "ambient_rise",
+    "load_profile",
+    "slow_bearing",
+)
+# The drifts (a healthy plant or sensor that changed) among them, for the learning tests.
+DRIFT_KINDS: tuple[AnomalyKind, ...] = (
+    "gain_drift",
+    "resonance_shift",
+    "ambient_rise",
+    "load_profile",
+)
 
 # Which signal methods each anomaly kind changes (all others are untouched).
 AFFECTS: dict[str, frozenset[str]] = {
@@ -80,6 +121,18 @@ AFFECTS: dict[str, frozenset[str]] = {
     "overheat": frozenset({"cabinet_temp_c", "humidity_pct"}),
     "voltage_sag": frozenset({"battery_v"}),
     "dropout": frozenset(),
+    "gain_drift": frozenset({"vibration_g"}),
+    "resonance_shift": frozenset({"vibration_g"}),
+    "ambient_rise": frozenset({"cabinet_temp_c", "humidity_pct"}),
+    "load_profile": frozenset(
+        {
+            "vibration_g",
+            "motor_current_a",
+            "cabinet_temp_c",
+            "humidity_pct",
+        }
+    ),
+    "slow_bearing": frozenset({"vibration_g", "angular_rate_dps"}),
 }
 
 NOISE_GRID_HZ = 1000.0
@@ -96,6 +149,11 @@ _BPFO = 3.57
 _BPFI = 5.43
 _OVERHEAT_C = 15.0
 _OVERHEAT_RAMP_S = 300.0
+_GAIN_PER_SEV = 0.4  # gain_drift: the accelerometer reads (1 + 0.4 x severity) x the truth
+_AMBIENT_C = 8.0  # ambient_rise: +8 degC x severity, ramped in over _AMBIENT_RAMP_S
+_AMBIENT_RAMP_S = 1800.0
+_LOAD_STEP = 0.12  # load_profile: mean load +0.12 x severity, in the drift window
+_SLOW_RAMP_S = 1800.0  # slow_bearing: severity ramps 0 -> severity over 30 min, then holds
 _BASE_LAT = 52.5200
 _BASE_LON = 13.4050
 _EARTH_R_M = 6_371_000.0
@@ -232,8 +290,9 @@ class Scenario:
             for a in self._anomalies
         )
 
-    def _envelope(self, kind: str, t: FloatArray) -> FloatArray | None:
-        """Sum of severities of the `kind` anomalies active at each t (None: none at all)."""
+    def _envelope(self, kind: str, t: FloatArray, ramp_s: float = 0.0) -> FloatArray | None:
+        """Sum of severities of the `kind` anomalies active at each t (None: none at all).
+        With `ramp_s`, each severity ramps in linearly over its first `ramp_s` seconds."""
         env: FloatArray | None = None
         for a in self._anomalies:
             if a.kind != kind:
@@ -241,9 +300,19 @@ class Scenario:
             on = (t >= a.start_s) & (t < a.end_s)
             if not on.any():
                 continue
-            part = np.where(on, a.severity, 0.0)
+            sev: FloatArray | float = a.severity
+            if ramp_s > 0.0:
+                sev = a.severity * np.clip((t - a.start_s) / ramp_s, 0.0, 1.0)
+            part = np.where(on, sev, 0.0)
             env = part if env is None else env + part
         return env
+
+    def _bearing_envelope(self, t: FloatArray) -> FloatArray | None:
+        env = self._envelope("bearing_wear", t)
+        slow = self._envelope("slow_bearing", t, ramp_s=_SLOW_RAMP_S)
+        if slow is None:
+            return env
+        return slow if env is None else env + slow
 
     # -- noise -----------------------------------------------------------------------
 
@@ -294,6 +363,9 @@ class Scenario:
         out = np.full_like(tt, 0.7)
         for amp, period, phase in self._load_terms:
             out += amp * np.sin(2.0 * np.pi * tt / period + phase)
+        step = self._envelope("load_profile", tt)
+        if step is not None:
+            out = out + _LOAD_STEP * step
         return out
 
     def _load_integral(self, t: FloatArray) -> FloatArray:
@@ -304,7 +376,12 @@ class Scenario:
         return out
 
     def shaft_hz(self, t: ArrayLike) -> FloatArray:
-        return _SYNC_HZ * (1.0 - _SLIP_PER_LOAD * self.motor_load(t))
+        tt = self._t(t)
+        out = _SYNC_HZ * (1.0 - _SLIP_PER_LOAD * self.motor_load(tt))
+        step = self._envelope("load_profile", tt)
+        if step is not None:  # the drive holds the speed through a load_profile step
+            out = out + _SYNC_HZ * _SLIP_PER_LOAD * _LOAD_STEP * step
+        return out
 
     def _shaft_phase(self, t: FloatArray) -> FloatArray:
         """Shaft angle in radians: 2*pi times the integral of the shaft rate."""
@@ -317,15 +394,22 @@ class Scenario:
         th = self._shaft_phase(tt)
         load = self.motor_load(tt)
         a1 = 0.040 * (0.8 + 0.4 * load)  # unbalance grows a little with load
-        a2 = 0.015
+        a2: FloatArray | float = 0.015
+        res = self._envelope("resonance_shift", tt)
+        if res is not None:  # a new mounting: its resonance now sits near 2x, not 1x
+            a1 = a1 * (1.0 - 0.3 * np.minimum(res, 2.0))
+            a2 = 0.015 * (1.0 + 1.5 * res)
         out = np.empty((tt.size, 3), dtype=np.float64)
         out[:, 0] = a1 * np.sin(th + ph[2]) + a2 * np.sin(2.0 * th + ph[3])
         out[:, 1] = a1 * np.cos(th + ph[2]) + a2 * 0.8 * np.sin(2.0 * th + ph[4])
         out[:, 2] = 1.0 + 0.3 * a1 * np.sin(th + ph[5]) + 0.5 * a2 * np.sin(2.0 * th + ph[6])
         out += 0.006 * self._gauss(("ax", "ay", "az"), tt)
-        sev = self._envelope("bearing_wear", tt)
+        sev = self._bearing_envelope(tt)
         if sev is not None:
             out += self._bearing(tt, th, sev, scale=1.0)
+        gain = self._envelope("gain_drift", tt)
+        if gain is not None:  # the sensor, not the plant: everything it reads scales
+            out *= (1.0 + _GAIN_PER_SEV * gain)[:, None]
         return out
 
     def _bearing(self, t: FloatArray, th: FloatArray, sev: FloatArray, scale: float) -> FloatArray:
@@ -351,7 +435,7 @@ class Scenario:
         out[:, 1] = 0.25 * np.cos(th + ph[10])
         out[:, 2] = 0.10 * np.sin(2.0 * th + ph[11])
         out += 0.05 * self._gauss(("gx", "gy", "gz"), tt)
-        sev = self._envelope("bearing_wear", tt)
+        sev = self._bearing_envelope(tt)
         if sev is not None:
             out += self._bearing(tt, th, sev, scale=8.0)  # g -> dps order of magnitude
         return out
@@ -368,7 +452,11 @@ class Scenario:
         daily = 5.0 * np.sin(2.0 * np.pi * (tod - 9.0 * 3600.0) / 86400.0)  # peak ~15:00
         hvac = 0.8 * np.sin(2.0 * np.pi * t / self._hvac_period + self._ph[12])
         motor_heat = 2.0 * (self.motor_load(t) - 0.7)
-        return 28.0 + daily + hvac + motor_heat
+        out = 28.0 + daily + hvac + motor_heat
+        season = self._envelope("ambient_rise", t, ramp_s=_AMBIENT_RAMP_S)
+        if season is not None:
+            out = out + _AMBIENT_C * season
+        return out
 
     def _overheat_c(self, t: FloatArray) -> FloatArray | None:
         out: FloatArray | None = None

@@ -108,11 +108,33 @@ def _add_sniff(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inject(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["bearing_wear", "overheat", "voltage_sag", "dropout"])
+    p.add_argument(
+        "kind",
+        choices=[
+            "bearing_wear",
+            "overheat",
+            "voltage_sag",
+            "dropout",
+            "gain_drift",
+            "resonance_shift",
+            "ambient_rise",
+            "load_profile",
+            "slow_bearing",
+        ],
+    )
     p.add_argument("--duration-s", type=float, default=30.0, help="seconds (default 30)")
     p.add_argument("--severity", type=float, default=1.0, help="1.0 = nominal fault")
     p.add_argument("--sensor", help="for dropout: the sensor id or emulated device")
     p.add_argument("--start-in-s", type=float, default=0.0, help="delay before it starts")
+
+
+def _add_adapt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the model's config name")
+    p.add_argument("--dry-run", action="store_true", help="fit and check, show what would change")
+
+
+def _adapt_args(a: argparse.Namespace) -> dict[str, Any]:
+    return {"model": a.model, "dry_run": bool(a.dry_run)}
 
 
 def _inject_args(a: argparse.Namespace) -> dict[str, Any]:
@@ -168,6 +190,12 @@ WITH_ARGS: list[RemoteCommand] = [
         "the last raw frames a serial port received",
         _add_sniff,
         lambda a: {"port": a.port, "n": a.n},
+    ),
+    (
+        "adapt",
+        "fit a calibration of MODEL to the recent normal data, inside its signed policy",
+        _add_adapt,
+        _adapt_args,
     ),
     (
         "sim-inject",

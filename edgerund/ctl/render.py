@@ -226,8 +226,23 @@ def model_row(m: dict[str, Any]) -> dict[str, Any]:
         "faults": m.get("faults"),
         "NaN": m.get("nan_outputs"),
         "us p50/p99": f"{fmt(m.get('infer_p50_us'))}/{fmt(m.get('infer_p99_us'))}",
+        "drift": _drift_text(m.get("drift")),
         "last error": m.get("last_error") or _quarantine_text(m),
     }
+
+
+def _drift_text(d: Any) -> str | None:
+    """`drift 5 moved (accel_g.x.band3 +2.1 sd, ...)`, `sensor_fault accel_g.y`, `ok`."""
+    if not isinstance(d, dict):
+        return None
+    state = str(d.get("state"))
+    if state == "sensor_fault":
+        return f"sensor_fault {d.get('channel')}"
+    moved = d.get("moved") or []
+    if state == "drift" and moved:
+        top = ", ".join(f"{x['feature']} {x['shift_sd']:+.1f} sd" for x in moved[:2])
+        return f"drift {d.get('n_moved')} moved ({top})"
+    return state
 
 
 def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:

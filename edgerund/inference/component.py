@@ -27,11 +27,16 @@ The component is the `ports.ModelHost` of loops and updates: `runner(name)`,
 active_slot, version, state}] where active_slot/state/version come from the slot record
 when updates manage the model. Socket command `models`: one row per model with version,
 precision, threshold, mode (inline or dedicated thread), inference count, faults, NaN
-outputs, latency p50/p99 and the recent score mean.
+outputs, latency p50/p99 and the recent score mean, and `drift`: the drift monitor's
+report (state ok / anomaly / sensor_fault / drift, since, the features that moved by how
+many reference sd, the score PSI); the status row carries its numeric summary (and so
+the Prometheus metrics `edgerund_model_drift_*`). With a task scope the component runs
+the drift task (edgerund.inference.driftwatch) for models with `drift_monitor: true`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +46,11 @@ from typing import TYPE_CHECKING, Any, Self
 import structlog
 
 from edgerund.component import Command, Peer
-from edgerund.errors import ConfigError
+from edgerund.errors import CommandError, ConfigError
+from edgerund.inference import adapt
+from edgerund.inference.calibration import CalibrationRefused
+from edgerund.inference.drift import DriftConfig
+from edgerund.inference.driftwatch import DriftWatch
 from edgerund.inference.errors import ModelError
 from edgerund.inference.registry import ModelRegistry
 from edgerund.inference.runner import ModelRunner
@@ -49,6 +58,7 @@ from edgerund.ports import ModelCounters
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
+    from edgerund.context import TaskScope
     from edgerund.ports import EventSink, Measurer, SlotProblem, SlotSource
 
 log = structlog.get_logger("edgerund.inference")
@@ -69,14 +79,19 @@ class ModelsComponent:
         measurer: Measurer | None,
         events: EventSink,
         registry: ModelRegistry | None = None,
+        scope: TaskScope | None = None,
     ) -> None:
         self.slots = slots
+        self.scope = scope
         self.measurer = measurer
         self.events = events
         self.configs = list(cfg.models)
         self.registry = registry or ModelRegistry(self.configs)
         self.source: dict[str, str] = {}  # name -> "slot" | "config" | "other" (a swap)
         self.bind_errors = 0
+        # Drift monitoring off the tick path (edgerund.inference.driftwatch); runs when
+        # the component has a task scope.
+        self.drift = DriftWatch(self._watched_runners, events, configs=self._drift_config)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -135,7 +150,22 @@ class ModelsComponent:
                 warmup_us=runner.warmup_us,
             )
             await self._bind(runner)
+        if self.scope is not None:
+            self.scope.spawn("drift", self.drift.run)
         return self
+
+    def _drift_config(self, name: str) -> DriftConfig | None:
+        mc = next((m for m in self.configs if m.name == name), None)
+        if mc is None:
+            return None
+        return DriftConfig(block=mc.drift_block, anomaly_max_blocks=mc.drift_anomaly_blocks)
+
+    def _watched_runners(self) -> dict[str, Any]:
+        return {
+            mc.name: r
+            for mc in self.configs
+            if mc.drift_monitor and (r := self.registry.runner(mc.name)) is not None
+        }
 
     async def __aexit__(
         self,
@@ -187,13 +217,42 @@ class ModelsComponent:
                 row["last_failure"] = _problem_row(rec.last_failure)
             if rec.quarantined:
                 row["quarantined"] = {k: _problem_row(v) for k, v in rec.quarantined.items()}
+        drift = self.drift.status_row(name)
+        if drift is not None:
+            row["drift"] = drift
         return row
 
     def status(self) -> dict[str, Any]:
         return {"models": [self._row(n) for n in self.registry.names]}
 
     def commands(self) -> Mapping[str, Command]:
-        return {"models": Command(self._cmd_models, help="loaded models: version, faults, latency")}
+        return {
+            "models": Command(self._cmd_models, help="loaded models: version, faults, latency"),
+            "adapt": Command(
+                self._cmd_adapt,
+                help="args model, dry_run: fit a calibration within the signed policy",
+            ),
+        }
+
+    async def _cmd_adapt(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """Fit a calibration on the drift task's recent blocks, off the loop at low
+        priority, and check it against the signed policy and the must-detect vectors.
+        Only `dry_run` is served: installing it as a `+cal.N` slot is not wired yet."""
+        name = args.get("model")
+        runner = self.registry.runner(name) if isinstance(name, str) else None
+        if runner is None or not isinstance(name, str):
+            raise CommandError("unknown_model", f"expected one of {self.registry.names}")
+        if not args.get("dry_run"):
+            raise CommandError(
+                "not_available",
+                "installing a calibration (a +cal.N slot through the update gate) is not "
+                "implemented yet; use --dry-run to see what it would change",
+            )
+        blocks = self.drift.blocks(name)
+        try:
+            return await asyncio.to_thread(adapt.dry_run, runner, blocks)
+        except CalibrationRefused as exc:
+            return {"ok": False, "refused": exc.reason, "message": exc.detail}
 
     async def _cmd_models(self, args: dict[str, Any], peer: Peer) -> list[dict[str, Any]]:
         rows = []
@@ -216,6 +275,9 @@ class ModelsComponent:
                 last_error=s.get("last_error") or s.get("last_fault"),
                 dir=s.get("model_dir"),
             )
+            detail = self.drift.detail(name)
+            if detail is not None:
+                row["drift"] = detail
             rows.append(row)
         return rows
 
@@ -228,7 +290,12 @@ class ModelsComponent:
 
 
 def build(
-    cfg: Config, *, slots: SlotSource | None, measurer: Measurer | None, events: EventSink
+    cfg: Config,
+    *,
+    slots: SlotSource | None,
+    measurer: Measurer | None,
+    events: EventSink,
+    scope: TaskScope | None = None,
 ) -> ModelsComponent | None:
     if not cfg.models:
         return None
@@ -236,7 +303,7 @@ def build(
 
     # A gateway phones home to nobody: onnxruntime's usage telemetry stays off.
     onnxruntime.disable_telemetry_events()
-    return ModelsComponent(cfg, slots=slots, measurer=measurer, events=events)
+    return ModelsComponent(cfg, slots=slots, measurer=measurer, events=events, scope=scope)
 
 
 def _problem_row(p: SlotProblem) -> dict[str, object]:

@@ -8,6 +8,13 @@ models:
                                      # active slot replaces it once one is committed
     latency_budget_ms: 2.0           # measured at warm-up: over budget -> own thread
     check_golden: true               # refuse a model that does not reproduce golden.npz
+    drift_monitor: true              # watch features/scores against the manifest's
+                                     # reference_profile (docs/learning.md)
+    auto_adapt: false                # adapt on the device when drift persists (off:
+                                     # only `edgerunctl adapt MODEL` starts one)
+    drift_block: 100                 # inferences per drift-monitor block
+    drift_anomaly_blocks: 30         # blocks a sustained anomaly stays "anomaly" before
+                                     # a broad feature shift makes it "drift"
 ```
 
 `cross_check` reads each manifest (a small JSON file) so `edgerund check-config` already
@@ -32,6 +39,10 @@ class ModelConfig(Section):
     latency_budget_ms: Annotated[float, msgspec.Meta(gt=0.0, le=1000.0)] = 2.0
     check_golden: bool = True
     warmup_runs: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 50
+    drift_monitor: bool = True
+    auto_adapt: bool = False
+    drift_block: Annotated[int, msgspec.Meta(ge=10, le=100000)] = 100
+    drift_anomaly_blocks: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 30
 
 
 class _Models(Protocol):

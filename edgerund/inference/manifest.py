@@ -25,6 +25,9 @@ Format `edgerund.model/1` (JSON object; * = required):
 - `threshold`*: the anomaly threshold on the score (a number).
 - `golden`: {`file`: "golden.npz", `sha256`, `rtol`, `atol`, `feature_atol`}; an array
   `<input>_t` in the file holds that input's timestamps (passed as `times`).
+- `reference_profile`, `adaptation`, `must_detect` (optional; edgerund.inference.profile):
+  the drift monitor's baseline, the bounds of an on-device calibration and the fault
+  signatures a calibration must keep detecting.
 - Free-form: `threshold_rule`, `training`, `quality`, `sizes_bytes`.
 
 Parsing is pure (bytes -> ModelManifest); every error names the field (`inputs[1].shape`)
@@ -50,6 +53,14 @@ from typing import Any
 
 from edgerund.inference.errors import ModelError
 from edgerund.inference.features import FeatureError, FeatureSpec
+from edgerund.inference.profile import (
+    AdaptationPolicy,
+    MustDetectSpec,
+    ReferenceProfile,
+    parse_adaptation,
+    parse_must_detect,
+    parse_profile,
+)
 from edgerund.updates.abi import TensorSpec
 
 __all__ = [
@@ -119,6 +130,9 @@ class ModelManifest:
     fp32_threshold: float | None = None
     sha256: bytes = b""  # SHA-256 of the manifest.json bytes (bound into the TPM PCR)
     raw: Mapping[str, Any] = field(default_factory=dict)
+    profile: ReferenceProfile | None = None
+    adaptation: AdaptationPolicy | None = None
+    must_detect: MustDetectSpec | None = None
 
     def input(self, name: str) -> InputSpec | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -328,6 +342,11 @@ def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> ModelManifest:
         _plain_file(r, fp32_file, "reference_fp32.file")
         fp32_sha = r.str_(fp32, "sha256", "reference_fp32.sha256", required=False)
         fp32_thr = r.number(fp32, "threshold", "reference_fp32.threshold", required=False)
+    profile = parse_profile(doc.get("reference_profile"), spec.n_features, where)
+    adaptation = parse_adaptation(doc.get("adaptation"), where)
+    must_detect = parse_must_detect(doc.get("must_detect"), where)
+    if must_detect is not None:
+        _plain_file(r, must_detect.file, "must_detect.file")
 
     return ModelManifest(
         name=name,
@@ -348,6 +367,9 @@ def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> ModelManifest:
         fp32_threshold=fp32_thr,
         sha256=hashlib.sha256(data).digest(),
         raw=doc,
+        profile=profile,
+        adaptation=adaptation,
+        must_detect=must_detect,
     )
 
 

@@ -161,6 +161,9 @@ class ModelRunner:
         self._lat_n = 0
         self._scores = np.zeros(_SCORE_RING, dtype=np.float64)
         self._scores_n = 0
+        # (features, score) of each good inference for the drift task, when it set one
+        # (a bounded deque: edgerund.inference.driftwatch); one copy of 50 floats a tick.
+        self.tap: Any = None
 
     # -- loading -------------------------------------------------------------------------
 
@@ -345,6 +348,9 @@ class ModelRunner:
                 return self._fault(t0, f"non-finite model output ({score})", us=us)
             self._scores[self._scores_n % _SCORE_RING] = score
             self._scores_n += 1
+            tap = self.tap
+            if tap is not None:
+                tap.append((x.reshape(-1).copy(), score))
             return InferenceResult(score, True, None, us)
 
     def _fault(

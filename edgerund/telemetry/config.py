@@ -70,7 +70,13 @@ class TelemetryConfig(Section):
     )
     series: list[SeriesConfig] = msgspec.field(default_factory=list)
     events: list[str] = msgspec.field(
-        default_factory=lambda: ["anomaly.*", "sensor.state", "update.*", "loop.fallback"]
+        default_factory=lambda: [
+            "anomaly.*",
+            "sensor.state",
+            "update.*",
+            "loop.fallback",
+            "drift.*",
+        ]
     )
 
     def series_for(self, sensor_id: str, channel: str) -> SeriesConfig:

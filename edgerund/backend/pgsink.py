@@ -44,6 +44,9 @@ and acknowledged.
 
 Gaps are computed from the database, not from one consumer's memory: with a shared
 subscription each consumer sees only its share of the sequences.
+
+One cohesive thing (the PostgreSQL schema and the writer that must agree with it
+statement by statement), hence one module of ~700 lines.
 """
 
 from __future__ import annotations

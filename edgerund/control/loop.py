@@ -49,6 +49,9 @@ Figures (all on `time.monotonic()`, the clock the hub stamps samples with):
 An unexpected exception in a tick (a bug, not a device fault) drives the actuator to its
 safe state and is re-raised: the component runs loops as non-restartable tasks, so the
 daemon exits and systemd restarts it rather than running a loop in an unknown state.
+
+One cohesive thing (one loop's tick: inputs, model, rules, policy, actuation and its
+figures, which share the tick's state), hence one module of ~650 lines.
 """
 
 from __future__ import annotations

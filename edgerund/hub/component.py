@@ -25,6 +25,9 @@ shared transports.
 
 Subscribers are called synchronously for every sample, so they must be cheap (append to
 a buffer); one that raises is counted and logged once, and never stops acquisition.
+
+One cohesive thing (the hub's state per sensor and the technician commands that read it),
+hence one module of ~550 lines.
 """
 
 from __future__ import annotations

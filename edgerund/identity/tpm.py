@@ -38,6 +38,9 @@ the persistent handles are looked up and Name-checked again.
 Transient objects and sessions are flushed in `finally` blocks inside the worker jobs. On
 a raw TCTI (no resource manager) objects leaked by a killed predecessor are flushed at
 start-up: the daemon assumes it is the TPM's only user there (production uses tpmrm0).
+
+One cohesive thing (the TPM identity: every ESAPI call runs on the one worker thread that
+owns the context, so the calls live together), hence one module of ~900 lines.
 """
 
 from __future__ import annotations

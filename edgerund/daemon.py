@@ -65,6 +65,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from drivers.base import Resources
@@ -88,6 +89,8 @@ from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
 from edgerund.telemetry.component import build as telemetry_build
 from edgerund.toolkit import prometheus
+from edgerund.twin import component as twin_component
+from edgerund.twin.gate import CommandGate, provisioned_keyring
 from edgerund.updates import component as updates_component
 from edgerund.updates.counter import counter_for
 from edgerund.updates.repository import build_slots
@@ -102,6 +105,7 @@ EMPTY_STATUS: tuple[Mapping[str, object], ...] = (
     control_component.EMPTY_STATUS,
     inference_component.EMPTY_STATUS,
     telemetry_component.EMPTY_STATUS,
+    twin_component.EMPTY_STATUS,
 )
 
 EXIT_OK = 0
@@ -232,6 +236,7 @@ class Daemon:
         self._diag: DiagServer | None = None
         self.reloads = 0
         self.reload_errors = 0
+        self.restart_needed: list[str] = []
 
     def _on_fatal(self, err: FatalComponentError) -> None:
         if self.fatal is None:
@@ -316,6 +321,35 @@ class Daemon:
             if self.stop_event.is_set():
                 return
 
+        # Every remote request is authenticated from here on (docs/twin.md): the gate is
+        # installed before telemetry, the only dispatcher of `cmd/*`, starts.
+        if slots is not None:
+            keyring_now = lambda: slots.keyring  # noqa: E731 - the verified, rotating keyring
+        else:
+            fixed = await asyncio.to_thread(provisioned_keyring, cfg)
+            keyring_now = lambda: fixed  # noqa: E731
+        gate = CommandGate(
+            gateway=cfg.gateway.id,
+            keyring=keyring_now,
+            signer=identity,
+            window_s=cfg.twin.command_window_s,
+        )
+        self.router.guard(gate)
+        if cfg.twin.enabled:
+            twin_scope = sup.scope("twin")
+            twin = twin_component.TwinComponent(
+                cfg,
+                gate=gate,
+                router=self.router,
+                identity=identity,
+                status=self.status,
+                reload=self.reload,
+                config_digest=self.config_digest,
+                restart_needed=lambda: list(self.restart_needed),
+                scope=twin_scope,
+            )
+            await self._enter(stack, twin, twin_scope)
+
         telemetry_scope = sup.scope("telemetry")
         telemetry = telemetry_build(
             cfg,
@@ -327,6 +361,10 @@ class Daemon:
         )
         if telemetry is not None:
             await self._enter(stack, telemetry, telemetry_scope)
+
+    def config_digest(self) -> str:
+        """SHA-256 (16 hex) of the effective config (file and applied twin fragments)."""
+        return hashlib.sha256(msgspec.json.encode(self.config)).hexdigest()[:16]
 
     # ------------------------------------------------------------------ commands
 
@@ -453,6 +491,7 @@ class Daemon:
                 log.exception("component_reload_failed", component=name)
                 restart_needed.append(f"{name} ({exc})")
         self.reloads += 1
+        self.restart_needed = restart_needed
         msg = "applied" + (
             f"; restart needed for: {', '.join(restart_needed)}" if restart_needed else ""
         )

@@ -42,6 +42,8 @@ PURE_MODULES = (
     "edgerund/updates/abi.py",
     "edgerund/identity/nvbinding.py",
     "edgerund/remote.py",
+    "edgerund/twin/auth.py",
+    "edgerund/twin/reported.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

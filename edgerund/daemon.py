@@ -72,6 +72,7 @@ from drivers.base import Resources
 from drivers.registry import ActuatorSpec, actuator_drivers
 from edgerund import __version__, logs
 from edgerund.component import Command, Component, Peer
+from edgerund.config import diff as config_diff
 from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
 from edgerund.context import EventBus, FatalComponentError, Supervisor, TaskScope
@@ -90,6 +91,8 @@ from edgerund.telemetry import component as telemetry_component
 from edgerund.telemetry.component import build as telemetry_build
 from edgerund.toolkit import prometheus
 from edgerund.twin import component as twin_component
+from edgerund.twin.applier import DesiredApplier, Health, config_with_patch, load_applied
+from edgerund.twin.desired import Desired
 from edgerund.twin.gate import CommandGate, provisioned_keyring
 from edgerund.updates import component as updates_component
 from edgerund.updates.counter import counter_for
@@ -211,8 +214,17 @@ def _resources(
 
 
 class Daemon:
-    def __init__(self, config_path: Path, config: Config, *, simulate: bool = False) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        config: Config,
+        *,
+        simulate: bool = False,
+        applied: Desired | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.applied = applied  # the desired state verified at start-up (twin/applier.py)
+        self.applier: DesiredApplier | None = None
         self.config = config
         self.simulate = simulate
         self.started_wall = time.time()
@@ -337,6 +349,16 @@ class Daemon:
         self.router.guard(gate)
         if cfg.twin.enabled:
             twin_scope = sup.scope("twin")
+            self.applier = DesiredApplier(
+                cfg=cfg,
+                config_path=self.config_path,
+                keyring=keyring_now,
+                apply=self.apply_config,
+                current=lambda: self.config,
+                health=self.health,
+                notify=lambda: None,
+                applied=self.applied,
+            )
             twin = twin_component.TwinComponent(
                 cfg,
                 gate=gate,
@@ -346,6 +368,8 @@ class Daemon:
                 reload=self.reload,
                 config_digest=self.config_digest,
                 restart_needed=lambda: list(self.restart_needed),
+                applier=self.applier,
+                current=lambda: self.config,
                 scope=twin_scope,
             )
             await self._enter(stack, twin, twin_scope)
@@ -463,22 +487,33 @@ class Daemon:
     # ------------------------------------------------------------------ reload
 
     async def reload(self) -> tuple[bool, str]:
+        """Re-read the file (with the applied desired patch over it) and apply it."""
+        patch, version = self.overlay()
         try:
-            new = await asyncio.to_thread(load_config, self.config_path)
+            new = await asyncio.to_thread(config_with_patch, self.config_path, patch, version)
         except ConfigError as exc:
             self.reload_errors += 1
             log.error("config_reload_failed", reason=str(exc), kept="running config")
             return False, str(exc)
+        restart_needed = await self.apply_config(new)
+        msg = "applied" + (
+            f"; restart needed for: {', '.join(restart_needed)}" if restart_needed else ""
+        )
+        return True, msg
+
+    def overlay(self) -> tuple[dict[str, Any], int]:
+        """The applied desired patch (view form) and its version; ({}, 0) without one."""
+        a = self.applier.applied if self.applier is not None else self.applied
+        return (a.config, a.version) if a is not None else ({}, 0)
+
+    async def apply_config(self, new: Config) -> list[str]:
+        """The reload path (SIGHUP, `reload`, desired state): every changed key is applied
+        live by its component or named, in the log, the reply and the reported state, as
+        needing a restart (edgerund/config/diff.py)."""
         old = self.config
-        restart_needed = [
-            name
-            for name in ("gateway", "paths", "diag", "identity", "updates", "uplink")
-            if getattr(old, name) != getattr(new, name)
-        ]
-        if [s.id for s in old.sensors] != [s.id for s in new.sensors]:
-            restart_needed.append("sensors (added/removed)")
-        if [lp.id for lp in old.loops] != [lp.id for lp in new.loops]:
-            restart_needed.append("loops (added/removed)")
+        if self.simulate and not new.simulation.enabled:  # --simulate is not in the file
+            new.simulation.enabled = True
+        live, restart_needed = config_diff.split(config_diff.changes(old, new))
         self.config = new
         logs.set_level(new.logging.level)
         logs.RING.resize(new.logging.ring_size)
@@ -492,11 +527,20 @@ class Daemon:
                 restart_needed.append(f"{name} ({exc})")
         self.reloads += 1
         self.restart_needed = restart_needed
-        msg = "applied" + (
-            f"; restart needed for: {', '.join(restart_needed)}" if restart_needed else ""
+        log.info("config_reloaded", applied_live=live, restart_needed=restart_needed)
+        return restart_needed
+
+    def health(self) -> Health:
+        """What a desired state's probation compares (twin/applier.py)."""
+        st = self.status()
+        loops = st.get("loops") or []
+        sensors = st.get("sensors") or []
+        tel = st.get("telemetry") or {}
+        return Health(
+            missed_ticks=sum(int(lp.get("missed") or 0) for lp in loops if isinstance(lp, dict)),
+            sensors_ok=sum(1 for s in sensors if isinstance(s, dict) and s.get("state") == "ok"),
+            connected=bool(tel.get("connected")),
         )
-        log.info("config_reloaded", restart_needed=restart_needed)
-        return True, msg
 
     # ------------------------------------------------------------------ run
 
@@ -637,6 +681,12 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
     except ConfigError as exc:
         log.error("startup_refused", error=str(exc))
         return EXIT_CONFIG
+    # The desired state applied before, re-verified from its signature (twin/applier.py).
+    applied: Desired | None = None
+    if cfg.twin.enabled:
+        cfg, applied, _ = load_applied(cfg, path)
+        if simulate and not cfg.simulation.enabled:
+            cfg.simulation.enabled = True
     runner_kwargs: dict[str, Any] = {}
     if cfg.daemon.use_uvloop:
         try:
@@ -648,7 +698,7 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
     daemon_holder: list[Daemon] = []
 
     async def main() -> int:
-        d = Daemon(path, cfg, simulate=simulate or cfg.simulation.enabled)
+        d = Daemon(path, cfg, simulate=simulate or cfg.simulation.enabled, applied=applied)
         daemon_holder.append(d)
         return await d.run()
 

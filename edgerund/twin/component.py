@@ -12,6 +12,12 @@ the gateway. This component registers the twin's own commands with the router:
   "Attestation result"), i.e. remote attestation without site access;
 * `reload` {}: re-read the config file (as SIGHUP); the reply names what needs a restart.
 
+Desired state. On the same session the component subscribes to the retained
+`.../desired` topic and hands each document to `applier.DesiredApplier` (one at a time);
+its outcome and the origin of every key are in the reported state, and the diagnostics
+command `config` (`edgerunctl config`) shows the effective config with the origin of each
+key (file, or twin version N).
+
 Reported state. When the uplink (the broker) is configured, a task keeps its own MQTT 5
 session (`edgerund-{gateway}-twin`, so the telemetry drain is never held up by a twin
 publish) and publishes the retained, signed reported document (`reported.build`) on every
@@ -27,6 +33,8 @@ table): no lookup of peers by name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import random
 import time
@@ -36,16 +44,19 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import aiomqtt
+import msgspec
 import structlog
 
 from edgerund.component import Command
 from edgerund.errors import CommandError
 from edgerund.telemetry.commands import json_obj
 from edgerund.twin import reported
+from edgerund.twin.applier import DesiredApplier
 from edgerund.twin.auth import reported_message
 from edgerund.twin.gate import CommandGate, gateway_sign
 
 if TYPE_CHECKING:
+    from edgerund.component import Peer
     from edgerund.config.schema import Config
     from edgerund.context import TaskScope
     from edgerund.ports import CommandRouter, IdentityPort
@@ -62,6 +73,13 @@ def reported_topic(cfg: Config) -> str:
     return f"{cfg.twin.topic_prefix}/{cfg.gateway.site}/{cfg.gateway.id}/reported"
 
 
+def desired_topic(cfg: Config) -> str:
+    return f"{cfg.twin.topic_prefix}/{cfg.gateway.site}/{cfg.gateway.id}/desired"
+
+
+MAX_DESIRED_BYTES = 256 * 1024
+
+
 class TwinComponent:
     name = "twin"
 
@@ -76,6 +94,8 @@ class TwinComponent:
         reload: ReloadFn,
         config_digest: Callable[[], str],
         restart_needed: Callable[[], list[str]],
+        applier: DesiredApplier,
+        current: Callable[[], Config],
         scope: TaskScope,
     ) -> None:
         self.cfg = cfg
@@ -86,6 +106,9 @@ class TwinComponent:
         self._digest = config_digest
         self._restart_needed = restart_needed
         self._scope = scope
+        self.applier = applier
+        self._current = current
+        applier._notify = self.notify
         self.seq = 0
         self.published = 0
         self.connected = False
@@ -133,8 +156,8 @@ class TwinComponent:
             seq=self.seq,
             ts_ms=int(time.time() * 1000),
             config_digest=self._digest(),
-            origin={},
-            desired={},
+            origin=self.applier.origin(),
+            desired=self.applier.outcome,
             restart_needed=self._restart_needed(),
             commands=self.gate.status(),
         )
@@ -187,6 +210,10 @@ class TwinComponent:
             try:
                 client = self._client(await asyncio.to_thread(self._password))
                 async with client:
+                    await client.subscribe(desired_topic(self.cfg), qos=1)
+                    self._scope.spawn(
+                        "desired", functools.partial(self._desired, client), restart=False
+                    )
                     self.connected = True
                     backoff = self.cfg.uplink.backoff_initial_s
                     last = 0.0
@@ -215,6 +242,27 @@ class TwinComponent:
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, self.cfg.uplink.backoff_max_s)
 
+    async def _desired(self, client: aiomqtt.Client) -> None:
+        """Desired documents of this session, applied one at a time (the applier locks)."""
+        with contextlib.suppress(aiomqtt.MqttError):
+            async for msg in client.messages:
+                payload = msg.payload
+                if not isinstance(payload, bytes | bytearray) or not payload:
+                    continue  # an empty retained message clears the desired state: nothing to do
+                if len(payload) > MAX_DESIRED_BYTES:
+                    log.warning("twin_desired_too_large", bytes=len(payload))
+                    continue
+                await self.applier.handle(bytes(payload))
+
+    async def _cmd_config(self, args: dict[str, Any], peer: Peer) -> Any:
+        origin = self.applier.origin()
+        return {
+            "config": msgspec.to_builtins(self._current()),
+            "origin": origin,
+            "default_origin": "file",
+            "desired": self.applier.outcome,
+        }
+
     # -- component ------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         if self.cfg.uplink.enabled:
@@ -237,8 +285,15 @@ class TwinComponent:
                 "reported_published": self.published,
                 "reported_bytes": self.last_bytes,
                 "commands": self.gate.status(),
+                "desired": self.applier.outcome,
+                "desired_refused": self.applier.refused,
             }
         }
 
     def commands(self) -> Mapping[str, Command]:
-        return {}
+        return {
+            "config": Command(
+                self._cmd_config,
+                help="effective config with the origin of each key (file or twin version N)",
+            )
+        }

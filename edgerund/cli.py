@@ -87,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Publisher and backend tools live in their own packages, which the daemon never
     # imports; imported here, not at module load, so `edgerund run` does not pay for them.
-    from edgerund.backend import attest_cli, telemetry_cli
+    from edgerund.backend import attest_cli, telemetry_cli, twin_cli
     from edgerund.publisher import cli as publisher_cli
 
-    for tools in (publisher_cli, telemetry_cli, attest_cli):
+    for tools in (publisher_cli, telemetry_cli, attest_cli, twin_cli):
         tools.register(sub)
     return p
 

@@ -106,7 +106,7 @@ async def test_desired_applied_refused_and_kept_across_restart(
         doc = await reported_until(mosquitto, "sim-gw", desired_is(1, "applied"))
         assert doc["config"]["origin"]["loops.cabinet.policy.on_ticks"] == "twin v1"
         view = a.call("config")
-        cabinet = [lp for lp in view["config"]["loops"] if lp["id"] == "cabinet"][0]
+        cabinet = next(lp for lp in view["config"]["loops"] if lp["id"] == "cabinet")
         assert cabinet["policy"]["on_ticks"] == 12
         assert view["origin"]["logging.level"] == "twin v1"
 
@@ -159,7 +159,7 @@ async def test_desired_applied_refused_and_kept_across_restart(
     with a2:
         a2.wait_ready(60)
         view = a2.call("config")
-        cabinet = [lp for lp in view["config"]["loops"] if lp["id"] == "cabinet"][0]
+        cabinet = next(lp for lp in view["config"]["loops"] if lp["id"] == "cabinet")
         assert cabinet["policy"]["on_ticks"] == 12
         assert view["desired"]["version"] == 1 and view["desired"]["outcome"] == "applied"
 
@@ -179,6 +179,6 @@ async def test_unhealthy_patch_is_reverted(tmp_path: Path, mosquitto: Any) -> No
         doc = await reported_until(mosquitto, "sim-gw", desired_is(1, "reverted", "sensors_failed"))
         assert time.monotonic() - t0 >= 4.0
         assert "sensors ok" in doc["desired"]["message"]
-        sensor = [s for s in d.call("config")["config"]["sensors"] if s["id"] == "power_meter"][0]
+        sensor = next(s for s in d.call("config")["config"]["sensors"] if s["id"] == "power_meter")
         assert sensor["read_timeout_ms"] != 1  # the previous config came back
         assert not (Path(tmp_path) / "state" / "twin" / "applied.json").exists()

@@ -114,3 +114,53 @@ async def test_signed_commands_and_refusals(daemon: Any, mosquitto: Any) -> None
     assert doc["gateway"] == "sim-gw" and doc["v"] == 1
     assert doc["identity"]["kind"] == "software"
     assert doc["models"] and doc["models"][0]["name"] == "motor-ae"
+
+
+def test_cli_remote_attest_verified(daemon: Any, mosquitto: Any, tmp_path: Path) -> None:
+    """`edgerund twin cmd ... attest` over the broker, reply verified against the gateway
+    key, and the quote verified by `edgerund attest verify` (software identity here)."""
+    import subprocess
+    import sys
+
+    ident = daemon.call("identity")
+    pem = tmp_path / "gw.pem"
+    pem.write_text(ident["signing_key_pem"])
+    ak = tmp_path / "ak.pem"
+    ak.write_text(ident["ak_pem"])
+    vnonce = os.urandom(16).hex()
+    common = ["--host", mosquitto.host, "--port", str(mosquitto.port), "--site", "sim"]
+    time.sleep(1.0)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgerund.cli", "twin", "cmd", "sim-gw", "attest",
+         json.dumps({"nonce": vnonce}), "--key", str(DEV / "OPERATOR-DEVELOPMENT-ONLY.key"),
+         "--public-key", str(pem), *common],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = tmp_path / "quote.json"
+    result.write_text(json.dumps(json.loads(out.stdout)["attestation"]))
+    ok = subprocess.run(
+        [sys.executable, "-m", "edgerund.cli", "attest", "verify", "--result", str(result),
+         "--nonce", vnonce, "--ak-pem", str(ak), "--allow-software"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0 and ok.stdout.startswith("VALID"), ok.stdout + ok.stderr
+    stale = subprocess.run(
+        [sys.executable, "-m", "edgerund.cli", "attest", "verify", "--result", str(result),
+         "--nonce", "00" * 16, "--ak-pem", str(ak), "--allow-software"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert stale.returncode == 1
+    # a publisher key cannot command: refused, exit 1
+    bad = subprocess.run(
+        [sys.executable, "-m", "edgerund.cli", "twin", "cmd", "sim-gw", "status",
+         "--key", str(DEV / "DEVELOPMENT-ONLY.key"), *common],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "wrong_role" in bad.stdout
+    got = subprocess.run(
+        [sys.executable, "-m", "edgerund.cli", "twin", "get", "sim-gw", "--public-key", str(pem),
+         *common],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0 and json.loads(got.stdout)["gateway"] == "sim-gw"

@@ -143,11 +143,12 @@ class DesiredApplier:
         self._notify = notify
         self.applied = applied
         self.last_version = applied.version if applied else 0
-        self.outcome: dict[str, Any] = (
-            {"version": applied.version, "outcome": "applied", "at": None}
-            if applied
-            else {"version": None, "outcome": None}
-        )
+        self.outcome: dict[str, Any] = {
+            "applied_version": applied.version if applied else None,
+            "version": applied.version if applied else None,
+            "outcome": "applied" if applied else None,
+        }
+        self._last_raw: bytes | None = None
         self._lock = asyncio.Lock()
         self.refused = 0
 
@@ -159,12 +160,21 @@ class DesiredApplier:
         return origins(self.patch, self.applied.version) if self.applied else {}
 
     def _set(self, version: int | None, outcome: str, **kw: Any) -> None:
-        self.outcome = {"version": version, "outcome": outcome, "at": int(time.time()), **kw}
+        self.outcome = {
+            "applied_version": self.applied.version if self.applied else None,
+            "version": version,
+            "outcome": outcome,
+            "at": int(time.time()),
+            **kw,
+        }
         log.info("twin_desired_" + outcome, version=version, **kw)
         self._notify()
 
     async def handle(self, data: bytes) -> None:
         async with self._lock:
+            if data == self._last_raw:
+                return  # the retained copy again (reconnect, broker restart): judged already
+            self._last_raw = data
             await self._handle(data)
 
     async def _handle(self, data: bytes) -> None:

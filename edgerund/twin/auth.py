@@ -74,6 +74,8 @@ def open_envelope(
     """Check structure, gateway and signature; raise TrustError with a stable code."""
     check_depth(data, doc_type, "malformed", max_depth=16)
     raw = strict_json(data, doc_type, "malformed")
+    if isinstance(raw, dict) and "signatures" not in raw and "signed" not in raw:
+        raise TrustError("unsigned", f"{doc_type}: expected an operator-signed envelope")
     if not isinstance(raw, dict) or set(raw) - {"signed", "signatures"}:
         raise TrustError("malformed", "expected an object with `signed` and `signatures`")
     signed = raw.get("signed")

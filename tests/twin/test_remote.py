@@ -69,7 +69,8 @@ async def test_signed_commands_and_refusals(daemon: Any, mosquitto: Any) -> None
         return str(json.loads(data)["error"]["code"])
 
     # unsigned, publisher-signed, wrong gateway, wrong command, expired: refused
-    assert error(await request(mosquitto, "status", b"{}")) == "malformed"
+    assert error(await request(mosquitto, "status", b"{}")) == "unsigned"
+    assert error(await request(mosquitto, "status", b"[1]")) == "malformed"
     bare = json.dumps({"signed": {"type": "edgerund-command"}, "signatures": []}).encode()
     assert error(await request(mosquitto, "status", bare)) == "unsigned"
     pub = T.command("status", "sim-gw", {}, PUBLISHER)
@@ -86,7 +87,7 @@ async def test_signed_commands_and_refusals(daemon: Any, mosquitto: Any) -> None
         error(await request(mosquitto, "status", json.dumps(tampered).encode())) == "bad_signature"
     )
     unsigned_resend = json.dumps({"epoch": 1, "from_seq": 1, "to_seq": 2}).encode()
-    assert error(await request(mosquitto, "resend", unsigned_resend)) == "malformed"
+    assert error(await request(mosquitto, "resend", unsigned_resend)) == "unsigned"
 
     # signed: runs, and the reply is signed by the gateway
     nonce = os.urandom(16).hex()
@@ -102,6 +103,14 @@ async def test_signed_commands_and_refusals(daemon: Any, mosquitto: Any) -> None
     att = T.command("attest", "sim-gw", {"nonce": vnonce}, OPERATOR, nonce=nonce)
     body = T.verify_reply(await request(mosquitto, "attest", att), pem, nonce=nonce)
     assert body["ok"] is True and body["attestation"]["nonce"] == vnonce
+
+    # remote rollback reaches the updates component; its refusal is a signed error reply
+    nonce = os.urandom(16).hex()
+    rb = T.command("rollback", "sim-gw", {"model": "motor-ae"}, OPERATOR, nonce=nonce)
+    body = T.verify_reply(await request(mosquitto, "rollback", rb), pem, nonce=nonce)
+    assert body["ok"] is False and body["error"]["code"] == "no_previous"
+    unsigned_rb = json.dumps({"model": "motor-ae"}).encode()
+    assert error(await request(mosquitto, "rollback", unsigned_rb)) == "unsigned"
 
     st = daemon.call("status")["twin"]["commands"]
     assert st["refused_by_reason"]["wrong_role"] == 1

@@ -44,6 +44,8 @@ PURE_MODULES = (
     "edgerund/remote.py",
     "edgerund/twin/auth.py",
     "edgerund/twin/reported.py",
+    "edgerund/twin/desired.py",
+    "edgerund/config/diff.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

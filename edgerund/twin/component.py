@@ -10,7 +10,8 @@ the gateway. This component registers the twin's own commands with the router:
 * `status` {}: the daemon's whole status (what `edgerunctl status --json` shows);
 * `attest` {nonce: hex}: a fresh TPM quote for the verifier's nonce (DESIGN.md
   "Attestation result"), i.e. remote attestation without site access;
-* `reload` {}: re-read the config file (as SIGHUP); the reply names what needs a restart.
+* `reload` {}: re-read the config file (as SIGHUP); the reply names what needs a restart;
+* `support-bundle` {} then {bundle_id, chunk}: the support bundle in chunks (bundle.py).
 
 Desired state. On the same session the component subscribes to the retained
 `.../desired` topic and hands each document to `applier.DesiredApplier` (one at a time);
@@ -47,12 +48,14 @@ import aiomqtt
 import msgspec
 import structlog
 
+from edgerund import logs
 from edgerund.component import Command
 from edgerund.errors import CommandError
 from edgerund.telemetry.commands import json_obj
-from edgerund.twin import reported
+from edgerund.twin import bundle, reported
 from edgerund.twin.applier import DesiredApplier
 from edgerund.twin.auth import reported_message
+from edgerund.twin.bundle import BundleStore
 from edgerund.twin.gate import CommandGate, gateway_sign
 
 if TYPE_CHECKING:
@@ -118,6 +121,8 @@ class TwinComponent:
         router.register("status", self.cmd_status)
         router.register("attest", self.cmd_attest)
         router.register("reload", self.cmd_reload)
+        router.register("support-bundle", self.cmd_support_bundle)
+        self._bundles = BundleStore()
 
     # -- remote commands (admitted by the gate: operator-signed) --------------------------
     async def cmd_status(self, payload: bytes) -> bytes:
@@ -147,6 +152,17 @@ class TwinComponent:
             raise CommandError("config_invalid", message)
         self._kick.set()
         return json.dumps({"ok": True, "id": obj.get("id"), "message": message}).encode()
+
+    async def cmd_support_bundle(self, payload: bytes) -> bytes:
+        obj = json_obj(payload)
+        if "bundle_id" in obj:
+            out = self._bundles.chunk(obj.get("bundle_id"), obj.get("chunk"))
+        else:
+            status = dict(self._status())
+            config = msgspec.to_builtins(self._current())
+            data = await asyncio.to_thread(bundle.build, status, logs.RING.tail(2000), config)
+            out = self._bundles.put(data)
+        return json.dumps({"ok": True, "id": obj.get("id"), **out}).encode()
 
     # -- reported state -------------------------------------------------------------------
     def document(self) -> dict[str, Any]:

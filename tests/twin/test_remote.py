@@ -6,8 +6,12 @@ connection survives; the retained reported state is signed by the identity key."
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import io
 import json
 import os
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +115,27 @@ async def test_signed_commands_and_refusals(daemon: Any, mosquitto: Any) -> None
     assert body["ok"] is False and body["error"]["code"] == "no_previous"
     unsigned_rb = json.dumps({"model": "motor-ae"}).encode()
     assert error(await request(mosquitto, "rollback", unsigned_rb)) == "unsigned"
+
+    # support-bundle: built on the gateway, pulled in signed chunks, digest in a signed reply
+    async def signed(name: str, args: dict[str, Any]) -> dict[str, Any]:
+        n = os.urandom(16).hex()
+        req = T.command(name, "sim-gw", args, OPERATOR, nonce=n)
+        return T.verify_reply(await request(mosquitto, name, req), pem, nonce=n)
+
+    head = await signed("support-bundle", {})
+    assert head["ok"] is True and head["chunks"] >= 1
+    parts = [
+        base64.b64decode(
+            (await signed("support-bundle", {"bundle_id": head["bundle_id"], "chunk": i}))["data"]
+        )
+        for i in range(head["chunks"])
+    ]
+    blob = b"".join(parts)
+    assert len(blob) == head["size"] and hashlib.sha256(blob).hexdigest() == head["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tf:
+        names = {Path(m.name).name for m in tf.getmembers()}
+    assert {"status.json", "log.json", "config.json"} <= names
+    assert error(await request(mosquitto, "support-bundle", b"{}")) == "unsigned"
 
     st = daemon.call("status")["twin"]["commands"]
     assert st["refused_by_reason"]["wrong_role"] == 1

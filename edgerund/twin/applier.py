@@ -170,6 +170,10 @@ class DesiredApplier:
         log.info("twin_desired_" + outcome, version=version, **kw)
         self._notify()
 
+    def failed(self, message: str) -> None:
+        """An unexpected error while handling a document (logged by the caller)."""
+        self._set(None, "failed", reason="internal_error", message=message[:300])
+
     async def handle(self, data: bytes) -> None:
         async with self._lock:
             if data == self._last_raw:

@@ -268,7 +268,11 @@ class TwinComponent:
                 if len(payload) > MAX_DESIRED_BYTES:
                     log.warning("twin_desired_too_large", bytes=len(payload))
                     continue
-                await self.applier.handle(bytes(payload))
+                try:
+                    await self.applier.handle(bytes(payload))
+                except Exception as exc:  # a bug here must not end the daemon: report it
+                    log.exception("twin_desired_failed")
+                    self.applier.failed(repr(exc))
 
     async def _cmd_config(self, args: dict[str, Any], peer: Peer) -> Any:
         origin = self.applier.origin()

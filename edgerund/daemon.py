@@ -3,14 +3,18 @@
 Wiring. `Daemon._start` constructs each component explicitly with exactly the ports
 (edgerund/ports.py) of the peers it needs, in dependency order:
 
-    identity -> hub -> update slots -> models -> loops -> updates -> telemetry -> diag
+    identity -> hub -> update slots -> models -> loops -> updates -> twin -> telemetry -> diag
 
 identity is the `Signer` of telemetry, the `Measurer` of models and the source of the
 anti-rollback `Counter`; the hub is the `SampleSource` of loops and telemetry; the slot
 repository is the `SlotSource` of models; models are the `ModelHost` of loops and updates;
 loops are the `LoopStats` of updates' probation; the one `RemoteCommands` router takes
 remote (MQTT) commands from the components that serve them and is dispatched by telemetry.
-A peer that is not configured is passed as None. Nothing is looked up by name, nothing
+Before telemetry (the only dispatcher of `cmd/*`) starts, the root installs the twin's
+`CommandGate` on that router, so every remote request is operator-authenticated and every
+admitted reply gateway-signed (docs/twin.md); the twin component gets the root's typed
+callables (status, reload, apply_config, health) for its commands, reported and desired
+state. A peer that is not configured is passed as None. Nothing is looked up by name, nothing
 polls for a peer, and every peer a component uses has been entered before it.
 
 This module is also the only place that chooses the hardware or the simulated plant:
@@ -45,10 +49,14 @@ Watchdog: a loop-lag monitor wakes every `loop_lag_interval_ms`, measures how la
 `watchdog_lag_limit_ms`. A blocked or starved loop therefore stops the pings and systemd
 restarts the service.
 
-SIGHUP: the file is re-read and validated off the loop; on error the running config stays
-and the reason is logged; on success live settings (log level, sensor rates, thresholds)
-are applied through each component's `reload()`, and sections that need a restart are
-named in the log.
+SIGHUP: the file is re-read (with the applied desired patch merged over it) and validated
+off the loop; on error the running config stays and the reason is logged; on success
+`apply_config` (also the desired state's path) diffs the configs key by key
+(config/diff.py): live settings are applied through each component's `reload()`, every
+other changed key is named as needing a restart (log, reply, reported state).
+
+Start-up also re-verifies the applied desired state from its signature
+(twin/applier.py `load_applied`) before any component is built.
 """
 
 from __future__ import annotations

@@ -112,3 +112,43 @@ def test_reload_diff_names_every_changed_key() -> None:
         "telemetry.keep_acked_h",
         "daemon.shutdown_timeout_s",
     }
+
+
+def test_gate_policy_without_operator_keys_and_exemptions() -> None:
+    import asyncio
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgerund.backend import twin as T
+    from edgerund.errors import CommandError
+    from edgerund.publisher import build as B
+    from edgerund.twin.gate import CommandGate
+    from edgerund.updates.keyring import parse_keyring
+
+    pub, op = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+
+    def ring(ops: list[Ed25519PrivateKey]) -> bytes:
+        return B.keyring_bytes(
+            B.make_keyring(
+                [pub.public_key()],
+                threshold=1,
+                version=1,
+                signers=[pub],
+                operators=[k.public_key() for k in ops],
+            )
+        )
+
+    current = [parse_keyring(ring([]))]
+    gate = CommandGate(gateway="gw1", keyring=lambda: current[0], signer=None)
+    cmd = T.command("status", "gw1", {"id": 3}, op)
+    with pytest.raises(CommandError) as ei:
+        gate.admit("status", cmd)
+    assert ei.value.code == "no_operator_keys"
+    assert gate.admit("rebirth", b"{}").nonce is None  # exempt: passes unsigned
+    assert gate.admit("update", b"\x00binary").payload == b"\x00binary"
+    current[0] = parse_keyring(ring([op]))  # a rotation adds the operator: read live
+    admitted = gate.admit("status", cmd)
+    assert admitted.keyid == B.keyid(op) and b'"id": 3' in admitted.payload
+    # without a signer (no identity), the reply passes as it is
+    assert asyncio.run(gate.seal("status", admitted, b"{}")) == b"{}"
+    assert gate.status()["refused_by_reason"] == {"no_operator_keys": 1}

@@ -511,7 +511,9 @@ class Daemon:
 
     def overlay(self) -> tuple[dict[str, Any], int]:
         """The applied desired patch (view form) and its version; ({}, 0) without one."""
-        a = self.applier.applied if self.applier is not None else self.applied
+        a = self.applied
+        if self.applier is not None:
+            a = self.applier.pending or self.applier.applied
         return (a.config, a.version) if a is not None else ({}, 0)
 
     async def apply_config(self, new: Config) -> list[str]:

@@ -149,6 +149,8 @@ class DesiredApplier:
             "outcome": "applied" if applied else None,
         }
         self._last_raw: bytes | None = None
+        # The document on probation: a SIGHUP meanwhile merges it, not the previous one.
+        self.pending: Desired | None = None
         self._lock = asyncio.Lock()
         self.refused = 0
 
@@ -220,9 +222,13 @@ class DesiredApplier:
             return
         old = self._current()
         before = self._health()
-        restart_needed = await self._apply(new)
-        await asyncio.sleep(self.cfg.twin.probation_s)
-        after = self._health()
+        self.pending = doc
+        try:
+            restart_needed = await self._apply(new)
+            await asyncio.sleep(self.cfg.twin.probation_s)
+            after = self._health()
+        finally:
+            self.pending = None
         problem = judge(before, after, self.cfg.twin.probation_missed_ticks_max)
         if problem is not None:
             await self._apply(old)

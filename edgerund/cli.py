@@ -119,10 +119,10 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
 
     # Publisher and backend tools live in their own packages, which the daemon never
     # imports; imported here, not at module load, and not at all for `edgerund run`.
-    from edgerund.backend import attest_cli, fleet_cli, telemetry_cli
+    from edgerund.backend import attest_cli, fleet_cli, telemetry_cli, twin_cli
     from edgerund.publisher import cli as publisher_cli
 
-    for tools in (publisher_cli, telemetry_cli, attest_cli, fleet_cli):
+    for tools in (publisher_cli, telemetry_cli, attest_cli, fleet_cli, twin_cli):
         tools.register(sub)
     return p
 

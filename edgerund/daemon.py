@@ -3,14 +3,18 @@
 Wiring. `Daemon._start` constructs each component explicitly with exactly the ports
 (edgerund/ports.py) of the peers it needs, in dependency order:
 
-    identity -> hub -> update slots -> models -> loops -> updates -> telemetry -> diag
+    identity -> hub -> update slots -> models -> loops -> updates -> twin -> telemetry -> diag
 
 identity is the `Signer` of telemetry, the `Measurer` of models and the source of the
 anti-rollback `Counter`; the hub is the `SampleSource` of loops and telemetry; the slot
 repository is the `SlotSource` of models; models are the `ModelHost` of loops and updates;
 loops are the `LoopStats` of updates' probation; the one `RemoteCommands` router takes
 remote (MQTT) commands from the components that serve them and is dispatched by telemetry.
-A peer that is not configured is passed as None. Nothing is looked up by name, nothing
+Before telemetry (the only dispatcher of `cmd/*`) starts, the root installs the twin's
+`CommandGate` on that router, so every remote request is operator-authenticated and every
+admitted reply gateway-signed (docs/twin.md); the twin component gets the root's typed
+callables (status, reload, apply_config, health) for its commands, reported and desired
+state. A peer that is not configured is passed as None. Nothing is looked up by name, nothing
 polls for a peer, and every peer a component uses has been entered before it.
 
 This module is also the only place that chooses the hardware or the simulated plant:
@@ -46,10 +50,14 @@ Watchdog: a loop-lag monitor wakes every `loop_lag_interval_ms`, measures how la
 `watchdog_lag_limit_ms`. A blocked or starved loop therefore stops the pings and systemd
 restarts the service.
 
-SIGHUP: the file is re-read and validated off the loop; on error the running config stays
-and the reason is logged; on success live settings (log level, sensor rates, thresholds)
-are applied through each component's `reload()`, and sections that need a restart are
-named in the log.
+SIGHUP: the file is re-read (with the applied desired patch merged over it) and validated
+off the loop; on error the running config stays and the reason is logged; on success
+`apply_config` (also the desired state's path) diffs the configs key by key
+(config/diff.py): live settings are applied through each component's `reload()`, every
+other changed key is named as needing a restart (log, reply, reported state).
+
+Start-up also re-verifies the applied desired state from its signature
+(twin/applier.py `load_applied`) before any component is built.
 """
 
 from __future__ import annotations
@@ -66,12 +74,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from drivers.base import Resources
 from drivers.registry import ActuatorSpec, actuator_drivers
 from edgerund import __version__, logs
 from edgerund.component import Command, Component, Peer
+from edgerund.config import diff as config_diff
 from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
 from edgerund.context import EventBus, FatalComponentError, Supervisor, TaskScope
@@ -89,6 +99,10 @@ from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
 from edgerund.telemetry.component import build as telemetry_build
 from edgerund.toolkit import prometheus
+from edgerund.twin import component as twin_component
+from edgerund.twin.applier import DesiredApplier, Health, config_with_patch, load_applied
+from edgerund.twin.desired import Desired
+from edgerund.twin.gate import CommandGate, provisioned_keyring
 from edgerund.updates import component as updates_component
 from edgerund.updates.counter import counter_for
 from edgerund.updates.repository import build_slots
@@ -103,6 +117,7 @@ EMPTY_STATUS: tuple[Mapping[str, object], ...] = (
     control_component.EMPTY_STATUS,
     inference_component.EMPTY_STATUS,
     telemetry_component.EMPTY_STATUS,
+    twin_component.EMPTY_STATUS,
 )
 
 EXIT_OK = 0
@@ -208,8 +223,17 @@ def _resources(
 
 
 class Daemon:
-    def __init__(self, config_path: Path, config: Config, *, simulate: bool = False) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        config: Config,
+        *,
+        simulate: bool = False,
+        applied: Desired | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.applied = applied  # the desired state verified at start-up (twin/applier.py)
+        self.applier: DesiredApplier | None = None
         self.config = config
         self.simulate = simulate
         self.started_wall = time.time()
@@ -234,6 +258,7 @@ class Daemon:
         self._loops: control_component.LoopsComponent | None = None
         self.reloads = 0
         self.reload_errors = 0
+        self.restart_needed: list[str] = []
 
     def _on_fatal(self, err: FatalComponentError) -> None:
         if self.fatal is None:
@@ -323,6 +348,47 @@ class Daemon:
             if self.stop_event.is_set():
                 return
 
+        # Every remote request is authenticated from here on (docs/twin.md): the gate is
+        # installed before telemetry, the only dispatcher of `cmd/*`, starts.
+        if slots is not None:
+            keyring_now = lambda: slots.keyring  # noqa: E731 - the verified, rotating keyring
+        else:
+            fixed = await asyncio.to_thread(provisioned_keyring, cfg)
+            keyring_now = lambda: fixed  # noqa: E731
+        gate = CommandGate(
+            gateway=cfg.gateway.id,
+            keyring=keyring_now,
+            signer=identity,
+            window_s=cfg.twin.command_window_s,
+        )
+        self.router.guard(gate)
+        if cfg.twin.enabled:
+            twin_scope = sup.scope("twin")
+            self.applier = DesiredApplier(
+                cfg=cfg,
+                config_path=self.config_path,
+                keyring=keyring_now,
+                apply=self.apply_config,
+                current=lambda: self.config,
+                health=self.health,
+                notify=lambda: None,
+                applied=self.applied,
+            )
+            twin = twin_component.TwinComponent(
+                cfg,
+                gate=gate,
+                router=self.router,
+                identity=identity,
+                status=self.status,
+                reload=self.reload,
+                config_digest=self.config_digest,
+                restart_needed=lambda: list(self.restart_needed),
+                applier=self.applier,
+                current=lambda: self.config,
+                scope=twin_scope,
+            )
+            await self._enter(stack, twin, twin_scope)
+
         telemetry_scope = sup.scope("telemetry")
         telemetry = telemetry_build(
             cfg,
@@ -334,6 +400,10 @@ class Daemon:
         )
         if telemetry is not None:
             await self._enter(stack, telemetry, telemetry_scope)
+
+    def config_digest(self) -> str:
+        """SHA-256 (16 hex) of the effective config (file and applied twin fragments)."""
+        return hashlib.sha256(msgspec.json.encode(self.config)).hexdigest()[:16]
 
     # ------------------------------------------------------------------ commands
 
@@ -432,22 +502,35 @@ class Daemon:
     # ------------------------------------------------------------------ reload
 
     async def reload(self) -> tuple[bool, str]:
+        """Re-read the file (with the applied desired patch over it) and apply it."""
+        patch, version = self.overlay()
         try:
-            new = await asyncio.to_thread(load_config, self.config_path)
+            new = await asyncio.to_thread(config_with_patch, self.config_path, patch, version)
         except ConfigError as exc:
             self.reload_errors += 1
             log.error("config_reload_failed", reason=str(exc), kept="running config")
             return False, str(exc)
+        restart_needed = await self.apply_config(new)
+        msg = "applied" + (
+            f"; restart needed for: {', '.join(restart_needed)}" if restart_needed else ""
+        )
+        return True, msg
+
+    def overlay(self) -> tuple[dict[str, Any], int]:
+        """The applied desired patch (view form) and its version; ({}, 0) without one."""
+        a = self.applied
+        if self.applier is not None:
+            a = self.applier.pending or self.applier.applied
+        return (a.config, a.version) if a is not None else ({}, 0)
+
+    async def apply_config(self, new: Config) -> list[str]:
+        """The reload path (SIGHUP, `reload`, desired state): every changed key is applied
+        live by its component or named, in the log, the reply and the reported state, as
+        needing a restart (edgerund/config/diff.py)."""
         old = self.config
-        restart_needed = [
-            name
-            for name in ("gateway", "paths", "diag", "identity", "updates", "uplink")
-            if getattr(old, name) != getattr(new, name)
-        ]
-        if [s.id for s in old.sensors] != [s.id for s in new.sensors]:
-            restart_needed.append("sensors (added/removed)")
-        if [lp.id for lp in old.loops] != [lp.id for lp in new.loops]:
-            restart_needed.append("loops (added/removed)")
+        if self.simulate and not new.simulation.enabled:  # --simulate is not in the file
+            new.simulation.enabled = True
+        live, restart_needed = config_diff.split(config_diff.changes(old, new))
         self.config = new
         logs.set_level(new.logging.level)
         logs.RING.resize(new.logging.ring_size)
@@ -460,11 +543,21 @@ class Daemon:
                 log.exception("component_reload_failed", component=name)
                 restart_needed.append(f"{name} ({exc})")
         self.reloads += 1
-        msg = "applied" + (
-            f"; restart needed for: {', '.join(restart_needed)}" if restart_needed else ""
+        self.restart_needed = restart_needed
+        log.info("config_reloaded", applied_live=live, restart_needed=restart_needed)
+        return restart_needed
+
+    def health(self) -> Health:
+        """What a desired state's probation compares (twin/applier.py)."""
+        st = self.status()
+        loops = st.get("loops") or []
+        sensors = st.get("sensors") or []
+        tel = st.get("telemetry") or {}
+        return Health(
+            missed_ticks=sum(int(lp.get("missed") or 0) for lp in loops if isinstance(lp, dict)),
+            sensors_ok=sum(1 for s in sensors if isinstance(s, dict) and s.get("state") == "ok"),
+            connected=bool(tel.get("connected")),
         )
-        log.info("config_reloaded", restart_needed=restart_needed)
-        return True, msg
 
     # ------------------------------------------------------------------ run
 
@@ -610,6 +703,12 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
     except ConfigError as exc:
         log.error("startup_refused", error=str(exc))
         return EXIT_CONFIG
+    # The desired state applied before, re-verified from its signature (twin/applier.py).
+    applied: Desired | None = None
+    if cfg.twin.enabled:
+        cfg, applied, _ = load_applied(cfg, path)
+        if simulate and not cfg.simulation.enabled:
+            cfg.simulation.enabled = True
     runner_kwargs: dict[str, Any] = {}
     if cfg.daemon.use_uvloop:
         try:
@@ -621,7 +720,7 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
     daemon_holder: list[Daemon] = []
 
     async def main() -> int:
-        d = Daemon(path, cfg, simulate=simulate or cfg.simulation.enabled)
+        d = Daemon(path, cfg, simulate=simulate or cfg.simulation.enabled, applied=applied)
         daemon_holder.append(d)
         return await d.run()
 

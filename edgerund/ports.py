@@ -18,6 +18,7 @@ Who provides what (see docs/architecture.md for the graph):
     IdentityPort    identity (IdentityComponent)     the root (counter_for), diag commands
     LoopStats       loops (LoopsComponent)           updates (probation)
     CommandRouter   the root's RemoteCommands        updates registers; telemetry dispatches
+    CommandGate     the twin's command gate          RemoteCommands (operator signatures)
     EventSink       the root's EventBus              every component publishes
 
 No `Any` crosses these boundaries: records are frozen dataclasses.
@@ -210,6 +211,27 @@ RemoteHandler = Callable[[bytes], Awaitable[bytes | None]]
 class CommandRouter(Protocol):
     def register(self, name: str, handler: RemoteHandler) -> None:
         """Serve `cmd/{name}`; a name registered twice is a programming error."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A remote request the gate let through: what the handler sees, and who signed it."""
+
+    payload: bytes  # the request as the handler reads it (a signed command's args as JSON)
+    nonce: str | None = None  # None: a command exempt from signatures (docs/twin.md)
+    keyid: str | None = None  # the operator key that signed it
+
+
+class CommandGate(Protocol):
+    """Authenticates remote requests and signs replies (edgerund/twin/gate.py)."""
+
+    def admit(self, name: str, payload: bytes) -> Admitted:
+        """The request to run, or CommandError with the refusal reason."""
+        ...
+
+    async def seal(self, name: str, admitted: Admitted, reply: bytes) -> bytes:
+        """The reply as the requester receives it (signed by the gateway when signed)."""
         ...
 
 

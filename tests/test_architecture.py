@@ -48,6 +48,10 @@ PURE_MODULES = (
     "edgerund/remote.py",
     "edgerund/jsondepth.py",
     "drivers/edges.py",
+    "edgerund/twin/auth.py",
+    "edgerund/twin/reported.py",
+    "edgerund/twin/desired.py",
+    "edgerund/config/diff.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

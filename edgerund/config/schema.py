@@ -45,6 +45,7 @@ from edgerund.inference import config as inference
 from edgerund.inference.config import ModelConfig
 from edgerund.telemetry import config as telemetry
 from edgerund.telemetry.config import TelemetryConfig, UplinkConfig
+from edgerund.twin.config import TwinConfig
 from edgerund.updates import config as updates
 from edgerund.updates.config import UpdatesConfig
 
@@ -86,6 +87,7 @@ class Config(Section):
     uplink: UplinkConfig = msgspec.field(default_factory=UplinkConfig)
     simulation: SimulationConfig = msgspec.field(default_factory=SimulationConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    twin: TwinConfig = msgspec.field(default_factory=TwinConfig)
 
 
 Problem = tuple[str, str]  # (key.path, message): the loader adds FILE:LINE

@@ -68,6 +68,12 @@ SIMPLE: list[RemoteCommand] = [
     ("telemetry", "uplink: connected, broker, backlog, sent, lost", lambda p: None, _no_args),
     ("identity", "device identity: kind, key id, AK name", lambda p: None, _no_args),
     ("reload", "re-read the config file (like SIGHUP)", lambda p: None, _no_args),
+    (
+        "config",
+        "effective config, each key with its origin (file or twin version N)",
+        lambda p: None,
+        _no_args,
+    ),
     ("help", "commands the daemon serves", lambda p: None, _no_args),
 ]
 
@@ -297,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(format_loops(result), markup=False, highlight=False)
     elif cmd == "serial-sniff":
         render_sniff(console, result)
+    elif cmd == "config" and isinstance(result, dict):
+        from edgerund.ctl.config_view import render_config
+
+        render_config(console, result)
     else:
         render(console, result, cmd)
     if cmd == "update" and (failure := update.verdict(result)) is not None:

@@ -88,20 +88,34 @@ def make_keyring(
     signers: Iterable[Ed25519PrivateKey],
     expires: float | None = None,
     names: Sequence[str] | None = None,
+    operators: Sequence[Ed25519PublicKey] = (),
 ) -> dict[str, Any]:
+    """A signed keyring: `public_keys` get the publisher role (they sign bundles and the
+    keyring; `threshold` counts them), `operators` the operator role (desired state and
+    remote commands)."""
+    entries = [
+        {
+            "keyid": keyid(k),
+            "public": base64.b64encode(raw_public(k)).decode(),
+            "name": names[i] if names else "",
+            "role": "publisher",
+        }
+        for i, k in enumerate(public_keys)
+    ] + [
+        {
+            "keyid": keyid(k),
+            "public": base64.b64encode(raw_public(k)).decode(),
+            "name": f"operator-{i}",
+            "role": "operator",
+        }
+        for i, k in enumerate(operators)
+    ]
     signed = {
         "type": KEYRING_TYPE,
         "version": version,
         "expires": format_time(expires if expires is not None else time.time() + 5 * 365 * 86400),
         "threshold": threshold,
-        "keys": [
-            {
-                "keyid": keyid(k),
-                "public": base64.b64encode(raw_public(k)).decode(),
-                "name": names[i] if names else "",
-            }
-            for i, k in enumerate(public_keys)
-        ],
+        "keys": entries,
     }
     return {"signed": signed, "signatures": sign(signing_message(KEYRING_DOMAIN, signed), signers)}
 

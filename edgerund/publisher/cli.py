@@ -141,6 +141,7 @@ def _keyring(args: argparse.Namespace) -> int:
 
     try:
         pubs = [load_public(Path(p)) for p in args.pub]
+        ops = [load_public(Path(p)) for p in args.operator or []]
         signers = [load_private(Path(k)) for k in args.sign]
         expires = time.time() + args.expires_days * 86400
         if args.keyring_cmd == "create":
@@ -150,6 +151,7 @@ def _keyring(args: argparse.Namespace) -> int:
                 version=args.version,
                 signers=signers,
                 expires=expires,
+                operators=ops,
             )
             data = keyring_bytes(doc)
             check_self_signed(parse_keyring(data))
@@ -161,6 +163,7 @@ def _keyring(args: argparse.Namespace) -> int:
                 version=old.version + 1,
                 signers=signers,
                 expires=expires,
+                operators=ops,
             )
             data = keyring_bytes(doc)
             check_rotation(old, parse_keyring(data), time.time())
@@ -179,6 +182,7 @@ def _keyring(args: argparse.Namespace) -> int:
                 "version": doc["signed"]["version"],
                 "threshold": args.threshold,
                 "keys": len(pubs),
+                "operators": len(ops),
             }
         )
     )
@@ -254,7 +258,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         c.add_argument(
             "--pub", action="append", required=True, help="public key of the new keyring (repeat)"
         )
-        c.add_argument("--threshold", type=int, required=True)
+        c.add_argument(
+            "--operator",
+            action="append",
+            help="public key with the operator role: signs desired state and commands (repeat)",
+        )
+        c.add_argument("--threshold", type=int, required=True, help="of the --pub keys")
         c.add_argument(
             "--sign",
             action="append",

@@ -13,8 +13,9 @@ own three here (`TelemetryCommands.register`):
 * `rebirth`: publish the retained `state` and `meta` again on the live connection.
 
 The uplink receives every `cmd/{name}` message and hands (name, payload) to the
-`Dispatcher`, which refuses oversized payloads and unknown names, calls the handler the
-router holds, and turns a `CommandError` (or any failure) into the JSON error reply
+`Dispatcher`, which refuses oversized payloads and unknown names, has the router's gate
+admit the request (operator signature, docs/twin.md), calls the handler the router holds,
+has the gate seal the reply (signed by the gateway), and turns a `CommandError` (or any failure) into the JSON error reply
 `{"ok": false, "error": {"code", "message"}}`. The uplink publishes whatever bytes come back.
 """
 
@@ -31,7 +32,7 @@ from edgerund.errors import CommandError
 from edgerund.telemetry.batcher import Batcher, Sealed, UnknownSeries
 
 if TYPE_CHECKING:
-    from edgerund.ports import CommandRouter
+    from edgerund.ports import Admitted, CommandRouter
     from edgerund.remote import RemoteCommands
     from edgerund.telemetry.spool import Spool
     from edgerund.telemetry.uplink import Uplink
@@ -147,6 +148,7 @@ class Dispatcher:
         self._logged_rejects: set[str] = set()
 
     async def __call__(self, name: str, payload: bytes) -> bytes | None:
+        admitted: Admitted | None = None
         try:
             if len(payload) > self.max_bytes:
                 raise CommandError(
@@ -157,18 +159,24 @@ class Dispatcher:
                 raise CommandError(
                     "unknown_command", f"expected one of {self._router.names()}, got {name!r}"
                 )
-            reply = await handler(payload)
+            admitted = self._router.gate.admit(name, payload)
+            reply = await handler(admitted.payload)
             self.handled += 1
-            return reply
+            if reply is None:
+                return None
+            return await self._router.gate.seal(name, admitted, reply)
         except CommandError as exc:
             self.rejected += 1
             key = f"{name}:{exc.code}"
             if key not in self._logged_rejects:  # log each kind once, count all
                 self._logged_rejects.add(key)
                 log.warning("telemetry_cmd_rejected", cmd=name, code=exc.code, error=exc.message)
-            return json.dumps(
+            err = json.dumps(
                 {"ok": False, "error": {"code": exc.code, "message": exc.message}}
             ).encode()
+            if admitted is not None:  # an authenticated request gets a signed refusal
+                return await self._router.gate.seal(name, admitted, err)
+            return err
         except Exception as exc:
             self.rejected += 1
             log.error("telemetry_cmd_failed", cmd=name, error=repr(exc))

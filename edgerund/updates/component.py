@@ -18,6 +18,7 @@ commands.py (socket commands), sources.py (inbox, MQTT).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -25,9 +26,10 @@ from typing import Any, Self
 
 import structlog
 
-from edgerund.component import Command
+from edgerund.component import Command, Peer
 from edgerund.config.schema import Config
 from edgerund.context import TaskScope
+from edgerund.errors import CommandError
 from edgerund.ports import CommandRouter, Counter, EventSink, LoopStats, ModelHost
 from edgerund.updates import machine
 from edgerund.updates.commands import UpdateCommands
@@ -40,6 +42,9 @@ from edgerund.updates.slots import SlotStore
 from edgerund.updates.sources import InboxSource, MqttSource
 from edgerund.updates.steps import Steps
 from edgerund.updates.transfer import TransferStore
+
+# The requester of a remote rollback: an operator whose signature the gate checked.
+REMOTE_PEER = Peer(pid=0, uid=-1, gid=-1, privileged=True)
 
 log = structlog.get_logger("edgerund.updates")
 
@@ -92,6 +97,19 @@ class UpdatesComponent:
         self._commands = UpdateCommands(self.steps, self.runner)
         if router is not None and self.cfg.mqtt_enabled:
             router.register("update", self.mqtt.handle)
+        if router is not None:
+            # cmd/rollback: admitted only with an operator signature (twin/gate.py).
+            router.register("rollback", self._remote_rollback)
+
+    async def _remote_rollback(self, payload: bytes) -> bytes:
+        try:
+            args = json.loads(payload or b"{}")
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise CommandError("bad_json", "expected a JSON object {model}")
+        result = await self._commands.rollback(args, REMOTE_PEER)
+        return json.dumps({"ok": True, "id": args.get("id"), "result": result}).encode()
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Self:

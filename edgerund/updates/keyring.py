@@ -2,7 +2,16 @@
 
 A keyring document is `{"signed": {...}, "signatures": [{"keyid", "sig"}]}` where `signed`
 holds `type` ("edgerund-keyring"), `version`, `expires`, `threshold` and `keys`
-(`{"keyid": sha256(raw public key) hex, "public": base64(raw 32 bytes), "name": str}`).
+(`{"keyid": sha256(raw public key) hex, "public": base64(raw 32 bytes), "name": str,
+"role": "publisher" | "operator"}`).
+
+Roles (DESIGN.md "Keyring roles"): each key holds exactly one role, and the role is inside
+`signed`, so it is covered by the keyring's own signatures. `publisher` keys (the default
+when a key carries no `role`, which keeps keyrings written before roles valid as they
+were) sign model bundles and the keyring itself; `threshold` counts publisher keys only.
+`operator` keys sign desired state and remote commands (edgerund/twin/auth.py) and never
+count towards a manifest's or a keyring's threshold, so a stolen operator key can neither
+ship a model nor rotate the keyring, and a publisher key can never command a gateway.
 
 Counting rule (used for manifests and keyrings alike): a signature counts when its keyid is
 in the trusted key set, the keyid really is the hash of that key, and the signature verifies
@@ -32,7 +41,7 @@ import base64
 import binascii
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -52,10 +61,16 @@ from edgerund.updates.manifest import (
 KEYRING_TYPE = "edgerund-keyring"
 
 
+ROLE_PUBLISHER = "publisher"
+ROLE_OPERATOR = "operator"
+ROLES = (ROLE_PUBLISHER, ROLE_OPERATOR)
+
+
 class KeyEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keyid: str
     public: str
     name: str = ""
+    role: str = ROLE_PUBLISHER
 
 
 class KeyringSigned(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -80,9 +95,10 @@ class Keyring:
     version: int
     expires: float
     threshold: int
-    keys: dict[str, Ed25519PublicKey]  # keyid -> key
+    keys: dict[str, Ed25519PublicKey]  # keyid -> key, publisher role only
     signed: dict[str, Any]  # the raw signed body (to re-serialise / store)
     doc: dict[str, Any]  # the whole document
+    operators: dict[str, Ed25519PublicKey] = field(default_factory=dict)  # operator role
 
 
 def _decode_key(i: int, k: KeyEntry) -> tuple[str, Ed25519PublicKey]:
@@ -118,15 +134,21 @@ def parse_keyring(data: bytes) -> Keyring:
     if body.version < 1:
         raise TrustError("keyring_malformed", f"signed.version: expected >= 1, got {body.version}")
     keys: dict[str, Ed25519PublicKey] = {}
+    operators: dict[str, Ed25519PublicKey] = {}
     for i, k in enumerate(body.keys):
+        if k.role not in ROLES:
+            raise TrustError(
+                "keyring_malformed", f"keys[{i}].role: expected one of {ROLES}, got {k.role!r}"
+            )
         kid, pub = _decode_key(i, k)
-        if kid in keys:
+        if kid in keys or kid in operators:
             raise TrustError("keyring_malformed", f"keys[{i}]: key {kid[:16]}... listed twice")
-        keys[kid] = pub
+        (keys if k.role == ROLE_PUBLISHER else operators)[kid] = pub
     if not 1 <= body.threshold <= len(keys):
         raise TrustError(
             "keyring_malformed",
-            f"signed.threshold: expected 1..{len(keys)} (number of keys), got {body.threshold}",
+            f"signed.threshold: expected 1..{len(keys)} (number of publisher keys),"
+            f" got {body.threshold}",
         )
     return Keyring(
         version=body.version,
@@ -135,6 +157,7 @@ def parse_keyring(data: bytes) -> Keyring:
         keys=keys,
         signed=doc.signed,
         doc=raw,
+        operators=operators,
     )
 
 

@@ -1,0 +1,154 @@
+"""The pure cores of the twin: merge patch (RFC 7386), the allow policy, the replay
+guard, and the reload diff that names every changed key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from edgerund.config import diff
+from edgerund.config.loader import parse_config
+from edgerund.errors import TrustError
+from edgerund.twin.auth import ReplayGuard
+from edgerund.twin.desired import check_allowed, merge_patch, merged_data
+
+BASE = """
+gateway: {id: gw1, site: lab}
+sensors:
+  - {id: s1, driver: bme280, bus: 1, address: 0x76, rate_hz: 1}
+loops:
+  - id: l1
+    period_ms: 100
+    fallback: [{sensor: s1, channel: temperature, stat: mean, samples: 5, above: 40.0}]
+    policy: {on_ticks: 10, off_ticks: 50}
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "want"),
+    [  # RFC 7386 appendix A (a selection)
+        ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+        ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+        ({"a": "b"}, {"a": None}, {}),
+        ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+        ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+        ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+        ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+    ],
+)
+def test_merge_patch_rfc7386(target: object, patch: object, want: object) -> None:
+    assert merge_patch(target, patch) == want
+
+
+def test_patch_addresses_loops_by_id_and_validates() -> None:
+    data = yaml.safe_load(BASE)
+    merged = merged_data(data, {"loops": {"l1": {"policy": {"on_ticks": 3}}}})
+    cfg = parse_config(yaml.safe_dump(merged))
+    assert cfg.loops[0].policy.on_ticks == 3 and cfg.loops[0].period_ms == 100
+    with pytest.raises(TrustError, match="does not add loops"):
+        merged_data(data, {"loops": {"new": {"period_ms": 5}}})
+
+
+@pytest.mark.parametrize(
+    ("patch", "ok"),
+    [
+        ({"loops": {"l1": {"policy": {"threshold": 0.5}}}}, True),
+        ({"logging": {"level": "debug"}}, True),
+        ({"loops": {"l1": {"period_ms": 5}}}, False),
+        ({"identity": {"kind": "software"}}, False),
+        ({"twin": {"allow": ["*"]}}, False),  # forbidden even though allow says `*`...
+        ({"paths": {"state_dir": "/tmp"}}, False),
+        ({"updates": {"keyring_file": "/tmp/k"}}, False),
+    ],
+)
+def test_allow_policy(patch: dict[str, object], ok: bool) -> None:
+    allow = ["loops.*.policy", "logging.level", "twin", "paths", "updates"]  # ...or listed
+    if ok:
+        check_allowed(patch, allow)
+    else:
+        with pytest.raises(TrustError) as ei:
+            check_allowed(patch, allow)
+        assert ei.value.code == "forbidden_key"
+
+
+def test_replay_guard_window_nonce_and_eviction_floor() -> None:
+    g = ReplayGuard(window_s=10, capacity=3)
+    now = 1_000_000
+    g.check("aa" * 8, now, now)
+    with pytest.raises(TrustError, match="already used"):
+        g.check("aa" * 8, now, now)
+    with pytest.raises(TrustError) as ei:
+        g.check("bb" * 8, now - 11_000, now)
+    assert ei.value.code == "expired"
+    for i, n in enumerate(("b1", "b2", "b3")):
+        g.check(n * 8, now + i + 1, now)
+    assert len(g) == 3
+    # "aa.." was evicted, but the floor keeps it (and anything older) out
+    with pytest.raises(TrustError) as ei:
+        g.check("aa" * 8, now, now)
+    assert ei.value.code == "replay"
+    with pytest.raises(TrustError) as ei:
+        g.check("not hex", now, now)
+    assert ei.value.code == "malformed"
+
+
+def test_reload_diff_names_every_changed_key() -> None:
+    old = parse_config(BASE)
+    text = (
+        BASE.replace("period_ms: 100", "period_ms: 50")
+        .replace("on_ticks: 10", "on_ticks: 4")
+        .replace("above: 40.0", "above: 41.0")
+    )
+    text += (
+        "telemetry: {keep_acked_h: 2}\ndaemon: {shutdown_timeout_s: 9}\nlogging: {level: debug}\n"
+    )
+    new = parse_config(text)
+    keys = diff.changes(old, new)
+    live, restart = diff.split(keys)
+    assert set(live) == {"loops.l1.policy", "logging.level"}
+    assert set(restart) == {
+        "loops.l1.period_ms",
+        "loops.l1.fallback",
+        "telemetry.keep_acked_h",
+        "daemon.shutdown_timeout_s",
+    }
+
+
+def test_gate_policy_without_operator_keys_and_exemptions() -> None:
+    import asyncio
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgerund.backend import twin as T
+    from edgerund.errors import CommandError
+    from edgerund.publisher import build as B
+    from edgerund.twin.gate import CommandGate
+    from edgerund.updates.keyring import parse_keyring
+
+    pub, op = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+
+    def ring(ops: list[Ed25519PrivateKey]) -> bytes:
+        return B.keyring_bytes(
+            B.make_keyring(
+                [pub.public_key()],
+                threshold=1,
+                version=1,
+                signers=[pub],
+                operators=[k.public_key() for k in ops],
+            )
+        )
+
+    current = [parse_keyring(ring([]))]
+    gate = CommandGate(gateway="gw1", keyring=lambda: current[0], signer=None)
+    cmd = T.command("status", "gw1", {"id": 3}, op)
+    with pytest.raises(CommandError) as ei:
+        gate.admit("status", cmd)
+    assert ei.value.code == "no_operator_keys"
+    assert gate.admit("rebirth", b"{}").nonce is None  # exempt: passes unsigned
+    assert gate.admit("update", b"\x00binary").payload == b"\x00binary"
+    current[0] = parse_keyring(ring([op]))  # a rotation adds the operator: read live
+    admitted = gate.admit("status", cmd)
+    assert admitted.keyid == B.keyid(op) and b'"id": 3' in admitted.payload
+    # without a signer (no identity), the reply passes as it is
+    assert asyncio.run(gate.seal("status", admitted, b"{}")) == b"{}"
+    assert gate.status()["refused_by_reason"] == {"no_operator_keys": 1}

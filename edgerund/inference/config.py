@@ -8,6 +8,12 @@ models:
                                      # active slot replaces it once one is committed
     latency_budget_ms: 2.0           # measured at warm-up: over budget -> own thread
     check_golden: true               # refuse a model that does not reproduce golden.npz
+    providers: [CPUExecutionProvider]  # onnxruntime execution providers, in order of
+                                     # preference; CPU is always the last resort. On a
+                                     # Jetson with NVIDIA's onnxruntime-gpu wheel:
+                                     # [TensorrtExecutionProvider, CUDAExecutionProvider,
+                                     #  CPUExecutionProvider]. The one in use, and why any
+                                     # other is not, is in `edgerunctl models` and the log.
 ```
 
 `cross_check` reads each manifest (a small JSON file) so `edgerund check-config` already
@@ -17,6 +23,7 @@ from the manifest; loading the ONNX graph and its ABI check happen at start-up.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Protocol
@@ -32,6 +39,35 @@ class ModelConfig(Section):
     latency_budget_ms: Annotated[float, msgspec.Meta(gt=0.0, le=1000.0)] = 2.0
     check_golden: bool = True
     warmup_runs: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 50
+    providers: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9]+ExecutionProvider$")]],
+        msgspec.Meta(min_length=1, max_length=8),
+    ] = msgspec.field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+# onnxruntime's execution providers (its providers.h and the Python API's names); a name
+# outside the list is refused by check-config with the nearest one (a typo would
+# otherwise only show as "not in this onnxruntime build" at start-up).
+KNOWN_PROVIDERS = (
+    "CPUExecutionProvider",
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "NvTensorRTRTXExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "DnnlExecutionProvider",
+    "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "CoreMLExecutionProvider",
+    "NnapiExecutionProvider",
+    "QNNExecutionProvider",
+    "XnnpackExecutionProvider",
+    "ACLExecutionProvider",
+    "ArmNNExecutionProvider",
+    "DmlExecutionProvider",
+    "VitisAIExecutionProvider",
+    "AzureExecutionProvider",
+    "WebGpuExecutionProvider",
+)
 
 
 class _Models(Protocol):
@@ -57,6 +93,18 @@ def cross_check(cfg: _Models) -> list[tuple[str, str]]:
                 )
             )
         seen.setdefault(mc.name, i)
+        for j, prov in enumerate(mc.providers):
+            if prov not in KNOWN_PROVIDERS:
+                near = difflib.get_close_matches(prov, KNOWN_PROVIDERS, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                errors.append(
+                    (
+                        f"models[{i}].providers[{j}]",
+                        f"unknown onnxruntime execution provider {prov!r}{hint}",
+                    )
+                )
+            elif prov in mc.providers[:j]:
+                errors.append((f"models[{i}].providers[{j}]", f"{prov!r} is listed twice"))
         d = Path(mc.path)
         if not (d / MANIFEST_FILE).is_file():
             errors.append(

@@ -14,7 +14,14 @@ def test_daemon_serves_models_status_and_command(tmp_path: Path) -> None:
         d.wait_ready()
         st = d.call("status")
         assert st["models"] == [
-            {"name": "motor-ae", "active_slot": None, "version": "2.0.0", "state": "running"}
+            {
+                "name": "motor-ae",
+                "active_slot": None,
+                "version": "2.0.0",
+                "state": "running",
+                "provider": "CPUExecutionProvider",
+                "provider_fallbacks": [],
+            }
         ]
         rows = d.call("models")
         assert len(rows) == 1

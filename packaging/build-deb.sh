@@ -115,7 +115,13 @@ rm -f "$VENV"/bin/pip* "$VENV"/bin/wheel "$VENV"/bin/Activate.ps1
 #  - onnxruntime's libonnxruntime.so (the C API for other programs: the Python module
 #    links the runtime statically), and its transformers / quantization / tools /
 #    datasets / backend packages (model-building tools, which import onnx and protobuf);
-#  - protobuf, which only those onnxruntime tools import.
+#  - protobuf (and its upb extension), which only those onnxruntime tools import;
+#  - numpy's lazily imported polynomial and testing packages and random's Cython
+#    examples (nothing in the daemon uses them);
+#    (numpy.ma stays: np.unique, which np.percentile uses, calls it);
+#  - pygments and markdown-it, which rich needs only for syntax highlighting, Markdown
+#    and its pretty tracebacks: structlog then prints plain tracebacks on a terminal
+#    (under systemd the log is JSON lines anyway); rich's tables and live view stay.
 # Then every shared object is stripped of debug symbols (--strip-unneeded, what dh_strip
 # does for Debian's own packages). The smoke test after this proves the rest imports
 # and runs.
@@ -137,8 +143,10 @@ rm -f "$SP"/zstandard/_cffi.*.so "$SP"/zstandard/backend_cffi.py
 rm -f "$SP"/onnxruntime/capi/libonnxruntime.so*
 rm -rf "$SP"/onnxruntime/transformers "$SP"/onnxruntime/quantization "$SP"/onnxruntime/tools \
     "$SP"/onnxruntime/datasets "$SP"/onnxruntime/backend
-rm -rf "$SP"/google/protobuf "$SP"/protobuf-*.dist-info
-rmdir "$SP"/google 2>/dev/null || true
+rm -rf "$SP"/google "$SP"/protobuf-*.dist-info
+rm -rf "$SP"/numpy/polynomial "$SP"/numpy/testing "$SP"/numpy/random/_examples
+rm -rf "$SP"/pygments "$SP"/pygments-*.dist-info "$SP"/markdown_it "$SP"/markdown_it_py-*.dist-info \
+    "$SP"/mdurl "$SP"/mdurl-*.dist-info "$SP"/bin/pygmentize "$VENV"/bin/pygmentize "$VENV"/bin/markdown-it
 command -v strip >/dev/null || die "strip is missing: apt-get install binutils"
 # Only objects that still carry a symbol table, and never the libraries auditwheel
 # vendored into *.libs/ (already stripped, and rewritten by patchelf: binutils' strip
@@ -164,6 +172,15 @@ from edgerund.inference.runner import ModelRunner
 assert zstandard.decompress(zstandard.compress(b"x" * 1000)) == b"x" * 1000
 Ed25519PrivateKey.generate().sign(b"m")
 r = ModelRunner.load(sys.argv[1], warmup_runs=2)
+import io, structlog
+from rich.console import Console
+from rich.table import Table
+Console(file=io.StringIO()).print(Table("a", "b"))
+try:
+    1 / 0
+except ZeroDivisionError:
+    out = structlog.dev.ConsoleRenderer(colors=False)(None, "error", {"event": "x", "exc_info": sys.exc_info()})
+    assert "ZeroDivisionError" in out, out
 print("smoke:", r, np.__version__, file=sys.stderr)
 PY
 find "$VENV" -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -98,10 +98,15 @@ cleanup_mounts_only() {
     done
     MOUNTED=()
 }
+# pip in the build root trusts what this host trusts (a TLS-inspecting proxy's CA, say):
+# the host's CA bundle, or EDGERUND_BUILD_CA, is handed to it as PIP_CERT.
+HOST_CA="${EDGERUND_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}"
 in_root() {
     local r="$1"; shift
+    local ca=()
+    if [ -f "$r/etc/edgerund-build-ca.pem" ]; then ca=(PIP_CERT=/etc/edgerund-build-ca.pem); fi
     chroot "$r" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-        DEBIAN_FRONTEND=noninteractive "$@"
+        DEBIAN_FRONTEND=noninteractive "${ca[@]}" "$@"
 }
 
 # --- the clean root (shared with the test: same file name and mark) -----------------------
@@ -146,6 +151,7 @@ fi
 # --- build the .deb in it ----------------------------------------------------------------
 say "building the .deb in the $SUITE/$ARCH root ($(in_root "$B" python3 --version 2>&1))"
 mkdir -p "$B/src" "$B/out"
+if [ -f "$HOST_CA" ]; then cp "$HOST_CA" "$B/etc/edgerund-build-ca.pem"; fi
 git ls-files -co --exclude-standard -z | grep -zv '^packaging/out/' \
     | tar --null -T - -cf - | tar -C "$B/src" -xf -
 mount_root "$B"

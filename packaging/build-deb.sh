@@ -144,6 +144,12 @@ rm -f "$SP"/onnxruntime/capi/libonnxruntime.so*
 rm -rf "$SP"/onnxruntime/transformers "$SP"/onnxruntime/quantization "$SP"/onnxruntime/tools \
     "$SP"/onnxruntime/datasets "$SP"/onnxruntime/backend
 rm -rf "$SP"/google "$SP"/protobuf-*.dist-info
+# Install-time dependencies nothing imports at run time: flatbuffers and packaging (for
+# onnxruntime's removed tools), and cffi's Python side with pycparser (they parse C
+# declarations; the compiled tpm2-pytss and cryptography bindings load _cffi_backend,
+# which stays).
+rm -rf "$SP"/flatbuffers "$SP"/flatbuffers-*.dist-info "$SP"/packaging "$SP"/packaging-*.dist-info \
+    "$SP"/pycparser "$SP"/pycparser-*.dist-info "$SP"/cffi "$SP"/cffi-*.dist-info
 rm -rf "$SP"/numpy/polynomial "$SP"/numpy/testing "$SP"/numpy/random/_examples
 rm -rf "$SP"/pygments "$SP"/pygments-*.dist-info "$SP"/markdown_it "$SP"/markdown_it_py-*.dist-info \
     "$SP"/mdurl "$SP"/mdurl-*.dist-info "$SP"/bin/pygmentize "$VENV"/bin/pygmentize "$VENV"/bin/markdown-it
@@ -171,6 +177,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgerund.inference.runner import ModelRunner
 assert zstandard.decompress(zstandard.compress(b"x" * 1000)) == b"x" * 1000
 Ed25519PrivateKey.generate().sign(b"m")
+assert bytes(tpm2_pytss.TPM2B_DIGEST(b"abc")) == b"abc"  # the cffi binding at work
 r = ModelRunner.load(sys.argv[1], warmup_runs=2)
 import io, structlog
 from rich.console import Console

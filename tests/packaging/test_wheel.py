@@ -93,8 +93,12 @@ def _fresh_venv(tmp: Path, wheel: Path) -> Path:
     return env
 
 
-def test_wheel_carries_the_simulator_data(tmp_path: Path) -> None:
-    wheel = _build_wheel(tmp_path)
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def test_wheel_carries_the_simulator_data(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     data = "edgerund-0.1.0.data/data/share/edgerund/models/"
     for f in ("reference/manifest.json", "reference/model.onnx", "reference/golden.npz"):
@@ -104,9 +108,9 @@ def test_wheel_carries_the_simulator_data(tmp_path: Path) -> None:
     assert "edgerund/data/simulate.yaml" in names
 
 
-def test_pip_installed_wheel_runs_the_simulator(tmp_path: Path) -> None:
+def test_pip_installed_wheel_runs_the_simulator(wheel: Path, tmp_path: Path) -> None:
     unshare = require_binary("unshare", "apt-get install util-linux")
-    env = _fresh_venv(tmp_path, _build_wheel(tmp_path))
+    env = _fresh_venv(tmp_path, wheel)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     clean_env = {

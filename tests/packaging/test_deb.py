@@ -76,7 +76,7 @@ ROOT_ID = f"debootstrap --variant=minbase --include={INCLUDE} {SUITE}\n"
 if FOREIGN:
     ROOT_ID = f"debootstrap --arch={ARCH} --variant=minbase --include={INCLUDE} {SUITE}\n"
 # The package's weight budget (issue #17: gateways update over cellular links and run
-# from SD cards). Measured on the package as shipped (xz:6).
+# from SD cards). Measured on the package as shipped (xz:9, build-deb.sh's default).
 DEB_BUDGET_MB = 25.0
 INSTALLED_BUDGET_MB = 120.0
 
@@ -402,14 +402,14 @@ def _installed_size_kb(deb: Path) -> int:
 
 
 def _xz_size(deb: Path, tmp_path: Path) -> int:
-    """The size of `deb` as shipped (xz:6, build-deb.sh's default): the test builds with
-    gzip:1 to save minutes, so an other compression is repacked with xz:6 to measure."""
+    """The size of `deb` as shipped (xz:9, build-deb.sh's default): the test builds with
+    gzip:1 to save minutes, so another compression is repacked with xz:9 to measure."""
     members = run(["ar", "t", str(deb)]).stdout.split()
     if any(m.startswith("data.tar.xz") for m in members):
         return deb.stat().st_size
     tree, out = tmp_path / "weigh", tmp_path / "weigh.deb"
     run(["dpkg-deb", "-R", str(deb), str(tree)])
-    run(["dpkg-deb", "--root-owner-group", "-Zxz", "-z6", "--build", str(tree), str(out)])
+    run(["dpkg-deb", "--root-owner-group", "-Zxz", "-z9", "--build", str(tree), str(out)])
     size = out.stat().st_size
     shutil.rmtree(tree)
     out.unlink()
@@ -422,7 +422,7 @@ def test_package_weight(deb: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     installed_mb = _installed_size_kb(deb) * 1024 / 1e6
     with capsys.disabled():
         print(
-            f"\npackage weight ({SUITE} {ARCH}): .deb {deb_mb:.1f} MB (xz:6, budget "
+            f"\npackage weight ({SUITE} {ARCH}): .deb {deb_mb:.2f} MB (xz:9, budget "
             f"{DEB_BUDGET_MB:.0f}), installed {installed_mb:.1f} MB (budget "
             f"{INSTALLED_BUDGET_MB:.0f})"
         )

@@ -163,9 +163,12 @@ def _mounted_under(root: Path) -> list[str]:
 def mounted(root: Path) -> Iterator[None]:
     """/proc, /sys (read-only) and a private /dev for the chroot; undone on the way out."""
     dev = root / "dev"
+    # No /sys in an emulated root: onnxruntime's CPU probe reads the host's CPU topology
+    # there and crashes qemu-aarch64 7.2 (scripts/distro-check.sh).
+    sysfs = [] if FOREIGN else [(["-t", "sysfs", "-o", "ro", "sysfs"], root / "sys")]
     steps: list[tuple[list[str], Path]] = [
         (["-t", "proc", "proc"], root / "proc"),
-        (["-t", "sysfs", "-o", "ro", "sysfs"], root / "sys"),
+        *sysfs,
         (["-t", "tmpfs", "-o", "mode=755,size=16m", "tmpfs"], dev),
         (["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620,gid=5", "devpts"], dev / "pts"),
         (["-t", "tmpfs", "-o", "mode=1777,size=64m", "tmpfs"], dev / "shm"),

@@ -7,11 +7,13 @@
 #
 #   packaging/build-deb.sh [--version V] [--out DIR] [--compress TYPE:LEVEL]
 #
-# --compress defaults to xz:6 (the smallest .deb); the installation test uses gzip:1,
-# which builds in a tenth of the time.
+# --compress defaults to xz:9 (the smallest .deb: 1.4% under xz:6, which matters against
+# the 25 MB budget; xz needs ~700 MB of memory at this level); the installation test
+# uses gzip:1, which builds in a tenth of the time, and repacks to measure.
 #
 # Needs: dpkg-dev, python3-venv, python3-dev, build-essential, pkg-config, libtss2-dev
-# (tpm2-pytss is compiled from source against it), and network access to PyPI.
+# (tpm2-pytss is compiled from source against it; on trixie also uuid-dev, which its
+# tss2-fapi.pc requires), binutils (strip), and network access to PyPI.
 #
 # Steps: check the build host -> copy the sources -> venv with /usr/bin/python3 -> pip
 # install edgerund[speed,tpm] (tpm2-pytss from source) -> remove pip/setuptools/wheel ->
@@ -24,7 +26,7 @@ REPO="$PWD"
 
 VERSION=""
 OUT="$REPO/packaging/out"
-COMPRESS="xz:6"
+COMPRESS="xz:9"
 while [ $# -gt 0 ]; do
     case "$1" in
         --version) VERSION="$2"; shift 2 ;;
@@ -62,8 +64,8 @@ for tool in dpkg-deb dpkg-shlibdeps; do
     command -v "$tool" >/dev/null || die "$tool is missing: apt-get install dpkg-dev"
 done
 command -v pkg-config >/dev/null || die "pkg-config is missing: apt-get install pkg-config"
-pkg-config --exists tss2-esys tss2-fapi tss2-rc tss2-mu tss2-tctildr \
-    || die "the TSS2 development files are missing (tpm2-pytss is compiled against them): apt-get install libtss2-dev"
+pkg-config --print-errors --exists tss2-esys tss2-fapi tss2-rc tss2-mu tss2-tctildr \
+    || die "the TSS2 development files are missing or incomplete (tpm2-pytss is compiled against them): apt-get install libtss2-dev uuid-dev"
 [ -e "/usr/include/python$PYVER/Python.h" ] || die "Python.h is missing for $PYVER: apt-get install python3-dev"
 
 [ -n "$VERSION" ] || VERSION="$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')"
@@ -84,7 +86,8 @@ mkdir -p "$STAGE/DEBIAN"
 # checkout, and setuptools' stale build/lib could ship modules deleted since.
 mkdir -p "$WORK/src"
 tar -C "$REPO" --exclude=__pycache__ -cf - pyproject.toml README.md edgerund drivers \
-    | tar -C "$WORK/src" -xf -
+    models/reference/manifest.json models/reference/model.onnx models/reference/golden.npz \
+    models/dev-keys/keyring.dev.json | tar -C "$WORK/src" -xf -
 
 say "virtualenv with $PY ($PYVER) for $ARCH"
 "$PY" -m venv "$VENV"
@@ -93,11 +96,105 @@ say "virtualenv with $PY ($PYVER) for $ARCH"
 # then depends on) rather than anything a binary wheel might carry.
 "$VENV/bin/python" -m pip install -q --no-binary tpm2-pytss "$WORK/src[speed,tpm]"
 "$VENV/bin/python" -m pip freeze --all --exclude-editable > "$WORK/python-packages.txt"
-"$VENV/bin/python" -c 'import tpm2_pytss, onnxruntime, uvloop, edgerund, drivers' \
+"$VENV/bin/python" -c 'import tpm2_pytss, onnxruntime, uvloop, gpiod, edgerund, drivers' \
     || die "the virtualenv does not import its own packages"
+# The wheel's copy of the reference model and dev keyring (for pip installs): the
+# package ships them once, in /usr/share/edgerund, where share_dir() then finds them.
+rm -rf "$VENV/share/edgerund"
 # No pip on the gateway: nothing is ever installed there.
 "$VENV/bin/python" -m pip uninstall -q -y pip setuptools wheel
 rm -f "$VENV"/bin/pip* "$VENV"/bin/wheel "$VENV"/bin/Activate.ps1
+
+# --- weight: what the gateway never runs --------------------------------------------
+# Gateways update over cellular links and run from SD cards (issue #17: 48 MB .deb and
+# 211 MB installed before this step). Pruned, each because nothing the daemon imports
+# reaches it:
+#  - test suites, C/Cython sources and headers, static archives, type stubs of compiled
+#    parts: build- and test-time only;
+#  - numpy's f2py and distutils (Fortran bindings generator, build tooling);
+#  - zstandard's CFFI backend (the C backend is the default and the one imported);
+#  - onnxruntime's libonnxruntime.so (the C API for other programs: the Python module
+#    links the runtime statically), and its transformers / quantization / tools /
+#    datasets / backend packages (model-building tools, which import onnx and protobuf);
+#  - protobuf (and its upb extension), which only those onnxruntime tools import;
+#  - numpy's lazily imported polynomial and testing packages and random's Cython
+#    examples (nothing in the daemon uses them);
+#    (numpy.ma stays: np.unique, which np.percentile uses, calls it);
+#  - pygments and markdown-it, which rich needs only for syntax highlighting, Markdown
+#    and its pretty tracebacks: structlog then prints plain tracebacks on a terminal
+#    (under systemd the log is JSON lines anyway); rich's tables and live view stay.
+# Then every shared object is stripped of debug symbols (--strip-unneeded, what dh_strip
+# does for Debian's own packages). The smoke test after this proves the rest imports
+# and runs.
+SP="$(echo "$VENV"/lib/python3*/site-packages)"
+[ -d "$SP" ] || die "no site-packages in the venv"
+find "$SP" -depth -type d \( -name tests -o -name testing_data \) -path '*/numpy/*' -exec rm -rf {} +
+find "$SP" -type f \( -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.c' \
+    -o -name '*.cpp' -o -name '*.h' -o -name '*.hpp' -o -name '*.a' \) -delete
+rm -rf "$SP"/numpy/f2py "$SP"/numpy/distutils "$SP"/numpy/_core/include "$SP"/numpy/_core/lib \
+    "$SP"/numpy/_pyinstaller "$SP"/numpy/typing/tests
+# numpy's test-only extension modules (nothing outside numpy's tests imports them) and
+# type stubs anywhere (never imported).
+rm -f "$SP"/numpy/_core/_simd.*.so "$SP"/numpy/_core/_multiarray_tests.*.so \
+    "$SP"/numpy/_core/_umath_tests.*.so "$SP"/numpy/_core/_rational_tests.*.so \
+    "$SP"/numpy/_core/_struct_ufunc_tests.*.so "$SP"/numpy/_core/_operand_flag_tests.*.so \
+    "$SP"/numpy/conftest.py
+find "$SP" -type f -name '*.pyi' -delete
+rm -f "$SP"/zstandard/_cffi.*.so "$SP"/zstandard/backend_cffi.py
+# PyYAML's libyaml binding: the config loader uses the pure-Python SafeLoader (it needs
+# the node tree's line numbers), and yaml/__init__ imports the binding only if present.
+rm -f "$SP"/yaml/_yaml.*.so "$SP"/_yaml/*.so
+rm -f "$SP"/onnxruntime/capi/libonnxruntime.so*
+rm -rf "$SP"/onnxruntime/transformers "$SP"/onnxruntime/quantization "$SP"/onnxruntime/tools \
+    "$SP"/onnxruntime/datasets "$SP"/onnxruntime/backend
+rm -rf "$SP"/google "$SP"/protobuf-*.dist-info
+# Install-time dependencies nothing imports at run time: flatbuffers and packaging (for
+# onnxruntime's removed tools), and cffi's Python side with pycparser (they parse C
+# declarations; the compiled tpm2-pytss and cryptography bindings load _cffi_backend,
+# which stays).
+rm -rf "$SP"/flatbuffers "$SP"/flatbuffers-*.dist-info "$SP"/packaging "$SP"/packaging-*.dist-info \
+    "$SP"/pycparser "$SP"/pycparser-*.dist-info "$SP"/cffi "$SP"/cffi-*.dist-info
+rm -rf "$SP"/numpy/polynomial "$SP"/numpy/testing "$SP"/numpy/random/_examples
+rm -rf "$SP"/pygments "$SP"/pygments-*.dist-info "$SP"/markdown_it "$SP"/markdown_it_py-*.dist-info \
+    "$SP"/mdurl "$SP"/mdurl-*.dist-info "$SP"/bin/pygmentize "$VENV"/bin/pygmentize "$VENV"/bin/markdown-it
+command -v strip >/dev/null || die "strip is missing: apt-get install binutils"
+# Only objects that still carry a symbol table, and never the libraries auditwheel
+# vendored into *.libs/ (already stripped, and rewritten by patchelf: binutils' strip
+# breaks their segment layout - "ELF load command address/offset not page-aligned").
+while IFS= read -r -d '' so; do
+    case "$so" in */*.libs/*) continue ;; esac
+    if readelf -S -W "$so" 2>/dev/null | grep -q ' \.symtab '; then
+        strip --strip-unneeded "$so"
+    fi
+done < <(find "$VENV" -type f -name '*.so*' -print0)
+# Smoke test of the pruned tree: every daemon module imports, a session runs the
+# reference model, the zstandard and crypto backends work.
+"$VENV/bin/python" -B - "$REPO/models/reference" <<'PY' || die "the pruned virtualenv does not work"
+import importlib, pkgutil, sys
+import edgerund, drivers
+for pkg in (edgerund, drivers):
+    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        if not m.name.endswith(".__main__"):  # (that one runs the CLI)
+            importlib.import_module(m.name)
+import numpy as np, zstandard, uvloop, tpm2_pytss, gpiod
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from edgerund.inference.runner import ModelRunner
+assert zstandard.decompress(zstandard.compress(b"x" * 1000)) == b"x" * 1000
+Ed25519PrivateKey.generate().sign(b"m")
+assert bytes(tpm2_pytss.TPM2B_DIGEST(b"abc")) == b"abc"  # the cffi binding at work
+r = ModelRunner.load(sys.argv[1], warmup_runs=2)
+import io, structlog
+from rich.console import Console
+from rich.table import Table
+Console(file=io.StringIO()).print(Table("a", "b"))
+try:
+    1 / 0
+except ZeroDivisionError:
+    out = structlog.dev.ConsoleRenderer(colors=False)(None, "error", {"event": "x", "exc_info": sys.exc_info()})
+    assert "ZeroDivisionError" in out, out
+print("smoke:", r, np.__version__, file=sys.stderr)
+PY
+find "$VENV" -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Relocate: scripts and pyvenv.cfg were written with the staging path.
 grep -rlI --null "$STAGE" "$VENV/bin" | xargs -0 -r sed -i "s#$STAGE##g"
@@ -118,8 +215,12 @@ install -D -m 0644 systemd/edgerund.service "$STAGE/lib/systemd/system/edgerund.
 install -D -m 0644 systemd/edgerund.sysusers "$STAGE/usr/lib/sysusers.d/edgerund.conf"
 install -D -m 0644 systemd/edgerund.tmpfiles "$STAGE/usr/lib/tmpfiles.d/edgerund.conf"
 install -D -m 0640 packaging/edgerund.yaml "$STAGE/etc/edgerund/edgerund.yaml"
+# The reference model, without its fp32 twin (a benchmark's baseline; the manifest names
+# it as optional, and the daemon runs the int8 model).
 install -d "$STAGE/usr/share/edgerund/models/reference"
-cp -a models/reference/. "$STAGE/usr/share/edgerund/models/reference/"
+for f in manifest.json model.onnx golden.npz; do
+    install -m 0644 "models/reference/$f" "$STAGE/usr/share/edgerund/models/reference/$f"
+done
 # The simulator's DEVELOPMENT keyring (public keys only; the private key is never packaged).
 # Only the shipped simulated config refers to it; production keyrings live in /etc/edgerund.
 install -D -m 0644 models/dev-keys/keyring.dev.json \
@@ -129,6 +230,8 @@ for d in docs/*.md; do
     [ -e "$d" ] && install -D -m 0644 "$d" "$STAGE/usr/share/doc/edgerund/$d"
 done
 install -D -m 0644 packaging/debian/copyright "$STAGE/usr/share/doc/edgerund/copyright"
+# The real-time scheduling drop-in, an example: not enabled by default (README).
+install -D -m 0644 systemd/realtime.conf "$STAGE/usr/share/doc/edgerund/examples/realtime.conf"
 install -m 0644 "$WORK/python-packages.txt" "$STAGE/usr/share/doc/edgerund/python-packages.txt"
 install -d "$STAGE/usr/share/man/man8" "$STAGE/usr/share/man/man1"
 "$VENV/bin/python" -B packaging/manpage.py edgerund 8 | gzip -9n > "$STAGE/usr/share/man/man8/edgerund.8.gz"

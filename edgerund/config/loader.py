@@ -13,7 +13,8 @@ After the typed pass, the checks in schema.CROSS_CHECKS return semantic problems
 naming an unknown sensor) as (key.path, message) pairs that get the same FILE:LINE prefix.
 
 Strings may reference `${NAME}` environment variables; `${EDGERUND_SHARE}` defaults to the
-directory holding the shipped models (the checkout's top level, or /usr/share/edgerund).
+directory holding the shipped models (the checkout's top level, the installed wheel's
+`<prefix>/share/edgerund`, or /usr/share/edgerund).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,13 +41,19 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def share_dir() -> Path:
-    """Where the shipped models live: the source checkout, else the installed package's."""
+    """Where the shipped models live: $EDGERUND_SHARE; else the source checkout; else
+    `<prefix>/share/edgerund` of the environment the package was installed into (the
+    wheel carries the reference model and development keyring there as data files);
+    else /usr/share/edgerund (the Debian package, whose venv has no share/)."""
     env = os.environ.get("EDGERUND_SHARE")
     if env:
         return Path(env)
     checkout = Path(__file__).resolve().parents[2]
     if (checkout / "models" / "reference").is_dir():
         return checkout
+    installed = Path(sys.prefix) / "share" / "edgerund"
+    if (installed / "models" / "reference").is_dir():
+        return installed
     return Path("/usr/share/edgerund")
 
 

@@ -24,6 +24,7 @@ from edgerund.ctl import local, update
 from edgerund.ctl.client import DiagClient, Unreachable, default_socket
 from edgerund.ctl.render import (
     model_row,
+    provider_lines,
     render,
     render_log,
     render_sniff,
@@ -297,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.print("sensors: none configured", markup=False)
     elif cmd == "models" and isinstance(result, list):
         console.print(table([model_row(r) for r in result], "models", max_width=console.width))
+        for line in provider_lines(result):
+            console.print(line, markup=False, highlight=False)
     elif cmd == "loops" and isinstance(result, list):
         from edgerund.control.render import format_loops
 

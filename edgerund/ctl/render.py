@@ -245,6 +245,19 @@ def _drift_text(d: Any) -> str | None:
     return state
 
 
+def provider_lines(models: list[dict[str, Any]], *, only_fallbacks: bool = False) -> list[str]:
+    """Under the models table: the execution provider each model runs on and, for each
+    provider it asked for and does not use, why (models[].providers)."""
+    lines = []
+    for m in models:
+        fallbacks = m.get("provider_fallbacks") or []
+        if m.get("provider") is None or (only_fallbacks and not fallbacks):
+            continue
+        lines.append(f"{m.get('name')}: runs on {m.get('provider')}")
+        lines += [f"  not {f.get('provider')}: {f.get('reason')}" for f in fallbacks]
+    return lines
+
+
 def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:
     def p99(d: Any) -> Any:
         return d.get("p99") if isinstance(d, dict) else None
@@ -313,6 +326,9 @@ def render_status(console: Console, st: dict[str, Any]) -> None:
             )
         else:
             console.print(f"{key}: none configured", markup=False, highlight=False)
+        if key == "models":  # only when a model is not on the provider it asked for first
+            for line in provider_lines(rows, only_fallbacks=True):
+                console.print(line, markup=False, highlight=False)
 
 
 def render_log(console: Console, events: list[dict[str, Any]]) -> None:

@@ -203,6 +203,9 @@ class ModelsComponent:
             "active_slot": None,
             "version": None if r is None else r.version,
             "state": st.state,
+            # The execution provider in use, and why any asked-for one is not.
+            "provider": None if r is None else r.providers.active,
+            "provider_fallbacks": [] if r is None else r.providers.as_dict()["provider_fallbacks"],
         }
         rec = self.slots.active(name) if self.slots is not None else None
         if rec is not None:
@@ -272,6 +275,7 @@ class ModelsComponent:
                 infer_p50_us=lat.get("p50"),
                 infer_p99_us=lat.get("p99"),
                 score_mean=None if score.get("mean") is None else round(score["mean"], 4),
+                providers_requested=s.get("providers_requested"),
                 last_error=s.get("last_error") or s.get("last_fault"),
                 dir=s.get("model_dir"),
             )

@@ -15,6 +15,12 @@ models:
     drift_block: 100                 # inferences per drift-monitor block
     drift_anomaly_blocks: 30         # blocks a sustained anomaly stays "anomaly" before
                                      # a broad feature shift makes it "drift"
+    providers: [CPUExecutionProvider]  # onnxruntime execution providers, in order of
+                                     # preference; CPU is always the last resort. On a
+                                     # Jetson with NVIDIA's onnxruntime-gpu wheel:
+                                     # [TensorrtExecutionProvider, CUDAExecutionProvider,
+                                     #  CPUExecutionProvider]. The one in use, and why any
+                                     # other is not, is in `edgerunctl models` and the log.
 ```
 
 `cross_check` reads each manifest (a small JSON file) so `edgerund check-config` already
@@ -24,6 +30,7 @@ from the manifest; loading the ONNX graph and its ABI check happen at start-up.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Protocol
@@ -43,6 +50,35 @@ class ModelConfig(Section):
     auto_adapt: bool = False
     drift_block: Annotated[int, msgspec.Meta(ge=10, le=100000)] = 100
     drift_anomaly_blocks: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 30
+    providers: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9]+ExecutionProvider$")]],
+        msgspec.Meta(min_length=1, max_length=8),
+    ] = msgspec.field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+# onnxruntime's execution providers (its providers.h and the Python API's names); a name
+# outside the list is refused by check-config with the nearest one (a typo would
+# otherwise only show as "not in this onnxruntime build" at start-up).
+KNOWN_PROVIDERS = (
+    "CPUExecutionProvider",
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "NvTensorRTRTXExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "DnnlExecutionProvider",
+    "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "CoreMLExecutionProvider",
+    "NnapiExecutionProvider",
+    "QNNExecutionProvider",
+    "XnnpackExecutionProvider",
+    "ACLExecutionProvider",
+    "ArmNNExecutionProvider",
+    "DmlExecutionProvider",
+    "VitisAIExecutionProvider",
+    "AzureExecutionProvider",
+    "WebGpuExecutionProvider",
+)
 
 
 class _Models(Protocol):
@@ -68,6 +104,18 @@ def cross_check(cfg: _Models) -> list[tuple[str, str]]:
                 )
             )
         seen.setdefault(mc.name, i)
+        for j, prov in enumerate(mc.providers):
+            if prov not in KNOWN_PROVIDERS:
+                near = difflib.get_close_matches(prov, KNOWN_PROVIDERS, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                errors.append(
+                    (
+                        f"models[{i}].providers[{j}]",
+                        f"unknown onnxruntime execution provider {prov!r}{hint}",
+                    )
+                )
+            elif prov in mc.providers[:j]:
+                errors.append((f"models[{i}].providers[{j}]", f"{prov!r} is listed twice"))
         d = Path(mc.path)
         if not (d / MANIFEST_FILE).is_file():
             errors.append(

@@ -58,6 +58,7 @@ def default_loader(model_dir: Path, cfg: ModelConfig) -> ModelRunner:
         latency_budget_us=cfg.latency_budget_ms * 1000.0,
         warmup_runs=cfg.warmup_runs,
         check_golden=cfg.check_golden,
+        providers=cfg.providers,
     )
 
 
@@ -141,6 +142,16 @@ class ModelRegistry:
         # One dict assignment on the event loop: the atomic step of a swap.
         self._runners[st.config.name] = runner
         st.state, st.model_dir, st.last_error = "running", model_dir, None
+        choice = runner.providers
+        for provider, reason in choice.fallbacks:
+            log.warning(
+                "model_provider_fallback",
+                model=st.config.name,
+                provider=provider,
+                reason=reason,
+                using=choice.active,
+            )
+        log.info("model_provider", model=st.config.name, provider=choice.active)
 
     def counters(self, name: str) -> ModelCounters:
         """The active runner's monotonic counters (zeros before any runner). A swap

@@ -45,7 +45,7 @@ import concurrent.futures
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ import numpy.typing as npt
 from edgerund.inference.errors import ModelError
 from edgerund.inference.features import FeatureError, Preprocessor
 from edgerund.inference.manifest import ModelManifest, check_file, load_manifest
-from edgerund.inference.session import open_session
+from edgerund.inference.session import CPU, ProviderChoice, open_session_with
 from edgerund.updates.abi import ORT_DTYPES, TensorSpec
 
 __all__ = ["InferenceResult", "ModelRunner"]
@@ -134,6 +134,7 @@ class ModelRunner:
         self.latency_budget_us = latency_budget_us
         self.inline = True
         self.warmup_us: dict[str, float] = {}
+        self.providers = ProviderChoice((CPU,), CPU)  # set by load() to the real choice
         self._sess = session
         self._pre = Preprocessor(manifest.preprocessing)
         self._timed = manifest.preprocessing.timed
@@ -176,6 +177,7 @@ class ModelRunner:
         latency_budget_us: float = 2000.0,
         warmup_runs: int = 50,
         check_golden: bool = True,
+        providers: Sequence[str] = (CPU,),
     ) -> ModelRunner:
         """Load, check and warm up the model in `model_dir` (blocking; seconds at most).
 
@@ -206,7 +208,7 @@ class ModelRunner:
         data = check_file(model_dir, fname, sha, field_path)
         model_path = model_dir / fname
         try:
-            sess = open_session(data)
+            sess, choice = open_session_with(data, providers)
         except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidProtobuf...)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
@@ -221,6 +223,7 @@ class ModelRunner:
             threshold=threshold,
             latency_budget_us=latency_budget_us,
         )
+        runner.providers = choice
         golden = runner._load_golden() if manifest.golden is not None else None
         runner._warm_up(warmup_runs, golden)
         if check_golden and golden is not None:
@@ -412,6 +415,7 @@ class ModelRunner:
                 "max": round(float(lat.max()), 1) if n else None,
             },
             "warmup_us": {k: round(v, 1) for k, v in self.warmup_us.items()},
+            **self.providers.as_dict(),
             "score": {
                 "mean": float(sc.mean()) if m else None,
                 "std": float(sc.std()) if m else None,

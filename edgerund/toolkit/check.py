@@ -532,6 +532,119 @@ def check_backlog(st: dict[str, Any] | None) -> Result:
     return Result("backlog", OK, f"{n} batches waiting")
 
 
+# ----------------------------------------------------------------------------- real-time
+
+REALTIME_EXAMPLE = "/usr/share/doc/edgerund/examples/realtime.conf"
+DROPIN_DIRS = (
+    "/etc/systemd/system/edgerund.service.d",
+    "/run/systemd/system/edgerund.service.d",
+)
+_RT_NAMES = {os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}
+_POLICY_NAMES = {
+    os.SCHED_OTHER: "SCHED_OTHER",
+    os.SCHED_BATCH: "SCHED_BATCH",
+    os.SCHED_IDLE: "SCHED_IDLE",
+    **_RT_NAMES,
+}
+
+
+@dataclass(frozen=True)
+class ThreadSched:
+    tid: int
+    policy: int  # os.SCHED_* (without the SCHED_RESET_ON_FORK flag)
+    priority: int  # the real-time priority, 0 for the normal policies
+
+
+def thread_scheduling(pid: int) -> list[ThreadSched] | None:
+    """The scheduling policy of every thread of process `pid` (its tasks in /proc; the
+    thread whose id is `pid` runs the event loop), or None when they cannot be read (no
+    such process in this PID namespace, /proc hidden)."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except (OSError, ValueError):
+        return None
+    out = []
+    for tid in tids:
+        try:
+            policy = os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK
+            priority = os.sched_getparam(tid).sched_priority
+        except OSError:  # the thread ended meanwhile
+            continue
+        out.append(ThreadSched(tid, policy, priority))
+    return out or None
+
+
+def realtime_dropins(dirs: tuple[str, ...] = DROPIN_DIRS) -> list[str]:
+    """Drop-ins of the edgerund unit that ask for a real-time policy."""
+    found = []
+    for d in dirs:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith(".conf"):
+                continue
+            try:
+                text = Path(d, name).read_text(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.strip().partition("=")
+                if key.strip() == "CPUSchedulingPolicy" and value.strip().lower() in (
+                    "fifo",
+                    "rr",
+                ):
+                    found.append(str(Path(d, name)))
+                    break
+    return found
+
+
+def check_realtime(
+    st: dict[str, Any] | None, threads: list[ThreadSched] | None, dropins: list[str]
+) -> Result:
+    """Is real-time scheduling in effect for the event-loop thread (which runs the control
+    loops and the drivers) and the threads it started? Off is the shipped default, so it
+    is OK unless a drop-in asks for it and it is not in effect, or only some threads
+    have it (set by hand with chrt -p on one thread, say)."""
+    fix = (
+        f"install the drop-in {REALTIME_EXAMPLE} into /etc/systemd/system/edgerund.service.d/, "
+        "then systemctl daemon-reload && systemctl restart edgerund"
+    )
+    asked = f" ({', '.join(dropins)} asks for it)" if dropins else ""
+    if st is None or not isinstance(st.get("pid"), int):
+        return Result("realtime", WARN, "daemon down: scheduling unknown" + asked)
+    pid = st["pid"]
+    if threads is None:
+        return Result(
+            "realtime",
+            WARN if dropins else OK,
+            f"unknown: cannot read the threads of pid {pid} here" + asked,
+            "run edgerunctl check on the gateway itself, as root",
+        )
+    rt = [t for t in threads if t.policy in _RT_NAMES]
+    main = next((t for t in threads if t.tid == pid), None)
+    n = f"{len(rt)} of {len(threads)} threads real-time"
+    if main is not None and main.policy in _RT_NAMES:
+        return Result(
+            "realtime",
+            OK,
+            f"in effect: event-loop thread {_RT_NAMES[main.policy]} priority {main.priority}; {n}",
+        )
+    main_policy = _POLICY_NAMES.get(main.policy, str(main.policy)) if main else "unknown"
+    if dropins:
+        return Result(
+            "realtime",
+            WARN,
+            f"asked for but not in effect: event-loop thread {main_policy}{asked}",
+            "systemctl daemon-reload && systemctl restart edgerund; "
+            "systemctl show edgerund -p CPUSchedulingPolicy -p CPUSchedulingPriority",
+        )
+    if rt:
+        return Result("realtime", WARN, f"partly in effect: {n}, not the event-loop thread", fix)
+    return Result("realtime", OK, f"not in effect ({main_policy}, the default)", fix)
+
+
 def run_checks(
     config_path: Path,
     st: dict[str, Any] | None,
@@ -557,6 +670,9 @@ def run_checks(
         check_broker(cfg),
         check_backlog(now),
     ]
+    pid = (now or {}).get("pid")
+    threads = thread_scheduling(pid) if isinstance(pid, int) else None
+    results.append(check_realtime(now, threads, realtime_dropins()))
     return results
 
 

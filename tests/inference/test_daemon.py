@@ -16,7 +16,14 @@ def test_daemon_serves_models_status_and_command(tmp_path: Path) -> None:
         for row in st["models"]:
             row.pop("drift", None)  # once the drift task ran: tests/learning/test_daemon_drift.py
         assert st["models"] == [
-            {"name": "motor-ae", "active_slot": None, "version": "2.0.0", "state": "running"}
+            {
+                "name": "motor-ae",
+                "active_slot": None,
+                "version": "2.0.0",
+                "state": "running",
+                "provider": "CPUExecutionProvider",
+                "provider_fallbacks": [],
+            }
         ]
         rows = d.call("models")
         assert len(rows) == 1

@@ -147,7 +147,14 @@ async def test_component_loads_from_updates_slot_and_binds_identity(tmp_path: Pa
         assert ident.bound == [(digest, "motor-ae")]
         assert comp.status() == {
             "models": [
-                {"name": "motor", "active_slot": "b", "version": "1.1.0", "state": "committed"}
+                {
+                    "name": "motor",
+                    "active_slot": "b",
+                    "version": "1.1.0",
+                    "state": "committed",
+                    "provider": "CPUExecutionProvider",
+                    "provider_fallbacks": [],
+                }
             ]
         }
         rows = await comp.commands()["models"].handler({}, None)  # type: ignore[arg-type]
@@ -179,6 +186,8 @@ async def test_component_uses_config_path_without_updates_and_refuses_bad_model(
             "active_slot": None,
             "version": "2.0.0",
             "state": "running",
+            "provider": "CPUExecutionProvider",
+            "provider_fallbacks": [],
         }
 
     junk = copy_reference(tmp_path / "junk")

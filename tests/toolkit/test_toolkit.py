@@ -91,6 +91,7 @@ def test_check_healthy_simulated_daemon(sim: DaemonProcess) -> None:
         "disk",
         "broker",
         "backlog",
+        "realtime",
     } <= results.keys()
     not_ok = {k: v for k, v in results.items() if v["result"] != "OK"}
     # This machine's kernel clock is not NTP-disciplined (a VM): the clock check says so

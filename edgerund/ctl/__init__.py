@@ -11,6 +11,23 @@ The `edgerunctl` entry point is `edgerund.ctl:main`; `python -m edgerund.ctl` ru
 
 from __future__ import annotations
 
-from edgerund.ctl.cli import build_parser, main
+import argparse
+from collections.abc import Sequence
 
 __all__ = ["build_parser", "main"]
+
+# The command line (and rich, which renders it) loads only when edgerunctl runs: the daemon
+# imports `ctl.client` for the twin's support bundle and must not pay for, or be able to
+# load, the renderer (edgerund/cli.py blocks rich under systemd).
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgerund.ctl.cli import build_parser as build
+
+    return build()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from edgerund.ctl.cli import main as run
+
+    return run(argv)

@@ -45,6 +45,10 @@ Physics, briefly (values are plausible, not calibrated against one real machine)
 - GPS: a 150 m radius loop around a base point in 15 minutes, metre-level jitter.
 - `dropout`: changes no signal; `is_dropout(sensor, t)` tells the emulated device named
   by `Anomaly.sensor` (or every device when it is None) to stop answering.
+- `nack_storm`: changes no signal; `is_nacked(sensor, t)` makes an I2C device named by
+  `Anomaly.sensor` (None: every device) NACK a `severity` fraction (0..1) of its
+  transactions, chosen by a hash of (seed, device, millisecond): seeded and reproducible,
+  a flaky connector or a marginal pull-up rather than an unplugged part.
 
 `AFFECTS` lists, per anomaly kind, the signal methods it changes; the tests check that
 the other signals are bit-for-bit unchanged.
@@ -71,8 +75,14 @@ __all__ = [
     "Scenario",
 ]
 
-AnomalyKind = Literal["bearing_wear", "overheat", "voltage_sag", "dropout"]
-ANOMALY_KINDS: tuple[AnomalyKind, ...] = ("bearing_wear", "overheat", "voltage_sag", "dropout")
+AnomalyKind = Literal["bearing_wear", "overheat", "voltage_sag", "dropout", "nack_storm"]
+ANOMALY_KINDS: tuple[AnomalyKind, ...] = (
+    "bearing_wear",
+    "overheat",
+    "voltage_sag",
+    "dropout",
+    "nack_storm",
+)
 
 # Which signal methods each anomaly kind changes (all others are untouched).
 AFFECTS: dict[str, frozenset[str]] = {
@@ -80,6 +90,7 @@ AFFECTS: dict[str, frozenset[str]] = {
     "overheat": frozenset({"cabinet_temp_c", "humidity_pct"}),
     "voltage_sag": frozenset({"battery_v"}),
     "dropout": frozenset(),
+    "nack_storm": frozenset(),
 }
 
 NOISE_GRID_HZ = 1000.0
@@ -112,6 +123,10 @@ def _splitmix_int(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def _name_key(name: str) -> int:
+    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") << 20
 
 
 @dataclass(frozen=True)
@@ -225,6 +240,13 @@ class Scenario:
 
     def active_anomalies(self, t: float) -> list[Anomaly]:
         return [a for a in self._anomalies if a.active(t)]
+
+    def is_nacked(self, sensor: str, t: float) -> bool:
+        for a in self._anomalies:
+            if a.kind == "nack_storm" and (a.sensor is None or a.sensor == sensor) and a.active(t):
+                h = _splitmix_int(self.seed * 1_000_033 + _name_key(sensor) + int(t * 1000.0))
+                return (h & 0xFFFF) < min(1.0, a.severity) * 0x10000
+        return False
 
     def is_dropout(self, sensor: str, t: float) -> bool:
         return any(

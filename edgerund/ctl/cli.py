@@ -98,7 +98,9 @@ def _add_sniff(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inject(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["bearing_wear", "overheat", "voltage_sag", "dropout"])
+    p.add_argument(
+        "kind", choices=["bearing_wear", "overheat", "voltage_sag", "dropout", "nack_storm"]
+    )
     p.add_argument("--duration-s", type=float, default=30.0, help="seconds (default 30)")
     p.add_argument("--severity", type=float, default=1.0, help="1.0 = nominal fault")
     p.add_argument("--sensor", help="for dropout: the sensor id or emulated device")

@@ -141,6 +141,8 @@ class Soak:
         self._act_pos = 0
         self._pid: int | None = None
         self._pid_started = 0.0
+        self._awaiting_ready = False  # READY=1 of the CURRENT process ends a down window
+        self._all_procs: list[Any] = []  # every daemon started: none may outlive the run
         self._diag_threads: list[threading.Thread] = []
         self._tracebacks: list[str] = []
 
@@ -163,7 +165,8 @@ class Soak:
             return exc
 
     def at(self, t: float, what: str, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._actions, (t, next(self._seq), what, fn))
+        with self.st.lock:  # the poller schedules restarts too
+            heapq.heappush(self._actions, (t, next(self._seq), what, fn))
 
     def quiet(self, seconds: float, why: str, before: float = 0.0) -> None:
         t = self.st.now()
@@ -171,19 +174,24 @@ class Soak:
 
     # ------------------------------------------------------------------ daemon life
     def start_daemon(self) -> None:
+        if self.d.proc is not None and self.d.proc.poll() is None:
+            return  # already (re)started: never two daemons on one state directory
         self.st.down = True
         self._act_pos = (
             self.rig.actuator_log.stat().st_size if self.rig.actuator_log.exists() else 0
         )
         self.d.start()
+        self._awaiting_ready = True
         assert self.d.proc is not None
         self._pid = self.d.proc.pid
+        self._all_procs.append(self.d.proc)
         self._pid_started = self.st.now()
         self.st.restarts += 1
 
     def _check_ready(self) -> None:
         d = self.d
-        if self.st.down and d.notify is not None and d.notify.has("READY", "1"):
+        if self._awaiting_ready and d.notify is not None and d.notify.has("READY", "1"):
+            self._awaiting_ready = False
             self.st.down = False
             self.quiet(5.0, "after READY")
             self._check_first_actuator_write()
@@ -219,9 +227,12 @@ class Soak:
 
     def graceful_stop(self, why: str) -> None:
         self.st.down = True
+        self._awaiting_ready = False
         self.quiet(30, why)
         rc = self.d.stop(20)
-        if rc not in (0, None):
+        # -SIGTERM: stopped before its handler was installed (still in start-up), which
+        # systemd counts as a clean stop too (SuccessExitStatus includes SIGTERM)
+        if rc not in (0, None, -signal.SIGTERM):
             self.st.violate("daemon_stop_exit_code", rc=rc, why=why)
         self.check_actuator_safe_after_stop(why)
 
@@ -256,6 +267,7 @@ class Soak:
                 st.skipped[k] += 1
         elif k == "daemon_kill9":
             st.down = True
+            self._awaiting_ready = False
             self.quiet(f.duration_s + 40, "kill -9 and restart")
             if self.d.proc is not None and self.d.proc.poll() is None:
                 os.kill(self.d.proc.pid, signal.SIGKILL)
@@ -541,6 +553,10 @@ class Soak:
         finally:
             self._stop.set()
             rig.stop_all()
+            for p in self._all_procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
 
     def _run(self) -> dict[str, Any]:
         rig, st = self.rig, self.st
@@ -561,20 +577,20 @@ class Soak:
         for f in self.schedule:
             self.at(f.t, f.kind, lambda f=f: self.run_fault(f))
         quiet_from = self.seconds * 0.85
-        while self._actions:
-            t, _, what, fn = self._actions[0]
-            wait = t - st.now()
-            if wait > 0:
-                time.sleep(min(wait, 0.2))
+        while self._actions or st.now() < quiet_from:
+            with st.lock:
+                head = self._actions[0] if self._actions else None
+                if head is not None and head[0] <= st.now():
+                    heapq.heappop(self._actions)
+            if head is None or head[0] > st.now():
+                time.sleep(0.2)
                 continue
-            heapq.heappop(self._actions)
+            _, _, what, fn = head
             try:
                 fn()
             except Exception as exc:
                 print(f"[soak] action {what} failed: {exc!r}", flush=True)
                 st.violate("harness_action_failed", action=what, error=repr(exc))
-        while st.now() < quiet_from:
-            time.sleep(0.5)
         return self.finish(poller)
 
     def finish(self, poller: threading.Thread) -> dict[str, Any]:
@@ -672,6 +688,12 @@ class Soak:
             "daemon_starts": st.restarts,
             "unexpected_exits": st.unexpected_exits,
             "consumer_counts": dict(rig.consumer.consumer.counts),
+            "spool_max_seq": {str(k): v for k, v in st.spool_max.items()},
+            "consumer_seen": {str(k): v[:20] for k, v in rig.consumer.seen().items()},
+            "resources": {
+                name: {str(pid): pts[:: max(1, len(pts) // 60)] for pid, pts in by_pid.items()}
+                for name, by_pid in st.res.items()
+            },
         }
         dump_json(self.root / "report.json", report)
         return report

@@ -210,11 +210,15 @@ class Rig:
             "identity": {"kind": "tpm", "tcti": self.swtpm.tcti, "fallback": "none"},
             "telemetry": {
                 # small cap: a long outage fills it, eviction writes loss records
-                "spool_max_mb": 1.0,
+                "spool_max_mb": 0.25,
+                "keep_acked_h": 0.02,  # delivered rows go after ~72 s: the cap bites sooner
                 "batch_max_age_s": 5.0,
                 "agg_interval_s": 10.0,
                 "commit_interval_ms": 500,
-                "series": [{"match": "motor_vib.accel_*", "raw": True}],
+                "series": [
+                    {"match": "motor_vib.*", "raw": True},
+                    {"match": "battery.*", "raw": True},
+                ],
             },
             "uplink": {
                 "enabled": True,

@@ -94,7 +94,7 @@ def _params(kind: str, rnd: random.Random) -> tuple[float, dict[str, Any]]:
     if kind == "broker_restart":
         return rnd.uniform(1, 10), {}
     if kind == "spool_fill":  # a long outage with a small spool cap: eviction + loss records
-        return rnd.uniform(60, 100), {}
+        return rnd.uniform(90, 150), {}
     if kind == "serial_vanish":
         return rnd.uniform(2, 15), {"sensor": rnd.choice(SERIAL_SENSORS)}
     if kind == "i2c_nack_storm":

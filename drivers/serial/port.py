@@ -40,6 +40,7 @@ import contextlib
 import errno
 import os
 import socket
+import termios
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -214,7 +215,11 @@ class AsyncSerialPort:
                 f"serial port {self.url}: device node does not exist "
                 "(adapter unplugged or wrong path)"
             ) from None
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (serial.SerialException, OSError, ValueError, termios.error) as exc:
+            # termios.error is not an OSError: pyserial lets tcsetattr's failure through
+            # (EINVAL from a pty whose other side is being reset, EIO from an adapter
+            # unplugged between open() and the line settings). It is a device fault, not
+            # a driver bug: the sensor goes through the normal failed/re-probe path.
             self.counters["errors"] += 1
             raise DeviceError(f"serial port {self.url}: cannot open: {exc}") from exc
         self._ser = ser

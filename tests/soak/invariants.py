@@ -71,10 +71,8 @@ def account(
             elif seq in lo_set:
                 a.batches_lost += 1
                 a.samples_in_loss_records += n
-            elif seq in pend:
+            elif seq in pend:  # still in the spool after the final stop: sent at next start
                 a.samples_pending += n
-                a.samples_unaccounted += n
-                a.unaccounted_seqs.append((epoch, seq))
             else:
                 a.samples_unaccounted += n
                 a.unaccounted_seqs.append((epoch, seq))

@@ -35,11 +35,12 @@ LANES: dict[str, tuple[float, list[tuple[str, int]]]] = {
         ],
     ),
     "devices": (20.0, [("serial_vanish", 3), ("i2c_nack_storm", 3)]),
+    # kill -9 and restarts on their own slow lane: a leak shows only in a process that
+    # lives long enough to fit a slope to, so they are minutes apart, not seconds
+    "power": (240.0, [("daemon_kill9", 3), ("daemon_restart", 1)]),
     "process": (
         30.0,
         [
-            ("daemon_kill9", 3),
-            ("daemon_restart", 1),
             ("sighup_storm_valid", 2),
             ("sighup_storm_invalid", 2),
             ("tpm_restart", 2),

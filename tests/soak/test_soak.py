@@ -56,6 +56,9 @@ def test_accounting_names_every_committed_seq() -> None:
     # a seq evicted before the harness saw its row still has to be accounted for
     a = inv.account({1: {}}, {1: 2}, {1: [(1, 1)]}, {1: set()}, {1: set()})
     assert a.unaccounted_seqs == [(1, 2)]
+    # still in the spool after the final stop: pending, not lost
+    a = inv.account({1: {1: 3, 2: 4}}, {1: 2}, {1: [(1, 1)]}, {1: set()}, {1: {2}})
+    assert (a.samples_pending, a.samples_unaccounted) == (4, 0)
 
 
 @pytest.mark.slow

@@ -30,13 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgerund.component import Peer  # noqa: E402
-from edgerund.updates.component import build  # noqa: E402
 from tests.updates import models as M  # noqa: E402
 from tests.updates.support import (  # noqa: E402
     Publisher,
     StandInModels,
     make_config,
-    make_ctx,
+    running,
     seed_dir,
 )
 
@@ -91,11 +90,6 @@ async def bench(quick: bool) -> dict[str, Any]:
     pub.write_keyring(tmp / "keyring.json")
     seed_dir(tmp / "shipped", M.affine())
     cfg = make_config(tmp, updates={"probation_s": 0.0, "bundle_max_mb": 64.0, "file_max_mb": 64.0})
-    ctx = make_ctx(cfg, tmp)
-    upd = build(ctx)
-    assert upd is not None
-    models = StandInModels(ctx)
-    ctx.components.update(updates=upd, models=models)
     reps = 1 if quick else 3
     sizes = {"1mb": 1 << 20, "20mb": 20 << 20}
     bundles: dict[str, list[Path]] = {k: [] for k in sizes}
@@ -116,7 +110,8 @@ async def bench(quick: bool) -> dict[str, Any]:
                     health={"probation_s": 0.0},
                 )
             )
-    async with upd, models:
+    async with running(cfg, with_loop=False) as r:
+        upd, models = r.updates, r.models
         tl = TickLoop(models)
         stop = asyncio.Event()
         task = asyncio.create_task(tl.run(stop))
@@ -145,7 +140,6 @@ async def bench(quick: bool) -> dict[str, Any]:
         busy_ticks = tl.ticks - idle_ticks
         stop.set()
         await task
-        await ctx.supervisor.cancel_all()
     return {
         "apply_1mb_s": round(statistics.median(apply_s["1mb"]), 3),
         "apply_20mb_s": round(statistics.median(apply_s["20mb"]), 3),

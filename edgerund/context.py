@@ -24,7 +24,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ import structlog
 from edgerund.errors import EdgerundError
 
 if TYPE_CHECKING:
-    from edgerund.config.schema import Config
+    pass
 
 log = structlog.get_logger("edgerund")
 
@@ -244,29 +243,3 @@ class TaskScope:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-# ---------------------------------------------------------------------------------------
-# TEMPORARY (issue #13, until the `updates` and `telemetry` helpers' branches are merged):
-# the pre-#13 updates and telemetry components still take this name-keyed record and look
-# their peers up in it. Only edgerund/_interim.py builds one; no other component uses it.
-# The lead deletes this class together with edgerund/_interim.py at the merge.
-
-
-@dataclass
-class Context:
-    config: Config
-    config_path: Path
-    supervisor: Any  # a TaskScope, or _interim.py's deferring spawner
-    events: EventBus = field(default_factory=EventBus)
-    simulate: bool = False
-    started_wall: float = field(default_factory=time.time)
-    started_mono: float = field(default_factory=time.monotonic)
-    components: dict[str, Any] = field(default_factory=dict)
-
-    def get(self, name: str) -> Any | None:
-        return self.components.get(name)
-
-    @property
-    def state_dir(self) -> Path:
-        return Path(self.config.paths.state_dir)

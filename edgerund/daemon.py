@@ -70,10 +70,6 @@ import structlog
 from drivers.base import Resources
 from drivers.registry import ActuatorSpec, actuator_drivers
 from edgerund import __version__, logs, testclock
-
-# TEMPORARY (issue #13): until the `updates` branch is merged these three builders come
-# from edgerund/_interim.py (the old component behind the new signatures).
-from edgerund._interim import build_slots, counter_for, updates_build
 from edgerund.component import Command, Component, Peer
 from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
@@ -92,6 +88,9 @@ from edgerund.sdnotify import Notifier, watchdog_interval_s
 from edgerund.telemetry import component as telemetry_component
 from edgerund.telemetry.component import build as telemetry_build
 from edgerund.toolkit import prometheus
+from edgerund.updates import component as updates_component
+from edgerund.updates.counter import counter_for
+from edgerund.updates.repository import build_slots
 
 log = structlog.get_logger("edgerund")
 
@@ -303,7 +302,7 @@ class Daemon:
 
         if slots is not None:
             updates_scope = sup.scope("updates")
-            updates = updates_build(
+            updates = updates_component.build(
                 cfg,
                 slots=slots,
                 scope=updates_scope,

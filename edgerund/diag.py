@@ -49,6 +49,7 @@ import structlog
 
 from edgerund.component import Command, CommandError, Peer
 from edgerund.errors import ConfigError
+from edgerund.jsondepth import too_deep
 
 log = structlog.get_logger("edgerund.diag")
 
@@ -101,28 +102,8 @@ def peer_credentials(sock: socket.socket, admin_gid: int | None) -> Peer:
 
 
 def json_too_deep(line: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True if `line` nests arrays/objects deeper than `limit` (brackets inside
-    strings do not count). Linear, no recursion: run before `json.loads`."""
-    depth = 0
-    in_string = False
-    escaped = False
-    for b in line:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif b == 0x5C:  # backslash
-                escaped = True
-            elif b == 0x22:  # quote
-                in_string = False
-        elif b == 0x22:
-            in_string = True
-        elif b in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > limit:
-                return True
-        elif b in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return False
+    """True if `line` nests arrays/objects deeper than `limit`: run before `json.loads`."""
+    return too_deep(line, limit)
 
 
 def _error(req_id: Any, code: str, message: str) -> dict[str, Any]:

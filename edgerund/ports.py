@@ -25,8 +25,8 @@ No `Any` crosses these boundaries: records are frozen dataclasses.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -94,6 +94,15 @@ class ModelHost(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class SlotProblem:
+    """Why a slot is not used: a failed update or a slot quarantined at start-up."""
+
+    reason: str  # stable code, e.g. "probation_faults", "slot_file_hash"
+    message: str
+    at: float  # wall time
+
+
+@dataclass(frozen=True, slots=True)
 class SlotRecord:
     """What the slot store says about one managed model."""
 
@@ -102,6 +111,8 @@ class SlotRecord:
     version: str | None
     state: str  # the update state machine's state, e.g. "COMMITTED", "PROBATION"
     model_dir: Path | None  # the active slot's directory, verified at start-up
+    last_failure: SlotProblem | None = None
+    quarantined: Mapping[str, SlotProblem] = field(default_factory=dict)  # by slot
 
 
 class SlotSource(Protocol):

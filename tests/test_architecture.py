@@ -35,6 +35,14 @@ PURE_MODULES = (
     "edgerund/hub/ring.py",
     "edgerund/hub/health.py",
     "edgerund/ports.py",
+    "edgerund/telemetry/batcher.py",
+    "edgerund/updates/tarread.py",
+    "edgerund/updates/jsonguard.py",
+    "edgerund/updates/probation.py",
+    "edgerund/updates/abi.py",
+    "edgerund/identity/nvbinding.py",
+    "edgerund/remote.py",
+    "edgerund/jsondepth.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

@@ -127,7 +127,7 @@ def model_row(m: dict[str, Any]) -> dict[str, Any]:
         "faults": m.get("faults"),
         "NaN": m.get("nan_outputs"),
         "us p50/p99": f"{fmt(m.get('infer_p50_us'))}/{fmt(m.get('infer_p99_us'))}",
-        "last error": m.get("last_error"),
+        "last error": m.get("last_error") or _quarantine_text(m),
     }
 
 
@@ -217,3 +217,12 @@ def render_sniff(console: Console, result: Any) -> None:
                 markup=False,
                 highlight=False,
             )
+
+
+def _quarantine_text(m: dict[str, Any]) -> str | None:
+    q = m.get("quarantined")
+    if not isinstance(q, dict) or not q:
+        return None
+    return "; ".join(
+        f"slot {slot} quarantined: {(v or {}).get('reason')}" for slot, v in sorted(q.items())
+    )

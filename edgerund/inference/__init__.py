@@ -9,13 +9,13 @@ Importing this package does not import onnxruntime; loading a model does.
 """
 
 from edgerund.inference.errors import ModelError
-from edgerund.inference.manifest import Manifest, load_manifest, parse_manifest
+from edgerund.inference.manifest import ModelManifest, load_manifest, parse_manifest
 from edgerund.inference.runner import InferenceResult, ModelRunner
 
 __all__ = [
     "InferenceResult",
-    "Manifest",
     "ModelError",
+    "ModelManifest",
     "ModelRunner",
     "load_manifest",
     "parse_manifest",

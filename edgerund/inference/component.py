@@ -49,7 +49,7 @@ from edgerund.ports import ModelCounters
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
-    from edgerund.ports import EventSink, Measurer, SlotSource
+    from edgerund.ports import EventSink, Measurer, SlotProblem, SlotSource
 
 log = structlog.get_logger("edgerund.inference")
 
@@ -182,6 +182,11 @@ class ModelsComponent:
             # may carry an older one when a model is re-released unchanged).
             if rec.version:
                 row["version"] = rec.version
+            # Why the previous model is running: a failed update, a quarantined slot.
+            if rec.last_failure is not None:
+                row["last_failure"] = _problem_row(rec.last_failure)
+            if rec.quarantined:
+                row["quarantined"] = {k: _problem_row(v) for k, v in rec.quarantined.items()}
         return row
 
     def status(self) -> dict[str, Any]:
@@ -232,3 +237,7 @@ def build(
     # A gateway phones home to nobody: onnxruntime's usage telemetry stays off.
     onnxruntime.disable_telemetry_events()
     return ModelsComponent(cfg, slots=slots, measurer=measurer, events=events)
+
+
+def _problem_row(p: SlotProblem) -> dict[str, object]:
+    return {"reason": p.reason, "message": p.message, "at": p.at}

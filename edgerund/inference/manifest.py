@@ -27,8 +27,15 @@ Format `edgerund.model/1` (JSON object; * = required):
   `<input>_t` in the file holds that input's timestamps (passed as `times`).
 - Free-form: `threshold_rule`, `training`, `quality`, `sizes_bytes`.
 
-Parsing is pure (bytes -> Manifest); every error names the field (`inputs[1].shape`) and
-says what was expected and what was found.
+Parsing is pure (bytes -> ModelManifest); every error names the field (`inputs[1].shape`)
+and says what was expected and what was found.
+
+Names: this is the *model* manifest, read from a model directory by the runtime on every
+load. The signed *bundle* manifest (edgerund.updates.manifest.BundleManifest: bundle id,
+security counter, expiry, file hashes, health criteria) is another document, the trust
+decision's input; it carries this one verbatim as `model_manifest`. Both describe the
+graph's tensors with the one `TensorSpec` of edgerund.updates.abi (here every dimension is
+a concrete positive int: the parser refuses dynamic ones).
 """
 
 from __future__ import annotations
@@ -43,12 +50,13 @@ from typing import Any
 
 from edgerund.inference.errors import ModelError
 from edgerund.inference.features import FeatureError, FeatureSpec
+from edgerund.updates.abi import TensorSpec
 
 __all__ = [
     "FORMAT",
     "MANIFEST_FILE",
     "InputSpec",
-    "Manifest",
+    "ModelManifest",
     "TensorSpec",
     "load_manifest",
     "parse_manifest",
@@ -57,18 +65,6 @@ __all__ = [
 FORMAT = "edgerund.model/1"
 MANIFEST_FILE = "manifest.json"
 DTYPES = ("float32", "float64", "int8", "uint8", "int16", "int32", "int64")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of the ONNX graph as the manifest declares it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def describe(self) -> str:
-        return f"{self.name!r} {self.dtype}{list(self.shape)}"
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,9 @@ class GoldenSpec:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class ModelManifest:
+    """A model directory's manifest.json (format edgerund.model/1), parsed."""
+
     name: str
     version: str
     model_file: str
@@ -202,11 +200,11 @@ class _Reader:
                 raise self.fail(p, f"expected an object, got {t!r}")
             name = self.str_(t, "name", f"{p}.name")
             assert name is not None
-            out.append(TensorSpec(name, self.shape(t, p), self.dtype(t, p)))
+            out.append(TensorSpec(name=name, shape=self.shape(t, p), dtype=self.dtype(t, p)))
         return tuple(out)
 
 
-def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> Manifest:
+def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> ModelManifest:
     """Parse and validate manifest bytes. Raises ModelError naming the field."""
     r = _Reader(where)
     try:
@@ -298,7 +296,7 @@ def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> Manifest:
             "output.name",
             f"expected one of model_outputs {[t.name for t in model_outputs]}, got {out_name!r}",
         )
-    if out_spec.dtype != "float32" or math.prod(out_spec.shape) != 1:
+    if out_spec.dtype != "float32" or math.prod(out_spec.static_shape()) != 1:
         raise r.fail(
             "output.name", f"expected a float32 tensor of one element, got {out_spec.describe()}"
         )
@@ -331,7 +329,7 @@ def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> Manifest:
         fp32_sha = r.str_(fp32, "sha256", "reference_fp32.sha256", required=False)
         fp32_thr = r.number(fp32, "threshold", "reference_fp32.threshold", required=False)
 
-    return Manifest(
+    return ModelManifest(
         name=name,
         version=version,
         model_file=model_file,
@@ -359,7 +357,7 @@ def _plain_file(r: _Reader, name: str, path: str) -> None:
         raise r.fail(path, f"expected a plain file name inside the model directory, got {name!r}")
 
 
-def load_manifest(model_dir: Path, *, check_files: bool = False) -> Manifest:
+def load_manifest(model_dir: Path, *, check_files: bool = False) -> ModelManifest:
     """Read `model_dir/manifest.json` (blocking: call off the event loop for big dirs).
 
     With `check_files`, also require the model file (and golden file) to exist and, when

@@ -55,20 +55,12 @@ import numpy.typing as npt
 
 from edgerund.inference.errors import ModelError
 from edgerund.inference.features import FeatureError, Preprocessor
-from edgerund.inference.manifest import Manifest, TensorSpec, check_file, load_manifest
+from edgerund.inference.manifest import ModelManifest, check_file, load_manifest
 from edgerund.inference.session import open_session
+from edgerund.updates.abi import ORT_DTYPES, TensorSpec
 
 __all__ = ["InferenceResult", "ModelRunner"]
 
-_ORT_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-}
 _LAT_RING = 1024
 _SCORE_RING = 256
 
@@ -82,10 +74,10 @@ class InferenceResult:
 
 
 def _describe_graph(t: Any) -> str:
-    return f"{t.name!r} {_ORT_DTYPES.get(t.type, t.type)}{list(t.shape)}"
+    return f"{t.name!r} {ORT_DTYPES.get(t.type, t.type)}{list(t.shape)}"
 
 
-def check_abi(sess: Any, manifest: Manifest, model_path: Path) -> None:
+def check_abi(sess: Any, manifest: ModelManifest, model_path: Path) -> None:
     """Graph inputs/outputs == manifest model_inputs/model_outputs, else ModelError."""
     for kind, got, want in (
         ("input", sess.get_inputs(), manifest.model_inputs),
@@ -109,7 +101,7 @@ def check_abi(sess: Any, manifest: Manifest, model_path: Path) -> None:
 
 
 def _tensor_matches(g: Any, w: TensorSpec) -> bool:
-    if _ORT_DTYPES.get(g.type) != w.dtype:
+    if ORT_DTYPES.get(g.type) != w.dtype:
         return False
     shape = list(g.shape)
     if len(shape) != len(w.shape):
@@ -123,7 +115,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        manifest: Manifest,
+        manifest: ModelManifest,
         session: Any,
         model_dir: Path,
         model_path: Path,
@@ -146,7 +138,7 @@ class ModelRunner:
         self._pre = Preprocessor(manifest.preprocessing)
         self._timed = manifest.preprocessing.timed
         out_spec = next(t for t in manifest.model_outputs if t.name == manifest.output_name)
-        self._y: npt.NDArray[np.float32] = np.zeros(out_spec.shape, dtype=np.float32)
+        self._y: npt.NDArray[np.float32] = np.zeros(out_spec.static_shape(), dtype=np.float32)
         self._y_flat = self._y.reshape(-1)
         self._x_val = ort.OrtValue.ortvalue_from_numpy(self._pre.out)
         self._y_val = ort.OrtValue.ortvalue_from_numpy(self._y)

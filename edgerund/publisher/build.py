@@ -114,7 +114,7 @@ def io_signature_of(model: bytes) -> dict[str, Any]:
     """The ONNX graph inputs/outputs, read with onnxruntime."""
     import onnxruntime as ort
 
-    from edgerund.updates.precheck import _DTYPES
+    from edgerund.updates.abi import ORT_DTYPES
 
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
@@ -122,7 +122,7 @@ def io_signature_of(model: bytes) -> dict[str, Any]:
         return [
             {
                 "name": i.name,
-                "dtype": _DTYPES.get(i.type, i.type),
+                "dtype": ORT_DTYPES.get(i.type, i.type),
                 "shape": [d if isinstance(d, int) else None for d in i.shape],
             }
             for i in items
@@ -176,7 +176,7 @@ def make_golden(
     import numpy as np
     import onnxruntime as ort
 
-    from edgerund.updates.precheck import _DTYPES
+    from edgerund.updates.abi import ORT_DTYPES
 
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
@@ -186,7 +186,7 @@ def make_golden(
             ins[i.name] = np.asarray(inputs[i.name])
             continue
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-        dt = _DTYPES.get(i.type, "float32")
+        dt = ORT_DTYPES.get(i.type, "float32")
         arr = rng.standard_normal((n, *shape))
         ins[i.name] = (
             np.clip(np.round(arr * 20), -127, 127) if dt.startswith("int") else arr
@@ -337,6 +337,11 @@ def build_from_dir(
                 health.setdefault(key, float(g[key]))
     name = model_name or (mm or {}).get("name") or model_dir.name
     ver = version or str((mm or {}).get("version") or "1.0.0")
+    if mm is not None:
+        # One version, signed, everywhere: the runtime (loops, the PCR binding) reads the
+        # model manifest's, `models` the bundle's; the device refuses a bundle where they
+        # differ (version_mismatch).
+        mm = {**mm, "version": ver}
     man = make_manifest(
         model_name=str(name),
         version=ver,

@@ -84,29 +84,34 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from edgerund.updates.bundle import peek_model_name, read_bundle
-    from edgerund.updates.component import runtime_max_opset
+    from edgerund.updates.abi import runtime_max_opset
+    from edgerund.updates.bundle import BundleReader
     from edgerund.updates.keyring import parse_keyring
-    from edgerund.updates.trust import Device, Installed, Limits
+    from edgerund.updates.manifest import parse_manifest_json
+    from edgerund.updates.trust import Device, Installed, Limits, check_size, verify_document
 
+    limits = Limits(
+        int(args.bundle_max_mb * 1048576),
+        int(args.bundle_max_mb * 1048576),
+        args.max_counter_jump,
+    )
     try:
         kr = parse_keyring(Path(args.keyring).read_bytes())
-        name = peek_model_name(Path(args.bundle), 256 * 1024)
-        with tempfile.TemporaryDirectory() as td:
-            verdict, _, _ = read_bundle(
-                Path(args.bundle),
-                Path(td),
+        with BundleReader(Path(args.bundle)) as reader, tempfile.TemporaryDirectory() as td:
+            check_size(reader.size, limits)
+            head = reader.head(256 * 1024)
+            document = parse_manifest_json(head.manifest_bytes)
+            name = document.get("model_name")
+            verdict = verify_document(
+                document,
+                head.sig_bytes,
                 kr,
                 now=time.time(),
-                device=Device(args.hardware_id, __version__, runtime_max_opset(), [name]),
+                device=Device(args.hardware_id, __version__, runtime_max_opset(), [str(name)]),
                 installed=Installed(counter=args.counter, version=args.installed_version),
-                limits=Limits(
-                    int(args.bundle_max_mb * 1048576),
-                    int(args.bundle_max_mb * 1048576),
-                    args.max_counter_jump,
-                ),
-                manifest_max=256 * 1024,
+                limits=limits,
             )
+            reader.extract(Path(td), verdict.manifest, limits)
     except TrustError as exc:
         print(json.dumps({"ok": False, "reason": exc.code, "message": str(exc).split(": ", 1)[-1]}))
         return 1

@@ -49,6 +49,7 @@ import numpy.typing as npt
 import zstandard
 
 from edgerund.errors import EdgerundError
+from edgerund.jsondepth import too_deep
 
 VERSION = 1
 
@@ -798,31 +799,6 @@ def verify(decoded: Decoded, public_key: Any) -> bool:
 # ---------------------------------------------------------------- bounded JSON, signed meta
 
 
-def _json_depth_ok(text: str, max_depth: int) -> bool:
-    """True when no bracket nesting outside strings exceeds `max_depth` (linear scan), so
-    json.loads can never recurse deeply on hostile input."""
-    depth = 0
-    in_str = False
-    esc = False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > max_depth:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
-
-
 def loads_bounded(text: str | bytes, what: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """json.loads that raises only DecodeError: depth capped, Python's huge-number refusal
     (ValueError) and recursion turned into DecodeError naming `what`."""
@@ -830,7 +806,7 @@ def loads_bounded(text: str | bytes, what: str, *, max_depth: int = MAX_JSON_DEP
         s = text.decode("utf-8") if isinstance(text, bytes | bytearray) else text
     except UnicodeDecodeError as exc:
         raise DecodeError(f"{what} is not UTF-8: {exc}") from None
-    if not _json_depth_ok(s, max_depth):
+    if too_deep(s, max_depth):
         raise DecodeError(f"{what}: JSON nested deeper than {max_depth} levels")
     try:
         return json.loads(s)

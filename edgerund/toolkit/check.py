@@ -327,6 +327,19 @@ def check_models(st: dict[str, Any] | None) -> Result:
         for m in st.get("models") or []
         if str(m.get("state", "")).lower() in ("failed", "rolled_back", "invalid", "fault")
     ]
+    quarantined = [
+        f"{m.get('name')}: slot {slot} quarantined ({(q or {}).get('reason')}: {(q or {}).get('message')})"
+        for m in st.get("models") or []
+        for slot, q in sorted((m.get("quarantined") or {}).items())
+    ]
+    if quarantined:
+        return Result(
+            "models",
+            WARN,
+            "; ".join(quarantined),
+            "a slot failed re-verification at start-up and is not used: edgerunctl models;"
+            " install a signed bundle again",
+        )
     if bad:
         return Result(
             "models",
@@ -343,6 +356,25 @@ def check_models(st: dict[str, Any] | None) -> Result:
         ", ".join(f"{m.get('name')} v{m.get('version')}" for m in st.get("models") or [])
         or "no models",
     )
+
+
+def check_updates(st: dict[str, Any] | None) -> Result:
+    """Updates that would be refused whatever the bundle (no usable keyring, no trustworthy
+    anti-rollback counter)."""
+    upd = (st or {}).get("updates")
+    if not isinstance(upd, dict):
+        return Result("updates", OK, "updates not enabled" if st is not None else "unknown")
+    refused = upd.get("refused")
+    if isinstance(refused, dict):
+        return Result(
+            "updates",
+            FAIL,
+            f"every update is refused: {refused.get('reason')}: {refused.get('message')}",
+            "deliver the missing keyring rotations (keyring_below_floor), or fix the TPM"
+            " (counter_unavailable); see docs/updates.md",
+        )
+    kr = upd.get("keyring") or {}
+    return Result("updates", OK, f"keyring v{kr.get('version')}, counter {upd.get('counter_kind')}")
 
 
 def check_identity(
@@ -512,6 +544,7 @@ def run_checks(
         check_sensors(now),
         check_loops(st, later),
         check_models(now),
+        check_updates(now),
         check_identity(cfg, now),
         check_clock(),
         check_disk(cfg),

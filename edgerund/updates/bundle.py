@@ -36,6 +36,7 @@ import io
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -43,6 +44,7 @@ from edgerund.errors import TrustError
 from edgerund.updates import fsutil
 from edgerund.updates.jsonguard import check_depth
 from edgerund.updates.keyring import Keyring
+from edgerund.updates.manifest import BundleManifest, strict_json
 from edgerund.updates.tarread import Member, UstarReader
 from edgerund.updates.trust import (
     Device,
@@ -117,19 +119,93 @@ def open_bundle(path: Path) -> tuple[IO[bytes], int]:
     return f, st.st_size
 
 
+@dataclass(frozen=True)
+class BundleHead:
+    """The first two members, read into memory: nothing in them is trusted yet (both are
+    size-capped and depth-checked, nothing more)."""
+
+    manifest_bytes: bytes
+    sig_bytes: bytes | None  # None: the second member is not manifest.sig (unsigned)
+
+
+class BundleReader:
+    """One bundle file, opened once and read front to back (blocking: run each call off
+    the event loop). `sniff` looks at the first bytes without consuming them (a keyring
+    document or a tar?), `head` reads manifest.json and manifest.sig, `extract` copies the
+    payload into staging while hashing it. The same open file serves all three, so what
+    was authenticated and what is extracted come from one read of one file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f, self.size = open_bundle(path)
+        self._tr: UstarReader | None = None
+        self._pending: Member | None = None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> BundleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sniff(self, n: int = 64) -> bytes:
+        """The first `n` bytes, without moving the read position."""
+        return os.pread(self._f.fileno(), n, 0)
+
+    def read_all(self, cap: int) -> bytes:
+        """The whole (small) file: a keyring document."""
+        data = self._f.read(cap + 1)
+        if len(data) > cap:
+            raise TrustError("too_large", f"{self.path}: expected at most {cap} bytes")
+        return data
+
+    def head(self, manifest_max: int) -> BundleHead:
+        """manifest.json (first member) and manifest.sig (second, when present)."""
+        # Members are capped by the file size here; the per-file cap (file_max_mb) is
+        # applied in extract against the signed manifest, the head caps in _read_small.
+        tr = _reader(self._f, self.size, self.size)
+        self._tr = tr
+        first = tr.next()
+        if first is None:
+            raise TrustError("bundle_malformed", "empty tar")
+        if first.name != "manifest.json":
+            raise TrustError(
+                "bundle_layout",
+                f"the first tar member must be manifest.json, got {first.name!r}",
+            )
+        manifest_bytes = _read_small(tr, first, manifest_max, "manifest.json")
+        check_depth(manifest_bytes, "manifest.json", "manifest_malformed")
+        second = tr.next()
+        sig_bytes: bytes | None = None
+        self._pending = second
+        if second is not None and second.name == "manifest.sig":
+            sig_bytes = _read_small(tr, second, SIG_MAX_BYTES, "manifest.sig")
+            check_depth(sig_bytes, "manifest.sig", "signature_malformed")
+            self._pending = None
+        return BundleHead(manifest_bytes, sig_bytes)
+
+    def extract(
+        self,
+        staging: Path,
+        manifest: BundleManifest,
+        limits: Limits,
+        progress: Progress | None = None,
+    ) -> None:
+        """The payload members (after `head` and the trust decision on it) into the empty
+        `staging` directory, each hashed while copied; then every size and hash checked.
+        On TrustError staging may hold partial files: the caller wipes it."""
+        assert self._tr is not None, "head() first"
+        pending, self._pending = self._pending, None
+        _extract(self._tr, pending, staging, manifest, limits, progress)
+
+
 def peek_model_name(path: Path, manifest_max: int) -> str:
     """The (unauthenticated) model name, to pick the model's state record. Nothing else
     in the manifest is used before the signature check."""
-    f, size = open_bundle(path)
-    with f:
-        tr = _reader(f, size, manifest_max)
-        m = tr.next()
-        if m is None or m.name != "manifest.json":
-            raise TrustError("bundle_layout", "the first tar member must be manifest.json")
-        data = _read_small(tr, m, manifest_max, "manifest.json")
-    from edgerund.updates.manifest import strict_json
-
-    check_depth(data, "manifest.json", "manifest_malformed")
+    with BundleReader(path) as reader:
+        data = reader.head(manifest_max).manifest_bytes
     raw = strict_json(data, "manifest.json", "manifest_malformed")
     name = raw.get("model_name") if isinstance(raw, dict) else None
     if not isinstance(name, str):
@@ -149,60 +225,38 @@ def read_bundle(
     manifest_max: int,
     progress: Progress | None = None,
 ) -> tuple[Verdict, bytes, bytes]:
-    """Verify `path` and extract its payload into the (empty) `staging` directory.
-
-    Returns the verdict and the raw manifest.json / manifest.sig bytes. On any TrustError
-    the staging directory may hold partial files; the caller wipes it."""
-    f, size = open_bundle(path)
-    with f:
-        check_size(size, limits)
-        return _read(
-            f, size, staging, keyring, now, device, installed, limits, manifest_max, progress
+    """Verify `path` and extract its payload into the (empty) `staging` directory, in one
+    pass (for `edgerund bundle verify` and tests; the daemon drives the BundleReader step
+    by step). Returns the verdict and the raw manifest.json / manifest.sig bytes. On any
+    TrustError the staging directory may hold partial files; the caller wipes it."""
+    with BundleReader(path) as reader:
+        check_size(reader.size, limits)
+        head = reader.head(manifest_max)
+        verdict = verify_manifest(
+            head.manifest_bytes,
+            head.sig_bytes,
+            keyring,
+            now=now,
+            device=device,
+            installed=installed,
+            limits=limits,
         )
+        assert head.sig_bytes is not None  # verify_manifest refuses unsigned bundles
+        reader.extract(staging, verdict.manifest, limits, progress)
+    return verdict, head.manifest_bytes, head.sig_bytes
 
 
-def _read(
-    f: IO[bytes],
-    size: int,
+def _extract(
+    tr: UstarReader,
+    pending: Member | None,
     staging: Path,
-    keyring: Keyring,
-    now: float,
-    device: Device,
-    installed: Installed,
+    manifest: BundleManifest,
     limits: Limits,
-    manifest_max: int,
     progress: Progress | None,
-) -> tuple[Verdict, bytes, bytes]:
-    tr = _reader(f, size, max(limits.file_max_bytes, manifest_max, SIG_MAX_BYTES))
-    first = tr.next()
-    if first is None:
-        raise TrustError("bundle_malformed", "empty tar")
-    if first.name != "manifest.json":
-        raise TrustError(
-            "bundle_layout", f"the first tar member must be manifest.json, got {first.name!r}"
-        )
-    manifest_bytes = _read_small(tr, first, manifest_max, "manifest.json")
-    check_depth(manifest_bytes, "manifest.json", "manifest_malformed")
-    second = tr.next()
-    sig_bytes: bytes | None = None
-    pending: Member | None = second
-    if second is not None and second.name == "manifest.sig":
-        sig_bytes = _read_small(tr, second, SIG_MAX_BYTES, "manifest.sig")
-        check_depth(sig_bytes, "manifest.sig", "signature_malformed")
-        pending = None
-    verdict = verify_manifest(
-        manifest_bytes,
-        sig_bytes,
-        keyring,
-        now=now,
-        device=device,
-        installed=installed,
-        limits=limits,
-    )
-    assert sig_bytes is not None  # verify_manifest refuses unsigned bundles
-    expected = {e.path: e for e in verdict.manifest.files}
+) -> None:
+    expected = {e.path: e for e in manifest.files}
     digests: dict[str, FileDigest] = {}
-    total = sum(e.size for e in verdict.manifest.files)
+    total = sum(e.size for e in manifest.files)
     done = 0
     while True:
         m = pending if pending is not None else tr.next()
@@ -248,11 +302,10 @@ def _read(
         if n != entry.size:
             raise TrustError("bundle_truncated", f"{name}: expected {entry.size} bytes, got {n}")
         digests[name] = FileDigest(h.hexdigest(), n)
-    verify_files(verdict.manifest, digests)
+    verify_files(manifest, digests)
     # Directory entries of the extracted files must be durable before the slot marker.
     for d in {staging, *((staging / p).parent for p in digests)}:
         fsutil.fsync_dir(d)
-    return verdict, manifest_bytes, sig_bytes
 
 
 def hash_file(path: Path) -> FileDigest:

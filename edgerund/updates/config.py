@@ -22,6 +22,10 @@ class ProbationConfig(Section):
     max_faults: int = 0  # model faults (exceptions) tolerated during probation
     max_nan_outputs: int = 0  # NaN/Inf outputs tolerated during probation
     max_missed_ticks: int = 0  # control-loop missed ticks tolerated during probation
+    # ... plus missed_ratio x what the PREVIOUS model's miss rate (measured just before the
+    # swap over a window as long as the probation, at most baseline_max_s) predicts.
+    missed_ratio: float = 2.0
+    baseline_max_s: float = 10.0  # 0 = no baseline: max_missed_ticks alone
     poll_interval_ms: int = 250  # how often models.stats()/loops.status() are sampled
 
 
@@ -50,6 +54,11 @@ class UpdatesConfig(Section):
     mqtt_chunk_max_kb: int = 256
     mqtt_transfer_ttl_s: float = 3600.0  # a transfer with no chunk for this long is dropped
     mqtt_max_transfers: int = 2
+    # Rate limit of the bundle sources (socket per uid, inbox, MQTT): a token bucket of
+    # source_burst bundles refilled at source_per_min; over it, `rate_limited` before the
+    # file is opened. source_per_min 0 = no limit.
+    source_per_min: float = 6.0
+    source_burst: int = 10
     counter_file: str = "updates/security_counter"  # used when identity is not a TPM
     probation: ProbationConfig = msgspec.field(default_factory=ProbationConfig)
 
@@ -97,6 +106,21 @@ def cross_check(cfg: _Updates) -> list[tuple[str, str]]:
         errors.append(
             ("updates.mqtt_chunk_max_kb", f"expected 1..16384, got {u.mqtt_chunk_max_kb}")
         )
+    if u.probation.missed_ratio < 0:
+        errors.append(
+            ("updates.probation.missed_ratio", f"expected >= 0, got {u.probation.missed_ratio}")
+        )
+    if u.probation.baseline_max_s < 0:
+        errors.append(
+            (
+                "updates.probation.baseline_max_s",
+                f"expected >= 0, got {u.probation.baseline_max_s}",
+            )
+        )
+    if u.source_per_min < 0:
+        errors.append(("updates.source_per_min", f"expected >= 0, got {u.source_per_min}"))
+    if u.source_burst < 1:
+        errors.append(("updates.source_burst", f"expected >= 1, got {u.source_burst}"))
     if u.max_state_writes < 16:
         errors.append(("updates.max_state_writes", f"expected >= 16, got {u.max_state_writes}"))
     if not cfg.models:

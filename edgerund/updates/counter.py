@@ -20,10 +20,28 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from edgerund.errors import DeviceError
 from edgerund.updates import fsutil
+
+if TYPE_CHECKING:
+    from edgerund.config.schema import Config
+    from edgerund.ports import Counter
+
+
+class NvCounterIdentity(Protocol):
+    """What the counter needs of the identity (a TPM NV counter when kind == "tpm")."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def counter_refusal(self) -> str | None: ...
+
+    async def counter_read(self) -> int: ...
+
+    async def counter_increment(self) -> int: ...
 
 
 class FileCounter:
@@ -59,7 +77,7 @@ class IdentityCounter:
 
     kind = "tpm"
 
-    def __init__(self, identity: Any, max_steps: int) -> None:
+    def __init__(self, identity: NvCounterIdentity, max_steps: int) -> None:
         self._id = identity
         self._max_steps = max_steps
 
@@ -99,7 +117,7 @@ class RefusedCounter:
 
 
 def select_counter(
-    identity: Any, file_path: Path, max_steps: int
+    identity: NvCounterIdentity | None, file_path: Path, max_steps: int
 ) -> FileCounter | IdentityCounter | RefusedCounter:
     """The counter for this identity: TPM NV, refused (TPM fallback), or the file."""
     if identity is not None and identity.kind == "tpm":
@@ -108,3 +126,15 @@ def select_counter(
     if reason:
         return RefusedCounter(str(reason))
     return FileCounter(file_path)
+
+
+def counter_for(cfg: Config, identity: NvCounterIdentity | None) -> Counter:
+    """The TPM NV counter when the identity is a TPM; a RefusedCounter when the identity
+    says the counter cannot be trusted (TPM missing, software fallback); else the file."""
+    u = cfg.updates
+    path = Path(u.counter_file)
+    return select_counter(
+        identity,
+        path if path.is_absolute() else Path(cfg.paths.state_dir) / path,
+        max(1000, u.max_counter_jump),
+    )

@@ -38,7 +38,7 @@ import msgspec
 from edgerund.errors import EdgerundError
 
 
-class S(enum.StrEnum):
+class State(enum.StrEnum):
     IDLE = "IDLE"
     RECEIVED = "RECEIVED"
     VERIFIED = "VERIFIED"
@@ -51,11 +51,11 @@ class S(enum.StrEnum):
     REJECTED = "REJECTED"
 
 
-TERMINAL = frozenset({S.IDLE, S.COMMITTED, S.ROLLED_BACK, S.REJECTED})
-IN_FLIGHT = frozenset(set(S) - TERMINAL)
+TERMINAL = frozenset({State.IDLE, State.COMMITTED, State.ROLLED_BACK, State.REJECTED})
+IN_FLIGHT = frozenset(set(State) - TERMINAL)
 
 
-class A(enum.StrEnum):
+class ActionKind(enum.StrEnum):
     PERSIST = "persist"  # write state.json (always first)
     VERIFY = "verify"  # read the bundle, trust decision, extract to staging
     STAGE = "stage"  # invalidate target slot, copy staging into it, fsync, mark valid
@@ -72,7 +72,7 @@ class A(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Action:
-    kind: A
+    kind: ActionKind
     slot: str | None = None
 
 
@@ -108,7 +108,7 @@ class Failure(msgspec.Struct, kw_only=True):
 class Record(msgspec.Struct, kw_only=True):
     schema: int = 1
     model: str
-    state: S = S.IDLE
+    state: State = State.IDLE
     active: str | None = None  # the committed slot `current` must point at
     slots: dict[str, SlotInfo | None] = msgspec.field(
         default_factory=lambda: {"a": None, "b": None}
@@ -119,6 +119,9 @@ class Record(msgspec.Struct, kw_only=True):
     ratcheted: bool = True
     last_result: str | None = None
     last_failure: Failure | None = None
+    # Slots quarantined at start-up (slotcheck.verify_slot failed), with the reason; an
+    # entry goes when a new bundle is staged into that slot.
+    quarantined: dict[str, Failure] = msgspec.field(default_factory=dict)
 
 
 EventKind = Literal["receive", "ok", "fail", "rollback", "ratcheted"]
@@ -134,7 +137,7 @@ class Event:
 
 
 class InvalidTransition(EdgerundError):
-    def __init__(self, state: S, event: EventKind) -> None:
+    def __init__(self, state: State, event: EventKind) -> None:
         super().__init__(f"event {event!r} is not allowed in state {state}")
         self.state = state
         self.event = event
@@ -146,23 +149,33 @@ def other(slot: str | None) -> str:
 
 # --- THE transition table: (state, event) -> next state. Actions are derived below. -----
 _ANY_TERMINAL = tuple(TERMINAL)
-TABLE: dict[tuple[S, EventKind], S] = {
-    **{(s, "receive"): S.RECEIVED for s in _ANY_TERMINAL},
-    (S.RECEIVED, "ok"): S.VERIFIED,
-    (S.VERIFIED, "ok"): S.STAGED,
-    (S.STAGED, "ok"): S.PRECHECKED,
-    (S.PRECHECKED, "ok"): S.TRIAL,
-    (S.TRIAL, "ok"): S.PROBATION,
-    (S.PROBATION, "ok"): S.COMMITTED,
-    (S.COMMITTED, "ratcheted"): S.COMMITTED,
-    **{(s, "fail"): S.REJECTED for s in (S.RECEIVED, S.VERIFIED, S.STAGED, S.PRECHECKED)},
-    **{(s, "rollback"): S.REJECTED for s in (S.RECEIVED, S.VERIFIED, S.STAGED, S.PRECHECKED)},
-    **{(s, ev): S.ROLLED_BACK for s in (S.TRIAL, S.PROBATION) for ev in ("fail", "rollback")},
-    **{(s, "rollback"): S.ROLLED_BACK for s in _ANY_TERMINAL},
+TABLE: dict[tuple[State, EventKind], State] = {
+    **{(s, "receive"): State.RECEIVED for s in _ANY_TERMINAL},
+    (State.RECEIVED, "ok"): State.VERIFIED,
+    (State.VERIFIED, "ok"): State.STAGED,
+    (State.STAGED, "ok"): State.PRECHECKED,
+    (State.PRECHECKED, "ok"): State.TRIAL,
+    (State.TRIAL, "ok"): State.PROBATION,
+    (State.PROBATION, "ok"): State.COMMITTED,
+    (State.COMMITTED, "ratcheted"): State.COMMITTED,
+    **{
+        (s, "fail"): State.REJECTED
+        for s in (State.RECEIVED, State.VERIFIED, State.STAGED, State.PRECHECKED)
+    },
+    **{
+        (s, "rollback"): State.REJECTED
+        for s in (State.RECEIVED, State.VERIFIED, State.STAGED, State.PRECHECKED)
+    },
+    **{
+        (s, ev): State.ROLLED_BACK
+        for s in (State.TRIAL, State.PROBATION)
+        for ev in ("fail", "rollback")
+    },
+    **{(s, "rollback"): State.ROLLED_BACK for s in _ANY_TERMINAL},
 }
 
 
-def allowed(state: S, kind: EventKind) -> bool:
+def allowed(state: State, kind: EventKind) -> bool:
     return (state, kind) in TABLE
 
 
@@ -173,13 +186,13 @@ def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
         raise InvalidTransition(rec.state, ev.kind)
     dep = rec.deployment
     r = msgspec.structs.replace(rec, state=nxt, writes=rec.writes + 1)
-    acts: list[Action] = [Action(A.PERSIST)]
+    acts: list[Action] = [Action(ActionKind.PERSIST)]
     if ev.kind == "receive":
         assert ev.deployment is not None
         target = other(rec.active) if rec.active else "a"
         d = msgspec.structs.replace(ev.deployment, target=target)
         r = msgspec.structs.replace(r, deployment=d, attempts=0, writes=1)
-        acts.append(Action(A.VERIFY))
+        acts.append(Action(ActionKind.VERIFY))
     elif ev.kind == "ok":
         assert dep is not None
         if ev.deployment is not None:  # VERIFY learnt what the bundle is
@@ -187,18 +200,21 @@ def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
                 ev.deployment, target=dep.target, source=dep.source, received_at=dep.received_at
             )
             r = msgspec.structs.replace(r, deployment=dep)
-        if nxt is S.VERIFIED:
-            acts.append(Action(A.STAGE, dep.target))
-        elif nxt is S.STAGED:
-            acts.append(Action(A.PRECHECK, dep.target))
-        elif nxt is S.PRECHECKED:
-            acts.append(Action(A.RESUME_TRIAL, dep.target))
-        elif nxt is S.TRIAL:
+        if nxt is State.VERIFIED:
+            if dep.target in rec.quarantined:  # the slot is about to be rewritten
+                q = {k: v for k, v in rec.quarantined.items() if k != dep.target}
+                r = msgspec.structs.replace(r, quarantined=q)
+            acts.append(Action(ActionKind.STAGE, dep.target))
+        elif nxt is State.STAGED:
+            acts.append(Action(ActionKind.PRECHECK, dep.target))
+        elif nxt is State.PRECHECKED:
+            acts.append(Action(ActionKind.RESUME_TRIAL, dep.target))
+        elif nxt is State.TRIAL:
             r = msgspec.structs.replace(r, attempts=rec.attempts + 1)
-            acts += [Action(A.FLIP, dep.target), Action(A.SWAP, dep.target)]
-        elif nxt is S.PROBATION:
-            acts.append(Action(A.WATCH, dep.target))
-        elif nxt is S.COMMITTED:
+            acts += [Action(ActionKind.FLIP, dep.target), Action(ActionKind.SWAP, dep.target)]
+        elif nxt is State.PROBATION:
+            acts.append(Action(ActionKind.WATCH, dep.target))
+        elif nxt is State.COMMITTED:
             slots = dict(rec.slots)
             slots[dep.target] = SlotInfo(
                 version=dep.version,
@@ -209,9 +225,9 @@ def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
                 installed_at=ev.now,
             )
             r = msgspec.structs.replace(
-                r, active=dep.target, slots=slots, ratcheted=False, last_result=S.COMMITTED
+                r, active=dep.target, slots=slots, ratcheted=False, last_result=State.COMMITTED
             )
-            acts += [Action(A.RATCHET), Action(A.DISCARD)]
+            acts += [Action(ActionKind.RATCHET), Action(ActionKind.DISCARD)]
     elif ev.kind == "ratcheted":
         r = msgspec.structs.replace(r, ratcheted=True, writes=rec.writes + 1)
     elif ev.kind in ("fail", "rollback"):
@@ -230,56 +246,56 @@ def step(rec: Record, ev: Event) -> tuple[Record, list[Action]]:
             if rec.active is None or rec.slots.get(back) is None:
                 raise InvalidTransition(rec.state, ev.kind)
             r = msgspec.structs.replace(r, active=back)
-            acts += [Action(A.FLIP, back), Action(A.SWAP, back)]
+            acts += [Action(ActionKind.FLIP, back), Action(ActionKind.SWAP, back)]
         else:
             assert dep is not None
-            if rec.state is S.RECEIVED:
+            if rec.state is State.RECEIVED:
                 # Refused before staging: the inactive slot (the previous good model)
                 # was never touched and stays available for a manual rollback.
-                acts.append(Action(A.DISCARD))
+                acts.append(Action(ActionKind.DISCARD))
                 return r, acts
             slots = dict(rec.slots)
             slots[dep.target] = None
             r = msgspec.structs.replace(r, slots=slots)
-            if rec.state in (S.TRIAL, S.PROBATION):
+            if rec.state in (State.TRIAL, State.PROBATION):
                 active = rec.active or other(dep.target)
-                acts += [Action(A.FLIP, active), Action(A.SWAP, active)]
-            acts += [Action(A.INVALIDATE, dep.target), Action(A.DISCARD)]
+                acts += [Action(ActionKind.FLIP, active), Action(ActionKind.SWAP, active)]
+            acts += [Action(ActionKind.INVALIDATE, dep.target), Action(ActionKind.DISCARD)]
     return r, acts
 
 
 # --- Start-up recovery: the record found on disk -> the record to persist + actions. ------
-RECOVERY: dict[S, str] = {
-    S.IDLE: "nothing in flight: current -> active slot, markers synced",
-    S.RECEIVED: "discard: staging wiped, REJECTED(interrupted); the inactive slot was not touched yet",
-    S.VERIFIED: "discard: staging wiped, half-written target slot invalidated, REJECTED(interrupted)",
-    S.STAGED: "resume: current -> active; re-hash the target slot and rerun the precheck",
-    S.PRECHECKED: "resume: current -> active; re-hash the target slot and rerun the precheck",
-    S.TRIAL: "attempts < max: current -> active, retry the trial once models run; else ROLLED_BACK(crash_loop)",
-    S.PROBATION: "attempts < max: current -> active, retry the trial once models run; else ROLLED_BACK(crash_loop)",
-    S.COMMITTED: "current -> active (the new slot); redo the counter ratchet if not done",
-    S.ROLLED_BACK: "current -> active (the old slot); the failed slot's marker removed",
-    S.REJECTED: "current -> active; staging wiped",
+RECOVERY: dict[State, str] = {
+    State.IDLE: "nothing in flight: current -> active slot, markers synced",
+    State.RECEIVED: "discard: staging wiped, REJECTED(interrupted); the inactive slot was not touched yet",
+    State.VERIFIED: "discard: staging wiped, half-written target slot invalidated, REJECTED(interrupted)",
+    State.STAGED: "resume: current -> active; re-hash the target slot and rerun the precheck",
+    State.PRECHECKED: "resume: current -> active; re-hash the target slot and rerun the precheck",
+    State.TRIAL: "attempts < max: current -> active, retry the trial once models run; else ROLLED_BACK(crash_loop)",
+    State.PROBATION: "attempts < max: current -> active, retry the trial once models run; else ROLLED_BACK(crash_loop)",
+    State.COMMITTED: "current -> active (the new slot); redo the counter ratchet if not done",
+    State.ROLLED_BACK: "current -> active (the old slot); the failed slot's marker removed",
+    State.REJECTED: "current -> active; staging wiped",
 }
 
 
 def recover(rec: Record, *, max_attempts: int, now: float) -> tuple[Record, list[Action]]:
     """What to do at start-up with the record found on disk (see RECOVERY)."""
-    base = [Action(A.FLIP, rec.active)] if rec.active else []
-    base.append(Action(A.SYNC_SLOTS))
+    base = [Action(ActionKind.FLIP, rec.active)] if rec.active else []
+    base.append(Action(ActionKind.SYNC_SLOTS))
     st = rec.state
     dep = rec.deployment
-    if st in (S.RECEIVED, S.VERIFIED) or (st in IN_FLIGHT and dep is None):
+    if st in (State.RECEIVED, State.VERIFIED) or (st in IN_FLIGHT and dep is None):
         r, acts = step(
             rec,
             Event("fail", reason="interrupted", message=f"daemon stopped during {st}", now=now),
         )
         return r, [*acts, *base]
-    if st in (S.STAGED, S.PRECHECKED):
+    if st in (State.STAGED, State.PRECHECKED):
         assert dep is not None
-        r = msgspec.structs.replace(rec, state=S.STAGED, writes=rec.writes + 1)
-        return r, [Action(A.PERSIST), *base, Action(A.PRECHECK, dep.target)]
-    if st in (S.TRIAL, S.PROBATION):
+        r = msgspec.structs.replace(rec, state=State.STAGED, writes=rec.writes + 1)
+        return r, [Action(ActionKind.PERSIST), *base, Action(ActionKind.PRECHECK, dep.target)]
+    if st in (State.TRIAL, State.PROBATION):
         assert dep is not None
         if rec.attempts >= max_attempts:
             r, acts = step(
@@ -293,12 +309,12 @@ def recover(rec: Record, *, max_attempts: int, now: float) -> tuple[Record, list
             )
             # The FLIP/SWAP of step() target the active slot; SWAP is moot at start-up
             # (models have not loaded yet and will load `current`).
-            return r, [a for a in acts if a.kind is not A.SWAP] + base[1:]
-        r = msgspec.structs.replace(rec, state=S.PRECHECKED, writes=rec.writes + 1)
-        return r, [Action(A.PERSIST), *base, Action(A.RESUME_TRIAL, dep.target)]
-    if st is S.COMMITTED and not rec.ratcheted:
-        return rec, [*base, Action(A.RATCHET), Action(A.DISCARD)]
-    return rec, [*base, Action(A.DISCARD)]
+            return r, [a for a in acts if a.kind is not ActionKind.SWAP] + base[1:]
+        r = msgspec.structs.replace(rec, state=State.PRECHECKED, writes=rec.writes + 1)
+        return r, [Action(ActionKind.PERSIST), *base, Action(ActionKind.RESUME_TRIAL, dep.target)]
+    if st is State.COMMITTED and not rec.ratcheted:
+        return rec, [*base, Action(ActionKind.RATCHET), Action(ActionKind.DISCARD)]
+    return rec, [*base, Action(ActionKind.DISCARD)]
 
 
 def summary(rec: Record) -> dict[str, object]:
@@ -334,6 +350,10 @@ def summary(rec: Record) -> dict[str, object]:
             "state": lf.state,
             "version": lf.version,
             "at": lf.at,
+        },
+        "quarantined": {
+            k: {"reason": q.reason, "message": q.message, "at": q.at}
+            for k, q in sorted(rec.quarantined.items())
         },
     }
 

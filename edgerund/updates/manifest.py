@@ -12,6 +12,14 @@ two parsers that disagree on which duplicate wins are a classic signature bypass
 
 The manifest lists every payload file with its size and SHA-256, so one signature covers
 all files together (no mix-and-match of files from two bundles, unlike per-file signing).
+
+Names: `BundleManifest` is the signed *bundle* manifest (what to install and whether to
+trust it: bundle id, counter, expiry, compatibility, file hashes, health criteria). The
+*model* manifest the inference runtime reads from a model directory (preprocessing,
+threshold, raw inputs; edgerund.inference.manifest.ModelManifest) is a different document
+with another lifetime; the bundle carries it verbatim as `model_manifest`, covered by the
+signature. Both declare the graph's tensors with the one `TensorSpec` of
+edgerund.updates.abi.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 import msgspec
 
 from edgerund.errors import TrustError
+from edgerund.updates.abi import IoSignature
 
 MANIFEST_DOMAIN = b"edgerund-manifest-v1\x00"
 KEYRING_DOMAIN = b"edgerund-keyring-v1\x00"
@@ -38,19 +47,6 @@ _PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9
 RESERVED_PATHS = frozenset(
     {"manifest.json", "manifest.sig", "bundle.json", "bundle.sig", "slot.json"}
 )
-
-
-class TensorSpec(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    dtype: str  # numpy dtype name: float32, int8, int64, ...
-    shape: list[int | str | None]  # None / str = dynamic dimension
-
-
-class IoSignature(msgspec.Struct, forbid_unknown_fields=True):
-    """The ONNX-level ABI of the model: graph inputs and outputs."""
-
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
 
 
 class Compatibility(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -78,7 +74,9 @@ class FileEntry(msgspec.Struct, forbid_unknown_fields=True):
     size: int
 
 
-class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class BundleManifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The signed manifest of a model bundle (`manifest.json` in the bundle tar)."""
+
     schema: int
     bundle_id: str
     model_name: str
@@ -173,24 +171,35 @@ def parse_version(v: str | int) -> tuple[int, ...]:
     return parts
 
 
-def decode_manifest(data: bytes) -> tuple[Manifest, Any]:
-    """Parse and validate manifest.json. Returns the struct and the raw JSON value (the
-    signature is checked over the canonical form of the raw value, so unknown-field
-    handling can never differ between what is signed and what is used)."""
+def parse_manifest_json(data: bytes) -> dict[str, Any]:
+    """manifest.json's bytes -> its JSON object (strict JSON, not yet validated)."""
     raw = strict_json(data, "manifest.json", "manifest_malformed")
     if not isinstance(raw, dict):
         raise TrustError(
             "manifest_malformed", f"manifest.json: expected an object, got {type(raw).__name__}"
         )
+    return raw
+
+
+def manifest_from_json(raw: dict[str, Any]) -> BundleManifest:
+    """Validate a parsed manifest.json object into the struct."""
     try:
-        m = msgspec.convert(raw, Manifest)
+        m = msgspec.convert(raw, BundleManifest)
     except msgspec.ValidationError as exc:
         raise TrustError("manifest_malformed", f"manifest.json: {exc}") from None
     validate_manifest(m)
-    return m, raw
+    return m
 
 
-def validate_manifest(m: Manifest) -> None:
+def decode_manifest(data: bytes) -> tuple[BundleManifest, dict[str, Any]]:
+    """Parse and validate manifest.json. Returns the struct and the raw JSON value (the
+    signature is checked over the canonical form of the raw value, so unknown-field
+    handling can never differ between what is signed and what is used)."""
+    raw = parse_manifest_json(data)
+    return manifest_from_json(raw), raw
+
+
+def validate_manifest(m: BundleManifest) -> None:
     def bad(msg: str) -> TrustError:
         return TrustError("manifest_malformed", msg)
 

@@ -2,7 +2,9 @@
 
 A model that segfaults onnxruntime, allocates without bound or loops forever must not take
 the daemon down, so the daemon never loads an unchecked model in-process: it starts
-`python -m edgerund.updates.precheck`, writes one JSON request on stdin and reads one JSON
+`python -I -c <bootstrap> PACKAGE_ROOT` (isolated mode: the working directory and
+PYTHONPATH are not on the child's import path, the package directory is passed explicitly;
+it then runs this module as __main__), writes one JSON request on stdin and reads one JSON
 verdict from the last stdout line. The child runs in its own session (killed as a group on
 timeout), with RLIMIT_CPU as a second line of defence and no core dumps.
 
@@ -37,19 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgerund.errors import EdgerundError
+import msgspec
 
-_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(bool)": "bool",
-}
+import edgerund
+from edgerund.errors import EdgerundError
+from edgerund.updates.abi import ORT_DTYPES, IoSignature
+from edgerund.updates.manifest import Health
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ def _session(path: str) -> Any:
 def _check_abi(sess: Any, sig: dict[str, Any]) -> None:
     for kind, got in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
         want = sig[kind]
-        got_desc = [(g.name, _DTYPES.get(g.type, g.type), list(g.shape)) for g in got]
+        got_desc = [(g.name, ORT_DTYPES.get(g.type, g.type), list(g.shape)) for g in got]
         want_desc = [(w["name"], w["dtype"], list(w["shape"])) for w in want]
         if [g[0] for g in got_desc] != [w[0] for w in want_desc]:
             raise _Fail(
@@ -105,7 +100,7 @@ def _zeros_feed(sess: Any) -> dict[str, Any]:
     feed = {}
     for i in sess.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-        feed[i.name] = np.zeros(shape, dtype=_DTYPES.get(i.type, "float32"))
+        feed[i.name] = np.zeros(shape, dtype=ORT_DTYPES.get(i.type, "float32"))
     return feed
 
 
@@ -225,15 +220,12 @@ def check(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def _find_runner() -> Any:
-    for mod in ("edgerund.inference.runner", "edgerund.inference"):
-        try:
-            m = __import__(mod, fromlist=["ModelRunner"])
-        except Exception:
-            continue
-        cls = getattr(m, "ModelRunner", None)
-        if cls is not None and hasattr(cls, "load"):
-            return cls
-    return None
+    """The inference runtime's ModelRunner (None when the runtime cannot be imported)."""
+    try:
+        from edgerund.inference.runner import ModelRunner
+    except ImportError:
+        return None
+    return ModelRunner
 
 
 def main() -> int:
@@ -258,11 +250,27 @@ def main() -> int:
     return 0
 
 
+def child_argv(package_root: Path) -> list[str]:
+    """The precheck child's command line. `-I` (isolated mode): neither the working
+    directory nor PYTHONPATH/PYTHON* variables nor the user site reach the child's import
+    path, so a module planted in the daemon's working directory (`numpy.py`) is never
+    executed. The package is found through the one directory we pass explicitly."""
+    bootstrap = (
+        "import sys, runpy; sys.path.insert(0, sys.argv.pop(1)); "
+        "runpy.run_module('edgerund.updates.precheck', run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-I", "-c", bootstrap, str(package_root)]
+
+
+PACKAGE_ROOT = Path(edgerund.__file__).resolve().parent.parent
+"""The directory that holds the `edgerund` package this daemon runs from."""
+
+
 async def run_precheck(
     slot_dir: Path,
     baseline_dir: Path | None,
-    io_signature: dict[str, Any],
-    health: dict[str, Any],
+    io_signature: IoSignature,
+    health: Health,
     *,
     timeout_s: float,
     cpu_s: float,
@@ -274,18 +282,17 @@ async def run_precheck(
         {
             "dir": str(slot_dir),
             "baseline": str(baseline_dir) if baseline_dir else None,
-            "io_signature": io_signature,
-            "health": health,
+            "io_signature": msgspec.to_builtins(io_signature),
+            "health": msgspec.to_builtins(health),
             "runs": runs,
         }
     ).encode()
     env = dict(os.environ)
     env["EDGERUND_PRECHECK_CPU_S"] = str(cpu_s)
     env.setdefault("OMP_NUM_THREADS", "1")
+    argv = child_argv(PACKAGE_ROOT)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "edgerund.updates.precheck",
+        *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -30,7 +30,7 @@ from edgerund.errors import TrustError
 from edgerund.updates import fsutil
 from edgerund.updates.bundle import hash_file
 from edgerund.updates.machine import Failure, Record, SlotInfo
-from edgerund.updates.manifest import Manifest
+from edgerund.updates.manifest import BundleManifest
 
 SLOTS = ("a", "b")
 MARKER = "slot.json"
@@ -155,7 +155,7 @@ class SlotStore:
     def install_staging(
         self,
         slot: str,
-        manifest: Manifest,
+        manifest: BundleManifest,
         manifest_sha256: str,
         manifest_bytes: bytes,
         sig_bytes: bytes,

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgerund.errors import EdgerundError
+from edgerund.errors import EdgerundError, TrustError
 from edgerund.updates import fsutil
+from edgerund.updates.jsonguard import check_depth
 
+HEADER_MAX_BYTES = 4096
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -56,8 +58,14 @@ class Transfer:
 
 def parse_message(payload: bytes) -> tuple[dict[str, Any], bytes]:
     head, _sep, data = payload.partition(b"\n")
+    if len(head) > HEADER_MAX_BYTES:
+        raise TransferError("bad_request", f"header line longer than {HEADER_MAX_BYTES} bytes")
     try:
+        # Unauthenticated: deep nesting would raise RecursionError, not ValueError.
+        check_depth(head, "header", "bad_request", max_depth=4)
         hdr = json.loads(head)
+    except TrustError as exc:
+        raise TransferError("bad_request", str(exc).split(": ", 1)[-1]) from None
     except ValueError:
         raise TransferError("bad_request", "expected a JSON header line") from None
     if not isinstance(hdr, dict):

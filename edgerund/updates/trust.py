@@ -3,7 +3,8 @@
     1. size cap              (before a single byte of the bundle is read)
     2. signature threshold   (distinct trusted keyids over the canonical manifest)
     3. expiry                (the manifest's and the device keyring's)
-    4. compatibility         (model name configured, hardware id, daemon version, opset)
+    4. compatibility         (model name configured, hardware id, daemon version, opset,
+                              the model manifest's version is the bundle's)
     5. anti-rollback         (counter >= stored, version > installed, no fast-forward,
                               created not older than the installed bundle's)
     6. every file's hash     (size and SHA-256 of each payload file, none missing or extra)
@@ -14,7 +15,8 @@ relatively expensive hashing is only reported after the metadata is trusted. Eac
 has its own reason codes (TrustError.code) so a rejection says exactly why.
 
 The I/O layer (bundle.py) calls `check_size` before opening the file, `verify_manifest`
-as soon as manifest.json and manifest.sig are read (before any payload byte is extracted)
+(or `verify_document`, when the job has parsed manifest.json once already) as soon as
+manifest.json and manifest.sig are read (before any payload byte is extracted)
 and `verify_files` with the digests it computed while extracting; `decide` chains all
 three for callers that have everything at hand (tests, `edgerund bundle verify`).
 """
@@ -24,14 +26,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from edgerund.errors import TrustError
 from edgerund.updates.keyring import Keyring, count_signatures, threshold_error
 from edgerund.updates.manifest import (
     MANIFEST_DOMAIN,
-    Manifest,
-    decode_manifest,
+    BundleManifest,
     decode_signatures,
+    manifest_from_json,
+    parse_manifest_json,
     parse_time,
     parse_version,
     signing_message,
@@ -74,7 +78,7 @@ class FileDigest:
 
 @dataclass(frozen=True)
 class Verdict:
-    manifest: Manifest
+    manifest: BundleManifest
     manifest_sha256: str  # of the canonical signed message (what a TPM binding extends)
     signed_by: frozenset[str]
 
@@ -98,8 +102,31 @@ def verify_manifest(
     installed: Installed,
     limits: Limits,
 ) -> Verdict:
-    """Steps 2 to 5."""
-    manifest, raw = decode_manifest(manifest_bytes)
+    """Steps 2 to 5 on the bytes of manifest.json."""
+    return verify_document(
+        parse_manifest_json(manifest_bytes),
+        sig_bytes,
+        keyring,
+        now=now,
+        device=device,
+        installed=installed,
+        limits=limits,
+    )
+
+
+def verify_document(
+    raw: dict[str, Any],
+    sig_bytes: bytes | None,
+    keyring: Keyring,
+    *,
+    now: float,
+    device: Device,
+    installed: Installed,
+    limits: Limits,
+) -> Verdict:
+    """Steps 2 to 5 on manifest.json parsed once (`parse_manifest_json`): validated into
+    the struct here, signatures checked over the canonical form of this same value."""
+    manifest = manifest_from_json(raw)
     message = signing_message(MANIFEST_DOMAIN, raw)
     # -- 2. signature threshold
     if sig_bytes is None:
@@ -142,6 +169,14 @@ def verify_manifest(
         raise TrustError(
             "incompatible_opset",
             f"opset: bundle needs {c.opset_min}..{c.opset_max}, the runtime supports up to {device.max_opset}",
+        )
+    mm_version = (manifest.model_manifest or {}).get("version")
+    if mm_version is not None and str(mm_version) != manifest.version:
+        # The runtime (loops, PCR binding) reports the model manifest's version and the
+        # updates component the bundle's: they must be one signed version.
+        raise TrustError(
+            "version_mismatch",
+            f"version: the bundle says {manifest.version}, its model_manifest says {mm_version}",
         )
     # -- 5. anti-rollback
     if manifest.security_counter < installed.counter:
@@ -187,7 +222,7 @@ def verify_manifest(
     return Verdict(manifest, hashlib.sha256(message).hexdigest(), count.valid)
 
 
-def verify_files(manifest: Manifest, digests: Mapping[str, FileDigest]) -> None:
+def verify_files(manifest: BundleManifest, digests: Mapping[str, FileDigest]) -> None:
     """Step 6: exactly the listed files, each with its size and hash."""
     listed = {f.path for f in manifest.files}
     extra = sorted(set(digests) - listed)

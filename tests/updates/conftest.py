@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from edgerund.updates.component import UpdatesComponent, build
+from edgerund.updates.component import UpdatesComponent
 from tests.updates import models as M
 from tests.updates.support import (
     Publisher,
     StandInLoop,
     StandInModels,
     make_config,
-    make_ctx,
+    running,
     seed_dir,
 )
 
@@ -51,7 +51,10 @@ def harness(tmp_path: Path, publisher: Publisher) -> Callable[..., Any]:
 
     @contextlib.asynccontextmanager
     async def make(
-        updates: dict[str, Any] | None = None, shipped: bytes | None = None, with_loop: bool = True
+        updates: dict[str, Any] | None = None,
+        shipped: bytes | None = None,
+        with_loop: bool = True,
+        counter: Any = None,
     ) -> AsyncIterator[Harness]:
         h = Harness(tmp_path, publisher)
         if not (tmp_path / "shipped").exists():
@@ -59,24 +62,10 @@ def harness(tmp_path: Path, publisher: Publisher) -> Callable[..., Any]:
         if not (tmp_path / "keyring.json").exists():
             publisher.write_keyring(tmp_path / "keyring.json")
         cfg = make_config(tmp_path, updates=updates)
-        ctx = make_ctx(cfg, tmp_path)
-        comp = build(ctx)
-        assert comp is not None
-        h.updates = comp
-        ctx.components["updates"] = comp
-        h.models = StandInModels(ctx)
-        ctx.components["models"] = h.models
-        h.loop = StandInLoop(ctx)
-        if with_loop:
-            ctx.components["loops"] = h.loop
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(comp)
-            await stack.enter_async_context(h.models)
-            if with_loop:
-                await stack.enter_async_context(h.loop)
-            try:
-                yield h
-            finally:
-                await ctx.supervisor.cancel_all()
+        async with running(cfg, with_loop=with_loop, counter=counter) as r:
+            h.updates = r.updates
+            h.models = r.models
+            h.loop = r.loop
+            yield h
 
     return make

@@ -16,34 +16,28 @@ import json
 import sys
 from pathlib import Path
 
-from edgerund.updates.component import build
-from tests.updates.support import StandInLoop, StandInModels, make_config, make_ctx, wait_for
+from edgerund.updates.jobs import Job
+from tests.updates.support import make_config, running, wait_for
 
 
 async def main(tmp: Path, bundle: Path | None) -> None:
     cfg = make_config(tmp, updates={"attempts": 2})
-    ctx = make_ctx(cfg, tmp)
-    upd = build(ctx)
-    assert upd is not None
-    models = StandInModels(ctx)
-    loop = StandInLoop(ctx)
-    ctx.components.update(updates=upd, models=models, loops=loop)
-    async with upd, models, loop:
+    async with running(cfg) as r:
+        upd, models, loop = r.updates, r.models, r.loop
         if bundle is not None:
-            job = await upd.submit(bundle, "test")
-            await job.done.wait()
+            ticket = await upd.submit(Job(bundle, "test"))
+            await ticket.done.wait()
         await upd.wait_idle(120)
         t0 = loop.ticks
         await wait_for(lambda: loop.ticks > t0 + 3, 10)
-        r = models.runner("m1")
+        runner = models.runner("m1")
         out = {
             "status": upd.status()["updates"],
-            "runner_version": r.version if r else None,
-            "runner_dir": str(r.dir) if r else None,
+            "runner_version": runner.version if runner else None,
+            "runner_dir": str(runner.dir) if runner else None,
             "ticks": loop.ticks,
         }
         (tmp / "result.json").write_text(json.dumps(out))
-        await ctx.supervisor.cancel_all()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Test support: a publisher (keys, keyring, bundles) and stand-ins that speak the
-"models" and "loops" component interfaces (docs/apis: swap/runner/stats, status()["loops"]).
+"""Test support: a publisher (keys, keyring, bundles) and stand-ins that implement the
+ports the updates component is given (ports.ModelHost: runner/swap/counters,
+ports.LoopStats: counters).
 
 The stand-ins are real implementations of those interfaces on onnxruntime (no mocking of
 our own internals): the models registry loads `model.onnx` from a slot directory in a
@@ -10,11 +11,12 @@ every tick and counts missed ticks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,12 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerund.config.schema import Config
-from edgerund.context import Context, Supervisor
+from edgerund.context import EventBus, Supervisor
+from edgerund.ports import Counter, LoopCounters, ModelCounters, SlotSource
 from edgerund.publisher import build as B
+from edgerund.updates.component import UpdatesComponent, build
+from edgerund.updates.counter import counter_for
+from edgerund.updates.repository import SlotRepository, build_slots
 from tests.updates import models as M
 
 
@@ -131,18 +137,21 @@ class Runner:
 
 
 class StandInModels:
+    """A models host (ports.ModelHost): loads each model from its verified slot."""
+
     name = "models"
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, cfg: Config, slots: SlotSource | None) -> None:
+        self.cfg = cfg
+        self.slots = slots
         self.runners: dict[str, Runner] = {}
         self.counts: dict[str, dict[str, Any]] = {}
         self.swaps = 0
 
     async def __aenter__(self) -> StandInModels:
-        upd = self.ctx.get("updates")
-        for mc in self.ctx.config.models:
-            d = upd.model_dir(mc.name) if upd is not None else None
+        for mc in self.cfg.models:
+            rec = self.slots.active(mc.name) if self.slots is not None else None
+            d = rec.model_dir if rec is not None else None
             self.runners[mc.name] = await asyncio.to_thread(Runner, Path(d or mc.path))
             self.counts[mc.name] = {"faults": 0, "nan_outputs": 0, "inferences": 0, "scores": []}
         return self
@@ -150,7 +159,7 @@ class StandInModels:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    def runner(self, name: str) -> Runner | None:
+    def runner(self, name: str) -> Any:
         return self.runners.get(name)
 
     async def swap(self, name: str, model_dir: Path) -> None:
@@ -172,38 +181,25 @@ class StandInModels:
             return
         c["scores"] = (c["scores"] + [s])[-100:]
 
-    def stats(self, name: str) -> dict[str, Any]:
+    def counters(self, name: str) -> ModelCounters:
         c = self.counts[name]
         sc = c["scores"]
-        return {
-            "faults": c["faults"],
-            "nan_outputs": c["nan_outputs"],
-            "inferences": c["inferences"],
-            "score": {
-                "mean": float(np.mean(sc)) if sc else None,
-                "std": float(np.std(sc)) if sc else None,
-            },
-        }
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "models": [
-                {"name": n, "version": r.version, "dir": str(r.dir)}
-                for n, r in self.runners.items()
-            ]
-        }
-
-    def commands(self) -> dict[str, Any]:
-        return {}
+        return ModelCounters(
+            inferences=c["inferences"],
+            faults=c["faults"],
+            nan_outputs=c["nan_outputs"],
+            score_mean=float(np.mean(sc)) if sc else None,
+        )
 
 
 class StandInLoop:
-    """A control loop: every period it feeds `feed` to the active runner of `model`."""
+    """A control loop (ports.LoopStats): every period it feeds `feed` to the active runner
+    of `model`."""
 
     name = "loops"
 
-    def __init__(self, ctx: Context, model: str = "m1", period_s: float = 0.01) -> None:
-        self.ctx = ctx
+    def __init__(self, models: StandInModels, model: str = "m1", period_s: float = 0.01) -> None:
+        self.models = models
         self.model = model
         self.period_s = period_s
         self.feed = np.full((1, 4), 0.5, np.float32)
@@ -221,7 +217,6 @@ class StandInLoop:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        models = self.ctx.require("models")
         nxt = loop.time() + self.period_s
         while True:
             await asyncio.sleep(max(0.0, nxt - loop.time()))
@@ -230,15 +225,12 @@ class StandInLoop:
                 skipped = int((now - nxt) // self.period_s)
                 self.missed += skipped
                 nxt += skipped * self.period_s
-            models.infer(self.model, self.feed)
+            self.models.infer(self.model, self.feed)
             self.ticks += 1
             nxt += self.period_s
 
-    def status(self) -> dict[str, Any]:
-        return {"loops": [{"id": "stub", "ticks": self.ticks, "missed": self.missed}]}
-
-    def commands(self) -> dict[str, Any]:
-        return {}
+    def counters(self) -> LoopCounters:
+        return LoopCounters(ticks=self.ticks, missed=self.missed, overruns=0)
 
 
 def make_config(
@@ -268,11 +260,11 @@ def make_config(
     )
 
 
-def make_ctx(cfg: Config, tmp: Path) -> Context:
+def make_supervisor() -> Supervisor:
     def on_fatal(exc: Exception) -> None:
         raise exc
 
-    return Context(config=cfg, config_path=tmp / "edgerund.yaml", supervisor=Supervisor(on_fatal))
+    return Supervisor(on_fatal)
 
 
 async def wait_for(pred: Any, timeout_s: float = 30.0) -> None:
@@ -281,3 +273,46 @@ async def wait_for(pred: Any, timeout_s: float = 30.0) -> None:
         if time.monotonic() - t0 > timeout_s:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.02)
+
+
+class Running:
+    """The updates stack wired as the composition root wires it: slots (recovery) ->
+    models host -> loop -> updates component (in its task scope)."""
+
+    slots: SlotRepository
+    models: StandInModels
+    loop: StandInLoop
+    updates: UpdatesComponent
+    events: EventBus
+    supervisor: Supervisor
+
+
+@contextlib.asynccontextmanager
+async def running(
+    cfg: Config, *, with_loop: bool = True, counter: Counter | None = None
+) -> AsyncIterator[Running]:
+    r = Running()
+    r.events = EventBus()
+    slots = build_slots(cfg, events=r.events)
+    assert slots is not None
+    r.slots = slots
+    async with contextlib.AsyncExitStack() as stack:
+        r.supervisor = await stack.enter_async_context(make_supervisor())
+        await stack.enter_async_context(slots)
+        r.models = await stack.enter_async_context(StandInModels(cfg, slots))
+        r.loop = StandInLoop(r.models)
+        if with_loop:
+            await stack.enter_async_context(r.loop)
+        scope = await stack.enter_async_context(r.supervisor.scope("updates"))
+        r.updates = build(
+            cfg,
+            slots=slots,
+            scope=scope,
+            events=r.events,
+            counter=counter if counter is not None else counter_for(cfg, None),
+            models=r.models,
+            loops=r.loop if with_loop else None,
+            router=None,
+        )
+        await stack.enter_async_context(r.updates)
+        yield r

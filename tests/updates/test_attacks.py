@@ -246,6 +246,13 @@ def case_wrong_hardware(pub: Publisher, d: Path) -> Path:
     return pub.bundle(d / "b", version="2.0.0", counter=5, hardware_ids=["jetson-orin"])
 
 
+def case_version_mismatch(pub: Publisher, d: Path) -> Path:
+    # Issue #12 item 17: `models` would say 2.0.0 and the loops (and the PCR binding) 1.9.0.
+    return pub.bundle(
+        d / "b", version="2.0.0", counter=5, model_manifest={"name": "m1", "version": "1.9.0"}
+    )
+
+
 def case_unknown_model(pub: Publisher, d: Path) -> Path:
     return pub.bundle(d / "b", version="2.0.0", counter=5, name="other")
 
@@ -294,6 +301,7 @@ CASES = {
     "fifo_endless": (case_fifo, "not_a_file"),
     "wrong_hardware": (case_wrong_hardware, "incompatible_hardware"),
     "unknown_model": (case_unknown_model, "unknown_model"),
+    "version_mismatch": (case_version_mismatch, "version_mismatch"),
     "manifest_not_first": (case_manifest_not_first, "bundle_layout"),
 }
 

@@ -107,7 +107,10 @@ async def test_corrupt_active_slot_falls_back(
     async with harness() as h:
         assert h.current() == "a"
         assert h.models.runner("m1").version == "1.0.0"
-        assert h.updates.slot_info("m1")["last_failure"]["reason"] == "slot_corrupt"
+        info = h.updates.slot_info("m1")
+        assert info["last_failure"]["reason"] == "slot_file_hash"
+        assert info["quarantined"]["b"]["reason"] == "slot_file_hash"
+        assert info["slots"]["b"] is None
 
 
 async def test_mqtt_chunked_resumable_transfer(
@@ -267,3 +270,23 @@ def test_cli_keygen_build_verify(tmp_path: Path) -> None:
     assert run("verify", str(out), "--keyring", str(kr2)) == 0
     assert run("verify", str(out), "--keyring", str(kr1)) == 1
     assert run("verify", str(out), "--keyring", str(kr2), "--installed-version", "1.2.0") == 1
+
+
+async def test_mqtt_header_nesting_is_a_bad_request(harness: Any) -> None:
+    async with harness() as h:
+        out = json.loads(await h.updates.mqtt_handler(b"[" * 20000 + b"\n"))
+        assert out["ok"] is False and out["error"]["code"] == "bad_request"
+
+
+async def test_manual_rollback_to_a_tampered_slot_is_refused(
+    harness: Any, tmp_path: Path, publisher: Publisher
+) -> None:
+    async with harness() as h:
+        b = publisher.bundle(tmp_path / "v2.bundle", version="2.0.0", counter=1)
+        await h.updates.commands()["update"].handler({"path": str(b), "wait": "commit"}, ROOT)
+        # Slot a (the packaged model) changed after start-up: never flipped to.
+        (h.store.dir("a") / "model.onnx").write_bytes(b"not the packaged model")
+        with pytest.raises(CommandError) as ei:
+            await h.updates.commands()["rollback"].handler({"model": "m1"}, ROOT)
+        assert ei.value.code == "slot_shipped_mismatch"
+        assert h.current() == "b"

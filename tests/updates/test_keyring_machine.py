@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerund.errors import TrustError
 from edgerund.publisher import build as B
-from edgerund.updates import machine as m
+from edgerund.updates import machine
 from edgerund.updates.keyring import check_rotation, check_self_signed, parse_keyring
 from edgerund.updates.manifest import MANIFEST_DOMAIN, canonical, decode_manifest, signing_message
 
@@ -125,26 +125,28 @@ def test_duplicate_keys_refused() -> None:
     assert ei.value.code == "manifest_malformed" and "duplicate" in str(ei.value)
 
 
-def _dep() -> m.Deployment:
-    return m.Deployment(bundle_id="x", version="2", security_counter=1, source="t")
+def _dep() -> machine.Deployment:
+    return machine.Deployment(bundle_id="x", version="2", security_counter=1, source="t")
 
 
 def test_happy_path_actions() -> None:
-    rec = m.Record(
+    rec = machine.Record(
         model="m",
         active="a",
         slots={
-            "a": m.SlotInfo(version="1", bundle_id="s", security_counter=0, manifest_sha256=""),
+            "a": machine.SlotInfo(
+                version="1", bundle_id="s", security_counter=0, manifest_sha256=""
+            ),
             "b": None,
         },
     )
     trace = []
-    rec, acts = m.step(rec, m.Event("receive", deployment=_dep()))
+    rec, acts = machine.step(rec, machine.Event("receive", deployment=_dep()))
     trace.append((rec.state, [a.kind for a in acts]))
     for _ in range(6):
-        rec, acts = m.step(rec, m.Event("ok"))
+        rec, acts = machine.step(rec, machine.Event("ok"))
         trace.append((rec.state, [(a.kind, a.slot) for a in acts]))
-    rec, acts = m.step(rec, m.Event("ratcheted"))
+    rec, acts = machine.step(rec, machine.Event("ratcheted"))
     assert [s for s, _ in trace] == [
         "RECEIVED",
         "VERIFIED",
@@ -154,60 +156,74 @@ def test_happy_path_actions() -> None:
         "PROBATION",
         "COMMITTED",
     ]
-    assert all(acts_[0] in (m.A.PERSIST, (m.A.PERSIST, None)) for _, acts_ in trace)
-    assert trace[1][1][1] == (m.A.STAGE, "b")
-    assert trace[4][1][1:] == [(m.A.FLIP, "b"), (m.A.SWAP, "b")]
+    assert all(
+        acts_[0] in (machine.ActionKind.PERSIST, (machine.ActionKind.PERSIST, None))
+        for _, acts_ in trace
+    )
+    assert trace[1][1][1] == (machine.ActionKind.STAGE, "b")
+    assert trace[4][1][1:] == [(machine.ActionKind.FLIP, "b"), (machine.ActionKind.SWAP, "b")]
     assert rec.active == "b" and rec.attempts == 1 and rec.ratcheted
     assert rec.slots["b"].version == "2" and rec.slots["a"].version == "1"
 
 
 def test_every_event_outside_table_refused() -> None:
-    for st in m.S:
+    for st in machine.State:
         for ev in ("receive", "ok", "fail", "rollback", "ratcheted"):
-            rec = m.Record(
+            rec = machine.Record(
                 model="m",
                 state=st,
                 active="a",
                 deployment=_dep(),
                 slots={
-                    "a": m.SlotInfo(
+                    "a": machine.SlotInfo(
                         version="1", bundle_id="s", security_counter=0, manifest_sha256=""
                     ),
                     "b": None,
                 },
             )
-            if (st, ev) in m.TABLE:
+            if (st, ev) in machine.TABLE:
                 continue
-            with pytest.raises(m.InvalidTransition):
-                m.step(rec, m.Event(ev, deployment=_dep()))  # type: ignore[arg-type]
+            with pytest.raises(machine.InvalidTransition):
+                machine.step(rec, machine.Event(ev, deployment=_dep()))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("state", list(m.S))
-def test_recovery_table_covers_every_state(state: m.S) -> None:
-    dep = m.msgspec.structs.replace(_dep(), target="b")
-    rec = m.Record(
+@pytest.mark.parametrize("state", list(machine.State))
+def test_recovery_table_covers_every_state(state: machine.State) -> None:
+    dep = machine.msgspec.structs.replace(_dep(), target="b")
+    rec = machine.Record(
         model="m",
         state=state,
         active="a",
         deployment=dep,
         attempts=1,
         slots={
-            "a": m.SlotInfo(version="1", bundle_id="s", security_counter=0, manifest_sha256=""),
+            "a": machine.SlotInfo(
+                version="1", bundle_id="s", security_counter=0, manifest_sha256=""
+            ),
             "b": None,
         },
-        ratcheted=state is not m.S.COMMITTED,
+        ratcheted=state is not machine.State.COMMITTED,
     )
-    new, acts = m.recover(rec, max_attempts=2, now=0.0)
+    new, acts = machine.recover(rec, max_attempts=2, now=0.0)
     kinds = [a.kind for a in acts]
-    assert state in m.RECOVERY
-    assert (m.A.FLIP, "a") in [(a.kind, a.slot) for a in acts]  # `current` -> committed slot
-    assert new.state in {m.S.REJECTED, m.S.STAGED, m.S.PRECHECKED} | m.TERMINAL
-    if state in (m.S.TRIAL, m.S.PROBATION):
-        assert new.state is m.S.PRECHECKED and m.A.RESUME_TRIAL in kinds
-        gave_up, acts2 = m.recover(
-            m.msgspec.structs.replace(rec, attempts=2), max_attempts=2, now=0.0
+    assert state in machine.RECOVERY
+    assert (machine.ActionKind.FLIP, "a") in [
+        (a.kind, a.slot) for a in acts
+    ]  # `current` -> committed slot
+    assert (
+        new.state
+        in {machine.State.REJECTED, machine.State.STAGED, machine.State.PRECHECKED}
+        | machine.TERMINAL
+    )
+    if state in (machine.State.TRIAL, machine.State.PROBATION):
+        assert new.state is machine.State.PRECHECKED and machine.ActionKind.RESUME_TRIAL in kinds
+        gave_up, acts2 = machine.recover(
+            machine.msgspec.structs.replace(rec, attempts=2), max_attempts=2, now=0.0
         )
-        assert gave_up.state is m.S.ROLLED_BACK and gave_up.last_failure.reason == "crash_loop"
-        assert (m.A.INVALIDATE, "b") in [(a.kind, a.slot) for a in acts2]
-    if state is m.S.COMMITTED:
-        assert m.A.RATCHET in kinds
+        assert (
+            gave_up.state is machine.State.ROLLED_BACK
+            and gave_up.last_failure.reason == "crash_loop"
+        )
+        assert (machine.ActionKind.INVALIDATE, "b") in [(a.kind, a.slot) for a in acts2]
+    if state is machine.State.COMMITTED:
+        assert machine.ActionKind.RATCHET in kinds

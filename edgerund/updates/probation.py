@@ -1,0 +1,141 @@
+"""The probation judgement: is the model on trial healthy so far? (pure, no I/O, no clock)
+
+Theory of operation
+-------------------
+After a swap the new model runs the real control loops for the probation window. The
+watcher (steps.py) samples two monotonic counter sets every `poll_interval_ms`: the model
+host's counters of the model (`ports.ModelCounters`: inferences, faults, NaN outputs,
+recent score mean) and the loops' counters (`ports.LoopCounters`: missed ticks). It hands
+the samples taken at the start of the window and now to `judge`, which compares the
+DELTAS over the window with the policy (`updates.probation`: max faults, NaN outputs,
+missed ticks) and the bundle's health criteria (`health.score_min/score_max`, the range
+the recent score mean must stay in), in this order, and returns one verdict:
+
+    fail   reason probation_faults | probation_nan | probation_missed_ticks | probation_score
+    pass   the window has elapsed and nothing failed
+    watch  nothing failed yet, the window is still open
+
+Counters are deltas, so what the previous model did before the swap never counts against
+the new one. The score check waits for at least one inference of the new model.
+
+Missed ticks are judged against the PREVIOUS model: on a loaded host the loops miss some
+ticks whatever model runs, and a single missed tick must not roll a good model back. So
+just before the swap the watcher measures the old model's miss rate over a window as long
+as the probation window (capped by `baseline_max_s`): a `Baseline`. The new model may
+then miss `max_missed_ticks` plus `missed_ratio` times what the old model's rate predicts
+for the ticks of the probation window. Without a baseline (a trial resumed after a crash,
+no loops) `max_missed_ticks` alone applies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from edgerund.ports import LoopCounters, ModelCounters
+from edgerund.updates.config import ProbationConfig
+from edgerund.updates.manifest import Health
+
+NO_MODEL = ModelCounters(inferences=0, faults=0, nan_outputs=0, score_mean=None)
+NO_LOOPS = LoopCounters(ticks=0, missed=0, overruns=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """The counters at one instant of the probation window."""
+
+    model: ModelCounters
+    loops: LoopCounters
+
+
+@dataclass(frozen=True, slots=True)
+class ProbationVerdict:
+    kind: Literal["watch", "pass", "fail"]
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """The loops' counters over a window while the PREVIOUS model ran (deltas)."""
+
+    ticks: int
+    missed: int
+
+    @property
+    def miss_rate(self) -> float:
+        """Missed deadlines per deadline (a tick run or a tick missed)."""
+        return self.missed / max(1, self.ticks + self.missed)
+
+
+def baseline_of(start: Sample, end: Sample) -> Baseline:
+    return Baseline(
+        ticks=end.loops.ticks - start.loops.ticks, missed=end.loops.missed - start.loops.missed
+    )
+
+
+def missed_allowed(policy: ProbationConfig, baseline: Baseline | None, deadlines: int) -> int:
+    """How many missed ticks the new model may cause over `deadlines` deadlines."""
+    if baseline is None:
+        return policy.max_missed_ticks
+    expected = baseline.miss_rate * deadlines * policy.missed_ratio
+    return policy.max_missed_ticks + math.ceil(expected)
+
+
+WATCH = ProbationVerdict("watch")
+PASS = ProbationVerdict("pass")
+
+
+def judge(
+    start: Sample,
+    now: Sample,
+    *,
+    elapsed_s: float,
+    window_s: float,
+    health: Health,
+    policy: ProbationConfig,
+    baseline: Baseline | None = None,
+) -> ProbationVerdict:
+    """The verdict on the window so far (see the module docstring)."""
+    faults = now.model.faults - start.model.faults
+    if faults > policy.max_faults:
+        return ProbationVerdict(
+            "fail",
+            "probation_faults",
+            f"{faults} model fault(s) during probation (max {policy.max_faults})",
+        )
+    nans = now.model.nan_outputs - start.model.nan_outputs
+    if nans > policy.max_nan_outputs:
+        return ProbationVerdict(
+            "fail",
+            "probation_nan",
+            f"{nans} NaN/Inf output(s) during probation (max {policy.max_nan_outputs})",
+        )
+    missed = now.loops.missed - start.loops.missed
+    deadlines = now.loops.ticks - start.loops.ticks + missed
+    allowed = missed_allowed(policy, baseline, deadlines)
+    if missed > allowed:
+        why = (
+            f"max {allowed}"
+            if baseline is None
+            else f"max {allowed}: the previous model missed {baseline.missed} of"
+            f" {baseline.ticks + baseline.missed} before the swap"
+        )
+        return ProbationVerdict(
+            "fail",
+            "probation_missed_ticks",
+            f"{missed} missed loop tick(s) of {deadlines} during probation ({why})",
+        )
+    mean = now.model.score_mean
+    if mean is not None and now.model.inferences > start.model.inferences:
+        if not math.isfinite(mean):
+            return ProbationVerdict("fail", "probation_score", "recent score mean is not finite")
+        lo, hi = health.score_min, health.score_max
+        if (lo is not None and mean < lo) or (hi is not None and mean > hi):
+            return ProbationVerdict(
+                "fail",
+                "probation_score",
+                f"recent score mean {mean:.4g} outside [{lo}, {hi}]",
+            )
+    return PASS if elapsed_s >= window_s else WATCH

@@ -1,0 +1,128 @@
+"""The probation judgement as a pure function: counter deltas over the window, the
+bundle's health criteria and the policy in; a verdict and a reason out. No I/O, no clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from edgerund.ports import LoopCounters, ModelCounters
+from edgerund.updates.config import ProbationConfig
+from edgerund.updates.manifest import Health
+from edgerund.updates.probation import Baseline, Sample, baseline_of, judge, missed_allowed
+
+
+def sample(
+    inferences: int = 0,
+    faults: int = 0,
+    nan: int = 0,
+    score: float | None = None,
+    missed: int = 0,
+) -> Sample:
+    return Sample(
+        ModelCounters(inferences=inferences, faults=faults, nan_outputs=nan, score_mean=score),
+        LoopCounters(ticks=inferences, missed=missed, overruns=0),
+    )
+
+
+POLICY = ProbationConfig(max_faults=1, max_nan_outputs=0, max_missed_ticks=2)
+HEALTH = Health(score_min=0.0, score_max=10.0)
+
+
+def verdict(start: Sample, now: Sample, elapsed_s: float = 1.0, window_s: float = 5.0) -> str:
+    v = judge(start, now, elapsed_s=elapsed_s, window_s=window_s, health=HEALTH, policy=POLICY)
+    assert (v.reason == "") == (v.kind != "fail")
+    assert (v.message != "") == (v.kind == "fail")
+    return v.kind if v.kind != "fail" else v.reason
+
+
+def test_healthy_window_watches_then_passes() -> None:
+    start, now = sample(inferences=100, score=1.0), sample(inferences=200, score=2.0)
+    assert verdict(start, now, elapsed_s=1.0) == "watch"
+    assert verdict(start, now, elapsed_s=5.0) == "pass"
+
+
+def test_deltas_not_totals_count() -> None:
+    # The previous model's faults, NaNs and missed ticks before the window never count.
+    start = sample(inferences=100, faults=50, nan=7, missed=40, score=1.0)
+    now = sample(inferences=150, faults=51, nan=7, missed=42, score=1.0)
+    assert verdict(start, now) == "watch"
+
+
+@pytest.mark.parametrize(
+    ("now", "reason"),
+    [
+        (sample(inferences=10, faults=2), "probation_faults"),
+        (sample(inferences=10, nan=1), "probation_nan"),
+        (sample(inferences=10, missed=3), "probation_missed_ticks"),
+        (sample(inferences=10, score=10.5), "probation_score"),
+        (sample(inferences=10, score=-0.1), "probation_score"),
+        (sample(inferences=10, score=math.nan), "probation_score"),
+        (sample(inferences=10, score=math.inf), "probation_score"),
+    ],
+)
+def test_each_criterion_fails_with_its_reason(now: Sample, reason: str) -> None:
+    assert verdict(sample(), now) == reason
+    # ... even once the window has elapsed: a failure outranks the pass.
+    assert verdict(sample(), now, elapsed_s=9.0) == reason
+
+
+def test_order_faults_before_nan_before_missed_before_score() -> None:
+    now = sample(inferences=10, faults=5, nan=5, missed=5, score=99.0)
+    assert verdict(sample(), now) == "probation_faults"
+    assert verdict(sample(), sample(inferences=10, nan=5, missed=5, score=99.0)) == "probation_nan"
+
+
+def test_score_waits_for_an_inference_of_the_new_model() -> None:
+    # A stale out-of-range mean with no inference in the window is not judged yet.
+    assert verdict(sample(inferences=10, score=99.0), sample(inferences=10, score=99.0)) == "watch"
+
+
+def test_no_range_no_score_check() -> None:
+    v = judge(
+        sample(),
+        sample(inferences=5, score=1e9),
+        elapsed_s=0.0,
+        window_s=1.0,
+        health=Health(),
+        policy=POLICY,
+    )
+    assert v.kind == "watch"
+
+
+def _loops(ticks: int, missed: int) -> Sample:
+    return Sample(
+        ModelCounters(inferences=ticks, faults=0, nan_outputs=0, score_mean=1.0),
+        LoopCounters(ticks=ticks, missed=missed, overruns=0),
+    )
+
+
+def test_missed_ticks_judged_against_the_previous_models_rate() -> None:
+    # Issue #12 item 12: on a loaded host the old model missed 10 of 1000 deadlines before
+    # the swap; the new model missing 12 of 1000 is the host, not the model.
+    policy = ProbationConfig(max_missed_ticks=0, missed_ratio=2.0)
+    before = baseline_of(_loops(0, 0), _loops(990, 10))
+    assert before.miss_rate == pytest.approx(0.01)
+
+    def judge_missed(missed: int, baseline: Baseline | None) -> str:
+        v = judge(
+            _loops(0, 0),
+            _loops(1000 - missed, missed),
+            elapsed_s=1.0,
+            window_s=5.0,
+            health=HEALTH,
+            policy=policy,
+            baseline=baseline,
+        )
+        return v.kind if v.kind != "fail" else v.reason
+
+    assert judge_missed(12, before) == "watch"
+    assert judge_missed(20, before) == "watch"  # 2 x the old rate: still the host
+    assert judge_missed(21, before) == "probation_missed_ticks"  # worse than the old model
+    # Without a baseline (a resumed trial) the absolute limit alone applies.
+    assert judge_missed(1, None) == "probation_missed_ticks"
+    # An idle host: the old model missed nothing, so the new one may miss nothing either.
+    quiet = baseline_of(_loops(0, 0), _loops(1000, 0))
+    assert judge_missed(1, quiet) == "probation_missed_ticks"
+    assert missed_allowed(policy, quiet, 1000) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import termios
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,44 @@ async def test_soak1_1_serial_reopen_line_settings_error_is_a_device_error(
     finally:
         os.close(master)
         os.close(slave)
+
+
+async def test_soak1_20261206_stop_with_a_hung_diag_client_logs_no_traceback(
+    tmp_path: Path,
+) -> None:
+    """soak1-20261206 (the long run), t≈300 s: SIGTERM while `diag_hang` clients were
+    connected logged `ERROR asyncio: Exception in callback ... CancelledError` with a
+    traceback per client: the diag server cancelled its connection tasks, and Python
+    3.11's start_server callback calls task.exception() on a cancelled task. Real
+    socket, real clients that connect and say nothing (one half a line)."""
+    import asyncio
+    import socket
+
+    from edgerund.diag import DiagServer
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _l, ctx: errors.append(ctx))
+    path = str(tmp_path / "diag.sock")
+    clients: list[socket.socket] = []
+    try:
+        async with DiagServer(path, {}, mode=0o600, group=None) as srv:
+            for partial in (b"", b'{"id": 1, "cmd": "sta'):
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.setblocking(False)
+                await loop.sock_connect(c, path)
+                if partial:
+                    await loop.sock_sendall(c, partial)
+                clients.append(c)
+            for _ in range(100):
+                if len(srv._clients) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(srv._clients) == 2
+        for _ in range(5):
+            await asyncio.sleep(0.01)  # let the server's done-callbacks run
+    finally:
+        for c in clients:
+            c.close()
+        loop.set_exception_handler(None)
+    assert errors == [], [str(e.get("message")) for e in errors]

@@ -68,7 +68,7 @@ class Bounds:
     """Limits of one profile. A short run cannot tell a small leak from noise, so its
     slope bounds are loose (they still catch a leak per fault); the long run's are tight."""
 
-    rss_mb_per_h: float = 250.0
+    rss_mb_per_h: float = 600.0
     fd_per_h: float = 120.0
     threads_per_h: float = 120.0
     tasks_per_h: float = 600.0
@@ -77,7 +77,7 @@ class Bounds:
     drain_timeout_s: float = 150.0
 
 
-SHORT = Bounds(rss_mb_per_h=250.0, threads_per_h=60.0)
+SHORT = Bounds(rss_mb_per_h=600.0, threads_per_h=60.0)
 LONG = Bounds(rss_mb_per_h=5.0, fd_per_h=5.0, threads_per_h=5.0, tasks_per_h=30.0)
 
 

@@ -72,7 +72,12 @@ class Bounds:
     fd_per_h: float = 120.0
     threads_per_h: float = 120.0
     tasks_per_h: float = 600.0
-    missed_fraction: float = 0.10  # missed ticks / ticks outside injected stalls
+    # missed ticks / ticks outside injected stalls and restarts: the 10 ms motor loop on a
+    # shared, loaded 2-core runner misses 1-9 % from CPU starvation alone
+    missed_fraction: float = 0.25
+    # ... and no single 1 s poll interval may lose this fraction of its ticks: a loop
+    # blocked for most of a second that the harness did not block is a bug
+    interval_missed_fraction: float = 0.9
     status_latency_s: float = STATUS_LIMIT_S
     drain_timeout_s: float = 150.0
 
@@ -454,8 +459,17 @@ class Soak:
                 or any(prev[0] <= w.start <= t for w in self.st.quiet)
             ):
                 continue
-            self.st.ticks[key] += ticks - prev[1] + missed - prev[2]
-            self.st.missed[key] += missed - prev[2]
+            d_ticks, d_missed = ticks - prev[1] + missed - prev[2], missed - prev[2]
+            self.st.ticks[key] += d_ticks
+            self.st.missed[key] += d_missed
+            if d_ticks >= 10 and d_missed / d_ticks > self.bounds.interval_missed_fraction:
+                self.st.violate(
+                    "loop_stalled",
+                    loop=key,
+                    missed=d_missed,
+                    of=d_ticks,
+                    span_s=round(t - prev[0], 2),
+                )
 
     def _sample_resources(self, status: dict[str, Any], t: float) -> None:
         pid = status.get("pid")
@@ -646,6 +660,9 @@ class Soak:
                 seqs=acc.unaccounted_seqs[:50],
                 drained=drained,
             )
+        bad_ts = rig.consumer.sink.bad_timestamps
+        if bad_ts:
+            st.violate("sample_timestamps", count=len(bad_ts), first=bad_ts[:5])
         slopes = {
             name: inv.pooled_slope(_long_segments(list(st.res[name].values())))
             for name in ("rss_mb", "fds", "threads", "tasks")
@@ -693,6 +710,7 @@ class Soak:
             "daemon_starts": st.restarts,
             "unexpected_exits": st.unexpected_exits,
             "consumer_counts": dict(rig.consumer.consumer.counts),
+            "max_sample_time_ahead_s": round(rig.consumer.sink.max_future_skew_s, 1),
             "spool_max_seq": {str(k): v for k, v in st.spool_max.items()},
             "consumer_seen": {str(k): v[:20] for k, v in rig.consumer.seen().items()},
             "resources": {

@@ -11,9 +11,11 @@ daemon's own counters.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +40,32 @@ class CollectingSink:
         self.lock = threading.Lock()
         self.losses: list[dict[str, Any]] = []
         self.records = 0
+        self.bad_timestamps: list[dict[str, Any]] = []
+        self.max_future_skew_s = float("-inf")
 
     def write(self, records: list[dict[str, Any]]) -> None:
+        now_ms = time.time() * 1000  # the harness's (real) wall clock
         with self.lock:
             self.records += len(records)
             for r in records:
+                t = r.get("t_ms")
+                if r.get("type") == "series" and isinstance(t, list) and t:
+                    # sane timestamps across NTP steps: ordered within a batch, and between
+                    # 2020 and 30 days ahead of the real clock (steps are -2 h .. +1 day)
+                    skew = (max(t) - now_ms) / 1000
+                    self.max_future_skew_s = max(self.max_future_skew_s, skew)
+                    if any(b < a for a, b in itertools.pairwise(t)) or not (
+                        1_577_836_800_000 <= min(t) and skew <= 30 * 86400
+                    ):
+                        self.bad_timestamps.append(
+                            {
+                                "epoch": r.get("epoch"),
+                                "seq": r.get("seq"),
+                                "series": r.get("name"),
+                                "t_first": t[0],
+                                "t_last": t[-1],
+                            }
+                        )
                 if r.get("type") == "loss":
                     self.losses.append(
                         {

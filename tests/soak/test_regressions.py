@@ -81,3 +81,32 @@ async def test_soak1_20261206_stop_with_a_hung_diag_client_logs_no_traceback(
             c.close()
         loop.set_exception_handler(None)
     assert errors == [], [str(e.get("message")) for e in errors]
+
+
+async def test_soak1_20261206_write_interest_on_a_socket_closed_meanwhile_is_dropped() -> None:
+    """soak1-20261206 (the long run), t≈541 s, during a 150 s link cut with the uplink
+    reconnecting: aiomqtt scheduled `add_writer(fd)` for paho's socket, the socket was
+    closed before the loop ran it, and the loop logged "Exception in callback ...
+    add_writer ... OSError: [Errno 9] Bad file descriptor" with a traceback (a reused fd
+    would have been watched for the wrong socket). A real socket, closed between paho's
+    request and the loop's turn."""
+    import asyncio
+    import socket
+
+    from edgerund.telemetry.uplink import _AckClient
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _l, ctx: errors.append(ctx))
+    client = _AckClient("127.0.0.1", 1)
+    a, b = socket.socketpair()
+    try:
+        client._client._sock = a  # paho's current socket
+        client._on_socket_register_write(client._client, None, a)
+        a.close()  # the link dropped before the loop's turn
+        for _ in range(5):
+            await asyncio.sleep(0)
+    finally:
+        b.close()
+        loop.set_exception_handler(None)
+    assert errors == [], [str(e.get("message")) for e in errors]

@@ -1,10 +1,11 @@
 """The soak profiles as tests.
 
 `test_soak_short` is the CI profile: about five minutes of overlapping faults (seed
-SOAK_SEED or the fixed default soak1-4, whose schedule has every fault kind) against the real peers, and every invariant of
-tests/soak/harness.py must hold. Its bounds are generous for a loaded 2-core runner
-(status within 1 s outside injected stalls and restarts, missed ticks under 10 %, slopes
-loose enough for five minutes of noise) but each still fails on the fault it guards.
+SOAK_SEED, or soak1-4, whose schedule has every fault kind) against the real peers, and
+every invariant of tests/soak/harness.py must hold. Its bounds are generous for a loaded
+2-core runner (status within 1 s outside injected stalls and restarts, missed ticks under
+25 %, slopes loose enough for five minutes of noise) but each still fails on the fault it
+guards.
 
 The pure parts (schedule reproducibility, slope and accounting arithmetic) are tested
 here too, so a harness bug cannot turn a broken daemon green.

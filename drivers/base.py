@@ -52,6 +52,7 @@ __all__ = [
     "Reading",
     "Resources",
     "Sample",
+    "SelfTimedRead",
     "SensorConfig",
     "StreamSensor",
     "acquired_at",
@@ -183,6 +184,22 @@ class PolledSensor(Protocol):
     async def open(self) -> None: ...
     async def read(self) -> Sequence[Reading]: ...
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class SelfTimedRead(Protocol):
+    """A polled sensor that bounds every device exchange itself by `read_timeout_ms`.
+
+    Such a driver knows what a timeout means and says it in its own words (Modbus:
+    `no response within 300 ms` naming unit and function), and one of its reads may hold
+    several exchanges. `read_deadline_s` is the longest one `read()` can take when every
+    exchange times out; the hub's own `read_timeout_ms` timer would otherwise fire first
+    (same length, started earlier) and replace the driver's message with a bare
+    `read timed out`, and its no-retry-after-timeout rule would skip `retries`. For these
+    drivers the hub's timer is a backstop at `read_deadline_s` plus a margin.
+    """
+
+    read_deadline_s: float
 
 
 @runtime_checkable

@@ -39,12 +39,16 @@ SENSOR_MODULES: tuple[str, ...] = (
     "drivers.serial.nmea",
     "drivers.serial.modbus",
     "drivers.serial.cobs",
+    "drivers.w1",
+    "drivers.gpio_input",
 )
 ACTUATOR_MODULES: tuple[str, ...] = (
     "drivers.i2c.actuator",
     "drivers.serial.actuator",
     "drivers.serial.modbus_actuator",
+    "drivers.i2c.pca9685",
     "drivers.gpio",
+    "drivers.pwm_sysfs",
     "drivers.mqtt_command",
 )
 

@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     c.set_defaults(func=cmd_check_config)
 
+    d = sub.add_parser(
+        "discover",
+        help="probe buses and ports read-only, print a sensors: fragment",
+        description="Probe I2C buses, serial ports (NMEA), a named Modbus port, 1-Wire "
+        "probes, GPIO and PWM chips, read-only, and print a commented YAML fragment that "
+        "check-config accepts. For a daemon that is not running; with the daemon running "
+        "use `edgerunctl discover` (it leaves the daemon's buses and ports alone).",
+    )
+    from edgerund.toolkit import discover
+
+    discover.add_arguments(d)
+    d.set_defaults(func=lambda a: discover.run(discover.options_from_args(a)))
+
     # Publisher and backend tools live in their own packages, which the daemon never
     # imports; imported here, not at module load, so `edgerund run` does not pay for them.
     from edgerund.backend import attest_cli, telemetry_cli

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 profile="${1:-run}"   # run | test
 apt_run=(python3 python3-venv python3-dev build-essential pkg-config)
 apt_test=(mosquitto mosquitto-clients swtpm swtpm-tools libtss2-dev tpm2-tools systemd
-          debootstrap tmux dpkg-dev fakeroot)
+          debootstrap tmux dpkg-dev fakeroot postgresql strace)
 pkgs=("${apt_run[@]}")
 [ "$profile" = test ] && pkgs+=("${apt_test[@]}")
 

@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.binaries",
     "tests.fixtures.mosquitto",
+    "tests.fixtures.postgres",
     "tests.fixtures.swtpm",
     "tests.fixtures.loopguard",
 ]

@@ -43,6 +43,7 @@ PURE_MODULES = (
     "edgerund/identity/nvbinding.py",
     "edgerund/remote.py",
     "edgerund/jsondepth.py",
+    "drivers/edges.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

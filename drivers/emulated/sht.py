@@ -9,8 +9,9 @@ NACKed, and no command is accepted during a conversion). The result is latched a
 end of the conversion from the physical signals, encoded as two words each followed by
 its CRC-8, and can be read once; a second read without a new command is NACKed. Unknown
 commands are NACKed in the data phase. SHT3x also answers the status register
-(power-up value 0x8010: alert pending + reset detected) and clear-status; SHT4x answers
-its serial number. Bit-flip faults corrupt the bytes after the CRC was computed, as
+(power-up value 0x8010: alert pending + reset detected) and clear-status; both parts
+answer the serial-number command (SHT3x 0x3780, SHT4x 0x89), which the SHT4x driver and
+`discover` read. Bit-flip faults corrupt the bytes after the CRC was computed, as
 noise on SDA would, so the driver's CRC check catches them.
 """
 
@@ -23,6 +24,7 @@ from drivers.emulated.i2c import Clock, EmulatedDevice, Nack, SignalLike, as_sig
 from drivers.i2c.sht import (
     SHT3X_CLEAR_STATUS,
     SHT3X_MEASURE,
+    SHT3X_READ_SERIAL,
     SHT3X_READ_STATUS,
     SHT3X_SOFT_RESET,
     SHT4X_MEASURE,
@@ -100,6 +102,9 @@ class EmulatedSHT(EmulatedDevice):
                 self._pending_end = now + SHT3X_TYP_S[cmd]
             elif cmd == SHT3X_READ_STATUS:
                 self._reply = encode_words([self.status])
+            elif cmd == SHT3X_READ_SERIAL:
+                s = self.serial_number
+                self._reply = encode_words([(s >> 16) & 0xFFFF, s & 0xFFFF])
             elif cmd == SHT3X_CLEAR_STATUS:
                 self.status &= ~0x8C10
                 self._reply = None

@@ -105,6 +105,7 @@ SHT3X_MEASURE_MAX_S = {"high": 0.0155, "medium": 0.0065, "low": 0.0045}
 SHT3X_SOFT_RESET = 0x30A2
 SHT3X_READ_STATUS = 0xF32D
 SHT3X_CLEAR_STATUS = 0x3041
+SHT3X_READ_SERIAL = 0x3780  # electronic id, no clock stretching (SHT3x-DIS datasheet §4.4)
 SHT3X_ADDRESSES = {0x44: "ADDR to VSS", 0x45: "ADDR to VDD"}
 
 # SHT4x: datasheet Table 7.

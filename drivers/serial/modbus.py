@@ -34,7 +34,11 @@ Several units share a port through the port's exclusive `transaction()` lock.
 
 Driver (`ModbusSensor`): polled; reads the configured register map in as few requests as
 possible (contiguous blocks per function, at most 125 registers each, gaps up to
-`max_gap_registers` read through) and returns one Reading per register entry.
+`max_gap_registers` read through) and returns one Reading per register entry. It times
+each exchange itself (`read_timeout_ms` per request): a silent unit is a DeviceError
+`modbus PORT: unit U function F: no response within N ms`, which the hub retries at once
+`retries` times (immediate re-reads) before the read counts as failed; the hub's own
+timer is only a backstop beyond `read_deadline_s` (drivers/base.py SelfTimedRead).
 """
 
 from __future__ import annotations
@@ -512,6 +516,18 @@ class ModbusSensor(PortUser):
         self.channels = [ChannelInfo(r.name, r.unit) for r in cfg.registers]
         self.blocks = plan_reads(cfg.registers, cfg.max_gap_registers)
         self.counters = self.master.counters
+
+    @property
+    def read_deadline_s(self) -> float:
+        """drivers/base.py SelfTimedRead: every block's exchange timing out in a row.
+
+        Each exchange is the t3.5 gap, the request on the wire, then `read_timeout_ms`
+        for the answer (plus the inter-byte silence if a partial one trails off).
+        """
+        m = self.master
+        char = float(self.port.char_time_s)
+        per = m.gap_s + 8 * char + m.timeout_s + max(m.gap_s, m.inter_byte_timeout_s) + 256 * char
+        return float(len(self.blocks) * per)
 
     async def read(self) -> Sequence[Reading]:
         out: list[tuple[int, Reading]] = []

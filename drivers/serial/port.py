@@ -81,6 +81,17 @@ class _NoNode(EdgerundError):
     pass
 
 
+class _Refused(EdgerundError):
+    """The device refused the line settings (termios.error from tcsetattr)."""
+
+
+_DEFAULTS: dict[str, Any] = {"baudrate": 9600, "bytesize": 8, "parity": "N", "stopbits": 1}
+
+
+def _describe(name: str, value: Any) -> str:
+    return f"{name} {value!r}" if isinstance(value, str) else f"{name} {value:g}"
+
+
 def _close_result(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is None:
         # off the loop: pyserial's socket close() sleeps
@@ -215,11 +226,10 @@ class AsyncSerialPort:
                 f"serial port {self.url}: device node does not exist "
                 "(adapter unplugged or wrong path)"
             ) from None
-        except (serial.SerialException, OSError, ValueError, termios.error) as exc:
-            # termios.error is not an OSError: pyserial lets tcsetattr's failure through
-            # (EINVAL from a pty whose other side is being reset, EIO from an adapter
-            # unplugged between open() and the line settings). It is a device fault, not
-            # a driver bug: the sensor goes through the normal failed/re-probe path.
+        except _Refused as exc:
+            self.counters["errors"] += 1
+            raise DeviceError(f"serial port {self.url}: {exc}") from None
+        except (serial.SerialException, OSError, ValueError) as exc:
             self.counters["errors"] += 1
             raise DeviceError(f"serial port {self.url}: cannot open: {exc}") from exc
         self._ser = ser
@@ -248,8 +258,40 @@ class AsyncSerialPort:
         if not is_socket and hasattr(ser, "exclusive"):
             # flock: a second process opening the same adapter would steal bytes.
             ser.exclusive = True
-        ser.open()
+        try:
+            ser.open()
+        except termios.error as exc:
+            # tcsetattr refused (a parity or stop bits a USB adapter cannot do, a baud
+            # rate it cannot reach). pyserial lets termios.error through unwrapped; it is
+            # the device saying no, not a bug, so say which setting it refused.
+            raise _Refused(self._refusal(kwargs, exc)) from None
         return ser
+
+    def _refusal(self, kwargs: dict[str, Any], exc: termios.error) -> str:
+        """Which of the configured settings the device refuses: try each alone."""
+        code = exc.args[0] if exc.args else "?"
+        text = exc.args[1] if len(exc.args) > 1 else str(exc)
+        culprits: list[str] = []
+        for name, default in _DEFAULTS.items():
+            if kwargs[name] == default:
+                continue
+            probe = serial.serial_for_url(self.url, **{**kwargs, **_DEFAULTS, name: kwargs[name]})
+            try:
+                probe.open()
+            except termios.error:
+                culprits.append(_describe(name, kwargs[name]))
+            except (serial.SerialException, OSError, ValueError):
+                pass
+            else:
+                probe.close()
+        line = f"{self.baudrate} {self.bytesize}{self.parity}{self.stopbits:g}"
+        what = (
+            f"refuses {' and '.join(culprits)}" if culprits else f"refuses the combination {line}"
+        )
+        return (
+            f"the device {what} (settings {line}; tcsetattr: [errno {code}] {text}); "
+            "the adapter or its kernel driver cannot do this: change the setting or the adapter"
+        )
 
     def _teardown(self) -> None:
         ser, self._ser = self._ser, None

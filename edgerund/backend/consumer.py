@@ -12,6 +12,14 @@ cluster; `meta` and `state` through ordinary subscriptions (brokers do not send 
 messages to shared subscriptions). With the SQLite sink the dedup set is the `batches`
 table itself, so a restarted consumer (or several sharing one database) still drops
 duplicates.
+
+With a transactional `store` (the PostgreSQL sink, edgerund/backend/pgsink.py) the
+consumer acknowledges messages manually, and only after the transaction holding them has
+committed: a consumer killed at any point leaves the broker holding every message whose
+rows are not durably in the database, and its persistent session gets them again on
+reconnect (a shared subscription queues for an absent member's session). Messages are
+decoded and written in groups (whatever arrived while the previous group was being
+committed, up to `group_max`), off the event loop.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from edgerund.telemetry import codec
 
@@ -121,6 +129,7 @@ class Consumer:
         public_keys: Iterable[Any] = (),
         require_signature: bool = False,
         prefix: str = "tlm/v1",
+        dedup: bool = True,
     ) -> None:
         from cryptography.hazmat.primitives import serialization
 
@@ -131,6 +140,11 @@ class Consumer:
             )
             self.keys[codec.key_id_for(spki)] = k
         self.require_signature = require_signature
+        # False when a database is the dedup and gap authority (PostgresSink): a batch must
+        # reach it again after a failed commit, so memory must not call the redelivery a
+        # duplicate; and a member of a group sees every other sequence, so its own ranges
+        # would only fragment (memory growing with the stream) without telling anything.
+        self.dedup = dedup
         self.prefix = prefix.split("/")
         self.metas: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
         self.states: dict[str, dict[str, Any]] = {}
@@ -227,18 +241,19 @@ class Consumer:
             raise codec.DecodeError(f"batch {framed.epoch}/{framed.seq}: {why}")
         if verified is None:  # counted per processed batch, duplicates included
             self.counts["unverified"] += 1
-        if self.is_seen(gw, framed.epoch, framed.seq):
+        if self.dedup and self.is_seen(gw, framed.epoch, framed.seq):
             self.counts["duplicates"] += 1
             return [dict(rec_base, type="duplicate", epoch=framed.epoch, seq=framed.seq)]
         dec = codec.decode_framed(framed)
         b = dec.batch
-        self.mark_seen(gw, b.epoch, b.seq)
         self.counts["batches"] += 1
-        tracker = self.trackers[(gw, b.epoch)]
-        for blk in b.blocks:
-            if isinstance(blk, codec.LossBlock):
-                for s in blk.seqs:
-                    tracker.lost.add(s)
+        if self.dedup:
+            self.mark_seen(gw, b.epoch, b.seq)
+            tracker = self.trackers[(gw, b.epoch)]
+            for blk in b.blocks:
+                if isinstance(blk, codec.LossBlock):
+                    for s in blk.seqs:
+                        tracker.lost.add(s)
         meta = self.metas.get((gw, b.schema_ver))
         out = codec.to_json(dec, meta)
         for r in out:
@@ -358,6 +373,22 @@ class SqliteSink:
 Sink = JsonLinesSink | SqliteSink
 
 
+class WriteResult(Protocol):
+    new_batches: int
+    duplicates: int
+    rejected: int
+
+
+class Store(Protocol):
+    """A transactional sink: `write_many` commits all it is given or raises."""
+
+    def write_many(self, messages: list[list[dict[str, Any]]]) -> WriteResult: ...
+
+    def refresh_gaps(self) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
 async def run(
     consumer: Consumer,
     sink: Sink,
@@ -374,12 +405,17 @@ async def run(
     gap_report_s: float | None = None,
     ready: asyncio.Event | None = None,
     resend_after_s: float | None = None,
+    store: Store | None = None,
+    group_max: int = 200,
 ) -> None:
     """Consume until `stop` is set or `max_batches` new batches arrived; reconnects.
 
     With `resend_after_s`, a gap still open after that long is requested from its gateway
     with `cmd/resend` (again every 30 s while it stays open): the repair path for batches
     the broker did not queue for us (e.g. a shared subscription lost in a broker restart).
+
+    With `store`, batches, meta and state go to it (acknowledged after its commit), gaps
+    come from it, and `sink` gets only the consumer's own reports (resend requests).
     """
     import aiomqtt
     from paho.mqtt.packettypes import PacketTypes
@@ -401,10 +437,12 @@ async def run(
     gap_seen: dict[tuple[str, int, int, int], float] = {}
     gap_asked: dict[tuple[str, int, int, int], float] = {}
 
+    store_gaps: list[dict[str, Any]] = []
+
     async def ask_resends(client: Any) -> None:
         now = time.monotonic()
         current = set()
-        for g in consumer.gaps():
+        for g in store_gaps if store is not None else consumer.gaps():
             key = (g["gateway"], g["epoch"], g["from_seq"], g["to_seq"])
             current.add(key)
             first = gap_seen.setdefault(key, now)
@@ -441,13 +479,66 @@ async def run(
             if stop.is_set():
                 return
 
+    def decode_and_commit(msgs: list[Any]) -> None:
+        assert store is not None
+        recs = []
+        for m in msgs:
+            payload = m.payload
+            if not isinstance(payload, bytes | bytearray):
+                payload = str(payload or "").encode()
+            recs.append(consumer.handle(str(m.topic), bytes(payload)))
+        res = store.write_many(recs)
+        # The consumer counted every decoded batch; the database knows which were new, and
+        # which it refused (set aside in the database, acknowledged, not retried).
+        consumer.counts["batches"] -= res.duplicates + res.rejected
+        consumer.counts["duplicates"] += res.duplicates
+        consumer.counts["invalid"] += res.rejected
+
+    async def read_into_store(client: Any) -> None:
+        nonlocal last_gap, store_gaps
+        assert store is not None
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for msg in client.messages:
+                queue.put_nowait(msg)
+
+        pumper = asyncio.create_task(pump())
+        try:
+            while not stop.is_set():
+                if pumper.done():
+                    pumper.result()  # the connection ended: raise its error
+                    return
+                msgs = []
+                with contextlib.suppress(TimeoutError):
+                    msgs.append(await asyncio.wait_for(queue.get(), 0.5))
+                while msgs and len(msgs) < group_max and not queue.empty():
+                    msgs.append(queue.get_nowait())
+                if msgs:
+                    await asyncio.to_thread(decode_and_commit, msgs)
+                    for m in msgs:  # in order of receipt, as MQTT requires
+                        if m.qos > 0:
+                            client._client.ack(m.mid, m.qos)
+                if (
+                    max_batches is not None
+                    and consumer.counts["batches"] - start_batches >= max_batches
+                ):
+                    stop.set()
+                if gap_report_s is not None and time.monotonic() - last_gap >= gap_report_s:
+                    last_gap = time.monotonic()
+                    store_gaps = await asyncio.to_thread(store.refresh_gaps)
+        finally:
+            pumper.cancel()
+            with contextlib.suppress(BaseException):
+                await pumper
+
     async def tick(client: Any) -> None:
         while True:
             await asyncio.sleep(1.0)
             await ask_resends(client)
 
     async def session() -> None:
-        async with aiomqtt.Client(
+        client = aiomqtt.Client(
             host,
             port,
             identifier=client_id,
@@ -455,14 +546,18 @@ async def run(
             clean_start=False,
             properties=props,
             tls_params=tls_params,
-        ) as client:
+        )
+        if store is not None:
+            # PUBACK only after the commit (aiomqtt has no API for it: paho's, underneath).
+            client._client.manual_ack_set(True)
+        async with client:
             for t in topics:
                 await client.subscribe(t, options=SubscribeOptions(qos=1))
             if ready is not None:
                 ready.set()
             ticker = asyncio.create_task(tick(client)) if resend_after_s is not None else None
             try:
-                await read(client)
+                await (read(client) if store is None else read_into_store(client))
             finally:
                 if ticker is not None:
                     ticker.cancel()

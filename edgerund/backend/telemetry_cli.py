@@ -2,7 +2,9 @@
 
 decode: one payload from FILE or stdin (`-`), or with `--hex` one hex payload per line,
         printed as JSON lines (one per block); exit 1 with the DecodeError on bad input.
-consume: the reference consumer (edgerund/backend/consumer.py) against a broker.
+consume: the reference consumer (edgerund/backend/consumer.py) against a broker; with
+         `--postgres DSN` it writes to PostgreSQL exactly once (edgerund/backend/pgsink.py)
+         and prints only its reports (resend requests, the final gaps and summary).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from typing import Any
 
 from edgerund.backend.consumer import Consumer, JsonLinesSink, SqliteSink, run
+from edgerund.backend.pgsink import PostgresSink
 from edgerund.telemetry import codec
 
 
@@ -51,6 +54,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--out", default="-", help="JSON lines file (default stdout)")
     c.add_argument(
         "--sqlite", default=None, help="write to this SQLite database instead of JSON lines"
+    )
+    c.add_argument(
+        "--postgres",
+        default=None,
+        metavar="DSN",
+        help="write to PostgreSQL (libpq DSN or URI), exactly once; needs a stable "
+        "--client-id per member, so that a restart resumes its broker session",
+    )
+    c.add_argument(
+        "--partition-max-age-days",
+        type=int,
+        default=30,
+        help="PostgreSQL: create daily partitions back this far; older rows go to DEFAULT",
     )
     c.add_argument("--max-batches", type=int, default=None, help="stop after this many new batches")
     c.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds")
@@ -130,6 +146,26 @@ def cmd_consume(args: argparse.Namespace) -> int:
         return 2
     out = None
     sink: JsonLinesSink | SqliteSink
+    store: PostgresSink | None = None
+    if args.postgres and not args.client_id:
+        # A random id would leave the session of every restarted member behind, still in
+        # the group and absorbing its share until it expires (docs/fleet.md §2.2).
+        print(
+            "edgerund telemetry consume: --postgres needs a stable --client-id per member",
+            file=sys.stderr,
+        )
+        return 2
+    if args.postgres:
+        consumer.dedup = False
+        try:
+            store = PostgresSink(
+                args.postgres,
+                max_age_days=args.partition_max_age_days,
+                application_name=args.client_id,
+            )
+        except Exception as exc:  # psycopg.Error, ImportError: say it, do not trace
+            print(f"edgerund telemetry consume: postgres: {exc}", file=sys.stderr)
+            return 2
     if args.sqlite:
         sink = SqliteSink(args.sqlite, consumer)
     else:
@@ -145,6 +181,13 @@ def cmd_consume(args: argparse.Namespace) -> int:
                 loop.add_signal_handler(sig, stop.set)
         if args.duration_s is not None:
             loop.call_later(args.duration_s, stop.set)
+        ready = asyncio.Event()
+
+        async def say_ready() -> None:
+            await ready.wait()
+            sink.write([{"type": "ready", "client_id": args.client_id}])
+
+        announce = asyncio.create_task(say_ready())
         await run(
             consumer,
             sink,
@@ -159,15 +202,20 @@ def cmd_consume(args: argparse.Namespace) -> int:
             max_batches=args.max_batches,
             gap_report_s=args.gap_report_s,
             resend_after_s=args.resend_after_s,
+            store=store,
+            ready=ready,
         )
+        announce.cancel()
 
     try:
         asyncio.run(main())
     finally:
         if isinstance(sink, JsonLinesSink):
-            sink.write(consumer.gaps())
+            sink.write(consumer.gaps() if store is None else store.refresh_gaps())
             sink.write([{"type": "summary", **consumer.counts}])
         sink.close()
+        if store is not None:
+            store.close()
         if out is not None and out is not sys.stdout:
             out.close()
     return 0

@@ -9,6 +9,7 @@ model and its recent scores as a sparkline against the threshold, and the actuat
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,18 +68,19 @@ def format_loop(r: dict[str, Any]) -> str:
     ]
     if model is not None:
         thr = r.get("threshold")
+        # one fact per line so the block fits 80 columns (the sparkline is 60 wide)
         lines += [
-            f"  model          {model} {r.get('model_version') or '(not loaded)'}"
-            f"  inference us {_h(r.get('inference_us'))}",
-            f"  score          {_n(r.get('score'))} / threshold {_n(thr)}"
-            f"  [{sparkline(r.get('scores') or [], top=2 * thr if thr else None)}]",
+            f"  model          {model} {r.get('model_version') or '(not loaded)'}",
+            f"  inference us   {_h(r.get('inference_us'))}",
+            f"  score          {_n(r.get('score'))} / threshold {_n(thr)}",
+            f"  scores         [{sparkline(r.get('scores') or [], top=2 * thr if thr else None)}]",
         ]
     state = "ANOMALY" if r.get("anomaly") else "normal"
-    lines.append(
+    lines += [
         f"  state          {state}  ({r.get('anomalies', 0)} since start,"
-        f" {r.get('model_faults', 0)} model faults, {r.get('fallback_ticks', 0)} fallback ticks,"
-        f" {r.get('safe_ticks', 0)} safe ticks)"
-    )
+        f" {r.get('model_faults', 0)} model faults)",
+        f"  ticks          {r.get('fallback_ticks', 0)} fallback, {r.get('safe_ticks', 0)} safe",
+    ]
     a = r.get("actuator")
     if isinstance(a, dict):
         err = f"  error: {a['error']}" if a.get("error") else ""
@@ -88,7 +90,17 @@ def format_loop(r: dict[str, Any]) -> str:
         )
     else:
         lines.append("  actuator       none (detect and report only)")
-    return "\n".join(lines)
+    return "\n".join(_fit(line) for line in lines)
+
+
+WIDTH = 80  # a technician's terminal, or a pipe
+
+
+def _fit(line: str) -> str:
+    """Long free text (a fault reason, an actuator error) continues under its value column."""
+    if len(line) <= WIDTH:
+        return line
+    return textwrap.fill(line, WIDTH, subsequent_indent=" " * 17, break_long_words=True)
 
 
 def format_loops(rows: Sequence[dict[str, Any]]) -> str:

@@ -28,6 +28,7 @@ from edgerund.ctl.render import (
     render_log,
     render_sniff,
     render_status,
+    sensors_rows,
     table,
 )
 from edgerund.errors import CommandError
@@ -50,9 +51,18 @@ def _no_args(a: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _add_wide(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wide", action="store_true", help="every channel and counter, no width limit")
+
+
 SIMPLE: list[RemoteCommand] = [
     ("status", "summary of every component", lambda p: None, _no_args),
-    ("sensors", "every sensor: state, value, age, rate, errors", lambda p: None, _no_args),
+    (
+        "sensors",
+        "every sensor: state, main value, age, rate, errors (--wide: all channels)",
+        _add_wide,
+        _no_args,
+    ),
     ("loops", "control loops: ticks, misses, lateness, latency, mode", lambda p: None, _no_args),
     ("models", "models: active slot, version, state, last failure", lambda p: None, _no_args),
     ("telemetry", "uplink: connected, broker, backlog, sent, lost", lambda p: None, _no_args),
@@ -244,8 +254,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         render_status(console, result)
     elif cmd == "log" and isinstance(result, list):
         render_log(console, result)
+    elif cmd == "sensors" and isinstance(result, list):
+        wide = bool(getattr(args, "wide", False))
+        out = Console(highlight=False, soft_wrap=True, width=10_000) if wide else console
+        if result:
+            out.print(
+                table(sensors_rows(result, wide), "sensors", max_width=None if wide else out.width)
+            )
+        else:
+            out.print("sensors: none configured", markup=False)
     elif cmd == "models" and isinstance(result, list):
-        console.print(table([model_row(r) for r in result], "models"))
+        console.print(table([model_row(r) for r in result], "models", max_width=console.width))
     elif cmd == "loops" and isinstance(result, list):
         from edgerund.control.render import format_loops
 

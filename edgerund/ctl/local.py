@@ -89,6 +89,19 @@ def _metrics(args: argparse.Namespace, client: DiagClient, console: Console) -> 
     return 0
 
 
+def _discover(args: argparse.Namespace, client: DiagClient, console: Console) -> int:
+    from edgerund.toolkit import discover
+
+    opts = discover.options_from_args(args)
+    try:
+        sensors = client.call("sensors")
+    except Unreachable:
+        sensors = []  # the daemon is down: nothing is in use, probe everything
+    if isinstance(sensors, list):
+        opts.in_use_i2c, opts.in_use_ports = discover.in_use_from_sensors(sensors)
+    return discover.run(opts)
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t = sub.add_parser(
         "top",
@@ -121,6 +134,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("-o", "--output", required=True, help="output file (.tar.gz)")
     b.add_argument("-c", "--config", help="config file if the daemon is down")
     b.set_defaults(local=_support_bundle)
+
+    d = sub.add_parser(
+        "discover",
+        help="find what is wired (read-only) and print a sensors: fragment",
+        description="Asks the daemon which I2C addresses and serial ports it uses and "
+        "leaves those alone; probes the rest read-only (works with the daemon down too).",
+    )
+    from edgerund.toolkit import discover
+
+    discover.add_arguments(d)
+    d.set_defaults(local=_discover)
 
     m = sub.add_parser("metrics", help="all counters and histograms, Prometheus text format")
     m.set_defaults(local=_metrics)

@@ -4,10 +4,19 @@ commands with a layout of their own (status, models, log, serial-sniff).
 Rendering is generic: a list of flat records becomes a table (nested {p50,p99,max}
 figures are shown as "p50/p99/max"), a mapping becomes aligned `key: value` lines, so a
 new socket command is readable from edgerunctl the day it exists.
+
+Width: every human table fits the terminal (`$COLUMNS`, 80 when piped). Cells never wrap
+(a wrapped table at 80 columns turns every column into a sliver): columns are shrunk
+from the widest down and cut with an ellipsis, and the per-command renderers choose
+the few columns a technician reads (`sensors`: one main value per sensor, `+N` for the
+other channels; `--wide` shows every channel and counter without a width limit, and
+`--json` everything). A `key: value` line whose value is too long (a key id) continues
+on indented lines instead of being cut.
 """
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,15 +43,43 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+COLUMN_GAP = 2  # rich's padding between columns of a box-less table
+
+
+def fit_widths(natural: Sequence[int], floors: Sequence[int], total: int) -> list[int]:
+    """Column widths that fit `total` characters with gaps: the widest column gives way
+    first, down to its floor (its header), then every column down to 3 characters."""
+    widths = list(natural)
+    budget = total - COLUMN_GAP * (len(widths) - 1)
+    for floor in (list(floors), [min(3, n) for n in natural]):
+        while sum(widths) > budget:
+            shrinkable = [i for i, w in enumerate(widths) if w > floor[i]]
+            if not shrinkable:
+                break
+            widths[max(shrinkable, key=lambda j: widths[j])] -= 1
+    return widths
+
+
 def table(
-    rows: list[dict[str, Any]], title: str | None = None, columns: Sequence[str] | None = None
+    rows: list[dict[str, Any]],
+    title: str | None = None,
+    columns: Sequence[str] | None = None,
+    max_width: int | None = 80,
 ) -> Table:
+    """A box-less table; with `max_width`, cells are cut (…) so a line never exceeds it."""
     cols: list[str] = list(columns) if columns else []
     if not cols:
         for r in rows:
             for k in r:
                 if k not in cols:
                     cols.append(k)
+    cells = [[fmt(r.get(c)).replace("\n", " ") for c in cols] for r in rows]
+    natural = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
+    widths = natural
+    if max_width is not None:
+        widths = fit_widths(
+            natural, [min(len(c), n) for c, n in zip(cols, natural, strict=True)], max_width
+        )
     t = Table(
         title=title,
         title_justify="left",
@@ -51,25 +88,53 @@ def table(
         show_edge=False,
         header_style="bold",
     )
-    for c in cols:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*(fmt(r.get(c)) for c in cols))
+    for c, w in zip(cols, widths, strict=True):
+        # never wrap a cell: a wrapped table at 80 columns is a stack of slivers
+        t.add_column(c, overflow="ellipsis", no_wrap=True, width=w)
+    for row in cells:
+        t.add_row(*row)
     return t
 
 
-def _kv(d: dict[str, Any], indent: int = 0) -> list[str]:
+def _kv(d: dict[str, Any], indent: int = 0, max_width: int = 80) -> list[str]:
     lines: list[str] = []
     width = max((len(str(k)) for k in d), default=0)
     for k, v in d.items():
+        text = fmt(v)
+        head = f"{' ' * indent}{str(k).ljust(width)}  "
+        nested = (
+            isinstance(v, dict) and not ({"p50", "p99", "max"} <= v.keys()) and len(v) > 3
+        ) or (isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v))
+        if not nested and "\n" not in text and len(head) + len(text) > max_width:
+            # a long value (key id, message) continues on indented lines, never cut
+            lines.append(head.rstrip())
+            lines.extend(
+                textwrap.wrap(
+                    text,
+                    max_width,
+                    initial_indent=" " * (indent + 4),
+                    subsequent_indent=" " * (indent + 4),
+                    break_long_words=True,
+                )
+            )
+            continue
         pad = " " * indent
         if isinstance(v, dict) and not ({"p50", "p99", "max"} <= v.keys()) and len(v) > 3:
             lines.append(f"{pad}{k}:")
-            lines.extend(_kv(v, indent + 2))
+            lines.extend(_kv(v, indent + 2, max_width))
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             lines.append(f"{pad}{k}: ({len(v)})")
             for item in v:
-                lines.append(f"{pad}  - " + ", ".join(f"{a}={fmt(b)}" for a, b in item.items()))
+                entry = ", ".join(f"{a}={fmt(b)}" for a, b in item.items())
+                lines.extend(
+                    textwrap.wrap(
+                        entry,
+                        max_width,
+                        initial_indent=f"{pad}  - ",
+                        subsequent_indent=f"{pad}    ",
+                        break_long_words=True,
+                    )
+                )
         else:
             lines.append(f"{pad}{str(k).ljust(width)}  {fmt(v)}")
     return lines
@@ -78,11 +143,13 @@ def _kv(d: dict[str, Any], indent: int = 0) -> list[str]:
 def render(console: Console, result: Any, title: str | None = None) -> None:
     if isinstance(result, list) and all(isinstance(r, dict) for r in result):
         if result:
-            console.print(table(result, title))
+            console.print(table(result, title, max_width=console.width))
         else:
             console.print(f"{title or 'result'}: none")
     elif isinstance(result, dict):
-        console.print("\n".join(_kv(result)), markup=False, highlight=False)
+        console.print(
+            "\n".join(_kv(result, max_width=console.width)), markup=False, highlight=False
+        )
     else:
         console.print(fmt(result), markup=False, highlight=False)
 
@@ -115,6 +182,38 @@ def _sensor_row(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _main_value(value: Any) -> str:
+    """The first channel's value of a `sensors` entry ("25.9 °C, 1014 hPa" -> "25.9 °C +1")."""
+    if not isinstance(value, str):
+        return fmt(value)
+    parts = [p.strip() for p in value.split(", ") if p.strip()]
+    if len(parts) <= 1:
+        return value
+    return f"{parts[0]} +{len(parts) - 1}"
+
+
+def sensors_rows(result: list[dict[str, Any]], wide: bool = False) -> list[dict[str, Any]]:
+    """`edgerunctl sensors`: the columns that fit 80; `--wide`: every key, every channel."""
+    if wide:
+        return result
+    rows = []
+    for s in result:
+        errors = sum(int(s.get(k) or 0) for k in ("read_errors", "frame_errors", "timeouts"))
+        rows.append(
+            {
+                "id": s.get("id"),
+                "driver": s.get("driver"),
+                "state": s.get("state"),
+                "value": _main_value(s.get("value")),
+                "age s": s.get("age_s"),
+                "Hz": s.get("rate_achieved_hz"),
+                "errors": errors,
+                "last error": s.get("last_error"),
+            }
+        )
+    return rows
+
+
 def model_row(m: dict[str, Any]) -> dict[str, Any]:
     """The columns a technician reads; --json has everything."""
     return {
@@ -122,7 +221,7 @@ def model_row(m: dict[str, Any]) -> dict[str, Any]:
         "version": m.get("version"),
         "slot": m.get("active_slot"),
         "state": m.get("state"),
-        "precision": m.get("precision"),
+        "prec": m.get("precision"),
         "runs": m.get("inferences"),
         "faults": m.get("faults"),
         "NaN": m.get("nan_outputs"),
@@ -148,29 +247,38 @@ def _loop_row(lp: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _say(console: Console, text: str) -> None:
+    """One plain line, continued (indented) rather than overflowing the terminal."""
+    width = max(40, console.width)
+    console.print(
+        textwrap.fill(text, width, subsequent_indent="  ", break_long_words=True),
+        markup=False,
+        highlight=False,
+    )
+
+
 def render_status(console: Console, st: dict[str, Any]) -> None:
     ident = st.get("identity") or {}
     tel = st.get("telemetry") or {}
     gw = st.get("gateway") or {}
-    console.print(
+    _say(
+        console,
         f"edgerund {st.get('version')}  gateway {gw.get('id', '?')} (site {gw.get('site', '?')})"
         f"  up {st.get('uptime_s', 0):.0f} s  loop lag {st.get('loop_lag_ms', 0):.2f} ms"
         + ("  [SIMULATED]" if st.get("simulate") else ""),
-        markup=False,
-        highlight=False,
     )
-    console.print(
-        f"identity: {ident.get('kind')} key {ident.get('key_id') or '-'}"
+    key_id = str(ident.get("key_id") or "-")
+    _say(
+        console,
+        # the full key id is in `edgerunctl identity`; 16 hex digits identify it here
+        f"identity: {ident.get('kind')} key {key_id[:16]}{'…' if len(key_id) > 16 else ''}"
         + ("  (INSECURE software key)" if ident.get("insecure") else ""),
-        markup=False,
-        highlight=False,
     )
-    console.print(
+    _say(
+        console,
         f"telemetry: {'connected' if tel.get('connected') else 'offline'}, "
         f"backlog {tel.get('backlog_batches', 0)} batches, sent "
         f"{tel.get('sent_batches', 0)}, lost samples {tel.get('lost_samples', 0)}",
-        markup=False,
-        highlight=False,
     )
     for key, cols in _STATUS_COLUMNS.items():
         rows = st.get(key) or []
@@ -180,7 +288,14 @@ def render_status(console: Console, st: dict[str, Any]) -> None:
             rows = [_loop_row(r) for r in rows]
         console.print()
         if rows:
-            console.print(table(rows, key, [c for c in cols if any(c in r for r in rows)]))
+            console.print(
+                table(
+                    rows,
+                    key,
+                    [c for c in cols if any(c in r for r in rows)],
+                    max_width=console.width,
+                )
+            )
         else:
             console.print(f"{key}: none configured", markup=False, highlight=False)
 

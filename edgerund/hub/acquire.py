@@ -21,7 +21,10 @@ than a period is served late, so ordinary wake-up jitter costs no samples.
 
 One read = `1 + retries` attempts, each under `asyncio.timeout(read_timeout_ms)` (a
 timeout ends the read at once: the device had its time, and an I2C transaction that timed
-out still occupies the bus worker, so an immediate retry would only queue behind it). A read
+out still occupies the bus worker, so an immediate retry would only queue behind it).
+Drivers that time each exchange themselves (`SelfTimedRead`, e.g. Modbus: a silent unit
+is `no response within N ms` naming unit and function, a `DeviceError` retried at once
+like any other) get the hub's timer only as a backstop beyond their own deadline. A read
 whose every attempt failed is a `ReadFailed` event for the health state machine
 (edgerund/hub/health.py). Between failed reads the task backs off (capped, jittered
 exponential, never faster than the grid); after `fail_after` consecutive failures the
@@ -61,6 +64,7 @@ from drivers.base import (
     ChannelInfo,
     Reading,
     Sample,
+    SelfTimedRead,
     SensorConfig,
     acquired_at,
     begin_acquisition,
@@ -77,6 +81,9 @@ Publish = Callable[..., Any]
 BACKOFF_INITIAL_S = 0.05  # first pause after a failed read (then x2 per failure)
 BACKOFF_MAX_S = 1.0  # ... capped here: a flaky sensor below fail_after keeps being read
 OPEN_TIMEOUT_MIN_S = 2.0  # opening reads calibration, chip ids...: more than one read
+# a self-timed driver's read (drivers/base.py SelfTimedRead) gets this long beyond its own
+# deadline before the hub's backstop timer ends it
+SELF_TIMED_MARGIN_S = 0.25
 READ_OK = hm.ReadOk()  # events are immutable: one instance for the hot path
 
 
@@ -315,6 +322,9 @@ class Acquirer:
         c = rt.counters
         sensor = rt.sensor
         timeout_s = self.timeout_s
+        if isinstance(sensor, SelfTimedRead):
+            # the driver times each exchange itself and names what did not answer
+            timeout_s = max(timeout_s, sensor.read_deadline_s) + SELF_TIMED_MARGIN_S
         reason = "no attempt"
         frame_only = True
         for _ in range(rt.config.retries + 1):
@@ -325,7 +335,7 @@ class Acquirer:
             except TimeoutError:
                 c.timeouts += 1
                 frame_only = False
-                reason = f"read timed out after {rt.config.read_timeout_ms} ms"
+                reason = f"read timed out after {timeout_s * 1000:.0f} ms"
                 # No immediate retry: the device already had its whole timeout, and on an
                 # I2C bus the timed-out transaction still occupies the worker, so a retry
                 # would only queue behind it. The grid (with backoff) tries again.

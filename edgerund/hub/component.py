@@ -97,6 +97,11 @@ def _where(cfg: SensorConfig, transport: str) -> str:
     if isinstance(port, str):
         unit = getattr(cfg, "unit", None)
         return f"{port} unit {unit}" if isinstance(unit, int) else port
+    chip, line = getattr(cfg, "chip", None), getattr(cfg, "line", None)
+    if isinstance(chip, str) and isinstance(line, int):
+        return f"{chip}:{line}"  # a GPIO input
+    if getattr(cfg, "sysfs_root", None) is not None:  # a w1 probe
+        return f"w1 {getattr(cfg, 'device', None) or 'auto'}"
     return transport
 
 

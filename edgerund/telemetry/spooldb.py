@@ -37,6 +37,7 @@ import structlog
 from edgerund.errors import EdgerundError
 from edgerund.telemetry import codec
 from edgerund.telemetry.codec import Batch, Block, Cls, LossBlock, LossReason, SeriesBlock
+from edgerund.updates import fsutil
 
 log = structlog.get_logger("edgerund.telemetry.spool")
 
@@ -216,7 +217,9 @@ class SpoolDb:
 
     def open(self) -> str | None:
         """Open (quarantining a corrupt db); returns where a corrupt one was moved."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Durable: a database in a directory whose own entry never reached the disk is
+        # lost with it at a power cut (the crash-consistency check, toolkit/crashsim).
+        fsutil.make_dirs(self.dir)
         fresh = not self.path.exists()
         quarantined: str | None = None
         conn: sqlite3.Connection | None = None

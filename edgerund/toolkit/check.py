@@ -217,6 +217,9 @@ def _sensor_device(sensor: Any) -> str | None:
     port = getattr(sensor, "port", None)
     if isinstance(port, str) and port.startswith("/"):
         return port
+    chip = getattr(sensor, "chip", None)  # a GPIO input: its chip's character device
+    if isinstance(chip, str):
+        return chip if chip.startswith("/") else f"/dev/{chip}"
     return None
 
 
@@ -243,7 +246,7 @@ def check_devices(
             FAIL,
             "; ".join(problems),
             "check wiring/cables and `ls -l` the device; the service user needs "
-            "the device's group (dialout for serial, i2c for I2C): usermod -aG",
+            "the device's group (dialout for serial, i2c for I2C, gpio for GPIO): usermod -aG",
         )
     return Result("devices", OK, f"{len(seen)} configured buses/ports present and accessible")
 

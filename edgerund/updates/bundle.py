@@ -281,7 +281,7 @@ def _extract(
                 "file_size", f"{name}: expected {entry.size} bytes, tar header says {m.size}"
             )
         dest = staging / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(dest.parent)  # intermediate directories durable too
         h = hashlib.sha256()
         n = 0
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)

@@ -64,7 +64,7 @@ class FileCounter:
         cur = self._read()
         if target <= cur:
             return cur
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.path.parent)
         fsutil.atomic_write(self.path, f"{target}\n".encode())
         return target
 

@@ -5,6 +5,10 @@
 - `flip_symlink`: create `current.tmp` -> target, rename over `current`, fsync(dir).
   rename(2) replaces a symlink atomically; delete-then-create would leave a window with
   no `current` at all (the Greengrass bug noted in the research).
+- `make_dirs`: mkdir -p that makes every directory it creates durable (fsync of its
+  parent): a file fsynced into a directory whose own entry was never fsynced is lost
+  with that directory at a power cut (found by the crash-consistency check,
+  edgerund/toolkit/crashsim: a committed update vanished with `models/`).
 - `write_all`: the single place bytes reach the OS while staging, so ENOSPC/EIO surface
   here (and tests can inject them at exactly this boundary).
 - `abort_point`: the test-only fault injection hook: with EDGERUND_TEST_ABORT_AT=<phase>
@@ -37,6 +41,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """`path.mkdir(parents=True, exist_ok=True)`, durable: the parent of each directory
+    created here is fsynced after it."""
+    missing: list[Path] = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

@@ -107,7 +107,7 @@ class KeyringStore:
     def append(self, keyring: Keyring, data: bytes) -> None:
         """Keep an accepted rotation document (call after check_rotation), then raise the
         floor. The legacy keyring.json is refreshed last."""
-        self.chain_dir.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.chain_dir)
         fsutil.atomic_write(self.chain_dir / f"v{keyring.version}.json", data)
         self.raise_floor(keyring.version)
         fsutil.atomic_write(self.legacy, data)
@@ -116,7 +116,7 @@ class KeyringStore:
         cur = self.read_floor()
         if cur != FLOOR_UNREADABLE and version <= cur:
             return
-        self.upd_dir.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.upd_dir)
         fsutil.atomic_write(self.floor_path, json.dumps({"version": version}).encode() + b"\n")
 
 

@@ -159,5 +159,5 @@ class RefusedStore:
         self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.path.parent)
         fsutil.atomic_write(self.path, self.record.to_bytes(), mode=0o600)

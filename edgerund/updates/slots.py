@@ -105,7 +105,7 @@ class SlotStore:
         return rec
 
     def save_record(self, rec: Record) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.root)
         fsutil.atomic_write(
             self.state_path, msgspec.json.format(msgspec.json.encode(rec), indent=2)
         )
@@ -198,20 +198,23 @@ class SlotStore:
         at it. Its version is read from its manifest.json (`version`), counter 0."""
         if not src.is_dir():
             raise FileNotFoundError(f"shipped model directory {src} does not exist")
-        self.root.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(self.root)
         st = self.reset_staging()
         files: dict[str, list[Any]] = {}
         for p in sorted(src.rglob("*")):
             if not p.is_file() or p.name == MARKER:
                 continue
             rel = p.relative_to(src).as_posix()
-            (st / rel).parent.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs((st / rel).parent)
             shutil.copyfile(p, st / rel)
             with open(st / rel, "rb") as fh:
                 os.fsync(fh.fileno())
             d = hash_file(st / rel)
             files[rel] = [d.size, d.sha256]
-        fsutil.fsync_dir(st)
+        # Every directory holding a copied file (not only the top): their entries must be
+        # durable before the slot marker says the slot is complete.
+        for holder in {st, *((st / rel).parent for rel in files)}:
+            fsutil.fsync_dir(holder)
         version = "0"
         try:
             mm = json.loads((st / "manifest.json").read_text())

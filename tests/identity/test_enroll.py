@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from edgerund.backend import enroll
 from edgerund.backend.ekcert import validate_ek_certificate
+from edgerund.backend.forgeries import forge_quote, forged_quotes_accepted
 from edgerund.backend.makecredential import make_credential
 from edgerund.backend.verify import VerifyError, verify_result
 from edgerund.component import CommandError
@@ -38,7 +39,6 @@ from edgerund.identity.tpm import TpmIdentity
 from edgerund.identity.tpm_errors import TpmError
 from tests.fixtures.swtpm import SwtpmProcess, _swtpm_binaries, provision_state
 from tests.helpers.daemon import DaemonProcess
-from tests.helpers.forged_quotes import forge_quote, forged_quotes_accepted
 from tests.identity.conftest import tpm_config
 
 pytestmark = pytest.mark.needs_swtpm

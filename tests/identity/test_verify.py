@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgerund.backend.forgeries import forge_quote, forged_quotes_accepted
 from edgerund.backend.verify import expected_binding_for_files, verify_result
 from edgerund.identity import tpmstruct as ts
 from edgerund.identity.base import pem
 from edgerund.identity.binding import binding_value, parse_nonce
 from edgerund.identity.config import IdentityConfig
 from edgerund.identity.software import SoftwareIdentity
-from tests.helpers.forged_quotes import forge_quote, forged_quotes_accepted
 
 NONCE = b"\x5a" * 32
 

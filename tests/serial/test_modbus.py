@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import struct
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -396,3 +397,31 @@ async def test_write_actuator_fc6_and_fc16(link: Path, resources: object) -> Non
             await bad.write(1)
         for a in (setpoint, speed, bad):
             await a.close()
+
+
+async def test_silent_unit_through_the_hub_names_unit_and_applies_retries(
+    link: Path, resources: Any
+) -> None:
+    """#12 item 15: a silent unit is `no response within 300 ms` naming unit and function
+    (not the hub's `read timed out`), and `retries` immediate re-reads are made."""
+    from drivers.base import SelfTimedRead
+    from drivers.serial.modbus import ModbusSensor
+    from edgerund.hub.acquire import Acquirer, SensorRuntime, make_slots
+
+    async with ModbusSlaveEmulator(link, units=_units()) as emu:
+        cfg = _cfg(port=emu.path, baudrate=115200, unit=9, read_timeout_ms=300, retries=2)
+        sensor = ModbusSensor(cfg, resources)
+        assert isinstance(sensor, SelfTimedRead)
+        assert 0.3 <= sensor.read_deadline_s < 0.5
+        rt = SensorRuntime(
+            cfg, "modbus", "serial", emu.path, sensor, make_slots(sensor.channels, 8)
+        )
+        acq = Acquirer(rt, lambda s, t: None, lambda *a, **k: None)
+        assert await acq.open() is None
+        before = emu.counters["ignored"]
+        why = await acq.read_once()
+        assert why == f"modbus {emu.path}: unit 9 function 3: no response within 300 ms"
+        assert rt.counters.timeouts == 0 and rt.counters.read_errors == 3
+        assert sensor.counters["requests"] == 3 and sensor.counters["timeouts"] == 3
+        assert emu.counters["ignored"] - before == 3  # three requests reached the line
+        await acq.close()

@@ -286,3 +286,48 @@ async def test_a_request_notes_the_acquisition_time(link: Path, loop_guard: obje
             assert acquired_at() is None  # the note stayed in the reading task
         finally:
             await port.close()
+
+
+async def test_refused_line_setting_is_a_device_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kernel pty accepts every termios setting (checked first), so nothing here can
+    make a real device refuse one. The refusal is injected at the kernel boundary instead:
+    `termios.tcsetattr` (what pyserial calls) fails with EINVAL whenever the requested
+    c_cflag asks for mark/space parity (CMSPAR), as the driver of a USB adapter that
+    cannot do it does. pyserial itself runs unmodified."""
+    import errno
+    import os
+    import termios
+
+    import serial
+
+    cmspar = 0o10000000000  # CMSPAR, not exported by the termios module
+    real = termios.tcsetattr
+    refused: list[int] = []
+
+    def tcsetattr(fd: int, when: int, attrs: list) -> None:  # type: ignore[type-arg]
+        if attrs[2] & cmspar:
+            refused.append(fd)
+            raise termios.error(errno.EINVAL, "Invalid argument")
+        real(fd, when, attrs)
+
+    m, s = os.openpty()
+    path = os.ttyname(s)
+    try:
+        serial.Serial(path, parity="M").close()  # the pty itself takes mark parity
+        serial.Serial(path).close()  # (and back to no parity)
+        monkeypatch.setattr(termios, "tcsetattr", tcsetattr)
+        port = AsyncSerialPort(path, baudrate=19200, parity="M")
+        with pytest.raises(DeviceError) as info:
+            await port.open()
+        msg = str(info.value)
+        assert path in msg and "refuses parity 'M'" in msg and "19200 8M1" in msg
+        assert "baudrate" not in msg.split("(settings")[0]  # 19200 alone was accepted
+        assert refused and port.counters["errors"] == 1
+        port2 = AsyncSerialPort(path, baudrate=19200)  # a setting it takes
+        await port2.open()
+        await port2.close()
+    finally:
+        os.close(m)
+        os.close(s)

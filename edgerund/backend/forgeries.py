@@ -1,4 +1,5 @@
-"""Attestation results forged WITHOUT a TPM, and a counter of how many a verifier accepts.
+"""Attestation results forged WITHOUT a TPM, and a counter of how many a verifier accepts
+(the backend's self-check: used by tests/identity and benchmarks/attacks.py).
 
 `forged_quotes_accepted()` is the figure of issue #12 (`forged_quotes_accepted`, target 0):
 it runs every variant through `verify_result` exactly as a verifier configured per

@@ -79,7 +79,7 @@ import structlog
 
 from drivers.base import Resources
 from drivers.registry import ActuatorSpec, actuator_drivers
-from edgerund import __version__, logs
+from edgerund import __version__, logs, testclock
 from edgerund.component import Command, Component, Peer
 from edgerund.config import diff as config_diff
 from edgerund.config.loader import load_config
@@ -422,6 +422,9 @@ class Daemon:
             # Test-only: block the event loop on purpose (watchdog tests). Never enabled
             # by a config key, only by the environment of a test process.
             cmds["test-block-loop"] = Command(self._cmd_test_block, mutating=True)
+            # Test-only: step this process's wall clock (NTP-like correction) without
+            # touching the host's clock (which needs CAP_SYS_TIME and breaks the machine).
+            cmds["test-clock-step"] = Command(self._cmd_test_clock_step, mutating=True)
         for comp in self.components:
             for name, cmd in comp.commands().items():
                 if name in cmds:
@@ -445,6 +448,7 @@ class Daemon:
         out["supervisor"] = {"restarts": dict(self.supervisor.restarts)}
         out["reloads"] = {"ok": self.reloads, "failed": self.reload_errors}
         out.update(self.lag.status())
+        out["asyncio_tasks"] = len(asyncio.all_tasks())
         for comp in self.components:
             try:
                 section = comp.status()
@@ -492,6 +496,13 @@ class Daemon:
         seconds = float(args.get("seconds", 1.0))
         time.sleep(seconds)  # noqa: ASYNC251 - deliberately blocking: the point of this hook
         return {"blocked_s": seconds}
+
+    async def _cmd_test_clock_step(self, args: dict[str, Any], peer: Peer) -> Any:
+        try:
+            offset = float(args.get("offset_s", 0.0))
+        except (TypeError, ValueError) as exc:
+            raise CommandError("bad_args", f"offset_s: expected a number: {exc}") from exc
+        return {"offset_s": testclock.step(offset)}
 
     async def _cmd_reload(self, args: dict[str, Any], peer: Peer) -> Any:
         ok, message = await self.reload()

@@ -146,6 +146,7 @@ class DiagServer:
         self.errors = 0
         self.refused = 0
         self._admin_gid: int | None = None
+        self._closing = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,6 +185,7 @@ class DiagServer:
     ) -> None:
         if self._server is not None:
             self._server.close()
+        self._closing = True
         for t in list(self._clients):
             t.cancel()
         if self._clients:
@@ -272,6 +274,14 @@ class DiagServer:
             pass  # the client went away; nothing to answer
         except OSError as exc:
             log.warning("diag_connection_failed", error=str(exc))
+        except asyncio.CancelledError:
+            # Our own shutdown (__aexit__) ends the conversation: finish normally. A task
+            # of asyncio.start_server that ends *cancelled* makes Python 3.11's stream
+            # callback call task.exception(), which raises, and the loop logs "Exception
+            # in callback" with a traceback at every stop with a client connected
+            # (found by the soak harness: a hung diagnostics client during SIGTERM).
+            if not self._closing:
+                raise
         finally:
             if task is not None:
                 self._clients.pop(task, None)

@@ -101,10 +101,42 @@ def configure(level: str = "info", fmt: str = "auto", ring_size: int = 2000) -> 
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # Libraries that use stdlib logging (aiomqtt) go to the same stream at WARNING.
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    # Libraries that use stdlib logging (aiomqtt/paho) go to the same stream at WARNING;
+    # in JSON mode as JSON lines too, so a log shipper (or the soak harness) never meets a
+    # bare "ERROR mqtt: ..." line in the middle of a JSON stream.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s")
+        if use_console
+        else _JsonLineFormatter()
     )
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_edgerund", False):
+            root.removeHandler(h)
+    handler._edgerund = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+class _JsonLineFormatter(logging.Formatter):
+    """A stdlib record as one JSON object with the keys our structlog events carry."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime as _dt
+        import json as _json
+
+        out: dict[str, Any] = {
+            "event": record.getMessage(),
+            "logger": record.name,
+            "level": record.levelname.lower(),
+            "timestamp": _dt.datetime.fromtimestamp(record.created, _dt.UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return _json.dumps(out)
 
 
 def _noop(

@@ -45,6 +45,10 @@ Physics, briefly (values are plausible, not calibrated against one real machine)
 - GPS: a 150 m radius loop around a base point in 15 minutes, metre-level jitter.
 - `dropout`: changes no signal; `is_dropout(sensor, t)` tells the emulated device named
   by `Anomaly.sensor` (or every device when it is None) to stop answering.
+- `nack_storm`: changes no signal; `is_nacked(sensor, t)` makes an I2C device named by
+  `Anomaly.sensor` (None: every device) NACK a `severity` fraction (0..1) of its
+  transactions, chosen by a hash of (seed, device, millisecond): seeded and reproducible,
+  a flaky connector or a marginal pull-up rather than an unplugged part.
 
 Drifts (a healthy plant, or a sensor, that changed; for the learning work, docs/learning.md):
 - `gain_drift`: the accelerometer's gain becomes `1 + 0.4 x severity` (every axis,
@@ -95,6 +99,7 @@ AnomalyKind = Literal[
     "ambient_rise",
     "load_profile",
     "slow_bearing",
+    "nack_storm",
 ]
 ANOMALY_KINDS: tuple[AnomalyKind, ...] = (
     "bearing_wear",
@@ -106,6 +111,7 @@ ANOMALY_KINDS: tuple[AnomalyKind, ...] = (
     "ambient_rise",
     "load_profile",
     "slow_bearing",
+    "nack_storm",
 )
 # The drifts (a healthy plant or sensor that changed) among them, for the learning tests.
 DRIFT_KINDS: tuple[AnomalyKind, ...] = (
@@ -133,6 +139,7 @@ AFFECTS: dict[str, frozenset[str]] = {
         }
     ),
     "slow_bearing": frozenset({"vibration_g", "angular_rate_dps"}),
+    "nack_storm": frozenset(),
 }
 
 NOISE_GRID_HZ = 1000.0
@@ -170,6 +177,10 @@ def _splitmix_int(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def _name_key(name: str) -> int:
+    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") << 20
 
 
 @dataclass(frozen=True)
@@ -283,6 +294,13 @@ class Scenario:
 
     def active_anomalies(self, t: float) -> list[Anomaly]:
         return [a for a in self._anomalies if a.active(t)]
+
+    def is_nacked(self, sensor: str, t: float) -> bool:
+        for a in self._anomalies:
+            if a.kind == "nack_storm" and (a.sensor is None or a.sensor == sensor) and a.active(t):
+                h = _splitmix_int(self.seed * 1_000_033 + _name_key(sensor) + int(t * 1000.0))
+                return (h & 0xFFFF) < min(1.0, a.severity) * 0x10000
+        return False
 
     def is_dropout(self, sensor: str, t: float) -> bool:
         return any(

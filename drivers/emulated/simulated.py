@@ -32,7 +32,8 @@ these resources were created, so the IMU, the power meter and the BME280 see one
 A `dropout` anomaly naming a device (`Anomaly.sensor` = "mpu6050", "bme280", "sht",
 "ina219", "ads1115", "gps", "modbus", "line" or "cobs"; None = every device) takes it
 off the bus: I2C parts NACK (their `online` hook), serial devices go silent (a watcher
-stalls them while the dropout lasts).
+stalls them while the dropout lasts). A `nack_storm` names an I2C part that NACKs a
+`severity` fraction of its transactions (seeded, see scenario.py).
 
 Emulators are exposed for tests (`devices`, `serial_devices`) to inject faults.
 """
@@ -239,7 +240,7 @@ class SimResources:
         scenario = self.scenario
 
         def online(t: float) -> bool:
-            return not scenario.is_dropout(name, t)
+            return not (scenario.is_dropout(name, t) or scenario.is_nacked(name, t))
 
         return online
 

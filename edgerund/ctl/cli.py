@@ -127,6 +127,7 @@ def _add_inject(p: argparse.ArgumentParser) -> None:
             "ambient_rise",
             "load_profile",
             "slow_bearing",
+            "nack_storm",
         ],
     )
     p.add_argument("--duration-s", type=float, default=30.0, help="seconds (default 30)")

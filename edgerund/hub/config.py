@@ -34,7 +34,7 @@ MAX_RATE_HZ = 1000.0
 class AnomalyConfig(Section):
     """An anomaly scheduled in the simulated plant (see drivers/emulated/scenario.py)."""
 
-    kind: Literal["bearing_wear", "overheat", "voltage_sag", "dropout"]
+    kind: Literal["bearing_wear", "overheat", "voltage_sag", "dropout", "nack_storm"]
     start_s: float  # seconds after the daemon started
     duration_s: float
     severity: float = 1.0

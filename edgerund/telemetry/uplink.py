@@ -121,6 +121,33 @@ class _AckClient(aiomqtt.Client):
         self.puback_codes[mid] = reason_code
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        """aiomqtt 2.5 schedules `loop.add_writer(sock.fileno(), ...)` with the fd read
+        when paho asks, from any thread; when the link drops before the loop runs it, the
+        fd is closed (EBADF: "Exception in callback" with a traceback, found by the soak
+        harness during a link cut) or, worse, already reused by another socket. Read the
+        fd on the loop, and only if the socket is still this client's open socket."""
+
+        def callback() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # a broken pipe: the connection is gone (as aiomqtt)
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            fd = sock.fileno()
+            if fd < 0 or client.socket() is not sock:
+                return  # closed (or replaced) meanwhile: nothing to wait on
+            self._loop.add_writer(fd, callback)
+
+        self._loop.call_soon_threadsafe(register)
+
+    def _on_socket_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        fd = sock.fileno()
+        if fd >= 0:
+            self._loop.remove_writer(fd)
+
     async def publish_acked(
         self,
         topic: str,

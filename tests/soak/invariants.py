@@ -1,0 +1,89 @@
+"""Pure arithmetic of the soak invariants: slopes, telemetry accounting, tick bounds.
+
+No I/O here: the harness (harness.py) samples the daemon from outside and hands the
+numbers in; these functions say what they mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+def pooled_slope(segments: Iterable[Sequence[tuple[float, float]]]) -> float | None:
+    """Slope (units per second) of y over t fitted WITHIN each segment (one segment per
+    daemon process: a restart resets memory, which is not a negative leak), pooled: every
+    segment's points are centred on its own means and one least-squares slope is fitted."""
+    sxy = sxx = 0.0
+    for seg in segments:
+        if len(seg) < 3:
+            continue
+        mt = sum(t for t, _ in seg) / len(seg)
+        my = sum(y for _, y in seg) / len(seg)
+        for t, y in seg:
+            sxy += (t - mt) * (y - my)
+            sxx += (t - mt) ** 2
+    return sxy / sxx if sxx > 0 else None
+
+
+def in_ranges(x: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    return any(lo <= x <= hi for lo, hi in ranges)
+
+
+@dataclass
+class Accounting:
+    samples_acknowledged: int = 0
+    samples_received: int = 0
+    samples_in_loss_records: int = 0
+    samples_unaccounted: int = 0
+    samples_pending: int = 0
+    batches_acknowledged: int = 0
+    batches_received: int = 0
+    batches_lost: int = 0
+    unaccounted_seqs: list[tuple[int, int]] = field(default_factory=list)  # (epoch, seq)
+
+
+def account(
+    acknowledged: Mapping[int, Mapping[int, int]],
+    max_seq: Mapping[int, int],
+    received: Mapping[int, Sequence[tuple[int, int]]],
+    lost: Mapping[int, set[int]],
+    pending: Mapping[int, set[int]],
+) -> Accounting:
+    """Every batch the daemon committed to its spool (epoch -> seq -> samples; seqs
+    1..max_seq of an epoch were all committed: AUTOINCREMENT never reuses or skips a
+    committed seq) is received by the consumer, named in a loss record, or still pending
+    in the spool. A seq committed and evicted between two looks at the spool, whose
+    sample count the harness never saw, counts as a batch with 0 known samples."""
+    a = Accounting()
+    for epoch, top in max_seq.items():
+        counts = acknowledged.get(epoch, {})
+        rec = received.get(epoch, [])
+        lo_set = lost.get(epoch, set())
+        pend = pending.get(epoch, set())
+        for seq in range(1, top + 1):
+            n = counts.get(seq, 0)
+            a.batches_acknowledged += 1
+            a.samples_acknowledged += n
+            if in_ranges(seq, rec):
+                a.batches_received += 1
+                a.samples_received += n
+            elif seq in lo_set:
+                a.batches_lost += 1
+                a.samples_in_loss_records += n
+            elif seq in pend:  # still in the spool after the final stop: sent at next start
+                a.samples_pending += n
+            else:
+                a.samples_unaccounted += n
+                a.unaccounted_seqs.append((epoch, seq))
+    return a
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out

@@ -73,7 +73,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -101,18 +101,7 @@ AnomalyKind = Literal[
     "slow_bearing",
     "nack_storm",
 ]
-ANOMALY_KINDS: tuple[AnomalyKind, ...] = (
-    "bearing_wear",
-    "overheat",
-    "voltage_sag",
-    "dropout",
-    "gain_drift",
-    "resonance_shift",
-    "ambient_rise",
-    "load_profile",
-    "slow_bearing",
-    "nack_storm",
-)
+ANOMALY_KINDS: tuple[AnomalyKind, ...] = get_args(AnomalyKind)
 # The drifts (a healthy plant or sensor that changed) among them, for the learning tests.
 DRIFT_KINDS: tuple[AnomalyKind, ...] = (
     "gain_drift",

@@ -65,25 +65,13 @@ def parse_nv_certify(attest: bytes) -> tuple[ts.Attest, NvCertifyInfo]:
     tpmstruct.parse_attest covers the header; the attested union for NV is read here.
     """
     r = ts.Reader(attest, "TPMS_ATTEST")
-    magic = r.u32("magic")
-    typ = r.u16("type")
-    signer = r.b2("qualifiedSigner")
-    extra = r.b2("extraData")
-    clock = r.u64("clock")
-    reset = r.u32("resetCount")
-    restart = r.u32("restartCount")
-    safe = r.u8("safe")
-    fw = r.u64("firmwareVersion")
-    if typ != ST_ATTEST_NV:
-        raise ValueError(f"expected TPM_ST_ATTEST_NV (0x{ST_ATTEST_NV:04x}), got 0x{typ:04x}")
+    head = ts.read_attest_header(r)
+    if head.type != ST_ATTEST_NV:
+        raise ValueError(f"expected TPM_ST_ATTEST_NV (0x{ST_ATTEST_NV:04x}), got 0x{head.type:04x}")
     name = r.b2("indexName")
     offset = r.u16("offset")
     contents = r.b2("nvContents")
     r.done()
-    head = ts.Attest(
-        magic=magic, type=typ, qualified_signer=signer, extra_data=extra, clock=clock,
-        reset_count=reset, restart_count=restart, safe=safe, firmware_version=fw,
-    )  # fmt: skip
     return head, NvCertifyInfo(name, offset, contents)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -333,8 +333,9 @@ class Attest:
     certified_qualified_name: bytes = b""
 
 
-def parse_attest(data: bytes) -> Attest:
-    r = Reader(data, "TPMS_ATTEST")
+def read_attest_header(r: Reader) -> Attest:
+    """The fields every TPMS_ATTEST starts with (up to the `attested` union), as an Attest
+    with empty union fields; the caller reads the union for `type` from `r`."""
     magic = r.u32("magic")
     typ = r.u16("type")
     signer = r.b2("qualifiedSigner")
@@ -344,20 +345,23 @@ def parse_attest(data: bytes) -> Attest:
     restart = r.u32("clockInfo.restartCount")
     safe = r.u8("clockInfo.safe")
     fw = r.u64("firmwareVersion")
-    if typ == ST_ATTEST_QUOTE:
+    return Attest(magic, typ, signer, extra, clock, reset, restart, safe, fw)
+
+
+def parse_attest(data: bytes) -> Attest:
+    r = Reader(data, "TPMS_ATTEST")
+    head = read_attest_header(r)
+    if head.type == ST_ATTEST_QUOTE:
         sel = _parse_pcr_selection(r)
         digest = r.b2("quote.pcrDigest")
         r.done()
-        return Attest(magic, typ, signer, extra, clock, reset, restart, safe, fw, sel, digest)
-    if typ == ST_ATTEST_CERTIFY:
+        return replace(head, pcr_select=sel, pcr_digest=digest)
+    if head.type == ST_ATTEST_CERTIFY:
         name = r.b2("certify.name")
         qname = r.b2("certify.qualifiedName")
         r.done()
-        return Attest(
-            magic, typ, signer, extra, clock, reset, restart, safe, fw,
-            certified_name=name, certified_qualified_name=qname,
-        )  # fmt: skip
-    return Attest(magic, typ, signer, extra, clock, reset, restart, safe, fw)
+        return replace(head, certified_name=name, certified_qualified_name=qname)
+    return head
 
 
 def marshal_attest(a: Attest) -> bytes:

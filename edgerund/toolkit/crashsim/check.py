@@ -253,18 +253,32 @@ def run_update(
             )
             rep.states_checked += 1
             if not v.ok:
-                rep.inconsistent.append((st, v.detail))
-                log(f"  INCONSISTENT at op {st.point} ({st.how}): {v.detail}")
-                if keep_failed is not None:
-                    dest = keep_failed / f"update-{st.point}-{st.how.replace(':', '_')}"
-                    shutil.rmtree(dest, ignore_errors=True)
-                    dest.mkdir(parents=True)
-                    fsmodel.materialise(rec.initial, ops, st.key, dest)
+                _inconsistent(rep, st, v.detail, rec, ops, keep_failed, "update", log)
             shutil.rmtree(d)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     rep.seconds = time.monotonic() - t0
     return rep
+
+
+def _inconsistent(
+    rep: Report,
+    st: CrashState,
+    detail: str,
+    rec: Recording,
+    ops: list[Op],
+    keep_failed: Path | None,
+    kind: str,
+    log: Callable[[str], None],
+) -> None:
+    """Count and log one inconsistent state; keep a copy of it for a post-mortem."""
+    rep.inconsistent.append((st, detail))
+    log(f"  INCONSISTENT at op {st.point} ({st.how}): {detail}")
+    if keep_failed is not None:
+        dest = keep_failed / f"{kind}-{st.point}-{st.how.replace(':', '_')}"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        fsmodel.materialise(rec.initial, ops, st.key, dest)
 
 
 def run_spool(
@@ -299,13 +313,7 @@ def run_spool(
             v = check_spool_state(d / "spool", committed)
             rep.states_checked += 1
             if not v.ok:
-                rep.inconsistent.append((st, v.detail))
-                log(f"  INCONSISTENT at op {st.point} ({st.how}): {v.detail}")
-                if keep_failed is not None:
-                    dest = keep_failed / f"spool-{st.point}-{st.how.replace(':', '_')}"
-                    shutil.rmtree(dest, ignore_errors=True)
-                    dest.mkdir(parents=True)
-                    fsmodel.materialise(rec.initial, ops, st.key, dest)
+                _inconsistent(rep, st, v.detail, rec, ops, keep_failed, "spool", log)
             shutil.rmtree(d)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -205,6 +205,10 @@ class SelfTimedRead(Protocol):
 
     read_deadline_s: float
 
+    def set_read_timeout(self, timeout_s: float) -> None:
+        """A live change of `read_timeout_ms` (SIGHUP, twin): bound exchanges from the next."""
+        ...
+
 
 @runtime_checkable
 class StreamSensor(Protocol):

@@ -517,6 +517,9 @@ class ModbusSensor(PortUser):
         self.blocks = plan_reads(cfg.registers, cfg.max_gap_registers)
         self.counters = self.master.counters
 
+    def set_read_timeout(self, timeout_s: float) -> None:
+        self.master.timeout_s = timeout_s
+
     @property
     def read_deadline_s(self) -> float:
         """drivers/base.py SelfTimedRead: every block's exchange timing out in a row.

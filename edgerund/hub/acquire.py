@@ -235,6 +235,8 @@ class Acquirer:
         self.rt.config = cfg
         self.period_s = 1.0 / cfg.rate_hz
         self.timeout_s = cfg.read_timeout_ms / 1000.0
+        if isinstance(self.rt.sensor, SelfTimedRead):  # it bounds its own exchanges
+            self.rt.sensor.set_read_timeout(self.timeout_s)
         self.open_timeout_s = max(OPEN_TIMEOUT_MIN_S, 4.0 * self.timeout_s)
         # A stream with no frame for this long is stalled. Drivers detect stalls
         # themselves (and name the cause); this is the backstop for one that does not.

@@ -189,8 +189,10 @@ async def test_unhealthy_patch_is_reverted(tmp_path: Path, mosquitto: Any) -> No
         d.wait_ready(60)
         await asyncio.sleep(3.0)  # every sensor ok before the change
         before = d.call("status")
-        assert all(s["state"] == "ok" for s in before["sensors"] if s["id"] == "power_meter")
-        patch = {"sensors": {"power_meter": {"read_timeout_ms": 1, "fail_after": 1}}}
+        assert all(s["state"] == "ok" for s in before["sensors"] if s["id"] == "cabinet")
+        # The BME280's forced-mode conversion takes milliseconds, so a 1 ms read timeout fails
+        # every read (a Modbus unit on a pty may answer within 1 ms: not a reliable fault).
+        patch = {"sensors": {"cabinet": {"read_timeout_ms": 1, "fail_after": 1}}}
         t0 = time.monotonic()
         await publish(
             mosquitto, "twin/v1/sim/sim-gw/desired", T.desired("sim-gw", 1, patch, OPERATOR)
@@ -198,6 +200,6 @@ async def test_unhealthy_patch_is_reverted(tmp_path: Path, mosquitto: Any) -> No
         doc = await reported_until(mosquitto, "sim-gw", desired_is(1, "reverted", "sensors_failed"))
         assert time.monotonic() - t0 >= 4.0
         assert "sensors ok" in doc["desired"]["message"]
-        sensor = next(s for s in d.call("config")["config"]["sensors"] if s["id"] == "power_meter")
+        sensor = next(s for s in d.call("config")["config"]["sensors"] if s["id"] == "cabinet")
         assert sensor["read_timeout_ms"] != 1  # the previous config came back
         assert not (Path(tmp_path) / "state" / "twin" / "applied.json").exists()

@@ -50,7 +50,7 @@ import structlog
 
 from edgerund import logs
 from edgerund.component import Command
-from edgerund.errors import CommandError
+from edgerund.errors import CommandError, EdgerundError
 from edgerund.telemetry.commands import json_obj
 from edgerund.twin import bundle, reported
 from edgerund.twin.applier import DesiredApplier
@@ -116,6 +116,8 @@ class TwinComponent:
         self.published = 0
         self.connected = False
         self.last_bytes = 0
+        self.sign_errors = 0
+        self._signing_failed = False
         self._last_material: str | None = None
         self._kick = asyncio.Event()
         router.register("status", self.cmd_status)
@@ -187,6 +189,23 @@ class TwinComponent:
         self._last_material = json.dumps(reported.material(signed), sort_keys=True, default=str)
         return data
 
+    async def _signed_or_none(self) -> bytes | None:
+        """The signed document, or None while the identity key cannot sign (TPM reset,
+        simulator gone): an unsigned reported state would be refused by the backend, so
+        the publish waits for the next check and the previous retained document stays."""
+        try:
+            data = await self.signed_document()
+        except EdgerundError as exc:
+            self.sign_errors += 1
+            if not self._signing_failed:  # log the state change, not every retry
+                self._signing_failed = True
+                log.warning("twin_reported_sign_failed", error=str(exc), action="retrying")
+            return None
+        if self._signing_failed:
+            self._signing_failed = False
+            log.info("twin_reported_sign_recovered", failures=self.sign_errors)
+        return data
+
     def changed(self) -> bool:
         doc = reported.material(self.document())
         self.seq -= 1  # a comparison is not a publish
@@ -241,10 +260,11 @@ class TwinComponent:
                             or self.changed()
                         ):
                             self._kick.clear()
-                            data = await self.signed_document()
-                            await client.publish(topic, data, qos=1, retain=True)
-                            self.published += 1
-                            self.last_bytes = len(data)
+                            data = await self._signed_or_none()
+                            if data is not None:
+                                await client.publish(topic, data, qos=1, retain=True)
+                                self.published += 1
+                                self.last_bytes = len(data)
                             last = now
                         try:
                             async with asyncio.timeout(self.cfg.twin.check_interval_s):
@@ -304,6 +324,7 @@ class TwinComponent:
                 "connected": self.connected,
                 "reported_published": self.published,
                 "reported_bytes": self.last_bytes,
+                "reported_sign_errors": self.sign_errors,
                 "commands": self.gate.status(),
                 "desired": self.applier.outcome,
                 "desired_refused": self.applier.refused,

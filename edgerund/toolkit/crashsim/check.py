@@ -105,9 +105,18 @@ async def _recover(state: Path) -> Any:
 
 
 def check_update_state(
-    state: Path, old: dict[str, str], new: dict[str, str], must_be: str | None, committed: bool
+    state: Path,
+    old: dict[str, str],
+    new: dict[str, str],
+    must_be: str | None,
+    committed: bool,
+    trial: dict[str, str] | None = None,
 ) -> Verdict:
-    """must_be: "new", "old" or None (either); committed: the counter must be ratcheted."""
+    """must_be: "new", "old" or None (either); committed: the counter must be ratcheted;
+    trial: the signed files of the probation-failing bundle, when a crash point lies in
+    its trial (recovery may resume that trial: a third acceptable model). The models
+    share their model file, so each is told apart by the version its signed manifest
+    names as well as by its files."""
     from edgerund.updates.slots import SlotStore
 
     try:
@@ -127,7 +136,10 @@ def check_update_state(
         except OSError:
             return False
 
-    is_new, is_old = matches(new), matches(old)
+    version = active.version
+    is_new = matches(new) and version == record.NEW_VERSION
+    is_old = matches(old) and version == record.shipped_version()
+    is_trial = trial is not None and matches(trial) and version == record.PROBATION_VERSION
     if must_be == "new" and not is_new:
         return Verdict(False, f"committed update lost: active {active.version} in {mdir.name}")
     if must_be == "old" and not is_old:
@@ -140,9 +152,9 @@ def check_update_state(
             value = 0
         if value < record.NEW_COUNTER:
             return Verdict(False, f"security counter {value} < committed {record.NEW_COUNTER}")
-    if not (is_new or is_old):
-        return Verdict(False, f"active {active.version} in {mdir.name} is neither model")
-    return Verdict(True, "new" if is_new else "old")
+    if not (is_new or is_old or is_trial):
+        return Verdict(False, f"active {active.version} in {mdir.name} is no expected model")
+    return Verdict(True, "new" if is_new else "trial" if is_trial else "old")
 
 
 # -- spool ----------------------------------------------------------------------------------
@@ -205,12 +217,12 @@ def run_update(
     work: Path,
     *,
     limit: int | None = None,
-    recording: tuple[Recording, dict[str, str]] | None = None,
+    recording: tuple[Recording, dict[str, str], dict[str, str]] | None = None,
     keep_failed: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Report:
     t0 = time.monotonic()
-    rec, new = recording or record.record_update(work / "rec-update")
+    rec, new, trial = recording or record.record_update(work / "rec-update")
     old = record.shipped_hashes()
     ops, markers = fsmodel.filter_ops(rec.ops, rec.markers, keep_update_op(rec.root))
     never = len(ops) + 1
@@ -219,10 +231,15 @@ def run_update(
     rb_req, rb_done = at.get("rollback_requested", never), at.get("rolled_back", never)
 
     rejected, sent = at.get("rejected", never), at.get("update_sent", never)
+    trial_sent, auto_rb = at.get("probation_sent", never), at.get("auto_rolled_back", never)
 
     def promise(point: int) -> str | None:
-        if rejected <= point < sent:
+        if rejected <= point < trial_sent:
             return "old"  # the rejected bundle never became active
+        if auto_rb <= point < sent:
+            return "old"  # the daemon's own probation rollback was answered
+        if trial_sent <= point < auto_rb:
+            return None  # the trial in flight: old, or the trial resumed at start-up
         if point >= rb_done:
             return "old"
         if commit_at <= point < rb_req:
@@ -248,8 +265,14 @@ def run_update(
             d = scratch / "state"
             d.mkdir()
             fsmodel.materialise(rec.initial, ops, st.key, d)
+            in_trial = trial_sent <= st.point < auto_rb
             v = check_update_state(
-                d, old, new, must_be=promise(st.point), committed=st.point >= commit_at
+                d,
+                old,
+                new,
+                must_be=promise(st.point),
+                committed=st.point >= commit_at,
+                trial=trial if in_trial else None,
             )
             rep.states_checked += 1
             if not v.ok:

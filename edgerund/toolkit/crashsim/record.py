@@ -2,10 +2,14 @@
 
 update: the real daemon (`edgerund run`, the shipped reference model, the development
     keyring) starts on an empty state directory (it seeds slot `a`), receives a signed
-    bundle whose golden vectors do not match (staged, precheck fails, REJECTED), then a
-    good one over the diagnostics socket with `wait: commit` (stage, precheck, trial,
+    bundle whose golden vectors do not match (staged, precheck fails, REJECTED), then one
+    the daemon swaps in and its probation rolls back by itself (`probation_score`: the
+    live scores leave the bundle's signed range), then a good one over the diagnostics
+    socket with `wait: commit` (stage, precheck, trial,
     probation, commit), is rolled back by hand (`rollback`), and is stopped. The driver
-    opens `/__crashsim__/rejected` once the bad bundle was refused, `.../update_sent`
+    opens `/__crashsim__/rejected` once the bad bundle was refused, `.../probation_sent`
+    before it sends the probation-failing one, `.../auto_rolled_back` once the daemon
+    answered that it rolled back, `.../update_sent`
     before it sends the good one, `.../committed` once the daemon answered COMMITTED,
     `.../rollback_requested` before it sends `rollback` and `.../rolled_back` once it was
     answered, so the trace says which model must survive a power cut where.
@@ -43,6 +47,7 @@ DEV = REPO / "models" / "dev-keys"
 MODEL = "motor-ae"
 NEW_VERSION = "2.1.0"
 NEW_COUNTER = 2
+PROBATION_VERSION = "2.0.10"
 SPOOL_TTL = {0: 1e9, 1: 1e9, 2: 1e9}
 
 
@@ -96,6 +101,25 @@ def update_overrides() -> dict[str, Any]:
     }
 
 
+def simulated_update_overrides() -> dict[str, Any]:
+    """The recorded run: the simulator's sensors and its `motor` loop running the model
+    (a probation judges the live scores of a model a loop runs), with the update scenario's
+    models and updates sections. Under strace the loop misses ticks by the hundred and
+    inferences overrun their deadline (model faults), so probation judges neither here:
+    the score range is what fails."""
+    import yaml
+
+    from edgerund.config.loader import simulate_config_path
+    from edgerund.toolkit.daemonproc import merge
+
+    sim = yaml.safe_load(simulate_config_path().read_text())
+    for own in ("paths", "diag", "logging"):  # DaemonProc's, under the work directory
+        sim.pop(own, None)
+    over = merge(sim, update_overrides())
+    over["updates"]["probation"] = {"max_missed_ticks": 1_000_000, "max_faults": 1_000_000}
+    return over
+
+
 def build_bundle(out: Path) -> dict[str, str]:
     """The signed bundle of the update scenario; returns its signed file hashes."""
     from edgerund.publisher import build as B
@@ -109,11 +133,7 @@ def build_bundle(out: Path) -> dict[str, str]:
         exclude=("model_fp32.onnx",),
         health={"probation_s": 0.5},
     )
-    with tarfile.open(out) as tf:
-        member = tf.extractfile("manifest.json")
-        assert member is not None
-        man = json.loads(member.read())
-    return {f["path"]: f["sha256"] for f in man["files"]}
+    return signed_hashes(out)
 
 
 def build_bad_bundle(work: Path, out: Path) -> None:
@@ -146,34 +166,71 @@ def build_bad_bundle(work: Path, out: Path) -> None:
     )
 
 
+def build_probation_bundle(out: Path) -> dict[str, str]:
+    """A correctly signed bundle of the reference model that passes its precheck (the
+    golden vectors match) but whose signed health range no live score meets: the daemon
+    swaps it in, probation fails (probation_score) and the daemon rolls back BY ITSELF.
+    Returns its signed file hashes (the slot a power cut in its trial may resume)."""
+    from edgerund.publisher import build as B
+
+    B.build_from_dir(
+        REF,
+        out,
+        [B.load_private(DEV / "DEVELOPMENT-ONLY.key")],
+        version=PROBATION_VERSION,
+        security_counter=1,
+        exclude=("model_fp32.onnx",),
+        health={"probation_s": 3.0, "score_min": 1e6},
+    )
+    return signed_hashes(out)
+
+
+def signed_hashes(bundle: Path) -> dict[str, str]:
+    with tarfile.open(bundle) as tf:
+        member = tf.extractfile("manifest.json")
+        assert member is not None
+        man = json.loads(member.read())
+    return {f["path"]: f["sha256"] for f in man["files"]}
+
+
+def shipped_version() -> str:
+    return str(json.loads((REF / "manifest.json").read_text())["version"])
+
+
 def shipped_hashes() -> dict[str, str]:
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in REF.iterdir() if p.is_file()
     }
 
 
-def record_update(work: Path, timeout_s: float = 600.0) -> tuple[Recording, dict[str, str]]:
+def record_update(
+    work: Path, timeout_s: float = 600.0
+) -> tuple[Recording, dict[str, str], dict[str, str]]:
+    """The recording, the good bundle's signed file hashes and the probation-failing
+    bundle's."""
     work.mkdir(parents=True, exist_ok=True)
     bundle = work / "update.bundle"
     new_files = build_bundle(bundle)
     bad = work / "bad.bundle"
     build_bad_bundle(work, bad)
+    trial = work / "probation.bundle"
+    trial_files = build_probation_bundle(trial)
     state = work / "state"
     state.mkdir()
     rec = _record(
         state,
-        ["update-run", str(work), str(bundle), str(bad)],
+        ["update-run", str(work), str(bundle), str(bad), str(trial)],
         work / "update.strace",
         timeout_s,
     )
-    return rec, new_files
+    return rec, new_files, trial_files
 
 
-def _update_run(work: Path, bundle: Path, bad: Path) -> None:
+def _update_run(work: Path, bundle: Path, bad: Path, trial: Path) -> None:
     from edgerund.errors import CommandError
     from edgerund.toolkit.daemonproc import DaemonProc
 
-    d = DaemonProc(work, update_overrides())
+    d = DaemonProc(work, simulated_update_overrides(), simulate=True)
     d.start()
     try:
         d.wait_ready(240)
@@ -188,6 +245,18 @@ def _update_run(work: Path, bundle: Path, bad: Path) -> None:
                     f"bad bundle rejected for {exc.code}, not golden_mismatch"
                 ) from exc
         _marker("rejected")
+        # Then one that runs and fails its probation: the daemon's own rollback; from its
+        # answer until the next update is sent, the old model.
+        _marker("probation_sent")
+        try:
+            res = d.call("update", {"path": str(trial), "wait": "commit"}, timeout_s=400)
+            raise SystemExit(f"the probation-failing bundle committed: {res}")
+        except CommandError as exc:
+            if exc.code != "probation_score":
+                raise SystemExit(
+                    f"probation bundle refused for {exc.code}, not probation_score"
+                ) from exc
+        _marker("auto_rolled_back")
         _marker("update_sent")
         res = d.call("update", {"path": str(bundle), "wait": "commit"}, timeout_s=400)
         if res.get("state") != "COMMITTED":
@@ -306,7 +375,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "dirs-run":
         _dirs_run(Path(argv[1]), argv[2])
     elif argv[0] == "update-run":
-        _update_run(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+        _update_run(Path(argv[1]), Path(argv[2]), Path(argv[3]), Path(argv[4]))
     elif argv[0] == "spool-run":
         _spool_run(Path(argv[1]), int(argv[2]))
     else:

@@ -610,8 +610,26 @@ def test_install_upgrade_remove_purge(deb: Path, root: Path, tmp_path: Path) -> 
         st = _status(ctl)
         chk = ctl("--json", "check", check=False)
     assert st["simulate"] is True
+    results = json.loads(chk.stdout)
+    if FOREIGN:
+        # Under qemu-user everything runs ~10x slower: the emulated MPU-6050's 14-byte burst
+        # misses its 50 ms read timeout and the sensor is reported failed. Emulated timing
+        # means nothing (the native runs hold the timing checks); a FAIL for anything
+        # else, or for a sensor that failed any other way, still fails.
+        timing = [
+            r
+            for r in results
+            if r["check"] == "sensors"
+            and r["result"] == "FAIL"
+            and all("timed out" in why for why in re.findall(r"\(([^)]*)\)", r["message"]))
+        ]
+        for r in timing:
+            print(f"foreign arch: tolerated timing failure: {r['message']}")
+            r["result"] = "WARN"
+        if timing and not any(r["result"] == "FAIL" for r in results):
+            chk = subprocess.CompletedProcess(chk.args, 1, chk.stdout, chk.stderr)
     assert chk.returncode in (0, 1), chk.stdout + chk.stderr  # WARN is fine, FAIL is not
-    verdicts = {r["check"]: r["result"] for r in json.loads(chk.stdout)}
+    verdicts = {r["check"]: r["result"] for r in results}
     assert verdicts["daemon"] == "OK" and verdicts["config"] == "OK", verdicts
     assert verdicts["realtime"] == "OK", verdicts  # not in effect, and nothing asked for it
     sensors = st["sensors"]

@@ -14,7 +14,7 @@ Figures, measured in the same run so that a shared, noisy machine affects both s
 Bytecode: the tree is byte-compiled first into a private cache (PYTHONPYCACHEPREFIX), as an
 installed package is (Debian byte-compiles at install): without it every run would compile
 the daemon's ~200 modules from source (~0.2-0.4 s here) and measure the checkout, not the
-install. Runs with no test-suite import (the notify socket is local to this file).
+install. Runs with no test-suite import (the notify socket is edgerund.toolkit.daemonproc's).
 Targets (issue #18): READY <= 1.0 s, RSS <= 90 MB. The last line is one JSON object.
 
     python benchmarks/startup.py [--settle-s 30] [--runs 3]
@@ -28,12 +28,10 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgerund.config.loader import simulate_config_path  # noqa: E402
+from edgerund.toolkit.daemonproc import NotifySocket  # noqa: E402
 
 UNIT = REPO / "systemd" / "edgerund.service"
 
@@ -78,33 +77,6 @@ def smaps_breakdown(pid: int) -> dict[str, float]:
         elif line.startswith("Rss:"):
             out[name] += int(head[1]) / 1024
     return {k: round(v, 1) for k, v in out.most_common(12)}
-
-
-class NotifySocket:
-    """A fake $NOTIFY_SOCKET: the time READY=1 arrived."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.ready_at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except (TimeoutError, OSError):
-                continue
-            if b"READY=1" in data.split(b"\n") and self.ready_at is None:
-                self.ready_at = time.monotonic()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 def base_env(pycache: Path) -> dict[str, str]:
@@ -156,11 +128,11 @@ def daemon_run(
                     [*cmd, "--simulate"], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO
                 )
             try:
-                while notify.ready_at is None:
+                while (ready_at := notify.ready_at) is None:
                     if proc.poll() is not None or time.monotonic() - t0 > 60:
                         raise SystemExit(f"no READY:\n{log.read_text()[-3000:]}")
                     time.sleep(0.01)
-                ready = notify.ready_at - t0
+                ready = ready_at - t0
                 time.sleep(settle_s)
                 rss = rss_mb(proc.pid)
                 maps = smaps_breakdown(proc.pid)

@@ -35,10 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.peers.mosquitto import Broker
 from edgerund.backend import twin as T
 from edgerund.publisher.build import load_private
-from tests.fixtures.mosquitto import Broker
-from tests.helpers.daemon import simulated
+from edgerund.toolkit.daemonproc import simulated
 
 REPO = Path(__file__).resolve().parents[1]
 OPERATOR = load_private(REPO / "models" / "dev-keys" / "OPERATOR-DEVELOPMENT-ONLY.key")

@@ -105,10 +105,9 @@ def test_reload_diff_names_every_changed_key() -> None:
     new = parse_config(text)
     keys = diff.changes(old, new)
     live, restart = diff.split(keys)
-    assert set(live) == {"loops.l1.policy", "logging.level"}
+    assert set(live) == {"loops.l1.policy", "loops.l1.fallback", "logging.level"}
     assert set(restart) == {
         "loops.l1.period_ms",
-        "loops.l1.fallback",
         "telemetry.keep_acked_h",
         "daemon.shutdown_timeout_s",
     }

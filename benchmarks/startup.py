@@ -40,10 +40,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.peers import unit  # noqa: E402
 from edgerund.config.loader import simulate_config_path  # noqa: E402
 from edgerund.toolkit.daemonproc import NotifySocket  # noqa: E402
-
-UNIT = REPO / "systemd" / "edgerund.service"
 
 
 def rss_mb(pid: int) -> float:
@@ -51,17 +50,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def unit_environment() -> dict[str, str]:
-    """The `Environment=` assignments of the shipped unit (KEY=VALUE, space-separated)."""
-    env: dict[str, str] = {}
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("Environment="):
-            for item in line.split("=", 1)[1].split():
-                k, _, v = item.strip('"').partition("=")
-                env[k] = v
-    return env
 
 
 def smaps_breakdown(pid: int) -> dict[str, float]:
@@ -171,7 +159,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgerund-pyc-") as pyc:
         env = base_env(Path(pyc))
-        unit_env = {} if args.no_unit_env else unit_environment()
+        unit_env = {} if args.no_unit_env else unit.environment()
         # byte-compile the tree into the private cache (what an install does)
         code = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=1)"
         for pkg in ("edgerund", "drivers"):

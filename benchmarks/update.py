@@ -22,6 +22,9 @@ Per install (`--reps`, default 3), timed from the `update` request:
     (`--probation-s`; default: the simulated config's `updates.probation_s`), during which
     the probation watches the loop's missed ticks;
   - `rollback_ms`: a rollback by hand (`rollback`) after the last commit.
+A probation that fails (the daemon rolls the new model back) is reported in `outcomes`
+with its reason; `commit_1mb_s` is over the installs that committed. The daemon runs at
+the shipped unit's `Nice=` (`--nice`, 0 for none), as systemd would start it.
 The loop's missed ticks are read from `status` (the `motor` loop) over the whole update
 window (first request to last COMMITTED, rollback included), and over an equal window just
 before with no update: the same-run baseline (on a loaded machine the idle loop misses
@@ -48,6 +51,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.peers import unit  # noqa: E402
+from edgerund.errors import CommandError  # noqa: E402
 from edgerund.publisher import build as B  # noqa: E402
 from edgerund.toolkit.daemonproc import DaemonProc, simulated  # noqa: E402
 
@@ -85,23 +90,28 @@ def slot_state(d: DaemonProc) -> dict[str, Any]:
     return next(r for r in d.call("models-slots") if r["name"] == MODEL)
 
 
-def wait_committed(d: DaemonProc, version: str, timeout_s: float) -> float:
+def wait_outcome(d: DaemonProc, version: str, timeout_s: float) -> tuple[float, str]:
+    """(when, outcome): COMMITTED, or the failure reason of a rollback (e.g. the probation
+    judged the new model unhealthy)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         rec = slot_state(d)
         if rec["state"] == "COMMITTED" and rec["version"] == version:
-            return time.monotonic()
-        if rec["state"] in ("ROLLED_BACK", "REJECTED"):
-            raise RuntimeError(f"update of {version} did not take: {rec}")
+            return time.monotonic(), "COMMITTED"
+        lf = rec.get("last_failure") or {}
+        if rec["state"] in ("ROLLED_BACK", "REJECTED") and lf.get("version") == version:
+            return time.monotonic(), f"{rec['state']}: {lf.get('reason')}: {lf.get('message')}"
         time.sleep(0.05)
-    raise RuntimeError(f"{version} not COMMITTED within {timeout_s} s: {slot_state(d)}")
+    raise RuntimeError(f"{version}: no outcome within {timeout_s} s: {slot_state(d)}")
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="edgerund-bench-update-"))
     bundles = make_bundles(work / "pub", args.reps, args.size_mb, args.probation_s)
     sizes = [b.stat().st_size for b in bundles]
-    d = simulated(work / "gw", {"logging": {"level": "warning"}})
+    d = simulated(
+        work / "gw", {"logging": {"level": "warning"}}, prefix=unit.nice_prefix(args.nice)
+    )
     upd = d.config["updates"]
     probation_s = (
         args.probation_s if args.probation_s is not None else float(upd.get("probation_s", 30.0))
@@ -114,6 +124,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.settle_s)
             apply_s: list[float] = []
             commit_s: list[float] = []
+            outcomes: list[str] = []
             # the update window first, then as long again idle: the baseline follows the
             # same warm daemon (a fresh one misses more in its first seconds)
             lp0 = loop_status(d)
@@ -123,10 +134,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.monotonic()
                 d.call("update", {"path": str(b), "wait": "trial"}, timeout_s=300)
                 apply_s.append(time.monotonic() - t0)
-                commit_s.append(wait_committed(d, version, probation_s + 120) - t0)
+                t_end, outcome = wait_outcome(d, version, probation_s + 120)
+                outcomes.append(outcome)
+                if outcome == "COMMITTED":
+                    commit_s.append(t_end - t0)
             t0 = time.monotonic()
-            d.call("rollback", {"model": MODEL}, timeout_s=60)
-            rollback_ms = (time.monotonic() - t0) * 1e3
+            rollback_ms: float | None = None
+            try:
+                d.call("rollback", {"model": MODEL}, timeout_s=60)
+                rollback_ms = (time.monotonic() - t0) * 1e3
+            except CommandError as exc:  # e.g. the last install was rolled back already
+                outcomes.append(f"rollback by hand refused: {exc}")
             window_s = time.monotonic() - t_start
             lp1 = loop_status(d)
             time.sleep(window_s)
@@ -145,11 +163,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "apply_1mb_max_s": round(max(apply_s) - baseline_s, 3),
         "apply_to_probation_s": round(statistics.median(apply_s), 3),
         "baseline_window_s": baseline_s,
-        "commit_1mb_s": round(statistics.median(commit_s), 3),
-        "commit_minus_probation_s": round(statistics.median(commit_s) - probation_s, 3),
+        "commit_1mb_s": round(statistics.median(commit_s), 3) if commit_s else None,
+        "commit_minus_probation_s": (
+            round(statistics.median(commit_s) - probation_s, 3) if commit_s else None
+        ),
         "probation_s": probation_s,
-        "rollback_ms": round(rollback_ms, 1),
+        "rollback_ms": None if rollback_ms is None else round(rollback_ms, 1),
         "installs": len(apply_s),
+        "committed": len(commit_s),
+        "outcomes": outcomes,
+        "nice": args.nice,
         "window_s": round(window_s, 1),
         "missed_ticks": missed,
         "ticks": ticks,
@@ -177,6 +200,12 @@ def main() -> int:
         help="the bundles' health.probation_s (default: none, the config's updates.probation_s)",
     )
     ap.add_argument("--settle-s", type=float, default=5.0, help="after READY, before measuring")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=unit.nice(),
+        help="run the daemon at this nice level (default: the shipped unit's Nice=)",
+    )
     args = ap.parse_args()
     r = bench(args)
     print(
@@ -185,10 +214,11 @@ def main() -> int:
         f"{r['apply_to_probation_s']:.3f} s with the {r['baseline_window_s']:g} s baseline window"
     )
     print(
-        f"to COMMITTED: {r['commit_1mb_s']:.3f} s (probation {r['probation_s']:g} s; "
-        f"{r['commit_minus_probation_s']:.3f} s besides it)"
+        f"to COMMITTED: {r['commit_1mb_s']} s (probation {r['probation_s']:g} s; "
+        f"{r['commit_minus_probation_s']} s besides it); {r['committed']} of "
+        f"{r['installs']} committed: {r['outcomes']}"
     )
-    print(f"rollback by hand: {r['rollback_ms']:.1f} ms")
+    print(f"rollback by hand: {r['rollback_ms']} ms")
     print(
         f"loop '{LOOP}' @100 Hz: missed {r['missed_ticks']} of {r['ticks']} ticks during "
         f"{r['installs']} updates ({r['window_s']} s); same time without update: "

@@ -26,8 +26,8 @@ A probation that fails (the daemon rolls the new model back) is reported in `out
 with its reason; `commit_1mb_s` is over the installs that committed. The daemon runs at
 the shipped unit's `Nice=` (`--nice`, 0 for none), as systemd would start it.
 The loop's missed ticks are read from `status` (the `motor` loop) over the whole update
-window (first request to last COMMITTED, rollback included), and over an equal window just
-before with no update: the same-run baseline (on a loaded machine the idle loop misses
+window (first request to the last outcome, rollback included), and over an equal window
+right after it with no update: the same-run baseline (on a loaded machine the idle loop misses
 ticks too; the ratio says what the update adds).
 
     python benchmarks/update.py [--reps 3] [--size-mb 1] [--probation-s S]
@@ -132,7 +132,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             for b in bundles:
                 version = b.name.removeprefix(f"{MODEL}-").removesuffix(".bundle")
                 t0 = time.monotonic()
-                d.call("update", {"path": str(b), "wait": "trial"}, timeout_s=300)
+                try:
+                    d.call("update", {"path": str(b), "wait": "trial"}, timeout_s=300)
+                except CommandError as exc:  # refused or rolled back before the trial
+                    outcomes.append(f"{version}: {exc}")
+                    continue
                 apply_s.append(time.monotonic() - t0)
                 t_end, outcome = wait_outcome(d, version, probation_s + 120)
                 outcomes.append(outcome)
@@ -159,9 +163,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     return {
         "bundle_bytes": statistics.median(sizes),
-        "apply_1mb_s": round(statistics.median(apply_s) - baseline_s, 3),
-        "apply_1mb_max_s": round(max(apply_s) - baseline_s, 3),
-        "apply_to_probation_s": round(statistics.median(apply_s), 3),
+        "apply_1mb_s": round(statistics.median(apply_s) - baseline_s, 3) if apply_s else None,
+        "apply_1mb_max_s": round(max(apply_s) - baseline_s, 3) if apply_s else None,
+        "apply_to_probation_s": round(statistics.median(apply_s), 3) if apply_s else None,
         "baseline_window_s": baseline_s,
         "commit_1mb_s": round(statistics.median(commit_s), 3) if commit_s else None,
         "commit_minus_probation_s": (
@@ -209,9 +213,9 @@ def main() -> int:
     args = ap.parse_args()
     r = bench(args)
     print(
-        f"apply {r['bundle_bytes'] / 1e6:.2f} MB bundle: {r['apply_1mb_s']:.3f} s median "
-        f"(max {r['apply_1mb_max_s']:.3f}) of work; request -> swapped in, on probation "
-        f"{r['apply_to_probation_s']:.3f} s with the {r['baseline_window_s']:g} s baseline window"
+        f"apply {r['bundle_bytes'] / 1e6:.2f} MB bundle: {r['apply_1mb_s']} s median "
+        f"(max {r['apply_1mb_max_s']}) of work; request -> swapped in, on probation "
+        f"{r['apply_to_probation_s']} s with the {r['baseline_window_s']:g} s baseline window"
     )
     print(
         f"to COMMITTED: {r['commit_1mb_s']} s (probation {r['probation_s']:g} s; "

@@ -14,7 +14,7 @@ Figures, measured in the same run so that a shared, noisy machine affects both s
 Bytecode: the tree is byte-compiled first into a private cache (PYTHONPYCACHEPREFIX), as an
 installed package is (Debian byte-compiles at install): without it every run would compile
 the daemon's ~200 modules from source (~0.2-0.4 s here) and measure the checkout, not the
-install. Runs with no test-suite import (the notify socket is local to this file).
+install. Runs with no test-suite import (the notify socket is edgerund.toolkit.daemonproc's).
 Targets (issue #18): READY <= 1.0 s, RSS <= 90 MB. The last line is one JSON object.
 
     python benchmarks/startup.py [--settle-s 30] [--runs 3]
@@ -28,12 +28,10 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,9 +40,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.peers import unit  # noqa: E402
 from edgerund.config.loader import simulate_config_path  # noqa: E402
-
-UNIT = REPO / "systemd" / "edgerund.service"
+from edgerund.toolkit.daemonproc import NotifySocket  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -52,17 +50,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def unit_environment() -> dict[str, str]:
-    """The `Environment=` assignments of the shipped unit (KEY=VALUE, space-separated)."""
-    env: dict[str, str] = {}
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("Environment="):
-            for item in line.split("=", 1)[1].split():
-                k, _, v = item.strip('"').partition("=")
-                env[k] = v
-    return env
 
 
 def smaps_breakdown(pid: int) -> dict[str, float]:
@@ -78,33 +65,6 @@ def smaps_breakdown(pid: int) -> dict[str, float]:
         elif line.startswith("Rss:"):
             out[name] += int(head[1]) / 1024
     return {k: round(v, 1) for k, v in out.most_common(12)}
-
-
-class NotifySocket:
-    """A fake $NOTIFY_SOCKET: the time READY=1 arrived."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.ready_at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except (TimeoutError, OSError):
-                continue
-            if b"READY=1" in data.split(b"\n") and self.ready_at is None:
-                self.ready_at = time.monotonic()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 def base_env(pycache: Path) -> dict[str, str]:
@@ -156,11 +116,11 @@ def daemon_run(
                     [*cmd, "--simulate"], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO
                 )
             try:
-                while notify.ready_at is None:
+                while (ready_at := notify.ready_at) is None:
                     if proc.poll() is not None or time.monotonic() - t0 > 60:
                         raise SystemExit(f"no READY:\n{log.read_text()[-3000:]}")
                     time.sleep(0.01)
-                ready = notify.ready_at - t0
+                ready = ready_at - t0
                 time.sleep(settle_s)
                 rss = rss_mb(proc.pid)
                 maps = smaps_breakdown(proc.pid)
@@ -199,7 +159,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgerund-pyc-") as pyc:
         env = base_env(Path(pyc))
-        unit_env = {} if args.no_unit_env else unit_environment()
+        unit_env = {} if args.no_unit_env else unit.environment()
         # byte-compile the tree into the private cache (what an install does)
         code = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=1)"
         for pkg in ("edgerund", "drivers"):

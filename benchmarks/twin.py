@@ -10,10 +10,12 @@ Figures:
   replay window, nonce cache), run, and answered with a gateway-signed reply, pipelined
   `--window` at a time; baseline alongside: the unsigned, exempt `rebirth` over the same
   broker and dispatcher (`baseline_commands_per_s`), and their ratio.
-- `missed_ticks`: control-loop ticks missed while the patches were applied (target 0),
-  beside `missed_ticks_idle_baseline`: as long again with no patch (the machine's load).
+- `missed_ticks`: control-loop ticks missed (all loops) while the patches were applied
+  (target 0), beside `missed_ticks_idle_baseline`: after each patch, a window as long as
+  that patch took with no patch (interleaved, so a change of the machine's load over the
+  run hits both sides alike). The daemon runs at the shipped unit's `Nice=` (`--nice`).
 
-Usage: python benchmarks/twin.py [--patches 20] [--commands 200] [--probation-s 0.5]
+Usage: python benchmarks/twin.py [--patches 20] [--commands 200] [--probation-s 0.5] [--nice N]
 The last line is one JSON object with every figure (units in the names).
 """
 
@@ -35,10 +37,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.peers import unit
+from benchmarks.peers.mosquitto import Broker
 from edgerund.backend import twin as T
 from edgerund.publisher.build import load_private
-from tests.fixtures.mosquitto import Broker
-from tests.helpers.daemon import simulated
+from edgerund.toolkit.daemonproc import DaemonProc, simulated
 
 REPO = Path(__file__).resolve().parents[1]
 OPERATOR = load_private(REPO / "models" / "dev-keys" / "OPERATOR-DEVELOPMENT-ONLY.key")
@@ -50,14 +53,21 @@ def pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(xs), q)), 2) if xs else float("nan")
 
 
-async def desired_phase(broker: Broker, n: int) -> tuple[list[float], int]:
+def missed(d: DaemonProc) -> int:
+    return sum(int(lp["missed"]) for lp in d.call("status")["loops"])
+
+
+async def desired_phase(broker: Broker, d: DaemonProc, n: int) -> dict[str, Any]:
+    """n patches; after each one an idle window as long as it took (the baseline)."""
     times: list[float] = []
     size = 0
+    patching = idle = 0
     async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
         await c.subscribe(f"twin/v1/sim/{GW}/reported", qos=1)
         for v in range(1, n + 1):
             patch = {"loops": {"cabinet": {"policy": {"on_ticks": 5 + v % 7}}}}
             data = T.desired(GW, v, patch, OPERATOR)
+            m0 = await asyncio.to_thread(missed, d)
             t0 = time.perf_counter()
             await c.publish(f"twin/v1/sim/{GW}/desired", data, qos=1, retain=True)
             async with asyncio.timeout(60):
@@ -68,7 +78,12 @@ async def desired_phase(broker: Broker, n: int) -> tuple[list[float], int]:
                         times.append((time.perf_counter() - t0) * 1e3)
                         size = len(msg.payload)
                         break
-    return times, size
+            m1 = await asyncio.to_thread(missed, d)
+            await asyncio.sleep(time.perf_counter() - t0)  # as long, no patch
+            m2 = await asyncio.to_thread(missed, d)
+            patching += m1 - m0
+            idle += m2 - m1
+    return {"times": times, "size": size, "missed": patching, "idle_missed": idle}
 
 
 async def command_phase(broker: Broker, n: int, window: int, signed: bool) -> float:
@@ -118,18 +133,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             },
             "logging": {"level": "warning"},
         },
+        prefix=unit.nice_prefix(args.nice),
     )
     try:
         with d:
             d.wait_ready(60)
             await asyncio.sleep(2.0)
-            t_patch = time.perf_counter()
-            before = sum(lp["missed"] for lp in d.call("status")["loops"])
-            times, size = await desired_phase(broker, args.patches)
-            after = sum(lp["missed"] for lp in d.call("status")["loops"])
-            # baseline: missed ticks over as long again with no patch applied (machine load)
-            await asyncio.sleep(time.perf_counter() - t_patch)
-            idle = sum(lp["missed"] for lp in d.call("status")["loops"])
+            ph = await desired_phase(broker, d, args.patches)
+            times, size = ph["times"], ph["size"]
             base = await command_phase(broker, args.commands, args.window, signed=False)
             cps = await command_phase(broker, args.commands, args.window, signed=True)
             refused = d.call("status")["twin"]["commands"]["refused"]
@@ -147,9 +158,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_commands_per_s": round(base, 1),
         "signed_vs_unsigned_ratio": round(cps / base, 3) if base else None,
         "commands_refused": refused,
-        "missed_ticks": after - before,
-        "missed_ticks_idle_baseline": idle - after,
+        "missed_ticks": ph["missed"],
+        "missed_ticks_idle_baseline": ph["idle_missed"],
         "patches": len(times),
+        "nice": args.nice,
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -159,6 +172,12 @@ def main() -> None:
     ap.add_argument("--commands", type=int, default=200)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--probation-s", type=float, default=0.5)
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=unit.nice(),
+        help="run the daemon at this nice level (default: the shipped unit's Nice=)",
+    )
     args = ap.parse_args()
     res = asyncio.run(main_async(args))
     print(

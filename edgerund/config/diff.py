@@ -5,8 +5,9 @@ key live or name it as needing a restart; nothing is ignored silently. `changes`
 the changed leaf keys as dotted paths, with `sensors`, `loops` and `models` keyed by their
 id/name (`loops.motor.period_ms`) and an added or removed item as its own key
 (`loops.pump`). `LIVE` is the table of what the components' `reload()` really apply
-(hub: acquisition settings; loops: policy and active/normal values; logging; metrics,
-which the root re-reads every interval); `split` puts every change on one side.
+(hub: acquisition settings; loops: policy, active/normal values and fallback rules;
+logging; metrics, which the root re-reads every interval); `split` puts every change on
+one side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ LIVE: tuple[str, ...] = (
     "loops.*.policy",
     "loops.*.active_value",
     "loops.*.normal_value",
+    "loops.*.fallback",
 )
 
 

@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -354,9 +354,20 @@ def _explain(exc: msgspec.ValidationError, doc: _Doc, file: str) -> ConfigError:
 # --------------------------------------------------------------------------- public
 
 
-def parse_config(text: str, file: str = "<config>") -> Config:
-    """Validate config text. Raises ConfigError with FILE:LINE: key.path: message."""
+def parse_config(
+    text: str,
+    file: str = "<config>",
+    *,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Config:
+    """Validate config text. Raises ConfigError with FILE:LINE: key.path: message.
+
+    `transform` changes the parsed data before validation (a desired-state patch merged
+    over the file): the text is parsed once, in C, and an error in a key the file has still
+    names the file's line (a key only the patch sets names its nearest ancestor's)."""
     doc = _parse_yaml(text, file)
+    if transform is not None:
+        doc = _Doc(transform(doc.data), doc.lines)
     try:
         data = _expand_env(doc.data)
     except KeyError as exc:

@@ -136,19 +136,32 @@ class LoopsComponent:
 
     # --- start-up ---------------------------------------------------------------------
 
-    def _stale_s(self, loop: LoopConfig, sensor_id: str) -> float:
+    def _stale_s(self, loop: LoopConfig, sensor_id: str, config: Config | None = None) -> float:
         if loop.stale_after_ms is not None:
             return loop.stale_after_ms / 1000.0
         rate = 1.0
-        for s in self.cfg.sensors:
+        for s in (config or self.cfg).sensors:
             if s.id == sensor_id:
                 rate = s.rate_hz
         return STALE_SAMPLE_PERIODS / max(rate, 1e-6) + loop.period_ms / 1000.0
 
-    def _check_channels(self) -> None:
+    def _known_channels(self) -> dict[str, list[str]]:
         known: dict[str, list[str]] = {}
         for sensor_id, channel, _unit in self.samples.channels():
             known.setdefault(sensor_id, []).append(channel)
+        return known
+
+    @staticmethod
+    def _rule_problems(i: int, loop: LoopConfig, known: dict[str, list[str]]) -> list[str]:
+        return [
+            f"loops[{i}].fallback[{j}].channel: sensor {rule.sensor!r} has no "
+            f"channel {rule.channel!r} (expected one of: {known.get(rule.sensor, [])})"
+            for j, rule in enumerate(loop.fallback)
+            if rule.channel not in known.get(rule.sensor, [])
+        ]
+
+    def _check_channels(self) -> None:
+        known = self._known_channels()
         problems: list[str] = []
         for i, loop in enumerate(self.cfg.loops):
             for j, inp in enumerate(loop.inputs):
@@ -158,12 +171,7 @@ class LoopsComponent:
                             f"loops[{i}].inputs[{j}].channels: sensor {inp.sensor!r} has no "
                             f"channel {ch!r} (expected one of: {known.get(inp.sensor, [])})"
                         )
-            for j, rule in enumerate(loop.fallback):
-                if rule.channel not in known.get(rule.sensor, []):
-                    problems.append(
-                        f"loops[{i}].fallback[{j}].channel: sensor {rule.sensor!r} has no "
-                        f"channel {rule.channel!r} (expected one of: {known.get(rule.sensor, [])})"
-                    )
+            problems.extend(self._rule_problems(i, loop, known))
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -311,13 +319,34 @@ class LoopsComponent:
 
     def reload(self, config: Config) -> None:
         """Apply live settings to loops with the same id: the policy (threshold, hysteresis,
-        debounce) and the active/normal values. Inputs, model, actuator and period need a
-        restart (the daemon names them)."""
+        debounce), the active/normal values and the fallback rules. Inputs, model, actuator
+        and period need a restart (the daemon names them).
+
+        New fallback rules are checked against the hub's channels first (as at start-up);
+        a loop whose new rules name a channel that does not exist keeps its running rules
+        and the reload raises a ConfigError naming them (the daemon reports it as needing
+        attention, without dropping the other live changes)."""
         by_id = {lp.id: lp for lp in self.loops}
-        for cfg in config.loops:
+        known: dict[str, list[str]] | None = None
+        problems: list[str] = []
+        for i, cfg in enumerate(config.loops):
             loop = by_id.get(cfg.id)
             if loop is None:
                 continue
+            if cfg.fallback != loop.cfg.fallback:
+                known = known if known is not None else self._known_channels()
+                bad = self._rule_problems(i, cfg, known)
+                if bad:
+                    problems.extend(bad)
+                else:
+                    loop.set_fallback(
+                        cfg.fallback, [self._stale_s(cfg, r.sensor, config) for r in cfg.fallback]
+                    )
+                    log.info(
+                        "loop_fallback_applied",
+                        loop=loop.id,
+                        rules=[f"{r.sensor}.{r.channel} {r.stat}" for r in cfg.fallback],
+                    )
             loop.cfg = msgspec.structs.replace(
                 loop.cfg,
                 policy=cfg.policy,
@@ -332,3 +361,5 @@ class LoopsComponent:
                 pol.threshold = p.threshold
             else:
                 loop.forget_runner()  # the manifest threshold is read again on the next tick
+        if problems:
+            raise ConfigError("fallback rules not applied: " + "; ".join(problems))

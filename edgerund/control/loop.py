@@ -65,12 +65,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import structlog
 
 from drivers.base import ActuatorDriver
-from edgerund.control.config import LoopConfig, actuator_driver_name
+from edgerund.control.config import FallbackRuleConfig, LoopConfig, actuator_driver_name
 from edgerund.control.histogram import Histogram
 from edgerund.control.policy import Decision, LoopPolicy, Mode, Observation, Rule, evaluate_rules
 from edgerund.control.scheduler import Clock, Schedule, Sleep, effective_spin_s, run_schedule
@@ -131,6 +132,24 @@ class _RuleInput:
     sensor: str
     channel: str
     stale_s: float
+
+
+def _rule_inputs(rules: Sequence[FallbackRuleConfig], stale_s: Sequence[float]) -> list[_RuleInput]:
+    return [
+        _RuleInput(
+            Rule(
+                name=f"{r.sensor}.{r.channel}",
+                stat=r.stat,
+                samples=r.samples,
+                above=r.above,
+                below=r.below,
+            ),
+            r.sensor,
+            r.channel,
+            stale,
+        )
+        for r, stale in zip(rules, stale_s, strict=True)
+    ]
 
 
 def abi_mismatch(manifest: Any, inputs: Sequence[_Input]) -> str | None:
@@ -222,21 +241,7 @@ class ControlLoop:
             )
             for i in cfg.inputs
         ]
-        self.rules = [
-            _RuleInput(
-                Rule(
-                    name=f"{r.sensor}.{r.channel}",
-                    stat=r.stat,
-                    samples=r.samples,
-                    above=r.above,
-                    below=r.below,
-                ),
-                r.sensor,
-                r.channel,
-                stale,
-            )
-            for r, stale in zip(cfg.fallback, rule_stale_s, strict=True)
-        ]
+        self.rules = _rule_inputs(cfg.fallback, rule_stale_s)
         p = cfg.policy
         self.policy = LoopPolicy(
             threshold=p.threshold,
@@ -374,6 +379,13 @@ class ControlLoop:
     @property
     def overruns(self) -> int:
         return self._schedule.overruns if self._schedule is not None else 0
+
+    def set_fallback(self, rules: Sequence[FallbackRuleConfig], stale_s: Sequence[float]) -> None:
+        """Replace the fallback rules (a reload). Called on the event loop between ticks,
+        so the next tick evaluates the new rules whole; the policy's state (mode,
+        debounce counters) carries over."""
+        self.rules = _rule_inputs(rules, stale_s)
+        self.cfg = msgspec.structs.replace(self.cfg, fallback=list(rules))
 
     def forget_runner(self) -> None:
         """Re-read the runner's manifest (ABI, threshold) on the next tick."""

@@ -5,8 +5,9 @@
         st = d.call("status")
 
 The config is the minimal valid one (gateway, paths, diag under tmp_path) deep-merged with
-the overrides. A NotifySocket stands in for systemd: it collects READY=1, WATCHDOG=1 and
-STATUS= datagrams so tests can assert on them. WATCHDOG_USEC is set so the daemon pings.
+the overrides. A NotifySocket (edgerund/toolkit/daemonproc.py, shared with the benchmarks)
+stands in for systemd: it collects READY=1, WATCHDOG=1 and STATUS= datagrams so tests can
+assert on them. WATCHDOG_USEC is set so the daemon pings.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,52 +25,14 @@ import yaml
 
 from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError
+from edgerund.toolkit.daemonproc import NotifySocket, merge, simulated_config
+
+__all__ = ["DaemonProcess", "NotifySocket", "deep_merge", "simulated"]
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-class NotifySocket:
-    """A fake $NOTIFY_SOCKET: a datagram socket collecting sd_notify messages."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, dict[str, str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except (TimeoutError, OSError):
-                continue
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append((time.monotonic(), fields))
-
-    def has(self, key: str, value: str | None = None) -> bool:
-        return any(key in m and (value is None or m[key] == value) for _, m in self.messages)
-
-    def times(self, key: str) -> list[float]:
-        return [t for t, m in self.messages if key in m]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(1.0)
-        self.sock.close()
+deep_merge = merge
 
 
 class DaemonProcess:
@@ -205,15 +166,7 @@ class DaemonProcess:
 def simulated(tmp_path: Path, overrides: dict[str, Any] | None = None, **kw: Any) -> DaemonProcess:
     """A DaemonProcess on the shipped simulated config, with its paths moved under
     tmp_path (so tests never collide with each other or a developer's simulator)."""
-    from edgerund.config.loader import simulate_config_path
-
-    cfg = yaml.safe_load(simulate_config_path().read_text())
-    cfg["paths"] = {"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")}
-    cfg.setdefault("diag", {})
-    cfg["diag"]["socket"] = str(tmp_path / "diag.sock")
-    cfg["diag"]["mode"] = 0o666
-    cfg.setdefault("logging", {})["format"] = "json"
-    cfg = deep_merge(cfg, overrides or {})
+    cfg = simulated_config(tmp_path, overrides)
     d = DaemonProcess(
         tmp_path, config_text=yaml.safe_dump(cfg, sort_keys=False), simulate=True, **kw
     )

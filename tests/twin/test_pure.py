@@ -3,6 +3,8 @@ guard, and the reload diff that names every changed key."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -105,10 +107,9 @@ def test_reload_diff_names_every_changed_key() -> None:
     new = parse_config(text)
     keys = diff.changes(old, new)
     live, restart = diff.split(keys)
-    assert set(live) == {"loops.l1.policy", "logging.level"}
+    assert set(live) == {"loops.l1.policy", "loops.l1.fallback", "logging.level"}
     assert set(restart) == {
         "loops.l1.period_ms",
-        "loops.l1.fallback",
         "telemetry.keep_acked_h",
         "daemon.shutdown_timeout_s",
     }
@@ -152,3 +153,24 @@ def test_gate_policy_without_operator_keys_and_exemptions() -> None:
     # without a signer (no identity), the reply passes as it is
     assert asyncio.run(gate.seal("status", admitted, b"{}")) == b"{}"
     assert gate.status()["refused_by_reason"] == {"no_operator_keys": 1}
+
+
+def test_config_with_patch_validates_the_merged_file_and_names_the_file_line(
+    tmp_path: Path,
+) -> None:
+    """The patch is merged into the file's parsed data (no YAML round trip): the result
+    is the file plus the patch, and an invalid patched value is named with the key path
+    and the line of that key in the file."""
+    from edgerund.errors import ConfigError
+    from edgerund.twin.applier import config_with_patch
+
+    f = tmp_path / "edgerund.yaml"
+    f.write_text(BASE)
+    cfg = config_with_patch(f, {"loops": {"l1": {"policy": {"on_ticks": 3}}}}, 7)
+    assert cfg.loops[0].policy.on_ticks == 3 and cfg.loops[0].policy.off_ticks == 50
+    assert cfg.loops[0].fallback[0].above == 40.0
+    with pytest.raises(ConfigError) as exc:
+        config_with_patch(f, {"loops": {"l1": {"policy": {"on_ticks": "often"}}}}, 8)
+    line = BASE.splitlines().index("    policy: {on_ticks: 10, off_ticks: 50}") + 1
+    assert exc.value.path is not None and "on_ticks" in exc.value.path
+    assert f"{f} + twin desired v8:{line}:" in str(exc.value), str(exc.value)

@@ -25,6 +25,9 @@ class ProbationConfig(Section):
     # ... plus missed_ratio x what the PREVIOUS model's miss rate (measured just before the
     # swap over a window as long as the probation, at most baseline_max_s) predicts.
     missed_ratio: float = 2.0
+    # ... plus missed_z standard deviations of that prediction as a Poisson count (at least
+    # missed_z ticks): the host's bursts are not the model's; 0 = no slack.
+    missed_z: float = 3.0
     baseline_max_s: float = 10.0  # 0 = no baseline: max_missed_ticks alone
     poll_interval_ms: int = 250  # how often models.stats()/loops.status() are sampled
 

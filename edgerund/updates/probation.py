@@ -23,8 +23,12 @@ ticks whatever model runs, and a single missed tick must not roll a good model b
 just before the swap the watcher measures the old model's miss rate over a window as long
 as the probation window (capped by `baseline_max_s`): a `Baseline`. The new model may
 then miss `max_missed_ticks` plus `missed_ratio` times what the old model's rate predicts
-for the ticks of the probation window. Without a baseline (a trial resumed after a crash,
-no loops) `max_missed_ticks` alone applies.
+for the ticks of the probation window, plus a slack of `missed_z` standard deviations of
+that prediction taken as a Poisson count (at least `missed_z` ticks): a loaded host misses
+in bursts, so a quiet baseline followed by one burst of three ticks is the host, while a
+model too slow for its loop misses a steady fraction of all deadlines, hundreds over a
+window, far past any such slack. Without a baseline (a trial resumed after a crash, no
+loops) `max_missed_ticks` alone applies.
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def missed_allowed(policy: ProbationConfig, baseline: Baseline | None, deadlines
     if baseline is None:
         return policy.max_missed_ticks
     expected = baseline.miss_rate * deadlines * policy.missed_ratio
-    return policy.max_missed_ticks + math.ceil(expected)
+    slack = policy.missed_z * math.sqrt(max(expected, 1.0)) if policy.missed_z > 0 else 0.0
+    return policy.max_missed_ticks + math.ceil(expected + slack)
 
 
 WATCH = ProbationVerdict("watch")

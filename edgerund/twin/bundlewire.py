@@ -104,17 +104,19 @@ def parse_meta(data: bytes, *, sha256: str, size: int, chunk_max: int) -> Bundle
         raise TrustError("bad_meta", "meta: expected a JSON object") from None
     if not isinstance(raw, dict):
         raise TrustError("bad_meta", "meta: expected a JSON object")
-    fields = {k: raw.get(k) for k in ("size", "chunk_bytes", "chunks")}
-    for k, v in fields.items():
+    fields: dict[str, int] = {}
+    for k in ("size", "chunk_bytes", "chunks"):
+        v = raw.get(k)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise TrustError("bad_meta", f"meta.{k}: expected a positive integer, got {v!r}")
+        fields[k] = v
     if raw.get("sha256") != sha256:
         raise TrustError("bad_meta", f"meta.sha256: expected {sha256}, got {raw.get('sha256')!r}")
     if fields["size"] != size:
         raise TrustError(
             "bad_meta", f"meta.size: expected {size} (the signed target), got {fields['size']}"
         )
-    meta = BundleMeta.plan(size, sha256, int(fields["chunk_bytes"]))
+    meta = BundleMeta.plan(size, sha256, fields["chunk_bytes"])
     if meta.chunks != fields["chunks"]:
         raise TrustError(
             "bad_meta", f"meta.chunks: expected {meta.chunks} for that size, got {fields['chunks']}"

@@ -361,7 +361,11 @@ class Daemon:
             keyring=keyring_now,
             signer=identity,
             window_s=cfg.twin.command_window_s,
+            nonce_file=Path(cfg.paths.state_dir) / "twin" / "nonces.json",
         )
+        if gate.nonces is not None:  # the nonces seen before a restart stay refused
+            await gate.nonces.load()
+            self.scope.spawn("nonces", gate.nonces.run)
         self.router.guard(gate)
         if cfg.twin.enabled:
             twin_scope = sup.scope("twin")

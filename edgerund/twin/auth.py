@@ -168,7 +168,8 @@ class ReplayGuard:
         return {
             "v": 1,
             "floor_ms": self.floor_ms,
-            "nonces": [[n, t] for n, t in self._seen.items()],
+            # (nonce, ts) pairs: cheap to take on the loop, serialised in the writer thread.
+            "nonces": list(self._seen.items()),
         }
 
     def restore(self, data: object, now_ms: int) -> int:
@@ -184,7 +185,7 @@ class ReplayGuard:
         n = 0
         for it in items[-self.capacity :] if isinstance(items, list) else []:
             if (
-                isinstance(it, list)
+                isinstance(it, list | tuple)
                 and len(it) == 2
                 and isinstance(it[0], str)
                 and _NONCE_RE.match(it[0])

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Self
 import aiomqtt
 import msgspec
 import structlog
+from paho.mqtt.properties import Properties
 
 from edgerund import logs
 from edgerund.component import Command
@@ -58,6 +59,7 @@ from edgerund.twin import bundle, reported
 from edgerund.twin.applier import DesiredApplier
 from edgerund.twin.auth import reported_message
 from edgerund.twin.bundle import BundleStore
+from edgerund.twin.fetch import connect_properties
 from edgerund.twin.gate import CommandGate, gateway_sign
 from edgerund.twin.modeltargets import ModelTargets
 
@@ -237,9 +239,15 @@ class TwinComponent:
         """A session of its own for bundle fetches (twin/fetch.py): the same broker
         settings, so a long transfer never holds up the reported state."""
         password = await asyncio.to_thread(self._password)
-        return self._client(password, f"edgerund-{self.cfg.gateway.id}-bundles")
+        props = connect_properties(self.cfg.updates.mqtt_chunk_max_kb * 1024)
+        return self._client(password, f"edgerund-{self.cfg.gateway.id}-bundles", props)
 
-    def _client(self, password: str | None, identifier: str | None = None) -> aiomqtt.Client:
+    def _client(
+        self,
+        password: str | None,
+        identifier: str | None = None,
+        properties: Properties | None = None,
+    ) -> aiomqtt.Client:
         u = self.cfg.uplink
         tls = None
         if u.tls is not None:
@@ -256,6 +264,7 @@ class TwinComponent:
             tls_params=tls,
             username=u.username,
             password=password,
+            properties=properties,
         )
 
     async def _publisher(self) -> None:

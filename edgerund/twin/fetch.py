@@ -7,7 +7,8 @@ through the updates component's `TransferStore` (transfer.py), under the transfe
 SHA-256 check of the whole file at `commit`, and the same resumability: after a daemon
 restart or a lost connection `begin` answers the offset already on disk.
 
-On its own MQTT session the fetch subscribes to `meta` (retained; it waits for it if the
+On its own MQTT session (`connect_properties`: a Maximum Packet Size just above the chunk
+cap, so the broker never delivers a larger message) the fetch subscribes to `meta` (retained; it waits for it if the
 backend has not published yet), checks it against the SIGNED size and sha256, and then
 subscribes to the chunk topics it still needs, at most `window` at a time, starting at
 the chunk that holds the first missing byte. Retained messages arrive in any order across
@@ -34,6 +35,8 @@ from typing import Any
 
 import aiomqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgerund.errors import TrustError
 from edgerund.twin.bundlewire import BundleMeta, chunk_index, chunk_topic, meta_topic, parse_meta
@@ -44,6 +47,17 @@ log = structlog.get_logger("edgerund.twin.fetch")
 
 WINDOW = 4
 ClientFactory = Callable[[], Awaitable[aiomqtt.Client]]
+PACKET_OVERHEAD = 4096  # fixed header, topic, properties of one chunk message
+
+
+def connect_properties(chunk_max: int) -> Properties:
+    """CONNECT properties of the fetch session: MQTT 5 Maximum Packet Size, so the broker
+    drops (for this session) any message larger than a chunk may be; an oversized
+    retained "chunk" published by someone else never reaches the daemon's memory, and the
+    fetch waits for the genuine one."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.MaximumPacketSize = chunk_max + PACKET_OVERHEAD
+    return props
 
 
 class BundleFetcher:

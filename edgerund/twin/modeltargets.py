@@ -148,7 +148,7 @@ class ModelTargets:
             }
             log.warning("twin_model_target_refused", model=name, reason=reason, message=message)
         for t in targets.values():
-            self.entries[t.name] = self._entry(t, doc.version, T.VERIFYING)
+            self.entries[t.name] = self._entry(t, doc.version, T.FETCHING)
         if self._task is not None:
             self._task.cancel()
             self._task = None

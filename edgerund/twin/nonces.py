@@ -28,6 +28,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -50,7 +51,8 @@ def _read(path: Path) -> object:
     return json.loads(data)
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, snapshot: dict[str, Any]) -> None:
+    data = json.dumps(snapshot, separators=(",", ":")).encode()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fsutil.atomic_write(path, data, mode=0o600)
 
@@ -92,9 +94,9 @@ class NonceCache:
             changes = self.guard.changes
             if changes == self.written:
                 continue
-            data = json.dumps(self.guard.dump(), separators=(",", ":")).encode()
+            snapshot = self.guard.dump()  # a copy: later commands do not change it
             try:
-                await asyncio.to_thread(_write, self.path, data)
+                await asyncio.to_thread(_write, self.path, snapshot)
             except OSError as exc:
                 self.write_errors += 1
                 log.error("twin_nonce_cache_write_failed", path=str(self.path), error=str(exc))

@@ -5,9 +5,10 @@ The applier hands every authenticated desired document here (`offer`), before an
 independently of its config fragment, and also the applied document again when the
 broker re-delivers it after a restart, so targets resume. A document with a version not
 above the last one offered is ignored (the retained copy again). A new version replaces
-the target set: the worker of the previous one is cancelled (a fetch in progress stops;
-a job already in the pipeline finishes there, and the next target for that model waits
-until the model's update is no longer in flight).
+the target set: the worker of the previous one is cancelled (a fetch in progress stops,
+its partial file kept for a resume; a job already in the pipeline finishes there, watched
+by a task of its own so its outcome is still remembered; every target first waits until
+its model has no update in flight, then decides).
 
 One worker task takes the targets in order. For each: `targets.decide` against the active
 version and the remembered outcome of the bundle; then `fetch.BundleFetcher` pulls the
@@ -177,9 +178,11 @@ class ModelTargets:
             "size": t.size,
         }
 
-    def _set(self, name: str, **kw: Any) -> None:
+    def _set(self, name: str, dv: int, **kw: Any) -> None:
+        """Update the reported entry of `name`, if it still belongs to desired version `dv`
+        (a job of an abandoned version finishes without touching the newer entry)."""
         entry = self.entries.get(name)
-        if entry is None:
+        if entry is None or entry.get("desired_version") != dv:
             return
         changed = any(entry.get(k) != v for k, v in kw.items() if k != "bytes")
         entry.update(kw)
@@ -207,31 +210,39 @@ class ModelTargets:
             await asyncio.to_thread(_write, self.path, _dump(self.memory))
         except OSError as exc:
             log.error("twin_model_memory_write_failed", path=str(self.path), error=str(exc))
-        self._set(t.name, state=state, reason=reason, message=msg or None)
+        self._set(t.name, dv, state=state, reason=reason, message=msg or None)
+
+    async def _idle(self, name: str) -> None:
+        """Until `name` has no update in flight (an earlier job, perhaps of an abandoned
+        desired version, may be in its trial or probation)."""
+        assert self._installer is not None
+        while self._installer.slot_info(name).get("state") in _IN_FLIGHT:
+            with contextlib.suppress(TimeoutError):
+                await self._installer.wait_idle(3600.0)
 
     async def _one(self, dv: int, t: T.Target, keep: frozenset[str]) -> None:
         assert self._installer is not None
         inst = self._installer
-        info = inst.slot_info(t.name)
+        await self._idle(t.name)
         decision = T.decide(
             t,
-            active_version=info.get("version") if info.get("state") not in _IN_FLIGHT else None,
+            active_version=inst.slot_info(t.name).get("version"),
             remembered=self.memory.get(t.sha256),
             desired_version=dv,
         )
         if decision == "committed":
-            self._set(t.name, state=T.COMMITTED, bytes=t.size, message="already active")
+            self._set(t.name, dv, state=T.COMMITTED, bytes=t.size, message="already active")
             return
         if decision == "remembered":
             o = self.memory.get(t.sha256)
             assert o is not None
-            self._set(t.name, state=o.state, reason=o.reason, message=o.message)
+            self._set(t.name, dv, state=o.state, reason=o.reason, message=o.message)
             log.info("twin_model_target_remembered", model=t.name, sha256=t.sha256, state=o.state)
             return
-        self._set(t.name, state=T.FETCHING)
+        self._set(t.name, dv, state=T.FETCHING)
         try:
             path = await self.fetcher.fetch(
-                t, progress=lambda n: self._set(t.name, bytes=n), keep=keep
+                t, progress=lambda n: self._set(t.name, dv, bytes=n), keep=keep
             )
         except (TransferError, TrustError) as exc:
             await self._end(dv, t, T.REFUSED, exc.code, _msg(exc))
@@ -241,7 +252,7 @@ class ModelTargets:
             return
         submitted = False
         try:
-            self._set(t.name, state=T.VERIFYING, bytes=t.size)
+            self._set(t.name, dv, state=T.VERIFYING, bytes=t.size)
             try:
                 name = await asyncio.to_thread(peek_model_name, path, self.manifest_max)
             except TrustError as exc:
@@ -253,39 +264,45 @@ class ModelTargets:
                     f"the bundle is for model {name!r}, the target for {t.name!r}",
                 )  # fmt: skip
                 return
-            while inst.slot_info(t.name).get("state") in _IN_FLIGHT:
-                # An earlier target's job is still running (trial, probation).
-                with contextlib.suppress(TimeoutError):
-                    await inst.wait_idle(3600.0)
+            await self._idle(t.name)  # a local update (socket, inbox) may have started
             # Admitted: a target costs an operator signature, not a source's rate token.
             ticket = await inst.submit(
                 Job(path, f"twin:{t.name}", remove_after=True, admitted=True)
             )
             submitted = True
-            await self._watch(t, ticket)
         finally:
             if not submitted:
                 path.unlink(missing_ok=True)
-        info = inst.slot_info(t.name)
-        err = ticket.error
-        if err is None:
-            got = info.get("version")
-            note = "" if got == t.version else f"the bundle installed version {got}"
-            await self._end(dv, t, T.COMMITTED, None if not note else "version_mismatch", note)
-            return
-        lf = info.get("last_failure") or {}
-        rolled = info.get("state") == "ROLLED_BACK" and lf.get("reason") == err.code
-        await self._end(dv, t, T.ROLLED_BACK if rolled else T.REFUSED, err.code, _msg(err))
+        # The job's end is recorded even when a newer desired version cancels this worker
+        # meanwhile: the watch is a task of its own (in the component's scope), shielded.
+        watch = self._scope.spawn(
+            f"models-v{dv}-{t.name}", lambda: self._finish(dv, t, ticket), restart=False
+        )
+        await asyncio.shield(watch)
 
-    async def _watch(self, t: T.Target, ticket: JobTicket) -> None:
+    async def _finish(self, dv: int, t: T.Target, ticket: JobTicket) -> None:
         assert self._installer is not None
-        while not ticket.done.is_set():
-            state = self._installer.slot_info(t.name).get("state")
-            if ticket.model == t.name and state in _RUNNING:
-                self._set(t.name, state=_RUNNING[str(state)])
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_S):
-                    await ticket.done.wait()
+        try:
+            while not ticket.done.is_set():
+                state = self._installer.slot_info(t.name).get("state")
+                if ticket.model == t.name and state in _RUNNING:
+                    self._set(t.name, dv, state=_RUNNING[str(state)])
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_S):
+                        await ticket.done.wait()
+            info = self._installer.slot_info(t.name)
+            err = ticket.error
+            if err is None:
+                got = info.get("version")
+                note = "" if got == t.version else f"the bundle installed version {got}"
+                await self._end(dv, t, T.COMMITTED, "version_mismatch" if note else None, note)
+                return
+            lf = info.get("last_failure") or {}
+            rolled = info.get("state") == "ROLLED_BACK" and lf.get("reason") == err.code
+            await self._end(dv, t, T.ROLLED_BACK if rolled else T.REFUSED, err.code, _msg(err))
+        except Exception as exc:  # restart=False: an escape would stop the daemon
+            log.exception("twin_model_target_failed", model=t.name)
+            await self._end(dv, t, T.FAILED, "internal_error", repr(exc)[:300])
 
 
 def _msg(exc: Exception) -> str:

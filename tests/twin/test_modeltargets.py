@@ -163,3 +163,20 @@ async def test_newer_version_abandons_stalled_fetch(tmp_path: Path, mosquitto: A
             # the same document again (the retained copy): nothing happens
             t.offer(_doc(2, {"m1": _target(never, "1.5.0")}))
             assert _state(t)[:2] == (2, "committed")
+
+            # a newer version naming the SAME target while it is in probation: it waits
+            # for the job (whose end is still recorded) and finds it active: no second
+            # fetch or install
+            nxt = rig.pub.bundle(
+                tmp_path / "next.bundle", version="2.1.0", counter=2, health={"probation_s": 3.0}
+            )
+            meta2 = await _publish(mosquitto, nxt)
+            t.offer(_doc(3, {"m1": _target(meta2, "2.1.0")}))
+            await wait_for(lambda: _state(t)[:2] == (3, "probation"), 60)
+            t.offer(_doc(4, {"m1": _target(meta2, "2.1.0")}))
+            await wait_for(lambda: _state(t)[:2] == (4, "committed"), 60)
+            assert t.report()["m1"]["message"] == "already active"
+            await wait_for(lambda: t.memory.get(meta2.sha256) is not None, 10)
+            outcome = t.memory.get(meta2.sha256)
+            assert outcome is not None and outcome.state == "committed"
+            assert outcome.desired_version == 3

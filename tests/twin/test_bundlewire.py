@@ -104,3 +104,28 @@ async def test_publish_bundle_retained_and_cleared(tmp_path: Path, mosquitto: An
     )
     assert again.chunks == 2 and again.sha256 == meta.sha256
     assert len(await _retained(mosquitto, meta.sha256, 3)) == 3
+
+
+def test_cli_publish_bundle_prints_the_target(tmp_path: Path, mosquitto: Any) -> None:
+    import subprocess
+    import sys
+
+    blob = os.urandom(5000)
+    path = tmp_path / "b.bundle"
+    path.write_bytes(blob)
+    common = ["--host", mosquitto.host, "--port", str(mosquitto.port)]
+    cmd = [sys.executable, "-m", "edgerund.cli", "twin", "publish-bundle", str(path), *common]
+    out = subprocess.run(
+        [*cmd, "--model", "motor-ae", "--version", "2.1.0", "--chunk-kb", "2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    sha = hashlib.sha256(blob).hexdigest()
+    assert json.loads(out.stdout) == {"motor-ae": {"version": "2.1.0", "sha256": sha, "size": 5000}}
+    got = asyncio.run(_retained(mosquitto, sha, 4))  # 3 chunks of 2 KiB + meta
+    assert json.loads(got[f"bundles/v1/{sha}/meta"])["chunks"] == 3
+    out = subprocess.run(
+        [*cmd, "--clear", "--chunk-kb", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert asyncio.run(_retained(mosquitto, sha, 0)) == {}

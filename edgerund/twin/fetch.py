@@ -21,14 +21,23 @@ Nothing received is trusted: a chunk must have exactly the length meta implies (
 (`hash_mismatch`, dropped). The caller hands the verified file to the update pipeline.
 All file I/O runs in a worker thread, serialised by a lock (a cancelled fetch's last
 write may still be running when the next one starts).
+
+A target with a `url` (http or https, inside the operator signature) is fetched from it
+instead (`fetch_url`): the same store and checks, resumed with an HTTP Range request from
+the bytes on disk (a server that ignores Range sends the whole file: it is restarted);
+the blocking download runs in a worker thread that a cancelled fetch stops at its next
+read. The hash decides here as well: the server is not trusted either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import re
 import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +57,13 @@ log = structlog.get_logger("edgerund.twin.fetch")
 WINDOW = 4
 ClientFactory = Callable[[], Awaitable[aiomqtt.Client]]
 PACKET_OVERHEAD = 4096  # fixed header, topic, properties of one chunk message
+HTTP_TIMEOUT_S = 30.0  # connect, and each read
+_RANGE_RE = re.compile(r"^bytes (\d+)-\d+/(?:\d+|\*)$")
+
+
+def _range_start(value: str) -> int | None:
+    m = _RANGE_RE.match(value.strip())
+    return int(m.group(1)) if m else None
 
 
 def connect_properties(chunk_max: int) -> Properties:
@@ -132,6 +148,82 @@ class BundleFetcher:
                 log.info("twin_bundle_fetch_disconnected", sha256=t.sha256, error=str(exc))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.backoff_max_s)
+
+    # -- the HTTP(S) source (a target's optional `url`) --------------------------------------
+    async def fetch_url(
+        self,
+        t: Target,
+        *,
+        progress: Callable[[int], None],
+        keep: frozenset[str] = frozenset(),
+    ) -> Path:
+        """As `fetch`, from `t.url` (signed with the target): resumed with a Range request
+        from the bytes on disk; a server that ignores Range restarts the file. Retries
+        network errors and HTTP errors (capped backoff) until done; TransferError when
+        the bytes run past the signed size or do not hash to it."""
+        assert t.url is not None
+        offset = await asyncio.to_thread(self._begin, t, keep)
+        log.info(
+            "twin_bundle_fetching", model=t.name, version=t.version, sha256=t.sha256,
+            size=t.size, resume_offset=offset, source="url",
+        )  # fmt: skip
+        progress(offset)
+        loop = asyncio.get_running_loop()
+
+        def report(n: int) -> None:
+            loop.call_soon_threadsafe(progress, n)
+
+        backoff = self.backoff_initial_s
+        while True:
+            stop = threading.Event()
+            try:
+                done = await asyncio.to_thread(self._http_session, t, stop, report)
+            except asyncio.CancelledError:
+                stop.set()  # the worker thread ends at its next read
+                raise
+            except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+                log.info("twin_bundle_url_failed", sha256=t.sha256, error=str(exc)[:300])
+                done = None
+            if done is not None:
+                log.info("twin_bundle_fetched", model=t.name, sha256=t.sha256, size=t.size)
+                return done
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.backoff_max_s)
+
+    def _http_session(
+        self, t: Target, stop: threading.Event, report: Callable[[int], None]
+    ) -> Path | None:
+        """One request (blocking, in a worker thread): the complete file, or None to retry."""
+        assert t.url is not None
+        offset = self._begin(t, frozenset({t.sha256}))
+        if offset < t.size:
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            req = urllib.request.Request(t.url, headers=headers)
+            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+                if offset and resp.status == 200:  # Range ignored: the whole file comes
+                    self._handle({"op": "abort", "id": t.sha256})
+                    offset = self._begin(t, frozenset({t.sha256}))
+                elif resp.status == 206:
+                    got = _range_start(resp.headers.get("Content-Range", ""))
+                    if got != offset:
+                        raise TransferError(
+                            "bad_range",
+                            f"Content-Range: expected to start at {offset}, got {got}",
+                        )
+                elif resp.status != 200:
+                    return None
+                report(offset)
+                while not stop.is_set():
+                    data = resp.read(self.chunk_max)
+                    if not data:
+                        break
+                    reply, _ = self._handle({"op": "chunk", "id": t.sha256, "offset": offset}, data)
+                    offset = int(reply["next_offset"])
+                    report(offset)
+        if stop.is_set() or offset < t.size:
+            return None  # cancelled, or the connection ended early: resume with Range
+        _, done = self._handle({"op": "commit", "id": t.sha256})
+        return done
 
     async def _session(
         self, client: aiomqtt.Client, t: Target, progress: Callable[[int], None]

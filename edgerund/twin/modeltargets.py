@@ -241,9 +241,8 @@ class ModelTargets:
             return
         self._set(t.name, dv, state=T.FETCHING)
         try:
-            path = await self.fetcher.fetch(
-                t, progress=lambda n: self._set(t.name, dv, bytes=n), keep=keep
-            )
+            fetch = self.fetcher.fetch if t.url is None else self.fetcher.fetch_url
+            path = await fetch(t, progress=lambda n: self._set(t.name, dv, bytes=n), keep=keep)
         except (TransferError, TrustError) as exc:
             await self._end(dv, t, T.REFUSED, exc.code, _msg(exc))
             return

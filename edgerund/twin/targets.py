@@ -47,7 +47,15 @@ FAILED = "failed"
 
 # Refusals that concern the transfer, not the bundle: a newer desired version retries.
 TRANSFER_REASONS = frozenset(
-    {"hash_mismatch", "bad_meta", "bad_chunk", "too_large", "chunk_too_large", "io_error"}
+    {
+        "hash_mismatch",
+        "bad_meta",
+        "bad_chunk",
+        "bad_range",
+        "too_large",
+        "chunk_too_large",
+        "io_error",
+    }
 )
 
 
@@ -119,8 +127,10 @@ def parse_targets(
                 f"models.{name}.size: expected at most {max_bytes} bytes"
                 f" (updates.bundle_max_mb), got {size}",
             )
-        elif url is not None and not isinstance(url, str):
-            refused[name] = ("malformed", f"models.{name}.url: expected a string")
+        elif url is not None and not (
+            isinstance(url, str) and len(url) <= 2048 and url.startswith(("http://", "https://"))
+        ):
+            refused[name] = ("malformed", f"models.{name}.url: expected an http(s) URL")
         else:
             assert isinstance(sha, str)
             targets[name] = Target(name, version, sha, size, url)

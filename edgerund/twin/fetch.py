@@ -57,7 +57,7 @@ log = structlog.get_logger("edgerund.twin.fetch")
 WINDOW = 4
 ClientFactory = Callable[[], Awaitable[aiomqtt.Client]]
 PACKET_OVERHEAD = 4096  # fixed header, topic, properties of one chunk message
-HTTP_TIMEOUT_S = 30.0  # connect, and each read
+HTTP_TIMEOUT_S = 15.0  # connect, and each read (also how long a cancelled read may linger)
 _RANGE_RE = re.compile(r"^bytes (\d+)-\d+/(?:\d+|\*)$")
 
 

@@ -152,3 +152,15 @@ def test_gate_policy_without_operator_keys_and_exemptions() -> None:
     # without a signer (no identity), the reply passes as it is
     assert asyncio.run(gate.seal("status", admitted, b"{}")) == b"{}"
     assert gate.status()["refused_by_reason"] == {"no_operator_keys": 1}
+
+
+def test_reported_material_counts_fetch_progress_in_tenths() -> None:
+    from edgerund.twin.reported import material
+
+    def doc(n: int) -> dict[str, object]:
+        m = {"version": "2", "state": "fetching", "bytes": n, "size": 1000}
+        return {"desired": {"version": 3, "models": {"m": m}}}
+
+    assert material(doc(100)) == material(doc(150))  # same tenth: no publish
+    assert material(doc(150)) != material(doc(250))  # next tenth: publish
+    assert material(doc(1000))["desired"]["models"]["m"]["bytes"] == 10

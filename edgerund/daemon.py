@@ -332,6 +332,7 @@ class Daemon:
         if self.stop_event.is_set():
             return
 
+        updates: updates_component.UpdatesComponent | None = None
         if slots is not None:
             updates_scope = sup.scope("updates")
             updates = updates_component.build(
@@ -360,7 +361,11 @@ class Daemon:
             keyring=keyring_now,
             signer=identity,
             window_s=cfg.twin.command_window_s,
+            nonce_file=Path(cfg.paths.state_dir) / "twin" / "nonces.json",
         )
+        if gate.nonces is not None:  # the nonces seen before a restart stay refused
+            await gate.nonces.load()
+            self.scope.spawn("nonces", gate.nonces.run)
         self.router.guard(gate)
         if cfg.twin.enabled:
             twin_scope = sup.scope("twin")
@@ -386,6 +391,7 @@ class Daemon:
                 applier=self.applier,
                 current=lambda: self.config,
                 scope=twin_scope,
+                updates=updates,
             )
             await self._enter(stack, twin, twin_scope)
 

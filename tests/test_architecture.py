@@ -51,6 +51,8 @@ PURE_MODULES = (
     "edgerund/twin/auth.py",
     "edgerund/twin/reported.py",
     "edgerund/twin/desired.py",
+    "edgerund/twin/bundlewire.py",
+    "edgerund/twin/targets.py",
     "edgerund/config/diff.py",
 )
 IO_MODULES = frozenset(

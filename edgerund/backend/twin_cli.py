@@ -4,6 +4,7 @@
     edgerund twin set GATEWAY PATCH.json --version N --key OPERATOR.key [--models M.json]
     edgerund twin cmd GATEWAY NAME [ARGS.json|-] --key OPERATOR.key [--public-key PEM]
     edgerund twin watch [--site S] [--public-key PEM]           reported changes, JSON lines
+    edgerund twin publish-bundle FILE [--model M --version V] [--clear]   bundle for targets
 
 GATEWAY is the gateway id; `--site` (default `+`, any) completes the topic. With
 `--public-key` (the gateway's telemetry key, `edgerunctl --json identity` signing_key_pem)
@@ -98,6 +99,25 @@ async def _set(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _publish_bundle(args: argparse.Namespace) -> int:
+    from edgerund.backend.bundlestore import bundle_meta, publish_bundle, unpublish_bundle
+
+    path = Path(args.file)
+    chunk = int(args.chunk_kb * 1024)
+    async with _client(args) as c:
+        if args.clear:
+            meta = await asyncio.to_thread(bundle_meta, path, chunk)
+            await unpublish_bundle(c, meta)
+        else:
+            meta = await publish_bundle(c, path, chunk_bytes=chunk)
+    target: dict[str, Any] = {"sha256": meta.sha256, "size": meta.size}
+    if args.version:
+        target = {"version": args.version, **target}
+    out: dict[str, Any] = {args.model: target} if args.model else target
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 async def _cmd(args: argparse.Namespace) -> int:
     from edgerund.publisher.build import load_private
 
@@ -184,6 +204,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--expires-s", type=float, default=7 * 86400.0)
     common(s)
     s.set_defaults(func=_run(_set))
+
+    b = ts.add_parser(
+        "publish-bundle",
+        help="publish a bundle retained on bundles/v1/{sha256}/ for model targets;"
+        " print the target (for `set --models`)",
+    )
+    b.add_argument("file", help="the signed bundle file")
+    b.add_argument("--model", help="wrap the target as {MODEL: target}")
+    b.add_argument("--version", help="the bundle's model version, copied into the target")
+    b.add_argument("--chunk-kb", type=float, default=128.0, help="<= gateways' mqtt_chunk_max_kb")
+    b.add_argument("--clear", action="store_true", help="remove the retained messages instead")
+    common(b)
+    b.set_defaults(func=_run(_publish_bundle))
 
     c = ts.add_parser("cmd", help="send an operator-signed command, print the signed reply")
     c.add_argument("gateway")

@@ -19,9 +19,11 @@ Commands carry the target gateway, the command name (must match the topic, so a 
 milliseconds. `ReplayGuard` accepts a command only when its timestamp is within
 `window_s` of the gateway's clock and its nonce was not seen inside that window; the
 nonce cache holds at most `capacity` entries and, when full, forgets the oldest and
-raises a timestamp floor to it, so an evicted nonce can still never be replayed. A
-restart forgets the cache; the window bounds what could be replayed after one (the
-window is the price of not needing a synchronised counter with the backend).
+raises a timestamp floor to it, so an evicted nonce can still never be replayed. The
+window is the price of not needing a synchronised counter with the backend. The cache
+outlives a restart: `dump`/`restore` are its persisted form (twin/nonces.py writes it
+after every admitted command; without a readable copy at start-up the floor is raised to
+the start instead, so a command signed before it must be signed again).
 
 Nothing unauthenticated reaches a general-purpose parser unbounded: the caller caps the
 size; here the JSON nesting is checked before parsing and duplicate keys are refused.
@@ -129,6 +131,7 @@ class ReplayGuard:
         self.capacity = capacity
         self._seen: OrderedDict[str, int] = OrderedDict()  # nonce -> ts, oldest first
         self.floor_ms = 0
+        self.changes = 0  # accepted nonces so far: the persisted copy is stale when it moves
 
     def check(self, nonce: object, ts: object, now_ms: int) -> None:
         """Accept (and remember) or raise TrustError("replay" | "expired" | ...)."""
@@ -142,13 +145,61 @@ class ReplayGuard:
                 f"signed.ts: expected within {self.window_ms // 1000} s of the gateway clock,"
                 f" got {(ts - now_ms) / 1000:+.1f} s",
             )
-        if nonce in self._seen or ts <= self.floor_ms:
+        if nonce in self._seen:
             raise TrustError("replay", f"nonce {nonce[:16]}... was already used")
+        if ts <= self.floor_ms:
+            raise TrustError(
+                "replay",
+                f"signed.ts: expected after {self.floor_ms} (the replay floor: older nonces"
+                " are no longer remembered), got {ts}; sign the command again",
+            )
         self._prune(now_ms)
+        self._remember(nonce, ts)
+        self.changes += 1
+
+    def _remember(self, nonce: str, ts: int) -> None:
         self._seen[nonce] = ts
         while len(self._seen) > self.capacity:
             _, old_ts = self._seen.popitem(last=False)
             self.floor_ms = max(self.floor_ms, old_ts)
+
+    def dump(self) -> dict[str, Any]:
+        """The persisted form: the floor and the nonces still inside the window."""
+        return {
+            "v": 1,
+            "floor_ms": self.floor_ms,
+            # (nonce, ts) pairs: cheap to take on the loop, serialised in the writer thread.
+            "nonces": list(self._seen.items()),
+        }
+
+    def restore(self, data: object, now_ms: int) -> int:
+        """Take back a `dump` (unauthenticated file content: every item is checked; what
+        does not parse is skipped). Returns the number of nonces taken back."""
+        if not isinstance(data, dict) or data.get("v") != 1:
+            raise ValueError("expected a nonce cache document {v: 1, ...}")
+        floor = data.get("floor_ms")
+        if isinstance(floor, int) and not isinstance(floor, bool):
+            self.floor_ms = max(self.floor_ms, floor)
+        items = data.get("nonces")
+        horizon = now_ms - self.window_ms
+        n = 0
+        for it in items[-self.capacity :] if isinstance(items, list) else []:
+            if (
+                isinstance(it, list | tuple)
+                and len(it) == 2
+                and isinstance(it[0], str)
+                and _NONCE_RE.match(it[0])
+                and isinstance(it[1], int)
+                and not isinstance(it[1], bool)
+                and it[1] >= horizon
+            ):
+                self._remember(it[0], it[1])
+                n += 1
+        return n
+
+    def raise_floor(self, floor_ms: int) -> None:
+        """Refuse every command with a timestamp at or before `floor_ms`."""
+        self.floor_ms = max(self.floor_ms, floor_ms)
 
     def _prune(self, now_ms: int) -> None:
         horizon = now_ms - self.window_ms

@@ -43,8 +43,11 @@ import structlog
 from edgerund.errors import CommandError, TrustError
 from edgerund.ports import Admitted
 from edgerund.twin.auth import ReplayGuard, open_command, reply_message
+from edgerund.twin.nonces import NonceCache
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from edgerund.config.schema import Config
@@ -78,6 +81,7 @@ class CommandGate:
         window_s: float = 300.0,
         unsigned: frozenset[str] = UNSIGNED_COMMANDS,
         clock: Callable[[], float] = time.time,
+        nonce_file: Path | None = None,
     ) -> None:
         self.gateway = gateway
         self._keyring = keyring
@@ -85,6 +89,9 @@ class CommandGate:
         self._clock = clock
         self.unsigned = unsigned
         self.guard = ReplayGuard(window_s)
+        # Persisted so a restart does not reopen the replay window (twin/nonces.py); the
+        # root loads it before any command is dispatched and runs its writer task.
+        self.nonces = None if nonce_file is None else NonceCache(self.guard, nonce_file)
         self.admitted = 0
         self.refused: Counter[str] = Counter()
 
@@ -118,6 +125,8 @@ class CommandGate:
             self.refused[exc.code] += 1
             raise CommandError(exc.code, str(exc).split(": ", 1)[-1]) from None
         self.admitted += 1
+        if self.nonces is not None:
+            self.nonces.admitted()
         return Admitted(json.dumps(args).encode(), nonce=str(op.signed["nonce"]), keyid=op.keyid)
 
     async def seal(self, name: str, admitted: Admitted, reply: bytes) -> bytes:
@@ -144,6 +153,7 @@ class CommandGate:
             "refused": sum(self.refused.values()),
             "refused_by_reason": dict(self.refused),
             "unsigned_allowed": sorted(self.unsigned),
+            "nonce_write_errors": 0 if self.nonces is None else self.nonces.write_errors,
         }
 
 

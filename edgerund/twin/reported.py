@@ -8,7 +8,8 @@ signs telemetry batches. docs/twin.md §4 lists the fields.
 "Changes that matter": `material` drops the fields that move all the time (uptime, loop
 tick counters, spool backlog, sequence) so the component republishes on a real change
 (a sensor failing, a model swapped, a desired version applied) and otherwise only at the
-heartbeat. The document stays a few KB: per-sensor detail only for sensors that are not
+heartbeat (a bundle fetch's progress counts in tenths of its size). The document stays
+a few KB: per-sensor detail only for sensors that are not
 ok, loops as counters, no sample values.
 """
 
@@ -108,4 +109,19 @@ def material(doc: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in doc.items() if k not in VOLATILE}
     out["spool_connected"] = _d(doc.get("spool")).get("connected")
     out["commands"] = {k: v for k, v in _d(doc.get("commands")).items() if k != "admitted"}
+    desired = dict(_d(doc.get("desired")))
+    if desired.get("models"):
+        # A fetch's byte count moves all the time: only every tenth of the size is news.
+        desired["models"] = {
+            name: {**m, "bytes": _decile(m.get("bytes"), m.get("size"))}
+            for name, m in _d(desired.get("models")).items()
+            if isinstance(m, Mapping)
+        }
+        out["desired"] = desired
     return out
+
+
+def _decile(done: object, size: object) -> int | None:
+    if not isinstance(done, int) or not isinstance(size, int) or size <= 0:
+        return None
+    return min(10, done * 10 // size)

@@ -174,3 +174,15 @@ def test_config_with_patch_validates_the_merged_file_and_names_the_file_line(
     line = BASE.splitlines().index("    policy: {on_ticks: 10, off_ticks: 50}") + 1
     assert exc.value.path is not None and "on_ticks" in exc.value.path
     assert f"{f} + twin desired v8:{line}:" in str(exc.value), str(exc.value)
+
+
+def test_reported_material_counts_fetch_progress_in_tenths() -> None:
+    from edgerund.twin.reported import material
+
+    def doc(n: int) -> dict[str, object]:
+        m = {"version": "2", "state": "fetching", "bytes": n, "size": 1000}
+        return {"desired": {"version": 3, "models": {"m": m}}}
+
+    assert material(doc(100)) == material(doc(150))  # same tenth: no publish
+    assert material(doc(150)) != material(doc(250))  # next tenth: publish
+    assert material(doc(1000))["desired"]["models"]["m"]["bytes"] == 10

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from edgerund.config.schema import Config
     from edgerund.context import TaskScope
     from edgerund.ports import CommandRouter, IdentityPort
-    from edgerund.updates.component import UpdatesComponent
+    from edgerund.twin.modeltargets import Installer
 
 log = structlog.get_logger("edgerund.twin")
 
@@ -106,7 +106,7 @@ class TwinComponent:
         applier: DesiredApplier,
         current: Callable[[], Config],
         scope: TaskScope,
-        updates: UpdatesComponent | None = None,
+        updates: Installer | None = None,
     ) -> None:
         self.cfg = cfg
         self.gate = gate

@@ -66,6 +66,9 @@ _IN_FLIGHT = frozenset(_RUNNING)
 class Installer(Protocol):
     """What the twin needs of the updates component."""
 
+    @property
+    def records(self) -> Mapping[str, object]: ...
+
     def slot_info(self, name: str) -> dict[str, Any]: ...
 
     async def submit(self, job: Job) -> JobTicket: ...

@@ -52,6 +52,7 @@ PURE_MODULES = (
     "edgerund/twin/reported.py",
     "edgerund/twin/desired.py",
     "edgerund/config/diff.py",
+    "edgerund/backend/rollout.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

@@ -512,19 +512,35 @@ def plan(
 
 
 def model_outcome(
-    reported: Mapping[str, Any], model: str, version: str, desired_version: int | None
+    reported: Mapping[str, Any],
+    model: str,
+    version: str,
+    desired_version: int | None,
+    sha256: str | None = None,
 ) -> tuple[str, str | None] | None:
     """The gateway's state for (model, version) in a reported document, or None when the
     document says nothing about this target yet (it predates our desired document).
 
-    A document that answers our desired version (`desired.version >= desired_version`)
-    with a refusal of the whole document (not signed as expected, forbidden key, a daemon
-    that does not take model targets: `unsupported`) is `refused` with its reason."""
+    The target's entry `desired.models.NAME` (docs/twin.md §5.1) counts when it names our
+    bundle (`sha256`, else `version`) and answers our desired version or a later one
+    (`desired_version`, else the document's `desired.version`). A refusal of the whole
+    desired document we sent (a bad signature, a forbidden key, a daemon that takes no
+    model targets: `unsupported`) is `refused` with its reason. A gateway that reports
+    the version committed in `models[]` after our document is `committed`."""
     d = _d(reported.get("desired"))
     seen = d.get("version")
     fresh = desired_version is None or (isinstance(seen, int) and seen >= desired_version)
     target = _d(_d(d.get("models")).get(model))
-    if target.get("version") == version and fresh:
+    answered = target.get("desired_version")
+    t_fresh = (
+        desired_version is None or answered >= desired_version
+        if isinstance(answered, int)
+        else fresh
+    )
+    ours = target.get("sha256") == sha256 if sha256 and target.get("sha256") else None
+    if ours is None:
+        ours = target.get("version") == version
+    if ours and t_fresh:
         state = str(target.get("state", "")).lower()
         if state in MODEL_OK | MODEL_FAILED | MODEL_BUSY:
             reason = target.get("reason")

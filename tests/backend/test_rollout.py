@@ -333,3 +333,12 @@ def test_desired_keeps_the_config_patch() -> None:
     assert models == {"other": {"version": "1"}, "motor-ae": target}
     assert R.desired_with_target(prev, "other", None)[1] == {}
     assert R.next_desired_version(None, 3, 7) == 8 and R.next_desired_version() == 1
+
+
+def test_model_outcome_prefers_sha256_and_desired_version_of_the_entry() -> None:
+    sha = "ab" * 32
+    entry = {"version": "2.1.0", "sha256": sha, "desired_version": 9, "state": "committed"}
+    doc = reported("gw-1", desired={"version": 9, "models": {"motor-ae": entry}})
+    assert R.model_outcome(doc, "motor-ae", "2.1.0", 9, sha) == ("committed", None)
+    assert R.model_outcome(doc, "motor-ae", "2.1.0", 9, "cd" * 32) is None  # another file
+    assert R.model_outcome(doc, "motor-ae", "2.1.0", 10, sha) is None  # an older answer

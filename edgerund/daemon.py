@@ -332,6 +332,7 @@ class Daemon:
         if self.stop_event.is_set():
             return
 
+        updates: updates_component.UpdatesComponent | None = None
         if slots is not None:
             updates_scope = sup.scope("updates")
             updates = updates_component.build(
@@ -386,6 +387,7 @@ class Daemon:
                 applier=self.applier,
                 current=lambda: self.config,
                 scope=twin_scope,
+                updates=updates,
             )
             await self._enter(stack, twin, twin_scope)
 

@@ -16,6 +16,10 @@ Order for one desired document (docs/twin.md §5):
 4. Every outcome (applied, refused with reason, reverted with reason) is in `outcome`,
    which the reported state carries.
 
+Model targets (the document's `models`) are handed to `models` (twin/modeltargets.py) right
+after step 1, before and independently of the config fragment: a refused or reverted
+fragment does not stop them, and they do not wait for the fragment's probation.
+
 Start-up (`load_applied`): the stored envelope is re-verified from its signature against
 the verified keyring (never trusted because it is on disk; expiry is not re-checked: it
 was valid when applied) and merged over the file; a document that no longer verifies or
@@ -153,6 +157,9 @@ class DesiredApplier:
         self.pending: Desired | None = None
         self._lock = asyncio.Lock()
         self.refused = 0
+        # Model targets (twin/modeltargets.py): every authenticated document is offered,
+        # independently of its config fragment's fate.
+        self.models: Callable[[Desired], None] | None = None
 
     @property
     def patch(self) -> dict[str, Any]:
@@ -198,17 +205,19 @@ class DesiredApplier:
             )
         except TrustError as exc:
             if exc.code == "replay" and self.applied is not None and data == self.applied.raw:
-                return  # the retained copy of what we already run (reconnect, restart)
+                # The retained copy of what we already run (reconnect, restart); its model
+                # targets resume (a fetch cut short by the restart, say).
+                if self.models is not None:
+                    self.models(self.applied)
+                return
             self.refused += 1
             self._set(None, "refused", reason=exc.code, message=str(exc).split(": ", 1)[-1])
             return
         self.last_version = doc.version
+        if self.models is not None:
+            self.models(doc)  # fetched and installed in the background, not on probation here
         try:
             check_allowed(doc.config, self.cfg.twin.allow)
-            if doc.models:
-                raise TrustError(
-                    "unsupported", "model targets are not applied by this daemon version yet"
-                )
             new = await asyncio.to_thread(
                 config_with_patch, self.config_path, doc.config, doc.version
             )

@@ -14,7 +14,9 @@ the gateway. This component registers the twin's own commands with the router:
 * `support-bundle` {} then {bundle_id, chunk}: the support bundle in chunks (bundle.py).
 
 Desired state. On the same session the component subscribes to the retained
-`.../desired` topic and hands each document to `applier.DesiredApplier` (one at a time);
+`.../desired` topic and hands each document to `applier.DesiredApplier` (one at a time),
+which offers its model targets to `modeltargets.ModelTargets` (bundles pulled from the
+broker on a session of their own and installed through the updates component's job queue);
 its outcome and the origin of every key are in the reported state, and the diagnostics
 command `config` (`edgerunctl config`) shows the effective config with the origin of each
 key (file, or twin version N).
@@ -57,12 +59,14 @@ from edgerund.twin.applier import DesiredApplier
 from edgerund.twin.auth import reported_message
 from edgerund.twin.bundle import BundleStore
 from edgerund.twin.gate import CommandGate, gateway_sign
+from edgerund.twin.modeltargets import ModelTargets
 
 if TYPE_CHECKING:
     from edgerund.component import Peer
     from edgerund.config.schema import Config
     from edgerund.context import TaskScope
     from edgerund.ports import CommandRouter, IdentityPort
+    from edgerund.updates.component import UpdatesComponent
 
 log = structlog.get_logger("edgerund.twin")
 
@@ -100,6 +104,7 @@ class TwinComponent:
         applier: DesiredApplier,
         current: Callable[[], Config],
         scope: TaskScope,
+        updates: UpdatesComponent | None = None,
     ) -> None:
         self.cfg = cfg
         self.gate = gate
@@ -125,6 +130,15 @@ class TwinComponent:
         router.register("reload", self.cmd_reload)
         router.register("support-bundle", self.cmd_support_bundle)
         self._bundles = BundleStore()
+        self.targets = ModelTargets(
+            cfg,
+            installer=updates,
+            managed=(lambda: updates.records) if updates is not None else dict,
+            scope=scope,
+            notify=self.notify,
+            client=self._bundle_client,
+        )
+        applier.models = self.targets.offer
 
     # -- remote commands (admitted by the gate: operator-signed) --------------------------
     async def cmd_status(self, payload: bytes) -> bytes:
@@ -175,7 +189,7 @@ class TwinComponent:
             ts_ms=int(time.time() * 1000),
             config_digest=self._digest(),
             origin=self.applier.origin(),
-            desired=self.applier.outcome,
+            desired={**self.applier.outcome, "models": self.targets.report()},
             restart_needed=self._restart_needed(),
             commands=self.gate.status(),
         )
@@ -219,7 +233,13 @@ class TwinComponent:
         u = self.cfg.uplink
         return Path(u.password_file).read_text().strip() if u.password_file else None
 
-    def _client(self, password: str | None) -> aiomqtt.Client:
+    async def _bundle_client(self) -> aiomqtt.Client:
+        """A session of its own for bundle fetches (twin/fetch.py): the same broker
+        settings, so a long transfer never holds up the reported state."""
+        password = await asyncio.to_thread(self._password)
+        return self._client(password, f"edgerund-{self.cfg.gateway.id}-bundles")
+
+    def _client(self, password: str | None, identifier: str | None = None) -> aiomqtt.Client:
         u = self.cfg.uplink
         tls = None
         if u.tls is not None:
@@ -229,7 +249,7 @@ class TwinComponent:
         return aiomqtt.Client(
             u.host,
             u.port,
-            identifier=f"edgerund-{self.cfg.gateway.id}-twin",
+            identifier=identifier or f"edgerund-{self.cfg.gateway.id}-twin",
             protocol=aiomqtt.ProtocolVersion.V5,
             keepalive=u.keepalive_s,
             timeout=u.connect_timeout_s,
@@ -305,6 +325,7 @@ class TwinComponent:
 
     # -- component ------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        await self.targets.load()
         if self.cfg.uplink.enabled:
             self._scope.spawn("reported", self._publisher)
         return self
@@ -328,6 +349,7 @@ class TwinComponent:
                 "commands": self.gate.status(),
                 "desired": self.applier.outcome,
                 "desired_refused": self.applier.refused,
+                "model_targets": self.targets.report(),
             }
         }
 

@@ -46,6 +46,7 @@ document again (the gateway ignores a byte-identical copy).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import math
 import re
@@ -125,8 +126,12 @@ def parse_selector(text: str) -> Selector:
     return Selector(tuple(terms))
 
 
-def _d(v: object) -> Mapping[str, Any]:
+def as_map(v: object) -> Mapping[str, Any]:
+    """`v` if it is a mapping, else an empty one (documents from the wire)."""
     return v if isinstance(v, Mapping) else {}
+
+
+_d = as_map
 
 
 def facts_of(reported: Mapping[str, Any]) -> dict[str, str]:
@@ -350,6 +355,7 @@ class _Parser:
         return Cmp(metric, op[1], value)
 
 
+@functools.lru_cache(maxsize=64)
 def parse_rule(text: str) -> Rule:
     """The halt rule's syntax tree (RolloutError on a syntax error or an unknown metric)."""
     return _Parser(text).parse()

@@ -206,6 +206,12 @@ class Driver:
             cands.append(R.Candidate(gw, self.cache.sites[gw], R.running_version(rep, model)))
         if without:
             self.emit({"event": "not_managing_model", "model": model, "gateways": without})
+        busy = await self._db(self.store.in_flight, model, [c.gateway for c in cands])
+        if busy:
+            raise R.RolloutError(
+                "another rollout of this model is in progress for: "
+                + ", ".join(f"{gw} ({rid})" for gw, rid in sorted(busy.items()))
+            )
         rid = rollout_id or f"{model}-{version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         r = R.plan(
             rid, model, version, cands, sizes, halt_if=halt_if, soak_s=soak_s, timeout_s=timeout_s
@@ -263,7 +269,7 @@ class Driver:
         stored = await self._db(self.store.twin_desired, gw)
         if prev is None or (stored and stored.get("version", 0) > prev.get("version", 0)):
             prev = stored
-        seen = R._d(self.cache.reported.get(gw, {}).get("desired")).get("version")
+        seen = R.as_map(self.cache.reported.get(gw, {}).get("desired")).get("version")
         version = R.next_desired_version(
             prev.get("version") if prev else None,
             stored.get("version") if stored else None,
@@ -358,14 +364,14 @@ async def revert(
         if t.status not in ("sent", "committed", "failed"):
             continue
         d = docs.get(gw)
-        previous = R._d(R._d(d.previous if d else None).get("models")).get(r.model)
+        previous = R.as_map(R.as_map(d.previous if d else None).get("models")).get(r.model)
         before: dict[str, Any] | None = dict(previous) if previous else None
         if before is None and t.prev_version:
             known = await asyncio.to_thread(store.bundle_for, r.model, t.prev_version)
             if known:
                 before = {"version": t.prev_version, "sha256": known[0], "size": known[1]}
         current = cache.desired.get(gw) or await asyncio.to_thread(store.twin_desired, gw)
-        seen = R._d(cache.reported.get(gw, {}).get("desired")).get("version")
+        seen = R.as_map(cache.reported.get(gw, {}).get("desired")).get("version")
         version = R.next_desired_version(
             current.get("version") if current else None,
             d.version if d else None,

@@ -187,6 +187,17 @@ class RolloutStore:
         ).fetchone()
         return dict(row[0]) if row and isinstance(row[0], dict) else None
 
+    def in_flight(self, model: str, gateways: list[str]) -> dict[str, str]:
+        """Gateways of `gateways` that a running rollout of `model` holds (gateway -> id):
+        two rollouts must not fight over one gateway's desired document."""
+        rows = self.conn.execute(
+            "SELECT t.gateway, r.id FROM rollout_targets t JOIN rollouts r ON r.id = t.rollout "
+            "WHERE r.model = %s AND r.state IN ('running', 'soaking') "
+            "AND t.status <> 'skipped' AND t.gateway = ANY(%s)",
+            (model, gateways),
+        ).fetchall()
+        return {str(g): str(i) for g, i in rows}
+
     def bundle_for(self, model: str, version: str) -> tuple[str, int] | None:
         """The bundle (sha256, size) an earlier rollout used for `model` `version`."""
         row = self.conn.execute(

@@ -232,6 +232,10 @@ async def test_abort_with_revert_and_the_device_view(
         async with asyncio.timeout(90):
             while json.loads(await p.stdout.readline())["event"] != "wave_done":
                 pass
+        # a second rollout of the model may not take gateways the first one holds
+        rc, out, err = await cli(*rollout_args(mosquitto, pg_dsn, path, "ab2"))
+        assert rc == 1 and "another rollout of this model is in progress" in err, out + err
+        assert "(ab)" in err
         rc, out, err = await cli("abort", "ab", "--revert", "--key", str(OPERATOR_KEY),
                                  "--postgres", pg_dsn, "--json", *broker_args(mosquitto))  # fmt: skip
         assert rc == 0, err

@@ -250,7 +250,12 @@ class Driver:
         await self.cache.settle(quiet_s=1.0, max_s=10.0)
         resent = []
         for gw, t in r.targets.items():
-            if t.status == "sent" and gw in docs:
+            if t.status != "sent" or gw not in docs:
+                continue
+            # Only if the broker does not hold it (the tool died between the database
+            # and the publish); never over a NEWER document someone published since.
+            retained = self.cache.desired.get(gw, {}).get("version")
+            if not isinstance(retained, int) or retained < docs[gw].version:
                 await self._publish(t.site, gw, docs[gw].raw)
                 resent.append(gw)
         self.emit(

@@ -12,6 +12,7 @@ in a real PostgreSQL, driven by `edgerund fleet rollout` as a process:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -85,7 +86,7 @@ async def retained_desired(broker: Any, fleet: SimFleet) -> dict[str, dict[str, 
     out: dict[str, dict[str, Any]] = {}
     async with aiomqtt.Client(broker.host, broker.port) as c:
         await c.subscribe("twin/v1/+/+/desired", qos=1)
-        with __import__("contextlib").suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 async for msg in c.messages:
                     assert isinstance(msg.payload, bytes)

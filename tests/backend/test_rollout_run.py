@@ -8,6 +8,7 @@ migration from version 1."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -287,3 +288,44 @@ def test_schema_version_1_database_is_migrated_and_a_newer_one_refused(pg_dsn: s
         c.execute("UPDATE edgerund_schema SET version = 3")
         with pytest.raises(RuntimeError, match="version 3"):
             pgsink.ensure_schema(c)
+
+
+def test_gateway_keys_refuse_forged_reported_states(tmp_path: Path) -> None:
+    """With --gateway-keys, a reported document counts only with its gateway's signature:
+    a forged `committed` (unsigned, or signed by another key) is not taken."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edgerund.backend.rollout_run import TwinCache
+    from edgerund.twin.auth import reported_message
+
+    gw_key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "gw-01.pem").write_bytes(
+        gw_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    signed = FakeGateway(None, "gw-01", "plant-a").reported()
+
+    def doc(key: Any, body: dict[str, Any]) -> bytes:
+        sig = key.sign(reported_message(body), ec.ECDSA(hashes.SHA256()))
+        return json.dumps(
+            {"signed": body, "key_id": "k", "sig": base64.b64encode(sig).decode()}
+        ).encode()
+
+    cache = TwinCache(None, keys_dir=tmp_path)  # type: ignore[arg-type]
+    topic = "twin/v1/plant-a/gw-01/reported"
+    cache.take(topic, doc(gw_key, signed))
+    assert cache.reported["gw-01"]["seq"] == signed["seq"]
+    forged = {**signed, "seq": 99, "desired": {"version": 7, "models": {"motor-ae": {
+        "version": "2.1.0", "desired_version": 7, "state": "committed"}}}}  # fmt: skip
+    cache.take(topic, doc(other, forged))
+    cache.take(topic, json.dumps({"signed": forged, "key_id": "k", "sig": ""}).encode())
+    assert cache.reported["gw-01"]["seq"] == signed["seq"]  # the forgeries changed nothing
+    assert "does not verify" in cache.refused["gw-01"]
+    cache.take("twin/v1/plant-a/gw-02/reported", doc(gw_key, {**signed, "gateway": "gw-02"}))
+    assert "gw-02" not in cache.reported and "no public key" in cache.refused["gw-02"]
+    # without keys, the same forgery would have been taken: the defence is what refused it
+    open_cache = TwinCache(None)  # type: ignore[arg-type]
+    open_cache.take(topic, doc(other, forged))
+    assert open_cache.reported["gw-01"]["seq"] == 99

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -79,6 +80,9 @@ def _emitter(args: argparse.Namespace) -> Emit:
 
 
 async def _rollout(args: argparse.Namespace) -> int:
+    """Plan (or resume) and drive; a lost broker connection is retried with a capped,
+    jittered backoff by resuming from the database (nothing is lost: every decision is
+    there before it is acted on)."""
     from edgerund.backend.rollout_run import Driver, TwinCache
     from edgerund.publisher.build import load_private
 
@@ -89,24 +93,38 @@ async def _rollout(args: argparse.Namespace) -> int:
     store = await asyncio.to_thread(_store, args)
     keys = Path(args.gateway_keys) if args.gateway_keys else None
     emit = _emitter(args)
+    backoff = 1.0
     try:
-        async with _client(args) as client, TwinCache(client, args.prefix, keys) as cache:
-            drv = Driver(store, client, cache, key, emit=emit, poll_s=args.poll_s)
-            if rid:
-                r, info, docs = await drv.resume(rid)
-            else:
-                r, info = await drv.plan(
-                    Path(args.bundle),
-                    selector=args.select,
-                    waves=args.waves,
-                    halt_if=args.halt_if,
-                    soak_s=args.soak,
-                    timeout_s=args.gateway_timeout,
-                    rollout_id=args.id,
-                    discover_s=args.discover_s,
-                )
-                docs = {}
-            state = await drv.run(r, info, docs)
+        while True:
+            try:
+                async with _client(args) as client, TwinCache(client, args.prefix, keys) as cache:
+                    drv = Driver(store, client, cache, key, emit=emit, poll_s=args.poll_s)
+                    if rid:
+                        r, info, docs = await drv.resume(rid)
+                    else:
+                        r, info = await drv.plan(
+                            Path(args.bundle),
+                            selector=args.select,
+                            waves=args.waves,
+                            halt_if=args.halt_if,
+                            soak_s=args.soak,
+                            timeout_s=args.gateway_timeout,
+                            rollout_id=args.id,
+                            discover_s=args.discover_s,
+                        )
+                        docs = {}
+                        rid = r.id
+                    backoff = 1.0
+                    state = await drv.run(r, info, docs)
+                    break
+            except aiomqtt.MqttError as exc:
+                if not rid:
+                    raise  # nothing planned yet: report the broker as unreachable
+                delay = min(backoff, 30.0) * random.uniform(0.5, 1.0)
+                emit({"event": "broker_lost", "rollout": rid, "error": str(exc),
+                      "retry_in_s": round(delay, 1)})  # fmt: skip
+                await asyncio.sleep(delay)
+                backoff *= 2
     finally:
         await asyncio.to_thread(store.close)
     return 0 if state == "succeeded" else 1

@@ -122,6 +122,13 @@ class TwinCache:
         self.sites[gw] = site
         self.changed.set()
 
+    def check(self) -> None:
+        """Raise what ended the subscription (a lost broker connection): a driver that went
+        on without reports would time gateways out that are fine."""
+        if self._task is not None and self._task.done():
+            exc = None if self._task.cancelled() else self._task.exception()
+            raise exc if exc is not None else aiomqtt.MqttError("twin subscription ended")
+
     async def settle(self, quiet_s: float = 1.0, max_s: float = 10.0) -> None:
         """Wait until the retained documents stopped arriving (or `max_s`)."""
         start = time.monotonic()
@@ -323,6 +330,7 @@ class Driver:
                 await self._act(r, a, new)
             if r.final:
                 return r.state
+            self.cache.check()
             state = await self._db(self._state_of, r.id)
             if state == "aborted":
                 return await self._aborted_elsewhere(r)

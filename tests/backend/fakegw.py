@@ -81,13 +81,23 @@ class FakeGateway:
         }
 
     async def report(self) -> None:
-        assert self._client is not None
+        if self._client is None:
+            return  # offline: the next session reports the current state
         doc = {"signed": self.reported(), "key_id": "00", "sig": ""}
         await self._client.publish(
             f"{self.base}/reported", json.dumps(doc).encode(), qos=1, retain=True
         )
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Connected until cancelled; reconnects (every 0.3 s) when the broker goes away."""
+        while True:
+            try:
+                await self._session(ready)
+            except aiomqtt.MqttError:
+                self._client = None
+                await asyncio.sleep(0.3)
+
+    async def _session(self, ready: asyncio.Event | None) -> None:
         async with aiomqtt.Client(
             self.broker.host,
             self.broker.port,

@@ -329,3 +329,38 @@ def test_gateway_keys_refuse_forged_reported_states(tmp_path: Path) -> None:
     open_cache = TwinCache(None)  # type: ignore[arg-type]
     open_cache.take(topic, doc(other, forged))
     assert open_cache.reported["gw-01"]["seq"] == 99
+
+
+async def test_broker_outage_mid_rollout_is_ridden_out(
+    mosquitto: Any, pg_dsn: str, tmp_path: Path
+) -> None:
+    """The broker restarts during a soak: the tool reconnects, resumes from the database and
+    finishes; no gateway is timed out or targeted twice."""
+    path, _ = bundle(tmp_path, "2.1.0")
+    async with Fleet(fleet(mosquitto, n=4)) as f:
+        args = rollout_args(
+            mosquitto, pg_dsn, path, "outage", **{"--soak": "3s", "--waves": "1,100%"}
+        )
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgerund.cli", "fleet", *args,
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert p.stdout is not None
+        events: list[dict[str, Any]] = []
+        async with asyncio.timeout(60):
+            while not events or events[-1]["event"] != "wave_done":
+                events.append(json.loads(await p.stdout.readline()))
+        await asyncio.to_thread(mosquitto.stop)
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(mosquitto.start)
+        out, err = await asyncio.wait_for(p.communicate(), 120)
+        events += [json.loads(x) for x in out.decode().splitlines()]
+        assert p.returncode == 0, (events, err.decode()[-2000:])
+        st = await status(pg_dsn, "outage")
+    kinds = [e["event"] for e in events]
+    assert "broker_lost" in kinds and "resumed" in kinds and kinds[-1] == "succeeded"
+    assert st["counts"]["committed"] == 4 and st["counts"]["timed_out"] == 0
+    for name, g in f.gateways.items():
+        if name != "lab-01":
+            assert len({d["version"] for d in g.docs()}) == 1 and g.version == "2.1.0"

@@ -53,6 +53,7 @@ PURE_MODULES = (
     "edgerund/twin/desired.py",
     "edgerund/config/diff.py",
     "edgerund/backend/rollout.py",
+    "edgerund/backend/rolloutspec.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

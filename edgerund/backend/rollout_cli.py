@@ -28,7 +28,7 @@ from typing import Any
 
 import aiomqtt
 
-from edgerund.backend import rollout as R
+from edgerund.backend import rolloutspec as S
 from edgerund.backend.rollout_run import Emit
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -220,12 +220,12 @@ async def _devices(args: argparse.Namespace) -> int:
     from edgerund.backend.fleetview import device_row, render
     from edgerund.backend.rollout_run import TwinCache
 
-    sel = R.parse_selector(args.select)
+    sel = S.parse_selector(args.select)
     keys = Path(args.gateway_keys) if args.gateway_keys else None
     async with _client(args) as client, TwinCache(client, args.prefix, keys) as cache:
         await cache.settle(quiet_s=args.quiet_s, max_s=args.discover_s)
     now_ms = int(time.time() * 1000)
-    reps = {g: d for g, d in sorted(cache.reported.items()) if sel.matches(R.facts_of(d))}
+    reps = {g: d for g, d in sorted(cache.reported.items()) if sel.matches(S.facts_of(d))}
     rows = [device_row(d, now_ms) for d in reps.values()]
     if args.postgres or os.environ.get("EDGERUND_POSTGRES"):
         store = await asyncio.to_thread(_store, args)
@@ -253,7 +253,7 @@ def _run(fn: Any) -> Any:
         except aiomqtt.MqttError as exc:
             print(f"error: broker {args.host}:{args.port}: {exc}", file=sys.stderr)
             return 2
-        except R.RolloutError as exc:
+        except S.RolloutError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except KeyError as exc:

@@ -38,6 +38,7 @@ from typing import Any
 import aiomqtt
 
 from edgerund.backend import rollout as R
+from edgerund.backend import rolloutspec as S
 from edgerund.backend import twin as T
 from edgerund.backend.rollout_store import Doc, Info, RolloutStore
 from edgerund.backend.rollout_store import now as wall_now
@@ -196,14 +197,14 @@ class Driver:
         """Select the gateways, plan the waves, publish the bundle, record the rollout."""
         from edgerund.backend.bundlestore import publish_bundle
 
-        sel = R.parse_selector(selector)
-        sizes = R.parse_waves(waves)
-        R.parse_rule(halt_if)
+        sel = S.parse_selector(selector)
+        sizes = S.parse_waves(waves)
+        S.parse_rule(halt_if)
         model, version = await asyncio.to_thread(bundle_head, bundle)
         await self.cache.settle(quiet_s=1.0, max_s=discover_s)
         cands, without = [], []
         for gw, rep in sorted(self.cache.reported.items()):
-            if not sel.matches(R.facts_of(rep)):
+            if not sel.matches(S.facts_of(rep)):
                 continue
             if not any(
                 isinstance(m, Mapping) and m.get("name") == model for m in rep.get("models") or []
@@ -215,7 +216,7 @@ class Driver:
             self.emit({"event": "not_managing_model", "model": model, "gateways": without})
         busy = await self._db(self.store.in_flight, model, [c.gateway for c in cands])
         if busy:
-            raise R.RolloutError(
+            raise S.RolloutError(
                 "another rollout of this model is in progress for: "
                 + ", ".join(f"{gw} ({rid})" for gw, rid in sorted(busy.items()))
             )
@@ -281,7 +282,7 @@ class Driver:
         stored = await self._db(self.store.twin_desired, gw)
         if prev is None or (stored and stored.get("version", 0) > prev.get("version", 0)):
             prev = stored
-        seen = R.as_map(self.cache.reported.get(gw, {}).get("desired")).get("version")
+        seen = S.as_map(self.cache.reported.get(gw, {}).get("desired")).get("version")
         version = R.next_desired_version(
             prev.get("version") if prev else None,
             stored.get("version") if stored else None,
@@ -377,14 +378,14 @@ async def revert(
         if t.status not in ("sent", "committed", "failed"):
             continue
         d = docs.get(gw)
-        previous = R.as_map(R.as_map(d.previous if d else None).get("models")).get(r.model)
+        previous = S.as_map(S.as_map(d.previous if d else None).get("models")).get(r.model)
         before: dict[str, Any] | None = dict(previous) if previous else None
         if before is None and t.prev_version:
             known = await asyncio.to_thread(store.bundle_for, r.model, t.prev_version)
             if known:
                 before = {"version": t.prev_version, "sha256": known[0], "size": known[1]}
         current = cache.desired.get(gw) or await asyncio.to_thread(store.twin_desired, gw)
-        seen = R.as_map(cache.reported.get(gw, {}).get("desired")).get("version")
+        seen = S.as_map(cache.reported.get(gw, {}).get("desired")).get("version")
         version = R.next_desired_version(
             current.get("version") if current else None,
             d.version if d else None,

@@ -1,5 +1,6 @@
-"""The rollout decisions (edgerund/backend/rollout.py), pure: selector, waves, halt rule,
-and the state machine driven by simulated gateway reports and a fake clock."""
+"""The rollout decisions, pure: the operator's inputs (rolloutspec.py: selector, waves,
+halt rule) and the state machine (rollout.py) driven by simulated gateway reports and a
+fake clock."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgerund.backend import rollout as R
+from edgerund.backend import rolloutspec as S
 
 
 def reported(gw: str, site: str = "plant-a", **kw: Any) -> dict[str, Any]:
@@ -30,52 +32,52 @@ def reported(gw: str, site: str = "plant-a", **kw: Any) -> dict[str, Any]:
 
 
 def test_selector_matches_globs_alternatives_and_negation() -> None:
-    sel = R.parse_selector("site=plant-*, hardware_id=pi5|pi4, gateway!=gw-9*")
-    f = R.facts_of(reported("gw-1", hardware_id="pi5"))
+    sel = S.parse_selector("site=plant-*, hardware_id=pi5|pi4, gateway!=gw-9*")
+    f = S.facts_of(reported("gw-1", hardware_id="pi5"))
     assert sel.matches(f)
-    assert not sel.matches(R.facts_of(reported("gw-90", hardware_id="pi5")))
-    assert not sel.matches(R.facts_of(reported("gw-1", site="lab", hardware_id="pi5")))
-    assert not sel.matches(R.facts_of(reported("gw-1")))  # no hardware_id reported: no match
-    assert R.parse_selector("").matches(f)
-    assert R.parse_selector("model.motor-ae=1.*,identity=software").matches(f)
-    hw = R.facts_of(reported("gw-1", hardware={"id": "jetson"}, labels={"line": "3"}))
-    assert R.parse_selector("hardware_id=jetson,labels.line=3").matches(hw)
+    assert not sel.matches(S.facts_of(reported("gw-90", hardware_id="pi5")))
+    assert not sel.matches(S.facts_of(reported("gw-1", site="lab", hardware_id="pi5")))
+    assert not sel.matches(S.facts_of(reported("gw-1")))  # no hardware_id reported: no match
+    assert S.parse_selector("").matches(f)
+    assert S.parse_selector("model.motor-ae=1.*,identity=software").matches(f)
+    hw = S.facts_of(reported("gw-1", hardware={"id": "jetson"}, labels={"line": "3"}))
+    assert S.parse_selector("hardware_id=jetson,labels.line=3").matches(hw)
 
 
 @pytest.mark.parametrize("bad", ["site", "=x", "site=", "a=b,,c=d", "si te=x"])
 def test_selector_errors_say_which_term(bad: str) -> None:
-    with pytest.raises(R.RolloutError, match="selector term"):
-        R.parse_selector(bad)
+    with pytest.raises(S.RolloutError, match="selector term"):
+        S.parse_selector(bad)
 
 
 # --------------------------------------------------------------------------- waves
 
 
 def test_waves_are_cumulative_and_never_empty() -> None:
-    w = R.parse_waves("1,10%,50%,100%")
-    assert R.wave_ends(w, 12) == [1, 2, 6, 12]
-    assert R.wave_ends(w, 1) == [1]
-    assert R.wave_ends(w, 100) == [1, 10, 50, 100]
-    assert R.wave_ends(R.parse_waves("5,2,100%"), 10) == [5, 10]
-    assert R.wave_ends(R.parse_waves("1,50%"), 10) == [1, 5]  # stops at half, on purpose
+    w = S.parse_waves("1,10%,50%,100%")
+    assert S.wave_ends(w, 12) == [1, 2, 6, 12]
+    assert S.wave_ends(w, 1) == [1]
+    assert S.wave_ends(w, 100) == [1, 10, 50, 100]
+    assert S.wave_ends(S.parse_waves("5,2,100%"), 10) == [5, 10]
+    assert S.wave_ends(S.parse_waves("1,50%"), 10) == [1, 5]  # stops at half, on purpose
     for bad in ["", "0", "101%", "-1", "x", "0%", "1,,2"]:
-        with pytest.raises(R.RolloutError):
-            R.parse_waves(bad)
+        with pytest.raises(S.RolloutError):
+            S.parse_waves(bad)
 
 
 @given(
     st.lists(
         st.one_of(
-            st.integers(1, 500).map(lambda n: R.WaveSize(count=n)),
-            st.floats(0.01, 100).map(lambda p: R.WaveSize(percent=p)),
+            st.integers(1, 500).map(lambda n: S.WaveSize(count=n)),
+            st.floats(0.01, 100).map(lambda p: S.WaveSize(percent=p)),
         ),
         min_size=1,
         max_size=8,
     ),
     st.integers(1, 300),
 )
-def test_wave_ends_properties(sizes: list[R.WaveSize], n: int) -> None:
-    ends = R.wave_ends([*sizes, R.WaveSize(percent=100)], n)
+def test_wave_ends_properties(sizes: list[S.WaveSize], n: int) -> None:
+    ends = S.wave_ends([*sizes, S.WaveSize(percent=100)], n)
     assert ends == sorted(set(ends)) and ends[0] >= 1 and ends[-1] == n
 
 
@@ -83,17 +85,17 @@ def test_wave_ends_properties(sizes: list[R.WaveSize], n: int) -> None:
 
 
 def m(**kw: float) -> dict[str, float]:
-    c = dict.fromkeys(R.METRICS, 0.0)
+    c = dict.fromkeys(S.METRICS, 0.0)
     c.update(kw)
     return c
 
 
 def test_rule_examples() -> None:
-    rule = R.parse_rule("rolled_back>0 or failed_rate>2%")
+    rule = S.parse_rule("rolled_back>0 or failed_rate>2%")
     assert not rule.eval(m(targeted=100, failed=2, failed_rate=0.02))
     assert rule.eval(m(targeted=100, failed=3, failed_rate=0.03))
     assert rule.eval(m(rolled_back=1))
-    r2 = R.parse_rule("not (committed >= 1) and (timed_out==2 OR refused != 0)")
+    r2 = S.parse_rule("not (committed >= 1) and (timed_out==2 OR refused != 0)")
     assert r2.eval(m(timed_out=2)) and not r2.eval(m(timed_out=2, committed=1))
 
 
@@ -111,20 +113,20 @@ def test_rule_examples() -> None:
     ],
 )
 def test_rule_errors(bad: str, msg: str) -> None:
-    with pytest.raises(R.RolloutError, match=msg):
-        R.parse_rule(bad)
+    with pytest.raises(S.RolloutError, match=msg):
+        S.parse_rule(bad)
 
 
-_metric = st.sampled_from(sorted(R.METRICS))
+_metric = st.sampled_from(sorted(S.METRICS))
 _cmp = st.builds(
-    R.Cmp, _metric, st.sampled_from([">", ">=", "<", "<=", "==", "!="]), st.integers(0, 20)
+    S.Cmp, _metric, st.sampled_from([">", ">=", "<", "<=", "==", "!="]), st.integers(0, 20)
 )
 _rules = st.recursive(
     _cmp,
     lambda inner: st.one_of(
-        st.builds(R.Not, inner),
+        st.builds(S.Not, inner),
         st.builds(
-            R.BoolOp,
+            S.BoolOp,
             st.sampled_from(["and", "or"]),
             st.lists(inner, min_size=2, max_size=3).map(tuple),
         ),
@@ -134,8 +136,8 @@ _rules = st.recursive(
 
 
 @given(_rules, st.dictionaries(_metric, st.integers(0, 20)))
-def test_rule_text_round_trips_and_evaluates_the_same(rule: R.Rule, values: dict[str, int]) -> None:
-    again = R.parse_rule(R.rule_text(rule))
+def test_rule_text_round_trips_and_evaluates_the_same(rule: S.Rule, values: dict[str, int]) -> None:
+    again = S.parse_rule(S.rule_text(rule))
     metrics = m(**{k: float(v) for k, v in values.items()})
     assert again.eval(metrics) == rule.eval(metrics)
 
@@ -143,8 +145,8 @@ def test_rule_text_round_trips_and_evaluates_the_same(rule: R.Rule, values: dict
 @given(st.text(max_size=40))
 def test_rule_parser_never_crashes_on_junk(text: str) -> None:
     try:
-        R.parse_rule(text)
-    except R.RolloutError:
+        S.parse_rule(text)
+    except S.RolloutError:
         pass
 
 
@@ -158,7 +160,7 @@ def gateways(n: int, running: str | None = "1.0.0") -> list[R.Candidate]:
 def new(n: int = 12, halt: str = "rolled_back>0 or failed_rate>2%", **kw: Any) -> R.Rollout:
     args: dict[str, Any] = {"halt_if": halt, "soak_s": 60.0, "timeout_s": 600.0}
     args.update(kw)
-    return R.plan("r1", "motor-ae", "2.1.0", gateways(n), R.parse_waves("1,10%,50%,100%"), **args)
+    return R.plan("r1", "motor-ae", "2.1.0", gateways(n), S.parse_waves("1,10%,50%,100%"), **args)
 
 
 def sent(actions: list[R.Action]) -> list[str]:
@@ -237,27 +239,27 @@ def test_tolerated_failures_do_not_halt_and_rate_uses_reached_gateways() -> None
 def test_skipped_and_partial_last_wave() -> None:
     cands = [*gateways(4), R.Candidate("gw-new", "plant-0", "2.1.0")]
     r = R.plan(
-        "r2", "m", "2.1.0", cands, R.parse_waves("2"), halt_if="failed>0", soak_s=0, timeout_s=9
+        "r2", "m", "2.1.0", cands, S.parse_waves("2"), halt_if="failed>0", soak_s=0, timeout_s=9
     )
     assert r.targets["gw-new"].status == "skipped" and r.waves == [2]
     for g in sent(R.tick(r, 0.0)):
         R.observe(r, g, ("committed", None), 1.0)
     assert r.state == "succeeded"
     assert sum(t.status == "pending" for t in r.targets.values()) == 2  # never reached
-    with pytest.raises(R.RolloutError, match="already run"):
+    with pytest.raises(S.RolloutError, match="already run"):
         R.plan(
             "r3",
             "m",
             "2.1.0",
             cands[-1:],
-            R.parse_waves("1"),
+            S.parse_waves("1"),
             halt_if="failed>0",
             soak_s=0,
             timeout_s=9,
         )
-    with pytest.raises(R.RolloutError, match="matched no gateway"):
+    with pytest.raises(S.RolloutError, match="matched no gateway"):
         R.plan(
-            "r3", "m", "2.1.0", [], R.parse_waves("1"), halt_if="failed>0", soak_s=0, timeout_s=9
+            "r3", "m", "2.1.0", [], S.parse_waves("1"), halt_if="failed>0", soak_s=0, timeout_s=9
         )
 
 

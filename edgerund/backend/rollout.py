@@ -278,13 +278,14 @@ def _mark(r: Rollout, t: Target) -> None:
     r.dirty.add(t.gateway)
 
 
-def observe(
-    r: Rollout, gateway: str, outcome: tuple[str, str | None] | None, now: float
-) -> list[Action]:
-    """A gateway reported `outcome` (from `model_outcome`) for this rollout's target."""
+def record(r: Rollout, gateway: str, outcome: tuple[str, str | None] | None, now: float) -> None:
+    """Take a gateway's reported `outcome` (from `model_outcome`) without deciding
+    anything yet: a driver records every gateway's latest report, then calls `tick`
+    once, so that a timeout is never judged before the report that answers it (a tool
+    resumed after a long stop finds gateways that committed meanwhile committed)."""
     t = r.targets.get(gateway)
     if t is None or outcome is None or t.status not in ("sent", "committed"):
-        return tick(r, now)
+        return
     state, reason = outcome
     if (state, reason) != (t.outcome, t.reason) and not (
         t.status == "committed" and state in MODEL_BUSY
@@ -294,7 +295,14 @@ def observe(
     if state in MODEL_OK and t.status == "sent":
         t.status, t.done_at = "committed", now
     elif state in MODEL_FAILED:
-        t.status, t.done_at = "failed", t.done_at if t.status == "failed" else now
+        t.status, t.done_at = "failed", now
+
+
+def observe(
+    r: Rollout, gateway: str, outcome: tuple[str, str | None] | None, now: float
+) -> list[Action]:
+    """One gateway's report, then the decisions it leads to."""
+    record(r, gateway, outcome, now)
     return tick(r, now)
 
 

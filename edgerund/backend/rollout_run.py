@@ -305,7 +305,7 @@ class Driver:
                     out = R.model_outcome(
                         rep, r.model, r.version, d.version if d else None, info.sha256
                     )
-                    actions += R.observe(r, gw, out, now)
+                    R.record(r, gw, out, now)
             actions += R.tick(r, now)
             new: dict[str, Doc] = {}
             for a in actions:

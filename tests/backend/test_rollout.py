@@ -4,6 +4,7 @@ fake clock."""
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any
 
@@ -209,6 +210,26 @@ def test_timeout_counts_as_failed() -> None:
     acts = R.tick(r, 100.0)
     assert isinstance(acts[0], R.Halted) and "timed_out=1" in acts[0].reason
     assert "last state trial" in (r.targets[g].reason or "")
+
+
+def test_reports_recorded_before_the_tick_beat_the_timeout() -> None:
+    """A tool resumed long after it stopped: the gateways committed meanwhile; recording
+    all their reports before the tick keeps them from being judged timed out (deciding
+    after each report would time out the ones not yet fed)."""
+    r = new(n=12, halt="failed>0", timeout_s=100.0, soak_s=0.0)
+    (g,) = sent(R.tick(r, 0.0))
+    (g2,) = sent(R.observe(r, g, ("committed", None), 1.0))  # no soak: wave 2 at once
+    third = sent(R.observe(r, g2, ("committed", None), 2.0))
+    assert len(third) == 4
+    naive = copy.deepcopy(r)
+    for gw in third:
+        R.observe(naive, gw, ("committed", None), 5000.0)
+    assert naive.state == "halted" and naive.counts()["timed_out"] == 3
+    for gw in third:
+        R.record(r, gw, ("committed", None), 5000.0)
+    acts = R.tick(r, 5000.0)
+    assert r.state == "running" and r.counts()["failed"] == 0
+    assert R.WaveDone(2) in acts
 
 
 def test_failure_during_soak_trips_the_rule() -> None:

@@ -212,7 +212,7 @@ def _status(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for t in doc["targets"]:
         extra = " ".join(str(x) for x in (t["outcome"], t["reason"]) if x)
-        print(f"  wave {t['wave'] or '-'}  {t['gateway']:<20} {t['status']:<10} {extra}")
+        print(f"  wave {t['wave'] or '-'}  {t['gateway']:<20} {t['status']:<10} {extra}".rstrip())
     return 0
 
 

@@ -164,6 +164,15 @@ async def test_bad_bundle_halts_after_first_wave_and_says_why(
     assert got == [reached[0]["gateway"]]  # the other nine never received the target
     assert all(g.version == "2.0.0" for g in f.gateways.values())
     assert json.loads(out.splitlines()[-1])["event"] == "halted"
+    # the human views: the list of rollouts, and the rollout with one line per gateway
+    rc, out, err = await cli("status", "--postgres", pg_dsn)
+    assert rc == 0 and out.startswith("bad  motor-ae 2.1.0  halted  wave 1/3  reached 1/10"), out
+    rc, out, err = await cli("status", "bad", "--postgres", pg_dsn)
+    assert rc == 0 and "halt rule 'rolled_back>0" in out
+    assert f"{reached[0]['gateway']:<20} failed     rolled_back probation_faults" in out
+    assert sum(line.endswith(" pending") for line in out.splitlines()) == 9
+    rc, _, err = await cli("status", "nope", "--postgres", pg_dsn)
+    assert rc == 1 and "no rollout 'nope'" in err
 
 
 async def test_killed_tool_resumes_from_the_database_without_retargeting(

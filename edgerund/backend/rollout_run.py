@@ -139,7 +139,7 @@ class TwinCache:
             await asyncio.sleep(0.1)
 
     async def wait(self, timeout_s: float) -> None:
-        self.changed.clear()
+        """Until a document arrives after the last `changed.clear()`, or `timeout_s`."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self.changed.wait()
@@ -296,6 +296,7 @@ class Driver:
         """Drive to a final state; returns it."""
         target = {"version": r.version, "sha256": info.sha256, "size": info.size}
         while True:
+            self.cache.changed.clear()  # before reading: a report from now on wakes the wait
             now = self.clock()
             actions: list[R.Action] = []
             for gw, t in r.targets.items():
@@ -332,16 +333,10 @@ class Driver:
             if r.final:
                 return r.state
             self.cache.check()
-            state = await self._db(self._state_of, r.id)
+            state = await self._db(self.store.state_of, r.id)
             if state == "aborted":
                 return await self._aborted_elsewhere(r)
             await self.cache.wait(self.poll_s)
-
-    def _state_of(self, rollout_id: str) -> str | None:
-        row = self.store.conn.execute(
-            "SELECT state FROM rollouts WHERE id = %s", (rollout_id,)
-        ).fetchone()
-        return str(row[0]) if row else None
 
     async def _aborted_elsewhere(self, r: R.Rollout) -> str:
         self.emit({"event": "aborted", "rollout": r.id, "by": "fleet abort"})

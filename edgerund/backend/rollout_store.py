@@ -181,6 +181,12 @@ class RolloutStore:
 
     # ------------------------------------------------------------------ reading
 
+    def state_of(self, rollout_id: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT state FROM rollouts WHERE id = %s", (rollout_id,)
+        ).fetchone()
+        return str(row[0]) if row else None
+
     def twin_desired(self, gateway: str) -> dict[str, Any] | None:
         row = self.conn.execute(
             "SELECT desired FROM twins WHERE gateway = %s", (gateway,)

@@ -19,14 +19,22 @@ Kill: two consumers drain a live stream; one is killed with SIGKILL half-way and
 restarted with the same client id; `duplicates_in_db` counts rows stored twice and
 `batches_lost` batches missing once everything is delivered.
 
-The gateway side (`gateways`, `rollout_s`, `halted_after_gateways`) waits for the device
-twin and `edgerund fleet rollout` (issue #16) and is not measured yet.
+Rollout: ten real simulated gateways (edgerund/toolkit/simfleet.py: the daemon, its twin
+and update pipeline on a light simulated config) on the same broker; `edgerund fleet
+rollout` as a process, waves `1,10%,50%,100%`, no soak, its state in PostgreSQL.
+`rollout_s` is the wall time of the tool for a good bundle (selection, bundle published,
+every gateway fetching, verifying, prechecking, trying and committing it, wave by wave);
+then a bad bundle (golden vectors its model does not reproduce: the precheck on the
+device refuses it) must halt: `halted_after_gateways` is how many gateways it reached.
+`--only sink|rollout` runs one half (the other's figures are null).
 
 Last line: one JSON object with every figure.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import shutil
@@ -44,10 +52,14 @@ import psycopg
 from edgerund.backend.devservers import MosquittoServer, PostgresServer, find_postgres_bin
 from edgerund.backend.loadgen import SyntheticGateway, meta_bytes, new_key, public_pem, publish
 from edgerund.backend.pgsink import PostgresSink
+from edgerund.publisher import build as B
 
 REPO = Path(__file__).resolve().parents[1]
 N_GATEWAYS = 8
 PER_GW = 300
+ROLLOUT_GATEWAYS = 10
+REF = REPO / "models" / "reference"
+DEV = REPO / "models" / "dev-keys"
 
 
 def consumer(
@@ -224,7 +236,98 @@ def kill_restart(
     return dup, n - count(dsn)
 
 
+def _bundle(out: Path, version: str, counter: int, bad: bool) -> Path:
+    golden = None
+    if bad:  # expected outputs the model does not reproduce: the precheck refuses it
+        import numpy as np
+
+        ref = B.make_golden((REF / "model.onnx").read_bytes(), n=4)
+        with np.load(io.BytesIO(ref)) as z:
+            arrays = {k: z[k] + (1000.0 if k.startswith("out.") else 0.0) for k in z.files}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        golden = out.with_suffix(".npz")
+        golden.write_bytes(buf.getvalue())
+    B.build_from_dir(
+        REF, out, [B.load_private(DEV / "DEVELOPMENT-ONLY.key")], version=version,
+        security_counter=counter, exclude=("model_fp32.onnx",), health={"probation_s": 0.5},
+        golden=golden,
+    )  # fmt: skip
+    return out
+
+
+def _fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgerund.cli", "fleet", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _wait_reported(broker: MosquittoServer, gateways: set[str], timeout_s: float = 180.0) -> None:
+    import paho.mqtt.client as mqtt
+
+    seen: set[str] = set()
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda _c, _u, m: seen.add(m.topic.split("/")[-2])
+    c.connect(broker.host, broker.port)
+    c.subscribe("twin/v1/+/+/reported", qos=1)
+    c.loop_start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not gateways <= seen:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no reported state from {sorted(gateways - seen)}")
+            time.sleep(0.2)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def rollout(broker: MosquittoServer, pg: PostgresServer, work: Path) -> dict[str, Any]:
+    """(gateways, rollout_s of a good bundle, gateways a bad one reached before halting)."""
+    from edgerund.toolkit.simfleet import SimFleet
+
+    dsn = pg.create_database("rollout")
+    good = _bundle(work / "good.bundle", "2.1.0", 2, bad=False)
+    bad = _bundle(work / "bad.bundle", "2.2.0", 3, bad=True)
+    common = ["--key", str(DEV / "OPERATOR-DEVELOPMENT-ONLY.key"), "--postgres", dsn, "--json",
+              "--host", broker.host, "--port", str(broker.port), "--select", "site=plant-*",
+              "--waves", "1,10%,50%,100%", "--halt-if", "rolled_back>0 or failed_rate>2%",
+              "--soak", "0s", "--gateway-timeout", "300s"]  # fmt: skip
+    fleet = SimFleet(work / "fleet", broker.host, broker.port, n=ROLLOUT_GATEWAYS)
+    try:
+        fleet.start()
+        _wait_reported(broker, set(fleet.procs))
+        t0 = time.monotonic()
+        res = _fleet_cli("rollout", str(good), "--id", "bench-good", *common)
+        rollout_s = time.monotonic() - t0
+        if res.returncode != 0:
+            raise RuntimeError(f"good rollout failed: {res.stdout}{res.stderr[-2000:]}")
+        res = _fleet_cli("rollout", str(bad), "--id", "bench-bad", *common)
+        st = json.loads(_fleet_cli("status", "bench-bad", "--postgres", dsn, "--json").stdout)
+    finally:
+        fleet.stop()
+    reached = sum(t["status"] != "pending" for t in st["targets"])
+    print(f"rollout of a good bundle to {ROLLOUT_GATEWAYS} gateways: {rollout_s:.1f} s")
+    print(f"bad bundle: {st['state']} after {reached} gateway(s): {st['reason']}")
+    return {
+        "gateways": ROLLOUT_GATEWAYS,
+        "rollout_s": round(rollout_s, 1),
+        "rollout_waves": "1,10%,50%,100%",
+        "halted_after_gateways": reached if st["state"] == "halted" else None,
+    }
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("sink", "rollout"))
+    only = ap.parse_args().only
     bindir = find_postgres_bin()
     mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if bindir is None or not os.access(mosq, os.X_OK):
@@ -237,43 +340,45 @@ def main() -> int:
     pg = PostgresServer(bindir, durable=True)
     broker = MosquittoServer(mosq, work / "mqtt")
     (work / "mqtt").mkdir()
+    figures: dict[str, Any] = {"cpu_count": os.cpu_count()}
     try:
         pg.start()
         broker.start()
-        key = new_key()
-        pem = work / "gw.pem"
-        pem.write_bytes(public_pem(key))
-        one, rows_one = drain_rate(broker, pg, work, pem, key, 1, "one")
-        print(f"one consumer:  {one:8.0f} batches/s  {rows_one:9.0f} rows/s")
-        two, rows_two = drain_rate(broker, pg, work, pem, key, 2, "two")
-        print(
-            f"two consumers: {two:8.0f} batches/s  {rows_two:9.0f} rows/s  scaling {two / one:.2f}"
-        )
-        dup, lost = kill_restart(broker, pg, work, pem, key)
-        print(
-            f"kill -9 and restart of one of two consumers: {dup} duplicate rows, {lost} batches lost"
-        )
-        figures = {
-            "cpu_count": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the same cores
-            "batches_per_drain": N_GATEWAYS * PER_GW,
-            "rows_per_batch": 41.1,
-            "consumer_batches_per_s_1": round(one, 1),
-            "consumer_batches_per_s_2": round(two, 1),
-            "consumer_scaling": round(two / one, 3),
-            "db_rows_per_s": round(max(rows_one, rows_two), 1),
-            "duplicates_in_db": dup,
-            "batches_lost_after_kill": lost,
-            "gateways": None,
-            "rollout_s": None,
-            "halted_after_gateways": None,
-        }
+        if only != "rollout":
+            figures.update(sink(broker, pg, work))
+        if only != "sink":
+            figures.update(rollout(broker, pg, work))
+        figures["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on the same cores
     finally:
         broker.cleanup()
         pg.cleanup()
         shutil.rmtree(work, ignore_errors=True)
+    for k in ("gateways", "rollout_s", "halted_after_gateways", "consumer_scaling"):
+        figures.setdefault(k, None)
     print(json.dumps(figures))
     return 0
+
+
+def sink(broker: MosquittoServer, pg: PostgresServer, work: Path) -> dict[str, Any]:
+    key = new_key()
+    pem = work / "gw.pem"
+    pem.write_bytes(public_pem(key))
+    one, rows_one = drain_rate(broker, pg, work, pem, key, 1, "one")
+    print(f"one consumer:  {one:8.0f} batches/s  {rows_one:9.0f} rows/s")
+    two, rows_two = drain_rate(broker, pg, work, pem, key, 2, "two")
+    print(f"two consumers: {two:8.0f} batches/s  {rows_two:9.0f} rows/s  scaling {two / one:.2f}")
+    dup, lost = kill_restart(broker, pg, work, pem, key)
+    print(f"kill -9 and restart of one of two consumers: {dup} duplicate rows, {lost} batches lost")
+    return {
+        "batches_per_drain": N_GATEWAYS * PER_GW,
+        "rows_per_batch": 41.1,
+        "consumer_batches_per_s_1": round(one, 1),
+        "consumer_batches_per_s_2": round(two, 1),
+        "consumer_scaling": round(two / one, 3),
+        "db_rows_per_s": round(max(rows_one, rows_two), 1),
+        "duplicates_in_db": dup,
+        "batches_lost_after_kill": lost,
+    }
 
 
 if __name__ == "__main__":

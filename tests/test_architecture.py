@@ -54,6 +54,8 @@ PURE_MODULES = (
     "edgerund/twin/bundlewire.py",
     "edgerund/twin/targets.py",
     "edgerund/config/diff.py",
+    "edgerund/backend/rollout.py",
+    "edgerund/backend/rolloutspec.py",
 )
 IO_MODULES = frozenset(
     {"asyncio", "socket", "sqlite3", "threading", "subprocess", "os", "tarfile", "serial", "smbus2"}

@@ -1,4 +1,6 @@
-"""`edgerund fleet calibration`: merge many gateways' drift statistics into a fleet fit.
+"""`edgerund fleet ...`: rollouts and device views (rollout_cli.py) and
+
+`edgerund fleet calibration`: merge many gateways' drift statistics into a fleet fit.
 
 Input: JSON documents (one per line, or files holding one document each) in the
 `edgerund.fedstats/1` format, as the gateways' `drift.stats` telemetry events carry them
@@ -23,7 +25,7 @@ from edgerund.inference import federated
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("fleet", help="fleet-side learning tools")
+    p = sub.add_parser("fleet", help="fleet tools: rollouts, devices, calibration")
     fsub = p.add_subparsers(dest="fleet_cmd", required=True)
     c = fsub.add_parser("calibration", help="merge gateways' statistics into a fleet fit")
     c.add_argument("inputs", nargs="+", help="JSON(-lines) files of edgerund.fedstats/1 documents")
@@ -31,6 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--quantile", type=float, default=0.999)
     c.add_argument("-o", "--output", default="-")
     c.set_defaults(func=cmd_calibration)
+    from edgerund.backend import rollout_cli
+
+    rollout_cli.register(fsub)
 
 
 def _docs(path: str) -> list[dict[str, Any]]:

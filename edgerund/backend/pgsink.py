@@ -64,12 +64,12 @@ log = logging.getLogger(__name__)
 DAY_MS = 86_400_000
 T_MIN_MS = 0
 T_MAX_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rollouts, rollout_targets (docs/fleet.md §8)
 PARTITIONED = ("tlm_samples", "tlm_aggregates", "tlm_events")
 _LOCK_DDL = 0x6564_6765_0001  # advisory lock ids: "edge" + purpose
 _LOCK_GAPS = 0x6564_6765_0002
 
-SCHEMA = """
+TELEMETRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS edgerund_schema (
     component text PRIMARY KEY,
     version integer NOT NULL
@@ -169,7 +169,7 @@ CREATE TABLE IF NOT EXISTS tlm_gateways (
     state jsonb NOT NULL,
     updated timestamptz NOT NULL DEFAULT now()
 );
--- Placeholder for the device twin / fleet tools: the latest reported and desired documents.
+-- The device twin as the fleet tools last saw it: the latest reported and desired documents.
 CREATE TABLE IF NOT EXISTS twins (
     gateway text PRIMARY KEY,
     site text,
@@ -181,6 +181,54 @@ CREATE TABLE IF NOT EXISTS twins (
     desired_at timestamptz
 );
 """
+
+FLEET_SCHEMA = """
+-- Staged model rollouts (edgerund/backend/rollout.py decides, rollout_run.py writes).
+CREATE TABLE IF NOT EXISTS rollouts (
+    id text PRIMARY KEY,
+    model text NOT NULL,
+    version text NOT NULL,
+    sha256 text NOT NULL,
+    size bigint NOT NULL,
+    selector text NOT NULL,
+    waves text NOT NULL,
+    wave_ends integer[] NOT NULL,
+    halt_if text NOT NULL,
+    soak_s double precision NOT NULL,
+    timeout_s double precision NOT NULL,
+    state text NOT NULL,
+    wave integer NOT NULL,
+    soak_until double precision,
+    reason text,
+    created timestamptz NOT NULL DEFAULT now(),
+    updated timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS rollouts_model_version ON rollouts (model, version);
+CREATE TABLE IF NOT EXISTS rollout_targets (
+    rollout text NOT NULL REFERENCES rollouts (id) ON DELETE CASCADE,
+    gateway text NOT NULL,
+    site text NOT NULL,
+    ord integer NOT NULL,
+    wave integer NOT NULL,
+    status text NOT NULL,
+    outcome text,
+    reason text,
+    prev_version text,
+    sent_at double precision,
+    done_at double precision,
+    desired_version bigint,
+    desired_doc bytea,
+    prev_desired jsonb,
+    reverted_version bigint,
+    updated timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (rollout, gateway)
+);
+"""
+SCHEMA = TELEMETRY_SCHEMA + FLEET_SCHEMA
+
+# What brings a database of version N-1 to N (each idempotent; SCHEMA itself only
+# creates what is missing, so these hold the statements a fresh CREATE would not do).
+MIGRATIONS: dict[int, str] = {2: FLEET_SCHEMA}
 
 # Islands over the sequences received or declared lost, per (gateway, epoch): a gap is a
 # hole between the highest sequence covered so far and the next one.
@@ -345,6 +393,34 @@ def days_needed(batches: Iterable[_Batch]) -> set[dt.date]:
     return days
 
 
+def ensure_schema(c: Any) -> None:
+    """Create the schema, or migrate an older version of it, under the DDL advisory lock
+    (an autocommit psycopg connection). A database from a NEWER edgerund is refused."""
+    with c.transaction():
+        c.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_DDL,))
+        (exists,) = c.execute("SELECT to_regclass('edgerund_schema') IS NOT NULL").fetchone()
+        row = None
+        if exists:
+            row = c.execute(
+                "SELECT version FROM edgerund_schema WHERE component = 'telemetry'"
+            ).fetchone()
+        ver = row[0] if row else None
+        if ver is not None and ver > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database has telemetry schema version {ver}, this edgerund knows "
+                f"up to {SCHEMA_VERSION}"
+            )
+        c.execute(SCHEMA)
+        for v in range((ver or SCHEMA_VERSION) + 1, SCHEMA_VERSION + 1):
+            c.execute(MIGRATIONS[v])
+            log.info("telemetry schema migrated to version %d", v)
+        c.execute(
+            "INSERT INTO edgerund_schema VALUES ('telemetry', %s) "
+            "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+            (SCHEMA_VERSION,),
+        )
+
+
 class PostgresSink:
     """Writes the consumer's records to PostgreSQL; see the module docstring."""
 
@@ -385,21 +461,7 @@ class PostgresSink:
         return self.conn
 
     def ensure_schema(self) -> None:
-        c = self._c()
-        with c.transaction():
-            c.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_DDL,))
-            c.execute(SCHEMA)
-            c.execute(
-                "INSERT INTO edgerund_schema VALUES ('telemetry', %s) ON CONFLICT DO NOTHING",
-                (SCHEMA_VERSION,),
-            )
-            (ver,) = c.execute(
-                "SELECT version FROM edgerund_schema WHERE component = 'telemetry'"
-            ).fetchone()
-        if ver != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database has telemetry schema version {ver}, this consumer writes {SCHEMA_VERSION}"
-            )
+        ensure_schema(self._c())
 
     def _in_window(self, day: dt.date) -> bool:
         today = dt.datetime.now(dt.UTC).date()

@@ -443,7 +443,12 @@ class Daemon:
         cfg = self.config
         out: dict[str, Any] = {
             "version": __version__,
-            "gateway": {"id": cfg.gateway.id, "site": cfg.gateway.site},
+            "gateway": {
+                "id": cfg.gateway.id,
+                "site": cfg.gateway.site,
+                "hardware_id": cfg.gateway.hardware_id,
+                "labels": dict(cfg.gateway.labels),
+            },
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_mono, 1),
             "simulate": self.simulate,

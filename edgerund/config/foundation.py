@@ -20,6 +20,8 @@ class GatewayConfig(Section):
     id: str
     site: str = "default"
     hardware_id: str = "generic"  # matched against bundle compatibility
+    # Free-form labels reported in the twin, for fleet selection (`labels.K=V`).
+    labels: dict[str, str] = {}
 
 
 class PathsConfig(Section):

@@ -70,6 +70,8 @@ def build(
         "v": FORMAT_VERSION,
         "gateway": gw.get("id"),
         "site": gw.get("site"),
+        "hardware_id": gw.get("hardware_id"),
+        "labels": dict(_d(gw.get("labels"))),
         "seq": seq,
         "ts": ts_ms,
         "daemon_version": status.get("version"),

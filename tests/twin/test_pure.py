@@ -186,3 +186,24 @@ def test_reported_material_counts_fetch_progress_in_tenths() -> None:
     assert material(doc(100)) == material(doc(150))  # same tenth: no publish
     assert material(doc(150)) != material(doc(250))  # next tenth: publish
     assert material(doc(1000))["desired"]["models"]["m"]["bytes"] == 10
+
+
+def test_reported_hardware_id_and_labels_select_in_a_rollout() -> None:
+    """The fleet selector (`--select 'hardware_id=pi5,labels.tier=canary'`) reads what the
+    gateway reports from its config's `gateway` section."""
+    from edgerund.backend.rolloutspec import facts_of, parse_selector
+    from edgerund.twin.reported import build
+
+    def reported(hw: str, labels: dict[str, str]) -> dict[str, object]:
+        status = {"gateway": {"id": "gw", "site": "s", "hardware_id": hw, "labels": labels}}
+        return build(
+            status, seq=1, ts_ms=0, config_digest="d", origin={}, desired={},
+            restart_needed=[], commands={},
+        )  # fmt: skip
+
+    sel = parse_selector("hardware_id=pi5,labels.tier=canary")
+    canary = reported("pi5", {"tier": "canary"})
+    assert canary["hardware_id"] == "pi5" and canary["labels"] == {"tier": "canary"}
+    assert sel.matches(facts_of(canary))
+    assert not sel.matches(facts_of(reported("pi5", {"tier": "main"})))
+    assert not sel.matches(facts_of(reported("jetson-orin", {"tier": "canary"})))

@@ -46,14 +46,14 @@ if str(ROOT) not in sys.path:
 
 from drivers.emulated.scenario import DRIFT_KINDS, Anomaly  # noqa: E402
 from edgerund.inference import federated  # noqa: E402
-from edgerund.inference.adapt import scorer_for  # noqa: E402
+from edgerund.inference.adapt import output_layer_input, scorer_for  # noqa: E402
 from edgerund.inference.calibration import (  # noqa: E402
     CalibrationRefused,
     FitInput,
+    MustDetect,
     apply_normalization,
-    check_must_detect,
-    check_policy,
-    fit_calibration,
+    calibrate,
+    refit_scorer,
 )
 from edgerund.inference.drift import DriftConfig, DriftMonitor, feature_channels  # noqa: E402
 from edgerund.inference.features import FeatureError, Preprocessor  # noqa: E402
@@ -90,7 +90,12 @@ class Bench:
         )
         g = np.load(REF / "golden.npz")
         assert self.man.must_detect is not None
-        self.md = (g[self.man.must_detect.features], g[self.man.must_detect.case])
+        self.md = MustDetect(
+            g[self.man.must_detect.features],
+            g[self.man.must_detect.case],
+            self.man.must_detect.cases,
+        )
+        self.refit = output_layer_input(self.man, REF) if args.refit else None
         self.draw = 100
 
     def windows(self, anoms: list[Anomaly], n: int, t_min: float = T0) -> np.ndarray:
@@ -135,7 +140,7 @@ class Bench:
         assert self.man.profile is not None and self.man.adaptation is not None
         t0 = time.perf_counter()
         try:
-            cal = fit_calibration(
+            cal, _ = calibrate(
                 FitInput(blocks),
                 profile=self.man.profile,
                 policy=self.man.adaptation,
@@ -144,16 +149,8 @@ class Bench:
                 threshold0=self.man.threshold,
                 scorer=self.scorer,
                 names=self.names,
-            )
-            check_policy(cal, self.man.adaptation)
-            check_must_detect(
-                self.md[0],
-                self.md[1],
-                self.man.must_detect.cases if self.man.must_detect else (),
-                mean=cal.mean,
-                std=cal.std,
-                threshold=cal.threshold,
-                scorer=self.scorer,
+                must_detect=self.md,
+                output_layer=self.refit,
             )
         except CalibrationRefused as exc:
             return None, str(exc), (time.perf_counter() - t0) * 1e3
@@ -163,7 +160,11 @@ class Bench:
         if cal is None:
             return float((self.scorer(x) > self.man.threshold).mean())
         x1 = apply_normalization(x, self.spec.mean, self.spec.std, cal.mean, cal.std)
-        return float((self.scorer(x1) > cal.threshold).mean())
+        score = self.scorer
+        if cal.output_layer is not None:
+            assert self.refit is not None
+            score = refit_scorer(cal.output_layer, self.refit.hidden)
+        return float((score(x1) > cal.threshold).mean())
 
     def delay_s(self, kind: str, sev: float) -> float | None:
         """Blocks from the onset to "drift", on a stream: normal, then the drift."""
@@ -207,6 +208,9 @@ class Bench:
             "adapted_detection_rate": round(self.rate(bearing, used), 4),
             "quarter_severity_detection_rate": round(self.rate(quarter, used), 4),
             "threshold": None if used is None else round(used.threshold, 4),
+            "output_layer_change": None
+            if used is None or used.output_layer is None
+            else round(used.output_layer.change, 3),
         }
 
     def slow_fault(self) -> dict[str, Any]:
@@ -264,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period-ms", type=float, default=10.0)
     ap.add_argument("--severities", default="0.5,1.0")
     ap.add_argument("--kinds", default=",".join(DRIFT_KINDS))
+    ap.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="never refit the output layer (the calibration of the first delivery)",
+    )
     args = ap.parse_args(argv)
     bench = Bench(args)
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ PURE_MODULES = (
     "edgerund/inference/profile.py",
     "edgerund/inference/calibration.py",
     "edgerund/inference/federated.py",
+    "edgerund/inference/outlayer.py",
     "edgerund/hub/ring.py",
     "edgerund/hub/health.py",
     "edgerund/ports.py",

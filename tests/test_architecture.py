@@ -24,6 +24,7 @@ PURE_MODULES = (
     "edgerund/updates/trust.py",
     "edgerund/updates/manifest.py",
     "edgerund/updates/machine.py",
+    "edgerund/updates/postdrift.py",
     "edgerund/updates/keyring.py",
     "edgerund/telemetry/codec.py",
     "edgerund/telemetry/aggregate.py",

@@ -69,10 +69,12 @@ def scorer_for(model_path: Path) -> Any:
         res = np.empty(len(rows))
         for i, r in enumerate(rows):
             res[i] = sess.run([out], {inp: r[None, :]})[0].reshape(-1)[0]
-            if i % 8 == 7:
-                # hand the GIL over: the event loop's thread waits for it otherwise up
-                # to the 5 ms switch interval, a quarter of a 20 ms tick
-                time.sleep(0)
+            # Hand the GIL over after every row: this thread runs at nice +10, and on a
+            # loaded machine it is preempted while holding the GIL, leaving the event
+            # loop's thread waiting for it (priority inversion) up to the 5 ms switch
+            # interval and more. Every 8 rows: 53 of 375 ticks of the 10 ms loop missed
+            # during a fit; every row: 17 of 1104 (benchmarks/adaptation.py, live).
+            time.sleep(0)
         return res
 
     return score
@@ -91,8 +93,7 @@ def hidden_scorer_for(model: bytes, tensor: str, width: int) -> Any:
         for i, r in enumerate(rows):
             a, b = sess.run([out, HIDDEN_OUTPUT], {inp: r[None, :]})
             s[i], h[i] = a.reshape(-1)[0], b.reshape(-1)
-            if i % 8 == 7:
-                time.sleep(0)  # the GIL, as in scorer_for
+            time.sleep(0)  # the GIL, as in scorer_for
         return s, h
 
     return run

@@ -43,9 +43,9 @@ Pipeline (every step seeded; the same machine class gives the same bytes):
    `THRESHOLD_MARGIN x` its 99.9th percentile.
 7. **Golden vectors** (raw inputs, features, expected scores of both models; the int8
    output layer dequantised, for a device's closed-form refit) and the **manifest** (the
-   model ABI, the learning fields of docs/learning.md), then a quality report: AUC per anomaly kind on held-out
-   plants, fp32 vs int8, false positives and detection per timing regime, file sizes, and
-   (not part of the artifacts) latency.
+   model ABI, the learning fields of docs/learning.md), then a quality report: AUC per
+   anomaly kind on held-out plants, fp32 vs int8, false positives and detection per
+   timing regime, file sizes, and (not part of the artifacts) latency.
 
 Reproducibility: BLAS is pinned to one thread and to one kernel family
 (OPENBLAS_CORETYPE) *before* numpy loads; no timestamps are written anywhere (the npz is

@@ -6,9 +6,10 @@ gateway samples them (models/build.py `sample_windows`: the emulated MPU-6050 re
 200 Hz poll with realistic timing, quantised, stamped), turned into features by the
 runtime's `Preprocessor`, scored by the shipped int8 model with onnxruntime, fed to the
 real `DriftMonitor`, and the calibration is fitted, checked against the signed policy and
-the must-detect vectors by the real `edgerund.inference.calibration` functions. What is
-*not* exercised here: the slot gate (not implemented) and the live daemon (ticks missed
-while fitting are measured by tests/learning/test_daemon_drift.py, not here).
+the must-detect vectors by the real `edgerund.inference.calibration` functions (with the
+output-layer refit when the plain calibration is refused and the signed policy allows it;
+`--no-refit` for the first delivery's behaviour). What is *not* exercised here: the slot
+gate (installing the calibration).
 
 Per drift kind and severity (plant 42, windows after the drift has fully set in):
 - `static_false_alarm_rate`: healthy windows scoring above the signed threshold;
@@ -23,6 +24,13 @@ Then a slow-onset bearing fault: the monitor calls its sustained trips drift aft
 anomaly window; an adaptation is attempted on those blocks; `slow_fault_absorbed` is true
 when one was accepted *and* the fault at full severity no longer trips.
 Federated: 4 plants' statistics merged vs the union (`federated_max_abs_err`).
+Live (`missed_ticks_during_adaptation`): the real daemon (`edgerund run --simulate`, the
+shipped simulated config: the `motor` loop at 10 ms, 100 Hz, runs the model), a drift
+injected with `sim-inject` (`--live-kind`, default resonance_shift at severity 1: the
+heaviest fit, a refused plain calibration then the output-layer refit), then `adapt
+--dry-run` through the diagnostics socket `--live-fits` times while the loop runs: the
+loop's missed ticks during each fit, against its misses over an equal window just before
+(`base_missed_ticks`: the machine's own load). `--no-live` skips it.
 
 Usage: python benchmarks/adaptation.py [--fit-windows 1500] [--test-windows 600]
 The last line is one JSON object.
@@ -33,27 +41,34 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from drivers.emulated.scenario import DRIFT_KINDS, Anomaly  # noqa: E402
+from edgerund.config.loader import simulate_config_path  # noqa: E402
+from edgerund.ctl.client import DiagClient, Unreachable  # noqa: E402
+from edgerund.errors import CommandError  # noqa: E402
 from edgerund.inference import federated  # noqa: E402
-from edgerund.inference.adapt import scorer_for  # noqa: E402
+from edgerund.inference.adapt import output_layer_input, scorer_for  # noqa: E402
 from edgerund.inference.calibration import (  # noqa: E402
     CalibrationRefused,
     FitInput,
+    MustDetect,
     apply_normalization,
-    check_must_detect,
-    check_policy,
-    fit_calibration,
+    calibrate,
+    refit_scorer,
 )
 from edgerund.inference.drift import DriftConfig, DriftMonitor, feature_channels  # noqa: E402
 from edgerund.inference.features import FeatureError, Preprocessor  # noqa: E402
@@ -90,7 +105,12 @@ class Bench:
         )
         g = np.load(REF / "golden.npz")
         assert self.man.must_detect is not None
-        self.md = (g[self.man.must_detect.features], g[self.man.must_detect.case])
+        self.md = MustDetect(
+            g[self.man.must_detect.features],
+            g[self.man.must_detect.case],
+            self.man.must_detect.cases,
+        )
+        self.refit = output_layer_input(self.man, REF) if args.refit else None
         self.draw = 100
 
     def windows(self, anoms: list[Anomaly], n: int, t_min: float = T0) -> np.ndarray:
@@ -135,7 +155,7 @@ class Bench:
         assert self.man.profile is not None and self.man.adaptation is not None
         t0 = time.perf_counter()
         try:
-            cal = fit_calibration(
+            cal, _ = calibrate(
                 FitInput(blocks),
                 profile=self.man.profile,
                 policy=self.man.adaptation,
@@ -144,16 +164,8 @@ class Bench:
                 threshold0=self.man.threshold,
                 scorer=self.scorer,
                 names=self.names,
-            )
-            check_policy(cal, self.man.adaptation)
-            check_must_detect(
-                self.md[0],
-                self.md[1],
-                self.man.must_detect.cases if self.man.must_detect else (),
-                mean=cal.mean,
-                std=cal.std,
-                threshold=cal.threshold,
-                scorer=self.scorer,
+                must_detect=self.md,
+                output_layer=self.refit,
             )
         except CalibrationRefused as exc:
             return None, str(exc), (time.perf_counter() - t0) * 1e3
@@ -163,7 +175,11 @@ class Bench:
         if cal is None:
             return float((self.scorer(x) > self.man.threshold).mean())
         x1 = apply_normalization(x, self.spec.mean, self.spec.std, cal.mean, cal.std)
-        return float((self.scorer(x1) > cal.threshold).mean())
+        score = self.scorer
+        if cal.output_layer is not None:
+            assert self.refit is not None
+            score = refit_scorer(cal.output_layer, self.refit.hidden)
+        return float((score(x1) > cal.threshold).mean())
 
     def delay_s(self, kind: str, sev: float) -> float | None:
         """Blocks from the onset to "drift", on a stream: normal, then the drift."""
@@ -207,6 +223,9 @@ class Bench:
             "adapted_detection_rate": round(self.rate(bearing, used), 4),
             "quarter_severity_detection_rate": round(self.rate(quarter, used), 4),
             "threshold": None if used is None else round(used.threshold, 4),
+            "output_layer_change": None
+            if used is None or used.output_layer is None
+            else round(used.output_layer.change, 3),
         }
 
     def slow_fault(self) -> dict[str, Any]:
@@ -255,6 +274,94 @@ class Bench:
         return max(float(np.abs(fa[k] - fb[k]).max()) for k in ("mean", "std", "shift_sd", "scale"))
 
 
+def _wait(pred: Any, timeout_s: float, what: str, log: Path) -> Any:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            v = pred()
+        except (Unreachable, OSError):
+            v = None
+        if v:
+            return v
+        time.sleep(0.5)
+    raise SystemExit(f"live daemon: {what} not within {timeout_s} s\n{log.read_text()[-3000:]}")
+
+
+def live_missed_ticks(args: argparse.Namespace) -> dict[str, Any]:
+    """Ticks of the 100 Hz `motor` loop missed while `adapt --dry-run` fits (docstring)."""
+    with tempfile.TemporaryDirectory(prefix="edgerund-adapt-") as tmp:
+        t = Path(tmp)
+        cfg = yaml.safe_load(simulate_config_path().read_text())
+        cfg.setdefault("paths", {})["state_dir"] = str(t / "state")
+        cfg["paths"]["run_dir"] = str(t / "run")
+        cfg.setdefault("diag", {})["socket"] = str(t / "diag.sock")
+        cfg.setdefault("logging", {})["format"] = "json"
+        model = cfg["models"][0]
+        model.update(drift_block=args.block, drift_anomaly_blocks=args.anomaly_blocks)
+        (t / "edgerund.yaml").write_text(yaml.safe_dump(cfg))
+        log = t / "daemon.log"
+        cmd = [sys.executable, "-m", "edgerund.cli", "run", "-c", str(t / "edgerund.yaml")]
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(
+                [*cmd, "--simulate"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        try:
+            c = DiagClient(str(t / "diag.sock"), timeout_s=120.0)
+
+            def drift() -> dict[str, Any]:
+                row = next(m for m in c.call("models") if m["name"] == model["name"])
+                d: dict[str, Any] = row.get("drift") or {}
+                return d
+
+            def loop() -> tuple[int, int]:
+                lp = next(x for x in c.call("loops") if x["id"] == "motor")
+                return int(lp["ticks"]), int(lp["missed"])
+
+            _wait(lambda: drift().get("blocks", 0) >= 4, 120.0, "drift blocks", log)
+            kind, sev = args.live_kind, args.live_severity
+            c.call("sim-inject", {"kind": kind, "duration_s": 3600.0, "severity": sev})
+            t_inj = time.monotonic()
+            _wait(lambda: drift().get("state") == "drift", 120.0, "drift detected", log)
+            # the fitting material (the drift task's last 64 blocks) all after the onset
+            time.sleep(max(0.0, 64 * args.block * 0.010 * 1.2 - (time.monotonic() - t_inj)))
+            fits: list[dict[str, Any]] = []
+            window = 1.0
+            for _ in range(args.live_fits):
+                b0 = loop()
+                time.sleep(window)
+                b1 = loop()
+                a0, t0 = loop(), time.monotonic()
+                try:
+                    r = c.call("adapt", {"model": model["name"], "dry_run": True})
+                    outcome = "ok" + (" (output layer refit)" if "output_change" in r else "")
+                except CommandError as exc:
+                    outcome = f"refused: {exc.code}"
+                wall = time.monotonic() - t0
+                a1 = loop()
+                window = max(wall, 0.5)
+                fits.append(
+                    {
+                        "fit_s": round(wall, 3),
+                        "outcome": outcome,
+                        "ticks": a1[0] - a0[0],
+                        "missed": a1[1] - a0[1],
+                        "base_ticks": b1[0] - b0[0],
+                        "base_missed": b1[1] - b0[1],
+                    }
+                )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    return {
+        "drift": f"{kind}@{sev}",
+        "fits": fits,
+        "missed": sum(f["missed"] for f in fits),
+        "ticks": sum(f["ticks"] for f in fits),
+        "base_missed": sum(f["base_missed"] for f in fits),
+        "base_ticks": sum(f["base_ticks"] for f in fits),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fit-windows", type=int, default=1200)
@@ -264,6 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period-ms", type=float, default=10.0)
     ap.add_argument("--severities", default="0.5,1.0")
     ap.add_argument("--kinds", default=",".join(DRIFT_KINDS))
+    ap.add_argument("--no-live", dest="live", action="store_false", help="skip the live daemon")
+    ap.add_argument("--live-kind", default="resonance_shift")
+    ap.add_argument("--live-severity", type=float, default=1.0)
+    ap.add_argument("--live-fits", type=int, default=3)
+    ap.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="never refit the output layer (the calibration of the first delivery)",
+    )
     args = ap.parse_args(argv)
     bench = Bench(args)
     t0 = time.perf_counter()
@@ -276,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     slow = bench.slow_fault()
     print(json.dumps({"slow_fault": slow}), flush=True)
+    live = live_missed_ticks(args) if args.live else None
+    if live is not None:
+        print(json.dumps({"live": live}), flush=True)
     adapted = [r for r in rows if r["adapted"]]
     nominal = [r for r in rows if r["severity"] == 1.0]
     out = {
@@ -288,9 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         "slow_fault_absorbed": slow["absorbed"],
         "drift_detection_delay_s": {r["kind"]: r["drift_detection_delay_s"] for r in nominal},
         "fit_ms": max((r["fit_ms"] for r in adapted), default=None),
-        "missed_ticks_during_adaptation": None,
-        "missed_ticks_note": "not measured here: see tests/learning/test_daemon_drift.py "
-        "(live daemon, dry-run fit) and docs/learning.md",
+        "missed_ticks_during_adaptation": None if live is None else live["missed"],
+        "ticks_during_adaptation": None if live is None else live["ticks"],
+        "base_missed_ticks": None if live is None else live["base_missed"],
+        "base_ticks": None if live is None else live["base_ticks"],
+        "live_fit_s": None if live is None else [f["fit_s"] for f in live["fits"]],
+        "live_fit_outcome": None if live is None else [f["outcome"] for f in live["fits"]],
         "federated_max_abs_err": bench.federated(),
         "refused": {f"{r['kind']}@{r['severity']}": r["refused"] for r in rows if r["refused"]},
         "cases": len(rows),

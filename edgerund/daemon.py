@@ -344,6 +344,7 @@ class Daemon:
                 models=models,
                 loops=loops,
                 router=self.router,
+                drift=models,
             )
             await self._enter(stack, updates, updates_scope)
             if self.stop_event.is_set():

@@ -17,6 +17,7 @@ Who provides what (see docs/architecture.md for the graph):
     Counter         identity (TPM NV) or a file      updates (anti-rollback)
     IdentityPort    identity (IdentityComponent)     the root (counter_for), diag commands
     LoopStats       loops (LoopsComponent)           updates (probation)
+    DriftReports    models (ModelsComponent)         updates (post-update drift rollback)
     CommandRouter   the root's RemoteCommands        updates registers; telemetry dispatches
     CommandGate     the twin's command gate          RemoteCommands (operator signatures)
     EventSink       the root's EventBus              every component publishes
@@ -97,6 +98,26 @@ class ModelHost(Protocol):
         ...
 
     def counters(self, name: str) -> ModelCounters: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DriftStatus:
+    """The drift monitor's verdict on the model running now, and the last verdict on the
+    model it replaced (edgerund.inference.driftwatch)."""
+
+    version: str
+    state: str  # ok | anomaly | sensor_fault | drift | no_profile
+    reason: str
+    blocks: int
+    previous_version: str | None = None
+    previous_state: str | None = None
+    previous_blocks: int = 0
+
+
+class DriftReports(Protocol):
+    def drift_status(self, name: str) -> DriftStatus | None:
+        """None when `name` has no drift monitor."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,10 +41,11 @@ Pipeline (every step seeded; the same machine class gives the same bytes):
    clip and score arithmetic stay fp32 (a few elementwise ops on 50 values).
 6. **Threshold** from the int8 model's normal score distribution on validation windows:
    `THRESHOLD_MARGIN x` its 99.9th percentile.
-7. **Golden vectors** (raw inputs, features, expected scores of both models) and the
-   **manifest** (the model ABI), then a quality report: AUC per anomaly kind on held-out
-   plants, fp32 vs int8, false positives and detection per timing regime, file sizes, and
-   (not part of the artifacts) latency.
+7. **Golden vectors** (raw inputs, features, expected scores of both models; the int8
+   output layer dequantised, for a device's closed-form refit) and the **manifest** (the
+   model ABI, the learning fields of docs/learning.md), then a quality report: AUC per
+   anomaly kind on held-out plants, fp32 vs int8, false positives and detection per
+   timing regime, file sizes, and (not part of the artifacts) latency.
 
 Reproducibility: BLAS is pinned to one thread and to one kernel family
 (OPENBLAS_CORETYPE) *before* numpy loads; no timestamps are written anywhere (the npz is
@@ -124,7 +125,7 @@ MUST_DETECT_CASES += (("overheat", 1.0),)
 MUST_DETECT_PER_CASE = 4
 MUST_DETECT_MARGIN = 1.25  # kept vectors score at least this x the threshold (no borderline)
 ADAPTATION_POLICY: dict[str, Any] = {
-    "parameters": ["normalization", "threshold"],
+    "parameters": ["normalization", "threshold", "output_layer"],
     "max_shift_sd": 4.0,
     "max_scale_ratio": 2.0,
     "max_threshold_ratio": 1.5,
@@ -133,7 +134,13 @@ ADAPTATION_POLICY: dict[str, Any] = {
     "target_false_alarm": 0.001,
     "threshold_margin": THRESHOLD_MARGIN,
     "max_tail_ratio": 3.0,
+    "max_output_change": 1.0,
+    "output_ridge": 0.1,
 }
+# A device may refit the output layer in closed form (docs/learning.md): the manifest names
+# the tensor the output layer reads (the device derives a session that also outputs it;
+# the model files stay as built) and golden.npz carries that layer dequantised, float32.
+HIDDEN_TENSOR = "relu4_DequantizeLinear_Output"
 
 TRAIN_SEEDS = tuple(range(101, 109))
 TRAIN_PER_SEED = 800
@@ -392,6 +399,18 @@ def export_onnx(coefs: Sequence[F32], intercepts: Sequence[F32], lo: F32, hi: F3
     return model
 
 
+def output_layer_of(int8_model: Any) -> tuple[F32, F32]:
+    """The int8 model's output layer dequantised: W (HIDDEN, F), b (F), float32."""
+    from onnx import numpy_helper
+
+    t = {i.name: numpy_helper.to_array(i) for i in int8_model.graph.initializer}
+    w = (t["W5_quantized"].astype(np.float64) - t["W5_zero_point"]) * t["W5_scale"]
+    b = (t["B5_quantized"].astype(np.float64) - t["B5_quantized_zero_point"]) * t[
+        "B5_quantized_scale"
+    ]
+    return w.astype(np.float32), b.reshape(-1).astype(np.float32)
+
+
 def fold_weights(
     coefs: list[F32], inter: list[F32], lo: F32, hi: F32, std: F64, weights: F64
 ) -> tuple[list[F32], list[F32], F32, F32, F64]:
@@ -574,6 +593,8 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
         int8_model.producer_name = "edgerund-models-build"
         int8_model.producer_version = MODEL_VERSION
         onnx.save_model(int8_model, str(int8_path))
+        out_w, out_b = output_layer_of(int8_model)
+        assert HIDDEN_TENSOR in {i for n in int8_model.graph.node for i in n.input}
     s_fp32, s_int8 = open_session(fp32_path), open_session(int8_path)
 
     # 6. threshold from the int8 normal score distribution
@@ -685,6 +706,8 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
             "must_detect_raw": md_x,
             "must_detect_case": np.array(md_case, np.int8),
             "must_detect_severity": np.array(md_sev, np.float32),
+            "output_layer_w": out_w,
+            "output_layer_b": out_b,
         },
     )
 
@@ -768,6 +791,16 @@ def build(out_dir: Path, *, measure: bool = True, log: Any = print) -> dict[str,
         },
         "reference_profile": profile,
         "adaptation": dict(ADAPTATION_POLICY),
+        "output_layer": {
+            "hidden_tensor": HIDDEN_TENSOR,
+            "hidden_size": HIDDEN,
+            "file": "golden.npz",
+            "weights": "output_layer_w",
+            "bias": "output_layer_b",
+            "meaning": "the int8 model's output layer dequantised: reconstruction = "
+            "hidden_tensor @ weights + bias, score = sum((features - reconstruction)^2) up to "
+            "the reconstruction's int8 rounding; a device may refit it (adaptation.parameters)",
+        },
         "must_detect": {
             "file": "golden.npz",
             "features": "must_detect_raw",

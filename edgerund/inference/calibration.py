@@ -32,6 +32,16 @@ are not allowed, fewer than `min_samples` windows were kept, any |d| exceeds
 `max_shift_sd` reference sd, any c is outside [1/max_scale_ratio, max_scale_ratio], or
 the threshold ratio to the signed threshold is outside [1/r, r].
 
+Output layer (when the policy's `parameters` include "output_layer" and the manifest ships
+the layer): only if the normalisation-and-threshold calibration above is refused (a
+shift beyond `max_shift_sd`, a threshold beyond its ratio, a must-detect vector lost),
+`calibrate` tries again with the shift clipped to the bound (the normalisation takes
+what the policy allows) and the autoencoder's output layer refit in closed form on the
+kept windows, the rest (edgerund.inference.outlayer: ridge towards the signed layer,
+change bounded by `max_output_change`); that calibration goes through the same policy
+and must-detect checks, its score is `sum((x - (h W' + b'))^2)`. The plainest
+correction that works is the one used: a refit is never made when a shift suffices.
+
 Never unlearn a known fault: every must-detect vector (raw feature vectors of synthesised
 faults, shipped in golden.npz) must still score above the new threshold under the new
 normalisation; otherwise the calibration is refused naming the case.
@@ -39,8 +49,9 @@ normalisation; otherwise the calibration is refused naming the case.
 Overlay (format `edgerund.calibration/1`, JSON beside the unchanged publisher-signed
 model files): the model's name, base version, the SHA-256 of the model manifest it
 calibrates, the new normalisation (`mean`, `std` as float32-rounded lists), the new
-`threshold`, `samples`, what changed (largest shifts), and the policy it was checked
-against. It is signed by the device identity key (`ports.Signer`, ECDSA P-256) over
+`threshold`, `samples`, what changed (largest shifts), the policy it was checked
+against, and with a refit `output_layer` {`weights` (H x F), `bias`, `change`}, float32
+values (~0.3 MB of JSON for the reference model). It is signed by the device identity key (`ports.Signer`, ECDSA P-256) over
 `SHA-256(b"edgerund-calibration-v1\\x00" + canonical JSON)`; `verify_overlay` checks the
 signature against the device's public key, the binding to the model manifest and the
 policy again (a start-up re-verification needs all three).
@@ -58,6 +69,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgerund.inference import outlayer
 from edgerund.inference.profile import AdaptationPolicy, ReferenceProfile
 
 __all__ = [
@@ -66,7 +78,11 @@ __all__ = [
     "Calibration",
     "CalibrationRefused",
     "FitInput",
+    "MustDetect",
+    "OutputLayer",
+    "OutputLayerInput",
     "apply_normalization",
+    "calibrate",
     "check_must_detect",
     "check_policy",
     "fit_calibration",
@@ -79,6 +95,8 @@ OVERLAY_FORMAT = "edgerund.calibration/1"
 OVERLAY_TAG = b"edgerund-calibration-v1\x00"
 F64 = npt.NDArray[np.float64]
 Scorer = Callable[[F64], F64]  # normalised feature rows -> scores (the model)
+# normalised feature rows -> (the model's scores, the last hidden layer's activations)
+HiddenScorer = Callable[[F64], tuple[F64, F64]]
 
 
 class CalibrationRefused(Exception):
@@ -97,6 +115,43 @@ class FitInput:
     blocks: Sequence[tuple[F64, F64, str]]  # (xs, scores, state) per block
 
 
+@dataclass(frozen=True)
+class OutputLayer:
+    """A refit output layer: reconstruction = h @ weights + bias (float32 values)."""
+
+    weights: F64  # (H, F)
+    bias: F64  # (F,)
+    change: float  # ||[W; b] - [W0; b0]||_F / ||[W0; b0]||_F
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weights": [[_f32(v) for v in row] for row in self.weights],
+            "bias": [_f32(v) for v in self.bias],
+            "change": round(self.change, 6),
+        }
+
+
+def _f32(v: float) -> float:
+    """The shortest decimal that reads back as the same float32 (compact JSON)."""
+    return float(str(np.float32(v)))
+
+
+@dataclass(frozen=True)
+class OutputLayerInput:
+    """What a refit needs: the session with the hidden output, the signed layer."""
+
+    hidden: HiddenScorer
+    weights: F64
+    bias: F64
+
+
+@dataclass(frozen=True)
+class MustDetect:
+    raw: F64
+    case: npt.NDArray[Any]
+    cases: Sequence[Mapping[str, Any]]
+
+
 @dataclass
 class Calibration:
     mean: tuple[float, ...]  # the new preprocessing mean (raw feature space)
@@ -110,9 +165,16 @@ class Calibration:
     false_alarm_before: float
     false_alarm_after: float
     changes: list[dict[str, Any]] = field(default_factory=list)
+    output_layer: OutputLayer | None = None
 
     def summary(self) -> dict[str, Any]:
+        extra = (
+            {}
+            if self.output_layer is None
+            else {"output_change": round(self.output_layer.change, 4)}
+        )
         return {
+            **extra,
             "threshold": self.threshold,
             "threshold_ratio": round(self.threshold_ratio, 4),
             "samples": self.samples,
@@ -151,7 +213,7 @@ DEADBAND_SD = 0.75
 
 
 def _shift_fit(
-    x: F64, profile: ReferenceProfile, m0: F64, s0: F64, fit_scale: bool
+    x: F64, profile: ReferenceProfile, m0: F64, s0: F64, fit_scale: bool, clip: float | None
 ) -> tuple[F64, F64, F64, F64]:
     mu = np.asarray(profile.mean)
     sd = np.asarray(profile.std)
@@ -160,6 +222,8 @@ def _shift_fit(
     # the profile spans days, a fitting window minutes, so a small offset is the time of
     # day (the temperature's daily swing is about +-1.4 sd), not a drift to remove.
     d = np.where(np.abs(d) > DEADBAND_SD, d, 0.0)
+    if clip is not None:  # with an output-layer refit: the layer takes the rest
+        d = np.clip(d, -clip, clip)
     c = np.ones_like(d)
     if fit_scale:
         c = np.maximum(x.std(axis=0), 1e-9) / sd
@@ -180,9 +244,12 @@ def fit_calibration(
     fit_scale: bool = False,
     top: int = 8,
     names: Sequence[str] | None = None,
+    refit: OutputLayerInput | None = None,
 ) -> Calibration:
     """Fit (unchecked against the policy: see `check_policy`). Raises CalibrationRefused
-    when there is not enough usable data."""
+    when there is not enough usable data. With `refit`, the shift is clipped to the
+    policy's bound and the output layer is refit on the kept windows."""
+    clip = policy.max_shift_sd if refit is not None else None
     blocks, excluded = _select(data)
     m0 = np.asarray(mean0, np.float64)
     s0 = np.asarray(std0, np.float64)
@@ -192,7 +259,7 @@ def fit_calibration(
         # the scores *after* a first fit (a block still far above the profile's p99 under
         # the calibration holds something the shift does not explain: a beginning fault).
         x = np.concatenate([b[0] for b in blocks])
-        _, _, m1, s1 = _shift_fit(x, profile, m0, s0, fit_scale)
+        _, _, m1, s1 = _shift_fit(x, profile, m0, s0, fit_scale, clip)
         p99 = profile.score_quantiles.get(0.99) or max(profile.score_quantiles.values())
         kept = []
         for xs, sc in blocks:
@@ -211,9 +278,17 @@ def fit_calibration(
         )
     x = np.concatenate([b[0] for b in blocks])
     s = np.concatenate([b[1] for b in blocks])
-    d, c, m1, s1 = _shift_fit(x, profile, m0, s0, fit_scale)
+    d, c, m1, s1 = _shift_fit(x, profile, m0, s0, fit_scale, clip)
     x1 = apply_normalization(x, m0, s0, m1, s1)
-    s_new = np.asarray(scorer(x1), np.float64)
+    layer = None
+    if refit is None:
+        s_new = np.asarray(scorer(x1), np.float64)
+    else:
+        _, h = refit.hidden(x1)
+        w, b, _ = outlayer.refit(h, x1, refit.weights, refit.bias, policy.output_ridge)
+        w, b = (v.astype(np.float32).astype(np.float64) for v in (w, b))
+        layer = OutputLayer(w, b, outlayer.change(w, b, refit.weights, refit.bias))
+        s_new = outlayer.scores(x1, h, w, b)
     q = float(np.quantile(s_new, 1.0 - policy.target_false_alarm))
     # Never below the signed threshold: one site's few minutes of normal data are less
     # diverse than the publisher's validation set, and a calibration is there to remove
@@ -236,6 +311,7 @@ def fit_calibration(
             {"feature": names[i], "shift_sd": round(float(d[i]), 3), "scale": round(float(c[i]), 3)}
             for i in order
         ],
+        output_layer=layer,
     )
 
 
@@ -263,6 +339,18 @@ def check_policy(cal: Calibration, policy: AdaptationPolicy) -> None:
         if not (1.0 / r <= c <= r):
             raise CalibrationRefused(
                 "scale_out_of_bounds", f"feature {i} scale x{c:.3f}, the policy allows x{r}"
+            )
+    layer = cal.output_layer
+    if layer is not None:
+        if "output_layer" not in policy.parameters:
+            raise CalibrationRefused(
+                "parameter_not_allowed", "the policy does not allow output_layer"
+            )
+        if not layer.change <= policy.max_output_change:
+            raise CalibrationRefused(
+                "output_layer_out_of_bounds",
+                f"the output layer changes by {layer.change:.3f} (relative Frobenius norm), "
+                f"the policy allows {policy.max_output_change}",
             )
     t = policy.max_threshold_ratio
     if not (1.0 / t <= cal.threshold_ratio <= t) or not math.isfinite(cal.threshold):
@@ -301,6 +389,76 @@ def check_must_detect(
     return out
 
 
+def refit_scorer(layer: OutputLayer, hidden: HiddenScorer) -> Scorer:
+    """The score under a refit output layer, for normalised rows."""
+
+    def score(x: F64) -> F64:
+        _, h = hidden(x)
+        return outlayer.scores(x, h, layer.weights, layer.bias)
+
+    return score
+
+
+def calibrate(
+    data: FitInput,
+    *,
+    profile: ReferenceProfile,
+    policy: AdaptationPolicy,
+    mean0: Sequence[float],
+    std0: Sequence[float],
+    threshold0: float,
+    scorer: Scorer,
+    names: Sequence[str] | None = None,
+    must_detect: MustDetect | None = None,
+    output_layer: OutputLayerInput | None = None,
+) -> tuple[Calibration, dict[str, Any]]:
+    """Fit, check the policy and the must-detect vectors; on a refusal, when the policy
+    allows it and `output_layer` is given, once more with the output layer refit (module
+    docstring). Returns (calibration, must-detect figures); raises CalibrationRefused."""
+    kw: dict[str, Any] = dict(
+        profile=profile,
+        policy=policy,
+        mean0=mean0,
+        std0=std0,
+        threshold0=threshold0,
+        scorer=scorer,
+        names=names,
+    )
+
+    def checked(cal: Calibration, score: Scorer) -> tuple[Calibration, dict[str, Any]]:
+        check_policy(cal, policy)
+        if must_detect is None:
+            return cal, {}
+        return cal, check_must_detect(
+            must_detect.raw,
+            must_detect.case,
+            must_detect.cases,
+            mean=cal.mean,
+            std=cal.std,
+            threshold=cal.threshold,
+            scorer=score,
+        )
+
+    try:
+        return checked(fit_calibration(data, **kw), scorer)
+    except CalibrationRefused as exc:
+        first = exc
+        if (
+            output_layer is None
+            or "output_layer" not in policy.parameters
+            or exc.reason == "too_few_samples"
+        ):
+            raise
+    try:
+        cal = fit_calibration(data, refit=output_layer, **kw)
+        assert cal.output_layer is not None
+        return checked(cal, refit_scorer(cal.output_layer, output_layer.hidden))
+    except CalibrationRefused as exc:
+        raise CalibrationRefused(
+            exc.reason, f"{exc.detail} (output layer refit; without it: {first})"
+        ) from None
+
+
 def canonical(doc: Any) -> bytes:
     return json.dumps(
         doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -319,7 +477,9 @@ def make_overlay(
     created: float,
 ) -> dict[str, Any]:
     """The overlay document (unsigned): sign `overlay_digest(doc)`."""
+    extra = {} if cal.output_layer is None else {"output_layer": cal.output_layer.to_json()}
     return {
+        **extra,
         "format": OVERLAY_FORMAT,
         "model": model,
         "base_version": base_version,
@@ -348,9 +508,12 @@ def verify_overlay(
     manifest_sha256: bytes,
     policy: AdaptationPolicy,
     threshold0: float,
+    output_layer0: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
 ) -> None:
     """Raise CalibrationRefused unless `doc` is a well-formed overlay signed by the device
-    key, for this very model manifest, and within the policy."""
+    key, for this very model manifest, and within the policy. `output_layer0`: the signed
+    output layer (W0, b0), needed to check an overlay that refits it (the change is
+    recomputed from the weights, never read from the document)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, utils
@@ -380,6 +543,7 @@ def verify_overlay(
         raise CalibrationRefused("overlay_format", f"missing or bad field ({exc})") from None
     if not (len(mean) == len(std) == len(shift) == len(scale)) or min(std) <= 0:
         raise CalibrationRefused("overlay_format", "normalization sizes or std invalid")
+    layer = _overlay_layer(doc.get("output_layer"), output_layer0)
     check_policy(
         Calibration(
             mean=mean,
@@ -392,6 +556,34 @@ def verify_overlay(
             threshold_ratio=thr / threshold0,
             false_alarm_before=0.0,
             false_alarm_after=0.0,
+            output_layer=layer,
         ),
         policy,
     )
+
+
+def _overlay_layer(
+    doc: Any, signed: tuple[npt.ArrayLike, npt.ArrayLike] | None
+) -> OutputLayer | None:
+    if doc is None:
+        return None
+    if signed is None:
+        raise CalibrationRefused(
+            "overlay_format", "the overlay refits an output layer the model does not ship"
+        )
+    w0, b0 = (np.asarray(v, np.float64) for v in signed)
+    try:
+        w = np.asarray(doc["weights"], np.float64)
+        b = np.asarray(doc["bias"], np.float64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CalibrationRefused("overlay_format", f"bad output_layer ({exc})") from None
+    if (
+        w.shape != w0.shape
+        or b.shape != b0.shape
+        or not (np.isfinite(w).all() and np.isfinite(b).all())
+    ):
+        raise CalibrationRefused(
+            "overlay_format",
+            f"output_layer shapes {w.shape}/{b.shape}, the model's {w0.shape}/{b0.shape}",
+        )
+    return OutputLayer(w, b, outlayer.change(w, b, w0, b0))

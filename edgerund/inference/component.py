@@ -54,7 +54,7 @@ from edgerund.inference.driftwatch import DriftWatch
 from edgerund.inference.errors import ModelError
 from edgerund.inference.registry import ModelRegistry
 from edgerund.inference.runner import ModelRunner
-from edgerund.ports import ModelCounters
+from edgerund.ports import DriftStatus, ModelCounters
 
 if TYPE_CHECKING:
     from edgerund.config.schema import Config
@@ -112,6 +112,11 @@ class ModelsComponent:
     def stats(self, name: str) -> dict[str, Any]:
         """Everything about one model, for display."""
         return self.registry.stats(name)
+
+    def drift_status(self, name: str) -> DriftStatus | None:
+        """ports.DriftReports: the drift task's verdicts (the updates component's
+        post-update drift rollback)."""
+        return self.drift.drift_status(name)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

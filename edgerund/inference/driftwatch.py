@@ -11,7 +11,10 @@ component's TaskScope, drains every tap into that model's `DriftMonitor`
 
 A runner object that changed (an update swapped the model) gets a fresh monitor built
 from *its* manifest's reference profile and threshold; a model without a profile is shown
-as `state: "no_profile"`. On a change of state the task logs and publishes an event:
+as `state: "no_profile"`. The replaced model's last verdict (version, state, blocks) is
+kept beside it (`drift_status`): the updates component rolls a freshly committed model
+back when it drifts from its own profile where the previous one had not
+(edgerund.updates.postdrift). On a change of state the task logs and publishes an event:
 `drift.detected` (with the features that moved), `drift.sensor_fault` (the channel),
 `drift.cleared`; every `stats_interval_s` it publishes `drift.stats`, the monitor's
 sufficient statistics (counts, sums, sums of squares per feature, the score histogram),
@@ -31,7 +34,7 @@ import structlog
 
 from edgerund.inference import federated
 from edgerund.inference.drift import DriftConfig, DriftMonitor, feature_channels
-from edgerund.ports import EventSink
+from edgerund.ports import DriftStatus, EventSink
 
 log = structlog.get_logger("edgerund.inference.drift")
 
@@ -72,6 +75,8 @@ class _Watched:
         self.blocks: deque[tuple[Any, Any, str]] = deque(maxlen=64)
         self._bx: list[Any] = []
         self._bs: list[float] = []
+        # the replaced model's last verdict: (version, state, blocks)
+        self.previous: tuple[str, str, int] | None = None
 
 
 class DriftWatch:
@@ -108,7 +113,12 @@ class DriftWatch:
                 if w is not None and getattr(w.runner, "tap", None) is w.tap:
                     w.runner.tap = None
                 cfg = (self._configs(name) if self._configs else None) or self.config
+                prev = None
+                if w is not None:
+                    seen = w.monitor.report().blocks if w.monitor is not None else 0
+                    prev = (str(w.runner.version), w.state, seen)
                 w = _Watched(runner, monitor_for(runner, cfg))
+                w.previous = prev
                 self.watched[name] = w
                 w.last_stats = now
                 if w.monitor is not None:
@@ -182,6 +192,22 @@ class DriftWatch:
             "fault_blocks": rep.fault_blocks,
             "channel": rep.channel,
         }
+
+    def drift_status(self, name: str) -> DriftStatus | None:
+        w = self.watched.get(name)
+        if w is None:
+            return None
+        rep = w.monitor.report() if w.monitor is not None else None
+        prev = w.previous
+        return DriftStatus(
+            version=str(w.runner.version),
+            state=w.state,
+            reason="" if rep is None else rep.reason,
+            blocks=0 if rep is None else rep.blocks,
+            previous_version=None if prev is None else prev[0],
+            previous_state=None if prev is None else prev[1],
+            previous_blocks=0 if prev is None else prev[2],
+        )
 
     def blocks(self, name: str) -> list[tuple[Any, Any, str]]:
         """The recent labelled blocks (fitting material for an adaptation)."""

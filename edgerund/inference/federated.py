@@ -16,7 +16,8 @@ Because all of these are sums, `merge` of many gateways' statistics equals the s
 of the union of their data (up to floating-point summation order), and `fleet_fit` of the
 merged statistics equals the same fit on the union: per-feature shift from the mean
 `(mean - mu_ref) / sd_ref`, scale `sd / sd_ref`, the ridge weights
-`(xtx + lambda I)^-1 xty`, and the threshold at the target quantile of the merged
+`(xtx + lambda I)^-1 xty` (or, towards a prior layer W0 as the device's refit does,
+`(xtx + lambda I)^-1 (xty + lambda W0)`: edgerund.inference.outlayer), and the threshold at the target quantile of the merged
 histogram (linear inside the bin). The tests check max |merged - union| near machine
 precision. What a publisher does with the fleet calibration (review, sign into the next
 bundle) is outside the device.
@@ -34,7 +35,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FORMAT", "Stats", "decode", "encode", "fleet_fit", "merge", "ridge", "stats_of"]
+__all__ = [
+    "FORMAT",
+    "Stats",
+    "decode",
+    "encode",
+    "fleet_fit",
+    "gram",
+    "merge",
+    "ridge",
+    "stats_of",
+]
 
 FORMAT = "edgerund.fedstats/1"
 F64 = npt.NDArray[np.float64]
@@ -67,10 +78,7 @@ def stats_of(
     hist = np.bincount(np.searchsorted(edges, s, side="right"), minlength=len(edges) + 1)
     xtx = xty = None
     if h is not None and y is not None:
-        ha = np.asarray(h, np.float64)
-        ha = np.hstack([ha, np.ones((len(ha), 1))])
-        xtx = ha.T @ ha
-        xty = ha.T @ np.asarray(y, np.float64)
+        xtx, xty = gram(h, y)
     return Stats(
         count=len(xa),
         sum=xa.sum(axis=0),
@@ -80,6 +88,16 @@ def stats_of(
         xtx=xtx,
         xty=xty,
     )
+
+
+def gram(h: npt.ArrayLike, y: npt.ArrayLike) -> tuple[F64, F64]:
+    """(A^T A, A^T y) with A = [h, 1]: the sufficient statistics of a linear layer's
+    least-squares fit (the bias is the last row)."""
+    ha = np.asarray(h, np.float64)
+    ha = np.hstack([ha, np.ones((len(ha), 1))])
+    xtx: F64 = ha.T @ ha
+    xty: F64 = ha.T @ np.asarray(y, np.float64)
+    return xtx, xty
 
 
 def merge(parts: Iterable[Stats]) -> Stats:
@@ -103,11 +121,13 @@ def merge(parts: Iterable[Stats]) -> Stats:
     )
 
 
-def ridge(xtx: F64, xty: F64, lam: float) -> F64:
-    """Closed-form ridge weights from Gram matrices (the bias row is not penalised)."""
+def ridge(xtx: F64, xty: F64, lam: float, prior: F64 | None = None) -> F64:
+    """Closed-form ridge weights from Gram matrices (the bias row is not penalised),
+    shrunk towards `prior` (same shape as the result) when given, else towards zero."""
     reg = lam * np.eye(len(xtx))
     reg[-1, -1] = 0.0
-    out = np.linalg.solve(xtx + reg, xty)
+    rhs = xty if prior is None else xty + reg @ np.asarray(prior, np.float64)
+    out = np.linalg.solve(xtx + reg, rhs)
     return np.asarray(out, np.float64)
 
 
@@ -118,6 +138,7 @@ def fleet_fit(
     sd_ref: Sequence[float] | F64,
     quantile: float = 0.999,
     lam: float = 1e-3,
+    prior: F64 | None = None,
 ) -> dict[str, Any]:
     """The fleet calibration from merged statistics (see the module docstring)."""
     n = st.count
@@ -136,7 +157,7 @@ def fleet_fit(
         "score_quantile": _hist_quantile(st.score_edges, st.score_hist, quantile),
     }
     if st.xtx is not None and st.xty is not None:
-        out["ridge"] = ridge(st.xtx, st.xty, lam)
+        out["ridge"] = ridge(st.xtx, st.xty, lam, prior)
     return out
 
 

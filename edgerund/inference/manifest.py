@@ -25,9 +25,10 @@ Format `edgerund.model/1` (JSON object; * = required):
 - `threshold`*: the anomaly threshold on the score (a number).
 - `golden`: {`file`: "golden.npz", `sha256`, `rtol`, `atol`, `feature_atol`}; an array
   `<input>_t` in the file holds that input's timestamps (passed as `times`).
-- `reference_profile`, `adaptation`, `must_detect` (optional; edgerund.inference.profile):
-  the drift monitor's baseline, the bounds of an on-device calibration and the fault
-  signatures a calibration must keep detecting.
+- `reference_profile`, `adaptation`, `must_detect`, `output_layer` (optional;
+  edgerund.inference.profile): the drift monitor's baseline, the bounds of an on-device
+  calibration, the fault signatures a calibration must keep detecting and the output
+  layer a calibration may refit.
 - Free-form: `threshold_rule`, `training`, `quality`, `sizes_bytes`.
 
 Parsing is pure (bytes -> ModelManifest); every error names the field (`inputs[1].shape`)
@@ -56,9 +57,11 @@ from edgerund.inference.features import FeatureError, FeatureSpec
 from edgerund.inference.profile import (
     AdaptationPolicy,
     MustDetectSpec,
+    OutputLayerSpec,
     ReferenceProfile,
     parse_adaptation,
     parse_must_detect,
+    parse_output_layer,
     parse_profile,
 )
 from edgerund.updates.abi import TensorSpec
@@ -133,6 +136,7 @@ class ModelManifest:
     profile: ReferenceProfile | None = None
     adaptation: AdaptationPolicy | None = None
     must_detect: MustDetectSpec | None = None
+    output_layer: OutputLayerSpec | None = None
 
     def input(self, name: str) -> InputSpec | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -345,6 +349,9 @@ def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> ModelManifest:
     profile = parse_profile(doc.get("reference_profile"), spec.n_features, where)
     adaptation = parse_adaptation(doc.get("adaptation"), where)
     must_detect = parse_must_detect(doc.get("must_detect"), where)
+    output_layer = parse_output_layer(doc.get("output_layer"), where)
+    if output_layer is not None:
+        _plain_file(r, output_layer.file, "output_layer.file")
     if must_detect is not None:
         _plain_file(r, must_detect.file, "must_detect.file")
 
@@ -370,6 +377,7 @@ def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> ModelManifest:
         profile=profile,
         adaptation=adaptation,
         must_detect=must_detect,
+        output_layer=output_layer,
     )
 
 

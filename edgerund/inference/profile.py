@@ -17,13 +17,19 @@ bound what a gateway may learn on its own (docs/learning.md):
   threshold / signed threshold, either way), `min_samples`, `cooldown_s`,
   `target_false_alarm` (the score quantile the threshold is fit at is 1 - this),
   `threshold_margin` (x that quantile, as the build does) and `max_tail_ratio` (a fitting
-  window whose score p99 exceeds this x the profile's is excluded: a heavy tail).
+  window whose score p99 exceeds this x the profile's is excluded: a heavy tail); for the
+  output-layer refit, `max_output_change` (largest ||W' - W||_F / ||W||_F of the output
+  layer, bias row included) and `output_ridge` (the ridge strength pulling W' towards the
+  signed W, relative to the mean diagonal of the hidden activations' Gram matrix).
+- `output_layer`: {`hidden_tensor`: the graph tensor the output layer reads (the last
+  hidden layer's activations), `hidden_size`, `file` (golden.npz), `weights`, `bias`: the
+  arrays holding that layer dequantised, float32}: what a refit starts from.
 - `must_detect`: {`file`: the npz holding them (golden.npz), `features`: the array of
   raw (un-normalised) feature vectors of synthesised faults, `case`: their case index,
   `cases`: [{kind, severity, vectors}]}. A calibration under which any of them no longer
   scores above the threshold is refused.
 
-All three are optional: a manifest without them (model 1.x, 2.0.0 before this change)
+All are optional: a manifest without them (model 1.x, 2.0.0 before this change)
 loads as before; the drift monitor and the fitter then say they have no baseline.
 Parsing is pure and every error names the field.
 """
@@ -41,9 +47,11 @@ __all__ = [
     "PARAMETERS",
     "AdaptationPolicy",
     "MustDetectSpec",
+    "OutputLayerSpec",
     "ReferenceProfile",
     "parse_adaptation",
     "parse_must_detect",
+    "parse_output_layer",
     "parse_profile",
 ]
 
@@ -76,6 +84,8 @@ class AdaptationPolicy:
     target_false_alarm: float = 0.001
     threshold_margin: float = 1.5
     max_tail_ratio: float = 3.0
+    max_output_change: float = 1.0
+    output_ridge: float = 0.1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,7 +98,18 @@ class AdaptationPolicy:
             "target_false_alarm": self.target_false_alarm,
             "threshold_margin": self.threshold_margin,
             "max_tail_ratio": self.max_tail_ratio,
+            "max_output_change": self.max_output_change,
+            "output_ridge": self.output_ridge,
         }
+
+
+@dataclass(frozen=True)
+class OutputLayerSpec:
+    hidden_tensor: str
+    hidden_size: int
+    file: str
+    weights: str
+    bias: str
 
 
 @dataclass(frozen=True)
@@ -207,6 +228,29 @@ def parse_adaptation(doc: Any, where: str) -> AdaptationPolicy | None:
         target_false_alarm=num("target_false_alarm", d.target_false_alarm, 1e-6, 0.5),
         threshold_margin=num("threshold_margin", d.threshold_margin, 1.0),
         max_tail_ratio=num("max_tail_ratio", d.max_tail_ratio, 1.0),
+        max_output_change=num("max_output_change", d.max_output_change, 0.0),
+        output_ridge=num("output_ridge", d.output_ridge, 1e-9),
+    )
+
+
+def parse_output_layer(doc: Any, where: str) -> OutputLayerSpec | None:
+    """`output_layer` (None when absent: no refit is possible)."""
+    if doc is None:
+        return None
+    p = "output_layer"
+    if not isinstance(doc, Mapping):
+        raise _fail(where, p, f"expected an object, got {type(doc).__name__}")
+    names: list[str] = []
+    for key in ("hidden_tensor", "file", "weights", "bias"):
+        v = doc.get(key)
+        if not isinstance(v, str) or not v or (key == "file" and ("/" in v or v[0] == ".")):
+            raise _fail(where, f"{p}.{key}", f"expected a plain name, got {v!r}")
+        names.append(v)
+    size = doc.get("hidden_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise _fail(where, f"{p}.hidden_size", f"expected a positive integer, got {size!r}")
+    return OutputLayerSpec(
+        hidden_tensor=names[0], hidden_size=size, file=names[1], weights=names[2], bias=names[3]
     )
 
 

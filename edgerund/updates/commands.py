@@ -98,6 +98,15 @@ class UpdateCommands:
             return machine.summary(records[name])
         if rec.state in machine.IN_FLIGHT:
             raise CommandError("busy", f"{name} is in {rec.state}; nothing to roll back to yet")
+        return await self.rollback_settled(name, "manual", f"rolled back by hand (uid {peer.uid})")
+
+    async def rollback_settled(self, name: str, reason: str, message: str) -> Any:
+        """Revert a model that is not in flight to its other slot, re-verified first (a
+        manual rollback, or the post-update drift rollback). Raises CommandError."""
+        records = self.steps.repo.records
+        rec = records[name]
+        if rec.state in machine.IN_FLIGHT:
+            raise CommandError("busy", f"{name} is in {rec.state}; nothing to roll back to yet")
         if rec.active is None or rec.slots.get(machine.other(rec.active)) is None:
             raise CommandError(
                 "no_previous", f"{name}: the other slot holds no valid model to roll back to"
@@ -117,13 +126,7 @@ class UpdateCommands:
                 v.reason or "slot_corrupt", f"{name}: not rolling back to it: {v.message}"
             )
         await self.steps.drive(
-            name,
-            machine.Event(
-                "rollback",
-                reason="manual",
-                message=f"rolled back by hand (uid {peer.uid})",
-                now=time.time(),
-            ),
+            name, machine.Event("rollback", reason=reason, message=message, now=time.time())
         )
         return machine.summary(records[name])
 

@@ -6,19 +6,24 @@ Wiring (edgerund/daemon.py): the slot repository (repository.py) is entered befo
 models host, so start-up recovery is done and the host loads a verified slot; this
 component is entered after the models host and the loops and is handed them as ports
 (ports.ModelHost, ports.LoopStats), with the anti-rollback counter (ports.Counter) and the
-remote command router (ports.CommandRouter, `cmd/update`). Its tasks run in the TaskScope
-the root gives it: the worker (jobs.py) and, when configured, the inbox watcher
-(sources.py).
+remote command router (ports.CommandRouter, `cmd/update`) and the models' drift verdicts
+(ports.DriftReports). Its tasks run in the TaskScope the root gives it: the worker
+(jobs.py), when configured the inbox watcher (sources.py), and with drift verdicts and
+`post_update_drift_window_s` > 0 the post-update drift watch: once a second it asks
+postdrift.decide about every model and rolls back with reason `post_update_drift`
+through the manual rollback's path (the target slot re-verified first).
 
 Module map: recovery.py (start-up), repository.py (slots, records, keyring), jobs.py (the
 job runner), steps.py (machine driver and the steps), probation.py (the verdict),
-commands.py (socket commands), sources.py (inbox, MQTT).
+commands.py (socket commands), sources.py (inbox, MQTT), postdrift.py (the post-update
+drift decision).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -30,8 +35,15 @@ from edgerund.component import Command, Peer
 from edgerund.config.schema import Config
 from edgerund.context import TaskScope
 from edgerund.errors import CommandError
-from edgerund.ports import CommandRouter, Counter, EventSink, LoopStats, ModelHost
-from edgerund.updates import machine
+from edgerund.ports import (
+    CommandRouter,
+    Counter,
+    DriftReports,
+    EventSink,
+    LoopStats,
+    ModelHost,
+)
+from edgerund.updates import machine, postdrift
 from edgerund.updates.commands import UpdateCommands
 from edgerund.updates.jobs import Job, JobRunner, JobTicket
 from edgerund.updates.keyring import Keyring
@@ -63,8 +75,12 @@ class UpdatesComponent:
         models: ModelHost | None,
         loops: LoopStats | None,
         router: CommandRouter | None,
+        drift: DriftReports | None = None,
     ) -> None:
         self.cfg = cfg.updates
+        self.drift = drift
+        self.drift_interval_s = 1.0
+        self._drift_failed: set[tuple[str, str]] = set()  # (model, version): logged once
         self.slots = slots
         self.scope = scope
         self.counter = counter
@@ -144,7 +160,43 @@ class UpdatesComponent:
                 limiter=self.limiter,
             )
             self.scope.spawn("inbox", inbox.run, restart=True)
+        if self.drift is not None and self.cfg.post_update_drift_window_s > 0:
+            self.scope.spawn("post_drift", self._watch_drift, restart=True)
         return self
+
+    async def _watch_drift(self) -> None:
+        while True:
+            await asyncio.sleep(self.drift_interval_s)
+            await self.check_drift_once()
+
+    async def check_drift_once(self) -> None:
+        """One pass of the post-update drift rollback (edgerund/updates/postdrift.py)."""
+        assert self.drift is not None
+        for name, rec in list(self.slots.records.items()):
+            why = postdrift.decide(
+                rec,
+                self.drift.drift_status(name),
+                now=time.time(),
+                window_s=self.cfg.post_update_drift_window_s,
+            )
+            if why is None:
+                continue
+            key = (name, str(machine.summary(rec)["version"]))
+            if key in self._drift_failed:
+                continue
+            log.warning("update_post_drift_rollback", model=name, message=why)
+            try:
+                await self._commands.rollback_settled(name, postdrift.REASON, why)
+            except CommandError as exc:
+                # e.g. the previous slot no longer verifies: nothing to go back to; the
+                # model stays, said once
+                self._drift_failed.add(key)
+                log.error(
+                    "update_post_drift_rollback_failed",
+                    model=name,
+                    reason=exc.code,
+                    message=str(exc),
+                )
 
     async def __aexit__(
         self,
@@ -225,6 +277,7 @@ def build(
     models: ModelHost | None,
     loops: LoopStats | None,
     router: CommandRouter | None,
+    drift: DriftReports | None = None,
 ) -> UpdatesComponent:
     return UpdatesComponent(
         cfg,
@@ -235,4 +288,5 @@ def build(
         models=models,
         loops=loops,
         router=router,
+        drift=drift,
     )

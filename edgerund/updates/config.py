@@ -63,6 +63,10 @@ class UpdatesConfig(Section):
     source_per_min: float = 6.0
     source_burst: int = 10
     counter_file: str = "updates/security_counter"  # used when identity is not a TPM
+    # A model committed at most this long ago whose drift monitor calls drift against its
+    # own reference profile, where the model it replaced had not, is rolled back to the
+    # previous slot (reason post_update_drift; edgerund/updates/postdrift.py). 0 = off.
+    post_update_drift_window_s: float = 86400.0
     probation: ProbationConfig = msgspec.field(default_factory=ProbationConfig)
 
 
@@ -90,6 +94,13 @@ def cross_check(cfg: _Updates) -> list[tuple[str, str]]:
         errors.append(("updates.bundle_max_mb", f"expected > 0, got {u.bundle_max_mb}"))
     if u.file_max_mb <= 0:
         errors.append(("updates.file_max_mb", f"expected > 0, got {u.file_max_mb}"))
+    if u.post_update_drift_window_s < 0:
+        errors.append(
+            (
+                "updates.post_update_drift_window_s",
+                f"expected >= 0 (0 = off), got {u.post_update_drift_window_s}",
+            )
+        )
     if u.max_counter_jump < 1:
         errors.append(("updates.max_counter_jump", f"expected >= 1, got {u.max_counter_jump}"))
     if u.max_version_jump < 0:

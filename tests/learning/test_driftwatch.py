@@ -67,6 +67,12 @@ def test_drift_events_swap_and_stats() -> None:
     watch.poll_once()
     assert r.tap is None and runners["motor-ae"].tap is not None
     assert watch.status_row("motor-ae")["state"] == "ok"  # type: ignore[index]
+    # ... and the replaced model's last verdict stays beside it (post-update drift rule)
+    st = watch.drift_status("motor-ae")
+    assert st is not None and (st.version, st.state, st.blocks) == ("2.0.1", "ok", 0)
+    assert (st.previous_version, st.previous_state) == ("2.0.0", "drift")
+    assert st.previous_blocks == 40
+    assert watch.drift_status("other") is None
 
 
 def test_model_without_profile_is_shown_as_such() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgerund.inference import federated as fed
+from edgerund.inference import outlayer
 
 EDGES = [0.9, 1.6, 1.9, 2.3, 2.9]
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +55,19 @@ def test_merged_fit_equals_the_fit_on_the_union() -> None:
     reg = 1e-3 * np.eye(17)
     reg[-1, -1] = 0.0
     np.testing.assert_allclose(a["ridge"], np.linalg.solve(ha.T @ ha + reg, ha.T @ uy), atol=1e-9)
+    # the device's refit (edgerund.inference.outlayer) pulls towards the signed layer: the
+    # same Gram matrices, merged, give the same fit as on the union
+    prior = np.random.default_rng(9).normal(0.0, 1.0, (17, 50))
+    pa = fed.fleet_fit(merged, mu_ref=mu, sd_ref=sd, lam=50.0, prior=prior)["ridge"]
+    pb = fed.fleet_fit(union, mu_ref=mu, sd_ref=sd, lam=50.0, prior=prior)["ridge"]
+    assert float(np.abs(pa - pb).max()) < 1e-9
+    want = np.linalg.solve(ha.T @ ha + 50.0 * reg / 1e-3, ha.T @ uy + 50.0 * reg / 1e-3 @ prior)
+    np.testing.assert_allclose(pa, want, atol=1e-9)
+    w, b, _ = outlayer.refit(uh, uy, prior[:-1], prior[-1], ridge=0.1)
+    lam = 0.1 * float(np.trace(merged.xtx[:-1, :-1])) / 16
+    np.testing.assert_allclose(
+        np.vstack([w, b]), fed.ridge(merged.xtx, merged.xty, lam, prior), atol=1e-9
+    )
 
 
 def test_merge_refuses_statistics_of_another_model() -> None:

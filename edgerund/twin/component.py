@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import json
 import random
 import time
@@ -44,7 +45,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-import aiomqtt
 import msgspec
 import structlog
 
@@ -59,6 +59,8 @@ from edgerund.twin.bundle import BundleStore
 from edgerund.twin.gate import CommandGate, gateway_sign
 
 if TYPE_CHECKING:
+    import aiomqtt
+
     from edgerund.component import Peer
     from edgerund.config.schema import Config
     from edgerund.context import TaskScope
@@ -220,6 +222,8 @@ class TwinComponent:
         return Path(u.password_file).read_text().strip() if u.password_file else None
 
     def _client(self, password: str | None) -> aiomqtt.Client:
+        import aiomqtt  # loaded off the loop by __aenter__
+
         u = self.cfg.uplink
         tls = None
         if u.tls is not None:
@@ -239,6 +243,8 @@ class TwinComponent:
         )
 
     async def _publisher(self) -> None:
+        import aiomqtt  # loaded off the loop by __aenter__
+
         backoff = self.cfg.uplink.backoff_initial_s
         topic = reported_topic(self.cfg)
         while True:
@@ -280,6 +286,8 @@ class TwinComponent:
 
     async def _desired(self, client: aiomqtt.Client) -> None:
         """Desired documents of this session, applied one at a time (the applier locks)."""
+        import aiomqtt  # loaded off the loop by __aenter__
+
         with contextlib.suppress(aiomqtt.MqttError):
             async for msg in client.messages:
                 payload = msg.payload
@@ -306,6 +314,10 @@ class TwinComponent:
     # -- component ------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         if self.cfg.uplink.enabled:
+            # aiomqtt (with paho, ssl's users, email, urllib) is imported only here, in a
+            # thread: a daemon without an uplink never loads it, and the event loop never
+            # waits ~40 ms for the import (README "Start-up").
+            await asyncio.to_thread(importlib.import_module, "aiomqtt")
             self._scope.spawn("reported", self._publisher)
         return self
 

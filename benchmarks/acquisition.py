@@ -192,9 +192,6 @@ def runqueue_wait_s() -> float:
         return math.nan
 
 
-IDLE_OWN: list[float] = []  # the idle phase's own lag (lag_probe)
-
-
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else math.nan
 
@@ -249,17 +246,18 @@ async def lag_probe(
         rq.close()
 
 
-async def measure_lag(seconds: float, interval_s: float) -> tuple[list[float], float]:
-    """(lags, loop thread's run-queue wait per second) of the idle loop."""
+async def measure_lag(seconds: float, interval_s: float) -> tuple[list[float], list[float], float]:
+    """(lags, own lags, loop thread's run-queue wait per second) of the idle loop."""
     out: list[float] = []
+    own: list[float] = []
     stop = asyncio.Event()
-    task = asyncio.create_task(lag_probe(interval_s, out, stop, IDLE_OWN))
+    task = asyncio.create_task(lag_probe(interval_s, out, stop, own))
     w0, t0 = runqueue_wait_s(), time.monotonic()
     await asyncio.sleep(seconds)
     rq = (runqueue_wait_s() - w0) / (time.monotonic() - t0)
     stop.set()
     await task
-    return out, rq
+    return out, own, rq
 
 
 async def bare_phase(
@@ -382,7 +380,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"event loop: {type(asyncio.get_running_loop()).__module__}")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
-    idle_lag, idle_rq = await measure_lag(args.idle_s, interval)
+    idle_lag, idle_own, idle_rq = await measure_lag(args.idle_s, interval)
     print(
         f"idle loop lag: p50 {pct(idle_lag, 50) * 1e3:.3f} ms, "
         f"p99 {pct(idle_lag, 99) * 1e3:.3f} ms, max {max(idle_lag) * 1e3:.3f} ms; "
@@ -450,7 +448,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"  less the loop thread's run-queue wait (the machine's share): p99 "
         f"{pct(own, 99) * 1e3:.3f} ms, max {max(own) * 1e3:.3f} ms (idle p99 "
-        f"{pct(IDLE_OWN, 99) * 1e3:.3f} ms)"
+        f"{pct(idle_own, 99) * 1e3:.3f} ms)"
     )
     wire_fig: dict[str, Any] = {}
     if wire is not None:
@@ -497,7 +495,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "loop_lag_p99_ms": round(pct(lag, 99) * 1e3, 3),
         "loop_lag_max_ms": round(max(lag) * 1e3, 3),
         "loop_lag_own_p99_ms": round(pct(own, 99) * 1e3, 3),
-        "loop_lag_own_idle_p99_ms": round(pct(IDLE_OWN, 99) * 1e3, 3),
+        "loop_lag_own_idle_p99_ms": round(pct(idle_own, 99) * 1e3, 3),
         "loop_lag_idle_p99_ms": round(pct(idle_lag, 99) * 1e3, 3),
         "loop_lag_bare_p99_ms": round(pct(bare_lag, 99) * 1e3, 3),
         "loop_runqueue_wait_ms_per_s": round(m["rq_wait"] / dt * 1e3, 3),

@@ -11,10 +11,17 @@ Figures, measured in the same run so that a shared, noisy machine affects both s
   `python -X importtime` of the same daemon start, and the RSS by mapping kind from
   /proc/PID/smaps (anonymous heap vs each shared library).
 
-Bytecode: the tree is byte-compiled first into a private cache (PYTHONPYCACHEPREFIX), as an
-installed package is (Debian byte-compiles at install): without it every run would compile
-the daemon's ~200 modules from source (~0.2-0.4 s here) and measure the checkout, not the
-install. Runs with no test-suite import (the notify socket is edgerund.toolkit.daemonproc's).
+- rss_by_import: what each group of imports adds to RSS, imported in the daemon's order in
+  a separate process (the libraries' code and data, before any component runs); the
+  daemon's RSS minus their sum is what running adds (sessions, buffers, threads, heap).
+
+Bytecode: a private cache (PYTHONPYCACHEPREFIX) holds the bytecode of every module the
+daemon imports, as an install has it (Debian byte-compiles the venv at install): the tree
+is byte-compiled first and one unmeasured warm-up start fills in the standard library's
+and the site-packages' modules (a cache prefix hides their own __pycache__). Without it
+the measured run compiled ~500 modules from source: +0.2-0.4 s and +8-10 MB RSS (the
+compiler's garbage in the heap), the checkout's figure, not the install's. Runs with no
+test-suite import (the notify socket is edgerund.toolkit.daemonproc's).
 Targets (issue #18): READY <= 1.0 s, RSS <= 90 MB. The last line is one JSON object.
 
     python benchmarks/startup.py [--settle-s 30] [--runs 3]
@@ -149,6 +156,47 @@ def import_breakdown(stderr: str) -> dict[str, float]:
     return out
 
 
+# Imported one group after another in the daemon's order; each figure is the RSS it adds.
+IMPORT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("python+asyncio (ssl, libcrypto)", ("asyncio",)),
+    ("structlog, msgspec, yaml", ("structlog", "msgspec", "yaml")),
+    ("numpy", ("numpy",)),
+    ("onnxruntime", ("onnxruntime",)),
+    ("cryptography (hazmat)", ("cryptography.hazmat.primitives.serialization",)),
+    ("edgerund + drivers (daemon)", ("edgerund.daemon",)),
+    ("simulator (drivers.emulated)", ("edgerund.simulation",)),
+    ("uvloop", ("uvloop",)),
+)
+
+
+def rss_by_import(env: dict[str, str]) -> dict[str, float]:
+    """RSS (MB) each import group adds, in a fresh process (rich marked absent, as
+    `edgerund run` does off a TTY)."""
+    code = (
+        "import json, sys\n"
+        "sys.modules['rich'] = None\n"
+        "def rss():\n"
+        "    for ln in open('/proc/self/status'):\n"
+        "        if ln.startswith('VmRSS:'): return int(ln.split()[1]) / 1024\n"
+        "out = {'interpreter': rss()}\n"
+        "for name, mods in json.loads(sys.argv[1]):\n"
+        "    before = rss()\n"
+        "    for m in mods: __import__(m)\n"
+        "    out[name] = rss() - before\n"
+        "print(json.dumps(out))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(IMPORT_GROUPS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=REPO,
+    )
+    data = json.loads(res.stdout.splitlines()[-1])
+    return {k: round(v, 1) for k, v in data.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settle-s", type=float, default=30.0)
@@ -164,12 +212,16 @@ def main() -> None:
         code = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=1)"
         for pkg in ("edgerund", "drivers"):
             subprocess.run([sys.executable, "-c", code, str(REPO / pkg)], env=env, check=True)
+        # the warm-up start: bytecode of the stdlib and site-packages modules it imports
+        daemon_run({**env, **unit_env}, 0.5)
+        import_only(env)
         imp = [import_only(env) for _ in range(args.runs)]
         runs = [
             daemon_run({**env, **unit_env}, args.settle_s if i == 0 else 0.5)
             for i in range(args.runs)
         ]
         _, _, _, err = daemon_run({**env, **unit_env}, 0.2, importtime=True)
+        by_import = rss_by_import({**env, **unit_env})
     import_s = statistics.median(t for t, _ in imp)
     import_rss = statistics.median(r for _, r in imp)
     ready_s = statistics.median(r[0] for r in runs)
@@ -184,6 +236,11 @@ def main() -> None:
     )
     print(f"import time by package (ms, -X importtime, self): {imports}")
     print(f"RSS by mapping (MB, smaps): {maps}")
+    imported = sum(v for k, v in by_import.items())
+    print(
+        f"RSS by import group (MB, a separate process): {by_import}; sum {imported:.1f} MB, "
+        f"so running adds {rss - imported:.1f} MB"
+    )
     print(
         f"targets: READY <= 1.0 s ({'met' if ready_s <= 1.0 else 'NOT met'}), "
         f"RSS <= 90 MB ({'met' if rss <= 90 else 'NOT met'})"
@@ -200,6 +257,8 @@ def main() -> None:
                 "unit_environment": unit_env,
                 "import_ms_by_package": imports,
                 "rss_mb_by_mapping": maps,
+                "rss_mb_by_import": by_import,
+                "rss_mb_running_adds": round(rss - imported, 1),
             }
         )
     )

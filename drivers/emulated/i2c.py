@@ -175,11 +175,13 @@ class EmulatedDevice:
                 if kind == "w":
                     self.on_write(bytes(arg))
                 else:
-                    data = bytearray(self.on_read(int(arg)))
+                    data = self.on_read(int(arg))
                     if self._flips and data:
+                        flipped = bytearray(data)
                         idx, bit = self._flips.pop(0)
-                        data[min(idx, len(data) - 1)] ^= 1 << (bit & 7)
-                    out.append(bytes(data))
+                        flipped[min(idx, len(flipped) - 1)] ^= 1 << (bit & 7)
+                        data = bytes(flipped)
+                    out.append(data)
             return out
 
 
@@ -189,7 +191,16 @@ class RegisterDevice(EmulatedDevice):
     Subclasses keep static registers in `regs` and override `read_reg`/`write_reg` for
     registers with side effects; `before_read` runs once per read message so a burst read
     returns one coherent snapshot (the data-register shadowing the datasheets describe).
+
+    A read inside `plain_read` (registers without read side effects, the pointer
+    auto-incrementing) is copied out of `regs` in one slice instead of byte by byte
+    through `read_reg`: the emulators' Python runs on the bus worker thread holding the
+    GIL, which a kernel I2C transfer would not, so its cost is kept small. None (the
+    default) means every register when `read_reg` and `next_ptr` are this class's own,
+    none otherwise: a subclass with side effects names its plain window.
     """
+
+    plain_read: range | None = None
 
     def power_on_reset(self) -> None:
         self.regs = bytearray(256)
@@ -215,8 +226,22 @@ class RegisterDevice(EmulatedDevice):
             self.write_reg(self.ptr, b)
             self.ptr = self.next_ptr(self.ptr)
 
+    def _is_plain(self, start: int, end: int) -> bool:
+        w = self.plain_read
+        if w is None:
+            cls = type(self)
+            return (
+                cls.read_reg is RegisterDevice.read_reg and cls.next_ptr is RegisterDevice.next_ptr
+            )
+        return w.start <= start and end <= w.stop
+
     def on_read(self, length: int) -> bytes:
         self.before_read(self.ptr, length)
+        start = self.ptr
+        end = start + length
+        if end <= 256 and self._is_plain(start, end):
+            self.ptr = end & 0xFF
+            return bytes(self.regs[start:end])
         out = bytearray()
         for _ in range(length):
             out.append(self.read_reg(self.ptr) & 0xFF)

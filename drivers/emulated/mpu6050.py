@@ -18,6 +18,7 @@ transaction), so an idle emulator costs nothing.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable
 
@@ -73,8 +74,14 @@ def _counts(v: float, lsb: float) -> int:
     return max(-32768, min(32767, round(v * lsb)))
 
 
+_BURST = struct.Struct(">7h")  # accel x y z, temperature, gyro x y z: big-endian words
+
+
 class EmulatedMPU6050(RegisterDevice):
     part = "mpu6050"
+    # the output registers read as one burst without side effects (INT_STATUS, the FIFO
+    # count and FIFO_R_W have them: read byte by byte through read_reg)
+    plain_read = range(REG_ACCEL_XOUT_H, REG_ACCEL_XOUT_H + BURST_LEN)
 
     def __init__(
         self,
@@ -114,17 +121,15 @@ class EmulatedMPU6050(RegisterDevice):
         ts = t - (DLPF_DELAY_MS[dlpf] / 1000.0 if dlpf < 7 else 0.0)
         ax, ay, az = self.accel_g(ts)
         gx, gy, gz = self.gyro_dps(ts)
-        temp = _counts(self.temperature_c(ts) - 36.53, 340.0)
-        words = (
+        return _BURST.pack(
             _counts(ax, a_lsb),
             _counts(ay, a_lsb),
             _counts(az, a_lsb),
-            temp,
+            _counts(self.temperature_c(ts) - 36.53, 340.0),
             _counts(gx, g_lsb),
             _counts(gy, g_lsb),
             _counts(gz, g_lsb),
         )
-        return b"".join(w.to_bytes(2, "big", signed=True) for w in words)
 
     def on_transaction_start(self) -> None:
         if self._t0 is None:

@@ -105,11 +105,14 @@ def _f(arr: Any) -> float:
     return float(np.asarray(arr).reshape(-1)[0])
 
 
+_FEW = 2  # grid steps evaluated for a sparsely read signal
+
+
 class GridSignal:
     """A scenario signal evaluated in vectorised blocks on a 1 kHz grid, interpolated.
 
-    The scenario is pure numpy and vectorised: one call over 100 instants costs about as
-    much as 2-3 scalar calls (~4 us per instant instead of 100-180 us). The emulators ask
+    The scenario is pure numpy and vectorised: one call over 250 instants costs about as
+    much as 2-3 scalar calls (~0.5 us per instant instead of 30-60 us). The emulators ask
     for one instant per conversion, from the bus worker thread, so evaluating block by
     block (`block_s` ahead) cuts the simulated plant's CPU (and its GIL hold time, which
     the event loop would feel) by more than an order of magnitude. Values between grid
@@ -117,6 +120,13 @@ class GridSignal:
     the same 1 kHz grid (NOISE_GRID_HZ), so grid values are exact. A block is recomputed
     when the anomaly list changes (the Scenario replaces its tuple on `add_anomaly`), so
     an injected anomaly shows from the next conversion.
+
+    The block is kept as Python lists and interpolated in plain float arithmetic: per
+    conversion that is ~1 us, where numpy's scalar indexing and arithmetic on 3-element
+    rows cost ~8 us (all of it holding the GIL on the bus worker thread). 250 ms blocks
+    hold the GIL for ~0.1 ms once per block (benchmarks/acquisition.py, README). A signal
+    read sparsely (its previous read over a quarter block ago: the 1-10 Hz parts) gets
+    only `_FEW` grid steps per evaluation instead of a block it would mostly not use.
     """
 
     def __init__(
@@ -125,38 +135,49 @@ class GridSignal:
         scenario: Scenario,
         *,
         grid_hz: float = 1000.0,
-        block_s: float = 0.1,
+        block_s: float = 0.25,
     ) -> None:
         self._fn = fn
         self._sc = scenario
         self._dt = 1.0 / grid_hz
         self._n = max(2, round(block_s * grid_hz))
         self._steps = np.arange(self._n + 1, dtype=np.float64)
-        # (first grid index, values[n+1, ...], anomaly tuple it was computed with):
-        # replaced as a whole, so a reader never sees a half-updated block
-        self._block: tuple[int, Any, tuple[Any, ...]] | None = None
+        self._few = self._steps[: _FEW + 1]
+        self._last_k: int | None = None
+        # (first grid index, values as lists, their count - 1, anomaly tuple it was
+        # computed with): replaced as a whole, so a reader never sees a half-updated block
+        self._block: tuple[int, list[Any], int, tuple[Any, ...]] | None = None
 
-    def value(self, t: float) -> Any:
+    def _at(self, t: float) -> tuple[list[Any], int, float]:
+        """(block values, index of the grid point at or before t, fraction to the next)."""
         x = t / self._dt
         k = math.floor(x)
         blk = self._block
         anomalies = self._sc.anomalies
-        if blk is None or not 0 <= k - blk[0] < self._n or blk[2] is not anomalies:
-            vals = np.asarray(self._fn((k + self._steps) * self._dt), dtype=np.float64)
-            blk = (k, vals, anomalies)
+        if blk is None or not 0 <= k - blk[0] < blk[2] or blk[3] is not anomalies:
+            # A sensor read less than four times a block (the 1-10 Hz parts) would use
+            # a few values of a whole block: it gets a few grid points, as cheap as one.
+            last = self._last_k
+            steps = self._steps if last is not None and k - last < self._n // 4 else self._few
+            vals = np.asarray(self._fn((k + steps) * self._dt), dtype=np.float64)
+            blk = (k, vals.tolist(), len(steps) - 1, anomalies)
             self._block = blk
-        i = k - blk[0]
-        frac = x - k
-        v = blk[1]
-        return v[i] + (v[i + 1] - v[i]) * frac
+        self._last_k = k
+        return blk[1], k - blk[0], x - k
 
     def scalar(self) -> Callable[[float], float]:
-        return lambda t: float(self.value(t))
+        def f(t: float) -> float:
+            v, i, frac = self._at(t)
+            a = v[i]
+            return float(a + (v[i + 1] - a) * frac)
+
+        return f
 
     def vec3(self) -> Callable[[float], tuple[float, float, float]]:
         def f(t: float) -> tuple[float, float, float]:
-            a = self.value(t)
-            return float(a[0]), float(a[1]), float(a[2])
+            v, i, frac = self._at(t)
+            (ax, ay, az), (bx, by, bz) = v[i], v[i + 1]
+            return ax + (bx - ax) * frac, ay + (by - ay) * frac, az + (bz - az) * frac
 
         return f
 
@@ -240,6 +261,8 @@ class SimResources:
         scenario = self.scenario
 
         def online(t: float) -> bool:
+            if not scenario.anomalies:  # per transaction: the common case costs nothing
+                return True
             return not (scenario.is_dropout(name, t) or scenario.is_nacked(name, t))
 
         return online

@@ -69,7 +69,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import structlog
 
@@ -144,6 +144,19 @@ _set_unit: Callable[[Sample, Any], None] = _SLOTS["unit"].__set__
 _set_quality: Callable[[Sample, Any], None] = _SLOTS["quality"].__set__
 _monotonic = time.monotonic
 _wall = time.time
+
+# isinstance() against a runtime-checkable Protocol walks the protocol's members every
+# call (~10-60 us, on the event loop, per read): answered once per driver class (no
+# driver delegates attributes, so the answer is the class's).
+_SELF_TIMED: dict[type, bool] = {}
+
+
+def _self_timed(sensor: object) -> TypeGuard[SelfTimedRead]:
+    cls = type(sensor)
+    hit = _SELF_TIMED.get(cls)
+    if hit is None:
+        hit = _SELF_TIMED[cls] = isinstance(sensor, SelfTimedRead)
+    return hit
 
 
 @dataclass
@@ -376,7 +389,7 @@ class Acquirer:
         c = rt.counters
         sensor = rt.sensor
         timeout_s = self.timeout_s
-        if isinstance(sensor, SelfTimedRead):
+        if _self_timed(sensor):
             # the driver times each exchange itself and names what did not answer
             timeout_s = max(timeout_s, sensor.read_deadline_s) + SELF_TIMED_MARGIN_S
         reason = "no attempt"

@@ -52,10 +52,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -70,6 +69,9 @@ from edgerund.identity.tpm_errors import (
     base_error,
 )
 from edgerund.identity.worker import TpmWorker
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = structlog.get_logger("edgerund.identity")
 
@@ -920,5 +922,9 @@ class TpmIdentity(Identity):
         }
 
     def ek_certificate(self) -> x509.Certificate | None:
+        # x509 (with email.utils and its dependencies) only when a certificate is read:
+        # not at every start-up, software identity included (README "Start-up")
+        from cryptography import x509
+
         raw = self.state.get("ek", {}).get("certificate")
         return x509.load_der_x509_certificate(base64.b64decode(raw)) if raw else None

@@ -9,6 +9,11 @@ aborts). The reply carries `bundle_id`, `size`, `sha256` and `chunks`; since tha
 signed by the gateway, the digest authenticates the whole bundle. Each next request
 `{"bundle_id", "chunk": i}` returns one base64 chunk of `CHUNK_BYTES`. One bundle is kept
 (the newest) for `TTL_S`; the size is capped at `MAX_BYTES`.
+
+`build` imports tarfile and the toolkit's redaction (with its checks, diagnostics client
+and importlib.metadata) when it runs, in its worker thread: `edgerund run` never needs
+them otherwise (start-up time and memory, README "Start-up"), and importing them there
+keeps the event loop from paying for the import.
 """
 
 from __future__ import annotations
@@ -20,13 +25,11 @@ import json
 import os
 import platform
 import sys
-import tarfile
 import time
 from typing import Any
 
 from edgerund import __version__
 from edgerund.errors import CommandError
-from edgerund.toolkit.support_bundle import PRIVATE_PEM, redact
 
 CHUNK_BYTES = 48 * 1024  # 64 KiB once base64-encoded in the reply
 MAX_BYTES = 8 << 20
@@ -34,7 +37,11 @@ TTL_S = 600.0
 
 
 def build(status: dict[str, Any], log: list[Any], config: dict[str, Any]) -> bytes:
-    """The tar.gz bytes (blocking: compression)."""
+    """The tar.gz bytes (blocking: compression, and the imports on first use)."""
+    import tarfile
+
+    from edgerund.toolkit.support_bundle import PRIVATE_PEM, redact
+
     members = {
         "status.json": json.dumps(status, indent=1, default=str).encode(),
         "log.json": json.dumps(log, default=str).encode(),

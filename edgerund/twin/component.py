@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import json
 import random
 import time
@@ -46,10 +47,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-import aiomqtt
 import msgspec
 import structlog
-from paho.mqtt.properties import Properties
 
 from edgerund import logs
 from edgerund.component import Command
@@ -64,6 +63,9 @@ from edgerund.twin.gate import CommandGate, gateway_sign
 from edgerund.twin.modeltargets import ModelTargets
 
 if TYPE_CHECKING:
+    import aiomqtt
+    from paho.mqtt.properties import Properties
+
     from edgerund.component import Peer
     from edgerund.config.schema import Config
     from edgerund.context import TaskScope
@@ -248,6 +250,8 @@ class TwinComponent:
         identifier: str | None = None,
         properties: Properties | None = None,
     ) -> aiomqtt.Client:
+        import aiomqtt  # loaded off the loop by __aenter__
+
         u = self.cfg.uplink
         tls = None
         if u.tls is not None:
@@ -268,6 +272,8 @@ class TwinComponent:
         )
 
     async def _publisher(self) -> None:
+        import aiomqtt  # loaded off the loop by __aenter__
+
         backoff = self.cfg.uplink.backoff_initial_s
         topic = reported_topic(self.cfg)
         while True:
@@ -309,6 +315,8 @@ class TwinComponent:
 
     async def _desired(self, client: aiomqtt.Client) -> None:
         """Desired documents of this session, applied one at a time (the applier locks)."""
+        import aiomqtt  # loaded off the loop by __aenter__
+
         with contextlib.suppress(aiomqtt.MqttError):
             async for msg in client.messages:
                 payload = msg.payload
@@ -336,6 +344,10 @@ class TwinComponent:
     async def __aenter__(self) -> Self:
         await self.targets.load()
         if self.cfg.uplink.enabled:
+            # aiomqtt (with paho, ssl's users, email, urllib) is imported only here, in a
+            # thread: a daemon without an uplink never loads it, and the event loop never
+            # waits ~40 ms for the import (README "Start-up").
+            await asyncio.to_thread(importlib.import_module, "aiomqtt")
             self._scope.spawn("reported", self._publisher)
         return self
 

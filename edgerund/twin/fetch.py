@@ -33,29 +33,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import re
 import threading
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiomqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edgerund.errors import TrustError
 from edgerund.twin.bundlewire import BundleMeta, chunk_index, chunk_topic, meta_topic, parse_meta
 from edgerund.twin.targets import MAX_TARGETS, Target
 from edgerund.updates.transfer import TransferError, TransferStore
 
+if TYPE_CHECKING:
+    # aiomqtt and paho (with urllib, http.client, email) load with the first session, in a
+    # thread before READY (twin/component.py): never at import time.
+    import aiomqtt
+    from paho.mqtt.properties import Properties
+
 log = structlog.get_logger("edgerund.twin.fetch")
 
 WINDOW = 4
-ClientFactory = Callable[[], Awaitable[aiomqtt.Client]]
+ClientFactory = Callable[[], Awaitable["aiomqtt.Client"]]
 PACKET_OVERHEAD = 4096  # fixed header, topic, properties of one chunk message
 HTTP_TIMEOUT_S = 15.0  # connect, and each read (also how long a cancelled read may linger)
 _RANGE_RE = re.compile(r"^bytes (\d+)-\d+/(?:\d+|\*)$")
@@ -71,6 +72,9 @@ def connect_properties(chunk_max: int) -> Properties:
     drops (for this session) any message larger than a chunk may be; an oversized
     retained "chunk" published by someone else never reaches the daemon's memory, and the
     fetch waits for the genuine one."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.MaximumPacketSize = chunk_max + PACKET_OVERHEAD
     return props
@@ -131,6 +135,8 @@ class BundleFetcher:
     ) -> Path:
         """The complete file whose SHA-256 is `t.sha256`; TransferError or TrustError with a
         stable code when the transfer is refused. Runs until done (retrying the broker)."""
+        import aiomqtt  # loaded by the twin before READY (see TYPE_CHECKING)
+
         offset = await asyncio.to_thread(self._begin, t, keep)
         log.info(
             "twin_bundle_fetching", model=t.name, version=t.version, sha256=t.sha256,
@@ -181,7 +187,7 @@ class BundleFetcher:
             except asyncio.CancelledError:
                 stop.set()  # the worker thread ends at its next read
                 raise
-            except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+            except OSError as exc:  # URLError is one; HTTPException becomes one (below)
                 log.info("twin_bundle_url_failed", sha256=t.sha256, error=str(exc)[:300])
                 done = None
             if done is not None:
@@ -193,7 +199,20 @@ class BundleFetcher:
     def _http_session(
         self, t: Target, stop: threading.Event, report: Callable[[int], None]
     ) -> Path | None:
-        """One request (blocking, in a worker thread): the complete file, or None to retry."""
+        """One request (blocking, in a worker thread): the complete file, or None to retry;
+        OSError (a protocol error included) when the server or the network failed."""
+        import http.client  # with urllib.request: only for a `url` target, in this thread
+
+        try:
+            return self._http_request(t, stop, report)
+        except http.client.HTTPException as exc:
+            raise OSError(f"HTTP: {type(exc).__name__}: {exc}") from exc
+
+    def _http_request(
+        self, t: Target, stop: threading.Event, report: Callable[[int], None]
+    ) -> Path | None:
+        import urllib.request
+
         assert t.url is not None
         offset = self._begin(t, frozenset({t.sha256}))
         if offset < t.size:
@@ -228,6 +247,8 @@ class BundleFetcher:
     async def _session(
         self, client: aiomqtt.Client, t: Target, progress: Callable[[int], None]
     ) -> Path:
+        import aiomqtt
+
         await client.subscribe(meta_topic(t.sha256), qos=1)
         meta: BundleMeta | None = None
         offset = 0

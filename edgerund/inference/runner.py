@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import math
 import threading
 import time
@@ -165,6 +166,11 @@ class ModelRunner:
         # (features, score) of each good inference for the drift task, when it set one
         # (a bounded deque: edgerund.inference.driftwatch); one copy of 50 floats a tick.
         self.tap: Any = None
+        # A device calibration (edgerund.inference.overlay) applied at load: the signed
+        # manifest stays in `base_manifest`, `manifest` carries the calibrated
+        # normalisation, threshold and version `X+cal.N`; `calibration` is its summary.
+        self.base_manifest = manifest
+        self.calibration: dict[str, Any] | None = None
 
     # -- loading -------------------------------------------------------------------------
 
@@ -229,8 +235,63 @@ class ModelRunner:
         if check_golden and golden is not None:
             key = next((k for k in golden_keys if k in golden), golden_keys[0])
             runner._check_golden(golden, key)
+        if model_file is None or model_file == manifest.model_file:
+            # A calibrated slot: the golden vectors were reproduced under the signed
+            # normalisation above; the device's overlay applies from here on.
+            runner._apply_overlay()
         runner._reset_counters()
         return runner
+
+    def _apply_overlay(self) -> None:
+        from edgerund.inference.calibration import CalibrationRefused
+        from edgerund.inference.overlay import overlay_seq, read_overlay
+
+        try:
+            found = read_overlay(self.model_dir)
+        except (CalibrationRefused, OSError) as exc:
+            raise ModelError(
+                f"{self.model_dir}: calibration overlay: {exc}", code="overlay"
+            ) from None
+        if found is None:
+            return
+        doc, _ = found
+        man = self.manifest
+        try:
+            if doc.get("model_manifest_sha256") != man.sha256.hex():
+                raise ValueError("bound to another model manifest")
+            if overlay_seq(str(doc.get("version"))) is None:
+                raise ValueError(f"version {doc.get('version')!r} is not X+cal.N")
+            norm = doc["normalization"]
+            mean = tuple(float(v) for v in norm["mean"])
+            std = tuple(float(v) for v in norm["std"])
+            threshold = float(doc["threshold"])
+            self._pre.renormalize(mean, std)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"{self.model_dir}: calibration overlay refused: {exc}", code="overlay"
+            ) from None
+        self.base_manifest = man
+        self.manifest = dataclasses.replace(
+            man,
+            version=str(doc["version"]),
+            threshold=threshold,
+            preprocessing=dataclasses.replace(man.preprocessing, mean=mean, std=std),
+        )
+        self.version = self.manifest.version
+        self.threshold = threshold
+        raw_summary = doc.get("summary")
+        summary: dict[str, Any] = raw_summary if isinstance(raw_summary, dict) else {}
+        self.calibration = {
+            "version": self.version,
+            "base_version": man.version,
+            "threshold": threshold,
+            "threshold_signed": man.threshold,
+            "samples": summary.get("samples"),
+            "max_shift_sd": summary.get("max_shift_sd"),
+            "changes": summary.get("changes", []),
+            "created": doc.get("created"),
+            "device_key_id": doc.get("device_key_id"),
+        }
 
     def _load_golden(self) -> dict[str, npt.NDArray[Any]]:
         g = self.manifest.golden
@@ -402,6 +463,7 @@ class ModelRunner:
             "precision": self.manifest.precision,
             "mode": "inline" if self.inline else "thread",
             "threshold": self.threshold,
+            "calibration": self.calibration,
             "inferences": self.inferences,
             "faults": self.faults,
             "nan_outputs": self.nan_outputs,

@@ -12,7 +12,10 @@ the root gives it: the worker (jobs.py) and, when configured, the inbox watcher
 
 Module map: recovery.py (start-up), repository.py (slots, records, keyring), jobs.py (the
 job runner), steps.py (machine driver and the steps), probation.py (the verdict),
-commands.py (socket commands), sources.py (inbox, MQTT).
+commands.py (socket commands), sources.py (inbox, MQTT), adaptation.py (device
+calibrations: the `adapt` command, cooldown, auto_adapt; with the models host as its
+`ports.Calibrator` and the identity as its `ports.Signer`), calprobation.py (a
+calibration's extra probation verdict).
 """
 
 from __future__ import annotations
@@ -30,8 +33,17 @@ from edgerund.component import Command, Peer
 from edgerund.config.schema import Config
 from edgerund.context import TaskScope
 from edgerund.errors import CommandError
-from edgerund.ports import CommandRouter, Counter, EventSink, LoopStats, ModelHost
+from edgerund.ports import (
+    Calibrator,
+    CommandRouter,
+    Counter,
+    EventSink,
+    LoopStats,
+    ModelHost,
+    Signer,
+)
 from edgerund.updates import machine
+from edgerund.updates.adaptation import Adaptations
 from edgerund.updates.commands import UpdateCommands
 from edgerund.updates.jobs import Job, JobRunner, JobTicket
 from edgerund.updates.keyring import Keyring
@@ -63,6 +75,8 @@ class UpdatesComponent:
         models: ModelHost | None,
         loops: LoopStats | None,
         router: CommandRouter | None,
+        calibrator: Calibrator | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.cfg = cfg.updates
         self.slots = slots
@@ -95,6 +109,16 @@ class UpdatesComponent:
         )
         self.mqtt = MqttSource(self.transfers, self.runner.submit)
         self._commands = UpdateCommands(self.steps, self.runner)
+        self.adaptations = Adaptations(
+            cfg,
+            steps=self.steps,
+            runner=self.runner,
+            models=models,
+            calibrator=calibrator,
+            signer=signer,
+            loops=loops,
+            events=events,
+        )
         if router is not None and self.cfg.mqtt_enabled:
             router.register("update", self.mqtt.handle)
         if router is not None:
@@ -124,6 +148,8 @@ class UpdatesComponent:
         if gate is not None:
             log.error("updates_refused", reason=gate.code, message=str(gate).split(": ", 1)[-1])
         self.scope.spawn("worker", self.runner.run, restart=True)
+        if self.adaptations.auto:
+            self.scope.spawn("auto-adapt", self.adaptations.run, restart=True)
         if self.cfg.inbox_dir:
             for e in await asyncio.to_thread(self.refused.load):
                 entry = {
@@ -208,11 +234,12 @@ class UpdatesComponent:
                 else {"reason": gate.code, "message": str(gate).split(": ", 1)[-1]},
                 "rate_limit": self.limiter.status(),
                 "last_precheck": self.steps.last_precheck,
+                "adaptations": self.adaptations.last,
             }
         }
 
     def commands(self) -> Mapping[str, Command]:
-        return self._commands.table()
+        return {**self._commands.table(), **self.adaptations.table()}
 
 
 def build(
@@ -225,6 +252,8 @@ def build(
     models: ModelHost | None,
     loops: LoopStats | None,
     router: CommandRouter | None,
+    calibrator: Calibrator | None = None,
+    signer: Signer | None = None,
 ) -> UpdatesComponent:
     return UpdatesComponent(
         cfg,
@@ -235,4 +264,6 @@ def build(
         models=models,
         loops=loops,
         router=router,
+        calibrator=calibrator,
+        signer=signer,
     )

@@ -179,9 +179,7 @@ def test_startup_refuses_a_tampered_overlay_and_runs_the_base_model(store: SlotS
 
     def recover() -> machine.Record:
         new, _ = asyncio.run(
-            recover_model(
-                store, REF, attempts=2, events=EventBus(), keyring=None, device_key=pem
-            )
+            recover_model(store, REF, attempts=2, events=EventBus(), keyring=None, device_key=pem)
         )
         return new
 

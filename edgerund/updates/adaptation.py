@@ -67,7 +67,7 @@ from edgerund.updates.steps import CalibrationOffer, Steps
 log = structlog.get_logger("edgerund.updates.adapt")
 
 STATE_FILE = "adapt.json"
-RETRY_S = 10.0
+RETRY_S = 3.0
 CHECK_INTERVAL_S = 1.0
 
 

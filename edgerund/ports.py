@@ -111,10 +111,13 @@ class ModelHost(Protocol):
 class Calibrator(Protocol):
     """Fits device calibrations of the running models (the models component)."""
 
-    async def fit_calibration(self, name: str, *, bad: bool = False) -> FittedCalibration:
+    async def fit_calibration(
+        self, name: str, *, forced_shift_sd: float | None = None
+    ) -> FittedCalibration:
         """Fit on the drift task's recent blocks off the loop at low priority, checked
         against the signed policy and the must-detect vectors; CalibrationRefused says
-        why not. `bad`: a deliberately wrong one (test hook, docs/learning.md)."""
+        why not. `forced_shift_sd`: not fitted, every vibration band shifted by this much
+        (test hooks only, docs/learning.md)."""
         ...
 
 

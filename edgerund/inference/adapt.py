@@ -18,10 +18,11 @@ replaces the previous one (never stacks on it) and the policy bounds hold agains
 the publisher signed. `fit(runner, blocks)` returns a `FittedCalibration` (the
 calibration, the signed model's identity and the must-detect figures); the updates
 component (edgerund/updates/adaptation.py) makes it a device-signed overlay and installs
-it as a `X+cal.N` slot through the update gate. `bad_calibration(runner)` builds a
-deliberately wrong one inside the policy (every vibration band shifted +3 reference sd:
-the normal plant looks like a fault) for the gate's rollback test; it is reachable only
-through a test hook.
+it as a `X+cal.N` slot through the update gate. `forced_calibration(runner)` builds a
+deliberately wrong one inside the policy (every vibration band reads +3 reference sd:
+the normal plant looks like a fault) for the gate's rollback test, or with
+`shift_sd=0.0` the signed model under a calibration version (power-cut tests); it is
+reachable only through a test hook.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ from edgerund.inference.session import open_session
 
 __all__ = [
     "FittedCalibration",
-    "bad_calibration",
     "dry_run",
     "fit",
+    "forced_calibration",
     "lower_priority",
     "scorer_for",
 ]
@@ -179,19 +180,21 @@ def fit(runner: Any, blocks: Sequence[tuple[Any, Any, str]]) -> FittedCalibratio
     )
 
 
-BAD_SHIFT_SD = 3.0
+BAD_SHIFT_SD = -3.0
 
 
-def bad_calibration(runner: Any) -> FittedCalibration:
-    """A calibration inside the policy that is wrong for the plant (module docstring):
-    it passes the signature, policy and must-detect checks and must be caught by the
-    probation. Test hook only."""
+def forced_calibration(runner: Any, shift_sd: float = BAD_SHIFT_SD) -> FittedCalibration:
+    """A calibration that shifts every vibration band by `shift_sd` reference sd, not
+    fitted to anything (test hooks only). The default is wrong for the plant (module
+    docstring: the mean moves down, every live band reads 3 sd high): it passes the
+    signature, policy and must-detect checks and must be caught by the probation; 0.0
+    is the signed model itself under a calibration version (the power-cut tests)."""
     lower_priority()
     man = _signed(runner)
     spec, prof = man.preprocessing, man.profile
     n_vib = spec.axes * spec.n_bands
     d = np.zeros(spec.n_features)
-    d[:n_vib] = -BAD_SHIFT_SD  # the mean moves down: every live band reads 3 sd high
+    d[:n_vib] = shift_sd
     m0, s0, sd = (np.asarray(v, np.float64) for v in (spec.mean, spec.std, prof.std))
     mean = (m0 + s0 * d * sd).astype(np.float32).astype(np.float64)
     cal = Calibration(
@@ -205,7 +208,7 @@ def bad_calibration(runner: Any) -> FittedCalibration:
         threshold_ratio=1.0,
         false_alarm_before=0.0,
         false_alarm_after=0.0,
-        changes=[{"feature": "accel_g.*", "shift_sd": -BAD_SHIFT_SD, "scale": 1.0}],
+        changes=[{"feature": "accel_g.*", "shift_sd": shift_sd, "scale": 1.0}],
     )
     must = _check(runner, man, cal, scorer_for(Path(runner.model_path)))
     return FittedCalibration(

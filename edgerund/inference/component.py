@@ -133,13 +133,15 @@ class ModelsComponent:
             drift_fault_blocks=rep.fault_blocks,
         )
 
-    async def fit_calibration(self, name: str, *, bad: bool = False) -> adapt.FittedCalibration:
+    async def fit_calibration(
+        self, name: str, *, forced_shift_sd: float | None = None
+    ) -> adapt.FittedCalibration:
         """`ports.Calibrator`: CalibrationRefused when it cannot or may not."""
         runner = self.registry.runner(name)
         if runner is None:
             raise CalibrationRefused("unknown_model", f"no model {name!r} is running")
-        if bad:
-            return await asyncio.to_thread(adapt.bad_calibration, runner)
+        if forced_shift_sd is not None:
+            return await asyncio.to_thread(adapt.forced_calibration, runner, forced_shift_sd)
         blocks = self.drift.blocks(name)
         return await asyncio.to_thread(adapt.fit, runner, blocks)
 

@@ -35,10 +35,12 @@ asked (without force: the cooldown applies). A fit refused for `too_few_samples`
 retried after RETRY_S; any other refusal waits a full cooldown (the policy said no, the
 plant will not change its mind in a second).
 
-`test-adapt-bad {model}` (registered only when EDGERUND_TEST_HOOKS=1 is in the daemon's
-environment, like the root's other test hooks) installs a deliberately bad calibration
-(edgerund.inference.adapt.bad_calibration) through the same gate, forced past the
-cooldown, so tests can watch the gate roll it back.
+`test-adapt {model, shift_sd?, wait?}` (registered only when EDGERUND_TEST_HOOKS=1 is in
+the daemon's environment, like the root's other test hooks) installs a calibration that
+is not fitted (edgerund.inference.adapt.forced_calibration: every vibration band shifted
+by `shift_sd`, default -3: deliberately bad) through the same gate, forced past the
+cooldown, so tests can watch the gate roll it back (or, with 0, cut the power while
+a harmless one installs).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ import structlog
 from edgerund.component import Command, Peer
 from edgerund.config.schema import Config
 from edgerund.errors import CommandError
-from edgerund.inference.adapt import FittedCalibration
+from edgerund.inference.adapt import BAD_SHIFT_SD, FittedCalibration
 from edgerund.inference.calibration import CalibrationRefused, make_overlay, overlay_digest
 from edgerund.inference.overlay import overlay_bytes, overlay_seq
 from edgerund.ports import Calibrator, EventSink, LoopStats, ModelHost, Signer
@@ -147,7 +149,7 @@ class Adaptations:
         }
         if os.environ.get("EDGERUND_TEST_HOOKS") == "1":
             # Test-only (never a config key): a bad calibration through the real gate.
-            cmds["test-adapt-bad"] = Command(self._cmd_test_bad, mutating=True)
+            cmds["test-adapt"] = Command(self._cmd_test_adapt, mutating=True)
         return cmds
 
     async def _cmd_adapt(self, args: dict[str, Any], peer: Peer) -> Any:
@@ -168,16 +170,15 @@ class Adaptations:
                 "installing a calibration changes the gateway; run it as root or as a member"
                 f" of the edgerund group (you are uid {peer.uid}); --dry-run needs no privilege",
             )
-        ticket = await self.start(
-            name, source=f"adapt:{peer.uid}", force=bool(args.get("force")), bad=False
-        )
+        ticket = await self.start(name, source=f"adapt:{peer.uid}", force=bool(args.get("force")))
         return await self._answer(ticket, wait)
 
-    async def _cmd_test_bad(self, args: dict[str, Any], peer: Peer) -> Any:
+    async def _cmd_test_adapt(self, args: dict[str, Any], peer: Peer) -> Any:
         name = args.get("model")
         if not isinstance(name, str) or name not in self.steps.repo.records:
             raise CommandError("unknown_model", f"got {name!r}")
-        ticket = await self.start(name, source="test-adapt-bad", force=True, bad=True)
+        shift = float(args.get("shift_sd", BAD_SHIFT_SD))
+        ticket = await self.start(name, source="test-adapt", force=True, forced_shift_sd=shift)
         return await self._answer(ticket, str(args.get("wait", "commit")))
 
     async def _answer(self, ticket: JobTicket, wait: str) -> Any:
@@ -199,7 +200,7 @@ class Adaptations:
         return machine.summary(self.steps.repo.records[ticket.model])
 
     async def dry_run(self, name: str) -> dict[str, Any]:
-        fitted = await self._fit(name, bad=False, dry_run=True)
+        fitted = await self._fit(name, None, dry_run=True)
         if isinstance(fitted, dict):
             return fitted
         state = await asyncio.to_thread(self._read_state, name)
@@ -215,19 +216,21 @@ class Adaptations:
         return None if r is None else float(r.threshold)
 
     async def _fit(
-        self, name: str, *, bad: bool, dry_run: bool
+        self, name: str, forced_shift_sd: float | None, *, dry_run: bool
     ) -> FittedCalibration | dict[str, Any]:
         if self.calibrator is None:
             raise CommandError("not_available", "no models are running")
         try:
-            return await self.calibrator.fit_calibration(name, bad=bad)
+            return await self.calibrator.fit_calibration(name, forced_shift_sd=forced_shift_sd)
         except CalibrationRefused as exc:
             if dry_run:
                 return {"ok": False, "refused": exc.reason, "message": exc.detail}
             raise CommandError(exc.reason, exc.detail) from None
 
     # -- one adaptation -----------------------------------------------------------------
-    async def start(self, name: str, *, source: str, force: bool, bad: bool) -> JobTicket:
+    async def start(
+        self, name: str, *, source: str, force: bool, forced_shift_sd: float | None = None
+    ) -> JobTicket:
         """Fit, sign and submit (module docstring); CommandError when it may not."""
         if self.signer is None or self.models is None:
             raise CommandError("not_available", "no device identity or no models to calibrate")
@@ -263,7 +266,7 @@ class Adaptations:
             log.warning("adapt_forced", model=name, cooldown_left_s=round(left), source=source)
         self._busy.add(name)
         try:
-            fitted = await self._fit(name, bad=bad, dry_run=False)
+            fitted = await self._fit(name, forced_shift_sd, dry_run=False)
             assert isinstance(fitted, FittedCalibration)
             state = await asyncio.to_thread(self._read_state, name)
             seq = self._next_seq(name, state)
@@ -341,7 +344,7 @@ class Adaptations:
         if rec.state in machine.IN_FLIGHT or name in self._busy:
             return
         try:
-            await self.start(name, source="auto", force=False, bad=False)
+            await self.start(name, source="auto", force=False)
         except CommandError as exc:
             wait_s = RETRY_S if exc.code in ("too_few_samples", "busy") else None
             if wait_s is None:

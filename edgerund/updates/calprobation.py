@@ -15,8 +15,9 @@ score range) it has to show, on the live plant, during its window, that:
                                                                      probation_sensor_fault
 - the drift is gone: at the end of the window the monitor does not say `drift`
                                                                      probation_drift
-- and it has seen enough of the plant to say so: at least MIN_BLOCKS monitor blocks
-                                                                     probation_no_data
+- and it has seen enough of the plant to say so: at least MIN_BLOCKS monitor blocks;
+  the window is extended (up to NO_DATA_FACTOR x its length) while they are missing (a
+  trial resumed at start-up, while the sensors' windows fill)         probation_no_data
 
 The counters are the drift monitor's of the runner under trial (ports.ModelCounters
 `drift_*`, monotonic from the swap); a sample taken before the monitor of the new runner
@@ -28,6 +29,7 @@ from __future__ import annotations
 from edgerund.updates.probation import PASS, WATCH, ProbationVerdict, Sample
 
 MIN_BLOCKS = 3
+NO_DATA_FACTOR = 3.0
 
 
 def _delta(start: Sample, now: Sample, field: str) -> int:
@@ -56,6 +58,8 @@ def judge(start: Sample, now: Sample, *, elapsed_s: float, window_s: float) -> P
     if elapsed_s < window_s:
         return WATCH
     if blocks < MIN_BLOCKS:
+        if elapsed_s < NO_DATA_FACTOR * window_s:
+            return WATCH
         return ProbationVerdict(
             "fail",
             "probation_no_data",

@@ -48,7 +48,7 @@ from edgerund import __version__
 from edgerund.errors import TrustError
 from edgerund.inference.calibration import CalibrationRefused
 from edgerund.inference.manifest import parse_manifest
-from edgerund.inference.overlay import OVERLAY_FILE, OVERLAY_SIG, check_overlay
+from edgerund.inference.overlay import OVERLAY_FILE, OVERLAY_SIG, check_overlay, overlay_seq
 from edgerund.ports import Counter, EventSink, LoopStats, ModelHost
 from edgerund.updates import calprobation, fsutil, machine, probation
 from edgerund.updates.abi import IoSignature, runtime_max_opset
@@ -321,9 +321,12 @@ class Steps:
     def installed(self, name: str) -> Installed:
         rec = self.repo.records[name]
         info = rec.slots.get(rec.active) if rec.active else None
+        version = info.version if info else None
+        cal = overlay_seq(version) if version else None
         return Installed(
             counter=self.counter_value or 0,
-            version=info.version if info else None,
+            # a device calibration X+cal.N runs the publisher's X: bundles compare with X
+            version=cal[0] if cal is not None else version,
             bundle_id=info.bundle_id if info else None,
             created=info.created if info else None,
         )
@@ -558,7 +561,9 @@ class Steps:
             if verdict.kind == "pass":
                 return machine.Event("ok", now=time.time())
             left = max(0.0, dep.probation_s - elapsed)
-            await asyncio.sleep(min(policy.poll_interval_ms / 1000.0, left + 0.001))
+            poll_s = policy.poll_interval_ms / 1000.0
+            # (a calibration's window may run on past its length while data is missing)
+            await asyncio.sleep(min(poll_s, left + 0.001) if left > 0 else poll_s)
 
     async def ratchet(self, name: str) -> None:
         rec = self.repo.records[name]

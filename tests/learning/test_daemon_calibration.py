@@ -36,9 +36,10 @@ def config(tmp_path: Path) -> dict[str, Any]:
         "keyring_file": str(DEV / "keyring.dev.json"),
         "probation_s": 4.0,
         "precheck_runs": 10,
-        # this shared CI machine misses ticks whatever model runs: the calibration is
-        # judged on its own criteria here, not on the machine's load
-        "probation": {"baseline_max_s": 1.0, "max_missed_ticks": 100000},
+        # this shared CI machine misses ticks and delays samples (input faults: gaps in
+        # the vibration timestamps) whatever model runs: the calibration is judged on its
+        # own criteria here (calprobation), not on the machine's load
+        "probation": {"baseline_max_s": 1.0, "max_missed_ticks": 100000, "max_faults": 100000},
     }
     return cfg
 
@@ -108,7 +109,7 @@ def test_drift_adapted_through_the_gate_then_a_bad_calibration_rolls_back(
         # policy and the must-detect precheck, and the probation rolls it back
         assert wait_until(lambda: not loop(d)["anomaly"], 20.0), loop(d)
         with pytest.raises(CommandError) as ei:
-            d.call("test-adapt-bad", {"model": "motor-ae", "wait": "commit"}, timeout_s=60.0)
+            d.call("test-adapt", {"model": "motor-ae", "wait": "commit"}, timeout_s=60.0)
         assert ei.value.code == "probation_trips", ei.value
         st = d.call("status")["updates"]["models"][0]
         assert st["state"] == "ROLLED_BACK" and st["version"] == cal1

@@ -256,6 +256,14 @@ class ModelRunner:
             return
         doc, _ = found
         man = self.manifest
+        if doc.get("output_layer") is not None:
+            # An output-layer refit needs the runtime's refit head; refuse rather than run
+            # the calibrated normalisation with the signed layer it was not fitted with.
+            raise ModelError(
+                f"{self.model_dir}: the calibration refits the output layer, which this"
+                " runtime does not apply",
+                code="overlay",
+            )
         try:
             if doc.get("model_manifest_sha256") != man.sha256.hex():
                 raise ValueError("bound to another model manifest")

@@ -15,7 +15,8 @@ The fit is always made relative to the SIGNED model (`runner.base_manifest`): a 
 that already runs a calibration `X+cal.N` hands over features under its calibrated
 normalisation, which are re-expressed under the signed one first, so a new calibration
 replaces the previous one (never stacks on it) and the policy bounds hold against what
-the publisher signed. `fit(runner, blocks)` returns a `FittedCalibration` (the
+the publisher signed. Only the blocks since the drift's onset are fitted on (`since_onset`:
+after the last anomaly / sensor-fault block). `fit(runner, blocks)` returns a `FittedCalibration` (the
 calibration, the signed model's identity and the must-detect figures); the updates
 component (edgerund/updates/adaptation.py) makes it a device-signed overlay and installs
 it as a `X+cal.N` slot through the update gate. `forced_calibration(runner)` builds a
@@ -58,6 +59,7 @@ __all__ = [
     "forced_calibration",
     "lower_priority",
     "scorer_for",
+    "since_onset",
 ]
 
 LOW_PRIORITY_NICE = 10
@@ -140,11 +142,23 @@ def _check(runner: Any, man: Any, cal: Calibration, scorer: Any) -> dict[str, An
     )
 
 
+def since_onset(blocks: Sequence[tuple[Any, Any, str]]) -> list[tuple[Any, Any, str]]:
+    """The blocks after the last anomaly or sensor-fault block: the plant as it is now.
+    A step drift (a gain change) trips the model for a run of blocks before the monitor
+    calls it drift; the normal blocks from before that run are the plant as it WAS, and a
+    shift fitted on both would fit neither (their scores under it push the threshold up).
+    A gradual drift has no such marker and is fitted on the whole window."""
+    last = max((i for i, b in enumerate(blocks) if b[2] in ("anomaly", "sensor_fault")), default=-1)
+    return list(blocks[last + 1 :])
+
+
 def fit(runner: Any, blocks: Sequence[tuple[Any, Any, str]]) -> FittedCalibration:
-    """Fit and check a calibration of `runner`'s signed model (blocking: a worker thread,
-    which this lowers to nice +10). Raises CalibrationRefused."""
+    """Fit and check a calibration of `runner`'s signed model on the blocks since the
+    drift's onset (`since_onset`; blocking: a worker thread, which this lowers to nice
+    +10). Raises CalibrationRefused."""
     lower_priority()
     t0 = time.perf_counter()
+    blocks = since_onset(blocks)
     man = _signed(runner)
     spec, cur = man.preprocessing, runner.manifest.preprocessing
     names, _ = feature_channels(

@@ -32,8 +32,10 @@ its anomaly window; not `anomaly`, a trip the drift does not explain, nor
 no new sensor-fault block and no control loop running on its fallback rules (a model
 fault, a stale input) over that time. Then an adaptation starts as if a technician had
 asked (without force: the cooldown applies). A fit refused for `too_few_samples` is
-retried after RETRY_S; any other refusal waits a full cooldown (the policy said no, the
-plant will not change its mind in a second).
+retried after RETRY_S; one refused by the policy or the must-detect guard once half the
+fitting window (the drift task's last 64 blocks) is new data, 32 monitor blocks later,
+then 64, 128, ... up to 2,048 while the refusals go on (a refused fit is not an
+adaptation and starts no cooldown); within a cooldown the check repeats every minute.
 
 `test-adapt {model, shift_sd?, wait?}` (registered only when EDGERUND_TEST_HOOKS=1 is in
 the daemon's environment, like the root's other test hooks) installs a calibration that
@@ -69,7 +71,10 @@ from edgerund.updates.steps import CalibrationOffer, Steps
 log = structlog.get_logger("edgerund.updates.adapt")
 
 STATE_FILE = "adapt.json"
-RETRY_S = 3.0
+RETRY_S = 3.0  # a fit short of data (too_few_samples) or an update in flight
+FIT_WINDOW_BLOCKS = 64  # the drift task keeps this many labelled blocks to fit on
+MAX_BACKOFF_DOUBLINGS = 6  # a refused fit waits 32, 64, ... 2048 monitor blocks
+COOLDOWN_RECHECK_S = 60.0
 CHECK_INTERVAL_S = 1.0
 
 
@@ -80,7 +85,10 @@ class _Auto:
     drift_seen: float | None = None  # monotonic time drift was first seen (this run)
     fault_blocks: int = 0
     fallback_ticks: int = 0
-    not_before: float = 0.0  # monotonic: a refused fit waits until then
+    not_before: float = 0.0  # monotonic: a fit short of data waits until then
+    runner: object = None  # the runner the block counts below belong to
+    retry_at_blocks: int = 0  # a refused fit waits until the monitor has this many blocks
+    refusals: int = 0  # consecutive policy / must-detect refusals
 
 
 class Adaptations:
@@ -325,6 +333,9 @@ class Adaptations:
         if self.models is None:
             return
         c = self.models.counters(name)
+        runner = self.models.runner(name)
+        if runner is not st.runner:  # a swap: the monitor's block counts start again
+            st.runner, st.retry_at_blocks, st.refusals = runner, 0, 0
         fb = self.loops.counters().fallback_ticks if self.loops is not None else 0
         now = time.monotonic()
         healthy = (
@@ -340,21 +351,36 @@ class Adaptations:
             st.drift_seen = now
         if now - st.drift_seen < after_s or now < st.not_before:
             return
+        if c.drift_blocks < st.retry_at_blocks:
+            return
         rec = self.steps.repo.records[name]
         if rec.state in machine.IN_FLIGHT or name in self._busy:
             return
         try:
             await self.start(name, source="auto", force=False)
         except CommandError as exc:
-            wait_s = RETRY_S if exc.code in ("too_few_samples", "busy") else None
-            if wait_s is None:
-                runner = self.models.runner(name)
-                pol = None if runner is None else runner.base_manifest.adaptation
-                wait_s = pol.cooldown_s if pol is not None else 3600.0
-                if exc.code == "cooldown":
-                    wait_s = min(wait_s, 60.0)
-            st.not_before = now + wait_s
-            log.info("adapt_auto_not_now", model=name, reason=exc.code, retry_in_s=wait_s)
+            retry: dict[str, float] = {}
+            if exc.code in ("too_few_samples", "busy"):
+                st.not_before = now + RETRY_S
+                retry["retry_in_s"] = RETRY_S
+            elif exc.code == "cooldown":
+                st.not_before = now + COOLDOWN_RECHECK_S
+                retry["retry_in_s"] = COOLDOWN_RECHECK_S
+            else:
+                # The policy or the must-detect guard said no on this data: try again
+                # once half the fitting window is new data, then twice as long, ...
+                st.refusals += 1
+                wait = (FIT_WINDOW_BLOCKS // 2) << min(st.refusals - 1, MAX_BACKOFF_DOUBLINGS)
+                st.retry_at_blocks = c.drift_blocks + wait
+                retry["retry_in_blocks"] = wait
+            log.info(
+                "adapt_auto_not_now",
+                model=name,
+                reason=exc.code,
+                message=str(exc).split(": ", 1)[-1],
+                **retry,
+            )
             return
         st.drift_seen = None
+        st.refusals = 0
         st.not_before = now + RETRY_S

@@ -192,3 +192,12 @@ def test_startup_refuses_a_tampered_overlay_and_runs_the_base_model(store: SlotS
     assert new.quarantined["b"].reason == "overlay_signature"
     assert store.marker("b") is None  # can never be flipped to
     assert (store.root / "current").readlink().name == "a"
+
+
+def test_the_fit_uses_the_plant_since_the_drift_onset_only() -> None:
+    from edgerund.inference.adapt import since_onset
+
+    b = [(i, i, s) for i, s in enumerate(["ok", "ok", "anomaly", "anomaly", "drift", "drift"])]
+    assert [x[0] for x in since_onset(b)] == [4, 5]  # not the plant before the step
+    assert since_onset([(0, 0, "ok"), (1, 1, "drift")]) == [(0, 0, "ok"), (1, 1, "drift")]
+    assert since_onset([(0, 0, "drift"), (1, 1, "sensor_fault")]) == []

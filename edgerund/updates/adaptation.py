@@ -53,6 +53,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -63,7 +64,7 @@ from edgerund.errors import CommandError
 from edgerund.inference.adapt import BAD_SHIFT_SD, FittedCalibration
 from edgerund.inference.calibration import CalibrationRefused, make_overlay, overlay_digest
 from edgerund.inference.overlay import overlay_bytes, overlay_seq
-from edgerund.ports import Calibrator, EventSink, LoopStats, ModelHost, Signer
+from edgerund.ports import Calibrator, EventSink, LoopStats, ModelCounters, ModelHost, Signer
 from edgerund.updates import fsutil, machine
 from edgerund.updates.jobs import Job, JobRunner, JobTicket
 from edgerund.updates.steps import CalibrationOffer, Steps
@@ -79,7 +80,7 @@ CHECK_INTERVAL_S = 1.0
 
 
 @dataclass
-class _Auto:
+class AutoAdaptState:
     """What the auto-adapt task remembers of one model between checks."""
 
     drift_seen: float | None = None  # monotonic time drift was first seen (this run)
@@ -89,6 +90,30 @@ class _Auto:
     runner: object = None  # the runner the block counts below belong to
     retry_at_blocks: int = 0  # a refused fit waits until the monitor has this many blocks
     refusals: int = 0  # consecutive policy / must-detect refusals
+
+    def due(
+        self, c: ModelCounters, runner: object, fallback_ticks: int, now: float, after_s: float
+    ) -> bool:
+        """Whether an automatic adaptation is due now (pure: the module docstring's rule
+        on the monitor's counters of `runner` and the loops' fallback ticks)."""
+        if runner is not self.runner:  # a swap: the monitor's block counts start again
+            self.runner, self.retry_at_blocks, self.refusals = runner, 0, 0
+        healthy = (
+            c.drift_state == "drift"
+            and c.drift_fault_blocks == self.fault_blocks
+            and fallback_ticks == self.fallback_ticks
+        )
+        self.fault_blocks, self.fallback_ticks = c.drift_fault_blocks, fallback_ticks
+        if not healthy:
+            self.drift_seen = None
+            return False
+        if self.drift_seen is None:
+            self.drift_seen = now
+        return (
+            now - self.drift_seen >= after_s
+            and now >= self.not_before
+            and c.drift_blocks >= self.retry_at_blocks
+        )
 
 
 class Adaptations:
@@ -112,12 +137,14 @@ class Adaptations:
         self.loops = loops
         self.events = events
         self.auto = {m.name: m for m in cfg.models if m.auto_adapt}
-        self._auto: dict[str, _Auto] = {n: _Auto() for n in self.auto}
+        self._auto: dict[str, AutoAdaptState] = {n: AutoAdaptState() for n in self.auto}
         self._busy: set[str] = set()
         self.last: dict[str, dict[str, Any]] = {}  # model -> the last attempt, for status
 
     # -- state --------------------------------------------------------------------------
-    def _state_path(self, name: str) -> Any:
+    def _state_path(self, name: str) -> Path:
+        # Unsigned: a rate limit, not a trust anchor (every overlay is verified on its
+        # own). Removing it resets the cooldown, never lets an unverified overlay run.
         return self.steps.repo.stores[name].root / STATE_FILE
 
     def _read_state(self, name: str) -> dict[str, Any]:
@@ -133,7 +160,8 @@ class Adaptations:
         fsutil.atomic_write(path, json.dumps(doc, sort_keys=True).encode())
 
     def _next_seq(self, name: str, state: dict[str, Any]) -> int:
-        seqs = [int(state.get("seq", 0))]
+        seq = state.get("seq", 0)
+        seqs = [seq if isinstance(seq, int) else 0]
         for info in self.steps.repo.records[name].slots.values():
             parsed = overlay_seq(info.version) if info is not None else None
             if parsed is not None:
@@ -333,25 +361,9 @@ class Adaptations:
         if self.models is None:
             return
         c = self.models.counters(name)
-        runner = self.models.runner(name)
-        if runner is not st.runner:  # a swap: the monitor's block counts start again
-            st.runner, st.retry_at_blocks, st.refusals = runner, 0, 0
         fb = self.loops.counters().fallback_ticks if self.loops is not None else 0
         now = time.monotonic()
-        healthy = (
-            c.drift_state == "drift"
-            and c.drift_fault_blocks == st.fault_blocks
-            and fb == st.fallback_ticks
-        )
-        st.fault_blocks, st.fallback_ticks = c.drift_fault_blocks, fb
-        if not healthy:
-            st.drift_seen = None
-            return
-        if st.drift_seen is None:
-            st.drift_seen = now
-        if now - st.drift_seen < after_s or now < st.not_before:
-            return
-        if c.drift_blocks < st.retry_at_blocks:
+        if not st.due(c, self.models.runner(name), fb, now, after_s):
             return
         rec = self.steps.repo.records[name]
         if rec.state in machine.IN_FLIGHT or name in self._busy:

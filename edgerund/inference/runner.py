@@ -237,8 +237,11 @@ class ModelRunner:
             runner._check_golden(golden, key)
         if model_file is None or model_file == manifest.model_file:
             # A calibrated slot: the golden vectors were reproduced under the signed
-            # normalisation above; the device's overlay applies from here on.
+            # normalisation above; the device's overlay applies from here on, and the
+            # golden inputs are run again under it (_check_golden_calibrated).
             runner._apply_overlay()
+            if check_golden and golden is not None and runner.calibration is not None:
+                runner._check_golden_calibrated(golden)
         runner._reset_counters()
         return runner
 
@@ -373,6 +376,31 @@ class ModelRunner:
                 raise ModelError(
                     f"golden vector {i}: score {res.score:.6g} vs expected {want:.6g} "
                     f"(rtol {g.rtol}, atol {g.atol}){'; fault ' + str(res.fault) if not res.ok else ''}",
+                    code="golden_mismatch",
+                )
+
+    def _check_golden_calibrated(self, golden: Mapping[str, npt.NDArray[Any]]) -> None:
+        """The golden inputs under the overlay: the features are the build's re-expressed
+        under the calibrated normalisation (`raw = f s0 + m0`, then `(raw - m') / s'`),
+        to the golden feature tolerance, and every score is finite. (The build's scores
+        are under the signed normalisation: they do not apply here.)"""
+        g = self.manifest.golden
+        if g is None or "features" not in golden:
+            return
+        s0 = np.asarray(self.base_manifest.preprocessing.std, np.float64)
+        m0 = np.asarray(self.base_manifest.preprocessing.mean, np.float64)
+        m1 = np.asarray(self.manifest.preprocessing.mean, np.float64)
+        s1 = np.asarray(self.manifest.preprocessing.std, np.float64)
+        for i in range(int(golden["features"].shape[0])):
+            res = self.infer(self._golden_inputs(golden, i), self._golden_times(golden, i))
+            want = (np.asarray(golden["features"][i], np.float64) * s0 + m0 - m1) / s1
+            # the tolerance scales with the overlay's stretch of the feature axis
+            tol = g.feature_atol * max(1.0, float(np.max(s0 / s1)))
+            err = float(np.max(np.abs(self._pre.out[0] - want)))
+            if not res.ok or not err <= tol:
+                raise ModelError(
+                    f"golden vector {i} under the calibration: features differ by {err:.3g}"
+                    f" (max {tol:.3g}){'; fault ' + str(res.fault) if not res.ok else ''}",
                     code="golden_mismatch",
                 )
 

@@ -22,7 +22,8 @@ The child checks, in order, each failure with its own reason code:
                 must-detect vector scores above the overlay's threshold under its
                 normalisation                                              must_detect_lost
                 (its golden-io file is optional: the runner check above reproduces the
-                golden vectors under the signed normalisation, then applies the overlay)
+                golden vectors under the signed normalisation, applies the overlay and
+                reruns the golden inputs under it: features re-expressed, scores finite)
 The parent adds precheck_timeout (killed after the wall-clock timeout) and
 precheck_crashed (the child died from a signal or exited without a verdict).
 

@@ -16,6 +16,7 @@ import pytest
 
 from edgerund.context import EventBus
 from edgerund.inference.calibration import Calibration, make_overlay, overlay_digest
+from edgerund.inference.errors import ModelError
 from edgerund.inference.manifest import load_manifest
 from edgerund.inference.overlay import OVERLAY_FILE, OVERLAY_SIG, overlay_bytes
 from edgerund.inference.runner import ModelRunner
@@ -107,6 +108,16 @@ def test_a_calibrated_slot_verifies_and_the_runner_applies_the_overlay(store: Sl
         assert r.base_manifest.version == base.version
         assert r.calibration is not None and r.calibration["samples"] == 800
         assert r.manifest.preprocessing.mean[0] != base.preprocessing.mean[0]
+    finally:
+        r.close()
+    # the golden inputs were rerun under the overlay; a runtime whose calibrated
+    # normalisation is not the overlay's (here: one feature's mean off) is refused
+    r = ModelRunner.load(store.dir("b"), warmup_runs=2)
+    try:
+        r._pre._mean[3] += 0.5 * base.preprocessing.std[3]
+        with pytest.raises(ModelError) as ei:
+            r._check_golden_calibrated(np.load(store.dir("b") / "golden.npz"))
+        assert ei.value.code == "golden_mismatch" and "under the calibration" in str(ei.value)
     finally:
         r.close()
     # without the device key no calibrated slot passes

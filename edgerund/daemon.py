@@ -5,9 +5,11 @@ Wiring. `Daemon._start` constructs each component explicitly with exactly the po
 
     identity -> hub -> update slots -> models -> loops -> updates -> twin -> telemetry -> diag
 
-identity is the `Signer` of telemetry, the `Measurer` of models and the source of the
+identity is the `Signer` of telemetry and of device calibrations (updates), the
+`Measurer` of models and the source of the
 anti-rollback `Counter`; the hub is the `SampleSource` of loops and telemetry; the slot
-repository is the `SlotSource` of models; models are the `ModelHost` of loops and updates;
+repository is the `SlotSource` of models; models are the `ModelHost` of loops and updates
+and the `Calibrator` of updates;
 loops are the `LoopStats` of updates' probation; the one `RemoteCommands` router takes
 remote (MQTT) commands from the components that serve them and is dispatched by telemetry.
 Before telemetry (the only dispatcher of `cmd/*`) starts, the root installs the twin's
@@ -302,7 +304,8 @@ class Daemon:
         if self.stop_event.is_set():
             return
 
-        slots = build_slots(cfg, events=events)
+        # Device calibrations (X+cal.N slots) are verified with the identity's public key.
+        slots = build_slots(cfg, events=events, device_key=identity.public_key_pem())
         if slots is not None:
             await stack.enter_async_context(slots)
 
@@ -345,6 +348,8 @@ class Daemon:
                 loops=loops,
                 router=self.router,
                 drift=models,
+                calibrator=models,
+                signer=identity,
             )
             await self._enter(stack, updates, updates_scope)
             if self.stop_event.is_set():

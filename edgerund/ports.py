@@ -11,6 +11,7 @@ Who provides what (see docs/architecture.md for the graph):
     port            provided by                      used by
     SampleSource    hub (SensorHub)                  loops, telemetry
     ModelHost       models (ModelsComponent)         loops, updates
+    Calibrator      models (ModelsComponent)         updates (device calibrations, adapt)
     SlotSource      updates' slot repository         models
     Measurer        identity                         models (PCR binding after a swap)
     Signer          identity                         telemetry (batch signatures)
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
     from drivers.base import Sample
     from edgerund.context import Event
+    from edgerund.inference.adapt import FittedCalibration
     from edgerund.inference.runner import ModelRunner
 
     F64 = npt.NDArray[np.float64]
@@ -84,6 +86,13 @@ class ModelCounters:
     faults: int
     nan_outputs: int
     score_mean: float | None  # mean anomaly score of the recent window, None before any
+    # The drift monitor of THIS runner (edgerund.inference.driftwatch); drift_state None:
+    # no monitor (yet) for this runner. Block counts are monotonic from the swap.
+    drift_state: str | None = None  # ok | anomaly | sensor_fault | drift
+    drift_since: float | None = None  # wall time the state began
+    drift_blocks: int = 0
+    drift_anomaly_blocks: int = 0
+    drift_fault_blocks: int = 0
 
 
 class ModelHost(Protocol):
@@ -98,6 +107,19 @@ class ModelHost(Protocol):
         ...
 
     def counters(self, name: str) -> ModelCounters: ...
+
+
+class Calibrator(Protocol):
+    """Fits device calibrations of the running models (the models component)."""
+
+    async def fit_calibration(
+        self, name: str, *, forced_shift_sd: float | None = None
+    ) -> FittedCalibration:
+        """Fit on the drift task's recent blocks off the loop at low priority, checked
+        against the signed policy and the must-detect vectors; CalibrationRefused says
+        why not. `forced_shift_sd`: not fitted, every vibration band shifted by this much
+        (test hooks only, docs/learning.md)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +239,7 @@ class LoopCounters:
     ticks: int
     missed: int
     overruns: int
+    fallback_ticks: int = 0  # ticks decided by the fallback rules (no usable model)
 
 
 class LoopStats(Protocol):

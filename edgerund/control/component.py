@@ -296,12 +296,13 @@ class LoopsComponent:
 
     def counters(self) -> LoopCounters:
         """`ports.LoopStats`: tick counters summed over the loops (monotonic)."""
-        ticks = missed = overruns = 0
+        ticks = missed = overruns = fallback = 0
         for lp in self.loops:
             ticks += lp.ticks
             missed += lp.missed
             overruns += lp.overruns
-        return LoopCounters(ticks=ticks, missed=missed, overruns=overruns)
+            fallback += lp.fallback_ticks
+        return LoopCounters(ticks=ticks, missed=missed, overruns=overruns, fallback_ticks=fallback)
 
     async def _cmd_loops(self, args: dict[str, Any], peer: Peer) -> Any:
         want = args.get("id")

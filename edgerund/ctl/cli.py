@@ -23,6 +23,7 @@ from edgerund import __version__
 from edgerund.ctl import local, update
 from edgerund.ctl.client import DiagClient, Unreachable, default_socket
 from edgerund.ctl.render import (
+    calibration_lines,
     model_row,
     provider_lines,
     render,
@@ -126,10 +127,24 @@ def _add_inject(p: argparse.ArgumentParser) -> None:
 def _add_adapt(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the model's config name")
     p.add_argument("--dry-run", action="store_true", help="fit and check, show what would change")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="skip the signed cooldown_s (technician on site; logged); nothing else",
+    )
+    p.add_argument(
+        "--wait",
+        choices=["none", "trial", "commit"],
+        default="trial",
+        help="answer once the calibration is on trial (default), committed, or at once",
+    )
 
 
 def _adapt_args(a: argparse.Namespace) -> dict[str, Any]:
-    return {"model": a.model, "dry_run": bool(a.dry_run)}
+    out: dict[str, Any] = {"model": a.model, "dry_run": bool(a.dry_run), "wait": a.wait}
+    if a.force:
+        out["force"] = True
+    return out
 
 
 def _inject_args(a: argparse.Namespace) -> dict[str, Any]:
@@ -188,7 +203,8 @@ WITH_ARGS: list[RemoteCommand] = [
     ),
     (
         "adapt",
-        "fit a calibration of MODEL to the recent normal data, inside its signed policy",
+        "fit a calibration of MODEL to the recent normal data, inside its signed policy, and"
+        " install it as a X+cal.N slot through precheck/probation (root or edgerund group)",
         _add_adapt,
         _adapt_args,
     ),
@@ -286,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.print("sensors: none configured", markup=False)
     elif cmd == "models" and isinstance(result, list):
         console.print(table([model_row(r) for r in result], "models", max_width=console.width))
+        for line in calibration_lines(result):
+            console.print(line, markup=False, highlight=False)
         for line in provider_lines(result):
             console.print(line, markup=False, highlight=False)
     elif cmd == "loops" and isinstance(result, list):

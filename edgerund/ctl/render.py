@@ -245,6 +245,31 @@ def _drift_text(d: Any) -> str | None:
     return state
 
 
+def calibration_lines(models: list[dict[str, Any]]) -> list[str]:
+    """Under the models table: the device calibration each model runs, if any: cal.N,
+    on how many samples, what it changed (the largest shifts) and the threshold."""
+    lines = []
+    for m in models:
+        c = m.get("calibration")
+        if not isinstance(c, dict):
+            continue
+        seq = str(c.get("version", "")).rsplit("+", 1)[-1]
+        lines.append(
+            f"{m.get('name')}: calibration {seq} of {c.get('base_version')} on"
+            f" {c.get('samples')} samples, threshold {fmt(c.get('threshold'))}"
+            f" (signed {fmt(c.get('threshold_signed'))}), largest shift"
+            f" {fmt(c.get('max_shift_sd'))} sd"
+        )
+        changes = [x for x in c.get("changes") or [] if x.get("shift_sd")]
+        if changes:
+            lines.append(
+                "  changed "
+                + ", ".join(f"{x['feature']} {float(x['shift_sd']):+.2f} sd" for x in changes[:4])
+                + (f" (+{len(changes) - 4} more)" if len(changes) > 4 else "")
+            )
+    return lines
+
+
 def provider_lines(models: list[dict[str, Any]], *, only_fallbacks: bool = False) -> list[str]:
     """Under the models table: the execution provider each model runs on and, for each
     provider it asked for and does not use, why (models[].providers)."""

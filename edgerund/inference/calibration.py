@@ -88,6 +88,7 @@ __all__ = [
     "fit_calibration",
     "make_overlay",
     "overlay_digest",
+    "overlay_layer",
     "verify_overlay",
 ]
 
@@ -543,7 +544,7 @@ def verify_overlay(
         raise CalibrationRefused("overlay_format", f"missing or bad field ({exc})") from None
     if not (len(mean) == len(std) == len(shift) == len(scale)) or min(std) <= 0:
         raise CalibrationRefused("overlay_format", "normalization sizes or std invalid")
-    layer = _overlay_layer(doc.get("output_layer"), output_layer0)
+    layer = overlay_layer(doc.get("output_layer"), output_layer0)
     check_policy(
         Calibration(
             mean=mean,
@@ -562,7 +563,7 @@ def verify_overlay(
     )
 
 
-def _overlay_layer(
+def overlay_layer(
     doc: Any, signed: tuple[npt.ArrayLike, npt.ArrayLike] | None
 ) -> OutputLayer | None:
     if doc is None:

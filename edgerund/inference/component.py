@@ -32,11 +32,22 @@ report (state ok / anomaly / sensor_fault / drift, since, the features that move
 many reference sd, the score PSI); the status row carries its numeric summary (and so
 the Prometheus metrics `edgerund_model_drift_*`). With a task scope the component runs
 the drift task (edgerund.inference.driftwatch) for models with `drift_monitor: true`.
+
+It is also the `ports.Calibrator` of the updates component: `fit_calibration(name)` fits
+a device calibration on the drift task's recent blocks in a worker thread at low
+priority (edgerund.inference.adapt.fit); the updates component signs it with the device
+key and installs it as a `X+cal.N` slot through its gate (docs/learning.md). Its
+`counters(name)` carry the drift monitor's state and block counts of the running runner,
+which the calibration's probation judges. The `adapt` socket command is the updates
+component's; without updates (no slots) this component serves `adapt --dry-run` alone.
+A runner running a calibration shows it in `models` (`calibration`: cal.N, samples,
+the largest shifts, the threshold against the signed one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -107,7 +118,32 @@ class ModelsComponent:
         await self._bind(runner)
 
     def counters(self, name: str) -> ModelCounters:
-        return self.registry.counters(name)
+        c = self.registry.counters(name)
+        w = self.drift.watched.get(name)
+        runner = self.registry.runner(name)
+        if w is None or w.monitor is None or runner is None or w.runner is not runner:
+            return c  # no monitor for THIS runner yet: drift_state None
+        rep = w.monitor.report()
+        return dataclasses.replace(
+            c,
+            drift_state=rep.state,
+            drift_since=rep.since,
+            drift_blocks=rep.blocks,
+            drift_anomaly_blocks=rep.anomaly_blocks,
+            drift_fault_blocks=rep.fault_blocks,
+        )
+
+    async def fit_calibration(
+        self, name: str, *, forced_shift_sd: float | None = None
+    ) -> adapt.FittedCalibration:
+        """`ports.Calibrator`: CalibrationRefused when it cannot or may not."""
+        runner = self.registry.runner(name)
+        if runner is None:
+            raise CalibrationRefused("unknown_model", f"no model {name!r} is running")
+        if forced_shift_sd is not None:
+            return await asyncio.to_thread(adapt.forced_calibration, runner, forced_shift_sd)
+        blocks = self.drift.blocks(name)
+        return await asyncio.to_thread(adapt.fit, runner, blocks)
 
     def stats(self, name: str) -> dict[str, Any]:
         """Everything about one model, for display."""
@@ -234,33 +270,38 @@ class ModelsComponent:
         return {"models": [self._row(n) for n in self.registry.names]}
 
     def commands(self) -> Mapping[str, Command]:
-        return {
-            "models": Command(self._cmd_models, help="loaded models: version, faults, latency"),
-            "adapt": Command(
+        cmds = {"models": Command(self._cmd_models, help="loaded models: version, faults, latency")}
+        if self.slots is None:  # else `adapt` is the updates component's (the gate)
+            cmds["adapt"] = Command(
                 self._cmd_adapt,
                 help="args model, dry_run: fit a calibration within the signed policy",
-            ),
-        }
-
-    async def _cmd_adapt(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        """Fit a calibration on the drift task's recent blocks, off the loop at low
-        priority, and check it against the signed policy and the must-detect vectors.
-        Only `dry_run` is served: installing it as a `+cal.N` slot is not wired yet."""
-        name = args.get("model")
-        runner = self.registry.runner(name) if isinstance(name, str) else None
-        if runner is None or not isinstance(name, str):
-            raise CommandError("unknown_model", f"expected one of {self.registry.names}")
-        if not args.get("dry_run"):
-            raise CommandError(
-                "not_available",
-                "installing a calibration (a +cal.N slot through the update gate) is not "
-                "implemented yet; use --dry-run to see what it would change",
             )
+        return cmds
+
+    async def dry_run(self, name: str) -> dict[str, Any]:
+        """Fit a calibration on the drift task's recent blocks, off the loop at low
+        priority, check it against the signed policy and the must-detect vectors, and
+        say what it would change (nothing is installed)."""
+        runner = self.registry.runner(name)
+        if runner is None:
+            raise CommandError("unknown_model", f"expected one of {self.registry.names}")
         blocks = self.drift.blocks(name)
         try:
             return await asyncio.to_thread(adapt.dry_run, runner, blocks)
         except CalibrationRefused as exc:
             return {"ok": False, "refused": exc.reason, "message": exc.detail}
+
+    async def _cmd_adapt(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        name = args.get("model")
+        if not isinstance(name, str) or self.registry.runner(name) is None:
+            raise CommandError("unknown_model", f"expected one of {self.registry.names}")
+        if not args.get("dry_run"):
+            raise CommandError(
+                "not_available",
+                "updates are disabled: a calibration is installed as a +cal.N slot through "
+                "the update gate; use --dry-run to see what it would change",
+            )
+        return await self.dry_run(name)
 
     async def _cmd_models(self, args: dict[str, Any], peer: Peer) -> list[dict[str, Any]]:
         rows = []
@@ -283,6 +324,7 @@ class ModelsComponent:
                 providers_requested=s.get("providers_requested"),
                 last_error=s.get("last_error") or s.get("last_fault"),
                 dir=s.get("model_dir"),
+                calibration=s.get("calibration"),
             )
             detail = self.drift.detail(name)
             if detail is not None:

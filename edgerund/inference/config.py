@@ -11,7 +11,9 @@ models:
     drift_monitor: true              # watch features/scores against the manifest's
                                      # reference_profile (docs/learning.md)
     auto_adapt: false                # adapt on the device when drift persists (off:
-                                     # only `edgerunctl adapt MODEL` starts one)
+                                     # only `edgerunctl adapt MODEL` starts one); the
+                                     # signed policy's cooldown_s applies either way
+    auto_adapt_after_s: 60           # drift reported (plant healthy) this long first
     drift_block: 100                 # inferences per drift-monitor block
     drift_anomaly_blocks: 30         # blocks a sustained anomaly stays "anomaly" before
                                      # a broad feature shift makes it "drift"
@@ -48,6 +50,7 @@ class ModelConfig(Section):
     warmup_runs: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 50
     drift_monitor: bool = True
     auto_adapt: bool = False
+    auto_adapt_after_s: Annotated[float, msgspec.Meta(ge=0.0, le=86400.0)] = 60.0
     drift_block: Annotated[int, msgspec.Meta(ge=10, le=100000)] = 100
     drift_anomaly_blocks: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 30
     providers: Annotated[

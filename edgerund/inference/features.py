@@ -414,6 +414,16 @@ class Preprocessor:
         self._grid = np.empty((spec.window, spec.axes), dtype=np.float64)
         self._grid_t = np.arange(-(spec.window - 1), 1, dtype=np.float64) / spec.sample_rate_hz
 
+    def renormalize(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Replace the standardisation (a device calibration, edgerund.inference.overlay);
+        in place, so the buffers bound to the session stay the same objects."""
+        m = np.asarray(mean, dtype=np.float64)
+        s = np.asarray(std, dtype=np.float64)
+        if m.shape != self._mean.shape or s.shape != self._mean.shape or not (s > 0).all():
+            raise FeatureError(f"normalization: {self._mean.size} means and stds > 0 expected")
+        self._mean[:] = m
+        self._inv_std[:] = 1.0 / s
+
     def raw_features(
         self,
         inputs: Mapping[str, npt.ArrayLike],

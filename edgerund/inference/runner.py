@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import math
 import threading
 import time
@@ -191,6 +192,11 @@ class ModelRunner:
         # (a bounded deque: edgerund.inference.driftwatch); one copy of 50 floats a tick.
         self.tap: Any = None
         self._head: _RefitHead | None = None  # a refit output layer (use_output_layer)
+        # A device calibration (edgerund.inference.overlay) applied at load: the signed
+        # manifest stays in `base_manifest`, `manifest` carries the calibrated
+        # normalisation, threshold and version `X+cal.N`; `calibration` is its summary.
+        self.base_manifest = manifest
+        self.calibration: dict[str, Any] | None = None
 
     # -- loading -------------------------------------------------------------------------
 
@@ -255,6 +261,13 @@ class ModelRunner:
         if check_golden and golden is not None:
             key = next((k for k in golden_keys if k in golden), golden_keys[0])
             runner._check_golden(golden, key)
+        if model_file is None or model_file == manifest.model_file:
+            # A calibrated slot: the golden vectors were reproduced under the signed
+            # normalisation above; the device's overlay applies from here on, and the
+            # golden inputs are run again under it (_check_golden_calibrated).
+            runner._apply_overlay()
+            if check_golden and golden is not None and runner.calibration is not None:
+                runner._check_golden_calibrated(golden)
         runner._reset_counters()
         return runner
 
@@ -279,6 +292,66 @@ class ModelRunner:
         )
         sess = open_session(with_hidden_output(data, ol.hidden_tensor, ol.hidden_size))
         self._head = _RefitHead(sess, self.manifest.model_inputs[0].name, w, b)
+
+    def _apply_overlay(self) -> None:
+        from edgerund.inference.calibration import CalibrationRefused
+        from edgerund.inference.overlay import overlay_seq, read_overlay
+
+        try:
+            found = read_overlay(self.model_dir)
+        except (CalibrationRefused, OSError) as exc:
+            raise ModelError(
+                f"{self.model_dir}: calibration overlay: {exc}", code="overlay"
+            ) from None
+        if found is None:
+            return
+        doc, _ = found
+        man = self.manifest
+        try:
+            if doc.get("model_manifest_sha256") != man.sha256.hex():
+                raise ValueError("bound to another model manifest")
+            if overlay_seq(str(doc.get("version"))) is None:
+                raise ValueError(f"version {doc.get('version')!r} is not X+cal.N")
+            norm = doc["normalization"]
+            mean = tuple(float(v) for v in norm["mean"])
+            std = tuple(float(v) for v in norm["std"])
+            threshold = float(doc["threshold"])
+            self._pre.renormalize(mean, std)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"{self.model_dir}: calibration overlay refused: {exc}", code="overlay"
+            ) from None
+        layer = doc.get("output_layer")
+        if layer is not None:  # an output-layer refit (calibration.py): score with it
+            try:
+                self.use_output_layer(layer["weights"], layer["bias"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelError(
+                    f"{self.model_dir}: calibration overlay output layer refused: {exc}",
+                    code="overlay",
+                ) from None
+        self.base_manifest = man
+        self.manifest = dataclasses.replace(
+            man,
+            version=str(doc["version"]),
+            threshold=threshold,
+            preprocessing=dataclasses.replace(man.preprocessing, mean=mean, std=std),
+        )
+        self.version = self.manifest.version
+        self.threshold = threshold
+        raw_summary = doc.get("summary")
+        summary: dict[str, Any] = raw_summary if isinstance(raw_summary, dict) else {}
+        self.calibration = {
+            "version": self.version,
+            "base_version": man.version,
+            "threshold": threshold,
+            "threshold_signed": man.threshold,
+            "samples": summary.get("samples"),
+            "max_shift_sd": summary.get("max_shift_sd"),
+            "changes": summary.get("changes", []),
+            "created": doc.get("created"),
+            "device_key_id": doc.get("device_key_id"),
+        }
 
     def _load_golden(self) -> dict[str, npt.NDArray[Any]]:
         g = self.manifest.golden
@@ -352,6 +425,31 @@ class ModelRunner:
                 raise ModelError(
                     f"golden vector {i}: score {res.score:.6g} vs expected {want:.6g} "
                     f"(rtol {g.rtol}, atol {g.atol}){'; fault ' + str(res.fault) if not res.ok else ''}",
+                    code="golden_mismatch",
+                )
+
+    def _check_golden_calibrated(self, golden: Mapping[str, npt.NDArray[Any]]) -> None:
+        """The golden inputs under the overlay: the features are the build's re-expressed
+        under the calibrated normalisation (`raw = f s0 + m0`, then `(raw - m') / s'`),
+        to the golden feature tolerance, and every score is finite. (The build's scores
+        are under the signed normalisation: they do not apply here.)"""
+        g = self.manifest.golden
+        if g is None or "features" not in golden:
+            return
+        s0 = np.asarray(self.base_manifest.preprocessing.std, np.float64)
+        m0 = np.asarray(self.base_manifest.preprocessing.mean, np.float64)
+        m1 = np.asarray(self.manifest.preprocessing.mean, np.float64)
+        s1 = np.asarray(self.manifest.preprocessing.std, np.float64)
+        for i in range(int(golden["features"].shape[0])):
+            res = self.infer(self._golden_inputs(golden, i), self._golden_times(golden, i))
+            want = (np.asarray(golden["features"][i], np.float64) * s0 + m0 - m1) / s1
+            # the tolerance scales with the overlay's stretch of the feature axis
+            tol = g.feature_atol * max(1.0, float(np.max(s0 / s1)))
+            err = float(np.max(np.abs(self._pre.out[0] - want)))
+            if not res.ok or not err <= tol:
+                raise ModelError(
+                    f"golden vector {i} under the calibration: features differ by {err:.3g}"
+                    f" (max {tol:.3g}){'; fault ' + str(res.fault) if not res.ok else ''}",
                     code="golden_mismatch",
                 )
 
@@ -453,6 +551,7 @@ class ModelRunner:
             "precision": self.manifest.precision,
             "mode": "inline" if self.inline else "thread",
             "threshold": self.threshold,
+            "calibration": self.calibration,
             "inferences": self.inferences,
             "faults": self.faults,
             "nan_outputs": self.nan_outputs,

@@ -120,6 +120,7 @@ class UpdateCommands:
             repo.keyring,
             model=name,
             shipped_dir=repo.shipped[name],
+            device_key=repo.device_key,
         )
         if not v.ok:
             raise CommandError(

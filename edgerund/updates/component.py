@@ -16,7 +16,9 @@ through the manual rollback's path (the target slot re-verified first).
 Module map: recovery.py (start-up), repository.py (slots, records, keyring), jobs.py (the
 job runner), steps.py (machine driver and the steps), probation.py (the verdict),
 commands.py (socket commands), sources.py (inbox, MQTT), postdrift.py (the post-update
-drift decision).
+drift decision), adaptation.py (device calibrations: the `adapt` command, cooldown,
+auto_adapt; with the models host as its `ports.Calibrator` and the identity as its
+`ports.Signer`), calprobation.py (a calibration's extra probation verdict).
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ from edgerund.config.schema import Config
 from edgerund.context import TaskScope
 from edgerund.errors import CommandError
 from edgerund.ports import (
+    Calibrator,
     CommandRouter,
     Counter,
     DriftReports,
     EventSink,
     LoopStats,
     ModelHost,
+    Signer,
 )
 from edgerund.updates import machine, postdrift
+from edgerund.updates.adaptation import Adaptations
 from edgerund.updates.commands import UpdateCommands
 from edgerund.updates.jobs import Job, JobRunner, JobTicket
 from edgerund.updates.keyring import Keyring
@@ -76,6 +81,8 @@ class UpdatesComponent:
         loops: LoopStats | None,
         router: CommandRouter | None,
         drift: DriftReports | None = None,
+        calibrator: Calibrator | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.cfg = cfg.updates
         self.drift = drift
@@ -111,6 +118,16 @@ class UpdatesComponent:
         )
         self.mqtt = MqttSource(self.transfers, self.runner.submit)
         self._commands = UpdateCommands(self.steps, self.runner)
+        self.adaptations = Adaptations(
+            cfg,
+            steps=self.steps,
+            runner=self.runner,
+            models=models,
+            calibrator=calibrator,
+            signer=signer,
+            loops=loops,
+            events=events,
+        )
         if router is not None and self.cfg.mqtt_enabled:
             router.register("update", self.mqtt.handle)
         if router is not None:
@@ -140,6 +157,8 @@ class UpdatesComponent:
         if gate is not None:
             log.error("updates_refused", reason=gate.code, message=str(gate).split(": ", 1)[-1])
         self.scope.spawn("worker", self.runner.run, restart=True)
+        if self.adaptations.auto:
+            self.scope.spawn("auto-adapt", self.adaptations.run, restart=True)
         if self.cfg.inbox_dir:
             for e in await asyncio.to_thread(self.refused.load):
                 entry = {
@@ -260,11 +279,12 @@ class UpdatesComponent:
                 else {"reason": gate.code, "message": str(gate).split(": ", 1)[-1]},
                 "rate_limit": self.limiter.status(),
                 "last_precheck": self.steps.last_precheck,
+                "adaptations": self.adaptations.last,
             }
         }
 
     def commands(self) -> Mapping[str, Command]:
-        return self._commands.table()
+        return {**self._commands.table(), **self.adaptations.table()}
 
 
 def build(
@@ -278,6 +298,8 @@ def build(
     loops: LoopStats | None,
     router: CommandRouter | None,
     drift: DriftReports | None = None,
+    calibrator: Calibrator | None = None,
+    signer: Signer | None = None,
 ) -> UpdatesComponent:
     return UpdatesComponent(
         cfg,
@@ -289,4 +311,6 @@ def build(
         loops=loops,
         router=router,
         drift=drift,
+        calibrator=calibrator,
+        signer=signer,
     )

@@ -38,7 +38,7 @@ from edgerund.updates import machine
 from edgerund.updates.bundle import BundleReader
 from edgerund.updates.manifest import parse_manifest_json
 from edgerund.updates.ratelimit import SourceLimiter, source_of
-from edgerund.updates.steps import Received, Steps
+from edgerund.updates.steps import CalibrationOffer, Received, Steps
 
 log = structlog.get_logger("edgerund.updates")
 
@@ -51,6 +51,7 @@ class Job:
     source: str  # "socket:UID", "inbox:NAME", "mqtt:ID"
     remove_after: bool = False  # MQTT transfers: the completed file is ours to delete
     admitted: bool = False  # the source already took its rate-limit token
+    offer: CalibrationOffer | None = None  # a device calibration (no file to read)
 
 
 class JobTicket:
@@ -126,7 +127,7 @@ class JobRunner:
         ticket = JobTicket()
         wait_s = (
             0.0
-            if self.limiter is None or job.admitted
+            if self.limiter is None or job.admitted or job.offer is not None
             else self.limiter.take(source_of(job.source))
         )
         if wait_s > 0:
@@ -191,7 +192,42 @@ class JobRunner:
             if ev is not None:
                 await self.steps.drive(name, ev, tracker=self._tracker)
 
+    async def _run_calibration(self, job: Job, ticket: JobTicket) -> None:
+        offer = job.offer
+        assert offer is not None
+        name = offer.model
+        tracker = Tracker(JobProgress(source=job.source, phase="calibration", model=name))
+        self._tracker = tracker
+        ticket.model = name
+        try:
+            records = self.steps.repo.records
+            if name not in records:
+                raise TrustError("unknown_model", f"model: expected one of {sorted(records)}")
+            if records[name].state in machine.IN_FLIGHT:
+                raise TrustError("busy", f"{name} has an update in {records[name].state}")
+            self.steps.offers[name] = offer
+            dep = machine.Deployment(kind="calibration", source=job.source, received_at=time.time())
+            rec = await self.steps.drive(
+                name,
+                machine.Event("receive", deployment=dep, now=time.time()),
+                ticket=ticket,
+                tracker=tracker,
+            )
+            lf = rec.last_failure
+            if rec.state in (machine.State.REJECTED, machine.State.ROLLED_BACK) and lf:
+                ticket.error = TrustError(lf.reason, lf.message)
+            ticket.result = machine.summary(rec)
+        except TrustError as err:
+            self._reject(job, ticket, err)
+        finally:
+            self.steps.offers.pop(name, None)
+            ticket.trial_reached.set()
+            ticket.done.set()
+
     async def _run_job(self, job: Job, ticket: JobTicket) -> None:
+        if job.offer is not None:
+            await self._run_calibration(job, ticket)
+            return
         tracker = Tracker(JobProgress(source=job.source, phase="reading", path=str(job.path)))
         self._tracker = tracker
         reader: BundleReader | None = None

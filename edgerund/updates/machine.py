@@ -86,6 +86,9 @@ class SlotInfo(msgspec.Struct, kw_only=True):
 
 
 class Deployment(msgspec.Struct, kw_only=True):
+    # "bundle": a signed model bundle; "calibration": a device calibration of the active
+    # model (version X+cal.N: its files + a device-signed overlay, steps.py)
+    kind: str = "bundle"
     bundle_id: str = ""
     version: str = ""
     security_counter: int = 0

@@ -18,6 +18,12 @@ The child checks, in order, each failure with its own reason code:
                 measured interleaved in the same process                   latency_regression
   runner        the inference runtime's own ModelRunner.load() accepts the
                 slot (its manifest/ABI checks), when the slot carries one   runner_load
+  must-detect   a CALIBRATED slot (X+cal.N, edgerund.inference.overlay): every
+                must-detect vector scores above the overlay's threshold under its
+                normalisation                                              must_detect_lost
+                (its golden-io file is optional: the runner check above reproduces the
+                golden vectors under the signed normalisation, applies the overlay and
+                reruns the golden inputs under it: features re-expressed, scores finite)
 The parent adds precheck_timeout (killed after the wall-clock timeout) and
 precheck_crashed (the child died from a signal or exited without a verdict).
 
@@ -122,6 +128,9 @@ def check(req: dict[str, Any]) -> dict[str, Any]:
         raise _Fail("precheck_load", f"onnxruntime could not load model.onnx: {exc}") from None
     figures["load_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
     _check_abi(sess, req["io_signature"])
+    calibrated = bool(req.get("calibration"))
+    if calibrated and not (slot / health["golden_file"]).exists():
+        return _check_runner(slot, figures, calibrated)
     try:
         golden = np.load(slot / health["golden_file"], allow_pickle=False)
     except Exception as exc:
@@ -208,6 +217,10 @@ def check(req: dict[str, Any]) -> dict[str, Any]:
                 f"median latency {c50:.3f} ms is {ratio:.2f}x the current model's {b50:.3f} ms"
                 f" (max {health['max_rel_latency']}x)",
             )
+    return _check_runner(slot, figures, calibrated)
+
+
+def _check_runner(slot: Path, figures: dict[str, Any], calibrated: bool) -> dict[str, Any]:
     if (slot / "manifest.json").exists():
         runner_cls = _find_runner()
         if runner_cls is not None:
@@ -216,6 +229,14 @@ def check(req: dict[str, Any]) -> dict[str, Any]:
             except Exception as exc:
                 raise _Fail("runner_load", f"ModelRunner refused the model: {exc}") from None
             figures["runner_checked"] = True
+    if calibrated:
+        from edgerund.inference.calibration import CalibrationRefused
+        from edgerund.inference.overlay import check_must_detect_under
+
+        try:
+            figures["must_detect"] = check_must_detect_under(slot)
+        except CalibrationRefused as exc:
+            raise _Fail(exc.reason, exc.detail) from None
     return figures
 
 
@@ -275,6 +296,7 @@ async def run_precheck(
     timeout_s: float,
     cpu_s: float,
     runs: int,
+    calibration: bool = False,
 ) -> PrecheckResult:
     """Run the precheck child and turn its end into a result (never raises for model
     faults)."""
@@ -285,6 +307,7 @@ async def run_precheck(
             "io_signature": msgspec.to_builtins(io_signature),
             "health": msgspec.to_builtins(health),
             "runs": runs,
+            "calibration": calibration,
         }
     ).encode()
     env = dict(os.environ)

@@ -16,7 +16,9 @@ For every configured model (SlotRepository.__aenter__, before the models host lo
    RESUME_TRIAL, RATCHET) are returned as deferred work for the updates component;
 4. re-verify the slots (slotcheck.verify_slot: the stored signed manifest under the
    CURRENT keyring, every file hash, nothing extra; the packaged model's seed against the
-   package). The marker `slot.json` is unsigned, so it is never trusted alone. A slot that
+   package; a calibrated `X+cal.N` slot's overlay against THIS device's identity key, the
+   model manifest and the signed adaptation policy: a failing overlay quarantines the
+   slot with its reason and the previous slot, the base model, runs). The marker `slot.json` is unsigned, so it is never trusted alone. A slot that
    fails is QUARANTINED: its marker is removed (it can never be flipped to), the record
    keeps `quarantined[slot] = Failure(reason, message)` and `last_failure`, and the error
    is logged. If it was the active slot, the other slot runs if IT verifies, else the
@@ -67,10 +69,17 @@ def publish_state(events: EventSink, name: str, rec: machine.Record) -> None:
 class SlotChecker:
     """slotcheck.verify_slot for one model's slots, off the event loop."""
 
-    def __init__(self, store: SlotStore, shipped: Path, keyring: Keyring | None) -> None:
+    def __init__(
+        self,
+        store: SlotStore,
+        shipped: Path,
+        keyring: Keyring | None,
+        device_key: str | None = None,
+    ) -> None:
         self.store = store
         self.shipped = shipped
         self.keyring = keyring
+        self.device_key = device_key
 
     async def __call__(self, slot: str) -> SlotVerdict:
         return await asyncio.to_thread(
@@ -79,6 +88,7 @@ class SlotChecker:
             self.keyring,
             model=self.store.name,
             shipped_dir=self.shipped,
+            device_key=self.device_key,
         )
 
 
@@ -89,10 +99,11 @@ async def recover_model(
     attempts: int,
     events: EventSink,
     keyring: Keyring | None,
+    device_key: str | None = None,
 ) -> tuple[machine.Record, list[machine.Action]]:
     """The recovered record of `store`'s model and the deferred actions (see module doc)."""
     name = store.name
-    check = SlotChecker(store, shipped, keyring)
+    check = SlotChecker(store, shipped, keyring, device_key)
     rec, note = await asyncio.to_thread(store.load_record)
     if note and rec is not None:
         log.error("update_state_corrupt", model=name, action="moved to state.json.broken, rebuilt")

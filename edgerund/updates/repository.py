@@ -5,7 +5,8 @@ Theory of operation
 The composition root enters the repository BEFORE the models host: `__aenter__` loads the
 device keyring and runs start-up recovery of every configured model (recovery.py), all off
 the event loop. Afterwards `active(name)` hands the models host a typed record whose
-`model_dir` is a slot that re-verified at start-up (slotcheck.verify_slot).
+`model_dir` is a slot that re-verified at start-up (slotcheck.verify_slot; a calibrated
+`X+cal.N` slot also with this device's public key, `device_key`).
 
 The keyring: the provisioned (packaged) keyring is the root of trust; it must be
 self-signed, else the daemon does not start (ConfigError). The rotations accepted at run
@@ -54,9 +55,12 @@ log = structlog.get_logger("edgerund.updates")
 
 
 class SlotRepository:
-    def __init__(self, cfg: Config, *, events: EventSink) -> None:
+    def __init__(self, cfg: Config, *, events: EventSink, device_key: str | None = None) -> None:
         self.cfg = cfg.updates
         self.events = events
+        # This device's identity public key (PEM): a calibrated slot's overlay must be
+        # signed by it (slotcheck 9.); None: calibrated slots cannot verify.
+        self.device_key = device_key
         self.state_dir = Path(cfg.paths.state_dir)
         self.upd_dir = self.state_dir / "updates"
         self.stores = {
@@ -80,6 +84,7 @@ class SlotRepository:
                 attempts=self.cfg.attempts,
                 events=self.events,
                 keyring=self._keyring,
+                device_key=self.device_key,
             )
             self.records[name] = rec
             self.deferred += [(name, a) for a in deferred]
@@ -226,11 +231,14 @@ class SlotRepository:
         return new
 
 
-def build_slots(cfg: Config, *, events: EventSink) -> SlotRepository | None:
-    """None when updates are disabled or manage no model."""
+def build_slots(
+    cfg: Config, *, events: EventSink, device_key: str | None = None
+) -> SlotRepository | None:
+    """None when updates are disabled or manage no model. `device_key`: the identity's
+    public key (PEM), which device calibrations are verified with."""
     if not cfg.updates.enabled or not cfg.models:
         return None
-    return SlotRepository(cfg, events=events)
+    return SlotRepository(cfg, events=events, device_key=device_key)
 
 
 def _problem(f: machine.Failure | None) -> SlotProblem | None:

@@ -22,6 +22,15 @@ anchor. At start-up the slot is trusted only if, in this order:
      and the marker lists that same size and hash             slot_marker_mismatch
   8. nothing else is in the slot (no extra file, no symlink,
      no special file: a planted library or a link out)        slot_file_unexpected
+  9. a CALIBRATED slot (version `X+cal.N`: the files of `X` plus `calibration.json` and
+     `calibration.sig`, edgerund.inference.overlay) passes 1-8 as model `X` (signed or
+     packaged), and its overlay is signed by THIS device's identity key, bound to the
+     slot's model manifest and within the signed adaptation policy
+                                                              overlay_signature /
+                                                              overlay_binding / _format /
+                                                              overlay_inconsistent /
+                                                              overlay_policy (the policy
+                                                              reason in the message)
 
 Manifest expiry is NOT checked: it bounds when a bundle may be installed (freeze attacks),
 not how long an installed model may run. A failure gives a quarantine verdict with the
@@ -30,6 +39,7 @@ precise reason; the caller falls back to the other slot or the packaged model an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,6 +52,10 @@ from typing import Any
 import msgspec
 
 from edgerund.errors import TrustError
+from edgerund.inference.calibration import CalibrationRefused
+from edgerund.inference.errors import ModelError
+from edgerund.inference.manifest import parse_manifest
+from edgerund.inference.overlay import OVERLAY_FILES, check_overlay, overlay_seq, read_overlay
 from edgerund.updates.jsonguard import check_depth
 from edgerund.updates.keyring import Keyring, count_signatures, threshold_error
 from edgerund.updates.manifest import (
@@ -52,6 +66,7 @@ from edgerund.updates.manifest import (
 )
 
 MARKER = "slot.json"
+OVERLAY_MARK = "calibration.json"  # its presence makes a slot a calibrated one (9.)
 SHIPPED = "shipped"
 SMALL_MAX_BYTES = 1 << 20  # slot.json, bundle.json, bundle.sig, manifest.json
 _CHUNK = 1 << 20
@@ -148,12 +163,17 @@ def verify_slot(
     *,
     model: str,
     shipped_dir: Path | None = None,
+    device_key: str | None = None,
 ) -> SlotVerdict:
     """Re-verify `slot_dir` (see the module docstring). `keyring` is the keyring the chain
     verified (None when no keyring is usable: then only a slot seeded from the packaged
-    model can pass). `shipped_dir` is the packaged model directory."""
+    model can pass). `shipped_dir` is the packaged model directory. `device_key` is this
+    device's identity public key (PEM): a calibrated slot cannot pass without it."""
     try:
-        return _verify(slot_dir, keyring, model, shipped_dir)
+        verdict = _verify(slot_dir, keyring, model, shipped_dir)
+        if verdict.ok and (slot_dir / OVERLAY_MARK).exists():
+            return _verify_overlay(slot_dir, verdict, device_key)
+        return verdict
     except TrustError as exc:
         return _bad(exc.code, f"slot {slot_dir.name}: {str(exc).split(': ', 1)[1]}")
     except OSError as exc:
@@ -171,10 +191,16 @@ def _verify(
         mk = msgspec.json.decode(raw_marker, type=_Marker)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return _bad("slot_marker_malformed", f"slot {slot_dir.name}: {MARKER}: {exc}")
+    # A calibrated slot (9.) holds model X's files plus the overlay: 1-8 check it as X
+    # (whether an overlay is there at all is decided by the file, never by the marker).
+    cal = overlay_seq(mk.version)
+    overlay = frozenset(OVERLAY_FILES) if (slot_dir / OVERLAY_MARK).exists() else frozenset()
+    if cal is not None and overlay:
+        mk = msgspec.structs.replace(mk, version=cal[0])
     bundle = _read_small(slot_dir / "bundle.json")
     sig = _read_small(slot_dir / "bundle.sig")
     if bundle is None and sig is None and mk.bundle_id == SHIPPED:
-        return _verify_shipped(slot_dir, mk, shipped_dir)
+        return _verify_shipped(slot_dir, mk, shipped_dir, overlay)
     if bundle is None or sig is None:
         missing = "bundle.json" if bundle is None else "bundle.sig"
         return _bad(
@@ -223,7 +249,7 @@ def _verify(
                 f"slot {slot_dir.name}: {MARKER} {field} is {got!r}, the signed manifest says {want!r}",
             )
     # -- 6. manifest.json is the signed model_manifest, byte for byte
-    allowed = {f.path for f in man.files} | {MARKER, "bundle.json", "bundle.sig"}
+    allowed = {f.path for f in man.files} | {MARKER, "bundle.json", "bundle.sig"} | overlay
     mm = _read_small(slot_dir / "manifest.json")
     if man.model_manifest is not None:
         allowed.add("manifest.json")
@@ -267,7 +293,9 @@ def _verify(
     )
 
 
-def _verify_shipped(slot_dir: Path, mk: _Marker, shipped_dir: Path | None) -> SlotVerdict:
+def _verify_shipped(
+    slot_dir: Path, mk: _Marker, shipped_dir: Path | None, overlay: frozenset[str] = frozenset()
+) -> SlotVerdict:
     """A slot seeded from the packaged model: the package is the anchor. Every file must
     be the packaged file (same set, same bytes); the marker's version must be the one the
     packaged manifest.json names."""
@@ -278,7 +306,7 @@ def _verify_shipped(slot_dir: Path, mk: _Marker, shipped_dir: Path | None) -> Sl
             " model directory to compare it with",
         )
     want = {rel: _hash(shipped_dir / rel) for rel in _tree(shipped_dir) if rel != MARKER}
-    have = set(_tree(slot_dir)) - {MARKER}
+    have = set(_tree(slot_dir)) - {MARKER} - overlay
     if have != set(want):
         return _bad(
             "slot_shipped_mismatch",
@@ -312,4 +340,55 @@ def _verify_shipped(slot_dir: Path, mk: _Marker, shipped_dir: Path | None) -> Sl
         bundle_id=SHIPPED,
         security_counter=0,
         manifest_sha256="",
+    )
+
+
+# A policy refusal of an overlay is reported as overlay_policy (the calibration's own
+# reason, e.g. shift_out_of_bounds, leads the message); the overlay_* reasons as they are.
+def _overlay_reason(exc: CalibrationRefused) -> tuple[str, str]:
+    if exc.reason.startswith("overlay_"):
+        return exc.reason, exc.detail
+    return "overlay_policy", f"{exc.reason}: {exc.detail}"
+
+
+def _verify_overlay(slot_dir: Path, base: SlotVerdict, device_key: str | None) -> SlotVerdict:
+    """9. of the module docstring, once the slot passed 1-8 as its base model."""
+    name = slot_dir.name
+    raw_marker = _read_small(slot_dir / MARKER) or b""
+    mk = msgspec.json.decode(raw_marker, type=_Marker)
+    if overlay_seq(mk.version) is None:
+        return _bad(
+            "overlay_binding",
+            f"slot {name} holds a calibration overlay but its version {mk.version!r} is not X+cal.N",
+        )
+    for rel in sorted(OVERLAY_FILES):
+        d = _hash(slot_dir / rel)
+        if d is None:
+            return _bad("overlay_format", f"slot {name}: {rel} is missing")
+        if tuple(mk.files.get(rel, ())) != d:
+            return _bad("slot_marker_mismatch", f"slot {name}: {MARKER} entry for {rel} differs")
+    mm = _read_small(slot_dir / "manifest.json")
+    if mm is None:
+        return _bad("slot_model_manifest", f"slot {name}: manifest.json is missing")
+    try:
+        manifest = parse_manifest(mm, f"slot {name}/manifest.json")
+        found = read_overlay(slot_dir)
+        if found is None:
+            raise CalibrationRefused("overlay_format", "the overlay files are missing")
+        doc, sig = found
+        seq = check_overlay(doc, sig, manifest, device_key, slot_dir)
+    except CalibrationRefused as exc:
+        reason, detail = _overlay_reason(exc)
+        return _bad(reason, f"slot {name}: calibration {mk.version}: {detail}")
+    except ModelError as exc:
+        return _bad("slot_model_manifest", f"slot {name}: {exc}")
+    if doc.get("version") != mk.version or overlay_seq(mk.version) != (manifest.version, seq):
+        return _bad(
+            "overlay_binding",
+            f"slot {name}: {MARKER} says {mk.version!r}, the signed overlay {doc.get('version')!r}",
+        )
+    return dataclasses.replace(
+        base,
+        version=mk.version,
+        message=f"{base.message}; calibration {mk.version} signed by this device",
     )

@@ -10,6 +10,11 @@ On disk, under `<state_dir>/models/<name>/`:
     state.json     the update record (edgerund.updates.machine.Record)
     staging/       extraction area of the bundle being installed
 
+A device calibration (edgerund.inference.overlay) is installed the same way: the active
+slot's files are copied into staging with `calibration.json` + `calibration.sig` beside
+them (`prepare_calibration`), then moved into the inactive slot with a marker whose
+version is `X+cal.N` (`install_calibration`); the publisher-signed files are unchanged.
+
 Rules: the active slot is never written; the inactive slot loses its marker (fsync) before
 anything in it changes; a slot is used only when its marker exists and every file re-hashes
 to the marker (re-hash at load, so a corrupted or tampered slot is never run).
@@ -189,6 +194,58 @@ class SlotStore:
             security_counter=manifest.security_counter,
             manifest_sha256=manifest_sha256,
             created=created,
+            files=files,
+        )
+        fsutil.atomic_write(self.dir(slot) / MARKER, msgspec.json.encode(mk))
+
+    def prepare_calibration(self, src_slot: str, overlay: dict[str, bytes]) -> None:
+        """Staging := the files of `src_slot` (the running model, less its marker and any
+        previous overlay) + the overlay files `overlay` (name -> bytes), every file and
+        directory fsynced (blocking)."""
+        src = self.dir(src_slot)
+        st = self.reset_staging()
+        holders = {st}
+        for p in sorted(src.rglob("*")):
+            rel = p.relative_to(src).as_posix()
+            if p.is_symlink() or not p.is_file() or rel == MARKER or rel in overlay:
+                continue
+            fsutil.make_dirs((st / rel).parent)
+            shutil.copyfile(p, st / rel)
+            with open(st / rel, "rb") as fh:
+                os.fsync(fh.fileno())
+            holders.add((st / rel).parent)
+        for rel, data in overlay.items():
+            fsutil.atomic_write(st / rel, data)
+        for holder in holders:
+            fsutil.fsync_dir(holder)
+
+    def install_calibration(self, slot: str, src_slot: str, version: str) -> None:
+        """Move the prepared staging into `slot` (the inactive one) under a marker naming
+        `version` (X+cal.N) and the signed identity of `src_slot`'s model."""
+        cur = fsutil.read_link(self.current)
+        if cur == slot:
+            raise RuntimeError(f"refusing to write the active slot {slot}")
+        src = self.marker(src_slot)
+        if src is None:
+            raise RuntimeError(f"slot {src_slot} has no marker to calibrate from")
+        self.invalidate(slot)
+        fsutil.abort_point("STAGE.invalidated")
+        st = self.staging
+        files: dict[str, list[Any]] = {}
+        for p in sorted(st.rglob("*")):
+            if p.is_file():
+                d = hash_file(p)
+                files[p.relative_to(st).as_posix()] = [d.size, d.sha256]
+        fsutil.remove_tree(self.dir(slot))
+        os.replace(st, self.dir(slot))
+        fsutil.fsync_dir(self.root)
+        fsutil.abort_point("STAGE.moved")
+        mk = MarkerFile(
+            version=version,
+            bundle_id=src.bundle_id,
+            security_counter=src.security_counter,
+            manifest_sha256=src.manifest_sha256,
+            created=src.created,
             files=files,
         )
         fsutil.atomic_write(self.dir(slot) / MARKER, msgspec.json.encode(mk))

@@ -16,12 +16,27 @@ manifest.sig) to pick the model's record; VERIFY authenticates that same parsed
 manifest and extracts the payload from the same open file. The verified manifest is then
 kept as the model's `Candidate` for STAGE, PRECHECK and WATCH (after a restart it is read
 back once from the slot's bundle.json).
+
+A device calibration (deployment kind "calibration", version `X+cal.N`) takes the same
+path with a `CalibrationOffer` (the overlay bytes and the device key's signature, made by
+edgerund/updates/adaptation.py) instead of a bundle: VERIFY checks the overlay against
+this device's public key, the running model's manifest and the signed policy
+(edgerund.inference.overlay.check_overlay) and prepares the staging directory (the active
+slot's files + the overlay); STAGE moves it into the inactive slot under a `X+cal.N`
+marker; PRECHECK re-verifies the slot (publisher signature of the model files AND the
+device signature of the overlay) and runs the precheck child in calibration mode (golden
+vectors under the signed normalisation, must-detect vectors under the calibration); the
+probation adds the calibration's own verdict (edgerund/updates/calprobation.py: drift
+gone, no trips, no sensor fault) to the usual one. The io_signature and health of a
+calibrated slot are its base bundle's, or, for a calibration of the packaged model, the
+model manifest's graph signature and the default health.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +46,15 @@ import structlog
 
 from edgerund import __version__
 from edgerund.errors import TrustError
+from edgerund.inference.calibration import CalibrationRefused
+from edgerund.inference.manifest import parse_manifest
+from edgerund.inference.overlay import OVERLAY_FILE, OVERLAY_SIG, check_overlay, overlay_seq
 from edgerund.ports import Counter, EventSink, LoopStats, ModelHost
-from edgerund.updates import fsutil, machine, probation
-from edgerund.updates.abi import runtime_max_opset
+from edgerund.updates import calprobation, fsutil, machine, probation
+from edgerund.updates.abi import IoSignature, runtime_max_opset
 from edgerund.updates.bundle import BundleHead, BundleReader
 from edgerund.updates.config import UpdatesConfig
-from edgerund.updates.manifest import BundleManifest, decode_manifest, parse_time
+from edgerund.updates.manifest import BundleManifest, Health, decode_manifest, parse_time
 from edgerund.updates.precheck import run_precheck
 from edgerund.updates.recovery import publish_state
 from edgerund.updates.repository import SlotRepository
@@ -56,6 +74,17 @@ class Received:
     reader: BundleReader
     head: BundleHead
     document: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CalibrationOffer:
+    """A device calibration to install: `X+cal.N` of the model in the active slot."""
+
+    model: str
+    version: str  # X+cal.N
+    overlay: bytes  # calibration.json: the canonical JSON that was signed
+    signature: bytes  # calibration.sig: DER ECDSA by the device identity key
+    probation_s: float | None = None  # None: updates.probation_s
 
 
 @dataclass(frozen=True)
@@ -102,6 +131,7 @@ class Steps:
         self.aborts: dict[str, tuple[str, str]] = {}  # model -> (reason, message): by hand
         self.last_precheck: dict[str, dict[str, Any]] = {}
         self.baselines: dict[str, probation.Baseline] = {}
+        self.offers: dict[str, CalibrationOffer] = {}  # model -> calibration being verified
         self._changed = asyncio.Event()
 
     # -- change notification ---------------------------------------------------------------
@@ -214,10 +244,20 @@ class Steps:
             publish_state(self.events, name, rec)
             return None
         if kind is machine.ActionKind.VERIFY:
+            offer = self.offers.pop(name, None)
+            if offer is not None:
+                return await self._verify_calibration(name, offer)
             assert received is not None
             return await self._verify(name, received, tracker)
         if kind is machine.ActionKind.STAGE:
             assert action.slot is not None
+            dep = rec.deployment
+            if dep is not None and dep.kind == "calibration":
+                assert rec.active is not None
+                await asyncio.to_thread(
+                    store.install_calibration, action.slot, rec.active, dep.version
+                )
+                return machine.Event("ok", now=time.time())
             return await self._stage(name, action.slot)
         if kind is machine.ActionKind.PRECHECK:
             assert action.slot is not None
@@ -281,9 +321,12 @@ class Steps:
     def installed(self, name: str) -> Installed:
         rec = self.repo.records[name]
         info = rec.slots.get(rec.active) if rec.active else None
+        version = info.version if info else None
+        cal = overlay_seq(version) if version else None
         return Installed(
             counter=self.counter_value or 0,
-            version=info.version if info else None,
+            # a device calibration X+cal.N runs the publisher's X: bundles compare with X
+            version=cal[0] if cal is not None else version,
             bundle_id=info.bundle_id if info else None,
             created=info.created if info else None,
         )
@@ -337,6 +380,66 @@ class Steps:
         )
         return machine.Event("ok", deployment=dep, now=time.time())
 
+    async def _verify_calibration(self, name: str, offer: CalibrationOffer) -> machine.Event:
+        """The trust decision on a device calibration, then the staging directory."""
+        rec = self.repo.records[name]
+        store = self.repo.stores[name]
+        if rec.active is None:
+            raise TrustError("no_active_slot", f"{name}: no active slot to calibrate")
+        active = store.dir(rec.active)
+        try:
+            mm = await asyncio.to_thread((active / "manifest.json").read_bytes)
+            manifest = parse_manifest(mm, f"slot {rec.active}/manifest.json")
+            doc = json.loads(offer.overlay)
+            if not isinstance(doc, dict):
+                raise CalibrationRefused("overlay_format", "the overlay is not a JSON object")
+            # off the loop: an ECDSA verification and, for a refit, the signed layer's file
+            await asyncio.to_thread(
+                check_overlay, doc, offer.signature, manifest, self.repo.device_key, active
+            )
+        except CalibrationRefused as exc:
+            raise TrustError(exc.reason, exc.detail) from None
+        except (OSError, ValueError) as exc:
+            raise TrustError("overlay_format", f"{name}: {exc}") from None
+        if doc.get("version") != offer.version:
+            raise TrustError(
+                "overlay_binding", f"offer {offer.version}, overlay {doc.get('version')}"
+            )
+        info = rec.slots.get(rec.active)
+        assert info is not None
+        await asyncio.to_thread(
+            store.prepare_calibration,
+            rec.active,
+            {OVERLAY_FILE: offer.overlay, OVERLAY_SIG: offer.signature},
+        )
+        probation_s = offer.probation_s if offer.probation_s is not None else self.cfg.probation_s
+        dep = machine.Deployment(
+            kind="calibration",
+            bundle_id=info.bundle_id,
+            version=offer.version,
+            security_counter=info.security_counter,
+            manifest_sha256=info.manifest_sha256,
+            created=info.created,
+            probation_s=min(probation_s, self.cfg.probation_max_s),
+        )
+        return machine.Event("ok", deployment=dep, now=time.time())
+
+    async def _gate_spec(self, name: str, slot: str) -> tuple[IoSignature, Health]:
+        """The io_signature and health the precheck and probation use for `slot`: its
+        bundle's; a calibration of the packaged model (no bundle.json): the model
+        manifest's graph signature and the default health."""
+        dep = self.repo.records[name].deployment
+        d = self.repo.stores[name].dir(slot)
+        if dep is None or dep.kind != "calibration" or (d / "bundle.json").exists():
+            if dep is not None and dep.kind == "calibration":
+                data = await asyncio.to_thread((d / "bundle.json").read_bytes)
+                man, _ = decode_manifest(data)
+            else:
+                man = await self._candidate(name, slot)
+            return man.io_signature, man.health
+        mm = parse_manifest(await asyncio.to_thread((d / "manifest.json").read_bytes))
+        return IoSignature(inputs=mm.model_inputs, outputs=mm.model_outputs), Health()
+
     async def _stage(self, name: str, slot: str) -> machine.Event:
         store = self.repo.stores[name]
         cand = self.candidates[name]
@@ -377,6 +480,7 @@ class Steps:
             self.repo.keyring,
             model=name,
             shipped_dir=self.repo.shipped[name],
+            device_key=self.repo.device_key,
         )
         if not v.ok:
             return machine.Event(
@@ -385,17 +489,18 @@ class Steps:
                 message=f"before the precheck: {v.message}",
                 now=time.time(),
             )
-        man = await self._candidate(name, slot)
+        io_signature, health = await self._gate_spec(name, slot)
         rec = self.repo.records[name]
         baseline = store.dir(rec.active) if rec.active and rec.active != slot else None
         res = await run_precheck(
             store.dir(slot),
             baseline,
-            man.io_signature,
-            man.health,
+            io_signature,
+            health,
             timeout_s=self.cfg.precheck_timeout_s,
             cpu_s=self.cfg.precheck_cpu_s or self.cfg.precheck_timeout_s,
             runs=self.cfg.precheck_runs,
+            calibration=rec.deployment is not None and rec.deployment.kind == "calibration",
         )
         self.last_precheck[name] = {"ok": res.ok, "reason": res.reason, "figures": res.figures}
         if not res.ok:
@@ -427,7 +532,8 @@ class Steps:
         dep = self.repo.records[name].deployment
         assert dep is not None
         policy = self.cfg.probation
-        health = (await self._candidate(name, dep.target)).health
+        _, health = await self._gate_spec(name, dep.target)
+        calibration = dep.kind == "calibration"
         baseline = self.baselines.pop(name, None)
         start = self._sample(name)
         started = time.monotonic()
@@ -436,15 +542,21 @@ class Steps:
                 reason, message = self.aborts.pop(name)
                 return machine.Event("rollback", reason=reason, message=message, now=time.time())
             elapsed = time.monotonic() - started
+            now = self._sample(name)
             verdict = probation.judge(
                 start,
-                self._sample(name),
+                now,
                 elapsed_s=elapsed,
                 window_s=dep.probation_s,
                 health=health,
                 policy=policy,
                 baseline=baseline,
             )
+            if calibration and verdict.kind != "fail":
+                verdict = calprobation.combine(
+                    verdict,
+                    calprobation.judge(start, now, elapsed_s=elapsed, window_s=dep.probation_s),
+                )
             if verdict.kind == "fail":
                 return machine.Event(
                     "fail", reason=verdict.reason, message=verdict.message, now=time.time()
@@ -452,7 +564,9 @@ class Steps:
             if verdict.kind == "pass":
                 return machine.Event("ok", now=time.time())
             left = max(0.0, dep.probation_s - elapsed)
-            await asyncio.sleep(min(policy.poll_interval_ms / 1000.0, left + 0.001))
+            poll_s = policy.poll_interval_ms / 1000.0
+            # (a calibration's window may run on past its length while data is missing)
+            await asyncio.sleep(min(poll_s, left + 0.001) if left > 0 else poll_s)
 
     async def ratchet(self, name: str) -> None:
         rec = self.repo.records[name]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from edgerund.inference.calibration import (
     CalibrationRefused,
     FitInput,
     MustDetect,
+    OutputLayer,
     OutputLayerInput,
     apply_normalization,
     calibrate,
@@ -297,3 +299,73 @@ def test_runner_scores_with_a_refit_output_layer() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4)
     with pytest.raises(Exception, match="shapes"):
         runner.use_output_layer(w0[:10], b0)
+
+
+def test_a_refit_overlay_through_the_slot_checks_precheck_and_runner(tmp_path: Path) -> None:
+    """The gate's pieces on the shipped model with an overlay that refits its output
+    layer: the device check compares it with the signed layer shipped beside the model
+    (and refuses it when that layer is not given: fail closed), the precheck scores the
+    must-detect vectors through the refit layer, and the runner scores with it."""
+    import dataclasses
+    import shutil
+
+    from edgerund.inference.adapt import forced_calibration
+    from edgerund.inference.overlay import (
+        OVERLAY_FILE,
+        OVERLAY_SIG,
+        check_must_detect_under,
+        check_overlay,
+        overlay_bytes,
+    )
+    from edgerund.inference.runner import ModelRunner
+
+    d = tmp_path / "slot"
+    shutil.copytree(REF, d)
+    runner = ModelRunner.load(d, warmup_runs=1)
+    man = runner.manifest
+    assert man.output_layer is not None and man.adaptation is not None
+    fitted = forced_calibration(runner, shift_sd=0.0)  # the signed normalisation
+    with np.load(d / man.output_layer.file) as g:
+        w0, b0 = g[man.output_layer.weights], g[man.output_layer.bias]
+    b1 = np.asarray(b0, np.float64) + 0.05
+    layer = OutputLayer(w0.astype(np.float64), b1, outlayer.change(w0, b1, w0, b0))
+    assert 0 < layer.change <= man.adaptation.max_output_change
+    cal = dataclasses.replace(fitted.calibration, output_layer=layer)
+    signer = SoftSigner()
+    doc = make_overlay(
+        cal,
+        model=man.name,
+        base_version=man.version,
+        seq=1,
+        manifest_sha256=man.sha256,
+        policy=man.adaptation,
+        device_key_id=signer.key_id,
+        created=1.0,
+    )
+    doc = json.loads(overlay_bytes(doc))
+    sig = asyncio.run(signer.sign_digest(overlay_digest(doc)))
+    pem = signer.public_key_pem()
+    assert check_overlay(doc, sig, man, pem, d) == 1
+    with pytest.raises(CalibrationRefused) as ei:
+        check_overlay(doc, sig, man, pem)  # without the signed layer: refused
+    assert ei.value.reason == "overlay_format"
+
+    plain = dict(doc)
+    plain.pop("output_layer")
+    (d / OVERLAY_FILE).write_bytes(overlay_bytes(plain))
+    (d / OVERLAY_SIG).write_bytes(b"unused by the precheck's scoring")
+    plain_must = check_must_detect_under(d)
+    (d / OVERLAY_FILE).write_bytes(overlay_bytes(doc))
+    (d / OVERLAY_SIG).write_bytes(sig)
+    refit_must = check_must_detect_under(d)
+    assert refit_must.keys() == plain_must.keys() and refit_must
+    moved = [k for k in refit_must if refit_must[k]["min_score"] != plain_must[k]["min_score"]]
+    assert moved, "the must-detect vectors were not scored through the refit layer"
+
+    calibrated = ModelRunner.load(d, warmup_runs=1)
+    assert calibrated.version == f"{man.version}+cal.1" and calibrated._head is not None
+    with np.load(d / "golden.npz") as g:
+        feed, times = calibrated._golden_inputs(g, 0), calibrated._golden_times(g, 0)
+    a = calibrated.infer(feed, times)
+    b = runner.infer(feed, times)
+    assert a.ok and b.ok and a.score != pytest.approx(b.score, rel=1e-6)

@@ -29,6 +29,7 @@ from typing import Any
 import aiomqtt
 
 from edgerund.backend import rolloutspec as S
+from edgerund.backend import twin_cli
 from edgerund.backend.rollout_run import Emit
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -44,14 +45,7 @@ def duration_s(text: str) -> float:
 
 
 def _client(args: argparse.Namespace) -> aiomqtt.Client:
-    return aiomqtt.Client(
-        args.host,
-        args.port,
-        username=args.username,
-        password=args.password,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        identifier=f"edgerund-fleet-{os.getpid()}",
-    )
+    return twin_cli.client(args, identifier=f"edgerund-fleet-{os.getpid()}")
 
 
 def _dsn(args: argparse.Namespace) -> str:

@@ -27,13 +27,15 @@ import aiomqtt
 from edgerund.backend import twin as T
 
 
-def _client(args: argparse.Namespace) -> aiomqtt.Client:
+def client(args: argparse.Namespace, identifier: str | None = None) -> aiomqtt.Client:
+    """An MQTT 5 session with the broker options of the backend CLIs (`--host`, ...)."""
     return aiomqtt.Client(
         args.host,
         args.port,
         username=args.username,
         password=args.password,
         protocol=aiomqtt.ProtocolVersion.V5,
+        identifier=identifier,
     )
 
 
@@ -50,7 +52,7 @@ def _reported(data: bytes, pem: bytes | None) -> dict[str, Any]:
 
 async def _get(args: argparse.Namespace) -> int:
     pem = _pem(args)
-    async with _client(args) as c:
+    async with client(args) as c:
         await c.subscribe(f"{args.prefix}/{args.site}/{args.gateway}/reported", qos=1)
         async with asyncio.timeout(args.timeout_s):
             async for msg in c.messages:
@@ -62,7 +64,7 @@ async def _get(args: argparse.Namespace) -> int:
 
 async def _watch(args: argparse.Namespace) -> int:
     pem = _pem(args)
-    async with _client(args) as c:
+    async with client(args) as c:
         await c.subscribe(f"{args.prefix}/{args.site}/+/reported", qos=1)
         async for msg in c.messages:
             if not isinstance(msg.payload, bytes) or not msg.payload:
@@ -93,7 +95,7 @@ async def _set(args: argparse.Namespace) -> int:
     if site is None:
         print("error: --site is required to publish desired state", file=sys.stderr)
         return 1
-    async with _client(args) as c:
+    async with client(args) as c:
         await c.publish(f"{args.prefix}/{site}/{args.gateway}/desired", data, qos=1, retain=True)
     print(json.dumps({"ok": True, "gateway": args.gateway, "version": args.version}))
     return 0
@@ -104,7 +106,7 @@ async def _publish_bundle(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     chunk = int(args.chunk_kb * 1024)
-    async with _client(args) as c:
+    async with client(args) as c:
         if args.clear:
             meta = await asyncio.to_thread(bundle_meta, path, chunk)
             await unpublish_bundle(c, meta)
@@ -133,7 +135,7 @@ async def _cmd(args: argparse.Namespace) -> int:
     data = T.command(args.name, args.gateway, cargs, load_private(Path(args.key)), nonce=nonce)
     base = f"{args.cmd_prefix}/{args.site}/{args.gateway}/cmd/{args.name}"
     pem = _pem(args)
-    async with _client(args) as c:
+    async with client(args) as c:
         await c.subscribe(f"{base}/reply", qos=1)
         await c.publish(base, data, qos=1)
         async with asyncio.timeout(args.timeout_s):

@@ -234,6 +234,12 @@ def fit(runner: Any, blocks: Sequence[tuple[Any, Any, str]]) -> FittedCalibratio
         must_detect=md,
         output_layer=refit,
     )
+    return _fitted(runner, man, cal, must, fit_ms=round((time.perf_counter() - t0) * 1e3, 1))
+
+
+def _fitted(
+    runner: Any, man: Any, cal: Calibration, must: dict[str, Any], fit_ms: float = 0.0
+) -> FittedCalibration:
     return FittedCalibration(
         model=runner.name,
         base_version=man.version,
@@ -242,7 +248,7 @@ def fit(runner: Any, blocks: Sequence[tuple[Any, Any, str]]) -> FittedCalibratio
         policy=man.adaptation,
         threshold_signed=float(man.threshold),
         must_detect=must,
-        fit_ms=round((time.perf_counter() - t0) * 1e3, 1),
+        fit_ms=fit_ms,
     )
 
 
@@ -276,16 +282,7 @@ def forced_calibration(runner: Any, shift_sd: float = BAD_SHIFT_SD) -> FittedCal
         false_alarm_after=0.0,
         changes=[{"feature": "accel_g.*", "shift_sd": shift_sd, "scale": 1.0}],
     )
-    must = _check(runner, man, cal, scorer_for(Path(runner.model_path)))
-    return FittedCalibration(
-        model=runner.name,
-        base_version=man.version,
-        manifest_sha256=man.sha256,
-        calibration=cal,
-        policy=man.adaptation,
-        threshold_signed=float(man.threshold),
-        must_detect=must,
-    )
+    return _fitted(runner, man, cal, _check(runner, man, cal, scorer_for(Path(runner.model_path))))
 
 
 def dry_run(runner: Any, blocks: Sequence[tuple[Any, Any, str]]) -> dict[str, Any]:

@@ -226,8 +226,20 @@ def record_update(
     return rec, new_files, trial_files
 
 
-def _update_run(work: Path, bundle: Path, bad: Path, trial: Path) -> None:
+def _refused(d: Any, bundle: Path, code: str) -> None:
+    """Send `bundle` and require the daemon to refuse it with `code`."""
     from edgerund.errors import CommandError
+
+    try:
+        res = d.call("update", {"path": str(bundle), "wait": "commit"}, timeout_s=400)
+    except CommandError as exc:
+        if exc.code != code:
+            raise SystemExit(f"{bundle.name} refused for {exc.code}, not {code}") from exc
+        return
+    raise SystemExit(f"{bundle.name} was not refused ({code} expected): {res}")
+
+
+def _update_run(work: Path, bundle: Path, bad: Path, trial: Path) -> None:
     from edgerund.toolkit.daemonproc import DaemonProc
 
     d = DaemonProc(work, simulated_update_overrides(), simulate=True)
@@ -236,26 +248,12 @@ def _update_run(work: Path, bundle: Path, bad: Path, trial: Path) -> None:
         d.wait_ready(240)
         # First a bundle the precheck rejects after staging; from its answer until the
         # next update is sent, the old model.
-        try:
-            res = d.call("update", {"path": str(bad), "wait": "commit"}, timeout_s=400)
-            raise SystemExit(f"the bad bundle was not rejected: {res}")
-        except CommandError as exc:
-            if exc.code != "golden_mismatch":
-                raise SystemExit(
-                    f"bad bundle rejected for {exc.code}, not golden_mismatch"
-                ) from exc
+        _refused(d, bad, "golden_mismatch")
         _marker("rejected")
         # Then one that runs and fails its probation: the daemon's own rollback; from its
         # answer until the next update is sent, the old model.
         _marker("probation_sent")
-        try:
-            res = d.call("update", {"path": str(trial), "wait": "commit"}, timeout_s=400)
-            raise SystemExit(f"the probation-failing bundle committed: {res}")
-        except CommandError as exc:
-            if exc.code != "probation_score":
-                raise SystemExit(
-                    f"probation bundle refused for {exc.code}, not probation_score"
-                ) from exc
+        _refused(d, trial, "probation_score")
         _marker("auto_rolled_back")
         _marker("update_sent")
         res = d.call("update", {"path": str(bundle), "wait": "commit"}, timeout_s=400)

@@ -86,6 +86,9 @@ class ModelCounters:
     faults: int
     nan_outputs: int
     score_mean: float | None  # mean anomaly score of the recent window, None before any
+    # Of `faults`, those of the INPUT (a stalled sensor's timestamp gap, a NaN reading): the
+    # same for any model fed that stream, so probation judges them against the old model's.
+    input_faults: int = 0
     # The drift monitor of THIS runner (edgerund.inference.driftwatch); drift_state None:
     # no monitor (yet) for this runner. Block counts are monotonic from the swap.
     drift_state: str | None = None  # ok | anomaly | sensor_fault | drift

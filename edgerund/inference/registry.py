@@ -165,6 +165,7 @@ class ModelRegistry:
             faults=r.faults,
             nan_outputs=r.nan_outputs,
             score_mean=r.score_mean(),
+            input_faults=r.input_faults,
         )
 
     def stats(self, name: str) -> dict[str, Any]:

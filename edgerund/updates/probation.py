@@ -11,7 +11,8 @@ DELTAS over the window with the policy (`updates.probation`: max faults, NaN out
 missed ticks) and the bundle's health criteria (`health.score_min/score_max`, the range
 the recent score mean must stay in), in this order, and returns one verdict:
 
-    fail   reason probation_faults | probation_nan | probation_missed_ticks | probation_score
+    fail   reason probation_faults | probation_input_faults | probation_nan |
+           probation_missed_ticks | probation_score
     pass   the window has elapsed and nothing failed
     watch  nothing failed yet, the window is still open
 
@@ -29,6 +30,14 @@ in bursts, so a quiet baseline followed by one burst of three ticks is the host,
 model too slow for its loop misses a steady fraction of all deadlines, hundreds over a
 window, far past any such slack. Without a baseline (a trial resumed after a crash, no
 loops) `max_missed_ticks` alone applies.
+
+Faults of the INPUT (`ModelCounters.input_faults`: a window with a timestamp gap because
+the sensor's reads stalled, a NaN reading) are the sensor's, not the model's: any model
+fed that stream fails the same windows. With a baseline they are judged like missed
+ticks, against the old model's input-fault rate per inference measured in the same
+window before the swap (`probation_input_faults`), and only the rest count as the
+model's faults against `max_faults`; without one every fault counts against
+`max_faults`, as before.
 """
 
 from __future__ import annotations
@@ -62,30 +71,47 @@ class ProbationVerdict:
 
 @dataclass(frozen=True, slots=True)
 class Baseline:
-    """The loops' counters over a window while the PREVIOUS model ran (deltas)."""
+    """The loops' and the model's counters over a window while the PREVIOUS model ran
+    (deltas)."""
 
     ticks: int
     missed: int
+    inferences: int = 0
+    input_faults: int = 0
 
     @property
     def miss_rate(self) -> float:
         """Missed deadlines per deadline (a tick run or a tick missed)."""
         return self.missed / max(1, self.ticks + self.missed)
 
+    @property
+    def input_fault_rate(self) -> float:
+        """Faults of the input per inference."""
+        return self.input_faults / max(1, self.inferences)
+
 
 def baseline_of(start: Sample, end: Sample) -> Baseline:
     return Baseline(
-        ticks=end.loops.ticks - start.loops.ticks, missed=end.loops.missed - start.loops.missed
+        ticks=end.loops.ticks - start.loops.ticks,
+        missed=end.loops.missed - start.loops.missed,
+        inferences=end.model.inferences - start.model.inferences,
+        input_faults=end.model.input_faults - start.model.input_faults,
     )
+
+
+def _allowed(policy: ProbationConfig, floor: int, rate: float, n: int) -> int:
+    """`floor` plus `missed_ratio` x `rate` x `n`, plus `missed_z` sd of that as a Poisson
+    count (at least `missed_z`)."""
+    expected = rate * n * policy.missed_ratio
+    slack = policy.missed_z * math.sqrt(max(expected, 1.0)) if policy.missed_z > 0 else 0.0
+    return floor + math.ceil(expected + slack)
 
 
 def missed_allowed(policy: ProbationConfig, baseline: Baseline | None, deadlines: int) -> int:
     """How many missed ticks the new model may cause over `deadlines` deadlines."""
     if baseline is None:
         return policy.max_missed_ticks
-    expected = baseline.miss_rate * deadlines * policy.missed_ratio
-    slack = policy.missed_z * math.sqrt(max(expected, 1.0)) if policy.missed_z > 0 else 0.0
-    return policy.max_missed_ticks + math.ceil(expected + slack)
+    return _allowed(policy, policy.max_missed_ticks, baseline.miss_rate, deadlines)
 
 
 WATCH = ProbationVerdict("watch")
@@ -104,6 +130,19 @@ def judge(
 ) -> ProbationVerdict:
     """The verdict on the window so far (see the module docstring)."""
     faults = now.model.faults - start.model.faults
+    if baseline is not None:
+        inputs = now.model.input_faults - start.model.input_faults
+        faults -= inputs
+        n = now.model.inferences - start.model.inferences
+        allowed_inputs = _allowed(policy, policy.max_faults, baseline.input_fault_rate, n)
+        if inputs > allowed_inputs:
+            return ProbationVerdict(
+                "fail",
+                "probation_input_faults",
+                f"{inputs} input fault(s) of {n} inferences during probation (max"
+                f" {allowed_inputs}: the previous model had {baseline.input_faults} of"
+                f" {baseline.inferences} before the swap)",
+            )
     if faults > policy.max_faults:
         return ProbationVerdict(
             "fail",

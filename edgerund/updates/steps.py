@@ -526,7 +526,10 @@ class Steps:
         await asyncio.sleep(window)
         b = probation.baseline_of(start, self._sample(name))
         self.baselines[name] = b
-        log.info("update_probation_baseline", model=name, ticks=b.ticks, missed=b.missed)
+        log.info(
+            "update_probation_baseline", model=name, ticks=b.ticks, missed=b.missed,
+            inferences=b.inferences, input_faults=b.input_faults,
+        )  # fmt: skip
 
     async def _watch(self, name: str) -> machine.Event:
         dep = self.repo.records[name].deployment

@@ -160,3 +160,33 @@ def test_missed_ticks_slack_absorbs_a_burst_of_the_host_not_a_slow_model() -> No
     # A model twice as slow as its 10 ms period misses about half of all deadlines.
     assert judge_missed(300, 633, quiet) == "probation_missed_ticks"
     assert judge_missed(300, 633, loaded) == "probation_missed_ticks"
+
+
+def test_input_faults_are_judged_against_the_previous_models_not_as_model_faults() -> None:
+    # benchmarks/update.py, 2026-12-06: a healthy update rolled back for "11 model faults"
+    # that were the MPU-6050's stalled reads (timestamp gaps in the input window).
+    from edgerund.ports import LoopCounters, ModelCounters
+
+    policy = ProbationConfig(max_faults=0, missed_ratio=2.0, missed_z=3.0)
+
+    def at(inferences: int, faults: int, inputs: int) -> Sample:
+        m = ModelCounters(inferences, faults, 0, None, input_faults=inputs)
+        return Sample(model=m, loops=LoopCounters(ticks=inferences, missed=0, overruns=0))
+
+    # the old model saw 10 input faults in 1000 inferences before the swap
+    before = baseline_of(at(0, 0, 0), at(1000, 10, 10))
+    assert before.input_fault_rate == pytest.approx(0.01)
+
+    def verdict(faults: int, inputs: int, baseline: Baseline | None) -> str:
+        v = judge(
+            at(0, 0, 0), at(1000, faults, inputs), elapsed_s=1.0, window_s=5.0,
+            health=HEALTH, policy=policy, baseline=baseline,
+        )  # fmt: skip
+        return v.kind if v.kind != "fail" else v.reason
+
+    assert verdict(11, 11, before) == "watch"  # the sensor's, as before the swap
+    assert verdict(12, 11, before) == "probation_faults"  # one of the model's own
+    # far more than the old model's rate: the new bundle's input spec rejects the stream
+    assert verdict(300, 300, before) == "probation_input_faults"
+    # no baseline (a trial resumed after a crash): every fault counts, as before
+    assert verdict(1, 1, None) == "probation_faults"

@@ -2,7 +2,7 @@
 
 `test_soak_short` is the CI profile: about five minutes of overlapping faults (seed
 SOAK_SEED, or soak1-4, whose schedule has every fault kind) against the real peers, and
-every invariant of tests/soak/harness.py must hold. Its bounds are generous for a loaded
+every invariant of benchmarks/soak/harness.py must hold. Its bounds are generous for a loaded
 2-core runner (status within 1 s outside injected stalls and restarts, missed ticks under
 25 %, slopes loose enough for five minutes of noise) but each still fails on the fault it
 guards.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.soak import invariants as inv
-from tests.soak.schedule import format_seed, make_schedule, parse_seed
+from benchmarks.soak import invariants as inv
+from benchmarks.soak.schedule import format_seed, make_schedule, parse_seed
 
 pytestmark = [pytest.mark.needs_mosquitto, pytest.mark.needs_swtpm]
 
@@ -68,7 +68,7 @@ def test_accounting_names_every_committed_seq() -> None:
 @pytest.mark.soak
 @pytest.mark.timeout(1200)
 def test_soak_short(tmp_path: Path) -> None:
-    from tests.soak.harness import run_soak
+    from benchmarks.soak.harness import run_soak
 
     seed = parse_seed(os.environ.get("SOAK_SEED", DEFAULT_SEED))
     seconds = float(os.environ.get("SOAK_SECONDS", "300"))

@@ -1,7 +1,7 @@
 """The soak and chaos harness (issue #19): a seeded fault schedule against the simulated
 daemon, with invariants checked from outside, continuously and at the end.
 
-    python -m tests.soak.harness --seconds 300 --seed soak1-7 --report out.json
+    python -m benchmarks.soak --seconds 300 --seed soak1-7 --report out.json
 
 Theory of operation
 -------------------
@@ -54,11 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.soak import invariants as inv
+from benchmarks.soak.rig import SHIPPED_VERSION, Rig, dump_json, make_bundles
+from benchmarks.soak.schedule import Fault, format_seed, make_schedule
 from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError
-from tests.soak import invariants as inv
-from tests.soak.rig import SHIPPED_VERSION, Rig, dump_json, make_bundles
-from tests.soak.schedule import Fault, format_seed, make_schedule
 
 STATUS_LIMIT_S = 1.0
 
@@ -753,7 +753,7 @@ def run_soak(root: Path, seed: int, seconds: float, bounds: Bounds | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.soak.schedule import parse_seed
+    from benchmarks.soak.schedule import parse_seed
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=300)

@@ -1,6 +1,7 @@
 """The daemon as systemd runs it, for the soak harness: `edgerund run --simulate` as a child
-process with a $NOTIFY_SOCKET listener standing in for systemd, so the harness knows when a
-(re)started daemon is READY=1, which ends its "down by design" window.
+process with the unit's `Environment=` and a $NOTIFY_SOCKET listener standing in for
+systemd, so the harness knows when a (re)started daemon is READY=1, which ends its "down by
+design" window.
 
 Kept out of the test suite on purpose (benchmarks never import tests): it has none of the
 fixtures' assertions; a daemon that exits or never gets ready raises RuntimeError with the
@@ -21,6 +22,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "systemd" / "edgerund.service"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The `Environment=` of the shipped unit (MALLOC_ARENA_MAX=2): the daemon's memory
+    profile depends on it (one malloc arena per allocating thread without it), so a soak
+    without it measures a process systemd never runs."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in line.removeprefix("Environment=").split():
+                k, _, v = item.strip('"').partition("=")
+                env[k] = v
+    return env
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +106,7 @@ class SupervisedDaemon:
         self.notify = NotifyListener(notify_path)
         env = dict(os.environ)
         env.pop("WATCHDOG_USEC", None)
+        env.update(unit_environment())
         env.update(
             {
                 "NOTIFY_SOCKET": str(notify_path),

@@ -109,10 +109,12 @@ class State:
     missed: dict[str, int] = field(default_factory=lambda: Counter())
     spool_counts: dict[int, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     spool_max: dict[int, int] = field(default_factory=dict)
+    spool_cls: dict[int, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     good_versions: set[str] = field(default_factory=lambda: {SHIPPED_VERSION})
     bad_versions: set[str] = field(default_factory=set)
     restarts: int = 0
     unexpected_exits: int = 0
+    start_failures: Counter[str] = field(default_factory=Counter)  # exit code -> count
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
@@ -192,6 +194,20 @@ class Soak:
         self._all_procs.append(self.d.proc)
         self._pid_started = self.st.now()
         self.st.restarts += 1
+
+    def _start_failed(self, rc: int, log: str) -> None:
+        """The daemon exited before READY=1. systemd (Restart=on-failure, RestartSec=2s)
+        starts it again unless it exited 2 (RestartPreventExitStatus=2: needs a human),
+        which is a violation here; the harness then stands in for the human, so the rest of
+        the run is still judged."""
+        self._awaiting_ready = False
+        st = self.st
+        st.start_failures[str(rc)] += 1
+        print(f"[soak] t={st.now():.1f} daemon exited {rc} before READY", flush=True)
+        if rc == 2:
+            st.violate("daemon_start_refused", rc=rc, log=log)
+        self.quiet(40, "start failed")
+        self.at(st.now() + 2.0, "systemd restart (on-failure)", self.start_daemon)
 
     def _check_ready(self) -> None:
         d = self.d
@@ -407,6 +423,9 @@ class Soak:
             self.quiet(40, "unexpected exit")
             self.at(st.now() + 2.0, "systemd restart (on-failure)", self.start_daemon)
             return
+        if d.proc is not None and d.proc.poll() is not None and self._awaiting_ready:
+            self._start_failed(d.proc.returncode, d.log_text[-1500:])
+            return
         self._check_ready()
         self._scan_log()
         self._read_spool()
@@ -519,7 +538,7 @@ class Soak:
             con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)
             try:
                 rows = con.execute(
-                    "SELECT seq, n_samples FROM batches WHERE seq > ? ORDER BY seq", (last,)
+                    "SELECT seq, n_samples, cls FROM batches WHERE seq > ? ORDER BY seq", (last,)
                 ).fetchall()
                 top = con.execute(
                     "SELECT seq FROM sqlite_sequence WHERE name = 'batches'"
@@ -528,8 +547,10 @@ class Soak:
                 con.close()
         except sqlite3.Error:
             return
-        for seq, n in rows:
+        classes = st.spool_cls[epoch]
+        for seq, n, cls in rows:
             counts[int(seq)] = int(n)
+            classes[int(seq)] = int(cls)
         if top is not None:
             st.spool_max[epoch] = max(st.spool_max.get(epoch, 0), int(top[0]))
 
@@ -709,7 +730,14 @@ class Soak:
             "status_calls": len(st.status_latencies),
             "daemon_starts": st.restarts,
             "unexpected_exits": st.unexpected_exits,
+            "start_failures": dict(st.start_failures),
             "consumer_counts": dict(rig.consumer.consumer.counts),
+            "unaccounted_batches": [
+                {"epoch": ep, "seq": q, "cls": st.spool_cls[ep].get(q)}
+                for ep, q in acc.unaccounted_seqs[:200]
+            ],
+            "resend_requests": len(rig.consumer.sink.resends),
+            "resend_requests_first": rig.consumer.sink.resends[:20],
             "max_sample_time_ahead_s": round(rig.consumer.sink.max_future_skew_s, 1),
             "spool_max_seq": {str(k): v for k, v in st.spool_max.items()},
             "consumer_seen": {str(k): v[:20] for k, v in rig.consumer.seen().items()},

@@ -27,8 +27,10 @@ from benchmarks.peers.swtpm import SWTPM_HINT, SwtpmProcess, provision_state
 from benchmarks.soak.daemonproc import REPO, SupervisedDaemon, deep_merge
 from benchmarks.soak.linkproxy import LinkProxy
 from edgerund.backend import consumer as consumer_mod
+from edgerund.publisher.build import load_private
 
 DEV_KEY = REPO / "models" / "dev-keys" / "DEVELOPMENT-ONLY.key"
+OPERATOR_KEY = REPO / "models" / "dev-keys" / "OPERATOR-DEVELOPMENT-ONLY.key"
 MODEL_DIR = REPO / "models" / "reference"
 SHIPPED_VERSION = "2.0.0"
 
@@ -39,6 +41,7 @@ class CollectingSink:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.losses: list[dict[str, Any]] = []
+        self.resends: list[dict[str, Any]] = []  # the consumer's cmd/resend requests
         self.records = 0
         self.bad_timestamps: list[dict[str, Any]] = []
         self.max_future_skew_s = float("-inf")
@@ -66,6 +69,10 @@ class CollectingSink:
                                 "t_last": t[-1],
                             }
                         )
+                if r.get("type") == "resend_requested":
+                    self.resends.append(
+                        {k: r.get(k) for k in ("epoch", "from_seq", "to_seq")} | {"t": time.time()}
+                    )
                 if r.get("type") == "loss":
                     self.losses.append(
                         {
@@ -110,6 +117,8 @@ class ConsumerThread:
                 stop=self._stop,
                 ready=ready,
                 resend_after_s=20.0,
+                # the gateway runs cmd/resend only when an operator signed it
+                command_key=load_private(OPERATOR_KEY),
             )
 
         self._loop.run_until_complete(main())

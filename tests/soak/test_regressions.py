@@ -110,3 +110,46 @@ async def test_soak1_20261206_write_interest_on_a_socket_closed_meanwhile_is_dro
         b.close()
         loop.set_exception_handler(None)
     assert errors == [], [str(e.get("message")) for e in errors]
+
+
+def test_soak1_20261206_an_evicted_loss_record_hands_on_what_it_named(tmp_path: Path) -> None:
+    """soak1-20261206 (the 53-min run), from t≈1,500 s on, with the spool at its 0.25 MB
+    cap through link outages and `spool_fill`: 1,436 committed batches were neither
+    received nor named in a loss record. Loss records are evt rows, evicted in their turn
+    when evt rows have to go (1,673 evt evictions in that run); the new loss record named
+    the evicted record's own seq but not the batches IT named, so they became a silent gap.
+    A real spool (SQLite) under a small cap, nothing but evt rows, nothing delivered."""
+    import numpy as np
+
+    from edgerund.telemetry import codec
+    from edgerund.telemetry.codec import Cls, LossBlock, SeriesBlock
+    from edgerund.telemetry.spool import Spool
+
+    ttl = {Cls.EVT: 1e6, Cls.AGG: 1e6, Cls.RAW: 1e6}
+    sp = Spool(tmp_path, max_bytes=256 * 1024, ttl_s=ttl, commit_interval_s=0.01)
+    sp.open()
+    rng = np.random.default_rng(20261206)
+    appended: list[int] = []
+    try:
+        for chunk in range(30):  # several times the cap: evictions of evictions
+            futs = []
+            for i in range(chunk * 20, chunk * 20 + 20):
+                t = 1_700_000_000_000 + i * 60_000 + np.arange(300, dtype=np.int64) * 100
+                block = SeriesBlock(3, t, (rng.integers(-30000, 30000, 300),), (-3,))
+                futs.append(sp.append(Cls.EVT, [block], 1))
+            appended += [f.result() for f in futs]
+        sp.flush().result()
+        rows = sp.fetch(Cls.EVT, 0, 100_000).result()
+    finally:
+        sp.close()
+    left = {r.seq for r in rows}
+    named = {
+        s
+        for r in rows
+        for b in codec.decode(r.payload).batch.blocks
+        if isinstance(b, LossBlock)
+        for s in b.seqs
+    }
+    assert len(left) < len(appended) / 2, "the cap never made the spool evict"
+    vanished = sorted(set(appended) - left - named)
+    assert vanished == [], f"{len(vanished)} batches neither kept nor named: {vanished[:20]}"

@@ -61,6 +61,7 @@ from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError
 
 STATUS_LIMIT_S = 1.0
+STEADY_AFTER_S = 600.0  # a process's warm-up, for the steady-state slopes (report only)
 
 
 @dataclass
@@ -689,6 +690,12 @@ class Soak:
             for name in ("rss_mb", "fds", "threads", "tasks")
         }
         per_h = {k: (v * 3600 if v is not None else None) for k, v in slopes.items()}
+        steady = {
+            name: inv.pooled_slope(
+                inv.steady_segments(list(st.res[name].values()), STEADY_AFTER_S, 300)
+            )
+            for name in ("rss_mb", "fds", "threads", "tasks")
+        }
         b = self.bounds
         for name, limit in (
             ("rss_mb", b.rss_mb_per_h),
@@ -725,6 +732,25 @@ class Soak:
             "fd_slope_per_h": _r(per_h["fds"]),
             "thread_slope_per_h": _r(per_h["threads"]),
             "task_slope_per_h": _r(per_h["tasks"]),
+            # the same slopes over each process's samples after its first 10 minutes
+            # (processes that then lived 5 more): growth that stops is not a leak
+            "steady_slopes_per_h": {
+                k: _r(v * 3600 if v is not None else None) for k, v in steady.items()
+            },
+            "per_process": {
+                name: {
+                    str(pid): {
+                        "t_first": round(pts[0][0]),
+                        "t_last": round(pts[-1][0]),
+                        "first": pts[0][1],
+                        "max": max(y for _, y in pts),
+                        "last": pts[-1][1],
+                    }
+                    for pid, pts in by_pid.items()
+                    if pts
+                }
+                for name, by_pid in st.res.items()
+            },
             "missed_tick_fraction": {k: round(v, 5) for k, v in missed_frac.items()},
             "max_status_latency_ms": round(max(st.status_latencies, default=0.0) * 1000, 1),
             "status_calls": len(st.status_latencies),

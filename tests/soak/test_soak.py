@@ -81,3 +81,16 @@ def test_soak_short(tmp_path: Path) -> None:
         + "\n".join(str(v)[:800] for v in report["violations"][:20])
     )
     assert report["samples_unaccounted"] == 0
+
+
+def test_steady_segments_drop_each_process_warm_up() -> None:
+    # a lazily filled pool: +5 in the first 5 min, then flat for 15 min; and a short process
+    pool = [(t, 6.0 + min(t, 300) / 60) for t in range(0, 1200, 10)]
+    short = [(t, 6.0 + t / 60) for t in range(2000, 2300, 10)]
+    steady = inv.steady_segments([pool, short], warmup_s=600, min_span_s=300)
+    assert len(steady) == 1 and steady[0][0][0] == 600
+    assert inv.pooled_slope(steady) == pytest.approx(0.0)
+    assert inv.pooled_slope([pool, short]) > 0  # what the raw slope sees
+    # growth that does not stop is still growth
+    leak = [(t, 100 + 0.01 * t) for t in range(0, 1800, 10)]
+    assert inv.pooled_slope(inv.steady_segments([leak], 600, 300)) == pytest.approx(0.01)

@@ -87,6 +87,14 @@ SHORT = Bounds(rss_mb_per_h=600.0, threads_per_h=60.0)
 LONG = Bounds(rss_mb_per_h=5.0, fd_per_h=5.0, threads_per_h=5.0, tasks_per_h=30.0)
 
 
+def load1() -> float | None:
+    """The host's 1-minute load average."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class Window:
     start: float
@@ -116,12 +124,16 @@ class State:
     restarts: int = 0
     unexpected_exits: int = 0
     start_failures: Counter[str] = field(default_factory=Counter)  # exit code -> count
+    loads: list[float] = field(default_factory=list)  # host load1, once a second
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
     def violate(self, kind: str, **detail: Any) -> None:
+        # the machine's load with it: on a shared host a slow status or missed ticks may be
+        # the neighbours', not the daemon's
+        detail.setdefault("load1", load1())
         with self.lock:
             self.violations.append({"t": round(self.now(), 2), "invariant": kind, **detail})
         print(f"[soak] VIOLATION t={self.now():.1f} {kind} {detail}", flush=True)
@@ -417,6 +429,9 @@ class Soak:
     # ------------------------------------------------------------------ observation
     def poll_once(self) -> None:
         st, d = self.st, self.d
+        la = load1()
+        if la is not None:
+            st.loads.append(la)
         if d.proc is not None and d.proc.poll() is not None and not st.down:
             st.unexpected_exits += 1
             st.violate("daemon_exited", rc=d.proc.returncode, log=d.log_text[-1500:])
@@ -754,6 +769,11 @@ class Soak:
             "missed_tick_fraction": {k: round(v, 5) for k, v in missed_frac.items()},
             "max_status_latency_ms": round(max(st.status_latencies, default=0.0) * 1000, 1),
             "status_calls": len(st.status_latencies),
+            "host_load1": {
+                "mean": round(sum(st.loads) / len(st.loads), 2) if st.loads else None,
+                "max": max(st.loads, default=None),
+                "cores": os.cpu_count(),
+            },
             "daemon_starts": st.restarts,
             "unexpected_exits": st.unexpected_exits,
             "start_failures": dict(st.start_failures),

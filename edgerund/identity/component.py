@@ -5,8 +5,9 @@ Start-up (`__aenter__`, first component the daemon enters):
      the first start or re-attach and Name-check the enrolled keys. When the TPM cannot be
      reached at all (no device node, no permission, simulator down, tpm2-pytss missing;
      the transport is retried for TPM_OPEN_WAIT_S first, a resource manager or simulator
-     may be restarting): `fallback: none` refuses start-up with a DeviceError naming the device, the `tss`
-     group and the fix; `fallback: software` continues with the software identity, loudly.
+     may be restarting): `fallback: none` refuses start-up with a DeviceError naming the
+     device, the `tss` group and the fix; `fallback: software` continues with the software
+     identity, loudly.
      A TPM that answers but refuses (wrong hierarchy password, lockout, foreign keys at our
      handles) never falls back: degrading silently would hide an attack or a misconfig.
   2. Measure sha256(config file bytes) into the binding PCR (models add theirs through

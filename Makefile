@@ -18,12 +18,12 @@ trixie-check:  ## Debian 13 trixie (Python 3.13), native; about 10 minutes
 simulate:
 	scripts/simulate.sh
 
-# The long soak profile (tests/soak, issue #19): SOAK_SEED=soak1-N reproduces a run.
+# The long soak profile (benchmarks/soak, issue #19): SOAK_SEED=soak1-N reproduces a run.
 SOAK_SECONDS ?= 3600
 SOAK_SEED ?=
 SOAK_REPORT ?= soak-report.json
 soak:  ## seeded chaos run against mosquitto/swtpm/ptys; writes $(SOAK_REPORT)
-	PYTHONPATH=$(CURDIR) .venv/bin/python benchmarks/soak.py --seconds $(SOAK_SECONDS) \
+	PYTHONPATH=$(CURDIR) .venv/bin/python -m benchmarks.soak --seconds $(SOAK_SECONDS) \
 	    $(if $(SOAK_SEED),--seed $(SOAK_SEED)) --report $(SOAK_REPORT)
 
 crash-check:  ## power-cut consistency of updates and spool, every crash state (needs strace)

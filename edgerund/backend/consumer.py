@@ -37,9 +37,13 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from edgerund.backend import twin as twin_requests
 from edgerund.telemetry import codec
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 class RangeSet:
@@ -410,12 +414,16 @@ async def run(
     resend_after_s: float | None = None,
     store: Store | None = None,
     group_max: int = 200,
+    command_key: Ed25519PrivateKey | None = None,
 ) -> None:
     """Consume until `stop` is set or `max_batches` new batches arrived; reconnects.
 
     With `resend_after_s`, a gap still open after that long is requested from its gateway
     with `cmd/resend` (again every 30 s while it stays open): the repair path for batches
     the broker did not queue for us (e.g. a shared subscription lost in a broker restart).
+    A gateway runs `resend` only when an operator signed it (docs/twin.md): give the
+    operator's `command_key`, or the requests are refused (an unsigned request is sent only
+    to gateways that do not gate their commands).
 
     With `store`, batches, meta and state go to it (acknowledged after its commit), gaps
     come from it, and `sink` gets only the consumer's own reports (resend requests).
@@ -456,9 +464,12 @@ async def run(
                 continue
             gap_asked[key] = now
             body = {"epoch": key[1], "from_seq": key[2], "to_seq": key[3]}
-            await client.publish(
-                f"{prefix}/{site}/{key[0]}/cmd/resend", json.dumps(body).encode(), qos=1
+            request = (
+                json.dumps(body).encode()
+                if command_key is None
+                else twin_requests.command("resend", key[0], body, command_key)
             )
+            await client.publish(f"{prefix}/{site}/{key[0]}/cmd/resend", request, qos=1)
             sink.write([{"type": "resend_requested", "gateway": key[0], **body}])
         for k in list(gap_seen):
             if k not in current:

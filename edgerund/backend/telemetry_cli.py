@@ -15,6 +15,7 @@ import contextlib
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from edgerund.backend.consumer import Consumer, JsonLinesSink, SqliteSink, run
@@ -79,7 +80,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="request gaps open this long from the gateway with cmd/resend",
     )
+    c.add_argument(
+        "--operator-key",
+        default=None,
+        help="operator private key (PEM) that signs the cmd/resend requests (gateways run "
+        "only operator-signed commands)",
+    )
     c.set_defaults(func=cmd_consume)
+
+
+def _operator_key(path: str | None) -> Any:
+    if path is None:
+        return None
+    from edgerund.publisher.build import load_private
+
+    return load_private(Path(path))
 
 
 def _load_keys(paths: list[str]) -> list[Any]:
@@ -204,6 +219,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
             resend_after_s=args.resend_after_s,
             store=store,
             ready=ready,
+            command_key=_operator_key(args.operator_key),
         )
         announce.cancel()
 

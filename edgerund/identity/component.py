@@ -3,9 +3,11 @@
 Start-up (`__aenter__`, first component the daemon enters):
   1. `kind: tpm`: open the TPM through the TCTI on the identity's worker thread, enrol on
      the first start or re-attach and Name-check the enrolled keys. When the TPM cannot be
-     reached at all (no device node, no permission, simulator down, tpm2-pytss missing):
-     `fallback: none` refuses start-up with a DeviceError naming the device, the `tss`
-     group and the fix; `fallback: software` continues with the software identity, loudly.
+     reached at all (no device node, no permission, simulator down, tpm2-pytss missing;
+     the transport is retried for TPM_OPEN_WAIT_S first, a resource manager or simulator
+     may be restarting): `fallback: none` refuses start-up with a DeviceError naming the
+     device, the `tss` group and the fix; `fallback: software` continues with the software
+     identity, loudly.
      A TPM that answers but refuses (wrong hierarchy password, lockout, foreign keys at our
      handles) never falls back: degrading silently would hide an attack or a misconfig.
   2. Measure sha256(config file bytes) into the binding PCR (models add theirs through
@@ -52,6 +54,10 @@ EMPTY_STATUS: dict[str, object] = {"identity": {"kind": "none", "key_id": None}}
 
 log = structlog.get_logger("edgerund.identity")
 
+# How long start-up keeps trying a TPM it cannot reach before refusing (or falling back).
+TPM_OPEN_WAIT_S = 5.0
+TPM_OPEN_RETRY_S = 0.5
+
 
 def _tpm_absent(exc: BaseException) -> bool:
     """True when the TPM could not be reached at all (transport), not when it refused."""
@@ -72,18 +78,32 @@ async def open_identity(cfg: Config, state_dir: Path) -> Identity:
         if ident_cfg.fallback == "software":
             return await _fallback(cfg, state_dir, reason)
         raise ConfigError(reason, path="identity.kind") from None
-    tpm = TpmIdentity(ident_cfg, state_dir)
-    try:
-        await tpm.open()
-    except DeviceError as exc:
-        if not _tpm_absent(exc):
-            raise
-        if ident_cfg.fallback == "software":
-            return await _fallback(cfg, state_dir, str(exc))
-        raise DeviceError(
-            f"identity.kind is 'tpm' and identity.fallback is 'none', refusing to start: {exc}"
-        ) from exc
-    return tpm
+    # A TPM that cannot be reached at all may be restarting (resource manager, simulator):
+    # wait a little before refusing or degrading, since a refusal (exit 2) is not retried
+    # by systemd and a fallback lasts until the next start.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TPM_OPEN_WAIT_S
+    logged = False
+    while True:
+        tpm = TpmIdentity(ident_cfg, state_dir)
+        try:
+            await tpm.open()
+            return tpm
+        except DeviceError as exc:
+            if not _tpm_absent(exc):
+                raise
+            await tpm.worker.close()  # a failed open can leave its thread: one per attempt
+            if loop.time() >= deadline:
+                if ident_cfg.fallback == "software":
+                    return await _fallback(cfg, state_dir, str(exc))
+                raise DeviceError(
+                    "identity.kind is 'tpm' and identity.fallback is 'none', "
+                    f"refusing to start: {exc}"
+                ) from exc
+            if not logged:
+                logged = True
+                log.warning("tpm_unreachable_waiting", tcti=ident_cfg.tcti, error=str(exc))
+        await asyncio.sleep(TPM_OPEN_RETRY_S)
 
 
 async def _fallback(cfg: Config, state_dir: Path, reason: str) -> Identity:

@@ -9,9 +9,10 @@ futures. See spool.py for the theory of the whole store; here:
   the oldest delivered rows go first, then undelivered raw, agg and evt rows, oldest
   first, and a loss record (an evt batch naming the class, series, time range, sample
   count and the lost batch sequences) is written in the same transaction, so no gap is
-  silent. Behind the budget SQLite's own page cap (`max_page_count`) is the hard stop;
-  `append` evicts before reaching it, and answers SQLITE_FULL (what a full disk gives)
-  by reporting the rolled-back group through `on_group_lost`, making room, and retrying.
+  silent; a loss record evicted in turn hands the blocks it carried to the new one. Behind
+  the budget SQLite's own page cap (`max_page_count`) is the hard stop; `append` evicts
+  before reaching it, and answers SQLITE_FULL (what a full disk gives) by reporting the
+  rolled-back group through `on_group_lost`, making room, and retrying.
 * Corruption: a database SQLite calls corrupt at open (`PRAGMA quick_check`) or later is
   moved aside as `spool.db.corrupt-<UTC time>` (never deleted), a new one is created with
   the same series numbering and the epoch (a separate, atomically written file that must
@@ -519,6 +520,9 @@ class SpoolDb:
             freed += r[2] + ROW_OVERHEAD
         if not chosen:
             return 0
+        carried = self._loss_blocks_in(
+            [int(r[0]) for r in per_cls.get(int(Cls.EVT), ()) if int(r[5]) == 0]
+        )
         self._exec_in("DELETE FROM batches WHERE seq IN ({})", chosen)
         self.stats.total_bytes -= freed
         self.stats.backlog_batches -= len(chosen)
@@ -544,8 +548,30 @@ class SpoolDb:
                 batches=len(rs),
                 samples=n,
             )
-            self._insert(Cls.EVT, [loss], int(rs[-1][7]))
+            # A dropped loss record takes the blocks it carried into the new one: the
+            # sequences it named must stay named, or they become a silent gap.
+            extra = carried if cls_v == int(Cls.EVT) else []
+            self._insert(Cls.EVT, [loss, *extra], int(rs[-1][7]))
         return freed
+
+    def _loss_blocks_in(self, seqs: Sequence[int]) -> list[LossBlock]:
+        """The loss blocks carried by the (sample-less evt) rows `seqs`."""
+        assert self._conn is not None
+        out: list[LossBlock] = []
+        for i in range(0, len(seqs), 500):
+            chunk = list(seqs[i : i + 500])
+            rows = self._conn.execute(
+                f"SELECT payload FROM batches WHERE seq IN ({','.join('?' * len(chunk))})"
+                " ORDER BY seq",
+                chunk,
+            ).fetchall()
+            for (payload,) in rows:
+                try:
+                    blocks = codec.decode(bytes(payload)).batch.blocks
+                except codec.DecodeError:
+                    continue  # a row that does not decode is quarantined elsewhere
+                out.extend(b for b in blocks if isinstance(b, LossBlock))
+        return out
 
     def _enforce_budget(self) -> None:
         if self.stats.total_bytes <= self.budget:

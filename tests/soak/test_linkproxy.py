@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from tests.soak.linkproxy import LinkProxy
+from benchmarks.soak.linkproxy import LinkProxy
 
 
 def _echo_server() -> tuple[socket.socket, int]:

@@ -2,7 +2,7 @@
 
 `test_soak_short` is the CI profile: about five minutes of overlapping faults (seed
 SOAK_SEED, or soak1-4, whose schedule has every fault kind) against the real peers, and
-every invariant of tests/soak/harness.py must hold. Its bounds are generous for a loaded
+every invariant of benchmarks/soak/harness.py must hold. Its bounds are generous for a loaded
 2-core runner (status within 1 s outside injected stalls and restarts, missed ticks under
 25 %, slopes loose enough for five minutes of noise) but each still fails on the fault it
 guards.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.soak import invariants as inv
-from tests.soak.schedule import format_seed, make_schedule, parse_seed
+from benchmarks.soak import invariants as inv
+from benchmarks.soak.schedule import format_seed, make_schedule, parse_seed
 
 pytestmark = [pytest.mark.needs_mosquitto, pytest.mark.needs_swtpm]
 
@@ -68,7 +68,7 @@ def test_accounting_names_every_committed_seq() -> None:
 @pytest.mark.soak
 @pytest.mark.timeout(1200)
 def test_soak_short(tmp_path: Path) -> None:
-    from tests.soak.harness import run_soak
+    from benchmarks.soak.harness import run_soak
 
     seed = parse_seed(os.environ.get("SOAK_SEED", DEFAULT_SEED))
     seconds = float(os.environ.get("SOAK_SECONDS", "300"))
@@ -81,3 +81,16 @@ def test_soak_short(tmp_path: Path) -> None:
         + "\n".join(str(v)[:800] for v in report["violations"][:20])
     )
     assert report["samples_unaccounted"] == 0
+
+
+def test_steady_segments_drop_each_process_warm_up() -> None:
+    # a lazily filled pool: +5 in the first 5 min, then flat for 15 min; and a short process
+    pool = [(t, 6.0 + min(t, 300) / 60) for t in range(0, 1200, 10)]
+    short = [(t, 6.0 + t / 60) for t in range(2000, 2300, 10)]
+    steady = inv.steady_segments([pool, short], warmup_s=600, min_span_s=300)
+    assert len(steady) == 1 and steady[0][0][0] == 600
+    assert inv.pooled_slope(steady) == pytest.approx(0.0)
+    assert inv.pooled_slope([pool, short]) > 0  # what the raw slope sees
+    # growth that does not stop is still growth
+    leak = [(t, 100 + 0.01 * t) for t in range(0, 1800, 10)]
+    assert inv.pooled_slope(inv.steady_segments([leak], 600, 300)) == pytest.approx(0.01)

@@ -26,6 +26,23 @@ def pooled_slope(segments: Iterable[Sequence[tuple[float, float]]]) -> float | N
     return sxy / sxx if sxx > 0 else None
 
 
+def steady_segments(
+    segments: Iterable[Sequence[tuple[float, float]]], warmup_s: float, min_span_s: float
+) -> list[list[tuple[float, float]]]:
+    """Each process's samples from `warmup_s` after its first one, for the processes that
+    then still span `min_span_s`. A process fills bounded things lazily in its first
+    minutes (the default executor up to its max_workers, the first model loads, malloc's
+    arenas, rings): growth that stops is not a leak, and only what grows after that is."""
+    out = []
+    for seg in segments:
+        if not seg:
+            continue
+        rest = [(t, y) for t, y in seg if t >= seg[0][0] + warmup_s]
+        if rest and rest[-1][0] - rest[0][0] >= min_span_s:
+            out.append(rest)
+    return out
+
+
 def in_ranges(x: int, ranges: Sequence[tuple[int, int]]) -> bool:
     return any(lo <= x <= hi for lo, hi in ranges)
 

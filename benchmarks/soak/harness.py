@@ -1,7 +1,7 @@
 """The soak and chaos harness (issue #19): a seeded fault schedule against the simulated
 daemon, with invariants checked from outside, continuously and at the end.
 
-    python -m tests.soak.harness --seconds 300 --seed soak1-7 --report out.json
+    python -m benchmarks.soak --seconds 300 --seed soak1-7 --report out.json
 
 Theory of operation
 -------------------
@@ -54,13 +54,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.soak import invariants as inv
+from benchmarks.soak.rig import SHIPPED_VERSION, Rig, dump_json, make_bundles
+from benchmarks.soak.schedule import Fault, format_seed, make_schedule
 from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError
-from tests.soak import invariants as inv
-from tests.soak.rig import SHIPPED_VERSION, Rig, dump_json, make_bundles
-from tests.soak.schedule import Fault, format_seed, make_schedule
 
 STATUS_LIMIT_S = 1.0
+STEADY_AFTER_S = 600.0  # a process's warm-up, for the steady-state slopes (report only)
 
 
 @dataclass
@@ -86,6 +87,14 @@ SHORT = Bounds(rss_mb_per_h=600.0, threads_per_h=60.0)
 LONG = Bounds(rss_mb_per_h=5.0, fd_per_h=5.0, threads_per_h=5.0, tasks_per_h=30.0)
 
 
+def load1() -> float | None:
+    """The host's 1-minute load average."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class Window:
     start: float
@@ -109,16 +118,22 @@ class State:
     missed: dict[str, int] = field(default_factory=lambda: Counter())
     spool_counts: dict[int, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     spool_max: dict[int, int] = field(default_factory=dict)
+    spool_cls: dict[int, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     good_versions: set[str] = field(default_factory=lambda: {SHIPPED_VERSION})
     bad_versions: set[str] = field(default_factory=set)
     restarts: int = 0
     unexpected_exits: int = 0
+    start_failures: Counter[str] = field(default_factory=Counter)  # exit code -> count
+    loads: list[float] = field(default_factory=list)  # host load1, once a second
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
     def violate(self, kind: str, **detail: Any) -> None:
+        # the machine's load with it: on a shared host a slow status or missed ticks may be
+        # the neighbours', not the daemon's
+        detail.setdefault("load1", load1())
         with self.lock:
             self.violations.append({"t": round(self.now(), 2), "invariant": kind, **detail})
         print(f"[soak] VIOLATION t={self.now():.1f} {kind} {detail}", flush=True)
@@ -192,6 +207,20 @@ class Soak:
         self._all_procs.append(self.d.proc)
         self._pid_started = self.st.now()
         self.st.restarts += 1
+
+    def _start_failed(self, rc: int, log: str) -> None:
+        """The daemon exited before READY=1. systemd (Restart=on-failure, RestartSec=2s)
+        starts it again unless it exited 2 (RestartPreventExitStatus=2: needs a human),
+        which is a violation here; the harness then stands in for the human, so the rest of
+        the run is still judged."""
+        self._awaiting_ready = False
+        st = self.st
+        st.start_failures[str(rc)] += 1
+        print(f"[soak] t={st.now():.1f} daemon exited {rc} before READY", flush=True)
+        if rc == 2:
+            st.violate("daemon_start_refused", rc=rc, log=log)
+        self.quiet(40, "start failed")
+        self.at(st.now() + 2.0, "systemd restart (on-failure)", self.start_daemon)
 
     def _check_ready(self) -> None:
         d = self.d
@@ -400,12 +429,18 @@ class Soak:
     # ------------------------------------------------------------------ observation
     def poll_once(self) -> None:
         st, d = self.st, self.d
+        la = load1()
+        if la is not None:
+            st.loads.append(la)
         if d.proc is not None and d.proc.poll() is not None and not st.down:
             st.unexpected_exits += 1
             st.violate("daemon_exited", rc=d.proc.returncode, log=d.log_text[-1500:])
             st.down = True
             self.quiet(40, "unexpected exit")
             self.at(st.now() + 2.0, "systemd restart (on-failure)", self.start_daemon)
+            return
+        if d.proc is not None and d.proc.poll() is not None and self._awaiting_ready:
+            self._start_failed(d.proc.returncode, d.log_text[-1500:])
             return
         self._check_ready()
         self._scan_log()
@@ -519,7 +554,7 @@ class Soak:
             con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)
             try:
                 rows = con.execute(
-                    "SELECT seq, n_samples FROM batches WHERE seq > ? ORDER BY seq", (last,)
+                    "SELECT seq, n_samples, cls FROM batches WHERE seq > ? ORDER BY seq", (last,)
                 ).fetchall()
                 top = con.execute(
                     "SELECT seq FROM sqlite_sequence WHERE name = 'batches'"
@@ -528,8 +563,10 @@ class Soak:
                 con.close()
         except sqlite3.Error:
             return
-        for seq, n in rows:
+        classes = st.spool_cls[epoch]
+        for seq, n, cls in rows:
             counts[int(seq)] = int(n)
+            classes[int(seq)] = int(cls)
         if top is not None:
             st.spool_max[epoch] = max(st.spool_max.get(epoch, 0), int(top[0]))
 
@@ -668,6 +705,12 @@ class Soak:
             for name in ("rss_mb", "fds", "threads", "tasks")
         }
         per_h = {k: (v * 3600 if v is not None else None) for k, v in slopes.items()}
+        steady = {
+            name: inv.pooled_slope(
+                inv.steady_segments(list(st.res[name].values()), STEADY_AFTER_S, 300)
+            )
+            for name in ("rss_mb", "fds", "threads", "tasks")
+        }
         b = self.bounds
         for name, limit in (
             ("rss_mb", b.rss_mb_per_h),
@@ -704,12 +747,43 @@ class Soak:
             "fd_slope_per_h": _r(per_h["fds"]),
             "thread_slope_per_h": _r(per_h["threads"]),
             "task_slope_per_h": _r(per_h["tasks"]),
+            # the same slopes over each process's samples after its first 10 minutes
+            # (processes that then lived 5 more): growth that stops is not a leak
+            "steady_slopes_per_h": {
+                k: _r(v * 3600 if v is not None else None) for k, v in steady.items()
+            },
+            "per_process": {
+                name: {
+                    str(pid): {
+                        "t_first": round(pts[0][0]),
+                        "t_last": round(pts[-1][0]),
+                        "first": pts[0][1],
+                        "max": max(y for _, y in pts),
+                        "last": pts[-1][1],
+                    }
+                    for pid, pts in by_pid.items()
+                    if pts
+                }
+                for name, by_pid in st.res.items()
+            },
             "missed_tick_fraction": {k: round(v, 5) for k, v in missed_frac.items()},
             "max_status_latency_ms": round(max(st.status_latencies, default=0.0) * 1000, 1),
             "status_calls": len(st.status_latencies),
+            "host_load1": {
+                "mean": round(sum(st.loads) / len(st.loads), 2) if st.loads else None,
+                "max": max(st.loads, default=None),
+                "cores": os.cpu_count(),
+            },
             "daemon_starts": st.restarts,
             "unexpected_exits": st.unexpected_exits,
+            "start_failures": dict(st.start_failures),
             "consumer_counts": dict(rig.consumer.consumer.counts),
+            "unaccounted_batches": [
+                {"epoch": ep, "seq": q, "cls": st.spool_cls[ep].get(q)}
+                for ep, q in acc.unaccounted_seqs[:200]
+            ],
+            "resend_requests": len(rig.consumer.sink.resends),
+            "resend_requests_first": rig.consumer.sink.resends[:20],
             "max_sample_time_ahead_s": round(rig.consumer.sink.max_future_skew_s, 1),
             "spool_max_seq": {str(k): v for k, v in st.spool_max.items()},
             "consumer_seen": {str(k): v[:20] for k, v in rig.consumer.seen().items()},
@@ -753,7 +827,7 @@ def run_soak(root: Path, seed: int, seconds: float, bounds: Bounds | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.soak.schedule import parse_seed
+    from benchmarks.soak.schedule import parse_seed
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=300)

@@ -21,14 +21,16 @@ from typing import Any
 
 import yaml
 
+from benchmarks.peers.binaries import find_binary
+from benchmarks.peers.mosquitto import Broker
+from benchmarks.peers.swtpm import SWTPM_HINT, SwtpmProcess, provision_state
+from benchmarks.soak.daemonproc import REPO, SupervisedDaemon, deep_merge
+from benchmarks.soak.linkproxy import LinkProxy
 from edgerund.backend import consumer as consumer_mod
-from tests.fixtures.binaries import require_binary
-from tests.fixtures.mosquitto import Broker
-from tests.fixtures.swtpm import SWTPM_HINT, SwtpmProcess, provision_state
-from tests.helpers.daemon import REPO, DaemonProcess, deep_merge
-from tests.soak.linkproxy import LinkProxy
+from edgerund.publisher.build import load_private
 
 DEV_KEY = REPO / "models" / "dev-keys" / "DEVELOPMENT-ONLY.key"
+OPERATOR_KEY = REPO / "models" / "dev-keys" / "OPERATOR-DEVELOPMENT-ONLY.key"
 MODEL_DIR = REPO / "models" / "reference"
 SHIPPED_VERSION = "2.0.0"
 
@@ -39,6 +41,7 @@ class CollectingSink:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.losses: list[dict[str, Any]] = []
+        self.resends: list[dict[str, Any]] = []  # the consumer's cmd/resend requests
         self.records = 0
         self.bad_timestamps: list[dict[str, Any]] = []
         self.max_future_skew_s = float("-inf")
@@ -66,6 +69,10 @@ class CollectingSink:
                                 "t_last": t[-1],
                             }
                         )
+                if r.get("type") == "resend_requested":
+                    self.resends.append(
+                        {k: r.get(k) for k in ("epoch", "from_seq", "to_seq")} | {"t": time.time()}
+                    )
                 if r.get("type") == "loss":
                     self.losses.append(
                         {
@@ -110,6 +117,8 @@ class ConsumerThread:
                 stop=self._stop,
                 ready=ready,
                 resend_after_s=20.0,
+                # the gateway runs cmd/resend only when an operator signed it
+                command_key=load_private(OPERATOR_KEY),
             )
 
         self._loop.run_until_complete(main())
@@ -197,13 +206,13 @@ class Rig:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.broker = Broker(
-            require_binary("mosquitto", "apt-get install -y mosquitto"), root / "mosquitto"
+            find_binary("mosquitto", "apt-get install -y mosquitto"), root / "mosquitto"
         )
         self.broker.workdir.mkdir(parents=True, exist_ok=True)
         self.swtpm: SwtpmProcess | None = None
         self.proxy: LinkProxy | None = None
         self.consumer: ConsumerThread | None = None
-        self.daemon: DaemonProcess | None = None
+        self.daemon: SupervisedDaemon | None = None
         self.actuator_log = root / "actuator.jsonl"
         self.valid_config_text = ""
 
@@ -211,9 +220,7 @@ class Rig:
         self.broker.start()
         state = self.root / "swtpm-state"
         provision_state(state, self.root / "swtpm-setup")
-        self.swtpm = SwtpmProcess(
-            require_binary("swtpm", SWTPM_HINT), state, self.root / "swtpm.log"
-        )
+        self.swtpm = SwtpmProcess(find_binary("swtpm", SWTPM_HINT), state, self.root / "swtpm.log")
         self.swtpm.start()
         self.proxy = LinkProxy(self.broker.port)
         self.proxy.start()
@@ -263,18 +270,12 @@ class Rig:
                 act["record_path"] = str(self.actuator_log)
         return cfg
 
-    def make_daemon(self) -> DaemonProcess:
+    def make_daemon(self) -> SupervisedDaemon:
         cfg = self.daemon_config()
         d = self.root / "daemon"
         d.mkdir(parents=True, exist_ok=True)
         self.valid_config_text = yaml.safe_dump(cfg, sort_keys=False)
-        self.daemon = DaemonProcess(
-            d,
-            config_text=self.valid_config_text,
-            simulate=True,
-            env={"EDGERUND_TEST_HOOKS": "1"},
-            watchdog_usec=0,
-        )
+        self.daemon = SupervisedDaemon(d, self.valid_config_text, env={"EDGERUND_TEST_HOOKS": "1"})
         self.daemon.config = cfg
         return self.daemon
 

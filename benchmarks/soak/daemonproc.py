@@ -1,0 +1,158 @@
+"""The daemon as systemd runs it, for the soak harness: `edgerund run --simulate` as a child
+process with the unit's `Environment=` and a $NOTIFY_SOCKET listener standing in for
+systemd, so the harness knows when a (re)started daemon is READY=1, which ends its "down by
+design" window.
+
+Kept out of the test suite on purpose (benchmarks never import tests): it has none of the
+fixtures' assertions; a daemon that exits or never gets ready raises RuntimeError with the
+tail of its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "systemd" / "edgerund.service"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The `Environment=` of the shipped unit (MALLOC_ARENA_MAX=2): the daemon's memory
+    profile depends on it (one malloc arena per allocating thread without it), so a soak
+    without it measures a process systemd never runs."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in line.removeprefix("Environment=").split():
+                k, _, v = item.strip('"').partition("=")
+                env[k] = v
+    return env
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class NotifyListener:
+    """A datagram socket collecting sd_notify messages (READY=1, STATUS=...), as systemd."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="soak-notify")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, OSError):
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def has(self, key: str, value: str | None = None) -> bool:
+        return any(key in m and (value is None or m[key] == value) for _, m in self.messages)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class SupervisedDaemon:
+    """One daemon directory (config, socket, log); `start()` execs a new process each time
+    (the log is appended to), `stop()` is SIGTERM then SIGKILL."""
+
+    def __init__(self, work: Path, config_text: str, *, env: dict[str, str] | None = None):
+        self.work = work
+        self.socket_path = str(work / "diag.sock")
+        self.config_path = work / "edgerund.yaml"
+        self.config_path.write_text(config_text)
+        self.config: dict[str, Any] = {}
+        self.extra_env = env or {}
+        self.log_path = work / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notify: NotifyListener | None = None
+
+    def write_config(self, text: str) -> None:
+        self.config_path.write_text(text)
+
+    def start(self) -> SupervisedDaemon:
+        if self.notify is not None:
+            self.notify.close()
+        notify_path = self.work / f"notify-{time.monotonic_ns()}.sock"
+        self.notify = NotifyListener(notify_path)
+        env = dict(os.environ)
+        env.pop("WATCHDOG_USEC", None)
+        env.update(unit_environment())
+        env.update(
+            {
+                "NOTIFY_SOCKET": str(notify_path),
+                "PYTHONUNBUFFERED": "1",
+                "EDGERUND_SOCKET": self.socket_path,
+            }
+        )
+        env.update(self.extra_env)
+        cmd = [sys.executable, "-m", "edgerund.cli", "run", "-c", str(self.config_path)]
+        cmd.append("--simulate")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO)
+            )
+        return self
+
+    @property
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        assert self.notify is not None and self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.notify.has("READY", "1"):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"daemon exited {self.proc.returncode} before READY:\n{self.log_text[-4000:]}"
+                )
+            time.sleep(0.05)
+        raise RuntimeError(f"no READY=1 within {timeout_s} s:\n{self.log_text[-4000:]}")
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        rc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    rc = self.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    rc = self.proc.wait(5)
+            else:
+                rc = self.proc.returncode
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+        return rc

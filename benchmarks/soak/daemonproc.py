@@ -10,75 +10,18 @@ tail of its log.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.peers import unit
+from edgerund.toolkit.daemonproc import NotifySocket
+
 REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "systemd" / "edgerund.service"
-
-
-def unit_environment(unit: Path = UNIT) -> dict[str, str]:
-    """The `Environment=` of the shipped unit (MALLOC_ARENA_MAX=2): the daemon's memory
-    profile depends on it (one malloc arena per allocating thread without it), so a soak
-    without it measures a process systemd never runs."""
-    env: dict[str, str] = {}
-    for line in unit.read_text().splitlines():
-        if line.startswith("Environment="):
-            for item in line.removeprefix("Environment=").split():
-                k, _, v = item.strip('"').partition("=")
-                env[k] = v
-    return env
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-class NotifyListener:
-    """A datagram socket collecting sd_notify messages (READY=1, STATUS=...), as systemd."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, dict[str, str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="soak-notify")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except (TimeoutError, OSError):
-                continue
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append((time.monotonic(), fields))
-
-    def has(self, key: str, value: str | None = None) -> bool:
-        return any(key in m and (value is None or m[key] == value) for _, m in self.messages)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(1.0)
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
 
 
 class SupervisedDaemon:
@@ -94,7 +37,7 @@ class SupervisedDaemon:
         self.extra_env = env or {}
         self.log_path = work / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.notify: NotifyListener | None = None
+        self.notify: NotifySocket | None = None
 
     def write_config(self, text: str) -> None:
         self.config_path.write_text(text)
@@ -103,10 +46,10 @@ class SupervisedDaemon:
         if self.notify is not None:
             self.notify.close()
         notify_path = self.work / f"notify-{time.monotonic_ns()}.sock"
-        self.notify = NotifyListener(notify_path)
+        self.notify = NotifySocket(notify_path)
         env = dict(os.environ)
         env.pop("WATCHDOG_USEC", None)
-        env.update(unit_environment())
+        env.update(unit.environment())
         env.update(
             {
                 "NOTIFY_SOCKET": str(notify_path),

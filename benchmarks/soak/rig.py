@@ -24,10 +24,11 @@ import yaml
 from benchmarks.peers.binaries import find_binary
 from benchmarks.peers.mosquitto import Broker
 from benchmarks.peers.swtpm import SWTPM_HINT, SwtpmProcess, provision_state
-from benchmarks.soak.daemonproc import REPO, SupervisedDaemon, deep_merge
+from benchmarks.soak.daemonproc import REPO, SupervisedDaemon
 from benchmarks.soak.linkproxy import LinkProxy
 from edgerund.backend import consumer as consumer_mod
 from edgerund.publisher.build import load_private
+from edgerund.toolkit.daemonproc import merge
 
 DEV_KEY = REPO / "models" / "dev-keys" / "DEVELOPMENT-ONLY.key"
 OPERATOR_KEY = REPO / "models" / "dev-keys" / "OPERATOR-DEVELOPMENT-ONLY.key"
@@ -263,7 +264,7 @@ class Rig:
             },
             "updates": {"probation_s": 8},
         }
-        cfg = deep_merge(cfg, over)
+        cfg = merge(cfg, over)
         for loop in cfg["loops"]:
             act = loop.get("actuator") or {}
             if act.get("driver") == "emulated":

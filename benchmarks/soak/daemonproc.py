@@ -11,7 +11,6 @@ tail of its log.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.peers import unit
-from edgerund.toolkit.daemonproc import NotifySocket
+from edgerund.toolkit.daemonproc import NotifySocket, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,17 +83,7 @@ class SupervisedDaemon:
         raise RuntimeError(f"no READY=1 within {timeout_s} s:\n{self.log_text[-4000:]}")
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
-        rc = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    rc = self.proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    rc = self.proc.wait(5)
-            else:
-                rc = self.proc.returncode
+        rc = terminate(self.proc, timeout_s)
         if self.notify is not None:
             self.notify.close()
             self.notify = None

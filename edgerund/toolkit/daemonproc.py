@@ -53,6 +53,21 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10.0) -> int | None:
+    """Stop a daemon as systemd does: SIGTERM, SIGKILL after `timeout_s`; its exit code
+    (None when there was no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(10)
+    return proc.returncode
+
+
 class NotifySocket:
     """A fake $NOTIFY_SOCKET: records each sd_notify datagram as (arrival, fields)."""
 
@@ -200,16 +215,7 @@ class DaemonProc:
             return c.call(cmd, args)
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        rc = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-            rc = self.proc.returncode
+        rc = terminate(self.proc, timeout_s)
         if self.notify is not None:
             self.notify.close()
             self.notify = None

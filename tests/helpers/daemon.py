@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import yaml
 
 from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError
-from edgerund.toolkit.daemonproc import NotifySocket, merge, simulated_config
+from edgerund.toolkit.daemonproc import NotifySocket, merge, simulated_config, terminate
 
 __all__ = ["DaemonProcess", "NotifySocket", "deep_merge", "simulated"]
 
@@ -145,17 +144,7 @@ class DaemonProcess:
             self.proc.wait(10)
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
-        rc = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    rc = self.proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    rc = self.proc.wait(5)
-            else:
-                rc = self.proc.returncode
+        rc = terminate(self.proc, timeout_s)
         if self.notify is not None:
             with contextlib.suppress(Exception):
                 self.notify.close()

@@ -29,6 +29,10 @@ class ProbationConfig(Section):
     # missed_z ticks): the host's bursts are not the model's; 0 = no slack.
     missed_z: float = 3.0
     baseline_max_s: float = 10.0  # 0 = no baseline: max_missed_ticks alone
+    # The new model must run at least this many inferences in its window when the previous
+    # one ran any in the baseline (else the window is extended up to 3x, then rolled back:
+    # probation_no_inferences); 0 = off.
+    min_inferences: int = 1
     poll_interval_ms: int = 250  # how often models.stats()/loops.status() are sampled
 
 

@@ -12,9 +12,9 @@ missed ticks) and the bundle's health criteria (`health.score_min/score_max`, th
 the recent score mean must stay in), in this order, and returns one verdict:
 
     fail   reason probation_faults | probation_input_faults | probation_nan |
-           probation_missed_ticks | probation_score
-    pass   the window has elapsed and nothing failed
-    watch  nothing failed yet, the window is still open
+           probation_missed_ticks | probation_score | probation_no_inferences
+    pass   the window has elapsed, nothing failed and the model was seen working
+    watch  nothing failed yet, the window is still open (or extended, below)
 
 Counters are deltas, so what the previous model did before the swap never counts against
 the new one. The score check waits for at least one inference of the new model.
@@ -38,6 +38,18 @@ ticks, against the old model's input-fault rate per inference measured in the sa
 window before the swap (`probation_input_faults`), and only the rest count as the
 model's faults against `max_faults`; without one every fault counts against
 `max_faults`, as before.
+
+No evidence is not a pass. A model that ran no inference in its window (its loop in
+fallback the whole time: a sensor unplugged, the input refused) has shown nothing, and
+committing it would ratchet the security counter past the known-good model on no
+evidence. So when the previous model DID run inferences before the swap (the baseline: the
+model is in use and its input was flowing), the new one must run at least
+`min_inferences`; the window is extended while they are missing (up to
+`NO_EVIDENCE_FACTOR` x its length, as a calibration's is for missing data), and then the
+trial rolls back with `probation_no_inferences`: the known-good model stays, and the update
+can be sent again once the plant feeds the loop. A model no loop uses (no inferences in the
+baseline either) and a trial without a baseline (resumed after a crash) are judged as
+before.
 """
 
 from __future__ import annotations
@@ -114,6 +126,8 @@ def missed_allowed(policy: ProbationConfig, baseline: Baseline | None, deadlines
     return _allowed(policy, policy.max_missed_ticks, baseline.miss_rate, deadlines)
 
 
+NO_EVIDENCE_FACTOR = 3.0
+
 WATCH = ProbationVerdict("watch")
 PASS = ProbationVerdict("pass")
 
@@ -182,4 +196,30 @@ def judge(
                 "probation_score",
                 f"recent score mean {mean:.4g} outside [{lo}, {hi}]",
             )
-    return PASS if elapsed_s >= window_s else WATCH
+    if elapsed_s < window_s:
+        return WATCH
+    return _evidence(
+        policy, baseline, now.model.inferences - start.model.inferences, elapsed_s, window_s
+    )
+
+
+def _evidence(
+    policy: ProbationConfig,
+    baseline: Baseline | None,
+    inferences: int,
+    elapsed_s: float,
+    window_s: float,
+) -> ProbationVerdict:
+    """At the end of the window: PASS when the model was seen working, or nothing says it
+    should have been (module docstring)."""
+    if baseline is None or baseline.inferences == 0 or inferences >= policy.min_inferences:
+        return PASS
+    if elapsed_s < NO_EVIDENCE_FACTOR * window_s:
+        return WATCH
+    return ProbationVerdict(
+        "fail",
+        "probation_no_inferences",
+        f"{inferences} inference(s) in {elapsed_s:.1f} s of probation, at least"
+        f" {policy.min_inferences} needed (the previous model ran {baseline.inferences}"
+        " before the swap): no evidence the new model works",
+    )

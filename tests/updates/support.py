@@ -203,6 +203,9 @@ class StandInLoop:
         self.model = model
         self.period_s = period_s
         self.feed = np.full((1, 4), 0.5, np.float32)
+        # While the active runner has this version the loop runs its fallback instead of the
+        # model (its input refused, a sensor unplugged): the model sees no inference.
+        self.fallback_for: str | None = None
         self.ticks = 0
         self.missed = 0
         self._task: asyncio.Task[None] | None = None
@@ -225,7 +228,8 @@ class StandInLoop:
                 skipped = int((now - nxt) // self.period_s)
                 self.missed += skipped
                 nxt += skipped * self.period_s
-            self.models.infer(self.model, self.feed)
+            if self.models.runner(self.model).version != self.fallback_for:
+                self.models.infer(self.model, self.feed)
             self.ticks += 1
             nxt += self.period_s
 

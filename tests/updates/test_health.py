@@ -3,6 +3,7 @@ model keeps running; the reason is kept and shown."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,32 @@ async def test_probation_score_out_of_range(
             health={"probation_s": 2.0, "score_max": 10.0},
         )
         await _expect_refused(h, b, "probation_score")
+
+
+async def test_probation_without_an_inference_rolls_back(
+    harness: Any, tmp_path: Path, publisher: Publisher
+) -> None:
+    # The loop that used the old model runs its fallback for the whole window of the new
+    # one: no evidence the new model works, so the window is extended (3x), then the trial
+    # rolls back and the counter is not ratcheted.
+    async with harness(updates={"probation": {"poll_interval_ms": 50}}) as h:
+        b = publisher.bundle(
+            tmp_path / "b", version="2.0.0", counter=1, files=publisher.files(M.affine()),
+            health={"probation_s": 1.0},
+        )  # fmt: skip
+        h.loop.fallback_for = "2.0.0"
+        t0 = asyncio.get_running_loop().time()
+        await _expect_refused(h, b, "probation_no_inferences")
+        assert asyncio.get_running_loop().time() - t0 >= 3.0  # the extended window
+        assert (await h.updates.counter.read()) == 0
+        # once the loop feeds the model again, the same update commits
+        h.loop.fallback_for = None
+        b2 = publisher.bundle(
+            tmp_path / "b2", version="2.0.0", counter=1, files=publisher.files(M.affine()),
+            health={"probation_s": 1.0},
+        )  # fmt: skip
+        res = await _update(h, b2)
+        assert res["state"] == "COMMITTED", res
 
 
 async def test_latency_regression_against_current_model(

@@ -10,7 +10,14 @@ import pytest
 from edgerund.ports import LoopCounters, ModelCounters
 from edgerund.updates.config import ProbationConfig
 from edgerund.updates.manifest import Health
-from edgerund.updates.probation import Baseline, Sample, baseline_of, judge, missed_allowed
+from edgerund.updates.probation import (
+    NO_MODEL,
+    Baseline,
+    Sample,
+    baseline_of,
+    judge,
+    missed_allowed,
+)
 
 
 def sample(
@@ -190,3 +197,43 @@ def test_input_faults_are_judged_against_the_previous_models_not_as_model_faults
     assert verdict(300, 300, before) == "probation_input_faults"
     # no baseline (a trial resumed after a crash): every fault counts, as before
     assert verdict(1, 1, None) == "probation_faults"
+
+
+def test_no_inference_in_the_window_is_no_evidence_and_rolls_back() -> None:
+    # Noticed in session 3: a loop in fallback for the whole window (sensor unplugged) let
+    # a model that never ran pass its probation and ratchet the counter.
+    policy = ProbationConfig(max_missed_ticks=0, missed_z=3.0, min_inferences=1)
+    in_use = baseline_of(_loops(0, 0), _loops(1000, 0))  # the old model ran 1000 inferences
+
+    def at_end(inferences: int, elapsed_s: float, baseline: Baseline | None) -> str:
+        v = judge(
+            _loops(0, 0), _loops(inferences, 0), elapsed_s=elapsed_s, window_s=5.0,
+            health=HEALTH, policy=policy, baseline=baseline,
+        )  # fmt: skip
+        return v.kind if v.kind != "fail" else v.reason
+
+    assert at_end(0, 1.0, in_use) == "watch"  # the window is still open
+    assert at_end(0, 5.0, in_use) == "watch"  # extended while no evidence
+    assert at_end(0, 14.9, in_use) == "watch"
+    assert at_end(0, 15.0, in_use) == "probation_no_inferences"  # 3 x the window
+    assert at_end(1, 5.0, in_use) == "pass"  # seen working
+    # nothing says the model should have run: no loop used the old one, or no baseline
+    idle = baseline_of(
+        _loops(0, 0), Sample(NO_MODEL, LoopCounters(ticks=1000, missed=0, overruns=0))
+    )
+    assert idle.inferences == 0
+    assert at_end(0, 5.0, idle) == "pass"
+    assert at_end(0, 5.0, None) == "pass"
+    # off
+    off = ProbationConfig(max_missed_ticks=0, missed_z=3.0, min_inferences=0)
+    v = judge(
+        _loops(0, 0), _loops(0, 0), elapsed_s=20.0, window_s=5.0, health=HEALTH, policy=off,
+        baseline=in_use,
+    )  # fmt: skip
+    assert v.kind == "pass"
+    # the message says what was missing
+    v = judge(
+        _loops(0, 0), _loops(0, 0), elapsed_s=15.0, window_s=5.0, health=HEALTH,
+        policy=policy, baseline=in_use,
+    )  # fmt: skip
+    assert "0 inference(s)" in v.message and "1000" in v.message

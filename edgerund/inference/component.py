@@ -102,7 +102,12 @@ class ModelsComponent:
         self.bind_errors = 0
         # Drift monitoring off the tick path (edgerund.inference.driftwatch); runs when
         # the component has a task scope.
-        self.drift = DriftWatch(self._watched_runners, events, configs=self._drift_config)
+        self.drift = DriftWatch(
+            self._watched_runners,
+            events,
+            configs=self._drift_config,
+            store=Path(cfg.paths.state_dir) / "models" / "drift_previous.json",
+        )
 
     # -- public API ------------------------------------------------------------------------
 

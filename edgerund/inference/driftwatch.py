@@ -19,14 +19,27 @@ back when it drifts from its own profile where the previous one had not
 `drift.cleared`; every `stats_interval_s` it publishes `drift.stats`, the monitor's
 sufficient statistics (counts, sums, sums of squares per feature, the score histogram),
 the compact upstream aggregate of edgerund.inference.federated (never raw windows).
+
+The replaced model's verdict is persisted (`store`, `<state_dir>/models/drift_previous.json`):
+it was taken before the swap and cannot be measured again, so without it a restart (a
+power cut the day after an update) would end the post-update drift watch of the new
+model. At each swap the task writes {model: {version: new, previous: [version, state,
+blocks]}} in a worker thread (temp file, fsync, rename); at start-up it reads it back off
+the loop, and an entry applies only while the running version is the one it was written
+for. The file is not authenticated: whoever can write the state directory can make the
+rule fire (a rollback to the previous slot, which is re-verified first) or not fire
+(as deleting it does), nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,13 +47,17 @@ import structlog
 
 from edgerund.inference import federated
 from edgerund.inference.drift import DriftConfig, DriftMonitor, feature_channels
+from edgerund.jsondepth import too_deep
 from edgerund.ports import DriftStatus, EventSink
+from edgerund.updates import fsutil
 
 log = structlog.get_logger("edgerund.inference.drift")
 
 __all__ = ["TAP_MAX", "DriftWatch", "monitor_for"]
 
 TAP_MAX = 4096
+STORE_MAX_BYTES = 1 << 16
+Previous = tuple[str, str, int]  # the replaced model's last verdict: (version, state, blocks)
 
 
 def monitor_for(runner: Any, config: DriftConfig | None = None) -> DriftMonitor | None:
@@ -75,8 +92,7 @@ class _Watched:
         self.blocks: deque[tuple[Any, Any, str]] = deque(maxlen=64)
         self._bx: list[Any] = []
         self._bs: list[float] = []
-        # the replaced model's last verdict: (version, state, blocks)
-        self.previous: tuple[str, str, int] | None = None
+        self.previous: Previous | None = None
 
 
 class DriftWatch:
@@ -90,6 +106,7 @@ class DriftWatch:
         config: DriftConfig | None = None,
         configs: Callable[[str], DriftConfig | None] | None = None,
         clock: Callable[[], float] = time.time,
+        store: Path | None = None,
     ) -> None:
         self._runners = runners
         self.events = events
@@ -99,13 +116,26 @@ class DriftWatch:
         self._configs = configs
         self.clock = clock
         self.watched: dict[str, _Watched] = {}
+        self.store = store
+        # what the store says, {model: (running version, previous verdict)}
+        self.saved: dict[str, tuple[str, Previous]] = {}
+        self.store_errors = 0
 
     async def run(self) -> None:
+        if self.store is not None:
+            self.saved = await asyncio.to_thread(load_previous, self.store)
         while True:
             await asyncio.sleep(self.interval_s)
-            self.poll_once()
+            if self.poll_once() and self.store is not None:
+                try:
+                    await asyncio.to_thread(save_previous, self.store, dict(self.saved))
+                except OSError as exc:
+                    self.store_errors += 1
+                    log.warning("drift_previous_save_failed", path=str(self.store), error=repr(exc))
 
-    def poll_once(self) -> None:
+    def poll_once(self) -> bool:
+        """Drain the taps; True when a swap changed a replaced model's verdict (to save)."""
+        swapped = False
         now = self.clock()
         for name, runner in self._runners().items():
             w = self.watched.get(name)
@@ -113,10 +143,14 @@ class DriftWatch:
                 if w is not None and getattr(w.runner, "tap", None) is w.tap:
                     w.runner.tap = None
                 cfg = (self._configs(name) if self._configs else None) or self.config
-                prev = None
+                prev: Previous | None = None
                 if w is not None:
                     seen = w.monitor.report().blocks if w.monitor is not None else 0
                     prev = (str(w.runner.version), w.state, seen)
+                    self.saved[name] = (str(runner.version), prev)
+                    swapped = True
+                elif (kept := self.saved.get(name)) is not None and kept[0] == str(runner.version):
+                    prev = kept[1]  # taken before a restart, about the model this one replaced
                 w = _Watched(runner, monitor_for(runner, cfg))
                 w.previous = prev
                 self.watched[name] = w
@@ -126,6 +160,7 @@ class DriftWatch:
             if w.monitor is None:
                 continue
             self._drain(name, w, now)
+        return swapped
 
     def _drain(self, name: str, w: _Watched, now: float) -> None:
         mon = w.monitor
@@ -219,3 +254,33 @@ class DriftWatch:
         if w is None or w.monitor is None:
             return None if w is None else {"state": "no_profile"}
         return w.monitor.report().to_json()
+
+
+def load_previous(path: Path) -> dict[str, tuple[str, Previous]]:
+    """The store's entries that are well formed; none when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(STORE_MAX_BYTES + 1)
+        if len(data) > STORE_MAX_BYTES or too_deep(data, 4):
+            raise ValueError("not a drift store")
+        doc = json.loads(data)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("drift_previous_unreadable", path=str(path), error=repr(exc))
+        return {}
+    out: dict[str, tuple[str, Previous]] = {}
+    if not isinstance(doc, dict):
+        return out
+    for name, e in doc.items():
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            v, (pv, ps, pb) = e["version"], e["previous"]
+            if isinstance(v, str) and isinstance(pv, str) and isinstance(ps, str):
+                out[str(name)] = (v, (pv, ps, int(pb)))
+    return out
+
+
+def save_previous(path: Path, saved: dict[str, tuple[str, Previous]]) -> None:
+    doc = {n: {"version": v, "previous": list(p)} for n, (v, p) in saved.items()}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fsutil.atomic_write(path, json.dumps(doc, separators=(",", ":")).encode(), mode=0o600)

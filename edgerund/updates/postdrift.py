@@ -30,9 +30,10 @@ Then the updates component reverts to the previous slot through the same path as
 manual rollback (the target slot is re-verified first), with reason `post_update_drift`.
 A rolled-back record is no longer COMMITTED, so this fires at most once per deployment;
 a plant that really changed after an update (both models would drift) is told apart only
-by the previous verdict, which was taken before the swap. That verdict lives in the
-daemon's memory: after a restart there is none, and nothing is rolled back (the rule
-errs on the side of keeping a model the publisher signed and the gate accepted).
+by the previous verdict, which was taken before the swap. The drift task persists that
+verdict, so it survives a restart; when it is missing (a lost or corrupt file) nothing is
+rolled back (the rule errs on the side of keeping a model the publisher signed and the
+gate accepted).
 """
 
 from __future__ import annotations

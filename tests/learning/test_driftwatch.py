@@ -3,13 +3,16 @@ runner gets a fresh monitor, statistics published as edgerund.fedstats/1."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgerund.ctl.render import model_row
-from edgerund.inference.driftwatch import DriftWatch
+from edgerund.inference.driftwatch import DriftWatch, load_previous
 from edgerund.inference.manifest import load_manifest
 from tests.inference.conftest import REF
 
@@ -83,3 +86,58 @@ def test_model_without_profile_is_shown_as_such() -> None:
     watch.poll_once()
     assert runners["m"].tap is None
     assert watch.status_row("m") == {"state": "no_profile"}
+
+
+async def test_the_replaced_models_verdict_survives_a_restart(tmp_path: Path) -> None:
+    # The post-update drift rule compares the new model with the verdict on the model it
+    # replaced, taken before the swap: a restart must not forget it.
+    store = tmp_path / "models" / "drift_previous.json"
+    runners = {"motor-ae": FakeRunner(version="2.0.0")}
+    watch = DriftWatch(lambda: runners, Sink(), interval_s=0.01, store=store)
+    task = asyncio.create_task(watch.run())
+    try:
+        await asyncio.sleep(0.05)
+        r = runners["motor-ae"]
+        mu, sd = np.asarray(MAN.profile.mean), np.asarray(MAN.profile.std)  # type: ignore[union-attr]
+        rng = np.random.default_rng(1)
+        for _ in range(6):  # six normal blocks: the old model's profile matched
+            for _ in range(100):
+                r.tap.append((mu + rng.normal(0.0, 0.2, 50) * sd, 1.0))
+            await asyncio.sleep(0.03)
+        runners["motor-ae"] = FakeRunner(version="2.0.2")  # the update swaps it
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if store.exists():
+                break
+    finally:
+        task.cancel()
+    assert json.loads(store.read_text())["motor-ae"]["version"] == "2.0.2"
+    before = watch.drift_status("motor-ae")
+    assert before is not None and before.previous_state == "ok" and before.previous_blocks >= 5
+
+    # a new process: the same model version runs, the verdict comes back from the store
+    again = DriftWatch(lambda: {"motor-ae": FakeRunner(version="2.0.2")}, Sink(), store=store)
+    again.saved = load_previous(store)
+    again.poll_once()
+    st = again.drift_status("motor-ae")
+    assert st is not None
+    assert (st.previous_version, st.previous_state, st.previous_blocks) == (
+        before.previous_version, before.previous_state, before.previous_blocks,
+    )  # fmt: skip
+    # ... but not for another version (rolled back, or updated again while it was down)
+    other = DriftWatch(lambda: {"motor-ae": FakeRunner(version="2.0.1")}, Sink(), store=store)
+    other.saved = load_previous(store)
+    other.poll_once()
+    st = other.drift_status("motor-ae")
+    assert st is not None and st.previous_version is None
+
+
+def test_a_corrupt_store_is_ignored(tmp_path: Path) -> None:
+    store = tmp_path / "drift_previous.json"
+    for bad in (b"{", b"[1, 2]", b'{"m": {"version": 1}}', b'{"m": {"version": "1", "previous": [1]}}',
+                b"[" * 100 + b"]" * 100, b" " * (70_000)):  # fmt: skip
+        store.write_bytes(bad)
+        assert load_previous(store) == {}
+    assert load_previous(tmp_path / "missing.json") == {}
+    store.write_bytes(b'{"m": {"version": "2", "previous": ["1", "ok", 7]}, "x": 3}')
+    assert load_previous(store) == {"m": ("2", ("1", "ok", 7))}

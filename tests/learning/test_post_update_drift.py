@@ -99,3 +99,57 @@ def test_a_committed_model_whose_profile_does_not_match_is_rolled_back(tmp_path:
         assert wait_until(lambda: d.call("models")[0]["version"] == "2.0.1", 30.0)
         time.sleep(3.0)
         assert slots(d)["state"] == "ROLLED_BACK" and slots(d)["version"] == "2.0.1"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_rule_survives_a_power_cut_after_the_update(tmp_path: Path) -> None:
+    # The verdict on the replaced model is taken before the swap; a restart (here SIGKILL)
+    # after the commit must not end the watch. The first run has the rule off, so the bad
+    # model stays committed until the kill; the second run, with the rule on, has only the
+    # persisted verdict to go by.
+    from tests.helpers.daemon import DaemonProcess
+
+    good = bundle(tmp_path, "2.0.1", 2, shift_profile=False)
+    bad = bundle(tmp_path, "2.0.2", 3, shift_profile=True)
+    cfg = drift_config(tmp_path)
+    cfg["updates"] = {
+        "enabled": True,
+        "keyring_file": str(DEV / "keyring.dev.json"),
+        "probation_s": 1.0,
+        "precheck_runs": 20,
+        "post_update_drift_window_s": 0.0,
+    }
+    store = tmp_path / "state" / "models" / "drift_previous.json"
+    d = DaemonProcess(tmp_path, cfg)
+    with d:
+        d.wait_ready(60)
+        res = d.call("update", {"path": str(good), "wait": "commit"}, timeout_s=120)
+        assert res["state"] == "COMMITTED", res
+        rep = wait_until(
+            lambda: (
+                (r := drift_of(d)).get("blocks", 0) >= 8
+                and d.call("models")[0]["version"] == "2.0.1"
+                and r
+            ),
+            90.0,
+        )
+        assert rep and rep["state"] in ("ok", "anomaly"), drift_of(d)
+        res = d.call("update", {"path": str(bad), "wait": "commit"}, timeout_s=120)
+        assert res["state"] == "COMMITTED" and res["version"] == "2.0.2", res
+        assert wait_until(
+            lambda: (
+                store.exists() and json.loads(store.read_text())["motor-ae"]["version"] == "2.0.2"
+            ),
+            30.0,
+        ), d.log_text[-3000:]
+        assert slots(d)["state"] == "COMMITTED"  # the rule is off in this run
+        d.kill()  # the power cut
+        cfg["updates"]["post_update_drift_window_s"] = 600.0
+        d.write_config({**d.config, **cfg})
+        d.start()
+        d.wait_ready(60)
+        back = wait_until(lambda: (s := slots(d))["state"] == "ROLLED_BACK" and s, 90.0)
+        assert back, (slots(d), drift_of(d), d.log_text[-4000:])
+        assert back["version"] == "2.0.1", back
+        assert back["last_failure"]["reason"] == "post_update_drift", back

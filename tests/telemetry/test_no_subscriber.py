@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
+from edgerund.config.loader import parse_config
+from edgerund.errors import ConfigError
 from edgerund.telemetry.codec import Cls, SeriesBlock
 from edgerund.telemetry.component import TelemetryComponent
 from tests.fixtures.binaries import free_port
@@ -103,3 +106,33 @@ async def test_require_subscriber_false_keeps_0x10_as_delivered(
         st = tel.status()["telemetry"]
         assert st["sent_batches"] == N_BATCHES
         assert st["no_subscriber_held_batches"] == 0 and st["no_subscriber"] is False
+
+
+def test_no_subscriber_retry_bounds_are_checked() -> None:
+    text = (
+        "gateway:\n  id: gw1\n  site: lab\n"
+        "uplink:\n  no_subscriber_retry_s: 60\n  no_subscriber_retry_max_s: 30\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "/etc/edgerund/edgerund.yaml")
+    msg = str(info.value)
+    assert "uplink.no_subscriber_retry_s" in msg and "got 60" in msg, msg
+    cfg = parse_config("gateway:\n  id: gw1\n  site: lab\n", "/etc/edgerund/edgerund.yaml")
+    assert cfg.uplink.require_subscriber is True  # the default holds 0x10 batches
+
+
+def test_status_line_says_when_batches_are_held_for_a_subscriber() -> None:
+    import io
+
+    from rich.console import Console
+
+    from edgerund.ctl.render import render_status
+
+    def line(held: bool) -> str:
+        out = io.StringIO()
+        tel = {"connected": True, "backlog_batches": 7, "no_subscriber": held}
+        render_status(Console(file=out, width=80), {"version": "x", "telemetry": tel})
+        return " ".join(out.getvalue().split())  # the renderer wraps long lines
+
+    assert "lost samples 0, HELD: no subscriber on the broker" in line(True)
+    assert "HELD" not in line(False)

@@ -331,7 +331,8 @@ def render_status(console: Console, st: dict[str, Any]) -> None:
         console,
         f"telemetry: {'connected' if tel.get('connected') else 'offline'}, "
         f"backlog {tel.get('backlog_batches', 0)} batches, sent "
-        f"{tel.get('sent_batches', 0)}, lost samples {tel.get('lost_samples', 0)}",
+        f"{tel.get('sent_batches', 0)}, lost samples {tel.get('lost_samples', 0)}"
+        + (", HELD: no subscriber on the broker" if tel.get("no_subscriber") else ""),
     )
     for key, cols in _STATUS_COLUMNS.items():
         rows = st.get(key) or []

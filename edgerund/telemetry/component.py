@@ -308,6 +308,9 @@ class TelemetryComponent:
                 "cmd_rejected": self.dispatcher.rejected,
                 "sign_errors": up.sign_errors if up else 0,
                 "sign_held_batches": up.sign_held if up else 0,
+                # the broker PUBACKed batches 0x10 (no subscriber): held in the spool
+                "no_subscriber": bool(up and up.no_subscriber),
+                "no_subscriber_held_batches": up.no_subscriber_held if up else 0,
                 "unsigned_batches": up.unsigned_batches if up else 0,
                 "write_errors": sp.write_errors,
                 "quarantined": list(sp.quarantined),

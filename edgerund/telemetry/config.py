@@ -119,6 +119,12 @@ class UplinkConfig(Section):
     # publish unsigned (counted in status as unsigned_batches)
     allow_unsigned: bool = False
     sign_retry_s: float = 5.0  # wait after a signing failure before retrying held batches
+    # PUBACK 0x10 (no matching subscribers) on a batch: the broker delivered it to nobody.
+    # true = keep the row undelivered, pause (no_subscriber_retry_s, doubling up to
+    # no_subscriber_retry_max_s) and send it again; false = count it delivered (MQTT's view)
+    require_subscriber: bool = True
+    no_subscriber_retry_s: float = 1.0
+    no_subscriber_retry_max_s: float = 30.0
 
 
 _CLASSES = ("evt", "agg", "raw")
@@ -230,6 +236,14 @@ def cross_check(cfg: _Telemetry) -> list[tuple[str, str]]:
             (
                 "uplink.backoff_initial_s",
                 f"expected 0 < initial <= backoff_max_s ({u.backoff_max_s}), got {u.backoff_initial_s}",
+            )
+        )
+    if not 0 < u.no_subscriber_retry_s <= u.no_subscriber_retry_max_s:
+        errs.append(
+            (
+                "uplink.no_subscriber_retry_s",
+                "expected 0 < s <= no_subscriber_retry_max_s "
+                f"({u.no_subscriber_retry_max_s}), got {u.no_subscriber_retry_s}",
             )
         )
     if u.keepalive_s < 5:

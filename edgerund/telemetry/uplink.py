@@ -36,6 +36,21 @@ the message. `_AckClient` therefore records the reason code per message id and
 spool. A publish that gets no PUBACK within `ack_timeout_s` ends the session.
 Rows whose publish was interrupted stay undelivered and are sent again in the next
 session: duplicates are possible (QoS 1) and carry the same (epoch, seq) dedup key.
+
+PUBACK 0x10 (no matching subscribers) is a success code in MQTT, but for a batch it means
+the broker passed it to nobody and dropped it: mosquitto 2.0.11 forgets a shared
+subscription when it restarts, so batches the gateway replays before the consumer
+subscribes again vanish (found by the soak harness, seed soak1-20261206). With
+`uplink.require_subscriber` (the default) such a row is NOT marked delivered
+(`no_subscriber_held` counts it) and the sender pauses as after a signing failure, for a
+backoff that starts at `no_subscriber_retry_s` and doubles per pause up to
+`no_subscriber_retry_max_s` (times U(0.75, 1); reset by the next batch the broker
+delivered; one pause per round of in-flight publishes, however many got 0x10), so a site
+whose broker has no consumer keeps its data in the spool (the cap's loss records name
+what it evicts) without spinning. The first 0x10 and the first delivery after it are
+logged (`telemetry_no_subscriber`, `telemetry_subscriber_back`), not every retry. Retained
+`meta`/`state` and command replies are not affected: the broker stores a retained message
+whatever the code, and a reply nobody waits for is not data.
 """
 
 from __future__ import annotations
@@ -69,6 +84,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("edgerund.telemetry.uplink")
 
 CONTENT_TYPE = "application/vnd.edgerund.tlm.v1"
+_NO_MATCHING_SUBSCRIBERS = 0x10  # PUBACK reason code (MQTT 5, 3.4.2.1)
 FETCH_ROWS = 64  # rows read per spool round trip (payloads, so bounded: <= 64 batches in RAM)
 Dispatch = Callable[[str, bytes], Awaitable[bytes | None]]
 """(command name, request payload) -> reply payload, or None for no reply."""
@@ -181,6 +197,8 @@ class UplinkStats:
     publish_rejected: int = 0
     sign_errors: int = 0
     sign_held: int = 0  # batches not published because signing failed (kept in the spool)
+    no_subscriber_held: int = 0  # batches PUBACKed 0x10 (kept in the spool, retried)
+    no_subscriber: bool = False  # the last batch PUBACK was 0x10: holding the backlog
     unsigned_batches: int = 0  # published unsigned (only with uplink.allow_unsigned)
     connected_since: float | None = None
 
@@ -217,8 +235,13 @@ class Uplink:
         self._idle.set()
         self._client: _AckClient | None = None
         self._cursor_reset = 0
-        self._sign_retry_at = 0.0  # loop.time() before which held batches are not retried
+        # loop.time() before which held batches are not retried (signing failed, or the
+        # broker had no subscriber): the sender pauses, then re-reads the spool
+        self._retry_at = 0.0
         self._signing_failed = False
+        self._round = 0  # bumped each time the sender resumes after a pause
+        self._no_sub_round = -1  # the round whose 0x10 already set a pause
+        self._no_sub_delay_s = cfg.no_subscriber_retry_s  # the next no-subscriber pause
         self._meta_pending = False  # a meta was withheld because signing failed
 
     # ------------------------------------------------------------ hooks
@@ -426,7 +449,7 @@ class Uplink:
         *,
         retain: bool = False,
         properties: Properties | None = None,
-    ) -> None:
+    ) -> ReasonCode | None:
         rc = await client.publish_acked(
             topic,
             payload,
@@ -437,6 +460,7 @@ class Uplink:
         if rc is not None and rc.is_failure:
             self.stats.publish_rejected += 1
             raise aiomqtt.MqttError(f"broker refused publish to {topic}: PUBACK {rc}")
+        return rc
 
     # ------------------------------------------------------------ sender
 
@@ -448,12 +472,8 @@ class Uplink:
         reset_seen = self._cursor_reset
         session_start = time.time()
         while True:
-            if self._sign_retry_at:  # signing failed: pause, then re-read held rows
-                await asyncio.sleep(
-                    max(0.0, self._sign_retry_at - asyncio.get_running_loop().time())
-                )
-                await self._idle.wait()
-                self._sign_retry_at = 0.0
+            if self._retry_at:  # rows were held: pause, then re-read them in order
+                await self._pause()
                 reset_seen = -1  # forces the cursor reset below
             if reset_seen != self._cursor_reset:
                 reset_seen = self._cursor_reset
@@ -482,6 +502,9 @@ class Uplink:
                 continue
             await self._bucket.take(len(row.payload) + 64)
             await slots.acquire()
+            if self._retry_at:  # a row was held meanwhile: this one waits for the re-read
+                slots.release()
+                continue
             self.stats.inflight += 1
             self._idle.clear()
             self.stats.inflight_peak = max(self.stats.inflight_peak, self.stats.inflight)
@@ -506,9 +529,7 @@ class Uplink:
                         )  # fmt: skip
                     if not self.cfg.allow_unsigned:
                         self.stats.sign_held += 1
-                        self._sign_retry_at = (
-                            asyncio.get_running_loop().time() + self.cfg.sign_retry_s
-                        )
+                        self._hold_for(self.cfg.sign_retry_s)
                         return  # not acked: the row stays undelivered in the spool
                     self.stats.unsigned_batches += 1
                 else:
@@ -525,7 +546,9 @@ class Uplink:
             props.UserProperty = user
             if row.cls is Cls.RAW and self.cfg.message_expiry_raw_s:
                 props.MessageExpiryInterval = self.cfg.message_expiry_raw_s
-            await self._checked(client, self.topic(row.cls), payload, properties=props)
+            rc = await self._checked(client, self.topic(row.cls), payload, properties=props)
+            if self._delivered_to_nobody(rc):
+                return  # not acked: the row stays undelivered in the spool
             self.spool.ack([row.seq])
             self.stats.sent_batches += 1
             self.stats.sent_bytes += len(payload)
@@ -536,6 +559,47 @@ class Uplink:
             if not self.stats.inflight:
                 self._idle.set()
             slots.release()
+
+    def _hold_for(self, delay_s: float) -> None:
+        """Pause the sender for at least `delay_s`; held rows are re-read after it."""
+        self._retry_at = max(self._retry_at, asyncio.get_running_loop().time() + delay_s)
+
+    async def _pause(self) -> None:
+        """Wait out the pause and every in-flight publish, then open a new round."""
+        loop = asyncio.get_running_loop()
+        while True:  # a publish that ends during the wait may extend the pause
+            await asyncio.sleep(max(0.0, self._retry_at - loop.time()))
+            await self._idle.wait()
+            if loop.time() >= self._retry_at:
+                break
+        self._retry_at = 0.0
+        self._round += 1
+
+    def _delivered_to_nobody(self, rc: ReasonCode | None) -> bool:
+        """True when the batch must stay in the spool: PUBACK 0x10 under
+        `require_subscriber`. Tracks the held/resumed state and the pause backoff."""
+        if rc is not None and rc.value == _NO_MATCHING_SUBSCRIBERS and self.cfg.require_subscriber:
+            self.stats.no_subscriber_held += 1
+            if not self.stats.no_subscriber:
+                self.stats.no_subscriber = True
+                log.warning(
+                    "telemetry_no_subscriber", broker=self.broker,
+                    action="holding batches in the spool",
+                )  # fmt: skip
+            if self._no_sub_round != self._round:  # one pause (and one doubling) per round
+                self._no_sub_round = self._round
+                # jittered: the gateways of a fleet do not retry in step after a restart
+                self._hold_for(self._no_sub_delay_s * random.uniform(0.75, 1.0))
+                self._no_sub_delay_s = min(
+                    self.cfg.no_subscriber_retry_max_s, self._no_sub_delay_s * 2
+                )
+            return True
+        if rc is None or rc.value == 0:  # delivered to a subscriber (or MQTT 3 ack)
+            self._no_sub_delay_s = self.cfg.no_subscriber_retry_s
+            if self.stats.no_subscriber:
+                self.stats.no_subscriber = False
+                log.info("telemetry_subscriber_back", broker=self.broker, action="resumed")
+        return False
 
     # ------------------------------------------------------------ commands
 

@@ -213,7 +213,14 @@ async def test_soak1_20261206_consumer_resend_reaches_a_gated_daemon(
     d = simulated(
         tmp_path,
         {
-            "uplink": {"enabled": True, "host": mosquitto.host, "port": mosquitto.port},
+            "uplink": {
+                "enabled": True,
+                "host": mosquitto.host,
+                "port": mosquitto.port,
+                # the broker's 0x10 counts as delivered, so the gap this test needs opens
+                # (the default holds them: test_soak1_20261206_replay_before_the_consumer_is_back_is_held)
+                "require_subscriber": False,
+            },
             "telemetry": {"batch_max_age_s": 0.5, "agg_interval_s": 0.5},
         },
     )
@@ -244,6 +251,115 @@ async def test_soak1_20261206_consumer_resend_reaches_a_gated_daemon(
         finally:
             second.set()
             await t2
+
+
+@pytest.mark.needs_mosquitto
+async def test_soak1_20261206_replay_before_the_consumer_is_back_is_held(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """soak1-20261206 (the 1-hour run): 55 batches unaccounted, each range after a
+    `broker_restart` where the gateway reconnected 1-5 s before the consumer. mosquitto
+    2.0.11 forgets a shared subscription on restart, PUBACKed the replay with 0x10 (no
+    matching subscribers) and dropped it; the gateway counted it delivered and the
+    soak's small cap evicted the rows before the consumer's resend. Now a 0x10 keeps the
+    row in the spool until a subscriber is there. A running simulated daemon, a real
+    mosquitto restarted with its persistence (the consumer's session survives, its shared
+    subscription does not), the reference consumer with NO cmd/resend: every batch must
+    arrive by the gateway's own retries."""
+    import asyncio
+
+    from edgerund.backend.consumer import Consumer, run
+    from tests.helpers.daemon import simulated
+
+    consumer = Consumer()
+
+    class Sink:
+        def write(self, records: list[dict[str, Any]]) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def start_consumer(stop: asyncio.Event, ready: asyncio.Event) -> asyncio.Task[None]:
+        return asyncio.create_task(
+            run(
+                consumer,
+                Sink(),  # type: ignore[arg-type]
+                host=mosquitto.host,
+                port=mosquitto.port,
+                group="soak",  # a shared subscription, as in the soak
+                client_id="soak-consumer",  # a persistent session (expiry 3600 s)
+                stop=stop,
+                ready=ready,
+                resend_after_s=None,  # no repair path: only the gateway's holding helps
+            )
+        )
+
+    async def until(pred: Any, timeout_s: float, what: str) -> None:
+        for _ in range(int(timeout_s * 10)):
+            if pred():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{what} not within {timeout_s} s\n{d.log_text[-3000:]}")
+
+    def tel() -> dict[str, Any]:
+        return dict(d.call("telemetry", timeout_s=5))
+
+    d = simulated(
+        tmp_path,
+        {
+            "uplink": {
+                "enabled": True,
+                "host": mosquitto.host,
+                "port": mosquitto.port,
+                "backoff_initial_s": 0.2,  # the gateway reconnects first, as in the soak
+                "backoff_max_s": 1.0,
+            },
+            "telemetry": {"batch_max_age_s": 0.5, "agg_interval_s": 0.5},
+        },
+    )
+    with d:
+        d.wait_ready(60)
+        stop1, ready1 = asyncio.Event(), asyncio.Event()
+        c1 = start_consumer(stop1, ready1)
+        await asyncio.wait_for(ready1.wait(), 15)
+        await until(lambda: consumer.counts["batches"] >= 3, 30, "first batches")
+        await asyncio.to_thread(mosquitto.stop)  # the consumer's link drops with it...
+        stop1.set()  # ... and it stays away while the broker comes back
+        await c1
+        await asyncio.to_thread(mosquitto.start)
+        held = 0
+        for _ in range(300):  # the gateway reconnects and replays to nobody
+            st = await asyncio.to_thread(tel)
+            held = st["no_subscriber_held_batches"]
+            if st["connected"] and held >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert held >= 2, f"no 0x10 seen: the test proves nothing\n{d.log_text[-2000:]}"
+        assert st["no_subscriber"] is True and st["backlog_batches"] >= 1
+        await asyncio.sleep(2.0)  # more batches sealed while nobody listens
+        stop2, ready2 = asyncio.Event(), asyncio.Event()
+        c2 = start_consumer(stop2, ready2)
+        try:
+            await asyncio.wait_for(ready2.wait(), 15)
+            n_back = consumer.counts["batches"]
+            await until(lambda: consumer.counts["batches"] >= n_back + 5, 60, "replay")
+
+            def drained() -> bool:
+                st = tel()
+                return not st["no_subscriber"] and st["backlog_batches"] <= 1
+
+            for _ in range(600):
+                if await asyncio.to_thread(drained) and not consumer.gaps():
+                    break
+                await asyncio.sleep(0.1)
+            gaps = consumer.gaps()
+            assert gaps == [], f"batches lost after the broker restart: {gaps}"
+            seen = [tr.seen.ranges() for tr in consumer.trackers.values()]
+            assert len(seen) == 1 and len(seen[0]) == 1, seen  # one contiguous range
+        finally:
+            stop2.set()
+            await c2
 
 
 @pytest.mark.needs_swtpm

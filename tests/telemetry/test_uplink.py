@@ -34,9 +34,10 @@ async def test_broker_outage_loses_nothing(
     tmp_path: Path, mosquitto: Any, collector_factory: Any, loop_guard: Any, shared: bool
 ) -> None:
     """Plain persistent subscription: the broker queues for the consumer across its
-    restart. Shared subscription: mosquitto 2.0.11 forgets it on restart, so batches
-    replayed before the consumer resubscribes are gone from the broker; the consumer
-    sees the gap and gets them back with cmd/resend."""
+    restart. Shared subscription: mosquitto 2.0.11 forgets it on restart, so the broker
+    PUBACKs batches replayed before the consumer resubscribes with 0x10 and drops them;
+    the gateway keeps them in the spool until the consumer is back (cmd/resend stays the
+    repair path for any gap left)."""
     # blockbuster (in loop_guard) fails any blocking call on the loop deterministically;
     # the lag threshold only catches gross stalls (the CI machine has 2 shared cores).
     loop_guard.threshold_s = 0.3
@@ -98,7 +99,13 @@ async def test_replay_respects_inflight_limit_and_events_jump_ahead(
 ) -> None:
     proxy = MqttProxy(mosquitto.port, delay_s=0.05)
     port = free_port()
-    cfg = make_config(tmp_path, mosquitto, uplink={"port": port, "inflight_max": 3})
+    # No consumer here: what is measured is the wire, so the broker's PUBACK 0x10 (no
+    # subscriber) counts as delivered, as MQTT has it (tests/telemetry/test_no_subscriber.py).
+    cfg = make_config(
+        tmp_path,
+        mosquitto,
+        uplink={"port": port, "inflight_max": 3, "require_subscriber": False},
+    )
     ctx = make_ctx(cfg, tmp_path)
     async with telemetry_in(ctx, HubStandIn([])) as tel:
         await _fill_backlog(tel, 40, 50)
@@ -134,7 +141,12 @@ async def test_replay_is_paced_by_byte_rate(tmp_path: Path, mosquitto: Any) -> N
     cfg = make_config(
         tmp_path,
         mosquitto,
-        uplink={"port": port, "replay_bytes_per_s": rate, "replay_burst_bytes": burst},
+        uplink={
+            "port": port,
+            "replay_bytes_per_s": rate,
+            "replay_burst_bytes": burst,
+            "require_subscriber": False,  # no consumer: the pacing on the wire is measured
+        },
     )
     ctx = make_ctx(cfg, tmp_path)
     async with telemetry_in(ctx, HubStandIn([])) as tel:
@@ -255,7 +267,9 @@ async def test_resend_republishes_kept_batches(
 async def test_tls_with_client_certificate(tmp_path: Path, mosquitto_tls: Any) -> None:
     b = mosquitto_tls
     tls = {"ca_file": b.tls.ca_file, "cert_file": b.tls.client_cert, "key_file": b.tls.client_key}
-    ctx = make_ctx(make_config(tmp_path, b, uplink={"port": b.tls_port, "tls": tls}), tmp_path)
+    # no consumer: the TLS session is tested, a PUBACK (0x10 included) completes a publish
+    up = {"port": b.tls_port, "tls": tls, "require_subscriber": False}
+    ctx = make_ctx(make_config(tmp_path, b, uplink=up), tmp_path)
     async with telemetry_in(ctx, HubStandIn([])) as tel:
         await _fill_backlog(tel, 2, 10)
         t0 = time.monotonic()
@@ -288,11 +302,13 @@ async def test_tls_handshake_refused_is_reported_not_fatal(
 
 async def test_consumer_repairs_a_gap_with_resend(tmp_path: Path, mosquitto: Any) -> None:
     """A consumer without a persistent session misses batches while it is away; the next
-    batch it sees exposes the gap, and cmd/resend brings the missing ones back."""
+    batch it sees exposes the gap, and cmd/resend brings the missing ones back. With
+    `require_subscriber: false`: the default holds such batches in the spool instead."""
     from edgerund.backend.consumer import Consumer, run
     from tests.telemetry.conftest import Collector
 
-    ctx = make_ctx(make_config(tmp_path, mosquitto), tmp_path)
+    cfg = make_config(tmp_path, mosquitto, uplink={"require_subscriber": False})
+    ctx = make_ctx(cfg, tmp_path)
     col = Collector(Consumer())
 
     async def consume(stop: asyncio.Event) -> None:

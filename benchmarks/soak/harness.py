@@ -2,6 +2,7 @@
 daemon, with invariants checked from outside, continuously and at the end.
 
     python -m benchmarks.soak --seconds 300 --seed soak1-7 --report out.json
+    python -m benchmarks.soak --profile long --seconds 3700 --seed soak1-N --report out.json
 
 Theory of operation
 -------------------
@@ -21,6 +22,21 @@ Theory of operation
 * The last 15 % of the run is quiet: faults end, the backlog drains, the daemon gets
   SIGTERM, and the final checks run (telemetry accounting, actuator safe state, slopes,
   tracebacks in the log).
+
+Profiles and slopes. `--profile short` (CI, and the default under 30 minutes) kills or
+restarts the daemon every ~4 minutes, so five minutes meet every fault kind; its slope
+bounds are loose and judge the whole run pooled (a leak per fault or per request still
+shows). `--profile long` (the default from 30 minutes on) keeps 20 minutes between kill -9
+/ restarts (schedule.py) and judges each resource by its steady-state slope: every process's
+samples from `STEADY_AFTER_S` after its start, for processes that then lived
+`STEADY_MIN_SPAN_S` more, pooled (invariants.resource_slope). The warm-up is measured, not
+guessed: a process fills bounded things in its first minutes (the default executor's
+threads, lazily paged-in library code, malloc's free lists up to the high-water mark of
+the transient buffers an update needs) and its RSS slope then falls (README, soak
+section, 2026-12-06). A leak per fault keeps growing after the warm-up, so it still
+shows in the judged slope. The report keeps the whole-run pooled figures as
+`*_slope_pooled_*` and says which basis each judged figure used (`slope_basis`: `pooled`
+when no process lived long enough).
 
 "Acknowledged" is concrete: a batch the daemon committed to its spool database (spool.py:
 a future resolves only after the commit). Its seq is AUTOINCREMENT, so every seq from 1 to

@@ -79,7 +79,8 @@ from edgerund.errors import CommandError
 
 STATUS_LIMIT_S = 1.0
 # A process's warm-up for the judged (steady-state) slopes, and how long it must live past
-# it to count: measured 2026-12-06 (README, soak section), RSS grows for the first ~N min
+# it to count: measured 2026-12-06 (README, soak section): RSS rises ~5 MB in a process's
+# first ~10 minutes (pages, executor threads), then stays within 2 MB
 STEADY_AFTER_S = 600.0
 STEADY_MIN_SPAN_S = 300.0
 RESOURCES = ("rss_mb", "fds", "threads", "tasks")

@@ -2,6 +2,7 @@
 daemon, with invariants checked from outside, continuously and at the end.
 
     python -m benchmarks.soak --seconds 300 --seed soak1-7 --report out.json
+    python -m benchmarks.soak --profile long --seconds 3700 --seed soak1-N --report out.json
 
 Theory of operation
 -------------------
@@ -22,6 +23,21 @@ Theory of operation
   SIGTERM, and the final checks run (telemetry accounting, actuator safe state, slopes,
   tracebacks in the log).
 
+Profiles and slopes. `--profile short` (CI, and the default under 30 minutes) kills or
+restarts the daemon every ~4 minutes, so five minutes meet every fault kind; its slope
+bounds are loose and judge the whole run pooled (a leak per fault or per request still
+shows). `--profile long` (the default from 30 minutes on) keeps 20 minutes between kill -9
+/ restarts (schedule.py) and judges each resource by its steady-state slope: every process's
+samples from `STEADY_AFTER_S` after its start, for processes that then lived
+`STEADY_MIN_SPAN_S` more, pooled (invariants.resource_slope). The warm-up is measured, not
+guessed: a process fills bounded things in its first minutes (the default executor's
+threads, lazily paged-in library code, malloc's free lists up to the high-water mark of
+the transient buffers an update needs) and its RSS slope then falls (README, soak
+section, 2026-12-06). A leak per fault keeps growing after the warm-up, so it still
+shows in the judged slope. The report keeps the whole-run pooled figures as
+`*_slope_pooled_*` and says which basis each judged figure used (`slope_basis`: `pooled`
+when no process lived long enough).
+
 "Acknowledged" is concrete: a batch the daemon committed to its spool database (spool.py:
 a future resolves only after the commit). Its seq is AUTOINCREMENT, so every seq from 1 to
 the epoch's `sqlite_sequence` was committed; the harness reads sample counts of the rows
@@ -36,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -49,19 +66,24 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.soak import invariants as inv
 from benchmarks.soak.rig import SHIPPED_VERSION, Rig, dump_json, make_bundles
-from benchmarks.soak.schedule import Fault, format_seed, make_schedule
+from benchmarks.soak.schedule import Fault, format_seed, make_schedule, profile_for
 from edgerund.ctl.client import DiagClient, Unreachable
 from edgerund.errors import CommandError
 
 STATUS_LIMIT_S = 1.0
-STEADY_AFTER_S = 600.0  # a process's warm-up, for the steady-state slopes (report only)
+# A process's warm-up for the judged (steady-state) slopes, and how long it must live past
+# it to count: measured 2026-12-06 (README, soak section): RSS rises ~5 MB in a process's
+# first ~10 minutes (pages, executor threads), then stays within 2 MB
+STEADY_AFTER_S = 600.0
+STEADY_MIN_SPAN_S = 300.0
+RESOURCES = ("rss_mb", "fds", "threads", "tasks")
 
 
 @dataclass
@@ -85,6 +107,7 @@ class Bounds:
 
 SHORT = Bounds(rss_mb_per_h=600.0, threads_per_h=60.0)
 LONG = Bounds(rss_mb_per_h=5.0, fd_per_h=5.0, threads_per_h=5.0, tasks_per_h=30.0)
+BOUNDS = {"short": SHORT, "long": LONG}
 
 
 def load1() -> float | None:
@@ -143,13 +166,24 @@ class State:
 
 
 class Soak:
-    def __init__(self, root: Path, seed: int, seconds: float, bounds: Bounds) -> None:
+    def __init__(
+        self,
+        root: Path,
+        seed: int,
+        seconds: float,
+        bounds: Bounds,
+        *,
+        profile: str = "short",
+        exclude: Collection[str] = (),
+    ) -> None:
         self.root = root
         self.seed = seed
         self.seconds = seconds
         self.bounds = bounds
+        self.profile = profile
+        self.exclude = sorted(exclude)
         self.rig = Rig(root)
-        self.schedule = make_schedule(seed, seconds)
+        self.schedule = make_schedule(seed, seconds, profile=profile, exclude=exclude)
         self.st = State(t0=time.monotonic())
         self.rnd = random.Random(seed ^ 0x5EED)
         self._stop = threading.Event()
@@ -477,7 +511,7 @@ class Soak:
         if ver in self.st.bad_versions or ver not in self.st.good_versions:
             self.st.violate("model_unverified_active", version=ver, state=m.get("state"))
 
-    _prev_loops: dict[str, tuple[float, int, int, int]] = {}
+    _prev_loops: dict[str, tuple[float, int, int, Any]] = {}  # t, ticks, missed, pid
 
     def _check_ticks(self, status: dict[str, Any], t: float, lat: float) -> None:
         pid = status.get("pid")
@@ -626,7 +660,7 @@ class Soak:
         poller = threading.Thread(target=self.poller, daemon=True, name="soak-poller")
         poller.start()
         for f in self.schedule:
-            self.at(f.t, f.kind, lambda f=f: self.run_fault(f))
+            self.at(f.t, f.kind, functools.partial(self.run_fault, f))
         quiet_from = self.seconds * 0.85
         while self._actions or st.now() < quiet_from:
             with st.lock:
@@ -701,15 +735,8 @@ class Soak:
         if bad_ts:
             st.violate("sample_timestamps", count=len(bad_ts), first=bad_ts[:5])
         slopes = {
-            name: inv.pooled_slope(_long_segments(list(st.res[name].values())))
-            for name in ("rss_mb", "fds", "threads", "tasks")
-        }
-        per_h = {k: (v * 3600 if v is not None else None) for k, v in slopes.items()}
-        steady = {
-            name: inv.pooled_slope(
-                inv.steady_segments(list(st.res[name].values()), STEADY_AFTER_S, 300)
-            )
-            for name in ("rss_mb", "fds", "threads", "tasks")
+            name: inv.resource_slope(list(st.res[name].values()), STEADY_AFTER_S, STEADY_MIN_SPAN_S)
+            for name in RESOURCES
         }
         b = self.bounds
         for name, limit in (
@@ -718,9 +745,16 @@ class Soak:
             ("threads", b.threads_per_h),
             ("tasks", b.tasks_per_h),
         ):
-            v = per_h[name]
-            if v is not None and v > limit:
-                st.violate("resource_growth", resource=name, slope_per_h=round(v, 2), limit=limit)
+            sl = slopes[name]
+            if sl.per_h is not None and sl.per_h > limit:
+                st.violate(
+                    "resource_growth",
+                    resource=name,
+                    slope_per_h=round(sl.per_h, 2),
+                    basis=sl.basis,
+                    pooled_slope_per_h=_r(sl.pooled_per_h),
+                    limit=limit,
+                )
         missed_frac = {k: (st.missed[k] / st.ticks[k] if st.ticks[k] else 0.0) for k in st.ticks}
         for k, v in missed_frac.items():
             if v > b.missed_fraction:
@@ -728,6 +762,8 @@ class Soak:
         duration = time.monotonic() - st.t0
         report: dict[str, Any] = {
             "seed": format_seed(self.seed),
+            "profile": self.profile,
+            "faults_excluded": self.exclude,
             "duration_s": round(duration, 1),
             "faults_injected": dict(sorted(st.faults.items())),
             "faults_skipped": dict(sorted(st.skipped.items())),
@@ -743,15 +779,21 @@ class Soak:
             "batches_in_loss_records": acc.batches_lost,
             "loss_record_samples_total": loss_samples_total,
             "drained": drained,
-            "rss_slope_mb_per_h": _r(per_h["rss_mb"]),
-            "fd_slope_per_h": _r(per_h["fds"]),
-            "thread_slope_per_h": _r(per_h["threads"]),
-            "task_slope_per_h": _r(per_h["tasks"]),
-            # the same slopes over each process's samples after its first 10 minutes
-            # (processes that then lived 5 more): growth that stops is not a leak
-            "steady_slopes_per_h": {
-                k: _r(v * 3600 if v is not None else None) for k, v in steady.items()
-            },
+            # judged: steady state (each process after its warm-up) where a process
+            # lived long enough, else the whole run pooled; `slope_basis` says which
+            "rss_slope_mb_per_h": _r(slopes["rss_mb"].per_h),
+            "fd_slope_per_h": _r(slopes["fds"].per_h),
+            "thread_slope_per_h": _r(slopes["threads"].per_h),
+            "task_slope_per_h": _r(slopes["tasks"].per_h),
+            # every process from its first sample (warm-ups included), pooled
+            "rss_slope_pooled_mb_per_h": _r(slopes["rss_mb"].pooled_per_h),
+            "fd_slope_pooled_per_h": _r(slopes["fds"].pooled_per_h),
+            "thread_slope_pooled_per_h": _r(slopes["threads"].pooled_per_h),
+            "task_slope_pooled_per_h": _r(slopes["tasks"].pooled_per_h),
+            "slope_basis": {k: v.basis for k, v in slopes.items()},
+            "steady_after_s": STEADY_AFTER_S,
+            "steady_processes": slopes["rss_mb"].steady_processes,
+            "steady_slopes_per_h": {k: _r(v.steady_per_h) for k, v in slopes.items()},
             "per_process": {
                 name: {
                     str(pid): {
@@ -796,13 +838,6 @@ class Soak:
         return report
 
 
-def _long_segments(segs: list[list[tuple[float, float]]]) -> list[list[tuple[float, float]]]:
-    """The processes that lived at least 2 minutes past their warm-up, if any did: a
-    slope over 20 s of one process is noise."""
-    long = [s for s in segs if s and s[-1][0] - s[0][0] >= 120]
-    return long or segs
-
-
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
@@ -816,14 +851,27 @@ SUMMARY_KEYS = (
     "samples_in_loss_records",
     "samples_unaccounted",
     "rss_slope_mb_per_h",
+    "rss_slope_pooled_mb_per_h",
     "fd_slope_per_h",
+    "thread_slope_per_h",
     "max_status_latency_ms",
 )
 
 
-def run_soak(root: Path, seed: int, seconds: float, bounds: Bounds | None = None) -> dict[str, Any]:
-    b = bounds or (LONG if seconds >= 1800 else SHORT)
-    return Soak(root, seed, seconds, b).run()
+def run_soak(
+    root: Path,
+    seed: int,
+    seconds: float,
+    bounds: Bounds | None = None,
+    *,
+    profile: str | None = None,
+    exclude: Collection[str] = (),
+) -> dict[str, Any]:
+    """One run. The profile (default: `long` from 30 minutes on, schedule.profile_for)
+    sets the schedule's spacing of kill -9 / restarts and, unless given, the bounds."""
+    prof = profile or profile_for(seconds)
+    b = bounds or BOUNDS[prof]
+    return Soak(root, seed, seconds, b, profile=prof, exclude=exclude).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -834,22 +882,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", default=None, help="soak1-N (default: a random one, printed)")
     ap.add_argument("--dir", default=None, help="work directory (default: a new temp dir)")
     ap.add_argument("--report", default=None, help="write the full report (JSON) here")
+    ap.add_argument(
+        "--profile",
+        choices=sorted(BOUNDS),
+        default=None,
+        help="short: kill -9/restart every ~4 min, loose slope bounds (CI); long: >= 20 min "
+        "between them, tight bounds on steady-state slopes (default: long from 1800 s on)",
+    )
+    ap.add_argument(
+        "--exclude-faults",
+        default="",
+        metavar="KIND[,KIND]",
+        help="fault kinds to leave out, e.g. daemon_kill9,daemon_restart (a light profile)",
+    )
     ap.add_argument("--schedule-only", action="store_true")
     a = ap.parse_args(argv)
     seed = parse_seed(a.seed) if a.seed else random.SystemRandom().randrange(1, 10**6)
+    profile = a.profile or profile_for(a.seconds)
+    exclude = [k.strip() for k in a.exclude_faults.split(",") if k.strip()]
     if a.schedule_only:
-        for f in make_schedule(seed, a.seconds):
+        for f in make_schedule(seed, a.seconds, profile=profile, exclude=exclude):
             print(json.dumps(f.to_json()))
         return 0
     import tempfile
 
     root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="edgerund-soak-"))
-    report = run_soak(root, seed, a.seconds)
+    report = run_soak(root, seed, a.seconds, profile=profile, exclude=exclude)
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=1, sort_keys=True))
     for v in report["violations"]:
         print("violation:", json.dumps(v)[:1000])
-    print(f"work dir: {root}   reproduce: SOAK_SEED={report['seed']} SOAK_SECONDS={a.seconds:.0f}")
+    print(
+        f"work dir: {root}   reproduce: SOAK_SEED={report['seed']} SOAK_SECONDS={a.seconds:.0f}"
+        f" --profile {profile}"
+    )
     print(json.dumps({k: report[k] for k in (*SUMMARY_KEYS, "seed")}))
     return 1 if report["invariant_violations"] else 0
 

@@ -43,6 +43,51 @@ def steady_segments(
     return out
 
 
+def long_segments(
+    segments: Iterable[Sequence[tuple[float, float]]], min_span_s: float = 120.0
+) -> list[list[tuple[float, float]]]:
+    """The processes that lived at least `min_span_s` past their first sample, if any did
+    (else all of them): a slope over 20 s of one process is noise."""
+    segs = [list(s) for s in segments if s]
+    long = [s for s in segs if s[-1][0] - s[0][0] >= min_span_s]
+    return long or segs
+
+
+@dataclass(frozen=True)
+class Slope:
+    """One resource's growth over a run, in units per hour.
+
+    `per_h` is the judged figure: the steady-state slope (each process's samples after
+    its warm-up, pooled) when at least one process lived long enough for one, else the
+    pooled slope of the whole run (`basis` says which). `pooled_per_h` is always the
+    whole-run pooled slope, warm-ups included."""
+
+    per_h: float | None
+    pooled_per_h: float | None
+    steady_per_h: float | None
+    basis: str  # "steady" | "pooled"
+    steady_processes: int
+
+
+def resource_slope(
+    segments: Sequence[Sequence[tuple[float, float]]], warmup_s: float, min_span_s: float
+) -> Slope:
+    """The slopes of one resource sampled per process (t in s): see `Slope`. A leak per
+    fault or per request grows after the warm-up as before it, so the steady slope sees
+    it; what a process fills once in its first minutes (pools, arenas, rings) does not
+    count against it, however often the run restarts the daemon."""
+
+    def per_h(v: float | None) -> float | None:
+        return None if v is None else v * 3600
+
+    pooled = per_h(pooled_slope(long_segments(segments)))
+    steady_segs = steady_segments(segments, warmup_s, min_span_s)
+    steady = per_h(pooled_slope(steady_segs))
+    if steady is not None:
+        return Slope(steady, pooled, steady, "steady", len(steady_segs))
+    return Slope(pooled, pooled, None, "pooled", 0)
+
+
 def in_ranges(x: int, ranges: Sequence[tuple[int, int]]) -> bool:
     return any(lo <= x <= hi for lo, hi in ranges)
 

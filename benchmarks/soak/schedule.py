@@ -10,6 +10,14 @@ stalled OR throttled). The whole schedule is computed before the run starts: the
 and duration give the same list, byte for byte, which is what makes a failing seed
 reproducible (the daemon's own timing is not deterministic, the faults it meets are).
 
+Profiles. `short` (the CI profile, and any run under 30 minutes) draws the lanes as above:
+kill -9 and restarts every ~4 minutes, so a 5-minute run meets every fault kind. `long`
+(the default from 30 minutes on) draws the same lanes from the same seeds, except that the
+`power` lane keeps `LONG_POWER_MIN_GAP_S` (20 minutes) between process faults and before
+the first one: a daemon process then lives long enough to be judged past its warm-up
+(harness.py, `STEADY_AFTER_S`), which a steady-state RSS slope needs. `exclude` drops
+fault kinds AFTER drawing, so the faults left are exactly those of the full schedule.
+
 Seed format: `soak1-<int>` (or a bare integer). `parse_seed` accepts both; the report
 prints the canonical form to pass back with `SOAK_SEED=`.
 """
@@ -17,6 +25,7 @@ prints the canonical form to pass back with `SOAK_SEED=`.
 from __future__ import annotations
 
 import random
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +60,15 @@ LANES: dict[str, tuple[float, list[tuple[str, int]]]] = {
     "updates": (40.0, [("update_good", 2), ("update_bad", 3)]),
     "diag": (30.0, [("diag_hang", 1), ("diag_flood", 1)]),
 }
+
+# the long profile: at least this long between two kill -9 / restarts, and before the first
+LONG_POWER_MIN_GAP_S = 1200.0
+# lane -> minimum gap (s) between its faults and before its first one, per profile
+PROFILES: dict[str, dict[str, float]] = {
+    "short": {},
+    "long": {"power": LONG_POWER_MIN_GAP_S},
+}
+ALL_KINDS = tuple(k for _gap, kinds in LANES.values() for k, _w in kinds)
 
 SERIAL_SENSORS = ("gps", "power_meter", "drive", "bms")
 I2C_SENSORS = ("motor_vib", "cabinet", "cabinet_sht", "battery", "motor_current")
@@ -126,21 +144,40 @@ def _params(kind: str, rnd: random.Random) -> tuple[float, dict[str, Any]]:
     raise ValueError(kind)
 
 
-def make_schedule(seed: int, duration_s: float, warmup_s: float = 20.0) -> list[Fault]:
+def profile_for(duration_s: float) -> str:
+    """The default profile of a run: `long` from 30 minutes on."""
+    return "long" if duration_s >= 1800 else "short"
+
+
+def make_schedule(
+    seed: int,
+    duration_s: float,
+    warmup_s: float = 20.0,
+    *,
+    profile: str = "short",
+    exclude: Collection[str] = (),
+) -> list[Fault]:
     """Every fault of the run, sorted by start time; none starts in the warm-up or in the
-    last 15 % of the run (which is kept quiet so the backlog drains before the checks)."""
+    last 15 % of the run (which is kept quiet so the backlog drains before the checks).
+    `profile` names the lanes' minimum gaps (PROFILES); `exclude` drops fault kinds."""
+    unknown = set(exclude) - set(ALL_KINDS)
+    if unknown:
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; expected some of {ALL_KINDS}")
+    min_gaps: Mapping[str, float] = PROFILES[profile]
     faults: list[Fault] = []
     quiet_from = duration_s * 0.85
     for i, (lane, (mean_gap, kinds)) in enumerate(sorted(LANES.items())):
         rnd = random.Random(seed * 1000 + i)
         names = [k for k, _ in kinds]
         weights = [w for _, w in kinds]
-        t = warmup_s + rnd.uniform(0, mean_gap)
+        min_gap = min_gaps.get(lane, 0.0)
+        t = max(warmup_s, min_gap) + rnd.uniform(0, mean_gap)
         while t < quiet_from:
             kind = rnd.choices(names, weights)[0]
             dur, params = _params(kind, rnd)
             dur = min(dur, max(0.0, quiet_from - t))
-            faults.append(Fault(round(t, 3), kind, round(dur, 3), {"lane": lane, **params}))
-            t += dur + rnd.expovariate(1.0 / mean_gap)
+            if kind not in exclude:
+                faults.append(Fault(round(t, 3), kind, round(dur, 3), {"lane": lane, **params}))
+            t += dur + min_gap + rnd.expovariate(1.0 / mean_gap)
     faults.sort(key=lambda f: (f.t, f.kind))
     return faults

@@ -13,6 +13,7 @@ here too, so a harness bug cannot turn a broken daemon green.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -94,3 +95,50 @@ def test_steady_segments_drop_each_process_warm_up() -> None:
     # growth that does not stop is still growth
     leak = [(t, 100 + 0.01 * t) for t in range(0, 1800, 10)]
     assert inv.pooled_slope(inv.steady_segments([leak], 600, 300)) == pytest.approx(0.01)
+
+
+def test_long_profile_spaces_process_faults_and_keeps_the_other_lanes() -> None:
+    from benchmarks.soak.schedule import LONG_POWER_MIN_GAP_S, profile_for
+
+    assert (profile_for(1799), profile_for(1800)) == ("short", "long")
+    for seed in (1, 2, 3, 20261206):
+        short = make_schedule(seed, 3700)
+        long = make_schedule(seed, 3700, profile="long")
+        power = [f.t for f in long if f.params["lane"] == "power"]
+        # a process lives at least 20 min: before the first kill and between two
+        assert power and power[0] >= LONG_POWER_MIN_GAP_S
+        assert all(b - a >= LONG_POWER_MIN_GAP_S for a, b in itertools.pairwise(power))
+        assert len(power) < len([f for f in short if f.params["lane"] == "power"])
+        # every other lane draws the same faults as the short profile
+        assert [f for f in long if f.params["lane"] != "power"] == [
+            f for f in short if f.params["lane"] != "power"
+        ]
+
+
+def test_exclude_drops_kinds_without_moving_the_others() -> None:
+    full = make_schedule(4, 300)
+    light = make_schedule(4, 300, exclude=("daemon_kill9", "daemon_restart"))
+    assert {"daemon_kill9", "daemon_restart"} & {f.kind for f in full}
+    assert light == [f for f in full if f.kind not in ("daemon_kill9", "daemon_restart")]
+    with pytest.raises(ValueError, match="daemon_kil9"):
+        make_schedule(4, 300, exclude=("daemon_kil9",))
+
+
+def test_resource_slope_judges_steady_state_but_still_sees_a_leak() -> None:
+    # processes that fill malloc/pools for 10 min (+15 MB) then stay flat for 12 min:
+    # the pooled slope over all samples sees the warm-up, the judged one does not
+    warm = [[(s + t, 119.0 + 15 * min(t, 600) / 600) for t in range(0, 1320, 5)] for s in (0, 1400)]
+    sl = inv.resource_slope(warm, warmup_s=600, min_span_s=300)
+    assert sl.basis == "steady" and sl.steady_processes == 2
+    assert sl.per_h == pytest.approx(0.0, abs=1e-9)
+    assert sl.pooled_per_h is not None and sl.pooled_per_h > 20
+    # the same processes leaking 0.1 MB per update, one update a minute (6 MB/h) keep
+    # that slope after their warm-up: the judged figure sees it above the 5 MB/h bound
+    leak = [[(t, y + 0.1 * ((t - seg[0][0]) // 60)) for t, y in seg] for seg in warm]
+    sl = inv.resource_slope(leak, warmup_s=600, min_span_s=300)
+    assert sl.basis == "steady" and sl.per_h == pytest.approx(6.0, rel=0.1)
+    # no process lived past its warm-up: the judged figure falls back to the pooled one
+    short = [[(s + t, 100.0 + t / 60) for t in range(0, 400, 5)] for s in (0, 500)]
+    sl = inv.resource_slope(short, warmup_s=600, min_span_s=300)
+    assert sl.basis == "pooled" and sl.steady_per_h is None
+    assert sl.per_h == sl.pooled_per_h == pytest.approx(60.0)

@@ -505,60 +505,64 @@ class Uplink:
             if self._retry_at:  # a row was held meanwhile: this one waits for the re-read
                 slots.release()
                 continue
+            task = tg.create_task(self._publish_row(client, row, row.created < session_start))
             self.stats.inflight += 1
             self._idle.clear()
             self.stats.inflight_peak = max(self.stats.inflight_peak, self.stats.inflight)
-            tg.create_task(self._publish_row(client, row, slots, row.created < session_start))
+            # The slot and the in-flight count are given back by a done callback, not by a
+            # `finally` in the coroutine: a task the group cancels before its first step (the
+            # session died right after it was created) never runs its body, and a count that
+            # never came back down kept the sender of every later session waiting for
+            # `_idle` in its pause, so nothing was sent again (soak, 2026-12-06).
+            task.add_done_callback(lambda _t: self._publish_done(slots))
 
-    async def _publish_row(
-        self, client: _AckClient, row: Row, slots: asyncio.Semaphore, historical: bool
-    ) -> None:
-        try:
-            payload = row.payload
-            if self.signer is not None:
-                try:
-                    payload = await self.signer.sign(payload)
-                except Exception as exc:
-                    self.stats.sign_errors += 1
-                    if not self._signing_failed:  # log the state change, not every retry
-                        self._signing_failed = True
-                        log.error(
-                            "telemetry_sign_failed", error=repr(exc),
-                            action="publishing unsigned" if self.cfg.allow_unsigned
-                            else "holding batches in the spool",
-                        )  # fmt: skip
-                    if not self.cfg.allow_unsigned:
-                        self.stats.sign_held += 1
-                        self._hold_for(self.cfg.sign_retry_s)
-                        return  # not acked: the row stays undelivered in the spool
-                    self.stats.unsigned_batches += 1
-                else:
-                    if self._signing_failed:
-                        self._signing_failed = False
-                        log.info("telemetry_sign_recovered")
-                    if self._meta_pending:  # the batch must not arrive before its meta
-                        await self._publish_metas(client)
-            props = _props(PacketTypes.PUBLISH)
-            props.ContentType = CONTENT_TYPE
-            user = [("epoch", str(self.spool.epoch)), ("seq", str(row.seq))]
-            if historical:
-                user.append(("hist", "1"))
-            props.UserProperty = user
-            if row.cls is Cls.RAW and self.cfg.message_expiry_raw_s:
-                props.MessageExpiryInterval = self.cfg.message_expiry_raw_s
-            rc = await self._checked(client, self.topic(row.cls), payload, properties=props)
-            if self._delivered_to_nobody(rc):
-                return  # not acked: the row stays undelivered in the spool
-            self.spool.ack([row.seq])
-            self.stats.sent_batches += 1
-            self.stats.sent_bytes += len(payload)
-            if historical:
-                self.stats.replayed_batches += 1
-        finally:
-            self.stats.inflight -= 1
-            if not self.stats.inflight:
-                self._idle.set()
-            slots.release()
+    def _publish_done(self, slots: asyncio.Semaphore) -> None:
+        self.stats.inflight -= 1
+        if not self.stats.inflight:
+            self._idle.set()
+        slots.release()
+
+    async def _publish_row(self, client: _AckClient, row: Row, historical: bool) -> None:
+        payload = row.payload
+        if self.signer is not None:
+            try:
+                payload = await self.signer.sign(payload)
+            except Exception as exc:
+                self.stats.sign_errors += 1
+                if not self._signing_failed:  # log the state change, not every retry
+                    self._signing_failed = True
+                    log.error(
+                        "telemetry_sign_failed", error=repr(exc),
+                        action="publishing unsigned" if self.cfg.allow_unsigned
+                        else "holding batches in the spool",
+                    )  # fmt: skip
+                if not self.cfg.allow_unsigned:
+                    self.stats.sign_held += 1
+                    self._hold_for(self.cfg.sign_retry_s)
+                    return  # not acked: the row stays undelivered in the spool
+                self.stats.unsigned_batches += 1
+            else:
+                if self._signing_failed:
+                    self._signing_failed = False
+                    log.info("telemetry_sign_recovered")
+                if self._meta_pending:  # the batch must not arrive before its meta
+                    await self._publish_metas(client)
+        props = _props(PacketTypes.PUBLISH)
+        props.ContentType = CONTENT_TYPE
+        user = [("epoch", str(self.spool.epoch)), ("seq", str(row.seq))]
+        if historical:
+            user.append(("hist", "1"))
+        props.UserProperty = user
+        if row.cls is Cls.RAW and self.cfg.message_expiry_raw_s:
+            props.MessageExpiryInterval = self.cfg.message_expiry_raw_s
+        rc = await self._checked(client, self.topic(row.cls), payload, properties=props)
+        if self._delivered_to_nobody(rc):
+            return  # not acked: the row stays undelivered in the spool
+        self.spool.ack([row.seq])
+        self.stats.sent_batches += 1
+        self.stats.sent_bytes += len(payload)
+        if historical:
+            self.stats.replayed_batches += 1
 
     def _hold_for(self, delay_s: float) -> None:
         """Pause the sender for at least `delay_s`; held rows are re-read after it."""

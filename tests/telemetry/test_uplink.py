@@ -350,3 +350,52 @@ async def test_consumer_repairs_a_gap_with_resend(tmp_path: Path, mosquitto: Any
     asked = col.of("resend_requested")
     assert asked and asked[0]["to_seq"] - asked[0]["from_seq"] == 3
     assert col.consumer.gaps() == []
+
+
+async def test_a_session_dying_right_after_scheduling_a_publish_does_not_stall_the_sender(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """Soak 2026-12-06 (seed soak1-20261206, the long profile without kills): after a link
+    cut the gateway reconnected again and again but sent nothing more for 13 minutes; the
+    spool stayed at its cap, evicting. The session had died right after the sender created
+    a publish task, the group cancelled that task before its first step, so its `finally`
+    never gave the in-flight count back, and every later pause (signing held, no
+    subscriber) waited for an idle that never came."""
+    port = free_port()
+    cfg = make_config(tmp_path, mosquitto, uplink={"port": port, "require_subscriber": False})
+    ctx = make_ctx(cfg, tmp_path)
+    async with telemetry_in(ctx, HubStandIn([])) as tel:
+        await _fill_backlog(tel, 5, 50)
+        up = tel.uplink
+        assert up is not None and tel.status()["telemetry"]["connected"] is False
+
+        class SessionDies(asyncio.TaskGroup):
+            """The first publish task is cancelled before its first step, as the group
+            does when the session dies right after it was created; the next one finds
+            the session gone."""
+
+            created = 0
+
+            def create_task(self, coro: Any, **kw: Any) -> Any:
+                self.created += 1
+                if self.created > 1:
+                    coro.close()
+                    raise aiomqtt.MqttError("the session is gone")
+                task = super().create_task(coro, **kw)
+                task.cancel()
+                return task
+
+        with pytest.raises((aiomqtt.MqttError, ExceptionGroup)):
+            async with SessionDies() as tg:
+                await up._sender(None, tg)  # type: ignore[arg-type]  # no publish starts
+        assert tg.created == 2
+        assert up.stats.inflight == 0 and up._idle.is_set()
+        # ... and the next session, which starts with a pause (a signing failure held a
+        # row), still drains the backlog
+        up._hold_for(0.05)
+        proxy = MqttProxy(mosquitto.port)
+        await proxy.start(port)
+        try:
+            await until(lambda: tel.spool.stats.backlog_batches == 0, 30)
+        finally:
+            await proxy.stop()

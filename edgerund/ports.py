@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    import asyncio
-
     import numpy as np
     import numpy.typing as npt
 
@@ -77,9 +75,9 @@ class SampleSource(Protocol):
         (`request_read`); False when the sensor cannot (a stream)."""
         ...
 
-    def request_read(self, sensor_id: str) -> asyncio.Future[bool] | None:
+    def request_read(self, sensor_id: str) -> Awaitable[bool] | None:
         """A locked sensor that is "ok": read now; the future turns True once a read
-        started after the call is stored. None: nothing to wait for."""
+        started after the call is stored (an asyncio future). None: nothing to wait for."""
         ...
 
 

@@ -430,6 +430,8 @@ class ControlLoop:
                 if pending:
                     self.fresh_late += 1
                 fresh.waited(self.clock() - t_req)
+        else:  # ahead, but the deadline came before the request could (an overrun)
+            self.fresh_late += 1
         fresh.ticked()
 
     def first_deadline(self, now: float) -> float:

@@ -21,6 +21,8 @@ one of two places, which this policy chooses from what it measures.
   `lead_s` before the deadline instead (the spin + the AHEAD_QUANTILE of the reads'
   request-to-stored durations + LEAD_MARGIN_S, at most half a period) and does not wait:
   the read is stored before the spin starts and the tick uses the newest sample there is.
+  A wait that ran into its bound (`wait_s`) counts as TIMEOUT_WEIGHT slow waits, so a
+  daemon that starts loaded goes ahead after two of them rather than after eleven.
   After `hold_ticks` ahead the loop tries the tick again; each time it has to come back
   ahead the hold doubles (up to HOLD_MAX_TICKS), and a full quiet window at the tick
   resets it.
@@ -33,6 +35,7 @@ from collections import deque
 WINDOW = 100  # waits (at the tick) and durations (ahead) the choice is made from
 SLOW_S = 0.002  # a wait at the tick over this is slow ...
 SLOW_MAX = 10  # ... and more than this many slow waits in WINDOW send the reads ahead
+TIMEOUT_WEIGHT = 6  # a wait that reached `wait_s` counts as this many slow ones
 AHEAD_QUANTILE = 0.9  # ahead: the share of reads stored before the spin starts
 LEAD_MARGIN_S = 0.0002  # ahead: on top of the quantile (the timer's and the hop's error)
 HOLD_TICKS = 500  # ahead for this many ticks before trying the tick again (5 s at 100 Hz)
@@ -68,7 +71,7 @@ class FreshPolicy:
         # the most a tick waits for its read (then it decides without, and the read serves
         # the next tick): a quarter of the period, the rest is the decision's
         self.wait_s = 0.25 * period_s
-        self._waits: deque[bool] = deque(maxlen=WINDOW)  # at the tick: was the wait slow
+        self._waits: deque[int] = deque(maxlen=WINDOW)  # at the tick: slow-wait weights
         self._slow = 0  # slow waits in _waits
         self._durations: deque[float] = deque(maxlen=WINDOW)  # ahead: request -> stored
         self.lead_s = 0.0
@@ -85,11 +88,11 @@ class FreshPolicy:
         if not self.at_tick:
             return
         waits = self._waits
-        if len(waits) == waits.maxlen and waits[0]:
-            self._slow -= 1
-        slow = wait_s > SLOW_S
-        waits.append(slow)
-        self._slow += slow
+        if len(waits) == waits.maxlen:
+            self._slow -= waits[0]
+        weight = TIMEOUT_WEIGHT if wait_s >= self.wait_s else int(wait_s > SLOW_S)
+        waits.append(weight)
+        self._slow += weight
         if self._slow > SLOW_MAX:
             self._go_ahead()
         elif len(waits) == waits.maxlen and self._slow == 0:

@@ -56,7 +56,7 @@ def test_quick_reads_stay_at_the_tick() -> None:
     rng = random.Random(1)
     for _ in range(1000):
         # mostly quick, a few slow ones (fewer than SLOW_MAX per window)
-        p.waited(0.0030 if rng.random() < 0.05 else 0.0003)
+        p.waited(0.0022 if rng.random() < 0.05 else 0.0003)
         p.ticked()
     assert p.at_tick and p.switches == 0
 
@@ -64,12 +64,12 @@ def test_quick_reads_stay_at_the_tick() -> None:
 def test_slow_waits_send_the_reads_ahead_with_a_learned_lead() -> None:
     p = FreshPolicy(period_s=0.010, spin_s=0.0008)
     for _ in range(fresh.SLOW_MAX):
-        p.waited(0.004)
+        p.waited(0.0022)
         assert p.at_tick  # not yet: at most SLOW_MAX slow waits per window
-    p.waited(0.004)
+    p.waited(0.0022)
     assert not p.at_tick and p.switches == 1
     assert p.lead_s == pytest.approx(0.005)  # nothing measured ahead yet: half a period
-    p.waited(0.004)  # ignored ahead of the tick
+    p.waited(0.0022)  # ignored ahead of the tick
     for _ in range(50):
         p.stored(0.0005)
     # the spin + the reads' quantile + the margin
@@ -79,12 +79,29 @@ def test_slow_waits_send_the_reads_ahead_with_a_learned_lead() -> None:
     assert p.lead_s == pytest.approx(0.005)
 
 
+def test_waits_that_reach_their_bound_send_the_reads_ahead_sooner() -> None:
+    p = FreshPolicy(period_s=0.010, spin_s=0.0)
+    p.waited(p.wait_s)  # the tick gave up waiting
+    assert p.at_tick
+    p.waited(p.wait_s + 0.001)
+    assert not p.at_tick  # two of them: more than SLOW_MAX slow waits' worth
+
+
+def test_slow_waits_leave_the_window_as_it_slides() -> None:
+    p = FreshPolicy(period_s=0.010, spin_s=0.0)
+    for i in range(10 * fresh.WINDOW):
+        # exactly SLOW_MAX slow waits in every window: never ahead
+        p.waited(0.0022 if i % fresh.WINDOW < fresh.SLOW_MAX else 0.0002)
+        p.ticked()
+    assert p.at_tick and p.switches == 0
+
+
 def test_ahead_holds_then_tries_the_tick_again_with_a_doubling_hold() -> None:
     p = FreshPolicy(period_s=0.010, spin_s=0.0)
 
     def go_ahead() -> None:  # slow waits until the reads go ahead (the hold counts after)
         while p.at_tick:
-            p.waited(0.004)
+            p.waited(0.0022)
             if p.at_tick:
                 p.ticked()
 

@@ -19,7 +19,7 @@ one of two places, which this policy chooses from what it measures.
   worker waiting for a CPU) the tick then finishes late and misses deadlines. When more
   than SLOW_MAX of the last WINDOW waits took over SLOW_S, the loop asks for the read
   `lead_s` before the deadline instead (the spin + the AHEAD_QUANTILE of the reads'
-  request-to-stored durations + LEAD_MARGIN_S, at most half a period) and does not wait:
+  request-to-stored durations + LEAD_MARGIN_S, at most 45 % of the period) and does not wait:
   the read is stored before the spin starts and the tick uses the newest sample there is.
   A wait that ran into its bound (`wait_s`) counts as TIMEOUT_WEIGHT slow waits, so a
   daemon that starts loaded goes ahead after two of them rather than after eleven.
@@ -36,7 +36,7 @@ WINDOW = 100  # waits (at the tick) and durations (ahead) the choice is made fro
 SLOW_S = 0.002  # a wait at the tick over this is slow ...
 SLOW_MAX = 10  # ... and more than this many slow waits in WINDOW send the reads ahead
 TIMEOUT_WEIGHT = 6  # a wait that reached `wait_s` counts as this many slow ones
-AHEAD_QUANTILE = 0.9  # ahead: the share of reads stored before the spin starts
+AHEAD_QUANTILE = 0.8  # ahead: the share of reads stored before the spin starts
 LEAD_MARGIN_S = 0.0002  # ahead: on top of the quantile (the timer's and the hop's error)
 HOLD_TICKS = 500  # ahead for this many ticks before trying the tick again (5 s at 100 Hz)
 HOLD_MAX_TICKS = 6000
@@ -67,7 +67,9 @@ class FreshPolicy:
         if not period_s > 0 or spin_s < 0:
             raise ValueError(f"period must be > 0 and spin >= 0, got {period_s}, {spin_s}")
         self.spin_s = spin_s
-        self.lead_max_s = 0.5 * period_s
+        # under half a period: a request must fall nearer its own deadline than the one
+        # before (the hub serves the deadline slot nearest the request)
+        self.lead_max_s = 0.45 * period_s
         # the most a tick waits for its read (then it decides without, and the read serves
         # the next tick): a quarter of the period, the rest is the decision's
         self.wait_s = 0.25 * period_s

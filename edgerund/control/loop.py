@@ -289,7 +289,8 @@ class ControlLoop:
         self._schedule: Schedule | None = None
         self._fresh: list[str] = []  # phase-locked sensors: read at each tick
         self.fresh = FreshPolicy(period_s=self.period_s, spin_s=self.spin_s)
-        self._ahead: list[asyncio.Future[bool]] = []  # reads asked for ahead of the tick
+        # reads asked for ahead of the next tick (None: not asked ahead)
+        self._ahead: list[asyncio.Future[bool]] | None = None
         self.fresh_late = 0  # ticks that decided without their fresh read
         self._summary_cache: tuple[float, dict[str, Any]] | None = None
 
@@ -410,7 +411,7 @@ class ControlLoop:
         for (0: by the tick itself)."""
         return self.fresh.lead_s
 
-    async def __call__(self, deadline: float) -> None:
+    async def ahead(self, deadline: float) -> None:
         """scheduler.Prepare: ask for the fresh reads ahead of the tick (no waiting)."""
         self._ahead = self._request_fresh(ahead=True)
 
@@ -418,8 +419,8 @@ class ControlLoop:
         """The tick's fresh reads: asked for now and waited for (at most `wait_s`), or
         asked for ahead of the tick (then checked: a read not stored yet is late)."""
         fresh = self.fresh
-        ahead, self._ahead = self._ahead, []
-        if ahead:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
             if not all(f.done() for f in ahead):
                 self.fresh_late += 1
         elif fresh.at_tick:

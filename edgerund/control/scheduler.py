@@ -136,8 +136,8 @@ class Prepare(Protocol):
     @property
     def lead_s(self) -> float: ...
 
-    async def __call__(self, deadline: float) -> None:
-        """Return by `deadline` (the spin to it follows)."""
+    async def ahead(self, deadline: float) -> None:
+        """Run `lead_s` before `deadline`; return by it (the spin to it follows)."""
         ...
 
 
@@ -153,7 +153,7 @@ async def run_schedule(
 ) -> None:
     """Run `tick(deadline, woke)` at each deadline of `schedule` (forever by default).
 
-    With `prepare`, `prepare(deadline)` runs `prepare.lead_s` before each deadline when
+    With `prepare`, `prepare.ahead(deadline)` runs `prepare.lead_s` before each deadline when
     that lead is positive (reached without a spin: the event loop keeps serving callbacks meanwhile, and uvloop
     lands within one loop iteration, see `sleep_until`); the spin to the deadline follows
     it. After each tick the schedule skips deadlines the tick overran (`schedule.missed`).
@@ -163,7 +163,7 @@ async def run_schedule(
         deadline = schedule.deadline
         if prepare is not None and (lead := prepare.lead_s) > 0:
             await sleep_until(deadline - lead, spin_s=0.0, clock=clock, sleep=sleep)
-            await prepare(deadline)
+            await prepare.ahead(deadline)
         woke = await sleep_until(deadline, spin_s=spin_s, clock=clock, sleep=sleep)
         await tick(deadline, woke)
         schedule.advance(clock())

@@ -39,11 +39,13 @@ class _Recorder(OnnxRunner):
         super().__init__(variance_model(WINDOW), manifest(WINDOW, THRESHOLD))
         self.loop: Any = None
         self.seen: list[tuple[float, float, bool]] = []
+        self.leads: list[float] = []
 
     def infer(self, inputs: Any, times: Any = None) -> Any:  # type: ignore[override]
         if self.loop is not None and self.loop.ticks > 0 and times is not None:
             at_tick = self.loop.fresh.at_tick
             self.seen.append((time.monotonic(), float(times["vibration"][-1]), at_tick))
+            self.leads.append(self.loop.fresh.lead_s)
         return super().infer(inputs)
 
 
@@ -137,6 +139,32 @@ async def test_fresh_input_decides_on_the_read_of_its_own_deadline() -> None:
     assert status["sensors"] == ["motor_vib"]
     assert lock["reads_per_tick"] == 2
     assert lock["requested"] >= 0.8 * ticks, (lock, ticks)
+
+
+async def test_reads_gone_ahead_are_asked_for_before_the_deadline_and_used() -> None:
+    """When the policy sends the reads ahead (here: two waits that reached their bound,
+    as on a loaded daemon), the loop asks for each deadline's read `lead` before it and
+    the tick decides on that read without waiting: a sample from the last `lead` (plus
+    the read itself) before the deadline, not the in-between read 5 ms before."""
+    async with _running(fresh=True) as (comp, hub, runner):
+        loop = comp.loops[0]
+        assert await wait_for(lambda: len(runner.seen) >= 20, 10.0)
+        loop.fresh.waited(loop.fresh.wait_s)
+        loop.fresh.waited(loop.fresh.wait_s)
+        assert not loop.fresh.at_tick
+        n0 = len(runner.seen)
+        requested0 = hub.sensor_status("motor_vib")["phase_lock"]["requested"]
+        assert await wait_for(lambda: len(runner.seen) >= n0 + 150, 10.0)
+        rel = _to_deadline(loop, runner.seen)[n0:]
+        leads = runner.leads[n0:]
+        lock = hub.sensor_status("motor_vib")["phase_lock"]
+        status = loop.status()["fresh"]
+    assert status["went_ahead"] == 1 and not status["at_tick"]
+    assert lock["requested"] - requested0 >= 0.8 * len(rel)  # asked for by the loop
+    assert all(not tick for _, tick in rel)
+    # the read asked for `lead` ahead: taken within the lead before the deadline
+    own = [d for (d, _), lead in zip(rel, leads, strict=True) if -lead - 0.001 <= d < 0.0]
+    assert len(own) >= 0.8 * len(rel), sorted(zip((d for d, _ in rel), leads, strict=True))[:10]
 
 
 async def test_a_free_running_input_only_offers_samples_from_before_the_deadline() -> None:

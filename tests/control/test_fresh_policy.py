@@ -68,15 +68,15 @@ def test_slow_waits_send_the_reads_ahead_with_a_learned_lead() -> None:
         assert p.at_tick  # not yet: at most SLOW_MAX slow waits per window
     p.waited(0.0022)
     assert not p.at_tick and p.switches == 1
-    assert p.lead_s == pytest.approx(0.005)  # nothing measured ahead yet: half a period
+    assert p.lead_s == pytest.approx(0.0045)  # nothing measured ahead yet: the most
     p.waited(0.0022)  # ignored ahead of the tick
     for _ in range(50):
         p.stored(0.0005)
     # the spin + the reads' quantile + the margin
     assert p.lead_s == pytest.approx(0.0008 + 0.0005 + fresh.LEAD_MARGIN_S)
     for _ in range(50):
-        p.stored(0.009)  # very slow reads: the lead stays within half a period
-    assert p.lead_s == pytest.approx(0.005)
+        p.stored(0.009)  # very slow reads: the lead stays under half a period
+    assert p.lead_s == pytest.approx(0.0045)
 
 
 def test_waits_that_reach_their_bound_send_the_reads_ahead_sooner() -> None:
@@ -142,7 +142,7 @@ class _Ahead:
         self.lead_s = lead_s
         self.calls: list[tuple[float, float]] = []  # (deadline, when)
 
-    async def __call__(self, deadline: float) -> None:
+    async def ahead(self, deadline: float) -> None:
         self.calls.append((deadline, self.clock()))
 
 

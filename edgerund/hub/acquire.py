@@ -532,11 +532,11 @@ class Acquirer:
                 k = lock.tick_slot(_monotonic())
                 last_k = k if last_k is None else max(last_k, k)
                 c.requested += 1
-                ok = await self._locked_read()
-                for w in waiters:
+                why = await self._locked_read()
+                for w in waiters:  # before any backoff: the loop is waiting
                     if not w.done():
-                        w.set_result(ok is True)
-                if ok is None:
+                        w.set_result(why is None)
+                if why is not None and await self._locked_failed(why):
                     return
                 continue
             kick.clear()
@@ -553,20 +553,25 @@ class Acquirer:
             last_k = k
             if lock.is_tick(k):
                 c.unrequested += 1
-            if await self._locked_read() is None:
+            why = await self._locked_read()
+            if why is not None and await self._locked_failed(why):
                 return
 
-    async def _locked_read(self) -> bool | None:
-        """One locked read: True stored, False failed, None failed for good (re-open)."""
+    async def _locked_read(self) -> str | None:
+        """One locked read: None when stored, else why it failed."""
         why = await self.read_once()
         if why is None:
             h = self.rt.health
             if h.state != "ok" or h.consecutive_failures:
                 self._event(READ_OK)
-            return True
+        return why
+
+    async def _locked_failed(self, why: str) -> bool:
+        """After a failed locked read: True when the sensor is to be re-opened (after the
+        re-probe wait), else False after the backoff."""
         if self._event(hm.ReadFailed(why)):
             await self._reprobe_wait()
-            return None
+            return True
         await asyncio.sleep(self._backoff_s())
         return False
 

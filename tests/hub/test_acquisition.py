@@ -349,7 +349,11 @@ async def test_phase_lock_reads_each_deadline_when_the_loop_asks(fake_hub: Any) 
     assert acq.lock_counters.unrequested >= 50
     st = h.hub.sensor_status("p")["phase_lock"]
     assert st["read_period_ms"] == 5.0 and st["reads_per_tick"] == 2
-    # a sensor that is not "ok" gets no request (its loop would only wait for nothing)
+    # a requested read that fails says so (False), it does not leave the loop waiting
     drv.fault = "device"
+    fut = h.hub.request_read("p")
+    assert fut is not None
+    assert await asyncio.wait_for(fut, 1.0) is False
+    # a sensor that is not "ok" gets no request (its loop would only wait for nothing)
     await wait_for(lambda: h.hub.state("p") != "ok", within_s=10.0)
     assert h.hub.request_read("p") is None

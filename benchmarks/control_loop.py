@@ -351,6 +351,9 @@ async def run_loop(
             "actuation": (loop.h_actuation.percentile(50), loop.h_actuation.percentile(99)),
             "infer_us": (loop.h_infer.percentile(50), loop.h_infer.percentile(99)),
             "switch_ms": switch_ms,
+            # the fresh input (edgerund/control/fresh.py): ticks that decided without their
+            # own read, and how often the reads went ahead of the tick (a slow machine)
+            "fresh": st.get("fresh"),
         }
     if load is not None:
         figs = load.figures()
@@ -688,6 +691,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         )
         say(f"    lateness p50/p99/max ms: {fmt3(idle['lateness'])}")
         say(f"    sample-to-actuation p50/p99/max ms: {fmt3(idle['latency'])}")
+        say(f"    fresh input: {idle['fresh']}")
         say(
             f"    sample age at decision p50/p99/max ms: {fmt3(idle['age'])}; "
             f"decision-to-actuation p50/p99 ms: {fmt3(idle['actuation'])}; "
@@ -714,6 +718,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         )
         say(f"    lateness p50/p99/max ms: {fmt3(loaded['lateness'])}")
         say(f"    sample-to-actuation p50/p99/max ms: {fmt3(loaded['latency'])}")
+        say(f"    fresh input: {loaded['fresh']}")
         say(
             f"    sample age p50/p99/max ms: {fmt3(loaded['age'])}; inference p50/p99 us: {fmt3(loaded['infer_us'])}"
         )
@@ -824,6 +829,8 @@ def main() -> int:
         "idle_sample_age_p99_ms": r(idle["age"][1]),
         "idle_infer_p50_us": r(idle["infer_us"][0], 1),
         "idle_missed_ticks": idle["missed"],
+        "idle_fresh_late_ticks": (idle["fresh"] or {}).get("late"),
+        "idle_fresh_went_ahead": (idle["fresh"] or {}).get("went_ahead"),
         "idle_first_second_missed": idle["first_second_missed"],
         "load_ticks": load["ticks"],
         "load_lateness_p50_ms": r(load["lateness"][0]),
@@ -834,6 +841,8 @@ def main() -> int:
         "load_latency_max_ms": r(load["latency"][2]),
         "load_sample_age_p99_ms": r(load["age"][1]),
         "load_missed_ticks": load["missed"],
+        "load_fresh_late_ticks": (load["fresh"] or {}).get("late"),
+        "load_fresh_went_ahead": (load["fresh"] or {}).get("went_ahead"),
         "load_first_second_missed": load["first_second_missed"],
         "load_status_requests": load["load"].get("status_requests"),
         "load_drained_batches": load["load"].get("drained_batches"),

@@ -69,9 +69,15 @@ class SampleSource(Protocol):
         """Call `fn` on the event loop for every sample; returns the unsubscribe call."""
         ...
 
-    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float, before_s: float) -> bool:
-        """Read a polled sensor so each read completes `before_s` ahead of the deadlines
-        `t0_s + k * period_s` (time.monotonic); False when the sensor cannot (a stream)."""
+    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float) -> bool:
+        """Put a polled sensor's reads on the deadline grid `t0_s + k * period_s`
+        (time.monotonic), each deadline's read made when the loop asks for it
+        (`request_read`); False when the sensor cannot (a stream)."""
+        ...
+
+    def request_read(self, sensor_id: str) -> Awaitable[bool] | None:
+        """A locked sensor that is "ok": read now; the future turns True once a read
+        started after the call is stored (an asyncio future). None: nothing to wait for."""
         ...
 
 

@@ -41,9 +41,10 @@ class InputConfig(Section):
     sensor: str  # hub sensor id
     channels: Annotated[list[str], msgspec.Meta(min_length=1)]  # stacked as columns, in order
     window: Annotated[int, msgspec.Meta(ge=1, le=65536)]  # samples, newest last
-    # True: the hub reads this (polled) sensor phase-locked to the loop, each read timed to
-    # complete just before a tick (lead learned from its read duration), so the loop decides
-    # on a sample well under a millisecond or two old instead of up to a sensor period
+    # True: the hub reads this (polled) sensor phase-locked to the loop, one read for each
+    # tick, made when the tick asks for it (or just ahead of it on a loaded daemon), so the
+    # loop decides on a sample a fraction of a millisecond old instead of up to a sensor
+    # period (docs/control.md, "Fresh samples")
     fresh: bool = False
 
 

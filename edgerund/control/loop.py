@@ -8,8 +8,12 @@ tick, then `Schedule.advance()` skips any deadline the tick overran (counted as 
 A tick does, in order, all of it on the event loop:
 
 0. **Fresh inputs.** When the loop starts, each input marked `fresh` has its (polled)
-   sensor phase-locked by the hub to the loop's deadline grid: the read completes just
-   before the spin that precedes each tick (edgerund/hub/acquire.py, phase lock).
+   sensor phase-locked by the hub to the loop's deadline grid (edgerund/hub/acquire.py,
+   phase lock), and every tick has that sensor read for it: by default the tick asks for
+   the read on waking and waits for it (at most a quarter of the period), so it decides
+   on a sample taken just after its deadline; when those waits get slow (a loaded
+   daemon) the loop asks `lead` ahead of the deadline instead and does not wait
+   (edgerund/control/fresh.py). `fresh.late` counts ticks that decided without their read.
 1. **Inputs.** For each configured input, `hub.window(sensor, channel, window)` for every
    channel, written column by column into a buffer preallocated at start-up (no per-tick
    array growth). An input is *unusable* when its sensor is not "ok", a channel has fewer
@@ -72,6 +76,7 @@ import structlog
 
 from drivers.base import ActuatorDriver
 from edgerund.control.config import FallbackRuleConfig, LoopConfig, actuator_driver_name
+from edgerund.control.fresh import FreshPolicy
 from edgerund.control.histogram import Histogram
 from edgerund.control.policy import Decision, LoopPolicy, Mode, Observation, Rule, evaluate_rules
 from edgerund.control.scheduler import Clock, Schedule, Sleep, effective_spin_s, run_schedule
@@ -87,7 +92,8 @@ class HubLike(Protocol):
 
 
 class PhaseLockable(Protocol):
-    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float, before_s: float) -> bool: ...
+    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float) -> bool: ...
+    def request_read(self, sensor_id: str) -> asyncio.Future[bool] | None: ...
 
 
 class RunnerLike(Protocol):
@@ -281,6 +287,11 @@ class ControlLoop:
         self._times = {i.name: i.tbuf for i in self.inputs if i.window > 1}
         self._runner_abi_error: str | None = None
         self._schedule: Schedule | None = None
+        self._fresh: list[str] = []  # phase-locked sensors: read at each tick
+        self.fresh = FreshPolicy(period_s=self.period_s, spin_s=self.spin_s)
+        # reads asked for ahead of the next tick (None: not asked ahead)
+        self._ahead: list[asyncio.Future[bool]] | None = None
+        self.fresh_late = 0  # ticks that decided without their fresh read
         self._summary_cache: tuple[float, dict[str, Any]] | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -338,7 +349,12 @@ class ControlLoop:
         self._lock_fresh_inputs(self._schedule.t0)
         try:
             await run_schedule(
-                self._schedule, self.tick, spin_s=self.spin_s, clock=self.clock, sleep=self.sleep
+                self._schedule,
+                self.tick,
+                spin_s=self.spin_s,
+                clock=self.clock,
+                sleep=self.sleep,
+                prepare=self if self._fresh else None,
             )
         except asyncio.CancelledError:
             raise
@@ -356,13 +372,68 @@ class ControlLoop:
             return
         hub: PhaseLockable = self.hub  # type: ignore[assignment]
         for sensor in sorted(sensors):
-            if not hub.lock_phase(sensor, self.period_s, t0, self.spin_s):
+            if hub.lock_phase(sensor, self.period_s, t0):
+                self._fresh.append(sensor)
+            else:
                 log.warning(
                     "loop_input_not_phase_locked",
                     loop=self.id,
                     sensor=sensor,
                     why="a stream sensor delivers at its own pace",
                 )
+
+    # --- fresh reads (edgerund/control/fresh.py) --------------------------------------
+
+    def _request_fresh(self, ahead: bool) -> list[asyncio.Future[bool]]:
+        """Ask the hub for a read of each fresh input's sensor. Ahead of the tick, each
+        read's duration to its stored sample teaches the lead (fresh.py)."""
+        hub: PhaseLockable = self.hub  # type: ignore[assignment]
+        reads = []
+        for s in self._fresh:
+            f = hub.request_read(s)
+            if f is not None:
+                reads.append(f)
+        if ahead and reads:
+            clock = self.clock
+            t_req = clock()
+            stored = self.fresh.stored
+
+            def done(f: asyncio.Future[bool]) -> None:
+                if not f.cancelled():
+                    stored(clock() - t_req)
+
+            reads[-1].add_done_callback(done)
+        return reads
+
+    @property
+    def lead_s(self) -> float:
+        """scheduler.Prepare: how long before each deadline the fresh reads are asked
+        for (0: by the tick itself)."""
+        return self.fresh.lead_s
+
+    async def ahead(self, deadline: float) -> None:
+        """scheduler.Prepare: ask for the fresh reads ahead of the tick (no waiting)."""
+        self._ahead = self._request_fresh(ahead=True)
+
+    async def _fresh_at_tick(self) -> None:
+        """The tick's fresh reads: asked for now and waited for (at most `wait_s`), or
+        asked for ahead of the tick (then checked: a read not stored yet is late)."""
+        fresh = self.fresh
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if not all(f.done() for f in ahead):
+                self.fresh_late += 1
+        elif fresh.at_tick:
+            t_req = self.clock()
+            reads = self._request_fresh(ahead=False)
+            if reads:
+                _, pending = await asyncio.wait(reads, timeout=fresh.wait_s)
+                if pending:
+                    self.fresh_late += 1
+                fresh.waited(self.clock() - t_req)
+        else:  # ahead, but the deadline came before the request could (an overrun)
+            self.fresh_late += 1
+        fresh.ticked()
 
     def first_deadline(self, now: float) -> float:
         """t0 of the deadline grid: free-running, or aligned to the clock plus `phase_us`."""
@@ -406,6 +477,8 @@ class ControlLoop:
     async def tick(self, deadline: float, woke: float) -> None:
         self.ticks += 1
         self.h_lateness.record((woke - deadline) * 1000.0)
+        if self._fresh:
+            await self._fresh_at_tick()
 
         newest, input_fault = self._gather_inputs()
         score: float | None = None
@@ -716,6 +789,15 @@ class ControlLoop:
             "ticks": self.ticks,
             "missed": self.missed,
             **self._summaries(),
+            "fresh": None
+            if not self._fresh
+            else {
+                "sensors": list(self._fresh),
+                "at_tick": self.fresh.at_tick,
+                "lead_ms": round(self.fresh.lead_s * 1000, 3),
+                "late": self.fresh_late,
+                "went_ahead": self.fresh.switches,
+            },
             "mode": self.mode.value if self.mode is not None else None,
             "reason": self.reason,
             "model": self.cfg.model,

@@ -38,6 +38,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -129,6 +130,17 @@ async def sleep_until(
 Tick = Callable[[float, float], Awaitable[None]]
 
 
+class Prepare(Protocol):
+    """Work done `lead_s` before each deadline, on the event loop (a loop's fresh reads)."""
+
+    @property
+    def lead_s(self) -> float: ...
+
+    async def ahead(self, deadline: float) -> None:
+        """Run `lead_s` before `deadline`; return by it (the spin to it follows)."""
+        ...
+
+
 async def run_schedule(
     schedule: Schedule,
     tick: Tick,
@@ -137,14 +149,21 @@ async def run_schedule(
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
     max_ticks: int | None = None,
+    prepare: Prepare | None = None,
 ) -> None:
     """Run `tick(deadline, woke)` at each deadline of `schedule` (forever by default).
 
-    After each tick the schedule skips deadlines the tick overran (`schedule.missed`).
+    With `prepare`, `prepare.ahead(deadline)` runs `prepare.lead_s` before each deadline when
+    that lead is positive (reached without a spin: the event loop keeps serving callbacks meanwhile, and uvloop
+    lands within one loop iteration, see `sleep_until`); the spin to the deadline follows
+    it. After each tick the schedule skips deadlines the tick overran (`schedule.missed`).
     """
     n = 0
     while max_ticks is None or n < max_ticks:
         deadline = schedule.deadline
+        if prepare is not None and (lead := prepare.lead_s) > 0:
+            await sleep_until(deadline - lead, spin_s=0.0, clock=clock, sleep=sleep)
+            await prepare.ahead(deadline)
         woke = await sleep_until(deadline, spin_s=spin_s, clock=clock, sleep=sleep)
         await tick(deadline, woke)
         schedule.advance(clock())

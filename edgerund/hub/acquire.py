@@ -32,17 +32,26 @@ sensor is `failed`: the device is closed, and re-opened every `reprobe_s` until 
 works again. Logging and `sensor.state` events come from the state machine's actions, so
 each visible transition is logged once, not every retry.
 
-Phase lock (`lock(period_s, t0_s, before_s)`, asked for by a control loop whose input is
-`fresh`): the polled grid moves onto the loop's: reads are due at `t0 + k*P - before -
-lead` on `time.monotonic()` (the loop's clock; uvloop's `loop.time()` is whole
-milliseconds), `P` the loop period divided by the whole number of reads per tick nearest
-the configured rate, so the read that completes last before each tick ends `before` (the
-loop's spin, during which the event loop stores nothing) ahead of it. `lead` is learned:
-the LEAD_QUANTILE quantile of the last LEAD_WINDOW locked reads, each timed from its due
-instant to its sample being stored (the read itself plus the timer's wake-up lateness and the hop back to
-the event loop), plus LOCK_SLACK_S; so a sensor whose reads slow down (a busy bus, a
-loaded CPU) starts earlier instead of delivering after the tick. The sample a tick uses is then `before + lead` old rather than
-anything up to a whole sensor period plus the read's own lateness.
+Phase lock (`lock(period_s, t0_s)`, asked for by a control loop whose input is `fresh`):
+the polled grid moves onto the loop's, `P` the loop period divided by the whole number of
+reads per tick nearest the configured rate (PhaseLock.under), slots `t0 + k*P` on
+`time.monotonic()` (the loop's clock; uvloop's `loop.time()` is whole milliseconds), one
+slot on each of the loop's deadlines. A deadline's slot is read when the loop asks
+(`request_read`, from its tick or just ahead of it: edgerund/control/fresh.py): the read
+starts at once and the request's future resolves when its sample is stored, so the tick
+decides on a sample taken after its own deadline, not on whatever the grid last read.
+The slots in between (a 200 Hz sensor under a 100 Hz loop: one) are read on the grid, as
+before. A slot is never read twice (an early uvloop timer, a request that came after the
+slot was read), and a deadline's slot that no request asked for half a slot after its
+instant (a stalled or stopped loop) is read anyway and counted (`unrequested`), so the
+sensor never stops. Why not time the read to land just before the tick, as this did at
+first: measured per tick with 9 emulated sensors on a quiet 2-core machine, the read's
+start wandered over 2 ms (uvloop's millisecond timers fire up to 1 ms early or late), a
+read in flight when the loop's spin began stayed unstored until the tick was over (the
+spin keeps the event loop; and the bus worker, woken while the loop thread spins, waits
+0.6 ms at the median for a CPU), so the learned lead had to cover all of it: samples
+1.9 ms old at the deadline at the median, and 4 % of ticks deciding on the read before
+(5 ms older): sample-to-actuation p50 2.6 ms, p99 9.0 ms.
 
 Stream sensors (`mode == "stream"`) iterate `frames()`. A `FrameError` escaping the
 iterator (a bad CRC, a garbage line) is counted and the iteration resumes with a fresh
@@ -61,7 +70,6 @@ call, which fans them out to subscribers (telemetry).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import math
 import random
@@ -98,25 +106,49 @@ OPEN_TIMEOUT_MIN_S = 2.0  # opening reads calibration, chip ids...: more than on
 # deadline before the hub's backstop timer ends it
 SELF_TIMED_MARGIN_S = 0.25
 READ_OK = hm.ReadOk()  # events are immutable: one instance for the hot path
-LEAD_WINDOW = 32  # phase lock: reads whose durations set the lead (the longest of them)
-LOCK_SLACK_S = 0.0004  # phase lock: the event loop's timer wake-up error, on top of the lead
-LEAD_QUANTILE = 0.8  # phase lock: the lead covers this share of recent reads
 
 
 @dataclass(frozen=True, slots=True)
 class PhaseLock:
-    """Reads due at `t0_s + k * period_s - before_s - lead` (time.monotonic)."""
+    """A polled sensor's read grid under a loop: instants `t0_s + k * period_s`
+    (time.monotonic), every `per_tick`-th of them one of the loop's deadlines (pure)."""
 
     period_s: float
     t0_s: float
-    before_s: float
+    per_tick: int
 
-    def slot(self, now: float, lead_s: float) -> int:
-        """The first grid slot whose read starts at or after `now` (pure)."""
-        return math.ceil((now - self.t0_s + self.before_s + lead_s) / self.period_s)
+    @classmethod
+    def under(cls, loop_period_s: float, t0_s: float, sensor_period_s: float) -> PhaseLock:
+        """The grid for a sensor configured at `1 / sensor_period_s` under a loop of
+        `loop_period_s`: the whole number of reads per tick nearest the configured rate
+        (at least one), evenly spaced, one on each deadline."""
+        per_tick = max(1, round(loop_period_s / sensor_period_s))
+        return cls(loop_period_s / per_tick, t0_s, per_tick)
 
-    def start(self, k: int, lead_s: float) -> float:
-        return self.t0_s + k * self.period_s - self.before_s - lead_s
+    def at(self, k: int) -> float:
+        return self.t0_s + k * self.period_s
+
+    def tick_slot(self, t: float) -> int:
+        """The deadline slot nearest `t`: the slot a loop's request at `t` serves (a loop
+        asks for its read less than half a period before its deadline)."""
+        n = self.per_tick
+        return n * math.floor((t - self.t0_s) / (self.period_s * n) + 0.5)
+
+    def next_slot(self, now: float, last_k: int | None) -> int:
+        """The first slot whose instant is at or after `now` and that was not read yet."""
+        k = math.ceil((now - self.t0_s) / self.period_s)
+        return k if last_k is None or k > last_k else last_k + 1
+
+    def is_tick(self, k: int) -> bool:
+        return k % self.per_tick == 0
+
+    def due(self, k: int) -> float:
+        """When the acquisition task reads slot `k` by itself. An in-between slot: at its
+        instant. A deadline's slot is read when the loop's tick asks (`request_read`);
+        only when no request came half a slot after the deadline (a stalled or stopped
+        loop) does the task read it anyway, so the sensor never stops being read."""
+        t = self.at(k)
+        return t + 0.5 * self.period_s if self.is_tick(k) else t
 
 
 @dataclass(slots=True)
@@ -179,6 +211,17 @@ class SensorCounters:
 
 
 @dataclass
+class LockCounters:
+    """A phase-locked sensor's reads (see PhaseLock)."""
+
+    requested: int = 0  # reads a loop's tick asked for
+    unrequested: int = 0  # deadline slots read without a request (the loop did not ask)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
 class SensorRuntime:
     """Everything the hub knows about one configured sensor."""
 
@@ -224,24 +267,25 @@ class Acquirer:
         self.phase = zlib.crc32(rt.config.id.encode()) / 2.0**32
         self._last_was_frame_error = False
         self.lock_: PhaseLock | None = None
-        self._read_s: collections.deque[float] = collections.deque(maxlen=LEAD_WINDOW)
-        self._relock = asyncio.Event()
+        self._kick = asyncio.Event()  # a new lock, or a loop's request
+        self._waiters: list[asyncio.Future[bool]] = []  # requests for the next read
+        self.lock_counters = LockCounters()
 
-    def lock(self, loop_period_s: float, t0_s: float, before_s: float) -> None:
+    def lock(self, loop_period_s: float, t0_s: float) -> None:
         """Phase-lock the polled reads to a loop's ticks (see the module docstring)."""
-        per_tick = max(1, round(loop_period_s / self.period_s))
-        self.lock_ = PhaseLock(loop_period_s / per_tick, t0_s, before_s)
-        self._relock.set()
+        self.lock_ = PhaseLock.under(loop_period_s, t0_s, self.period_s)
+        self._kick.set()
 
-    @property
-    def lead_s(self) -> float:
-        """How long before its due instant a locked read starts (learned)."""
-        if not self._read_s:
-            return self.timeout_s / 4 + LOCK_SLACK_S
-        # a high quantile, not the maximum: one stalled read (a busy bus, a preempted
-        # thread) would otherwise pull every read a whole stall early for LEAD_WINDOW reads
-        ordered = sorted(self._read_s)
-        return max(0.0, ordered[int(LEAD_QUANTILE * (len(ordered) - 1))]) + LOCK_SLACK_S
+    def request_read(self) -> asyncio.Future[bool]:
+        """A locked sensor, at a loop's tick: read now. The future turns True once a
+        read that started after this call is stored, False when that read failed."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters
+        if waiters and waiters[0].done():  # requests whose loop stopped waiting
+            waiters[:] = [w for w in waiters if not w.done()]
+        waiters.append(fut)
+        self._kick.set()
+        return fut
 
     def apply(self, cfg: SensorConfig) -> None:
         """Take (new) acquisition settings; a running task uses them from its next read."""
@@ -395,7 +439,6 @@ class Acquirer:
         reason = "no attempt"
         frame_only = True
         for _ in range(rt.config.retries + 1):
-            t_start = _monotonic()
             begin_acquisition()  # the read's first bus transaction notes its instant
             try:
                 async with asyncio.timeout(timeout_s):
@@ -421,8 +464,6 @@ class Acquirer:
                 reason = self._driver_bug(exc)
             else:
                 self.store(readings)
-                if self.lock_ is None:  # (locked reads count from their due instant)
-                    self._read_s.append(_monotonic() - t_start)
                 return None
         c.failed_reads += 1
         self._last_was_frame_error = frame_only
@@ -477,40 +518,62 @@ class Acquirer:
 
     async def _run_locked(self) -> None:
         """Polled reads on the phase lock's grid, until a read fails for good (returns to
-        re-open) or the lock changes (returns to re-lock)."""
-        last: tuple[PhaseLock, int] | None = None
-        while True:
-            lock = self.lock_
-            assert lock is not None
-            self._relock.clear()
-            lead = self.lead_s
-            k = lock.slot(_monotonic(), lead)
-            if last is not None and last[0] is lock and k <= last[1]:
-                # an early wake-up (uvloop fires timers up to 1 ms early) read before its
-                # slot's instant: never read the same slot twice (the rate stays exact)
-                k = last[1] + 1
-            last = (lock, k)
-            start = lock.start(k, lead)
-            delay = start - _monotonic()
+        re-open) or the lock changes (returns to re-lock): a loop's request is read at
+        once, an in-between slot at its instant (see PhaseLock.due)."""
+        lock = self.lock_
+        assert lock is not None
+        last_k: int | None = None  # the newest slot read (a slot is never read twice)
+        c = self.lock_counters
+        kick = self._kick
+        while self.lock_ is lock:
+            if self._waiters:
+                waiters, self._waiters = self._waiters, []
+                kick.clear()
+                k = lock.tick_slot(_monotonic())
+                last_k = k if last_k is None else max(last_k, k)
+                c.requested += 1
+                why = await self._locked_read()
+                for w in waiters:  # before any backoff: the loop is waiting
+                    if not w.done():
+                        w.set_result(why is None)
+                if why is not None and await self._locked_failed(why):
+                    return
+                continue
+            kick.clear()
+            now = _monotonic()
+            k = lock.next_slot(now, last_k)
+            delay = lock.due(k) - now
             if delay > 0:
-                # woken early by a new lock: compute its grid
+                # woken early by a request or a new lock: serve that first
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
-                        await self._relock.wait()
-                if self._relock.is_set():
+                        await kick.wait()
+                if kick.is_set():
                     continue
-            why = await self.read_once()
-            if why is None:
-                # due instant -> stored: the read plus the timer's wake-up lateness
-                self._read_s.append(_monotonic() - start)
-                h = self.rt.health
-                if h.state != "ok" or h.consecutive_failures:
-                    self._event(READ_OK)
-            else:
-                if self._event(hm.ReadFailed(why)):
-                    await self._reprobe_wait()
-                    return
-                await asyncio.sleep(self._backoff_s())
+            last_k = k
+            if lock.is_tick(k):
+                c.unrequested += 1
+            why = await self._locked_read()
+            if why is not None and await self._locked_failed(why):
+                return
+
+    async def _locked_read(self) -> str | None:
+        """One locked read: None when stored, else why it failed."""
+        why = await self.read_once()
+        if why is None:
+            h = self.rt.health
+            if h.state != "ok" or h.consecutive_failures:
+                self._event(READ_OK)
+        return why
+
+    async def _locked_failed(self, why: str) -> bool:
+        """After a failed locked read: True when the sensor is to be re-opened (after the
+        re-probe wait), else False after the backoff."""
+        if self._event(hm.ReadFailed(why)):
+            await self._reprobe_wait()
+            return True
+        await asyncio.sleep(self._backoff_s())
+        return False
 
     # -- streamed ---------------------------------------------------------------------
     async def run_stream(self) -> None:

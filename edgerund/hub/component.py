@@ -32,6 +32,7 @@ hence one module of ~550 lines.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -197,24 +198,34 @@ class SensorHub:
             raise KeyError(f"no channel {sensor_id}.{channel}")
         return slot.ring.window(n)
 
-    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float, before_s: float) -> bool:
-        """Time a polled sensor's reads to complete `before_s` ahead of each deadline
-        `t0_s + k * period_s` (time.monotonic) of a control loop: acquire.py, phase lock.
-        False (nothing changes) for a stream sensor, which delivers at its own pace."""
+    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float) -> bool:
+        """Put a polled sensor's reads on a control loop's deadline grid `t0_s + k *
+        period_s` (time.monotonic): the read of each deadline is made when the loop's
+        tick asks for it (`request_read`), the reads in between on the grid (acquire.py,
+        phase lock). False (nothing changes) for a stream sensor, which delivers at its
+        own pace."""
         acq = self._acq.get(sensor_id)
         if acq is None:
             raise KeyError(f"no sensor {sensor_id!r}")
         if acq.rt.mode != "poll":
             return False
-        acq.lock(period_s, t0_s, before_s)
+        acq.lock(period_s, t0_s)
         log.info(
             "sensor_phase_locked",
             sensor=sensor_id,
             loop_period_ms=round(period_s * 1000, 3),
             read_period_ms=round(acq.lock_.period_s * 1000, 3) if acq.lock_ else None,
-            before_ms=round(before_s * 1000, 3),
         )
         return True
+
+    def request_read(self, sensor_id: str) -> asyncio.Future[bool] | None:
+        """A phase-locked sensor that is "ok": read it now (a loop's tick). The future
+        turns True once a read started after the call is stored (False: it failed).
+        None when the sensor is not locked or not "ok" (nothing worth waiting for)."""
+        acq = self._acq.get(sensor_id)
+        if acq is None or acq.lock_ is None or acq.rt.health.state != "ok":
+            return None
+        return acq.request_read()
 
     def state(self, sensor_id: str) -> str:
         rt = self._rts.get(sensor_id)
@@ -401,8 +412,8 @@ class SensorHub:
             if (acq := self._acq[sid]).lock_ is None
             else {
                 "read_period_ms": round(acq.lock_.period_s * 1000, 3),
-                "before_ms": round(acq.lock_.before_s * 1000, 3),
-                "lead_ms": round(acq.lead_s * 1000, 3),
+                "reads_per_tick": acq.lock_.per_tick,
+                **acq.lock_counters.as_dict(),
             },
         }
 

@@ -53,6 +53,22 @@ def bundle(tmp: Path, version: str, counter: int, *, shift_profile: bool) -> Pat
     return out
 
 
+def setup(tmp_path: Path, *, window_s: float) -> tuple[Path, Path, dict[str, Any]]:
+    """The good bundle (true profile), the bad one (shifted profile) and the daemon's
+    config with `post_update_drift_window_s`."""
+    good = bundle(tmp_path, "2.0.1", 2, shift_profile=False)
+    bad = bundle(tmp_path, "2.0.2", 3, shift_profile=True)
+    cfg = drift_config(tmp_path)
+    cfg["updates"] = {
+        "enabled": True,
+        "keyring_file": str(DEV / "keyring.dev.json"),
+        "probation_s": 1.0,
+        "precheck_runs": 20,
+        "post_update_drift_window_s": window_s,
+    }
+    return good, bad, cfg
+
+
 def slots(d: Any) -> dict[str, Any]:
     return {m["name"]: m for m in d.call("status")["updates"]["models"]}["motor-ae"]
 
@@ -62,16 +78,7 @@ def slots(d: Any) -> dict[str, Any]:
 def test_a_committed_model_whose_profile_does_not_match_is_rolled_back(tmp_path: Path) -> None:
     from tests.helpers.daemon import DaemonProcess
 
-    good = bundle(tmp_path, "2.0.1", 2, shift_profile=False)
-    bad = bundle(tmp_path, "2.0.2", 3, shift_profile=True)
-    cfg = drift_config(tmp_path)
-    cfg["updates"] = {
-        "enabled": True,
-        "keyring_file": str(DEV / "keyring.dev.json"),
-        "probation_s": 1.0,
-        "precheck_runs": 20,
-        "post_update_drift_window_s": 600.0,
-    }
+    good, bad, cfg = setup(tmp_path, window_s=600.0)
     with DaemonProcess(tmp_path, cfg) as d:
         d.wait_ready(60)
 
@@ -110,16 +117,7 @@ def test_the_rule_survives_a_power_cut_after_the_update(tmp_path: Path) -> None:
     # persisted verdict to go by.
     from tests.helpers.daemon import DaemonProcess
 
-    good = bundle(tmp_path, "2.0.1", 2, shift_profile=False)
-    bad = bundle(tmp_path, "2.0.2", 3, shift_profile=True)
-    cfg = drift_config(tmp_path)
-    cfg["updates"] = {
-        "enabled": True,
-        "keyring_file": str(DEV / "keyring.dev.json"),
-        "probation_s": 1.0,
-        "precheck_runs": 20,
-        "post_update_drift_window_s": 0.0,
-    }
+    good, bad, cfg = setup(tmp_path, window_s=0.0)
     store = tmp_path / "state" / "models" / "drift_previous.json"
     d = DaemonProcess(tmp_path, cfg)
     with d:

@@ -18,6 +18,14 @@ from drivers.base import DeviceError
 from drivers.serial.port import AsyncSerialPort
 
 
+def _uplinked(broker: Any, **uplink: Any) -> dict[str, Any]:
+    """Overrides for a simulated daemon whose uplink goes to `broker`, batching fast."""
+    return {
+        "uplink": {"enabled": True, "host": broker.host, "port": broker.port, **uplink},
+        "telemetry": {"batch_max_age_s": 0.5, "agg_interval_s": 0.5},
+    }
+
+
 async def test_soak1_1_serial_reopen_line_settings_error_is_a_device_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -210,20 +218,9 @@ async def test_soak1_20261206_consumer_resend_reaches_a_gated_daemon(
     def batches() -> int:
         return int(consumer.counts["batches"])
 
-    d = simulated(
-        tmp_path,
-        {
-            "uplink": {
-                "enabled": True,
-                "host": mosquitto.host,
-                "port": mosquitto.port,
-                # the broker's 0x10 counts as delivered, so the gap this test needs opens
-                # (the default holds them: test_soak1_20261206_replay_before_the_consumer_is_back_is_held)
-                "require_subscriber": False,
-            },
-            "telemetry": {"batch_max_age_s": 0.5, "agg_interval_s": 0.5},
-        },
-    )
+    # the broker's 0x10 counts as delivered, so the gap this test needs opens
+    # (the default holds them: test_soak1_20261206_replay_before_the_consumer_is_back_is_held)
+    d = simulated(tmp_path, _uplinked(mosquitto, require_subscriber=False))
     with d:
         d.wait_ready(60)
         first = asyncio.Event()
@@ -305,19 +302,8 @@ async def test_soak1_20261206_replay_before_the_consumer_is_back_is_held(
     def tel() -> dict[str, Any]:
         return dict(d.call("telemetry", timeout_s=5))
 
-    d = simulated(
-        tmp_path,
-        {
-            "uplink": {
-                "enabled": True,
-                "host": mosquitto.host,
-                "port": mosquitto.port,
-                "backoff_initial_s": 0.2,  # the gateway reconnects first, as in the soak
-                "backoff_max_s": 1.0,
-            },
-            "telemetry": {"batch_max_age_s": 0.5, "agg_interval_s": 0.5},
-        },
-    )
+    # the gateway reconnects first, as in the soak
+    d = simulated(tmp_path, _uplinked(mosquitto, backoff_initial_s=0.2, backoff_max_s=1.0))
     with d:
         d.wait_ready(60)
         stop1, ready1 = asyncio.Event(), asyncio.Event()

@@ -15,7 +15,10 @@ time, then, in this order:
 So a tool killed anywhere resumes (`fleet rollout --resume ID`) from the database: targets
 that are `committed` or `failed` are left alone, and targets that are `sent` get the SAME
 stored bytes again (a gateway ignores a byte-identical desired document; a re-signed one
-with the same version would be refused as a replay). It waits for the next reported
+with the same version would be refused as a replay) when the broker does not hold them.
+A stored document that has expired, or expires within RESIGN_MARGIN_S (the tool was
+stopped for days; documents live 7 days), would be refused as `expired`: it is re-signed
+with the same content under the next version, stored, then sent (event `resigned`). It waits for the next reported
 change or one second, whichever comes first (timeouts and soaks are checked each turn).
 
 `fleet abort --revert` (`revert`) publishes, to every gateway the rollout reached, a
@@ -45,6 +48,16 @@ from edgerund.backend.rollout_store import now as wall_now
 
 REPORTED_MAX_BYTES = 256 * 1024
 Emit = Callable[[dict[str, Any]], None]
+
+
+# A stored document re-sent on resume is re-signed when it expires within this: the tool
+# may have been stopped for days between the database write and the publish.
+RESIGN_MARGIN_S = 3600.0
+
+
+def _expires_within(raw: bytes, margin_s: float) -> bool:
+    expires = json.loads(raw)["signed"].get("expires")
+    return not isinstance(expires, int) or expires - wall_now() * 1000 < margin_s * 1000
 
 
 class TwinCache:
@@ -264,6 +277,8 @@ class Driver:
             # and the publish); never over a NEWER document someone published since.
             retained = self.cache.desired.get(gw, {}).get("version")
             if not isinstance(retained, int) or retained < docs[gw].version:
+                if _expires_within(docs[gw].raw, RESIGN_MARGIN_S):
+                    docs[gw] = await self._resigned(r, gw, docs[gw], retained)
                 await self._publish(t.site, gw, docs[gw].raw)
                 resent.append(gw)
         self.emit(
@@ -271,6 +286,23 @@ class Driver:
              "republished": resent}
         )  # fmt: skip
         return r, info, docs
+
+    async def _resigned(self, r: R.Rollout, gw: str, doc: Doc, retained: Any) -> Doc:
+        """The same desired content under a new version and a fresh expiry, stored before
+        it is sent (a gateway refuses an expired document; the same version re-signed
+        would be a replay)."""
+        signed = json.loads(doc.raw)["signed"]
+        seen = S.as_map(self.cache.reported.get(gw, {}).get("desired")).get("version")
+        version = R.next_desired_version(
+            doc.version, retained if isinstance(retained, int) else None,
+            seen if isinstance(seen, int) else None,
+        )  # fmt: skip
+        raw = T.desired(gw, version, signed["config"], self.key, models=signed["models"])
+        new = Doc(version, raw, doc.previous)
+        if not await self._db(self.store.save, r, {gw: new}):
+            raise RuntimeError(f"rollout {r.id} was aborted while resuming")
+        self.emit({"event": "resigned", "gateway": gw, "version": version, "was": doc.version})
+        return new
 
     async def _publish(self, site: str, gw: str, raw: bytes) -> None:
         await self.client.publish(

@@ -3,7 +3,8 @@ of the backend that need many gateways at no CPU cost.
 
 It speaks the gateway's side of the contract on a real broker: publishes its retained
 reported document, takes its retained desired document (byte-identical copies ignored, a
-version not above the last one seen refused as `replay`, as the daemon does), and
+version not above the last one seen refused as `replay`, an expired one as `expired`, as
+the daemon does), and
 answers a model target with `fetching` then `committed`, or `rolled_back` when the
 bundle's sha256 is one it was told is bad. It keeps every desired payload it received, so
 tests can check who was targeted, when, and with what.
@@ -119,6 +120,10 @@ class FakeGateway:
 
     async def _desired(self, doc: dict[str, Any]) -> None:
         v = doc["version"]
+        if doc["expires"] <= time.time() * 1000:
+            self.outcome = {"version": None, "outcome": "refused", "reason": "expired"}
+            await self.report()
+            return
         if self.last_version is not None and v <= self.last_version:
             self.outcome = {"version": None, "outcome": "refused", "reason": "replay"}
             await self.report()

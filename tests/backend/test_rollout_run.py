@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +217,75 @@ async def test_killed_tool_resumes_from_the_database_without_retargeting(
         if name != "lab-01":
             assert len({d["version"] for d in g.docs()}) == 1, name  # one desired version
             assert g.outcome["outcome"] == "applied"  # never a replay refusal
+
+
+async def test_resume_re_signs_a_stored_document_that_expired_meanwhile(
+    mosquitto: Any, pg_dsn: str, tmp_path: Path
+) -> None:
+    # The tool died between the database write and the publish, and was resumed after the
+    # stored document's 7 days: re-sending the same bytes would be refused as `expired`.
+    from edgerund.backend.rollout import spread_order
+
+    path, _ = bundle(tmp_path, "2.1.0")
+    gws = fleet(mosquitto, n=6)
+    plant = [g.gateway for g in gws if g.site.startswith("plant-")]
+    late = spread_order("exp", plant)[-1]  # in wave 2, never the single gateway of wave 1
+    async with Fleet(gws) as f:
+        g = f.gateways[late]
+        task = f.tasks[list(f.gateways).index(late)]
+        task.cancel()  # offline: selected by its retained report, it receives nothing
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        args = rollout_args(
+            mosquitto, pg_dsn, path, "exp", **{"--waves": "1,100%", "--gateway-timeout": "20s"}
+        )
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgerund.cli", "fleet", *args,
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert p.stdout is not None
+        async with asyncio.timeout(90):
+            while True:
+                line = await p.stdout.readline()
+                assert line, (await p.stderr.read()).decode() if p.stderr else ""
+                ev = json.loads(line)
+                if ev["event"] == "wave_started" and ev["wave"] == 2:
+                    break
+        p.send_signal(signal.SIGKILL)
+        await p.wait()
+        # as if the tool had died before publishing, a week ago: the broker holds nothing
+        # for the late gateway, and its stored document has expired
+        with psycopg.connect(pg_dsn) as c:
+            v, raw = c.execute(
+                "SELECT desired_version, desired_doc FROM rollout_targets "
+                "WHERE rollout = 'exp' AND gateway = %s AND status = 'sent'", (late,),
+            ).fetchone()  # fmt: skip
+            signed = json.loads(bytes(raw))["signed"]
+            expired = T.desired(late, v, signed["config"], OPERATOR,
+                                models=signed["models"], expires_s=-60.0)  # fmt: skip
+            c.execute(
+                "UPDATE rollout_targets SET desired_doc = %s WHERE rollout = 'exp' "
+                "AND gateway = %s", (expired, late),
+            )  # fmt: skip
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+            await c.publish(f"{g.base}/desired", b"", qos=1, retain=True)
+        f.tasks.append(asyncio.create_task(g.run()))  # back online
+        rc, out, err = await cli("resume", "exp", "--key", str(OPERATOR_KEY), "--postgres",
+                                 pg_dsn, "--json", *broker_args(mosquitto))  # fmt: skip
+        assert rc == 0, out + err
+        after = await status(pg_dsn, "exp")
+    events = [json.loads(x) for x in out.splitlines()]
+    resigned = [e for e in events if e["event"] == "resigned"]
+    assert [(e["gateway"], e["was"]) for e in resigned] == [(late, v)], events
+    assert resigned[0]["version"] > v
+    assert g.outcome["outcome"] == "applied", g.outcome  # not refused as expired
+    last = g.docs()[-1]
+    assert last["version"] == resigned[0]["version"] and last["expires"] > time.time() * 1000
+    assert last["models"] == signed["models"] and last["config"] == signed["config"]
+    row = {t["gateway"]: t for t in after["targets"]}[late]
+    assert row["status"] == "committed", row
+    assert after["state"] == "succeeded"
 
 
 async def test_abort_with_revert_and_the_device_view(

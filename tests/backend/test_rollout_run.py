@@ -56,11 +56,7 @@ def fleet(broker: Any, n: int = 10, **kw: Any) -> list[FakeGateway]:
 
 
 async def cli(*args: str, timeout_s: float = 120.0) -> tuple[int, str, str]:
-    p = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgerund.cli", "fleet", *args,
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    p = await spawn_fleet(list(args))
     out, err = await asyncio.wait_for(p.communicate(), timeout_s)
     assert p.returncode is not None
     return p.returncode, out.decode(), err.decode()
@@ -177,28 +173,38 @@ async def test_bad_bundle_halts_after_first_wave_and_says_why(
     assert rc == 1 and "no rollout 'nope'" in err
 
 
+async def spawn_fleet(args: list[str]) -> asyncio.subprocess.Process:
+    """`edgerund fleet ARGS` as a process, its output piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgerund.cli", "fleet", *args,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def killed_at_wave_2(args: list[str]) -> None:
+    """Run `fleet` with `args` and SIGKILL it (no clean-up) once wave 2 has started."""
+    p = await spawn_fleet(args)
+    assert p.stdout is not None
+    async with asyncio.timeout(90):
+        while True:
+            line = await p.stdout.readline()
+            assert line, (await p.stderr.read()).decode() if p.stderr else ""
+            ev = json.loads(line)
+            if ev["event"] == "wave_started" and ev["wave"] == 2:
+                break
+    p.send_signal(signal.SIGKILL)
+    await p.wait()
+
+
 async def test_killed_tool_resumes_from_the_database_without_retargeting(
     mosquitto: Any, pg_dsn: str, tmp_path: Path
 ) -> None:
     path, _ = bundle(tmp_path, "2.1.0")
     async with Fleet(fleet(mosquitto, delay_s=0.5)) as f:
         args = rollout_args(mosquitto, pg_dsn, path, "kill", **{"--soak": "2s"})
-        p = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edgerund.cli", "fleet", *args,
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert p.stdout is not None
         # kill it (SIGKILL: no clean-up) once wave 2 is out and wave 1 committed
-        async with asyncio.timeout(90):
-            while True:
-                line = await p.stdout.readline()
-                assert line, (await p.stderr.read()).decode() if p.stderr else ""
-                ev = json.loads(line)
-                if ev["event"] == "wave_started" and ev["wave"] == 2:
-                    break
-        p.send_signal(signal.SIGKILL)
-        await p.wait()
+        await killed_at_wave_2(args)
         before = await status(pg_dsn, "kill")
         assert before["state"] == "running" and before["wave"] == 2
         committed_before = {t["gateway"] for t in before["targets"] if t["status"] == "committed"}
@@ -239,21 +245,7 @@ async def test_resume_re_signs_a_stored_document_that_expired_meanwhile(
         args = rollout_args(
             mosquitto, pg_dsn, path, "exp", **{"--waves": "1,100%", "--gateway-timeout": "20s"}
         )
-        p = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edgerund.cli", "fleet", *args,
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert p.stdout is not None
-        async with asyncio.timeout(90):
-            while True:
-                line = await p.stdout.readline()
-                assert line, (await p.stderr.read()).decode() if p.stderr else ""
-                ev = json.loads(line)
-                if ev["event"] == "wave_started" and ev["wave"] == 2:
-                    break
-        p.send_signal(signal.SIGKILL)
-        await p.wait()
+        await killed_at_wave_2(args)
         # as if the tool had died before publishing, a week ago: the broker holds nothing
         # for the late gateway, and its stored document has expired
         with psycopg.connect(pg_dsn) as c:
@@ -304,11 +296,7 @@ async def test_abort_with_revert_and_the_device_view(
             "state": "committed",
         }
         args = rollout_args(mosquitto, pg_dsn, path, "ab", **{"--soak": "1h", "--waves": "2,100%"})
-        p = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edgerund.cli", "fleet", *args,
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        p = await spawn_fleet(args)
         assert p.stdout is not None
         async with asyncio.timeout(90):
             while json.loads(await p.stdout.readline())["event"] != "wave_done":
@@ -421,11 +409,7 @@ async def test_broker_outage_mid_rollout_is_ridden_out(
         args = rollout_args(
             mosquitto, pg_dsn, path, "outage", **{"--soak": "3s", "--waves": "1,100%"}
         )
-        p = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edgerund.cli", "fleet", *args,
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        p = await spawn_fleet(args)
         assert p.stdout is not None
         events: list[dict[str, Any]] = []
         async with asyncio.timeout(60):

@@ -40,12 +40,14 @@ class _Recorder(OnnxRunner):
         self.loop: Any = None
         self.seen: list[tuple[float, float, bool]] = []
         self.leads: list[float] = []
+        self.late: list[int] = []  # the loop's `fresh_late` count at each call
 
     def infer(self, inputs: Any, times: Any = None) -> Any:  # type: ignore[override]
         if self.loop is not None and self.loop.ticks > 0 and times is not None:
             at_tick = self.loop.fresh.at_tick
             self.seen.append((time.monotonic(), float(times["vibration"][-1]), at_tick))
             self.leads.append(self.loop.fresh.lead_s)
+            self.late.append(self.loop.fresh_late)
         return super().infer(inputs)
 
 
@@ -110,6 +112,14 @@ async def _running(fresh: bool) -> AsyncIterator[tuple[LoopsComponent, Any, _Rec
                 yield comp, hub, runner
 
 
+def _in_time(late: list[int], start: int) -> list[bool]:
+    """For each call from `start`: did its tick have its fresh read (the loop's own
+    `fresh_late` count did not rise since the call before)? A loaded machine (CI runs
+    other tests beside this one) can hold a read past its deadline; those ticks decide
+    without it by design and are counted, so they are not the mechanism failing."""
+    return [late[i] == late[i - 1] for i in range(max(start, 1), len(late))]
+
+
 def _to_deadline(loop: Any, seen: list[tuple[float, float, bool]]) -> list[tuple[float, bool]]:
     """For each tick's call: (newest sample - that tick's deadline, read at the tick?)."""
     t0, period = loop._schedule.t0, loop.period_s
@@ -124,8 +134,9 @@ async def test_fresh_input_decides_on_the_read_of_its_own_deadline() -> None:
     async with _running(fresh=True) as (comp, hub, runner):
         loop = comp.loops[0]
         assert await wait_for(lambda: len(runner.seen) >= 150, 10.0)
-        rel = _to_deadline(loop, runner.seen)
-        leads = list(runner.leads)
+        rel = _to_deadline(loop, runner.seen)[1:]
+        leads = runner.leads[1:]
+        in_time = _in_time(runner.late, 1)
         status = loop.status()["fresh"]
         lock = hub.sensor_status("motor_vib")["phase_lock"]
         ticks = loop.ticks
@@ -133,14 +144,14 @@ async def test_fresh_input_decides_on_the_read_of_its_own_deadline() -> None:
     # default), a sample taken after the deadline, within the tick's wait (not by the grid
     # before it); if this machine is so loaded that the reads went ahead, a sample taken
     # within the lead before the deadline (not the in-between read 5 ms before).
+    # Ticks whose read came too late (a loaded machine) decide without it, by design.
+    assert sum(in_time) >= 0.5 * len(rel), (status, sum(in_time), len(rel))
     own = [
         (0.0 <= d < 0.0025) if at_tick else (-lead - 0.001 <= d < 0.0)
-        for (d, at_tick), lead in zip(rel, leads, strict=True)
+        for (d, at_tick), lead, ok in zip(rel, leads, in_time, strict=True)
+        if ok
     ]
-    assert sum(own) >= 0.75 * len(own), (status, sorted(d for d, _ in rel)[:: len(rel) // 20])
-    at_tick = [d for d, tick in rel if tick]
-    if status["went_ahead"] == 0:  # (the usual case: the sample came after the deadline)
-        assert sum(0.0 <= d < 0.0025 for d in at_tick) >= 0.9 * len(at_tick)
+    assert sum(own) >= 0.95 * len(own), (status, sorted(d for d, _ in rel)[:: len(rel) // 20])
     assert status["sensors"] == ["motor_vib"]
     assert lock["reads_per_tick"] == 2
     assert lock["requested"] >= 0.8 * ticks, (lock, ticks)
@@ -162,14 +173,20 @@ async def test_reads_gone_ahead_are_asked_for_before_the_deadline_and_used() -> 
         assert await wait_for(lambda: len(runner.seen) >= n0 + 150, 10.0)
         rel = _to_deadline(loop, runner.seen)[n0:]
         leads = runner.leads[n0:]
+        in_time = _in_time(runner.late, n0)
         lock = hub.sensor_status("motor_vib")["phase_lock"]
         status = loop.status()["fresh"]
     assert status["went_ahead"] == 1 and not status["at_tick"]
     assert lock["requested"] - requested0 >= 0.8 * len(rel)  # asked for by the loop
     assert all(not tick for _, tick in rel)
-    # the read asked for `lead` ahead: taken within the lead before the deadline
-    own = [d for (d, _), lead in zip(rel, leads, strict=True) if -lead - 0.001 <= d < 0.0]
-    assert len(own) >= 0.75 * len(rel), sorted(zip((d for d, _ in rel), leads, strict=True))[:10]
+    # most reads asked for `lead` ahead were stored by their deadline (the lead is the
+    # 80th percentile of the measured durations) ...
+    assert sum(in_time) >= 0.5 * len(rel), (sum(in_time), len(rel))
+    # ... and every tick that had its read decided on it: a sample taken within the lead
+    # before the deadline, not the in-between read 5 ms before
+    got = [(d, lead) for (d, _), lead, ok in zip(rel, leads, in_time, strict=True) if ok]
+    own = [d for d, lead in got if -lead - 0.001 <= d < 0.0]
+    assert len(own) >= 0.95 * len(got), sorted(got)[:10]
 
 
 async def test_a_free_running_input_only_offers_samples_from_before_the_deadline() -> None:

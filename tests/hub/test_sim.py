@@ -89,8 +89,11 @@ async def test_every_emulated_part_gives_plausible_values(
     assert abs(v - float(sc.battery_v(t)[0])) < 0.05
     v, t = scenario_at(hub, plant, "battery", cur)
     assert abs(v - float(sc.battery_a(t)[0])) < 0.2
+    # The motor current's noise (0.03 A) is drawn per instant and the conversion's instant
+    # is not the sample's timestamp, so the two values differ by two draws (sigma 0.042 A):
+    # 0.2 A is under 1e-5 of false alarms, and a 10 % gain error is 0.3 A or more.
     v, t = scenario_at(hub, plant, "motor_current", "motor_a")
-    assert abs(v - float(sc.motor_current_a(t)[0])) < 0.1
+    assert abs(v - float(sc.motor_current_a(t)[0])) < 0.2
     # Serial: GPS near the scenario's track, the meter's current is the motor current,
     # the BMS pack voltage is the battery voltage, the drive's rpm is the shaft rate.
     gps = {c for s, c, _ in hub.channels() if s == "gps"}

@@ -29,7 +29,9 @@ Tasks. Each component that runs background tasks gets its own `TaskScope` from t
 leaving a component cancels whatever tasks it still has. The root's own tasks (loop-lag
 monitor, status line, metrics textfile, SIGHUP reload) live in the "daemon" scope.
 
-Start-up: validate the config (done by the caller), check the state directory, then enter
+Start-up: validate the config (done by the caller), check the state directory, start every
+thread of the default executor (edgerund/workers.py: the thread count is constant from
+READY on, so growth after start-up is not warm-up), then enter
 the components in the order above, each an async context manager that opens its resources;
 then the diagnostics socket; then `gc.collect(1)` and `gc.freeze()` (start-up objects never get scanned again,
 which keeps full collections off the control loops); then the loops, entered warm and held,
@@ -81,7 +83,7 @@ import structlog
 
 from drivers.base import Resources
 from drivers.registry import ActuatorSpec, actuator_drivers
-from edgerund import __version__, logs, testclock
+from edgerund import __version__, logs, testclock, workers
 from edgerund.component import Command, Component, Peer
 from edgerund.config import diff as config_diff
 from edgerund.config.loader import load_config
@@ -748,6 +750,7 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
     daemon_holder: list[Daemon] = []
 
     async def main() -> int:
+        workers.install(asyncio.get_running_loop())  # threads constant from READY on
         d = Daemon(path, cfg, simulate=simulate or cfg.simulation.enabled, applied=applied)
         daemon_holder.append(d)
         return await d.run()

@@ -187,7 +187,17 @@ class SlotSource(Protocol):
 class Measurer(Protocol):
     """Binds what runs into the attestation (a PCR or NV extend)."""
 
-    async def bind_model(self, manifest_sha256: bytes, name: str) -> None: ...
+    async def bind_model(
+        self,
+        manifest_sha256: bytes,
+        name: str,
+        *,
+        overlay_sha256: bytes | None = None,
+        overlay_version: str | None = None,
+    ) -> None:
+        """Measure the model's signed manifest and, when it runs a device calibration
+        (`X+cal.N`), the digest of its overlay document; None: uncalibrated."""
+        ...
 
 
 class Signer(Protocol):

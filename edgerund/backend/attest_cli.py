@@ -2,11 +2,16 @@
 
 edgerund attest verify --result FILE --nonce HEX --ak-pem FILE [--previous FILE]
                        [--expect-model MANIFEST ... --expect-config CONFIG]
+                       [--expect-overlay [MODEL=]SHA256|none ...]
                        [--allow-software] [--insecure-no-nonce] [--insecure-skip-ak-trust]
                        [--json]
     exit 0: valid; 1: invalid (the reason code and message are printed); 2: usage
     (unreadable file, bad JSON, bad nonce). Without --nonce and --ak-pem the verdict is
     INVALID (no_nonce / ak_untrusted) unless the matching --insecure-... flag is given.
+    --expect-model matches a model by its manifest, calibrated or not; a valid verdict
+    prints per model the calibration in force (`X+cal.N` and the overlay digest).
+    --expect-overlay pins it: the sha256 of the model's calibration.json, or `none` (the
+    model must run uncalibrated); without MODEL= it applies to every bound model.
 edgerund attest enroll --socket PATH --ek-ca FILE --out AK.pem [--insecure-skip-ek-cert]
     credential activation against a daemon's socket (on the gateway, or forwarded over
     ssh): check the EK certificate against the CA bundle, MakeCredential for the AK Name,
@@ -25,16 +30,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import struct
 import sys
 from pathlib import Path
 from typing import Any
 
-from edgerund.backend.verify import expected_binding_for_files, verify_result
+from edgerund.backend.verify import expected_models_for_files, verify_result
 from edgerund.errors import EdgerundError
 from edgerund.identity import tpmstruct as ts
-from edgerund.identity.binding import parse_nonce
+from edgerund.identity.binding import ANY_MODEL, parse_nonce
 
 
 class UsageError(EdgerundError):
@@ -57,32 +63,68 @@ def _load_json(path: str, what: str) -> dict[str, Any]:
     return data
 
 
+def parse_expect_overlay(items: list[str]) -> dict[str, bytes | None] | None:
+    """`[MODEL=]SHA256|none` options -> {model name or ANY_MODEL: digest or None}."""
+    if not items:
+        return None
+    out: dict[str, bytes | None] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        key = name if sep else ANY_MODEL
+        if sep and not name:
+            raise UsageError(f"--expect-overlay {item!r}: empty model name")
+        if value.strip().lower() == "none":
+            out[key] = None
+            continue
+        try:
+            digest = bytes.fromhex(value.strip())
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise UsageError(
+                f"--expect-overlay {item!r}: expected [MODEL=]SHA256 (64 hex digits) or none"
+            )
+        out[key] = digest
+    return out
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
         result = _load_json(args.result, "result")
         previous = _load_json(args.previous, "previous result") if args.previous else None
         nonce = parse_nonce(args.nonce) if args.nonce is not None else None
         ak_pem = Path(args.ak_pem).read_text() if args.ak_pem else None
-        expected = None
+        config_sha256 = models = None
         if args.expect_model or args.expect_config:
             if not args.expect_config:  # the config is always measured first
                 raise UsageError("--expect-model needs --expect-config (the deployed config)")
-            expected = expected_binding_for_files(
-                Path(args.expect_config), [Path(m) for m in args.expect_model]
-            )
+            # the log replays to the quoted PCR first, then its config and manifests are
+            # compared: a calibrated model of an expected manifest matches, and is named
+            config_sha256 = hashlib.sha256(Path(args.expect_config).read_bytes()).digest()
+            models = expected_models_for_files([Path(m) for m in args.expect_model])
+        overlays = parse_expect_overlay(args.expect_overlay)
     except (UsageError, ValueError, OSError) as exc:
         print(f"edgerund attest verify: {exc}", file=sys.stderr)
         return 2
     verdict = verify_result(
-        result, nonce=nonce, previous=previous, expected_binding=expected, ak_pem=ak_pem,
+        result, nonce=nonce, previous=previous, ak_pem=ak_pem,
         allow_software=args.allow_software, insecure_skip_ak_trust=args.insecure_skip_ak_trust,
-        insecure_no_nonce=args.insecure_no_nonce,
+        insecure_no_nonce=args.insecure_no_nonce, expected_config_sha256=config_sha256,
+        expected_models=models, expected_overlays=overlays,
     )  # fmt: skip
     if args.json:
         print(json.dumps(verdict.as_dict(), indent=2))
     elif verdict.ok:
         print(f"VALID: {verdict.message} (resetCount {verdict.reset_count}, "
               f"restartCount {verdict.restart_count}, clock {verdict.clock_ms} ms)")  # fmt: skip
+        for m in verdict.models:
+            cal = m["calibration"]
+            what = (
+                "no calibration"
+                if cal is None
+                else f"calibration {cal['version']} (overlay sha256 {cal['overlay_sha256']})"
+            )
+            print(f"model {m['name']}: manifest sha256 {m['manifest_sha256']}, {what}")
         for w in verdict.warnings:
             print(f"warning: {w}")
     else:
@@ -158,6 +200,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     v.add_argument("--expect-config", metavar="CONFIG",
                    help="the config file deployed (alone: expect no active model)")  # fmt: skip
+    v.add_argument(
+        "--expect-overlay",
+        action="append",
+        default=[],
+        metavar="[MODEL=]SHA256|none",
+        help="the calibration that must be in force: sha256 of the model's calibration.json, "
+        "or none (uncalibrated); without MODEL= for every bound model (repeatable)",
+    )
     v.add_argument(
         "--ak-pem",
         help="the gateway's AK (PEM) as enrolled by `edgerund attest enroll` (required)",

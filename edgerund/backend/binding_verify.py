@@ -3,7 +3,11 @@
 An attestation result from a TPM identity carries `nv_binding`:
     {"index": "0x01500101", "name": hex, "attest": b64 TPMS_ATTEST (TPM_ST_ATTEST_NV),
      "signature": b64 TPMT_SIGNATURE, "log": {"initial": hex, "events": [
-        {"config_sha256": hex, "models": [{"name", "manifest_sha256"}]}, ...]}}
+        {"config_sha256": hex, "models": [{"name", "manifest_sha256",
+                                           "overlay_sha256", "overlay_version"}]}, ...]}}
+(`overlay_*` null or absent for a model without a device calibration: such events replay
+as `edgerund-binding-v1`; an event with a calibrated model is `edgerund-binding-v2`, see
+edgerund.identity.nvbinding).
 
 `verify_nv_binding` checks, in order, and raises BindingError(check, message) at the first
 failure:
@@ -15,7 +19,11 @@ failure:
                    result's `name`: a redefined index has another Name;
   5. `replay`      replaying the log from `initial` gives the certified contents;
   6. `expected`    the LAST event (the binding in force) equals the config / models the
-                   verifier deployed (if given).
+                   verifier deployed (if given; models compare by manifest, so a
+                   calibrated model of an expected manifest matches), and the calibration
+                   in force is the one expected (`expected_overlays`, if given: per model
+                   name or binding.ANY_MODEL, an overlay digest or None for "none").
+The verdict names, per model, the calibration in force (`calibrations`).
 Only the daemon can extend the index (write policy), so 5 proves the daemon itself extended
 the last event; a local process resetting PCR 23 changes nothing here.
 """
@@ -35,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from edgerund.identity import nvbinding
 from edgerund.identity import tpmstruct as ts
+from edgerund.identity.binding import ModelBinding, overlay_mismatch, parse_model_entry
 
 
 class BindingError(Exception):
@@ -52,6 +61,12 @@ class BindingVerdict:
     index_name: bytes
     clock: int
     reset_count: int
+    entries: tuple[ModelBinding, ...] = ()
+
+    @property
+    def calibrations(self) -> dict[str, dict[str, str | None] | None]:
+        """{model name: {"version", "overlay_sha256"} of its calibration, or None}."""
+        return {e.name: e.calibration() for e in self.entries}
 
 
 def verify_nv_binding(
@@ -62,6 +77,7 @@ def verify_nv_binding(
     pinned_name: bytes | None = None,
     expected_config_sha256: bytes | None = None,
     expected_models: Mapping[str, bytes] | None = None,
+    expected_overlays: Mapping[str, bytes | None] | None = None,
 ) -> BindingVerdict:
     nvb = result.get("nv_binding")
     if not isinstance(nvb, Mapping):
@@ -121,9 +137,8 @@ def verify_nv_binding(
     last = raw[-1]
     assert isinstance(last, Mapping)
     config = bytes.fromhex(str(last["config_sha256"]))
-    models = {
-        str(m["name"]): bytes.fromhex(str(m["manifest_sha256"])) for m in last.get("models") or []
-    }
+    entries = tuple(parse_model_entry(m) for m in last.get("models") or [])  # replayed above
+    models = {e.name: e.manifest_sha256 for e in entries}
     # 6: what the verifier deployed
     if expected_config_sha256 is not None and config != expected_config_sha256:
         raise BindingError(
@@ -135,4 +150,10 @@ def verify_nv_binding(
             f"bound models {sorted((k, v.hex()) for k, v in models.items())} != expected "
             f"{sorted((k, v.hex()) for k, v in expected_models.items())}",
         )
-    return BindingVerdict(config, models, value, info.index_name, head.clock, head.reset_count)
+    if expected_overlays is not None:
+        why = overlay_mismatch(entries, expected_overlays)
+        if why is not None:
+            raise BindingError("expected", why)
+    return BindingVerdict(
+        config, models, value, info.index_name, head.clock, head.reset_count, entries
+    )

@@ -32,9 +32,15 @@ over it. Checks, in order, each failing with a stable reason code:
                         TPM_ST_ATTEST_CERTIFY, same nonce, certified Name == Name of the
                         declared signing key public area, and that key is fixedTPM,
                         non-restricted signing (so telemetry signatures come from this TPM).
-11. `binding_log`/`binding_mismatch`  the binding log (config + model manifest digests)
-                        replays to the quoted binding PCR; optionally it matches the model
-                        manifest(s) and config the verifier expects.
+11. `binding_log`/`binding_mismatch`  the binding log (config + model manifest digests,
+                        and the overlay digest of a model running a device calibration)
+                        replays to the quoted binding PCR; optionally it matches the config,
+                        the model manifest(s) (a calibrated model of an expected manifest
+                        matches: the verdict names its calibration) and the calibration the
+                        verifier expects (`expected_overlays`: a digest, or None for "no
+                        calibration"), or a whole expected PCR value (`expected_binding`).
+                        The verdict's `models` lists per bound model its manifest and the
+                        calibration in force (version `X+cal.N`, overlay digest) or null.
 
 What a quote does NOT prove by itself: that the AK lives in the TPM named by the EK
 certificate. That is established once at registration by credential activation
@@ -64,7 +70,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from edgerund.errors import EdgerundError
 from edgerund.identity import tpmstruct as ts
-from edgerund.identity.binding import binding_value
+from edgerund.identity.binding import (
+    ModelBinding,
+    binding_value,
+    overlay_mismatch,
+    parse_model_entry,
+)
 
 HASH_ALGS: dict[int, hashes.HashAlgorithm] = {
     ts.ALG_SHA1: hashes.SHA1(),
@@ -93,12 +104,16 @@ class Verdict:
     restart_count: int | None = None
     clock_ms: int | None = None
     pcrs: dict[str, str] = field(default_factory=dict)
+    # per bound model (from the binding log, once it replayed to the quoted PCR): name,
+    # manifest_sha256 and `calibration` {version, overlay_sha256} or None
+    models: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "valid": self.ok, "code": self.code, "message": self.message,
             "warnings": self.warnings, "reset_count": self.reset_count,
             "restart_count": self.restart_count, "clock_ms": self.clock_ms, "pcrs": self.pcrs,
+            "models": self.models,
         }  # fmt: skip
 
 
@@ -117,6 +132,19 @@ def expected_binding_for_files(config_file: Path, manifests: Sequence[Path]) -> 
         items.append((name, hashlib.sha256(raw).digest()))
     items.sort(key=lambda x: x[0])
     return binding_value(hashlib.sha256(config_file.read_bytes()).digest(), [d for _, d in items])
+
+
+def expected_models_for_files(manifests: Sequence[Path]) -> dict[str, bytes]:
+    """{model name: sha256(manifest.json bytes)} for the manifests a verifier deployed."""
+    out: dict[str, bytes] = {}
+    for m in manifests:
+        raw = m.read_bytes()
+        try:
+            name = str(json.loads(raw).get("name", m.parent.name))
+        except (ValueError, AttributeError):
+            name = m.parent.name
+        out[name] = hashlib.sha256(raw).digest()
+    return out
 
 
 def _b64(result: Mapping[str, Any], key: str, *, optional: bool = False) -> bytes | None:
@@ -201,26 +229,44 @@ def verify_result(
     allow_software: bool = False,
     insecure_skip_ak_trust: bool = False,
     insecure_no_nonce: bool = False,
+    expected_config_sha256: bytes | None = None,
+    expected_models: Mapping[str, bytes] | None = None,
+    expected_overlays: Mapping[str, bytes | None] | None = None,
 ) -> Verdict:
     """Check an attestation result. Never raises for bad input: returns Verdict(ok=False).
 
     Secure by default: without `nonce` and a pinned `ak_pem` the verdict is `no_nonce` /
     `ak_untrusted`; the `insecure_*` switches skip exactly the check they name.
+    `expected_models` ({name: manifest sha256}) compares manifests only, so a calibrated
+    model of that manifest matches; `expected_overlays` ({name or binding.ANY_MODEL:
+    overlay sha256, or None for "no calibration"}) pins the calibration.
     """
+    expect = _Expect(expected_binding, expected_config_sha256, expected_models, expected_overlays)
     try:
         return _verify(
-            result, nonce, previous, expected_binding, ak_pem, allow_software,
+            result, nonce, previous, expect, ak_pem, allow_software,
             insecure_skip_ak_trust=insecure_skip_ak_trust, insecure_no_nonce=insecure_no_nonce,
         )  # fmt: skip
     except VerifyError as exc:
         return Verdict(False, exc.code, exc.message)
 
 
+@dataclass(frozen=True)
+class _Expect:
+    binding: bytes | None
+    config: bytes | None
+    models: Mapping[str, bytes] | None
+    overlays: Mapping[str, bytes | None] | None
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.binding, self.config, self.models, self.overlays))
+
+
 def _verify(
     result: Mapping[str, Any],
     nonce: bytes | None,
     previous: Mapping[str, Any] | None,
-    expected_binding: bytes | None,
+    expect: _Expect,
     ak_pem: str | None,
     allow_software: bool,
     *,
@@ -405,17 +451,27 @@ def _verify(
         models = binding.get("models") or []
         if not isinstance(models, list):
             raise VerifyError("malformed", "binding.models must be a list")
-        digests = [_hex(m.get("manifest_sha256"), "binding.models[].manifest_sha256")
-                   for m in models if isinstance(m, Mapping)]  # fmt: skip
+        entries: list[ModelBinding] = []
+        for m in models:
+            if not isinstance(m, Mapping):
+                continue
+            _hex(m.get("manifest_sha256"), "binding.models[].manifest_sha256")
+            try:
+                entries.append(parse_model_entry(m))
+            except ValueError as exc:
+                raise VerifyError("malformed", f"binding.models[]: {exc}") from None
+        # replayed in the log's order (the device writes it sorted by model name): a
+        # calibrated model extends its overlay digest right after its manifest
+        digests = [d for e in entries for d in e.digests]
         if binding_value(cfg, digests).hex() != verdict.pcrs[key]:
             raise VerifyError("binding_log", f"the binding log does not replay to the quoted {key}")
-        if expected_binding is not None and verdict.pcrs[key] != expected_binding.hex():
-            raise VerifyError(
-                "binding_mismatch",
-                f"{key} is {verdict.pcrs[key]}, the expected model/config give "
-                f"{expected_binding.hex()}: the gateway runs a different model or config",
-            )
-    elif expected_binding is not None:
+        verdict.models = [
+            {"name": e.name, "manifest_sha256": e.manifest_sha256.hex(),
+             "calibration": e.calibration()}
+            for e in entries
+        ]  # fmt: skip
+        _check_expected(expect, key, verdict.pcrs[key], cfg, entries)
+    elif expect.any():
         raise VerifyError("binding_log", "the result has no binding log to check the model")
 
     # the EK certificate, when present, must certify the EK public key in the result
@@ -430,3 +486,33 @@ def _verify(
         if not _same_key(cert.public_key(), ek.key):
             raise VerifyError("ek_mismatch", "the EK certificate is for a different key")
     return verdict
+
+
+def _check_expected(
+    expect: _Expect, key: str, value: str, cfg: bytes, entries: Sequence[ModelBinding]
+) -> None:
+    """The replayed binding log against what the verifier deployed (`binding_mismatch`)."""
+    if expect.binding is not None and value != expect.binding.hex():
+        raise VerifyError(
+            "binding_mismatch",
+            f"{key} is {value}, the expected model/config give "
+            f"{expect.binding.hex()}: the gateway runs a different model, calibration or config",
+        )
+    if expect.config is not None and cfg != expect.config:
+        raise VerifyError(
+            "binding_mismatch",
+            f"bound config {cfg.hex()} != expected {expect.config.hex()}: the gateway runs "
+            "a different config",
+        )
+    bound = {e.name: e.manifest_sha256 for e in entries}
+    if expect.models is not None and bound != dict(expect.models):
+        raise VerifyError(
+            "binding_mismatch",
+            f"bound models {sorted((k, v.hex()) for k, v in bound.items())} != expected "
+            f"{sorted((k, v.hex()) for k, v in expect.models.items())}: the gateway runs a "
+            "different model",
+        )
+    if expect.overlays is not None:
+        why = overlay_mismatch(entries, expect.overlays)
+        if why is not None:
+            raise VerifyError("binding_mismatch", why)

@@ -5,12 +5,16 @@ The public API other components use (docs/identity.md, team contract):
     identity.kind -> "tpm" | "software";  identity.key_id -> hex sha256 of the telemetry
     key's SubjectPublicKeyInfo;  await identity.sign_digest(digest) -> DER ECDSA P-256;
     identity.public_key_pem();  await identity.counter_read() / counter_increment();
-    await identity.bind_model(manifest_sha256, name=...);  await identity.attest(nonce)
+    await identity.bind_model(manifest_sha256, name=..., overlay_sha256=..., overlay_version=...)
+    await identity.attest(nonce)
 
 The binding PCR (default 23) always holds
     extend(extend(...extend(0, sha256(config file)), sha256(manifest A)), sha256(manifest B))
-with the active models' manifests in order of model name: at start-up and at every swap the
-PCR is reset and re-measured in ONE TPM job (so no quote sees a half-measured PCR). The
+with the active models' manifests in order of model name; a model running a device
+calibration (`X+cal.N`) adds sha256(its calibration.json) right after its manifest
+(binding.ModelBinding). At start-up and at every swap the PCR is reset and re-measured in
+ONE TPM job (so no quote sees a half-measured PCR); a swap binds the model's calibration
+afresh, so a rollback from `X+cal.N` to `X` measures the manifest alone again. The
 attestation result carries that log (`binding`) so a verifier can replay it, or compute the
 value it expects from the manifest and config it deployed (verify.binding_value).
 """
@@ -27,7 +31,7 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgerund.identity.binding import parse_nonce
+from edgerund.identity.binding import ModelBinding, model_digests, parse_nonce
 
 Kind = Literal["tpm", "software"]
 
@@ -65,7 +69,8 @@ class Identity(abc.ABC):
         self.pcr_binding = pcr_binding
         self.pcr_selection = pcr_selection
         self.config_sha256 = bytes(32)
-        self.models: dict[str, bytes] = {}
+        self.models: dict[str, bytes] = {}  # name -> manifest sha256
+        self.overlays: dict[str, tuple[bytes, str]] = {}  # name -> (overlay sha256, X+cal.N)
         self.last_quote_time: float | None = None
         self.quotes = 0
         self._bind_lock = asyncio.Lock()
@@ -126,17 +131,23 @@ class Identity(abc.ABC):
 
     # -- shared
 
+    def model_bindings(self) -> list[ModelBinding]:
+        """The bound models in order of name, each with its calibration if it runs one."""
+        out = []
+        for n, d in sorted(self.models.items()):
+            ov = self.overlays.get(n)
+            out.append(ModelBinding(n, d, *(ov if ov is not None else (None, None))))
+        return out
+
     def binding_log(self) -> dict[str, Any]:
         return {
             "pcr": self.pcr_binding,
             "config_sha256": self.config_sha256.hex(),
-            "models": [
-                {"name": n, "manifest_sha256": d.hex()} for n, d in sorted(self.models.items())
-            ],
+            "models": [m.as_log() for m in self.model_bindings()],
         }
 
     async def _remeasure(self) -> None:
-        digests = [self.config_sha256] + [d for _, d in sorted(self.models.items())]
+        digests = [self.config_sha256, *model_digests(self.model_bindings())]
         await self._measure(digests)
         self._measured = True
 
@@ -148,12 +159,27 @@ class Identity(abc.ABC):
             self.config_sha256 = bytes(config_sha256)
             await self._remeasure()
 
-    async def bind_model(self, manifest_sha256: bytes, name: str = "") -> None:
-        """A model swap: re-measure the binding PCR with this model's manifest digest."""
+    async def bind_model(
+        self,
+        manifest_sha256: bytes,
+        name: str = "",
+        *,
+        overlay_sha256: bytes | None = None,
+        overlay_version: str | None = None,
+    ) -> None:
+        """A model swap: re-measure the binding PCR with this model's manifest digest and,
+        when the model runs a device calibration, its overlay digest (None: the model runs
+        uncalibrated, e.g. after a rollback from `X+cal.N` to `X`)."""
         if len(manifest_sha256) != 32:
             raise ValueError("manifest digest must be 32 bytes (sha256 of manifest.json)")
+        if overlay_sha256 is not None and len(overlay_sha256) != 32:
+            raise ValueError("overlay digest must be 32 bytes (sha256 of calibration.json)")
         async with self._bind_lock:
             self.models[name] = bytes(manifest_sha256)
+            if overlay_sha256 is None:
+                self.overlays.pop(name, None)
+            else:
+                self.overlays[name] = (bytes(overlay_sha256), overlay_version or "")
             await self._remeasure()
 
     async def attest(self, nonce: bytes) -> dict[str, Any]:

@@ -193,8 +193,17 @@ class IdentityComponent:
     async def counter_increment(self) -> int:
         return await self.identity.counter_increment()
 
-    async def bind_model(self, manifest_sha256: bytes, name: str) -> None:
-        await self.identity.bind_model(manifest_sha256, name)
+    async def bind_model(
+        self,
+        manifest_sha256: bytes,
+        name: str,
+        *,
+        overlay_sha256: bytes | None = None,
+        overlay_version: str | None = None,
+    ) -> None:
+        await self.identity.bind_model(
+            manifest_sha256, name, overlay_sha256=overlay_sha256, overlay_version=overlay_version
+        )
 
     async def attest(self, nonce: bytes) -> dict[str, object]:
         return await self.identity.attest(nonce)

@@ -10,6 +10,16 @@ The daemon owns an NV index of type TPM_NT_EXTEND (sha256, 32 bytes) that only i
     event = sha256("edgerund-binding-v1\\0" || config_sha256 || for each model, by name:
                    sha256(utf8 name) || manifest_sha256)
 
+when no model runs a device calibration (so every event made before calibrations were
+attested replays unchanged), and when at least one does:
+
+    event = sha256("edgerund-binding-v2\\0" || config_sha256 || for each model, by name:
+                   sha256(utf8 name) || manifest_sha256 || overlay_sha256 || sha256(utf8 version))
+
+with overlay_sha256 = sha256(calibration.json bytes) and version its `X+cal.N`; an
+uncalibrated model of a v2 event has 32 zero bytes in place of each of the last two (no
+document hashes to zero). Every field is 32 bytes, so the preimage parses one way only.
+
 An extend index is never reset without undefining it, so the event log the daemon keeps
 starts from the value it found at start-up (`initial`) and lists the events since; replaying
 it must give the value the TPM certified (TPM2_NV_Certify with the AK). The LAST event is the
@@ -24,8 +34,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from edgerund.identity import tpmstruct as ts
+from edgerund.identity.binding import ModelBinding, parse_model_entry
 
 DOMAIN = b"edgerund-binding-v1\x00"
+DOMAIN_V2 = b"edgerund-binding-v2\x00"  # events with a calibrated model
+_NONE = bytes(32)
 GENESIS = hashlib.sha256(b"edgerund-binding-index-defined").digest()  # first extend
 ST_ATTEST_NV = 0x8014
 
@@ -40,6 +53,24 @@ def event_digest(config_sha256: bytes, models: Mapping[str, bytes]) -> bytes:
         if len(digest) != 32:
             raise ValueError(f"manifest digest of model {name!r} must be 32 bytes")
         h.update(hashlib.sha256(name.encode()).digest() + digest)
+    return h.digest()
+
+
+def binding_event(config_sha256: bytes, models: Sequence[ModelBinding]) -> bytes:
+    """The binding event for a config and the models' entries: v1 (`event_digest`) while
+    no model runs a calibration, v2 (module docstring) as soon as one does."""
+    if all(m.overlay_sha256 is None for m in models):
+        return event_digest(config_sha256, {m.name: m.manifest_sha256 for m in models})
+    if len(config_sha256) != 32:
+        raise ValueError("config digest must be 32 bytes")
+    h = hashlib.sha256(DOMAIN_V2 + config_sha256)
+    for m in sorted(models, key=lambda m: m.name):
+        if m.overlay_sha256 is None:
+            tail = _NONE + _NONE
+        else:
+            version = hashlib.sha256((m.overlay_version or "").encode()).digest()
+            tail = m.overlay_sha256 + version
+        h.update(hashlib.sha256(m.name.encode()).digest() + m.manifest_sha256 + tail)
     return h.digest()
 
 
@@ -89,9 +120,8 @@ def log_events(log: Mapping[str, object]) -> tuple[bytes, list[bytes], Sequence[
         if not isinstance(models, list):
             raise ValueError("event models must be a list")
         digests.append(
-            event_digest(
-                bytes.fromhex(str(ev["config_sha256"])),
-                {str(m["name"]): bytes.fromhex(str(m["manifest_sha256"])) for m in models},
+            binding_event(
+                bytes.fromhex(str(ev["config_sha256"])), [parse_model_entry(m) for m in models]
             )
         )
     return initial, digests, raw

@@ -27,8 +27,8 @@ reads each persistent handle, and:
   - Name differs -> refuse (another tool took the handle or the TPM was cleared).
 `tr_from_tpmpublic` trusts whatever sits at a handle, so the Name check is essential.
 
-The NV binding index is extended with a binding event (nvbinding.py) whenever the config or
-a model changes, and every attestation carries its TPM2_NV_Certify by the AK plus the event
+The NV binding index is extended with a binding event (nvbinding.py) whenever the config, a
+model or a model's calibration changes, and every attestation carries its TPM2_NV_Certify by the AK plus the event
 log since start-up. The PCR binding is kept for compatibility, but a PCR resettable at
 locality 0 proves nothing against a local attacker; the NV binding does.
 
@@ -821,13 +821,12 @@ class TpmIdentity(Identity):
 
     async def _measure(self, digests: list[bytes]) -> None:
         # called by Identity._remeasure under the bind lock, config/models already updated
+        models = self.model_bindings()
         record = {
             "config_sha256": self.config_sha256.hex(),
-            "models": [
-                {"name": n, "manifest_sha256": d.hex()} for n, d in sorted(self.models.items())
-            ],
+            "models": [m.as_log() for m in models],
         }
-        event = nvbinding.event_digest(self.config_sha256, self.models)
+        event = nvbinding.binding_event(self.config_sha256, models)
         log_value = self._log_value()
 
         def job(e: Any) -> bytes:

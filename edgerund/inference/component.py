@@ -19,8 +19,10 @@ a ConfigError naming `models[i].path` and the reason (not ONNX, ABI mismatch wit
 sides, missing manifest field, golden vectors not reproduced).
 
 After every successful load or swap, the SHA-256 of the model's manifest.json is bound
-into the identity's measurement (`measurer.bind_model`, a TPM PCR extend), so an
-attestation quote says which model the gateway runs.
+into the identity's measurement (`measurer.bind_model`, a TPM PCR and NV extend), and with
+it, when the runner applied a device calibration, the SHA-256 of the overlay document and
+its version `X+cal.N` (`runner.overlay_sha256`), so an attestation says which model and
+which calibration the gateway runs; a swap back to an uncalibrated slot binds no overlay.
 
 The component is the `ports.ModelHost` of loops and updates: `runner(name)`,
 `await swap(name, model_dir)`, `counters(name)`. Status key "models": [{name,
@@ -232,9 +234,17 @@ class ModelsComponent:
     async def _bind(self, runner: ModelRunner) -> None:
         if self.measurer is None:
             return
-        digest = runner.manifest.sha256 or hashlib.sha256(b"").digest()
+        # the signed manifest (runner.manifest is the calibrated copy, same digest) and the
+        # overlay in force: a runner without one (a rollback to `X`) unbinds the old overlay
+        digest = runner.base_manifest.sha256 or hashlib.sha256(b"").digest()
+        overlay = runner.overlay_sha256
         try:
-            await self.measurer.bind_model(digest, runner.name)
+            await self.measurer.bind_model(
+                digest,
+                runner.name,
+                overlay_sha256=overlay,
+                overlay_version=runner.version if overlay is not None else None,
+            )
         except Exception as exc:  # the model runs regardless; the quote will show it
             self.bind_errors += 1
             log.error("model_bind_failed", model=runner.name, error=repr(exc))

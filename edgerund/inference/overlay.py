@@ -24,11 +24,15 @@ The runner (edgerund.inference.runner) applies an overlay after its golden check
 under the signed normalisation: the golden vectors prove the runtime computes what the
 build computed; the overlay then replaces the normalisation mean/std and the threshold.
 The runner does not check the signature (it has no key); it refuses an overlay bound to
-another manifest. Every path that makes a slot active verifies it first.
+another manifest. Every path that makes a slot active verifies it first. The runner keeps
+the SHA-256 of the calibration.json bytes it applied (`read_overlay_measured`,
+`runner.overlay_sha256`): the models component binds it into the attestation beside the
+manifest digest (docs/identity.md), so a quote names the calibration in force.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -56,6 +60,7 @@ __all__ = [
     "overlay_bytes",
     "overlay_seq",
     "read_overlay",
+    "read_overlay_measured",
 ]
 
 OVERLAY_FILE = "calibration.json"
@@ -82,6 +87,13 @@ def overlay_bytes(doc: Mapping[str, Any]) -> bytes:
 def read_overlay(model_dir: Path) -> tuple[dict[str, Any], bytes] | None:
     """(document, signature) of the overlay in `model_dir`, None when there is none.
     Raises CalibrationRefused("overlay_format") for a half overlay or unreadable JSON."""
+    found = read_overlay_measured(model_dir)
+    return None if found is None else (found[0], found[1])
+
+
+def read_overlay_measured(model_dir: Path) -> tuple[dict[str, Any], bytes, bytes] | None:
+    """read_overlay plus the SHA-256 of the very calibration.json bytes it parsed: what
+    the identity measures for the calibration in force (edgerund.identity.binding)."""
     doc_path, sig_path = Path(model_dir) / OVERLAY_FILE, Path(model_dir) / OVERLAY_SIG
     have = doc_path.exists(), sig_path.exists()
     if not any(have):
@@ -99,7 +111,7 @@ def read_overlay(model_dir: Path) -> tuple[dict[str, Any], bytes] | None:
         raise CalibrationRefused("overlay_format", f"{OVERLAY_FILE}: {exc}") from None
     if not isinstance(doc, dict):
         raise CalibrationRefused("overlay_format", f"{OVERLAY_FILE} is not a JSON object")
-    return doc, sig
+    return doc, sig, hashlib.sha256(data).digest()
 
 
 def derived_shift(

@@ -197,6 +197,8 @@ class ModelRunner:
         # normalisation, threshold and version `X+cal.N`; `calibration` is its summary.
         self.base_manifest = manifest
         self.calibration: dict[str, Any] | None = None
+        # sha256 of the calibration.json bytes applied: measured into the attestation
+        self.overlay_sha256: bytes | None = None
 
     # -- loading -------------------------------------------------------------------------
 
@@ -295,17 +297,17 @@ class ModelRunner:
 
     def _apply_overlay(self) -> None:
         from edgerund.inference.calibration import CalibrationRefused
-        from edgerund.inference.overlay import overlay_seq, read_overlay
+        from edgerund.inference.overlay import overlay_seq, read_overlay_measured
 
         try:
-            found = read_overlay(self.model_dir)
+            found = read_overlay_measured(self.model_dir)
         except (CalibrationRefused, OSError) as exc:
             raise ModelError(
                 f"{self.model_dir}: calibration overlay: {exc}", code="overlay"
             ) from None
         if found is None:
             return
-        doc, _ = found
+        doc, _, overlay_sha256 = found
         man = self.manifest
         try:
             if doc.get("model_manifest_sha256") != man.sha256.hex():
@@ -339,6 +341,7 @@ class ModelRunner:
         )
         self.version = self.manifest.version
         self.threshold = threshold
+        self.overlay_sha256 = overlay_sha256
         raw_summary = doc.get("summary")
         summary: dict[str, Any] = raw_summary if isinstance(raw_summary, dict) else {}
         self.calibration = {

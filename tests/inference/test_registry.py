@@ -54,9 +54,18 @@ class FakeIdentity:
 
     def __init__(self) -> None:
         self.bound: list[tuple[bytes, str]] = []
+        self.overlays: list[bytes | None] = []
 
-    async def bind_model(self, digest: bytes, name: str = "") -> None:
+    async def bind_model(
+        self,
+        digest: bytes,
+        name: str = "",
+        *,
+        overlay_sha256: bytes | None = None,
+        overlay_version: str | None = None,
+    ) -> None:
         self.bound.append((digest, name))
+        self.overlays.append(overlay_sha256)
 
 
 def _feeds() -> dict[str, np.ndarray]:

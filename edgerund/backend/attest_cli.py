@@ -11,7 +11,9 @@ edgerund attest verify --result FILE --nonce HEX --ak-pem FILE [--previous FILE]
     --expect-model matches a model by its manifest, calibrated or not; a valid verdict
     prints per model the calibration in force (`X+cal.N` and the overlay digest).
     --expect-overlay pins it: the sha256 of the model's calibration.json, or `none` (the
-    model must run uncalibrated); without MODEL= it applies to every bound model.
+    model must run uncalibrated); without MODEL= it applies to every bound model. It needs
+    --expect-config/--expect-model: the PCR log's model names are not measured, so only
+    the expected model set keeps an overlay digest from passing as another model.
 edgerund attest enroll --socket PATH --ek-ca FILE --out AK.pem [--insecure-skip-ek-cert]
     credential activation against a daemon's socket (on the gateway, or forwarded over
     ssh): check the EK certificate against the CA bundle, MakeCredential for the AK Name,
@@ -103,6 +105,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             config_sha256 = hashlib.sha256(Path(args.expect_config).read_bytes()).digest()
             models = expected_models_for_files([Path(m) for m in args.expect_model])
         overlays = parse_expect_overlay(args.expect_overlay)
+        if overlays is not None and models is None:  # the PCR does not measure names
+            raise UsageError("--expect-overlay needs --expect-config and --expect-model")
     except (UsageError, ValueError, OSError) as exc:
         print(f"edgerund attest verify: {exc}", file=sys.stderr)
         return 2

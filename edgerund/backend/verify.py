@@ -239,7 +239,8 @@ def verify_result(
     `ak_untrusted`; the `insecure_*` switches skip exactly the check they name.
     `expected_models` ({name: manifest sha256}) compares manifests only, so a calibrated
     model of that manifest matches; `expected_overlays` ({name or binding.ANY_MODEL:
-    overlay sha256, or None for "no calibration"}) pins the calibration.
+    overlay sha256, or None for "no calibration"}) pins the calibration (give the
+    expected models with it: the PCR log's model names are not measured).
     """
     expect = _Expect(expected_binding, expected_config_sha256, expected_models, expected_overlays)
     try:
@@ -471,6 +472,13 @@ def _verify(
             for e in entries
         ]  # fmt: skip
         _check_expected(expect, key, verdict.pcrs[key], cfg, entries)
+        if expect.overlays is not None and expect.models is None:
+            # the PCR does not measure model names: without the expected model set, an
+            # overlay digest could be passed off as the manifest of a model that is not there
+            verdict.warnings.append(
+                "expected calibration checked without the expected models: pass the "
+                "deployed manifests too (--expect-model) for it to mean anything"
+            )
     elif expect.any():
         raise VerifyError("binding_log", "the result has no binding log to check the model")
 

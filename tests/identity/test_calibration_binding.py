@@ -134,8 +134,20 @@ async def test_software_identity_names_the_calibration_and_a_rollback_unbinds_it
                          "calibration": {"version": "2.0.0+cal.1",
                                          "overlay_sha256": OVL1.hex()}}]  # fmt: skip
     assert v.as_dict()["models"] == v.models  # ... and the verdict names the calibration
-    assert check(r, expected_overlays={"motor-ae": OVL1}).ok
-    assert check(r, expected_overlays={ANY_MODEL: OVL1}).ok
+    assert check(r, expected_overlays={"motor-ae": OVL1}, expected_models={"motor-ae": MAN}).ok
+    assert check(r, expected_overlays={ANY_MODEL: OVL1}, expected_models={"motor-ae": MAN}).ok
+    # without the expected model set, a log can pass the overlay off as a second model's
+    # manifest (the PCR does not measure names): the PCR verdict warns, the model set
+    # refuses it
+    forged = json.loads(json.dumps(r))
+    forged["binding"]["models"] = [
+        {"name": "motor-ae", "manifest_sha256": MAN.hex()},
+        {"name": "zz", "manifest_sha256": OVL1.hex()},
+    ]
+    v = check(forged, expected_overlays={ANY_MODEL: None})
+    assert v.ok and any("--expect-model" in w for w in v.warnings), v
+    v = check(forged, expected_overlays={ANY_MODEL: None}, expected_models={"motor-ae": MAN})
+    assert (v.ok, v.code) == (False, "binding_mismatch"), v
     for exp in ({ANY_MODEL: None}, {"motor-ae": OVL2}, {"nope": None}):
         v = check(r, expected_overlays=exp)
         assert (v.ok, v.code) == (False, "binding_mismatch"), (exp, v)
@@ -280,11 +292,12 @@ def test_daemon_attests_an_installed_calibration_and_its_rollback(
         result_file.write_text(json.dumps(r))
         ak_file.write_text(ak)
 
-        def cli(*extra: str) -> subprocess.CompletedProcess[str]:
+        def cli(*extra: str, expect: bool = True) -> subprocess.CompletedProcess[str]:
+            deployed = ["--expect-config", str(d.config_path), "--expect-model", str(manifest)]
             return subprocess.run(
                 [sys.executable, "-m", "edgerund.cli", "attest", "verify",
                  "--result", str(result_file), "--nonce", nonce.hex(), "--ak-pem", str(ak_file),
-                 "--expect-config", str(d.config_path), "--expect-model", str(manifest), *extra],
+                 *(deployed if expect else []), *extra],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
 
@@ -293,6 +306,8 @@ def test_daemon_attests_an_installed_calibration_and_its_rollback(
         assert f"calibration {cal1} (overlay sha256 {overlay.hex()})" in ok.stdout
         bad = cli("--expect-overlay", "none")
         assert bad.returncode == 1 and "binding_mismatch" in bad.stdout and cal1 in bad.stdout
+        usage = cli("--expect-overlay", "none", expect=False)  # without the model set
+        assert usage.returncode == 2 and "--expect-model" in usage.stderr, usage.stderr
 
         # rollback to X: re-measured without the overlay
         d.call("rollback", {"model": "motor-ae"}, timeout_s=60.0)

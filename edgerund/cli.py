@@ -42,7 +42,7 @@ def _without_rich() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _without_rich()
-    from edgerund.daemon import run
+    from edgerund.main import run
 
     return run(_config_path(args), simulate=args.simulate)
 

@@ -29,10 +29,8 @@ Tasks. Each component that runs background tasks gets its own `TaskScope` from t
 leaving a component cancels whatever tasks it still has. The root's own tasks (loop-lag
 monitor, status line, metrics textfile, SIGHUP reload) live in the "daemon" scope.
 
-Start-up: validate the config (done by the caller), check the state directory, start every
-thread of the default executor (edgerund/workers.py: the thread count is constant from
-READY on, so growth after start-up is not warm-up), then enter
-the components in the order above, each an async context manager that opens its resources;
+Start-up (edgerund/main.py has validated the config, checked the state directory and
+started every thread of the default executor): enter the components in the order above, each an async context manager that opens its resources;
 then the diagnostics socket; then `gc.collect(1)` and `gc.freeze()` (start-up objects never get scanned again,
 which keeps full collections off the control loops); then the loops, entered warm and held,
 are released (their first tick comes after that collection, not during it); then `READY=1`. Components exit in
@@ -49,10 +47,7 @@ task restartable (acquisition, uplink, inbox watcher); where in-process recovery
 (a control loop whose actuator state is unknown, the TPM worker) the task is declared
 fatal and the daemon exits 1 so systemd restarts the whole service.
 
-Watchdog: a loop-lag monitor wakes every `loop_lag_interval_ms`, measures how late it woke
-(the event loop's lag), and sends WATCHDOG=1 only while the lag is under
-`watchdog_lag_limit_ms`. A blocked or starved loop therefore stops the pings and systemd
-restarts the service.
+Watchdog: edgerund/looplag.py (WATCHDOG=1 only while the event loop's lag is under its limit).
 
 SIGHUP: the file is re-read (with the applied desired patch merged over it) and validated
 off the loop; on error the running config stays and the reason is logged; on success
@@ -60,8 +55,8 @@ off the loop; on error the running config stays and the reason is logged; on suc
 (config/diff.py): live settings are applied through each component's `reload()`, every
 other changed key is named as needing a restart (log, reply, reported state).
 
-Start-up also re-verifies the applied desired state from its signature
-(twin/applier.py `load_applied`) before any component is built.
+The process around it (config load, the state directory check, the applied desired state
+re-verified from its signature, the event loop, exit codes) is edgerund/main.py.
 """
 
 from __future__ import annotations
@@ -83,28 +78,26 @@ import structlog
 
 from drivers.base import Resources
 from drivers.registry import ActuatorSpec, actuator_drivers
-from edgerund import __version__, logs, testclock, workers
+from edgerund import __version__, logs, testclock
 from edgerund.component import Command, Component, Peer
 from edgerund.config import diff as config_diff
-from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
 from edgerund.context import EventBus, FatalComponentError, Supervisor, TaskScope
 from edgerund.control import component as control_component
-from edgerund.control.histogram import Histogram
 from edgerund.diag import DiagServer
-from edgerund.errors import CommandError, ConfigError, DeviceError
+from edgerund.errors import CommandError, ConfigError
 from edgerund.hub import component as hub_component
 from edgerund.hub.component import SimControl
 from edgerund.identity import component as identity_component
 from edgerund.inference import component as inference_component
-from edgerund.private_dirs import ensure_private_dir
+from edgerund.looplag import LoopLagMonitor
 from edgerund.remote import RemoteCommands
-from edgerund.sdnotify import Notifier, watchdog_interval_s
+from edgerund.sdnotify import Notifier
 from edgerund.telemetry import component as telemetry_component
 from edgerund.telemetry.component import build as telemetry_build
 from edgerund.toolkit import prometheus
 from edgerund.twin import component as twin_component
-from edgerund.twin.applier import DesiredApplier, Health, config_with_patch, load_applied
+from edgerund.twin.applier import DesiredApplier, Health, config_with_patch
 from edgerund.twin.desired import Desired
 from edgerund.twin.gate import CommandGate, provisioned_keyring
 from edgerund.updates import component as updates_component
@@ -134,81 +127,11 @@ EXIT_CONFIG = 2  # needs a human (bad config, refused start): RestartPreventExit
 Reloader = Callable[[Config], Awaitable[None] | None]
 
 
-class LoopLagMonitor:
-    """Measures the event loop's wake-up lag and feeds the systemd watchdog."""
-
-    def __init__(self, interval_s: float, limit_s: float, notifier: Notifier) -> None:
-        self.interval_s = interval_s
-        self.limit_s = limit_s
-        self.notifier = notifier
-        self.last_s = 0.0
-        self.max_s = 0.0
-        self.hist = Histogram()
-        self.pings = 0
-        self.withheld = 0
-        self._wd_every = watchdog_interval_s()
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_ping = 0.0
-        deadline = loop.time() + self.interval_s
-        while True:
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            now = loop.time()
-            lag = max(0.0, now - deadline)
-            self.last_s = lag
-            self.max_s = max(self.max_s, lag)
-            self.hist.record(lag * 1e3)
-            deadline += self.interval_s
-            if deadline < now:  # we were blocked for several intervals: skip, don't burst
-                deadline = now + self.interval_s
-            if self._wd_every is not None and now - last_ping >= min(self._wd_every, 1.0):
-                if lag < self.limit_s:
-                    self.notifier.notify(WATCHDOG=1)
-                    self.pings += 1
-                    last_ping = now
-                else:
-                    self.withheld += 1
-                    log.warning("watchdog_withheld", loop_lag_ms=round(lag * 1e3, 1))
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "loop_lag_ms": round(self.last_s * 1e3, 3),
-            "loop_lag": {**self.hist.summary(), "samples": self.hist.count},
-        }
-
-
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _private_sim_dirs(cfg: Config) -> None:
-    """The simulator's run, socket and state dirs default to /tmp: ours alone (0700)."""
-    dirs = {
-        "paths.run_dir": Path(cfg.paths.run_dir),
-        "diag.socket": Path(cfg.diag.socket).parent,
-        "paths.state_dir": Path(cfg.paths.state_dir),
-    }
-    for key, d in sorted(dirs.items(), key=lambda kv: len(kv[1].parts)):
-        ensure_private_dir(d, key)
-
-
-def _check_state_dir(cfg: Config) -> None:
-    state = Path(cfg.paths.state_dir)
-    try:
-        state.mkdir(parents=True, exist_ok=True, mode=0o750)
-        probe = state / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"state directory {state} is not writable: {exc.strerror} "
-            "(the service user must own it; see systemd StateDirectory=)",
-            path="paths.state_dir",
-        ) from None
 
 
 def _resources(
@@ -712,77 +635,3 @@ class Daemon:
             return False
         log.info("stopped", shutdown_ms=round((time.monotonic() - t0) * 1e3, 1))
         return True
-
-
-def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
-    """Load, validate and run. Returns the process exit code; never raises for bad input."""
-    path = Path(config_path)
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        logs.configure()
-        log.error("config_invalid", error=str(exc))
-        return EXIT_CONFIG
-    if simulate and not cfg.simulation.enabled:
-        cfg.simulation.enabled = True
-    logs.configure(cfg.logging.level, cfg.logging.format, cfg.logging.ring_size)
-    try:
-        if simulate or cfg.simulation.enabled:
-            _private_sim_dirs(cfg)
-        _check_state_dir(cfg)
-    except ConfigError as exc:
-        log.error("startup_refused", error=str(exc))
-        return EXIT_CONFIG
-    # The desired state applied before, re-verified from its signature (twin/applier.py).
-    applied: Desired | None = None
-    if cfg.twin.enabled:
-        cfg, applied, _ = load_applied(cfg, path)
-        if simulate and not cfg.simulation.enabled:
-            cfg.simulation.enabled = True
-    runner_kwargs: dict[str, Any] = {}
-    if cfg.daemon.use_uvloop:
-        try:
-            import uvloop
-
-            runner_kwargs["loop_factory"] = uvloop.new_event_loop
-        except ImportError:
-            pass
-    daemon_holder: list[Daemon] = []
-
-    async def main() -> int:
-        workers.install(asyncio.get_running_loop())  # threads constant from READY on
-        d = Daemon(path, cfg, simulate=simulate or cfg.simulation.enabled, applied=applied)
-        daemon_holder.append(d)
-        return await d.run()
-
-    log.info(
-        "starting",
-        version=__version__,
-        config=str(path),
-        simulate=simulate,
-        event_loop="uvloop" if runner_kwargs else "asyncio",
-    )
-    try:
-        with asyncio.Runner(**runner_kwargs) as runner:
-            return runner.run(main())
-    except KeyboardInterrupt:
-        return EXIT_OK
-    except Exception as exc:
-        leaves = _leaves(exc)
-        refused = [e for e in leaves if isinstance(e, (ConfigError, DeviceError))]
-        if refused:
-            for r in refused:
-                log.error("startup_refused", error=str(r))
-            return EXIT_CONFIG
-        for e in leaves:
-            log.error("daemon_crashed", error=repr(e), exc_info=e)
-        return EXIT_FAILURE
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        out: list[BaseException] = []
-        for e in exc.exceptions:
-            out.extend(_leaves(e))
-        return out
-    return [exc]

@@ -10,6 +10,7 @@ Who provides what (see docs/architecture.md for the graph):
 
     port            provided by                      used by
     SampleSource    hub (SensorHub)                  loops, telemetry
+    LoopSamples     hub (a part of SampleSource)     each ControlLoop
     ModelHost       models (ModelsComponent)         loops, updates
     Calibrator      models (ModelsComponent)         updates (device calibrations, adapt)
     SlotSource      updates' slot repository         models
@@ -48,25 +49,15 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------- samples
 
 
-class SampleSource(Protocol):
-    """The newest samples of every configured sensor (the hub)."""
-
-    def channels(self) -> list[tuple[str, str, str]]:
-        """(sensor_id, channel, unit) of every channel, in config order."""
-        ...
+class LoopSamples(Protocol):
+    """What a control loop needs of the hub: windows, states and fresh reads."""
 
     def state(self, sensor_id: str) -> str:
         """ "ok", "stale", "failed", ... (drivers/base.py SensorState values)."""
         ...
 
-    def latest(self, sensor_id: str, channel: str) -> Sample | None: ...
-
     def window(self, sensor_id: str, channel: str, n: int) -> tuple[F64, F64]:
         """The newest `n` (t_mono, value) of one channel, oldest first."""
-        ...
-
-    def subscribe(self, fn: Callable[[Sample], None]) -> Callable[[], None]:
-        """Call `fn` on the event loop for every sample; returns the unsubscribe call."""
         ...
 
     def lock_phase(self, sensor_id: str, period_s: float, t0_s: float) -> bool:
@@ -77,7 +68,22 @@ class SampleSource(Protocol):
 
     def request_read(self, sensor_id: str) -> Awaitable[bool] | None:
         """A locked sensor that is "ok": read now; the future turns True once a read
-        started after the call is stored (an asyncio future). None: nothing to wait for."""
+        started after the call is stored (the hub's is an asyncio future). None:
+        nothing to wait for."""
+        ...
+
+
+class SampleSource(LoopSamples, Protocol):
+    """The newest samples of every configured sensor (the hub)."""
+
+    def channels(self) -> list[tuple[str, str, str]]:
+        """(sensor_id, channel, unit) of every channel, in config order."""
+        ...
+
+    def latest(self, sensor_id: str, channel: str) -> Sample | None: ...
+
+    def subscribe(self, fn: Callable[[Sample], None]) -> Callable[[], None]:
+        """Call `fn` on the event loop for every sample; returns the unsubscribe call."""
         ...
 
 

@@ -30,6 +30,7 @@ one of two places, which this policy chooses from what it measures.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 WINDOW = 100  # waits (at the tick) and durations (ahead) the choice is made from
@@ -53,6 +54,7 @@ class FreshPolicy:
     __slots__ = (
         "_ahead_left",
         "_durations",
+        "_ordered",
         "_slow",
         "_waits",
         "hold_ticks",
@@ -76,6 +78,7 @@ class FreshPolicy:
         self._waits: deque[int] = deque(maxlen=WINDOW)  # at the tick: slow-wait weights
         self._slow = 0  # slow waits in _waits
         self._durations: deque[float] = deque(maxlen=WINDOW)  # ahead: request -> stored
+        self._ordered: list[float] = []  # the same durations, sorted (kept, not re-sorted)
         self.lead_s = 0.0
         self.hold_ticks = HOLD_TICKS
         self._ahead_left = 0
@@ -112,11 +115,15 @@ class FreshPolicy:
         """Ahead: one read's duration from its request to its sample being stored."""
         if self.at_tick:
             return
-        self._durations.append(duration_s)
+        durations, ordered = self._durations, self._ordered
+        if len(durations) == durations.maxlen:
+            del ordered[bisect.bisect_left(ordered, durations[0])]
+        durations.append(duration_s)
+        bisect.insort(ordered, duration_s)
         self._lead()
 
     def _lead(self) -> None:
-        d = sorted(self._durations)
+        d = self._ordered
         q = quantile(d, AHEAD_QUANTILE) if d else self.lead_max_s
         self.lead_s = max(1e-6, min(self.lead_max_s, self.spin_s + q + LEAD_MARGIN_S))
 

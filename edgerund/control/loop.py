@@ -80,20 +80,11 @@ from edgerund.control.fresh import FreshPolicy
 from edgerund.control.histogram import Histogram
 from edgerund.control.policy import Decision, LoopPolicy, Mode, Observation, Rule, evaluate_rules
 from edgerund.control.scheduler import Clock, Schedule, Sleep, effective_spin_s, run_schedule
+from edgerund.ports import LoopSamples
 
 log = structlog.get_logger("edgerund.control")
 
 F64 = npt.NDArray[np.float64]
-
-
-class HubLike(Protocol):
-    def window(self, sensor_id: str, channel: str, n: int) -> tuple[F64, F64]: ...
-    def state(self, sensor_id: str) -> str: ...
-
-
-class PhaseLockable(Protocol):
-    def lock_phase(self, sensor_id: str, period_s: float, t0_s: float) -> bool: ...
-    def request_read(self, sensor_id: str) -> asyncio.Future[bool] | None: ...
 
 
 class RunnerLike(Protocol):
@@ -207,7 +198,7 @@ class ControlLoop:
         self,
         cfg: LoopConfig,
         *,
-        hub: HubLike,
+        hub: LoopSamples,
         models: ModelsLike | None,
         publish: Publish,
         actuator: ActuatorDriver | None,
@@ -370,7 +361,7 @@ class ControlLoop:
         sensors = {i.sensor for i in self.cfg.inputs if i.fresh}
         if not sensors:
             return
-        hub: PhaseLockable = self.hub  # type: ignore[assignment]
+        hub = self.hub
         for sensor in sorted(sensors):
             if hub.lock_phase(sensor, self.period_s, t0):
                 self._fresh.append(sensor)
@@ -387,12 +378,12 @@ class ControlLoop:
     def _request_fresh(self, ahead: bool) -> list[asyncio.Future[bool]]:
         """Ask the hub for a read of each fresh input's sensor. Ahead of the tick, each
         read's duration to its stored sample teaches the lead (fresh.py)."""
-        hub: PhaseLockable = self.hub  # type: ignore[assignment]
-        reads = []
+        hub = self.hub
+        reads: list[asyncio.Future[bool]] = []
         for s in self._fresh:
             f = hub.request_read(s)
             if f is not None:
-                reads.append(f)
+                reads.append(asyncio.ensure_future(f))  # the hub's future itself
         if ahead and reads:
             clock = self.clock
             t_req = clock()

@@ -41,7 +41,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import msgspec
-import numpy as np
 import structlog
 
 from drivers.base import ChannelInfo, Resources, Sample, SensorConfig
@@ -348,7 +347,7 @@ class SensorHub:
         k = int(ts.size)
         if k < 2:
             return 0.0
-        oldest = float(np.min(ts))
+        oldest = float(ts.min())  # (the method: np.min's wrapper costs more than the work)
         ring_full = len(self._read_times[sid]) == self._read_times[sid].capacity
         if oldest > now - RATE_WINDOW_S + 1.0 and not ring_full:
             # less than a window of history (just started, or just recovered): use the
@@ -356,7 +355,7 @@ class SensorHub:
             # sensor that read a few times and then stopped is not still reading at
             # that pace: once the last read is more than a period old, count the
             # silence since it too
-            span = float(np.max(ts)) - oldest
+            span = float(ts.max()) - oldest
             dt = max(span, now - oldest - 1.0 / self._rts[sid].config.rate_hz)
             return (k - 1) / dt if dt > 0 else 0.0
         return k / min(RATE_WINDOW_S, now - oldest) if ring_full else k / RATE_WINDOW_S

@@ -287,30 +287,6 @@ class UpdatesComponent:
         return {**self._commands.table(), **self.adaptations.table()}
 
 
-def build(
-    cfg: Config,
-    *,
-    slots: SlotRepository,
-    scope: TaskScope,
-    events: EventSink,
-    counter: Counter,
-    models: ModelHost | None,
-    loops: LoopStats | None,
-    router: CommandRouter | None,
-    drift: DriftReports | None = None,
-    calibrator: Calibrator | None = None,
-    signer: Signer | None = None,
-) -> UpdatesComponent:
-    return UpdatesComponent(
-        cfg,
-        slots=slots,
-        scope=scope,
-        events=events,
-        counter=counter,
-        models=models,
-        loops=loops,
-        router=router,
-        drift=drift,
-        calibrator=calibrator,
-        signer=signer,
-    )
+# The root's uniform entry point (each component module has a `build`); the updates
+# component is always built, so it is the constructor itself, with the same ports.
+build = UpdatesComponent

@@ -168,3 +168,22 @@ async def test_prepare_runs_its_lead_before_each_deadline_and_not_at_lead_zero()
         assert deadline == tick_deadline
         assert deadline - 0.002 <= when < deadline  # on its lead, before the deadline
         assert woke >= deadline  # and the tick still lands on the deadline
+
+
+def test_the_lead_is_the_quantile_of_the_last_window_of_durations() -> None:
+    """The policy keeps its durations sorted as they come and go (no sort per read): the
+    lead equals the quantile of the last WINDOW durations, sorted afresh, at every step."""
+    rng = random.Random(7)
+    pol = FreshPolicy(period_s=0.010, spin_s=0.0005)
+    for _ in range(fresh.TIMEOUT_WEIGHT):
+        pol.waited(pol.wait_s)
+    assert not pol.at_tick
+    seen: list[float] = []
+    for i in range(3 * fresh.WINDOW):
+        d = rng.choice([rng.uniform(0.0001, 0.003), 0.001])  # with repeats
+        pol.stored(d)
+        seen.append(d)
+        last = sorted(seen[-fresh.WINDOW :])
+        q = fresh.quantile(last, fresh.AHEAD_QUANTILE)
+        want = max(1e-6, min(pol.lead_max_s, pol.spin_s + q + fresh.LEAD_MARGIN_S))
+        assert pol.lead_s == want, i

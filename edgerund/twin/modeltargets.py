@@ -115,6 +115,7 @@ class ModelTargets:
             chunk_max=u.mqtt_chunk_max_kb * 1024,
             ttl_s=u.mqtt_transfer_ttl_s,
             client=client,
+            tls=cfg.twin.fetch,
         )
         self.path = memory_path(cfg)
         self.memory = T.Memory()
@@ -244,8 +245,16 @@ class ModelTargets:
             return
         self._set(t.name, dv, state=T.FETCHING)
         try:
-            fetch = self.fetcher.fetch if t.url is None else self.fetcher.fetch_url
-            path = await fetch(t, progress=lambda n: self._set(t.name, dv, bytes=n), keep=keep)
+            progress = lambda n: self._set(t.name, dv, bytes=n)  # noqa: E731
+            if t.url is None:
+                path = await self.fetcher.fetch(t, progress=progress, keep=keep)
+            else:
+                # Each failed attempt is in the reported message (a TLS misconfiguration
+                # shows upstream, not only in the gateway's log); the state stays fetching.
+                path = await self.fetcher.fetch_url(
+                    t, progress=progress, keep=keep,
+                    failed=lambda e: self._set(t.name, dv, message=f"url: {e}; retrying"),
+                )  # fmt: skip
         except (TransferError, TrustError) as exc:
             await self._end(dv, t, T.REFUSED, exc.code, _msg(exc))
             return
@@ -254,7 +263,7 @@ class ModelTargets:
             return
         submitted = False
         try:
-            self._set(t.name, dv, state=T.VERIFYING, bytes=t.size)
+            self._set(t.name, dv, state=T.VERIFYING, bytes=t.size, message=None)
             try:
                 name = await asyncio.to_thread(peek_model_name, path, self.manifest_max)
             except TrustError as exc:

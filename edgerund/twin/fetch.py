@@ -29,7 +29,8 @@ the blocking download runs in a worker thread that a cancelled fetch stops at it
 read. The hash decides here as well: the server is not trusted either.
 
 TLS of the `url` source (`twin.fetch`, twin/config.py): one `ssl.SSLContext`, built in the
-worker thread at the first https request and kept (the files are read once), trusting
+worker thread at the first https request and kept (rebuilt only when a file's mtime or
+size changed: a renewed client certificate is picked up without a restart), trusting
 `ca_file` instead of the system store when set and presenting `client_cert`/`client_key`
 to a server that asks. A certificate the context does not trust is an error that says so
 (and which trust store it was judged by); a handshake the server refuses (a missing client
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import threading
 import time
@@ -83,6 +85,16 @@ _RANGE_RE = re.compile(r"^bytes (\d+)-\d+/(?:\d+|\*)$")
 def _range_start(value: str) -> int | None:
     m = _RANGE_RE.match(value.strip())
     return int(m.group(1)) if m else None
+
+
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 def connect_properties(chunk_max: int) -> Properties:
@@ -127,6 +139,7 @@ class BundleFetcher:
         self._lock = threading.Lock()
         self.tls = tls if tls is not None else TwinFetchConfig()
         self._ssl: ssl.SSLContext | None = None
+        self._ssl_stamp: tuple[tuple[int, int] | None, ...] = ()
         self._ssl_lock = threading.Lock()
         self.probe_s = PROBE_S
 
@@ -265,13 +278,19 @@ class BundleFetcher:
         return False
 
     def _ssl_context(self) -> ssl.SSLContext:
-        """Built once, in the worker thread (it reads files); OSError when it cannot be."""
+        """Built once (in the worker thread: it reads files) and again only when one of
+        the files changed (a renewed client certificate needs no restart); OSError when it
+        cannot be built."""
+        stamp = tuple(
+            _stamp(p) for p in (self.tls.ca_file, self.tls.client_cert, self.tls.client_key)
+        )
         with self._ssl_lock:
-            if self._ssl is None:
+            if self._ssl is None or stamp != self._ssl_stamp:
                 try:
                     self._ssl = ssl_context(self.tls)
                 except FetchTlsError as exc:
                     raise OSError(f"twin.fetch.{exc.key}: {exc}") from None
+                self._ssl_stamp = stamp
             return self._ssl
 
     def _trust_store(self) -> str:

@@ -22,6 +22,11 @@ end: `committed`, `refused` (the pipeline's reason) or `rolled_back`.
 Every end is remembered by sha256 (targets.Memory) in `<state_dir>/twin/model-targets.json`
 (written off the loop, fsync + rename) before it is reported, so a restart never fetches a
 bundle already judged. `report()` is the reported state's `desired.models`.
+
+Each offered version also sets the pins (twin/pins.py: the updates pipeline refuses a local
+update of a pinned model to another version unless overridden); the overrides are kept in
+the same file, and `report()` shows a target whose model runs an override as `overridden`
+and every target's `active_version`.
 """
 
 from __future__ import annotations
@@ -130,16 +135,19 @@ class ModelTargets:
         self._task: asyncio.Task[None] | None = None
         self.pins = pins if pins is not None else Pins()
         self.pins.changed = self._pins_changed
+        self._save_lock = asyncio.Lock()
 
     async def load(self) -> None:
         self.memory, overrides = await asyncio.to_thread(_load_memory, self.path)
         self.pins.restore(overrides)
 
     async def _save(self) -> None:
-        try:
-            await asyncio.to_thread(_write, self.path, _dump(self.memory, self.pins))
-        except OSError as exc:
-            log.error("twin_model_memory_write_failed", path=str(self.path), error=str(exc))
+        # One write at a time, each of the state when it starts: the last one holds all.
+        async with self._save_lock:
+            try:
+                await asyncio.to_thread(_write, self.path, _dump(self.memory, self.pins))
+            except OSError as exc:
+                log.error("twin_model_memory_write_failed", path=str(self.path), error=str(exc))
 
     def _pins_changed(self) -> None:
         """An override was recorded: persisted (off the loop) and published soon."""

@@ -11,9 +11,11 @@ A job's file is opened ONCE (bundle.BundleReader) and read front to back. Its fi
 tell a keyring document (JSON) from a bundle (tar). For a bundle the head (manifest.json,
 manifest.sig) is read and manifest.json parsed once; its model name, not yet
 authenticated, only picks the model's record (unknown model or an update already in
-flight: refused here); the machine then gets "receive" and VERIFY authenticates the same
-parsed manifest and extracts the payload from the same open file (steps.py). A keyring
-document is checked as a rotation of the current keyring and stored.
+flight: refused here; so is a version other than the one a twin model target pins, unless
+the job carries `override_twin`: `pins`, ports.ModelPins); the machine then gets "receive"
+and VERIFY authenticates the same parsed manifest and extracts the payload from the same
+open file (steps.py). A keyring document is checked as a rotation of the current keyring
+and stored.
 
 `progress()` is what `status` shows of the job in hand: a frozen `JobProgress` that the
 runner replaces as the job moves on.

@@ -4,7 +4,8 @@ certificates made here: the right CA is trusted, a wrong one is refused with an 
 says so, a server that requires a client certificate is satisfied only by the configured
 one; check-config names the file and key of a bad `twin.fetch` entry; a url that keeps
 failing hands over to the broker when the bundle is published there, resuming the same
-partial file."""
+partial file; through ModelTargets and the update pipeline, the TLS error is the target's
+reported message until the right CA is installed, then the bundle is committed."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import msgspec
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,9 +33,12 @@ from edgerund.config.loader import parse_config
 from edgerund.errors import ConfigError
 from edgerund.twin.bundlewire import BundleMeta, chunk_topic, meta_topic
 from edgerund.twin.config import TwinFetchConfig
+from edgerund.twin.desired import Desired
 from edgerund.twin.fetch import BundleFetcher, connect_properties
+from edgerund.twin.modeltargets import ModelTargets
 from edgerund.twin.targets import Target
-from tests.updates.support import wait_for
+from tests.updates import models as M
+from tests.updates.support import Publisher, make_config, running, seed_dir, wait_for
 
 C = 4096
 
@@ -344,6 +349,61 @@ async def test_not_on_broker_keeps_trying_the_url(
     f.published = published  # type: ignore[method-assign]
     errors = await _errors_until(f, t, n=3)
     assert len(errors) >= 3 and probes and not any(probes)
+
+
+async def test_model_target_reports_the_tls_error_then_installs(
+    tmp_path: Path, world: World
+) -> None:
+    """Through ModelTargets and the real update pipeline: while the configured CA does not
+    trust the server, the target stays `fetching` with the TLS error as its reported
+    message; once the right CA is installed at the same path (the context is rebuilt, no
+    restart) the bundle is fetched, verified and committed."""
+    pub = Publisher()
+    seed_dir(tmp_path / "shipped", M.affine())
+    pub.write_keyring(tmp_path / "keyring.json")
+    ca = tmp_path / "bundles-ca.pem"
+    ca.write_bytes(world.other.pem.read_bytes())
+    cfg = make_config(tmp_path)
+    fetch = TwinFetchConfig(ca_file=str(ca), url_failures_before_broker=0)
+    cfg = msgspec.structs.replace(cfg, twin=msgspec.structs.replace(cfg.twin, fetch=fetch))
+    bundle = pub.bundle(tmp_path / "b.bundle", version="2.0.0", counter=1)
+    data = bundle.read_bytes()
+    srv = HttpsServer(data, world)
+    target = {
+        "version": "2.0.0",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "url": srv.url,
+    }
+
+    async def no_broker() -> aiomqtt.Client:
+        raise AssertionError("the url source only")
+
+    try:
+        async with running(cfg) as r:
+            scope = r.supervisor.scope("twin")
+            async with scope:
+                t = ModelTargets(
+                    cfg, installer=r.updates, managed=lambda: r.updates.records,
+                    scope=scope, notify=lambda: None, client=no_broker,
+                )  # fmt: skip
+                t.fetcher.backoff_initial_s = t.fetcher.backoff_max_s = 0.2
+                await t.load()
+                t.offer(Desired(1, {}, {"m1": target}, 2**62, "test", b""))
+                await wait_for(lambda: "not trusted" in (t.report()["m1"]["message"] or ""), 30)
+                e = t.report()["m1"]
+                assert e["state"] == "fetching", e
+                assert e["message"].startswith("url: TLS: the server's certificate is not trusted")
+                assert f"twin.fetch.ca_file {ca}" in e["message"]
+                assert srv.gets == []
+
+                ca.write_bytes(world.ca.pem.read_bytes())  # the right CA, in place
+                await wait_for(lambda: t.report()["m1"]["state"] == "committed", 60)
+                assert r.updates.slot_info("m1")["version"] == "2.0.0"
+                assert t.report()["m1"]["message"] is None
+                assert srv.gets == [None]
+    finally:
+        srv.close()
 
 
 # -- check-config ---------------------------------------------------------------------------

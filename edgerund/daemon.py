@@ -100,6 +100,7 @@ from edgerund.twin import component as twin_component
 from edgerund.twin.applier import DesiredApplier, Health, config_with_patch
 from edgerund.twin.desired import Desired
 from edgerund.twin.gate import CommandGate, provisioned_keyring
+from edgerund.twin.pins import Pins
 from edgerund.updates import component as updates_component
 from edgerund.updates.counter import counter_for
 from edgerund.updates.repository import build_slots
@@ -261,6 +262,17 @@ class Daemon:
             return
 
         updates: updates_component.UpdatesComponent | None = None
+        # The twin's model targets pin their models against local updates (twin/pins.py);
+        # seeded from the applied desired state (verified above) so that a restart without
+        # the broker does not lift them, then kept by the twin's model targets.
+        pins = Pins()
+        if slots is not None and self.applied is not None and cfg.twin.enabled:
+            pins.seed(
+                self.applied.version,
+                self.applied.models,
+                managed=slots.records,
+                max_bytes=int(cfg.updates.bundle_max_mb * 1024 * 1024),
+            )
         if slots is not None:
             updates_scope = sup.scope("updates")
             updates = updates_component.build(
@@ -275,6 +287,7 @@ class Daemon:
                 drift=models,
                 calibrator=models,
                 signer=identity,
+                pins=pins if cfg.twin.enabled else None,
             )
             await self._enter(stack, updates, updates_scope)
             if self.stop_event.is_set():
@@ -323,6 +336,7 @@ class Daemon:
                 current=lambda: self.config,
                 scope=twin_scope,
                 updates=updates,
+                pins=pins,
             )
             await self._enter(stack, twin, twin_scope)
 

@@ -22,6 +22,7 @@ Who provides what (see docs/architecture.md for the graph):
     DriftReports    models (ModelsComponent)         updates (post-update drift rollback)
     CommandRouter   the root's RemoteCommands        updates registers; telemetry dispatches
     CommandGate     the twin's command gate          RemoteCommands (operator signatures)
+    ModelPins       the twin's pins (twin/pins.py)   updates (local updates vs model targets)
     EventSink       the root's EventBus              every component publishes
 
 No `Any` crosses these boundaries: records are frozen dataclasses.
@@ -301,6 +302,17 @@ class CommandGate(Protocol):
 
     async def seal(self, name: str, admitted: Admitted, reply: bytes) -> bytes:
         """The reply as the requester receives it (signed by the gateway when signed)."""
+        ...
+
+
+class ModelPins(Protocol):
+    """The twin's model targets as local updates see them (edgerund/twin/pins.py)."""
+
+    def check_local_update(
+        self, model: str, version: str | None, *, source: str, override: bool
+    ) -> None:
+        """TrustError `pinned_by_twin` when a target pins `model` to another version and
+        `override` is not given; an override is recorded (and reported upstream)."""
         ...
 
 

@@ -45,6 +45,7 @@ from edgerund.inference import config as inference
 from edgerund.inference.config import ModelConfig
 from edgerund.telemetry import config as telemetry
 from edgerund.telemetry.config import TelemetryConfig, UplinkConfig
+from edgerund.twin import config as twin
 from edgerund.twin.config import TwinConfig
 from edgerund.updates import config as updates
 from edgerund.updates.config import UpdatesConfig
@@ -101,4 +102,5 @@ CROSS_CHECKS: tuple[CrossCheck, ...] = (
     identity.cross_check,  # identity
     updates.cross_check,  # updates against models
     telemetry.cross_check,  # telemetry, uplink against sensors and gateway
+    twin.cross_check,  # twin.fetch's TLS files
 )

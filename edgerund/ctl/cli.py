@@ -91,6 +91,12 @@ def _add_update(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="return once the trial started, without waiting for the probation verdict",
     )
+    p.add_argument(
+        "--override-twin",
+        action="store_true",
+        help="install it even though a twin model target pins the model to another version"
+        " (reported upstream as an override; the next desired version decides)",
+    )
 
 
 def _add_rollback(p: argparse.ArgumentParser) -> None:
@@ -175,7 +181,7 @@ WITH_ARGS: list[RemoteCommand] = [
         "install a signed model bundle and wait for its verdict: exit 0 committed, "
         "1 rejected or rolled back (root or edgerund group)",
         _add_update,
-        lambda a: {"path": _abs(a.path)},
+        lambda a: {"path": _abs(a.path), **({"override_twin": True} if a.override_twin else {})},
     ),
     (
         "rollback",

@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from edgerund.context import TaskScope
     from edgerund.ports import CommandRouter, IdentityPort
     from edgerund.twin.modeltargets import Installer
+    from edgerund.twin.pins import Pins
 
 log = structlog.get_logger("edgerund.twin")
 
@@ -109,6 +110,7 @@ class TwinComponent:
         current: Callable[[], Config],
         scope: TaskScope,
         updates: Installer | None = None,
+        pins: Pins | None = None,
     ) -> None:
         self.cfg = cfg
         self.gate = gate
@@ -141,6 +143,7 @@ class TwinComponent:
             scope=scope,
             notify=self.notify,
             client=self._bundle_client,
+            pins=pins,
         )
         applier.models = self.targets.offer
 
@@ -196,6 +199,7 @@ class TwinComponent:
             desired={**self.applier.outcome, "models": self.targets.report()},
             restart_needed=self._restart_needed(),
             commands=self.gate.status(),
+            overrides=self.targets.active_overrides(),
         )
 
     async def signed_document(self) -> bytes:

@@ -27,12 +27,28 @@ instead (`fetch_url`): the same store and checks, resumed with an HTTP Range req
 the bytes on disk (a server that ignores Range sends the whole file: it is restarted);
 the blocking download runs in a worker thread that a cancelled fetch stops at its next
 read. The hash decides here as well: the server is not trusted either.
+
+TLS of the `url` source (`twin.fetch`, twin/config.py): one `ssl.SSLContext`, built in the
+worker thread at the first https request and kept (rebuilt only when a file's mtime or
+size changed: a renewed client certificate is picked up without a restart), trusting
+`ca_file` instead of the system store when set and presenting `client_cert`/`client_key`
+to a server that asks. A certificate the context does not trust is an error that says so
+(and which trust store it was judged by); a handshake the server refuses (a missing client
+certificate) likewise. Both are retried like any network error: the server may be fixed.
+
+Fallback to the broker: after `url_failures_before_broker` consecutive failed attempts
+(errors, not downloads cut short that moved bytes) the fetch asks the broker whether the
+bundle is published there (`published`: its retained `meta`, within PROBE_S); if it is,
+the MQTT source takes over and resumes the same partial file (both sources write the
+transfer `{sha256}`), else the url is tried again and the broker asked again after as many
+failures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import threading
 import time
@@ -44,12 +60,15 @@ import structlog
 
 from edgerund.errors import TrustError
 from edgerund.twin.bundlewire import BundleMeta, chunk_index, chunk_topic, meta_topic, parse_meta
+from edgerund.twin.config import FetchTlsError, TwinFetchConfig, ssl_context
 from edgerund.twin.targets import MAX_TARGETS, Target
 from edgerund.updates.transfer import TransferError, TransferStore
 
 if TYPE_CHECKING:
     # aiomqtt and paho (with urllib, http.client, email) load with the first session, in a
     # thread before READY (twin/component.py): never at import time.
+    import ssl
+
     import aiomqtt
     from paho.mqtt.properties import Properties
 
@@ -59,12 +78,23 @@ WINDOW = 4
 ClientFactory = Callable[[], Awaitable["aiomqtt.Client"]]
 PACKET_OVERHEAD = 4096  # fixed header, topic, properties of one chunk message
 HTTP_TIMEOUT_S = 15.0  # connect, and each read (also how long a cancelled read may linger)
+PROBE_S = 10.0  # how long the broker gets to deliver a bundle's retained meta (fallback)
 _RANGE_RE = re.compile(r"^bytes (\d+)-\d+/(?:\d+|\*)$")
 
 
 def _range_start(value: str) -> int | None:
     m = _RANGE_RE.match(value.strip())
     return int(m.group(1)) if m else None
+
+
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 def connect_properties(chunk_max: int) -> Properties:
@@ -92,6 +122,7 @@ class BundleFetcher:
         window: int = WINDOW,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
+        tls: TwinFetchConfig | None = None,
     ) -> None:
         self.store = TransferStore(
             root,
@@ -106,6 +137,11 @@ class BundleFetcher:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self._lock = threading.Lock()
+        self.tls = tls if tls is not None else TwinFetchConfig()
+        self._ssl: ssl.SSLContext | None = None
+        self._ssl_stamp: tuple[tuple[int, int] | None, ...] = ()
+        self._ssl_lock = threading.Lock()
+        self.probe_s = PROBE_S
 
     def _handle(self, hdr: dict[str, Any], data: bytes = b"") -> tuple[dict[str, Any], Path | None]:
         with self._lock:
@@ -162,11 +198,14 @@ class BundleFetcher:
         *,
         progress: Callable[[int], None],
         keep: frozenset[str] = frozenset(),
+        failed: Callable[[str], None] | None = None,
     ) -> Path:
         """As `fetch`, from `t.url` (signed with the target): resumed with a Range request
         from the bytes on disk; a server that ignores Range restarts the file. Retries
-        network errors and HTTP errors (capped backoff) until done; TransferError when
-        the bytes run past the signed size or do not hash to it."""
+        network, TLS and HTTP errors (capped backoff; each one also goes to `failed`)
+        until done, handing over to the broker when the bundle is published there (module
+        docstring); TransferError when the bytes run past the signed size or do not hash
+        to it."""
         assert t.url is not None
         offset = await asyncio.to_thread(self._begin, t, keep)
         log.info(
@@ -175,38 +214,120 @@ class BundleFetcher:
         )  # fmt: skip
         progress(offset)
         loop = asyncio.get_running_loop()
+        moved = [offset]
 
         def report(n: int) -> None:
+            moved[0] = n
             loop.call_soon_threadsafe(progress, n)
 
         backoff = self.backoff_initial_s
+        failures = 0
+        fallback_after = self.tls.url_failures_before_broker
         while True:
             stop = threading.Event()
+            before = moved[0]
             try:
                 done = await asyncio.to_thread(self._http_session, t, stop, report)
             except asyncio.CancelledError:
                 stop.set()  # the worker thread ends at its next read
                 raise
             except OSError as exc:  # URLError is one; HTTPException becomes one (below)
-                log.info("twin_bundle_url_failed", sha256=t.sha256, error=str(exc)[:300])
+                error = str(exc)[:300]
+                failures = 0 if moved[0] > before else failures + 1
+                log.info("twin_bundle_url_failed", sha256=t.sha256, error=error, failures=failures)
+                if failed is not None:
+                    failed(error)
                 done = None
             if done is not None:
                 log.info("twin_bundle_fetched", model=t.name, sha256=t.sha256, size=t.size)
                 return done
+            if fallback_after and failures >= fallback_after:
+                failures = 0
+                if await self.published(t):
+                    log.warning(
+                        "twin_bundle_url_fallback", model=t.name, sha256=t.sha256,
+                        resume_offset=moved[0], action="fetching from the broker",
+                    )  # fmt: skip
+                    return await self.fetch(t, progress=progress, keep=keep)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.backoff_max_s)
+
+    async def published(self, t: Target) -> bool:
+        """Whether the broker holds a valid retained `meta` for `t` (within `probe_s`)."""
+        import aiomqtt  # loaded by the twin before READY (see TYPE_CHECKING)
+
+        topic = meta_topic(t.sha256)
+        try:
+            async with asyncio.timeout(self.probe_s):
+                client = await self._client()
+                async with client:
+                    await client.subscribe(topic, qos=1)
+                    async for msg in client.messages:
+                        payload = msg.payload
+                        if str(msg.topic) != topic or not isinstance(payload, bytes | bytearray):
+                            continue
+                        if payload:
+                            parse_meta(
+                                bytes(payload), sha256=t.sha256, size=t.size,
+                                chunk_max=self.chunk_max,
+                            )  # fmt: skip
+                            return True
+        except (TimeoutError, aiomqtt.MqttError, TrustError) as exc:
+            why = "not published" if isinstance(exc, TimeoutError) else str(exc)[:300]
+            log.info("twin_bundle_not_on_broker", sha256=t.sha256, why=why)
+        return False
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """Built once (in the worker thread: it reads files) and again only when one of
+        the files changed (a renewed client certificate needs no restart); OSError when it
+        cannot be built."""
+        stamp = tuple(
+            _stamp(p) for p in (self.tls.ca_file, self.tls.client_cert, self.tls.client_key)
+        )
+        with self._ssl_lock:
+            if self._ssl is None or stamp != self._ssl_stamp:
+                try:
+                    self._ssl = ssl_context(self.tls)
+                except FetchTlsError as exc:
+                    raise OSError(f"twin.fetch.{exc.key}: {exc}") from None
+                self._ssl_stamp = stamp
+            return self._ssl
+
+    def _trust_store(self) -> str:
+        if self.tls.ca_file is not None:
+            return f"twin.fetch.ca_file {self.tls.ca_file}"
+        return "the system CA store (twin.fetch.ca_file: a private CA)"
 
     def _http_session(
         self, t: Target, stop: threading.Event, report: Callable[[int], None]
     ) -> Path | None:
         """One request (blocking, in a worker thread): the complete file, or None to retry;
-        OSError (a protocol error included) when the server or the network failed."""
+        OSError (a protocol or TLS error included) when the server or the network failed."""
         import http.client  # with urllib.request: only for a `url` target, in this thread
+        import ssl
+        import urllib.error
 
         try:
             return self._http_request(t, stop, report)
         except http.client.HTTPException as exc:
             raise OSError(f"HTTP: {type(exc).__name__}: {exc}") from exc
+        except (urllib.error.URLError, ssl.SSLError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise OSError(
+                    f"TLS: the server's certificate is not trusted by {self._trust_store()}:"
+                    f" {reason.verify_message or reason}"
+                ) from exc
+            if isinstance(reason, ssl.SSLError):
+                client = (
+                    f"twin.fetch.client_cert {self.tls.client_cert} was presented"
+                    if self.tls.client_cert is not None
+                    else "no client certificate is configured (twin.fetch.client_cert)"
+                )
+                raise OSError(
+                    f"TLS: the handshake failed ({reason.reason or reason}); {client}"
+                ) from exc
+            raise
 
     def _http_request(
         self, t: Target, stop: threading.Event, report: Callable[[int], None]
@@ -218,7 +339,8 @@ class BundleFetcher:
         if offset < t.size:
             headers = {"Range": f"bytes={offset}-"} if offset else {}
             req = urllib.request.Request(t.url, headers=headers)
-            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            ctx = self._ssl_context() if t.url.startswith("https://") else None
+            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S, context=ctx) as resp:
                 if offset and resp.status == 200:  # Range ignored: the whole file comes
                     self._handle({"op": "abort", "id": t.sha256})
                     offset = self._begin(t, frozenset({t.sha256}))

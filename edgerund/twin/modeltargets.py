@@ -22,6 +22,11 @@ end: `committed`, `refused` (the pipeline's reason) or `rolled_back`.
 Every end is remembered by sha256 (targets.Memory) in `<state_dir>/twin/model-targets.json`
 (written off the loop, fsync + rename) before it is reported, so a restart never fetches a
 bundle already judged. `report()` is the reported state's `desired.models`.
+
+Each offered version also sets the pins (twin/pins.py: the updates pipeline refuses a local
+update of a pinned model to another version unless overridden); the overrides are kept in
+the same file, and `report()` shows a target whose model runs an override as `overridden`
+and every target's `active_version`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import structlog
 from edgerund.errors import TrustError
 from edgerund.twin import targets as T
 from edgerund.twin.fetch import BundleFetcher, ClientFactory
+from edgerund.twin.pins import OVERRIDDEN, Override, Pins
 from edgerund.updates import fsutil
 from edgerund.updates.bundle import peek_model_name
 from edgerund.updates.jobs import Job, JobTicket
@@ -80,14 +86,18 @@ def memory_path(cfg: Config) -> Path:
     return Path(cfg.paths.state_dir) / "twin" / "model-targets.json"
 
 
-def _load_memory(path: Path) -> T.Memory:
+def _load_memory(path: Path) -> tuple[T.Memory, list[Override]]:
+    """The remembered outcomes and the recorded overrides (twin/pins.py)."""
     try:
-        return T.Memory.from_json(json.loads(path.read_bytes()))
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
-        return T.Memory()
+        return T.Memory(), []
     except (OSError, ValueError) as exc:
         log.warning("twin_model_memory_unreadable", path=str(path), error=str(exc))
-        return T.Memory()
+        return T.Memory(), []
+    raw = data.get("overrides") if isinstance(data, dict) else None
+    overrides = [Override.from_json(o) for o in raw] if isinstance(raw, list) else []
+    return T.Memory.from_json(data), [o for o in overrides if o is not None]
 
 
 class ModelTargets:
@@ -100,6 +110,7 @@ class ModelTargets:
         scope: TaskScope,
         notify: Callable[[], None],
         client: ClientFactory,
+        pins: Pins | None = None,
     ) -> None:
         self.cfg = cfg
         self._installer = installer
@@ -115,15 +126,44 @@ class ModelTargets:
             chunk_max=u.mqtt_chunk_max_kb * 1024,
             ttl_s=u.mqtt_transfer_ttl_s,
             client=client,
+            tls=cfg.twin.fetch,
         )
         self.path = memory_path(cfg)
         self.memory = T.Memory()
         self.entries: dict[str, dict[str, Any]] = {}
         self.offered_version = 0
         self._task: asyncio.Task[None] | None = None
+        self.pins = pins if pins is not None else Pins()
+        self.pins.changed = self._pins_changed
+        self._save_lock = asyncio.Lock()
 
     async def load(self) -> None:
-        self.memory = await asyncio.to_thread(_load_memory, self.path)
+        self.memory, overrides = await asyncio.to_thread(_load_memory, self.path)
+        self.pins.restore(overrides)
+
+    async def _save(self) -> None:
+        # One write at a time, each of the state when it starts: the last one holds all.
+        async with self._save_lock:
+            try:
+                await asyncio.to_thread(_write, self.path, _dump(self.memory, self.pins))
+            except OSError as exc:
+                log.error("twin_model_memory_write_failed", path=str(self.path), error=str(exc))
+
+    def _pins_changed(self) -> None:
+        """An override was recorded: persisted (off the loop) and published soon."""
+        self._scope.spawn("models-override", self._save, restart=False)
+        self._notify()
+
+    def active_overrides(self) -> dict[str, Override]:
+        """The models that run a version installed over their target (`twin_override`)."""
+        if self._installer is None:
+            return {}
+        out = {}
+        for name in list(self.pins.overrides):
+            o = self.pins.active_override(name, self._installer.slot_info(name).get("version"))
+            if o is not None:
+                out[name] = o
+        return out
 
     # -- the applier's side ---------------------------------------------------------------
     def offer(self, doc: Desired) -> None:
@@ -131,10 +171,11 @@ class ModelTargets:
         if doc.version <= self.offered_version:
             return
         self.offered_version = doc.version
-        if not doc.models and not self.entries:
-            return
         managed = self._managed() if self._installer is not None else {}
         targets, refused = T.parse_targets(doc.models, managed=managed, max_bytes=self.max_bytes)
+        self.pins.set(doc.version, {n: t.version for n, t in targets.items()})
+        if not doc.models and not self.entries:
+            return
         self.entries = {}
         for name, (reason, message) in refused.items():
             if self._installer is None:
@@ -165,7 +206,27 @@ class ModelTargets:
         self._notify()
 
     def report(self) -> dict[str, dict[str, Any]]:
-        return {k: dict(v) for k, v in self.entries.items()}
+        """The reported `desired.models`: each target's entry, with the version the model
+        runs now (`active_version`); a target overridden locally is `overridden`."""
+        out = {}
+        for name, entry in self.entries.items():
+            e = dict(entry)
+            if self._installer is not None:
+                active = self._installer.slot_info(name).get("version")
+                e["active_version"] = active
+                # Shown on the entry of the desired version it was made under; a newer
+                # version naming the model re-applies its target (fetching...).
+                o = self.pins.active_override(name, active)
+                if o is not None and e.get("desired_version") == o.desired_version:
+                    e.update(
+                        state=OVERRIDDEN,
+                        reason="twin_override",
+                        message=f"version {o.version} installed locally over the target"
+                        f" ({o.source}, --override-twin)",
+                        override={"version": o.version, "source": o.source, "at": o.at},
+                    )
+            out[name] = e
+        return out
 
     # -- the worker -------------------------------------------------------------------------
     @staticmethod
@@ -209,10 +270,7 @@ class ModelTargets:
             t.name, t.version, t.sha256, state, reason, msg or None, dv, time.time()
         )
         self.memory.put(outcome)
-        try:
-            await asyncio.to_thread(_write, self.path, _dump(self.memory))
-        except OSError as exc:
-            log.error("twin_model_memory_write_failed", path=str(self.path), error=str(exc))
+        await self._save()
         self._set(t.name, dv, state=state, reason=reason, message=msg or None)
 
     async def _idle(self, name: str) -> None:
@@ -244,8 +302,16 @@ class ModelTargets:
             return
         self._set(t.name, dv, state=T.FETCHING)
         try:
-            fetch = self.fetcher.fetch if t.url is None else self.fetcher.fetch_url
-            path = await fetch(t, progress=lambda n: self._set(t.name, dv, bytes=n), keep=keep)
+            progress = lambda n: self._set(t.name, dv, bytes=n)  # noqa: E731
+            if t.url is None:
+                path = await self.fetcher.fetch(t, progress=progress, keep=keep)
+            else:
+                # Each failed attempt is in the reported message (a TLS misconfiguration
+                # shows upstream, not only in the gateway's log); the state stays fetching.
+                path = await self.fetcher.fetch_url(
+                    t, progress=progress, keep=keep,
+                    failed=lambda e: self._set(t.name, dv, message=f"url: {e}; retrying"),
+                )  # fmt: skip
         except (TransferError, TrustError) as exc:
             await self._end(dv, t, T.REFUSED, exc.code, _msg(exc))
             return
@@ -254,7 +320,7 @@ class ModelTargets:
             return
         submitted = False
         try:
-            self._set(t.name, dv, state=T.VERIFYING, bytes=t.size)
+            self._set(t.name, dv, state=T.VERIFYING, bytes=t.size, message=None)
             try:
                 name = await asyncio.to_thread(peek_model_name, path, self.manifest_max)
             except TrustError as exc:
@@ -316,5 +382,6 @@ def _write(path: Path, data: bytes) -> None:
     fsutil.atomic_write(path, data, mode=0o600)
 
 
-def _dump(mem: T.Memory) -> bytes:
-    return json.dumps(mem.to_json(), separators=(",", ":")).encode()
+def _dump(mem: T.Memory, pins: Pins) -> bytes:
+    doc = {**mem.to_json(), "overrides": [o.to_json() for o in pins.overrides.values()]}
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -15,7 +15,7 @@ ok, loops as counters, no sample values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 REPORTED_TYPE = "edgerund-reported"
@@ -41,7 +41,10 @@ def build(
     desired: Mapping[str, Any],
     restart_needed: list[str],
     commands: Mapping[str, Any],
+    overrides: Collection[str] = (),
 ) -> dict[str, Any]:
+    """`overrides`: the models that run a version installed over their twin target
+    (twin/pins.py), marked `twin_override: true` in `models[]`."""
     gw = _d(status.get("gateway"))
     ident = _d(status.get("identity"))
     sensors = _l(status.get("sensors"))
@@ -64,6 +67,8 @@ def build(
         lf = _d(m.get("last_failure"))
         if lf:
             entry["last_failure"] = lf.get("reason")
+        if m.get("name") in overrides:
+            entry["twin_override"] = True
         models.append(entry)
     return {
         "type": REPORTED_TYPE,

@@ -2,11 +2,14 @@
 `models-slots` (argument checks, waiting, error mapping; the work is the runner's and the
 steps').
 
-- `update {path, wait?}`: submit a bundle or keyring file (absolute path) and wait until
-  the new model is in probation (`wait: "trial"`, default: PROBATION is durable, the
-  watch has just started), the job is done (`"commit"`) or not at all (`"none"`). A
+- `update {path, wait?, override_twin?}`: submit a bundle or keyring file (absolute path)
+  and wait until the new model is in probation (`wait: "trial"`, default: PROBATION is
+  durable, the watch has just started), the job is done (`"commit"`) or not at all
+  (`"none"`). A
   refusal or rollback is always an error answer with the reason code and message (so
-  `edgerunctl update` exits 1), never a result.
+  `edgerunctl update` exits 1), never a result. A model a twin model target pins to
+  another version is refused with `pinned_by_twin` unless `override_twin: true`
+  (`edgerunctl update --override-twin`), which the twin reports upstream (twin/pins.py).
 - `rollback {model}`: during TRIAL/PROBATION the probation is told to roll back; otherwise
   the machine reverts to the other valid slot.
 - `models-slots`: both slots of every model, versions, states, last failure.
@@ -37,7 +40,8 @@ class UpdateCommands:
             "update": Command(
                 self.update,
                 mutating=True,
-                help="install a signed model bundle (or rotate the keyring): {path, wait?}",
+                help="install a signed model bundle (or rotate the keyring):"
+                " {path, wait?, override_twin?}",
             ),
             "rollback": Command(
                 self.rollback,
@@ -59,7 +63,10 @@ class UpdateCommands:
         wait = args.get("wait", "trial")
         if wait not in ("none", "trial", "commit"):
             raise CommandError("bad_args", f"wait: expected none|trial|commit, got {wait!r}")
-        ticket = await self.runner.submit(Job(p, f"socket:{peer.uid}"))
+        override = args.get("override_twin", False)
+        if not isinstance(override, bool):
+            raise CommandError("bad_args", f"override_twin: expected true|false, got {override!r}")
+        ticket = await self.runner.submit(Job(p, f"socket:{peer.uid}", override_twin=override))
         if wait == "none":
             return {"accepted": True, "path": path}
         if wait == "trial":

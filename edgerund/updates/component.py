@@ -7,7 +7,8 @@ models host, so start-up recovery is done and the host loads a verified slot; th
 component is entered after the models host and the loops and is handed them as ports
 (ports.ModelHost, ports.LoopStats), with the anti-rollback counter (ports.Counter) and the
 remote command router (ports.CommandRouter, `cmd/update`) and the models' drift verdicts
-(ports.DriftReports). Its tasks run in the TaskScope the root gives it: the worker
+(ports.DriftReports) and the twin's model pins (ports.ModelPins: a local update of a model
+a twin target pins is refused unless overridden, jobs.py). Its tasks run in the TaskScope the root gives it: the worker
 (jobs.py), when configured the inbox watcher (sources.py), and with drift verdicts and
 `post_update_drift_window_s` > 0 the post-update drift watch: once a second it asks
 postdrift.decide about every model and rolls back with reason `post_update_drift`
@@ -45,6 +46,7 @@ from edgerund.ports import (
     EventSink,
     LoopStats,
     ModelHost,
+    ModelPins,
     Signer,
 )
 from edgerund.updates import machine, postdrift
@@ -83,6 +85,7 @@ class UpdatesComponent:
         drift: DriftReports | None = None,
         calibrator: Calibrator | None = None,
         signer: Signer | None = None,
+        pins: ModelPins | None = None,
     ) -> None:
         self.cfg = cfg.updates
         self.drift = drift
@@ -107,6 +110,7 @@ class UpdatesComponent:
             manifest_max=self.cfg.manifest_max_kb * 1024,
             deferred=slots.take_deferred(),
             limiter=self.limiter,
+            pins=pins,
         )
         self.refused = RefusedStore(slots.upd_dir / "inbox-refused.json")
         self.transfers = TransferStore(

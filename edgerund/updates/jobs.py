@@ -11,9 +11,11 @@ A job's file is opened ONCE (bundle.BundleReader) and read front to back. Its fi
 tell a keyring document (JSON) from a bundle (tar). For a bundle the head (manifest.json,
 manifest.sig) is read and manifest.json parsed once; its model name, not yet
 authenticated, only picks the model's record (unknown model or an update already in
-flight: refused here); the machine then gets "receive" and VERIFY authenticates the same
-parsed manifest and extracts the payload from the same open file (steps.py). A keyring
-document is checked as a rotation of the current keyring and stored.
+flight: refused here; so is a version other than the one a twin model target pins, unless
+the job carries `override_twin`: `pins`, ports.ModelPins); the machine then gets "receive"
+and VERIFY authenticates the same parsed manifest and extracts the payload from the same
+open file (steps.py). A keyring document is checked as a rotation of the current keyring
+and stored.
 
 `progress()` is what `status` shows of the job in hand: a frozen `JobProgress` that the
 runner replaces as the job moves on.
@@ -33,7 +35,7 @@ from typing import Any
 import structlog
 
 from edgerund.errors import TrustError
-from edgerund.ports import EventSink
+from edgerund.ports import EventSink, ModelPins
 from edgerund.updates import machine
 from edgerund.updates.bundle import BundleReader
 from edgerund.updates.manifest import parse_manifest_json
@@ -52,6 +54,9 @@ class Job:
     remove_after: bool = False  # MQTT transfers: the completed file is ours to delete
     admitted: bool = False  # the source already took its rate-limit token
     offer: CalibrationOffer | None = None  # a device calibration (no file to read)
+    # Install even when a twin model target pins the model to another version
+    # (`edgerunctl update --override-twin`); reported upstream (twin/pins.py).
+    override_twin: bool = False
 
 
 class JobTicket:
@@ -110,9 +115,11 @@ class JobRunner:
         manifest_max: int,
         deferred: list[tuple[str, machine.Action]],
         limiter: SourceLimiter | None = None,
+        pins: ModelPins | None = None,
     ) -> None:
         self.steps = steps
         self.limiter = limiter
+        self.pins = pins
         self.events = events
         self.manifest_max = manifest_max
         self._deferred = list(deferred)
@@ -259,6 +266,17 @@ class JobRunner:
             tracker.update(model=name)
             if records[name].state in machine.IN_FLIGHT:
                 raise TrustError("busy", f"{name} has an update in {records[name].state}")
+            if self.pins is not None and source_of(job.source) != "twin":
+                # A twin model target pins the model (its own jobs are the target). The
+                # version is not authenticated yet: a bundle that lies about it to pass
+                # fails the signature check of the same manifest in VERIFY.
+                version = document.get("version")
+                self.pins.check_local_update(
+                    name,
+                    version if isinstance(version, str) else None,
+                    source=job.source,
+                    override=job.override_twin,
+                )
             dep = machine.Deployment(source=job.source, received_at=time.time())
             rec = await self.steps.drive(
                 name,

@@ -4,15 +4,22 @@ chunks on the broker, survives a SIGKILL in the middle of the fetch (resumed fro
 partial file, only the missing chunks fetched), is installed and reported `committed`; a
 bundle whose golden vectors fail is `refused` with the reason while the old model keeps
 running; a corrupted chunk fails the signed hash; every judgement is remembered across a
-restart (no second fetch), and a newer desired version retries a transfer failure."""
+restart (no second fetch), and a newer desired version retries a transfer failure. A
+target pins its model: `edgerunctl update` of another version is refused with
+`pinned_by_twin` (also after a restart without the broker), `--override-twin` installs it
+and the reported state says so."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiomqtt
@@ -39,14 +46,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _daemon(tmp: Path, broker: Any) -> DaemonProcess:
+def _daemon(tmp: Path, broker: Any, **twin: Any) -> DaemonProcess:
     tmp.mkdir(exist_ok=True)
     return simulated(
         tmp,
         {
             "gateway": {"id": GW},
             "uplink": {"enabled": True, "host": broker.host, "port": broker.port},
-            "twin": {"check_interval_s": 0.5, "probation_s": 1.0},
+            "twin": {"check_interval_s": 0.5, "probation_s": 1.0, **twin},
             "updates": {
                 "probation_s": 0.5,
                 "precheck_runs": 20,
@@ -230,3 +237,50 @@ async def test_refusals_reported_remembered_and_retried_by_newer_version(
         await _reported(mosquitto, target_is(4, "committed"))
         assert _model(d2)["version"] == "2.3.0"
         assert len(_fetches(d2, meta.sha256)) == 2
+
+
+async def test_target_pins_the_model_against_a_local_update(tmp_path: Path, mosquitto: Any) -> None:
+    path = _bundle(tmp_path / "target.bundle", "2.1.0", 2)
+    meta = bundle_meta(path, CHUNK)
+    await _offer(mosquitto, meta, _chunks(path, meta))
+    local = _bundle(tmp_path / "local.bundle", "2.2.0", 2)
+    later = _bundle(tmp_path / "later.bundle", "2.3.0", 2)
+    # The (empty) config fragment must pass its probation so the document is stored.
+    d = _daemon(tmp_path / "gw", mosquitto, probation_missed_ticks_max=1_000_000)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "edgerund.ctl", "--socket", d.socket_path, "--timeout", "120"]
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=150)
+
+    with d:
+        d.wait_ready(90)
+        await _desired(mosquitto, 1, meta, "2.1.0")
+        await _reported(mosquitto, target_is(1, "committed"))
+        await _reported(mosquitto, lambda doc: doc["desired"].get("outcome") == "applied")
+        r = await asyncio.to_thread(ctl, "update", str(local))
+        assert r.returncode == 1, r.stdout
+        assert "[pinned_by_twin]" in r.stderr, r.stderr
+        assert "model motor-ae is pinned to 2.1.0 by desired version 1 of the twin" in r.stderr
+        assert _model(d)["version"] == "2.1.0"
+
+        r = await asyncio.to_thread(ctl, "update", "--override-twin", str(local))
+        assert r.returncode == 0, r.stderr
+        doc = await _reported(mosquitto, target_is(1, "overridden", "twin_override"))
+        m = next(x for x in doc["models"] if x["name"] == "motor-ae")
+        assert m["version"] == "2.2.0" and m["twin_override"] is True
+        t = doc["desired"]["models"]["motor-ae"]
+        assert t["version"] == "2.1.0" and t["active_version"] == "2.2.0"
+        assert t["override"]["source"].startswith("socket:")
+
+    # A restart with the broker out of reach: the pin comes from the applied document
+    # (re-verified from its signature), not from the broker's retained copy.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = SimpleNamespace(host="127.0.0.1", port=s.getsockname()[1])
+    assert (tmp_path / "gw" / "state" / "twin" / "applied.json").exists()
+    d = _daemon(tmp_path / "gw", dead)
+    with d:
+        d.wait_ready(90)
+        r = await asyncio.to_thread(ctl, "update", str(later))
+        assert r.returncode == 1 and "[pinned_by_twin]" in r.stderr, (r.stdout, r.stderr)
+        assert _model(d)["version"] == "2.2.0"

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgerund.config.schema import Config
 from edgerund.context import EventBus, Supervisor
-from edgerund.ports import Counter, LoopCounters, ModelCounters, SlotSource
+from edgerund.ports import Counter, LoopCounters, ModelCounters, ModelPins, SlotSource
 from edgerund.publisher import build as B
 from edgerund.updates.component import UpdatesComponent, build
 from edgerund.updates.counter import counter_for
@@ -293,7 +293,11 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(
-    cfg: Config, *, with_loop: bool = True, counter: Counter | None = None
+    cfg: Config,
+    *,
+    with_loop: bool = True,
+    counter: Counter | None = None,
+    pins: ModelPins | None = None,
 ) -> AsyncIterator[Running]:
     r = Running()
     r.events = EventBus()
@@ -317,6 +321,7 @@ async def running(
             models=r.models,
             loops=r.loop if with_loop else None,
             router=None,
+            pins=pins,
         )
         await stack.enter_async_context(r.updates)
         yield r

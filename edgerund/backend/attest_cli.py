@@ -1,13 +1,22 @@
 """`edgerund attest ...`: the upstream verifier (pure Python, no TPM stack needed).
 
-edgerund attest verify --result FILE --nonce HEX --ak-pem FILE [--previous FILE]
+edgerund attest verify --result FILE --nonce HEX (--enrolment FILE | --ak-pem FILE --nv-name HEX)
+                       [--previous FILE]
                        [--expect-model MANIFEST ... --expect-config CONFIG]
                        [--expect-overlay [MODEL=]SHA256|none ...]
                        [--allow-software] [--insecure-no-nonce] [--insecure-skip-ak-trust]
-                       [--json]
+                       [--insecure-skip-nv-binding] [--json]
     exit 0: valid; 1: invalid (the reason code and message are printed); 2: usage
     (unreadable file, bad JSON, bad nonce). Without --nonce and --ak-pem the verdict is
     INVALID (no_nonce / ak_untrusted) unless the matching --insecure-... flag is given.
+    A TPM result is valid only with its NV binding (verify.py check 12): certified by the
+    AK over the same nonce, of the index whose Name was pinned at enrolment (--enrolment:
+    the record `attest enroll` wrote, AK included; or --nv-name), its log replaying to
+    the certified value, and the LAST event compared with --expect-config/-model/-overlay.
+    The PCR binding alone proves nothing against a local attacker (PCR 23 is resettable);
+    --insecure-skip-nv-binding (gateways from before the NV binding) checks it alone and
+    says so. The verdict names the bindings verified and the models/calibrations of the
+    NV binding's last event.
     --expect-model matches a model by its manifest, calibrated or not; a valid verdict
     prints per model the calibration in force (`X+cal.N` and the overlay digest).
     --expect-overlay pins it: the sha256 of the model's calibration.json, or `none` (the
@@ -39,7 +48,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgerund.backend.verify import expected_models_for_files, verify_result
+from edgerund.backend.enrolment_record import EnrolmentRecord, RecordError
+from edgerund.backend.verify import Verdict, expected_models_for_files, verify_result
 from edgerund.errors import EdgerundError
 from edgerund.identity import tpmstruct as ts
 from edgerund.identity.binding import ANY_MODEL, parse_nonce
@@ -95,7 +105,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         result = _load_json(args.result, "result")
         previous = _load_json(args.previous, "previous result") if args.previous else None
         nonce = parse_nonce(args.nonce) if args.nonce is not None else None
-        ak_pem = Path(args.ak_pem).read_text() if args.ak_pem else None
+        ak_pem, nv_name = _trust_inputs(args)
         config_sha256 = models = None
         if args.expect_model or args.expect_config:
             if not args.expect_config:  # the config is always measured first
@@ -115,25 +125,74 @@ def cmd_verify(args: argparse.Namespace) -> int:
         allow_software=args.allow_software, insecure_skip_ak_trust=args.insecure_skip_ak_trust,
         insecure_no_nonce=args.insecure_no_nonce, expected_config_sha256=config_sha256,
         expected_models=models, expected_overlays=overlays,
+        check_nv_binding=not args.insecure_skip_nv_binding, nv_name=nv_name,
     )  # fmt: skip
+    if verdict.ok and args.insecure_skip_nv_binding and result.get("kind") != "software":
+        verdict.warnings.append(
+            "INSECURE: NV binding not verified (--insecure-skip-nv-binding): only the PCR "
+            "binding vouches for the config and models, and any local process with TPM "
+            "access can reset and extend that PCR"
+        )
     if args.json:
         print(json.dumps(verdict.as_dict(), indent=2))
     elif verdict.ok:
-        print(f"VALID: {verdict.message} (resetCount {verdict.reset_count}, "
-              f"restartCount {verdict.restart_count}, clock {verdict.clock_ms} ms)")  # fmt: skip
-        for m in verdict.models:
-            cal = m["calibration"]
-            what = (
-                "no calibration"
-                if cal is None
-                else f"calibration {cal['version']} (overlay sha256 {cal['overlay_sha256']})"
-            )
-            print(f"model {m['name']}: manifest sha256 {m['manifest_sha256']}, {what}")
-        for w in verdict.warnings:
-            print(f"warning: {w}")
+        print_valid(verdict)
     else:
         print(f"INVALID ({verdict.code}): {verdict.message}")
     return 0 if verdict.ok else 1
+
+
+def _trust_inputs(args: argparse.Namespace) -> tuple[str | None, bytes | None]:
+    """(pinned AK PEM, pinned NV index Name) from --enrolment, --ak-pem, --nv-name."""
+    ak_pem = Path(args.ak_pem).read_text() if args.ak_pem else None
+    nv_name = None
+    if args.nv_name:
+        try:
+            nv_name = bytes.fromhex(args.nv_name.strip())
+        except ValueError:
+            raise UsageError("--nv-name: expected the index Name as hex digits") from None
+    if args.enrolment:
+        try:
+            rec = EnrolmentRecord.from_dict(_load_json(args.enrolment, "enrolment record"))
+        except RecordError as exc:
+            raise UsageError(f"{args.enrolment}: {exc}") from None
+        if ak_pem is not None and ak_pem.strip() != rec.ak_pem.strip():
+            raise UsageError("--ak-pem differs from the AK of the enrolment record")
+        if nv_name is not None and rec.nv_name is not None and nv_name != rec.nv_name:
+            raise UsageError("--nv-name differs from the Name in the enrolment record")
+        ak_pem = rec.ak_pem
+        nv_name = nv_name or rec.nv_name
+    return ak_pem, nv_name
+
+
+def _model_lines(models: list[dict[str, Any]]) -> None:
+    for m in models:
+        cal = m["calibration"]
+        what = (
+            "no calibration"
+            if cal is None
+            else f"calibration {cal['version']} (overlay sha256 {cal['overlay_sha256']})"
+        )
+        print(f"model {m['name']}: manifest sha256 {m['manifest_sha256']}, {what}")
+
+
+def print_valid(verdict: Verdict) -> None:
+    """The human verdict: which binding vouches for what runs, then its models."""
+    print(f"VALID: {verdict.message} (resetCount {verdict.reset_count}, "
+          f"restartCount {verdict.restart_count}, clock {verdict.clock_ms} ms)")  # fmt: skip
+    nv = verdict.nv_binding
+    if nv is not None:
+        print(f"binding verified: NV index {nv['index']} (Name {nv['name']}, certified by the "
+              f"AK with your nonce; last of {nv['events']} events: config sha256 "
+              f"{nv['config_sha256']})")  # fmt: skip
+        _model_lines(nv["models"])
+    elif "pcr" in verdict.bindings_verified:
+        print("binding verified: PCR only (NOT the NV binding: forgeable by a local process)")
+        _model_lines(verdict.models)
+    else:
+        print("binding verified: none")
+    for w in verdict.warnings:
+        print(f"warning: {w}")
 
 
 def tpm2_tools_pcr_file(sel: ts.PcrSelection, values: list[bytes]) -> bytes:
@@ -214,7 +273,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     v.add_argument(
         "--ak-pem",
-        help="the gateway's AK (PEM) as enrolled by `edgerund attest enroll` (required)",
+        help="the gateway's AK (PEM) as enrolled by `edgerund attest enroll` (required "
+        "unless --enrolment)",
+    )
+    v.add_argument(
+        "--enrolment",
+        metavar="FILE",
+        help="the enrolment record written by `edgerund attest enroll`: pins the AK and the "
+        "NV binding index Name",
+    )
+    v.add_argument(
+        "--nv-name",
+        metavar="HEX",
+        help="the NV binding index Name pinned at registration (nv_binding.name)",
     )
     v.add_argument(
         "--allow-software",
@@ -230,6 +301,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--insecure-skip-ak-trust",
         action="store_true",
         help="INSECURE: trust whatever AK the result names (a quote made in software passes)",
+    )
+    v.add_argument(
+        "--insecure-skip-nv-binding",
+        action="store_true",
+        help="INSECURE: do not verify the NV binding (gateways from before it); the PCR "
+        "binding alone can be forged by any local process with TPM access",
     )
     v.add_argument("--json", action="store_true", help="machine-readable verdict")
     v.set_defaults(func=cmd_verify)

@@ -6,15 +6,22 @@ Direct (the verifier reaches the daemon's socket: on the gateway, or forwarded w
     edgerund attest enroll --socket PATH --ek-ca CA.pem --out ak.pem
 
 reads `identity`, checks the EK certificate and the AK, sends `attest-activate`, checks the
-secret, writes ak.pem, then asks for a quote with a fresh nonce and verifies it against the
-new pin (so a success means the whole chain works). Offline, in two steps:
+secret, asks for a quote with a fresh nonce and verifies it against the new pin, NV binding
+included (so a success means the whole chain works), then writes ak.pem and the enrolment
+record (enrolment_record.py: the AK and the NV binding index Name certified in that quote,
+which `attest verify --enrolment` pins). Offline, in two steps:
 
     edgerund attest enroll --identity ID.json --ek-ca CA.pem \\
                            --challenge-out CH.json --pending-out PENDING.json
     (device)  edgerunctl --json call attest-activate "$(cat CH.json)" > RESP.json
-    edgerund attest enroll --pending PENDING.json --response RESP.json --out ak.pem
+              edgerunctl --json attest --nonce NONCE > RESULT.json
+    edgerund attest enroll --pending PENDING.json --response RESP.json --out ak.pem \\
+                           [--result RESULT.json --nonce NONCE]
 
-PENDING.json holds the expected secret: keep it on the verifier (mode 0600).
+PENDING.json holds the expected secret: keep it on the verifier (mode 0600). With
+`--result`/`--nonce` (a result taken after the activation, with a nonce the verifier chose)
+the second step verifies it with the proven AK and records its NV index Name; without, the
+record has no NV pin.
 Exit 0 enrolled, 1 refused (`INVALID (code): message`), 2 usage or daemon unreachable.
 """
 
@@ -31,7 +38,9 @@ from cryptography import x509
 
 from edgerund.backend.ekcert import load_ca_bundle
 from edgerund.backend.enroll import Enrolled, Pending, begin, finish, parse_device_facts
-from edgerund.backend.verify import VerifyError, verify_result
+from edgerund.backend.enrolment_record import EnrolmentRecord, record_path_for
+from edgerund.backend.verify import Verdict, VerifyError, verify_result
+from edgerund.identity.binding import parse_nonce
 
 
 class _Usage(Exception):
@@ -64,16 +73,64 @@ def _anchors(args: argparse.Namespace) -> list[x509.Certificate] | None:
         raise _Usage(str(exc)) from None
 
 
-def _done(args: argparse.Namespace, enrolled: Enrolled, extra: dict[str, Any]) -> int:
+def check_first_quote(quote: Any, nonce: bytes, ak_pem: str) -> tuple[Verdict, str | None]:
+    """Verify a quote with the just-proven AK; returns (verdict, warning or None).
+
+    The NV binding index Name is pinned here, at registration (trust on first use, as
+    docs/identity.md prescribes): it is the Name the proven AK certified over our fresh
+    nonce, and the rest of the NV binding is verified against it. A result without
+    `nv_binding` (a gateway from before it) enrols the AK with a warning and no NV pin.
+    """
+    nvb = quote.get("nv_binding") if isinstance(quote, dict) else None
+    if not isinstance(nvb, dict):
+        verdict = verify_result(quote, nonce=nonce, ak_pem=ak_pem)
+        warn = "the result has no NV binding: the NV index Name is not pinned"
+        return verdict, warn if verdict.ok and quote.get("kind") != "software" else None
+    try:
+        name = bytes.fromhex(str(nvb.get("name")))
+    except ValueError:
+        raise VerifyError("nv_binding_malformed", "nv_binding.name is not hex") from None
+    verdict = verify_result(quote, nonce=nonce, ak_pem=ak_pem, check_nv_binding=True, nv_name=name)
+    return verdict, None
+
+
+def _done(
+    args: argparse.Namespace,
+    enrolled: Enrolled,
+    extra: dict[str, Any],
+    verdict: Verdict | None = None,
+    warning: str | None = None,
+) -> int:
+    nv = verdict.nv_binding if verdict is not None else None
+    record = EnrolmentRecord(
+        enrolled.ak_name, enrolled.ak_pem,
+        None if nv is None else str(nv["index"]),
+        None if nv is None else bytes.fromhex(nv["name"]),
+    )  # fmt: skip
+    record_file = args.record or record_path_for(args.out)
+    warnings = list(enrolled.warnings)
+    if nv is None:
+        warnings.append(
+            warning
+            or "NV binding index Name not pinned (no attestation result verified): "
+            "`attest verify` needs --nv-name or --insecure-skip-nv-binding"
+        )
     Path(args.out).write_text(enrolled.ak_pem)
+    Path(record_file).write_text(json.dumps(record.as_dict(), indent=2) + "\n")
     out = {"enrolled": True, "ak_name": enrolled.ak_name.hex(), "ak_pem_file": args.out,
-           "warnings": enrolled.warnings, **extra}  # fmt: skip
+           "record_file": record_file, "nv_binding": record.as_dict()["nv_binding"],
+           "warnings": warnings, **extra}  # fmt: skip
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"ENROLLED: AK {enrolled.ak_name.hex()} proven by credential activation; "
               f"pinned in {args.out}")  # fmt: skip
-        for w in enrolled.warnings:
+        if nv is not None:
+            print(f"NV binding index {nv['index']} Name {nv['name']} pinned; "
+                  f"enrolment record {record_file}")  # fmt: skip
+        else:
+            print(f"enrolment record {record_file} (AK only)")
+        for w in warnings:
             print(f"warning: {w}")
     return 0
 
@@ -100,10 +157,30 @@ def _direct(args: argparse.Namespace) -> int:
             quote = c.call("attest", {"nonce": nonce.hex()})
     except (Unreachable, CommandError) as exc:
         raise _Usage(f"daemon at {args.socket}: {exc}") from None
-    verdict = verify_result(quote, nonce=nonce, ak_pem=enrolled.ak_pem)
+    verdict, warning = check_first_quote(quote, nonce, enrolled.ak_pem)
     if not verdict.ok:
         raise VerifyError(verdict.code, f"a quote with the enrolled AK failed: {verdict.message}")
-    return _done(args, enrolled, {"quote": verdict.as_dict()})
+    return _done(args, enrolled, {"quote": verdict.as_dict()}, verdict, warning)
+
+
+def _second_step(args: argparse.Namespace) -> int:
+    pending = Pending.from_dict(_read_json(args.pending, "pending state"))
+    enrolled = finish(pending, _read_json(args.response, "response"))
+    if not args.result:
+        return _done(args, enrolled, {})
+    try:
+        nonce = parse_nonce(args.nonce)
+    except ValueError as exc:
+        raise _Usage(f"--nonce: {exc}") from None
+    quote = _read_json(args.result, "result")
+    if isinstance(quote, dict) and isinstance(quote.get("result"), dict):
+        quote = quote["result"]  # a raw socket response
+    verdict, warning = check_first_quote(quote, nonce, enrolled.ak_pem)
+    if not verdict.ok:
+        raise VerifyError(
+            verdict.code, f"the result with the enrolled AK failed: {verdict.message}"
+        )
+    return _done(args, enrolled, {"quote": verdict.as_dict()}, verdict, warning)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -113,8 +190,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         if args.pending or args.response:
             if not (args.pending and args.response and args.out):
                 raise _Usage("the second step needs --pending, --response and --out")
-            pending = Pending.from_dict(_read_json(args.pending, "pending state"))
-            return _done(args, finish(pending, _read_json(args.response, "response")), {})
+            if bool(args.result) != bool(args.nonce):
+                raise _Usage("--result and --nonce go together (the result's nonce, hex)")
+            return _second_step(args)
         if args.identity:
             if not (args.challenge_out and args.pending_out):
                 raise _Usage("--identity needs --challenge-out and --pending-out")
@@ -154,6 +232,11 @@ def add_enroll_parser(asub: argparse._SubParsersAction[argparse.ArgumentParser])
     e.add_argument("--pending-out", help="offline step 1: the verifier's secret state (0600)")
     e.add_argument("--pending", help="offline step 2: the state from step 1")
     e.add_argument("--response", help="offline step 2: the device's attest-activate answer")
+    e.add_argument("--result", help="offline step 2: an attestation result taken after the "
+                   "activation, to pin the NV binding index Name (with --nonce)")  # fmt: skip
+    e.add_argument("--nonce", help="offline step 2: the nonce (hex) of --result")
+    e.add_argument("--record", metavar="FILE", help="where to write the enrolment record "
+                   "(AK + NV index Name; default: <out stem>.enrolment.json)")  # fmt: skip
     e.add_argument(
         "--insecure-skip-ek-cert",
         action="store_true",

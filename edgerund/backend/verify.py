@@ -41,6 +41,24 @@ over it. Checks, in order, each failing with a stable reason code:
                         calibration"), or a whole expected PCR value (`expected_binding`).
                         The verdict's `models` lists per bound model its manifest and the
                         calibration in force (version `X+cal.N`, overlay digest) or null.
+12. `nv_*`              with `check_nv_binding` (what `edgerund attest verify` does), for a
+                        result that is not a software identity's: the NV binding index
+                        (binding_verify.verify_nv_binding), the binding a verifier should
+                        trust, since any local process with TPM access can reset PCR 23 and
+                        extend the digests the verifier expects (11 then passes).
+                        `nv_binding_missing` no `nv_binding` in the result;
+                        `nv_name_untrusted` no index Name pinned (`nv_name`, recorded at
+                        enrolment): an AK with an empty authValue certifies any index,
+                        also one a local attacker defined and extends at will;
+                        `nv_binding_malformed`, `nv_binding_signature` (AK signature),
+                        `nv_binding_attest` (magic, type TPM_ST_ATTEST_NV, extraData == the
+                        quote's nonce), `nv_binding_index_name` (certified Name != pinned),
+                        `nv_binding_replay` (the log does not replay to the certified
+                        contents), `nv_binding_mismatch` (the LAST event differs from the
+                        expected config / models / calibrations, compared as in 11).
+                        The verdict's `nv_binding` names the index, the certified value and
+                        the models and calibrations of the last event; `bindings_verified`
+                        says which bindings were checked (["pcr", "nv"], or ["pcr"] alone).
 
 What a quote does NOT prove by itself: that the AK lives in the TPM named by the EK
 certificate. That is established once at registration by credential activation
@@ -68,6 +86,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from edgerund.backend.binding_verify import BindingError, verify_nv_binding
 from edgerund.errors import EdgerundError
 from edgerund.identity import tpmstruct as ts
 from edgerund.identity.binding import (
@@ -107,13 +126,19 @@ class Verdict:
     # per bound model (from the binding log, once it replayed to the quoted PCR): name,
     # manifest_sha256 and `calibration` {version, overlay_sha256} or None
     models: list[dict[str, Any]] = field(default_factory=list)
+    # which bindings were verified: "pcr" (the log replays to the quoted PCR) and "nv" (the
+    # NV binding index, check 12); the NV result: index, name, value, events and the
+    # config and models (with their calibrations) of its last event
+    bindings_verified: list[str] = field(default_factory=list)
+    nv_binding: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "valid": self.ok, "code": self.code, "message": self.message,
             "warnings": self.warnings, "reset_count": self.reset_count,
             "restart_count": self.restart_count, "clock_ms": self.clock_ms, "pcrs": self.pcrs,
-            "models": self.models,
+            "models": self.models, "bindings_verified": self.bindings_verified,
+            "nv_binding": self.nv_binding,
         }  # fmt: skip
 
 
@@ -232,6 +257,8 @@ def verify_result(
     expected_config_sha256: bytes | None = None,
     expected_models: Mapping[str, bytes] | None = None,
     expected_overlays: Mapping[str, bytes | None] | None = None,
+    check_nv_binding: bool = False,
+    nv_name: bytes | None = None,
 ) -> Verdict:
     """Check an attestation result. Never raises for bad input: returns Verdict(ok=False).
 
@@ -241,12 +268,19 @@ def verify_result(
     model of that manifest matches; `expected_overlays` ({name or binding.ANY_MODEL:
     overlay sha256, or None for "no calibration"}) pins the calibration (give the
     expected models with it: the PCR log's model names are not measured).
+
+    `check_nv_binding` verifies the NV binding of a TPM result against `nv_name` (the
+    index Name pinned at enrolment) with the same expectations (check 12). It is off by
+    default for compatibility with existing callers, but the PCR binding alone proves
+    nothing against a local attacker: a backend should pass it, as the CLI does.
     """
     expect = _Expect(expected_binding, expected_config_sha256, expected_models, expected_overlays)
+    nv = _NvPolicy(check_nv_binding, nv_name)
     try:
         return _verify(
             result, nonce, previous, expect, ak_pem, allow_software,
             insecure_skip_ak_trust=insecure_skip_ak_trust, insecure_no_nonce=insecure_no_nonce,
+            nv=nv,
         )  # fmt: skip
     except VerifyError as exc:
         return Verdict(False, exc.code, exc.message)
@@ -263,6 +297,12 @@ class _Expect:
         return any(v is not None for v in (self.binding, self.config, self.models, self.overlays))
 
 
+@dataclass(frozen=True)
+class _NvPolicy:
+    check: bool
+    name: bytes | None
+
+
 def _verify(
     result: Mapping[str, Any],
     nonce: bytes | None,
@@ -273,6 +313,7 @@ def _verify(
     *,
     insecure_skip_ak_trust: bool,
     insecure_no_nonce: bool,
+    nv: _NvPolicy,
 ) -> Verdict:
     if not isinstance(result, Mapping):
         raise VerifyError("malformed", "the result must be a JSON object")
@@ -466,12 +507,9 @@ def _verify(
         digests = [d for e in entries for d in e.digests]
         if binding_value(cfg, digests).hex() != verdict.pcrs[key]:
             raise VerifyError("binding_log", f"the binding log does not replay to the quoted {key}")
-        verdict.models = [
-            {"name": e.name, "manifest_sha256": e.manifest_sha256.hex(),
-             "calibration": e.calibration()}
-            for e in entries
-        ]  # fmt: skip
+        verdict.models = _model_list(entries)
         _check_expected(expect, key, verdict.pcrs[key], cfg, entries)
+        verdict.bindings_verified.append("pcr")
         if expect.overlays is not None and expect.models is None:
             # the PCR does not measure model names: without the expected model set, an
             # overlay digest could be passed off as the manifest of a model that is not there
@@ -481,6 +519,11 @@ def _verify(
             )
     elif expect.any():
         raise VerifyError("binding_log", "the result has no binding log to check the model")
+
+    # 12: the NV binding (the PCR binding above is forgeable by a local process)
+    if nv.check and result.get("kind") != "software":
+        verdict.nv_binding = _check_nv_binding(result, att.extra_data, ak.key, nv.name, expect)
+        verdict.bindings_verified.append("nv")
 
     # the EK certificate, when present, must certify the EK public key in the result
     ek_cert_raw = _b64(result, "ek_certificate", optional=True)
@@ -494,6 +537,69 @@ def _verify(
         if not _same_key(cert.public_key(), ek.key):
             raise VerifyError("ek_mismatch", "the EK certificate is for a different key")
     return verdict
+
+
+def _model_list(entries: Sequence[ModelBinding]) -> list[dict[str, Any]]:
+    return [
+        {"name": e.name, "manifest_sha256": e.manifest_sha256.hex(),
+         "calibration": e.calibration()}
+        for e in entries
+    ]  # fmt: skip
+
+
+# BindingError.check of binding_verify -> the stable reason code of the verdict
+NV_CODES = {
+    "present": "nv_binding_malformed",
+    "signature": "nv_binding_signature",
+    "attest": "nv_binding_attest",
+    "index_name": "nv_binding_index_name",
+    "replay": "nv_binding_replay",
+    "expected": "nv_binding_mismatch",
+}
+
+
+def _check_nv_binding(
+    result: Mapping[str, Any], nonce: bytes, ak_key: Any, pinned: bytes | None, expect: _Expect
+) -> dict[str, Any]:
+    """Check 12 (`nonce`: the quote's, already compared with the verifier's)."""
+    nvb = result.get("nv_binding")
+    if nvb is None:
+        raise VerifyError(
+            "nv_binding_missing",
+            "the TPM result has no nv_binding: only the PCR binding, which any local process "
+            "with TPM access can reset and extend, vouches for the config and models (a "
+            "gateway from before the NV binding: --insecure-skip-nv-binding)",
+        )
+    if pinned is None:
+        raise VerifyError(
+            "nv_name_untrusted",
+            "no pinned NV binding index Name: the AK certifies any NV index, also one a "
+            "local attacker defined and extends at will; pin the Name recorded at "
+            "enrolment (--enrolment FILE from `edgerund attest enroll`, or --nv-name HEX)",
+        )
+    ak_pem = ak_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    try:
+        v = verify_nv_binding(
+            result, nonce=nonce, ak_pem=ak_pem, pinned_name=pinned,
+            expected_config_sha256=expect.config, expected_models=expect.models,
+            expected_overlays=expect.overlays,
+        )  # fmt: skip
+    except BindingError as exc:
+        raise VerifyError(NV_CODES.get(exc.check, "nv_binding_malformed"), exc.message) from None
+    except (ValueError, TypeError, KeyError) as exc:  # never raise for bad input
+        raise VerifyError("nv_binding_malformed", f"nv_binding: {exc!r}") from None
+    events = nvb["log"]["events"]  # parsed by verify_nv_binding
+    return {
+        "verified": True,
+        "index": str(nvb.get("index")),
+        "name": v.index_name.hex(),
+        "value": v.value.hex(),
+        "events": len(events),
+        "config_sha256": v.config_sha256.hex(),
+        "models": _model_list(v.entries),
+    }
 
 
 def _check_expected(

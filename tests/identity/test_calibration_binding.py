@@ -297,13 +297,14 @@ def test_daemon_attests_an_installed_calibration_and_its_rollback(
             return subprocess.run(
                 [sys.executable, "-m", "edgerund.cli", "attest", "verify",
                  "--result", str(result_file), "--nonce", nonce.hex(), "--ak-pem", str(ak_file),
-                 *(deployed if expect else []), *extra],
+                 "--nv-name", r["nv_binding"]["name"], *(deployed if expect else []), *extra],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
 
         ok = cli("--expect-overlay", f"motor-ae={overlay.hex()}")
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert f"calibration {cal1} (overlay sha256 {overlay.hex()})" in ok.stdout
+        assert "binding verified: NV index" in ok.stdout  # named from the NV event
         bad = cli("--expect-overlay", "none")
         assert bad.returncode == 1 and "binding_mismatch" in bad.stdout and cal1 in bad.stdout
         usage = cli("--expect-overlay", "none", expect=False)  # without the model set

@@ -99,11 +99,13 @@ def test_edgerunctl_attest_then_edgerund_attest_verify(tmp_path: Path, swtpm: Sw
     result_file.write_text(out.stdout)
     ak_file = tmp_path / "ak.pem"  # the test made this AK: it pins it (enrol: test_enroll.py)
     ak_file.write_text(json.loads(out.stdout)["ak_pem"])
+    nv_name = json.loads(out.stdout)["nv_binding"]["name"]  # pinned likewise
 
     def verify(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "edgerund.cli", "attest", "verify",
-             "--result", str(result_file), "--nonce", nonce, "--ak-pem", str(ak_file), *extra],
+             "--result", str(result_file), "--nonce", nonce, "--ak-pem", str(ak_file),
+             "--nv-name", nv_name, *extra],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 

@@ -278,6 +278,14 @@ def test_enroll_against_the_daemon_then_verify(
         out = json.loads(ok.stdout)
         assert out["enrolled"] is True and out["quote"]["valid"] is True
         assert out["ak_name"] == d.call("identity")["ak_name"]
+        # the enrolment record pins the AK and the NV binding index Name the proven AK
+        # certified over the enrolment's nonce (its NV binding was verified with it)
+        record = tmp_path / "enrolled-ak.enrolment.json"
+        assert out["record_file"] == str(record) and out["quote"]["bindings_verified"] == [
+            "pcr", "nv"]  # fmt: skip
+        rec = json.loads(record.read_text())
+        assert rec["ak_pem"] == ak_file.read_text() and rec["ak_name"] == out["ak_name"]
+        assert rec["nv_binding"] == out["nv_binding"] and rec["nv_binding"]["index"] == "0x01500101"
         # a quote taken later verifies with the enrolled AK ...
         nonce = os.urandom(32).hex()
         q = ctl(d, "attest", "--nonce", nonce)
@@ -300,6 +308,20 @@ def test_enroll_against_the_daemon_then_verify(
                         "--out", str(ak2))  # fmt: skip
         assert step2.returncode == 0 and "ENROLLED" in step2.stdout, step2.stdout
         assert ak2.read_text() == ak_file.read_text()
+        assert json.loads((tmp_path / "ak2.enrolment.json").read_text())["nv_binding"] is None
+        assert "not pinned" in step2.stdout
+        # ... with a result taken after the activation, it pins the NV index Name too
+        n3 = os.urandom(32).hex()
+        res3 = tmp_path / "res3.json"
+        res3.write_text(ctl(d, "attest", "--nonce", n3).stdout)
+        step2 = run_cli("enroll", "--pending", str(pend), "--response", str(resp),
+                        "--out", str(ak2), "--result", str(res3), "--nonce", n3,
+                        "--record", str(tmp_path / "rec2.json"))  # fmt: skip
+        assert step2.returncode == 0 and "NV binding index 0x01500101 Name" in step2.stdout
+        assert json.loads((tmp_path / "rec2.json").read_text()) == rec
+        step2 = run_cli("enroll", "--pending", str(pend), "--response", str(resp),
+                        "--out", str(ak2), "--result", str(res3), "--nonce", "00" * 32)  # fmt: skip
+        assert step2.returncode == 1 and "INVALID (nonce_mismatch)" in step2.stdout
         # a wrong answer (e.g. from a device without that TPM) is refused
         resp.write_text(json.dumps({"secret": "00" * 32}))
         step2 = run_cli("enroll", "--pending", str(pend), "--response", str(resp),
@@ -307,9 +329,14 @@ def test_enroll_against_the_daemon_then_verify(
         assert step2.returncode == 1 and "activation_failed" in step2.stdout
     result_file = tmp_path / "quote.json"
     result_file.write_text(json.dumps(genuine))
+    v = run_cli("verify", "--result", str(result_file), "--nonce", nonce, "--enrolment",
+                str(record))  # fmt: skip
+    assert v.returncode == 0 and v.stdout.startswith("VALID"), v.stdout + v.stderr
+    assert "binding verified: NV index 0x01500101" in v.stdout
+    # the AK alone is not enough for a TPM result: the NV index Name must be pinned too
     v = run_cli("verify", "--result", str(result_file), "--nonce", nonce, "--ak-pem",
                 str(ak_file))  # fmt: skip
-    assert v.returncode == 0 and v.stdout.startswith("VALID"), v.stdout + v.stderr
+    assert v.returncode == 1 and "INVALID (nv_name_untrusted)" in v.stdout, v.stdout
     # without the pin the same genuine quote is not trusted (the verifier cannot tell it
     # from a forgery), and a forged quote is refused against the pin
     v = run_cli("verify", "--result", str(result_file), "--nonce", nonce)

@@ -249,9 +249,15 @@ def test_cli_refuses_forged_quote_by_default(tmp_path: Path):
     p = run_cli("attest", "verify", "--result", str(f), "--nonce", NONCE.hex(),
                 "--ak-pem", str(pinned))  # fmt: skip
     assert p.returncode == 1 and "INVALID (ak_mismatch)" in p.stdout
+    # a quote made in software has no NV binding: skipping the AK trust is not enough ...
     skip = run_cli("attest", "verify", "--result", str(f), "--nonce", NONCE.hex(),
                    "--insecure-skip-ak-trust")  # fmt: skip
+    assert skip.returncode == 1 and "INVALID (nv_binding_missing)" in skip.stdout, skip.stdout
+    # ... each switch skips exactly the check it names
+    skip = run_cli("attest", "verify", "--result", str(f), "--nonce", NONCE.hex(),
+                   "--insecure-skip-ak-trust", "--insecure-skip-nv-binding")  # fmt: skip
     assert skip.returncode == 0 and "INSECURE" in skip.stdout
+    assert "binding verified: none" in skip.stdout  # the forgery carries no binding log
 
 
 def test_forged_quotes_accepted_is_zero(result: dict[str, Any]):

@@ -125,7 +125,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         allow_software=args.allow_software, insecure_skip_ak_trust=args.insecure_skip_ak_trust,
         insecure_no_nonce=args.insecure_no_nonce, expected_config_sha256=config_sha256,
         expected_models=models, expected_overlays=overlays,
-        check_nv_binding=not args.insecure_skip_nv_binding, nv_name=nv_name,
+        insecure_skip_nv_binding=args.insecure_skip_nv_binding, nv_name=nv_name,
     )  # fmt: skip
     if verdict.ok and args.insecure_skip_nv_binding and result.get("kind") != "software":
         verdict.warnings.append(

@@ -83,14 +83,14 @@ def check_first_quote(quote: Any, nonce: bytes, ak_pem: str) -> tuple[Verdict, s
     """
     nvb = quote.get("nv_binding") if isinstance(quote, dict) else None
     if not isinstance(nvb, dict):
-        verdict = verify_result(quote, nonce=nonce, ak_pem=ak_pem)
+        verdict = verify_result(quote, nonce=nonce, ak_pem=ak_pem, insecure_skip_nv_binding=True)
         warn = "the result has no NV binding: the NV index Name is not pinned"
         return verdict, warn if verdict.ok and quote.get("kind") != "software" else None
     try:
         name = bytes.fromhex(str(nvb.get("name")))
     except ValueError:
         raise VerifyError("nv_binding_malformed", "nv_binding.name is not hex") from None
-    verdict = verify_result(quote, nonce=nonce, ak_pem=ak_pem, check_nv_binding=True, nv_name=name)
+    verdict = verify_result(quote, nonce=nonce, ak_pem=ak_pem, nv_name=name)
     return verdict, None
 
 

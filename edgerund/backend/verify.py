@@ -41,7 +41,7 @@ over it. Checks, in order, each failing with a stable reason code:
                         calibration"), or a whole expected PCR value (`expected_binding`).
                         The verdict's `models` lists per bound model its manifest and the
                         calibration in force (version `X+cal.N`, overlay digest) or null.
-12. `nv_*`              with `check_nv_binding` (what `edgerund attest verify` does), for a
+12. `nv_*`              unless `insecure_skip_nv_binding` (`--insecure-skip-nv-binding`), for a
                         result that is not a software identity's: the NV binding index
                         (binding_verify.verify_nv_binding), the binding a verifier should
                         trust, since any local process with TPM access can reset PCR 23 and
@@ -257,8 +257,8 @@ def verify_result(
     expected_config_sha256: bytes | None = None,
     expected_models: Mapping[str, bytes] | None = None,
     expected_overlays: Mapping[str, bytes | None] | None = None,
-    check_nv_binding: bool = False,
     nv_name: bytes | None = None,
+    insecure_skip_nv_binding: bool = False,
 ) -> Verdict:
     """Check an attestation result. Never raises for bad input: returns Verdict(ok=False).
 
@@ -269,13 +269,13 @@ def verify_result(
     overlay sha256, or None for "no calibration"}) pins the calibration (give the
     expected models with it: the PCR log's model names are not measured).
 
-    `check_nv_binding` verifies the NV binding of a TPM result against `nv_name` (the
-    index Name pinned at enrolment) with the same expectations (check 12). It is off by
-    default for compatibility with existing callers, but the PCR binding alone proves
-    nothing against a local attacker: a backend should pass it, as the CLI does.
+    The NV binding of a TPM result is verified against `nv_name` (the index Name pinned
+    at enrolment) with the same expectations (check 12): the PCR binding alone proves
+    nothing against a local attacker. `insecure_skip_nv_binding` skips it (gateways from
+    before it), as `--insecure-skip-nv-binding` does.
     """
     expect = _Expect(expected_binding, expected_config_sha256, expected_models, expected_overlays)
-    nv = _NvPolicy(check_nv_binding, nv_name)
+    nv = _NvPolicy(not insecure_skip_nv_binding, nv_name)
     try:
         return _verify(
             result, nonce, previous, expect, ak_pem, allow_software,

@@ -197,8 +197,9 @@ async def test_a_log_claiming_the_base_model_while_a_calibration_runs_fails(
         return verify_nv_binding(res, nonce=NONCE, ak_pem=ak, pinned_name=name, **kw)
 
     # honest: both bindings verify and name the calibration
-    v = verify_result(r, nonce=NONCE, ak_pem=ak, expected_models={"motor-ae": MAN})
+    v = verify_result(r, nonce=NONCE, ak_pem=ak, nv_name=name, expected_models={"motor-ae": MAN})
     assert v.ok and v.models[0]["calibration"]["overlay_sha256"] == OVL1.hex(), v
+    assert v.bindings_verified == ["pcr", "nv"]
     b = nv(r, expected_config_sha256=CFG, expected_models={"motor-ae": MAN})
     assert b.calibrations == {"motor-ae": {"version": "2.0.0+cal.1", "overlay_sha256": OVL1.hex()}}
     assert r["nv_binding"]["log"]["events"][-1]["models"][0]["overlay_sha256"] == OVL1.hex()
@@ -211,7 +212,9 @@ async def test_a_log_claiming_the_base_model_while_a_calibration_runs_fails(
         forged = json.loads(json.dumps(r))
         _strip_overlay(forged["binding"]["models"], drop_keys=drop_keys)
         _strip_overlay(forged["nv_binding"]["log"]["events"][-1]["models"], drop_keys=drop_keys)
-        v = verify_result(forged, nonce=NONCE, ak_pem=ak, expected_overlays={ANY_MODEL: None})
+        v = verify_result(
+            forged, nonce=NONCE, ak_pem=ak, nv_name=name, expected_overlays={ANY_MODEL: None}
+        )
         assert (v.ok, v.code) == (False, "binding_log"), v
         with pytest.raises(BindingError, match="replay"):
             nv(forged, expected_overlays={ANY_MODEL: None})
@@ -274,7 +277,9 @@ def test_daemon_attests_an_installed_calibration_and_its_rollback(
         entry = r["binding"]["models"][0]
         assert entry == {"name": "motor-ae", "manifest_sha256": man.hex(),
                          "overlay_sha256": overlay.hex(), "overlay_version": cal1}  # fmt: skip
-        v = verify_result(r, nonce=nonce, ak_pem=ak, expected_config_sha256=config_sha,
+        nv_name = bytes.fromhex(r["nv_binding"]["name"])
+        v = verify_result(r, nonce=nonce, ak_pem=ak, nv_name=nv_name,
+                          expected_config_sha256=config_sha,
                           expected_models={"motor-ae": man},
                           expected_overlays={"motor-ae": overlay})  # fmt: skip
         assert v.ok, v
@@ -317,7 +322,8 @@ def test_daemon_attests_an_installed_calibration_and_its_rollback(
         r, nonce = _attest(d)
         assert r["binding"]["models"][0]["overlay_sha256"] is None
         assert r["pcrs"]["sha256:23"] == binding_value(config_sha, [man]).hex()
-        v = verify_result(r, nonce=nonce, ak_pem=ak, expected_overlays={ANY_MODEL: None})
+        v = verify_result(r, nonce=nonce, ak_pem=ak, nv_name=nv_name,
+                          expected_overlays={ANY_MODEL: None})  # fmt: skip
         assert v.ok and v.models[0]["calibration"] is None, v
         b = verify_nv_binding(r, nonce=nonce, ak_pem=ak, expected_overlays={ANY_MODEL: None})
         assert b.calibrations == {"motor-ae": None}

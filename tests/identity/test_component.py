@@ -20,6 +20,7 @@ from edgerund.identity.binding import binding_value
 from edgerund.identity.component import IdentityComponent
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.identity.conftest import make_identity
+from tests.identity.pins import nv_name_of, pins
 
 PEER = Peer(pid=1, uid=0, gid=0)
 
@@ -36,7 +37,7 @@ async def test_tpm_component_status_and_commands(swtpm: SwtpmProcess, tmp_path: 
         assert "BEGIN PUBLIC KEY" in info["signing_key_pem"] and info["ak_pem"]
         nonce = os.urandom(32)
         result = await comp.commands()["attest"].handler({"nonce": nonce.hex()}, PEER)
-        v = verify_result(result, nonce=nonce, ak_pem=info["ak_pem"])
+        v = verify_result(result, nonce=nonce, ak_pem=info["ak_pem"], nv_name=nv_name_of(result))
         assert v.ok, v
         # start-up measured the config file into PCR 23
         cfg_digest = hashlib.sha256(comp.config_path.read_bytes()).digest()
@@ -105,9 +106,9 @@ async def test_software_identity_files_and_result(tmp_path: Path):
         nonce = b"\x07" * 16
         r = await comp.attest(nonce)
         assert r["kind"] == "software" and r["insecure"] is True
-        v = verify_result(r, nonce=nonce, ak_pem=r["ak_pem"])
+        v = verify_result(r, nonce=nonce, **pins(r))
         assert (v.ok, v.code) == (False, "software_identity")
-        v = verify_result(r, nonce=nonce, allow_software=True, ak_pem=r["ak_pem"])
+        v = verify_result(r, nonce=nonce, allow_software=True, **pins(r))
         assert v.ok, v
         assert any("INSECURE" in w for w in v.warnings)
     # restart: same key, counter continues

@@ -12,6 +12,7 @@ from edgerund.backend.verify import verify_result
 from edgerund.identity.binding import binding_value
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.helpers.daemon import DaemonProcess
+from tests.identity.pins import pins
 from tests.identity.test_tpm import lockout_counter
 
 pytestmark = pytest.mark.needs_swtpm
@@ -24,7 +25,7 @@ def tpm_daemon(tmp_path: Path, swtpm: SwtpmProcess) -> DaemonProcess:
 def attest_ok(d: DaemonProcess) -> dict[str, object]:
     nonce = os.urandom(32)
     result = d.call("attest", {"nonce": nonce.hex()})
-    v = verify_result(result, nonce=nonce, ak_pem=result["ak_pem"])
+    v = verify_result(result, nonce=nonce, **pins(result))
     assert v.ok, v
     return dict(result)
 

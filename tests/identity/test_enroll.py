@@ -378,7 +378,10 @@ def test_enroll_refuses_a_substituted_ak(tmp_path: Path, ca_swtpm: SwtpmProcess,
         # and a genuine quote still verifies with the genuine AK
         nonce = os.urandom(16)
         r = d.call("attest", {"nonce": nonce.hex()})
-        assert verify_result(r, nonce=nonce, ak_pem=d.call("identity")["ak_pem"]).ok
+        nv_name = bytes.fromhex(r["nv_binding"]["name"])
+        assert verify_result(
+            r, nonce=nonce, ak_pem=d.call("identity")["ak_pem"], nv_name=nv_name
+        ).ok
 
 
 async def test_activate_is_privileged_and_software_identity_refuses(tmp_path: Path):

@@ -27,6 +27,7 @@ from edgerund.backend.verify import verify_result
 from edgerund.identity.tpm import TpmIdentity
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.identity.conftest import tpm_config
+from tests.identity.pins import pins
 from tests.identity.test_tpm import esapi, lockout_counter, use_da_protected_key
 
 pytestmark = pytest.mark.needs_swtpm
@@ -67,7 +68,7 @@ async def still_signs(swtpm: SwtpmProcess, state: Path) -> None:
         assert not ident.enrolled_now and ident.restored == []
         await ident.sign_digest(hashlib.sha256(b"after the kills").digest())
         r = await ident.attest(b"\x42" * 20)
-        assert verify_result(r, nonce=b"\x42" * 20, ak_pem=r["ak_pem"]).ok
+        assert verify_result(r, nonce=b"\x42" * 20, **pins(r)).ok
         assert ident.status()["da_lockout_counter"] == 0
     finally:
         await ident.close()

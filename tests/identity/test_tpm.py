@@ -25,6 +25,7 @@ from edgerund.identity.binding import binding_value
 from edgerund.identity.tpm import TpmIdentity
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.identity.conftest import tpm_config
+from tests.identity.pins import pins
 
 pytestmark = pytest.mark.needs_swtpm
 NONCE = bytes(range(32))
@@ -112,7 +113,7 @@ async def test_restart_reuses_keys_and_checks_names(swtpm: SwtpmProcess, tmp_pat
         assert not second.enrolled_now and second.restored == []
         assert (second.ak_name, second.key_id) == (ak_name, key_id)
         r = await second.attest(NONCE)
-        assert verify_result(r, nonce=NONCE, ak_pem=r["ak_pem"]).ok
+        assert verify_result(r, nonce=NONCE, **pins(r)).ok
     finally:
         await second.close()
 
@@ -131,7 +132,7 @@ async def test_evicted_key_is_restored_from_blob(swtpm: SwtpmProcess, tmp_path: 
         assert sorted(second.restored) == ["ak", "signing_key"]
         assert second.ak_name == ak_name
         r = await second.attest(NONCE)
-        assert verify_result(r, nonce=NONCE, ak_pem=r["ak_pem"]).ok
+        assert verify_result(r, nonce=NONCE, **pins(r)).ok
     finally:
         await second.close()
 
@@ -173,20 +174,20 @@ async def test_quote_verified_by_us_and_by_tpm2_checkquote(
         argv[argv.index("-q") + 1] = nonce_hex
         return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
-    v = verify_result(r, nonce=NONCE, ak_pem=r["ak_pem"])
+    v = verify_result(r, nonce=NONCE, **pins(r))
     assert v.ok, v
     assert v.warnings == []
     assert checkquote(r, NONCE.hex()).returncode == 0
 
     # wrong nonce
     wrong = bytes(32)
-    v = verify_result(r, nonce=wrong, ak_pem=r["ak_pem"])
+    v = verify_result(r, nonce=wrong, **pins(r))
     assert (v.ok, v.code) == (False, "nonce_mismatch")
     assert checkquote(r, wrong.hex()).returncode != 0
 
     # altered PCR value
     bad = dict(r, pcrs=dict(r["pcrs"], **{"sha256:23": "11" * 32}))
-    v = verify_result(bad, nonce=NONCE, ak_pem=bad["ak_pem"])
+    v = verify_result(bad, nonce=NONCE, **pins(bad))
     assert (v.ok, v.code) == (False, "pcr_digest")
     assert checkquote(bad, NONCE.hex()).returncode != 0
 
@@ -194,7 +195,7 @@ async def test_quote_verified_by_us_and_by_tpm2_checkquote(
     raw = bytearray(base64.b64decode(r["attest"]))
     raw[len(raw) // 2] ^= 0x01
     bad = dict(r, attest=base64.b64encode(bytes(raw)).decode())
-    v = verify_result(bad, nonce=NONCE, ak_pem=bad["ak_pem"])
+    v = verify_result(bad, nonce=NONCE, **pins(bad))
     assert (v.ok, v.code) == (False, "bad_signature")
     assert checkquote(bad, NONCE.hex()).returncode != 0
 
@@ -208,7 +209,7 @@ async def test_quote_verified_by_us_and_by_tpm2_checkquote(
 
     # the certify proof names the telemetry key
     bad = dict(r, signing_key_public=r["ak_public"])
-    v = verify_result(bad, nonce=NONCE, ak_pem=bad["ak_pem"])
+    v = verify_result(bad, nonce=NONCE, **pins(bad))
     assert (v.ok, v.code) == (False, "certify_name")
 
 
@@ -220,9 +221,9 @@ async def test_clock_sanity_against_previous_quote(swtpm: SwtpmProcess, tmp_path
         second = await ident.attest(b"\x02" * 16)
     finally:
         await ident.close()
-    pin = first["ak_pem"]
-    assert verify_result(second, previous=first, nonce=b"\x02" * 16, ak_pem=pin).ok
-    v = verify_result(first, previous=second, nonce=b"\x01" * 16, ak_pem=pin)  # replayed
+    pin = pins(first)
+    assert verify_result(second, previous=first, nonce=b"\x02" * 16, **pin).ok
+    v = verify_result(first, previous=second, nonce=b"\x01" * 16, **pin)  # replayed
     assert (v.ok, v.code) == (False, "clock")
 
 
@@ -246,14 +247,14 @@ async def test_model_binding_pcr_changes_with_the_model(swtpm: SwtpmProcess, tmp
     want1 = expected_binding_for_files(cfg_file, [m1])
     want2 = expected_binding_for_files(cfg_file, [m2])
     assert r1["pcrs"]["sha256:23"] == want1.hex()
-    assert verify_result(r1, nonce=NONCE, expected_binding=want1, ak_pem=r1["ak_pem"]).ok
+    assert verify_result(r1, nonce=NONCE, expected_binding=want1, **pins(r1)).ok
     # the old model expected
-    v = verify_result(r2, nonce=NONCE, expected_binding=want1, ak_pem=r2["ak_pem"])
+    v = verify_result(r2, nonce=NONCE, expected_binding=want1, **pins(r2))
     assert (v.ok, v.code) == (False, "binding_mismatch")
-    assert verify_result(r2, nonce=NONCE, expected_binding=want2, ak_pem=r2["ak_pem"]).ok
+    assert verify_result(r2, nonce=NONCE, expected_binding=want2, **pins(r2)).ok
     # a forged binding log that claims the old model does not replay to the quoted PCR
     forged = dict(r2, binding=r1["binding"])
-    v = verify_result(forged, nonce=NONCE, expected_binding=want1, ak_pem=forged["ak_pem"])
+    v = verify_result(forged, nonce=NONCE, expected_binding=want1, **pins(forged))
     assert (v.ok, v.code) == (False, "binding_log")
     assert binding_value(bytes(32), []) != bytes(32)
 
@@ -311,7 +312,7 @@ async def test_owner_and_endorsement_hierarchy_passwords(swtpm: SwtpmProcess, tm
     try:
         assert ident.enrolled_now
         r = await ident.attest(NONCE)
-        assert verify_result(r, nonce=NONCE, ak_pem=r["ak_pem"]).ok
+        assert verify_result(r, nonce=NONCE, **pins(r)).ok
         assert await ident.counter_increment() >= 1
     finally:
         await ident.close()
@@ -355,7 +356,7 @@ async def test_lockout_is_reported_and_noda_keys_keep_working(swtpm: SwtpmProces
         # edgerund's own keys are noDA: signing, quoting and the counter still work
         await ident.sign_digest(bytes(32))
         r = await ident.attest(NONCE)
-        assert verify_result(r, nonce=NONCE, ak_pem=r["ak_pem"]).ok
+        assert verify_result(r, nonce=NONCE, **pins(r)).ok
         await ident.counter_increment()
 
         # a DA-protected operation through the worker gets the specific lockout message
@@ -382,7 +383,7 @@ async def test_bad_nonce_rejected(swtpm: SwtpmProcess, tmp_path: Path):
         with pytest.raises(ValueError, match="empty"):
             await ident.attest(b"")
         r = await ident.attest(b"\xff" * 64)  # the maximum is accepted
-        assert verify_result(r, nonce=b"\xff" * 64, ak_pem=r["ak_pem"]).ok
+        assert verify_result(r, nonce=b"\xff" * 64, **pins(r)).ok
     finally:
         await ident.close()
 
@@ -411,10 +412,7 @@ async def test_event_loop_not_blocked_by_100_quotes(swtpm: SwtpmProcess, tmp_pat
     finally:
         await ident.close()
     assert len(results) == 100 and len({r["attest"] for r in results}) == 100
-    assert all(
-        verify_result(r, nonce=bytes.fromhex(r["nonce"]), ak_pem=r["ak_pem"]).ok
-        for r in results[:5]
-    )
+    assert all(verify_result(r, nonce=bytes.fromhex(r["nonce"]), **pins(r)).ok for r in results[:5])
     # while 100 quotes (+ PCR reads + certify) ran, the loop kept ticking. Run inline, the
     # gathered coroutines would never yield and block the loop for the whole burst
     # (0.4-1.3 s here); the bound is generous because CI machines are shared.
@@ -475,7 +473,7 @@ async def test_slots_leaked_by_a_dead_process_are_flushed(swtpm: SwtpmProcess, t
     try:
         assert ident.flushed_stale == 5 and ident.enrolled_now
         r = await ident.attest(NONCE)
-        assert verify_result(r, nonce=NONCE, ak_pem=r["ak_pem"]).ok
+        assert verify_result(r, nonce=NONCE, **pins(r)).ok
     finally:
         await ident.close()
 

@@ -23,6 +23,7 @@ from edgerund.identity.base import pem
 from edgerund.identity.binding import binding_value, parse_nonce
 from edgerund.identity.config import IdentityConfig
 from edgerund.identity.software import SoftwareIdentity
+from tests.identity.pins import pins
 
 NONCE = b"\x5a" * 32
 
@@ -115,7 +116,7 @@ def test_clock_checks(tmp_path: Path):
     assert check(b, previous=a) == (True, "ok")
     assert check(a, previous=b) == (False, "clock")
     assert check(c, previous=b) == (True, "ok")  # after a reset the clock may restart
-    v = verify_result(c, previous=b, allow_software=True, nonce=b"\x03", ak_pem=c["ak_pem"])
+    v = verify_result(c, previous=b, allow_software=True, nonce=b"\x03", **pins(c))
     assert any("reset" in w for w in v.warnings)
     assert check(b, previous=c) == (False, "clock")  # resetCount went back
 
@@ -229,10 +230,14 @@ def test_forged_quote_refused_by_default_with_the_reason():
     assert (v.ok, v.code) == (False, "ak_mismatch")
     # the switches skip exactly what they name, and nothing else
     v = verify_result(forged, nonce=NONCE, insecure_skip_ak_trust=True)
+    assert (v.ok, v.code) == (False, "nv_binding_missing")  # a software quote has none
+    v = verify_result(
+        forged, nonce=NONCE, insecure_skip_ak_trust=True, insecure_skip_nv_binding=True
+    )
     assert v.ok and any("INSECURE" in w for w in v.warnings)
-    v = verify_result(forged, ak_pem=forged["ak_pem"])
+    v = verify_result(forged, **pins(forged))
     assert (v.ok, v.code) == (False, "no_nonce")
-    v = verify_result(forged, ak_pem=forged["ak_pem"], insecure_no_nonce=True)
+    v = verify_result(forged, **pins(forged), insecure_no_nonce=True, insecure_skip_nv_binding=True)
     assert v.ok and any("no nonce" in w for w in v.warnings)
 
 
@@ -273,7 +278,15 @@ def test_forged_quotes_accepted_is_zero(result: dict[str, Any]):
 
     # and the counter does count: a verifier that trusts any AK accepts the forgery
     def lax_verify(r: dict[str, Any], **kw: Any) -> Any:
-        return verify_result(r, **{**kw, "insecure_skip_ak_trust": True, "ak_pem": None})
+        return verify_result(
+            r,
+            **{
+                **kw,
+                "insecure_skip_ak_trust": True,
+                "ak_pem": None,
+                "insecure_skip_nv_binding": True,
+            },
+        )
 
     lax = forged_quotes_accepted(verify=lax_verify)
     assert lax["forged_quotes_accepted"] >= 1

@@ -13,6 +13,7 @@ gateway fetches the bundle, verifies it, runs it on trial and probation and repo
 
     pending --wave starts--> sent --reports committed--> committed
                                |--reports rolled_back | refused | failed--> failed
+                               |--reports overridden--> overridden
                                '--no outcome within timeout_s--> failed (timed_out)
     skipped: it already reported V at planning time (never sent)
 
@@ -30,18 +31,35 @@ also during a soak; once it trips no further desired document is sent, so the ga
 later waves are never touched. Gateways already reached keep what they have (their own
 probation rolls a bad model back); `fleet abort --revert` is the operator's way back.
 
+**Overridden** (docs/twin.md §5.2): a technician installed another version over our
+target with `edgerunctl update --override-twin`; the gateway reports the target
+`overridden` (`twin_override`). That is a person's decision on the spot, not a fault of
+the bundle: it ends the gateway's wait at once (its wave does not wait for the timeout),
+is counted as `overridden` and never as `failed` (so it cannot trip `failed_rate>2%`), and
+the rollout never sends it anything again (each gateway belongs to one wave; `fleet
+resume` re-sends `sent` targets only). Its report is still read: if it later reports our
+version committed (our target was installed after all), it becomes `committed`; a failure
+of our bundle makes it `failed`; a committed gateway overridden during the soak becomes
+`overridden`. A gateway that already ran an override when the rollout reached it answers
+our target of an OLDER version with `refused`/`version_rollback` while `models[]` marks
+the model `twin_override`: that is the same case and counts as `overridden` too (a newer
+version simply installs over the override: `committed`). Taking an overridden gateway to
+the version anyway is the operator's explicit decision: a new rollout once this one has
+ended (it selects the gateway again, as it does not run V).
+
 Metrics the rule may name, counted over the gateways reached so far (`sent` and after):
 `targeted`, `committed`, `pending` (reached, no outcome yet), `rolled_back`, `refused`,
 `error` (the gateway reported `failed`), `timed_out`, `failed` (the sum of the four
-failure kinds), and each as `NAME_rate` (its count divided by `targeted`, 0 when nothing
-was reached). `2%` is 0.02 and may only be compared with a rate. Operators: `> >= < <= ==
-!=`, `and`, `or`, `not`, parentheses.
+failure kinds), `overridden` (not a failure), and each as `NAME_rate` (its count
+divided by `targeted`, 0 when nothing was reached). `2%` is 0.02 and may only be compared
+with a rate. Operators: `> >= < <= == !=`, `and`, `or`, `not`, parentheses.
 
 Every transition marks the gateways whose record changed in `Rollout.dirty`; the driver
 writes those rows (and the rollout row) before it acts on the returned actions, so a
 restarted tool resumes from the database exactly where the decisions stood: gateways that
-are `committed`/`failed` are never targeted again, `sent` ones get the very same desired
-document again (the gateway ignores a byte-identical copy).
+are `committed`/`failed`/`overridden` are never targeted again, `sent` ones get the very
+same desired document again (the gateway ignores a byte-identical copy). The status is
+free text in PostgreSQL (no CHECK constraint or enum): a new status needs no migration.
 """
 
 from __future__ import annotations
@@ -67,8 +85,15 @@ _d = as_map
 MODEL_OK = frozenset({"committed"})
 MODEL_FAILED = frozenset({"rolled_back", "refused", "failed"})
 MODEL_BUSY = frozenset({"fetching", "verifying", "trial", "probation"})
+MODEL_OVERRIDDEN = "overridden"  # twin/pins.py OVERRIDDEN: a technician's --override-twin
+TWIN_OVERRIDE = "twin_override"
+# Target statuses with an outcome: the gateway's wait is over (its wave may move on), and
+# the driver keeps reading its reports (a later failure or commit still counts).
+DONE = frozenset({"committed", "failed", "overridden"})
+# Reached: the rollout published a desired document to it.
+REACHED = frozenset({"sent"}) | DONE
 
-TargetStatus = Literal["pending", "sent", "committed", "failed", "skipped"]
+TargetStatus = Literal["pending", "sent", "committed", "failed", "overridden", "skipped"]
 RolloutState = Literal["running", "soaking", "halted", "aborted", "succeeded"]
 FINAL_STATES = frozenset({"halted", "aborted", "succeeded"})
 
@@ -80,6 +105,16 @@ def running_version(reported: Mapping[str, Any], model: str) -> str | None:
             v = m.get("version")
             return str(v) if v is not None else None
     return None
+
+
+def runs_override(reported: Mapping[str, Any], model: str) -> bool:
+    """The gateway runs `model` at a version a technician installed over its twin target
+    (`models[].twin_override`, docs/twin.md §5.2)."""
+    models = reported.get("models")
+    for m in models if isinstance(models, list) else []:
+        if isinstance(m, Mapping) and m.get("name") == model:
+            return m.get("twin_override") is True
+    return False
 
 
 # --------------------------------------------------------------------------- the machine
@@ -159,6 +194,8 @@ class Rollout:
                 c["pending"] += 1
             elif t.status == "committed":
                 c["committed"] += 1
+            elif t.status == "overridden":
+                c["overridden"] += 1
             elif t.status == "failed":
                 c["failed"] += 1
                 kind = {"rolled_back": "rolled_back", "refused": "refused", "failed": "error"}
@@ -245,7 +282,12 @@ def model_outcome(
     (`desired_version`, else the document's `desired.version`). A refusal of the whole
     desired document we sent (a bad signature, a forbidden key, a daemon that takes no
     model targets: `unsupported`) is `refused` with its reason. A gateway that reports
-    the version committed in `models[]` after our document is `committed`."""
+    the version committed in `models[]` after our document is `committed`.
+
+    `overridden` (reason `twin_override`): the entry says so (a technician overrode our
+    target), or the entry is `refused`/`version_rollback` while the model runs a
+    `twin_override` version (it already ran a newer override when our target came: the
+    pipeline will not go back to our version, and the override is what holds it)."""
     d = _d(reported.get("desired"))
     seen = d.get("version")
     fresh = desired_version is None or (isinstance(seen, int) and seen >= desired_version)
@@ -261,9 +303,18 @@ def model_outcome(
         ours = target.get("version") == version
     if ours and t_fresh:
         state = str(target.get("state", "")).lower()
-        if state in MODEL_OK | MODEL_FAILED | MODEL_BUSY:
-            reason = target.get("reason")
-            return state, str(reason) if reason is not None else None
+        why = target.get("reason")
+        reason = str(why) if why is not None else None
+        if (
+            state == "refused"
+            and reason == "version_rollback"
+            and runs_override(reported, model)
+            and running_version(reported, model) != version
+        ):
+            runs = running_version(reported, model)
+            return MODEL_OVERRIDDEN, f"{TWIN_OVERRIDE} (version_rollback: runs {runs})"
+        if state in MODEL_OK | MODEL_FAILED | MODEL_BUSY or state == MODEL_OVERRIDDEN:
+            return state, reason
     if fresh and seen == desired_version and d.get("outcome") in ("refused", "failed"):
         return "refused", str(d.get("reason") or d.get("outcome"))
     if fresh and running_version(reported, model) == version:
@@ -284,16 +335,16 @@ def record(r: Rollout, gateway: str, outcome: tuple[str, str | None] | None, now
     once, so that a timeout is never judged before the report that answers it (a tool
     resumed after a long stop finds gateways that committed meanwhile committed)."""
     t = r.targets.get(gateway)
-    if t is None or outcome is None or t.status not in ("sent", "committed"):
+    if t is None or outcome is None or t.status not in ("sent", "committed", "overridden"):
         return
     state, reason = outcome
-    if (state, reason) != (t.outcome, t.reason) and not (
-        t.status == "committed" and state in MODEL_BUSY
-    ):
+    if (state, reason) != (t.outcome, t.reason) and not (t.status in DONE and state in MODEL_BUSY):
         t.outcome, t.reason = state, reason
         _mark(r, t)
-    if state in MODEL_OK and t.status == "sent":
-        t.status, t.done_at = "committed", now
+    if state in MODEL_OK and t.status != "committed":
+        t.status, t.done_at = "committed", now  # an override replaced by our version too
+    elif state == MODEL_OVERRIDDEN and t.status != "overridden":
+        t.status, t.done_at = "overridden", now  # a person's decision: not a failure
     elif state in MODEL_FAILED:
         t.status, t.done_at = "failed", now
 
@@ -307,7 +358,10 @@ def observe(
 
 
 def _describe(c: Mapping[str, float]) -> str:
-    keys = ("targeted", "committed", "rolled_back", "refused", "error", "timed_out", "pending")
+    keys = (
+        "targeted", "committed", "overridden", "rolled_back", "refused", "error", "timed_out",
+        "pending",
+    )  # fmt: skip
     return ", ".join(f"{k}={int(c[k])}" for k in keys if c[k] or k in ("targeted", "committed"))
 
 
@@ -336,7 +390,7 @@ def tick(r: Rollout, now: float) -> list[Action]:
             if r.wave < 0:
                 actions.extend(_start_next(r, now))
                 continue
-            if all(r.targets[g].status in ("committed", "failed") for g in r.wave_members(r.wave)):
+            if all(r.targets[g].status in DONE for g in r.wave_members(r.wave)):
                 r.state, r.soak_until = "soaking", now + r.soak_s
                 actions.append(WaveDone(r.wave))
                 continue
@@ -367,7 +421,7 @@ def abort(r: Rollout, reason: str) -> list[str]:
     """Stop where it stands; the gateways that were reached (the driver may revert them)."""
     if not r.final:
         r.state, r.reason, r.soak_until = "aborted", reason, None
-    return [t.gateway for t in r.targets.values() if t.status in ("sent", "committed", "failed")]
+    return [t.gateway for t in r.targets.values() if t.status in REACHED]
 
 
 # --------------------------------------------------------------------------- desired doc

@@ -158,6 +158,7 @@ def _status(args: argparse.Namespace) -> int:
                         f"{r['id']}  {r['model']} {r['version']}  {r['state']}  wave "
                         f"{r['wave']}/{r['waves']}  reached {r['reached']}/{r['gateways']}  "
                         f"committed {r['committed']}  failed {r['failed']}"
+                        + (f"  overridden {r['overridden']}" if r["overridden"] else "")
                         + (f"  ({r['reason']})" if r["reason"] else "")
                     )
             return 0

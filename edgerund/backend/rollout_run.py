@@ -13,9 +13,10 @@ time, then, in this order:
 3. only then publishes the documents (retained, QoS 1) and reports progress.
 
 So a tool killed anywhere resumes (`fleet rollout --resume ID`) from the database: targets
-that are `committed` or `failed` are left alone, and targets that are `sent` get the SAME
-stored bytes again (a gateway ignores a byte-identical desired document; a re-signed one
-with the same version would be refused as a replay) when the broker does not hold them.
+that are `committed`, `failed` or `overridden` are never sent again, and targets that are
+`sent` get the SAME stored bytes again (a gateway ignores a byte-identical desired
+document; a re-signed one with the same version would be refused as a replay) when the
+broker does not hold them.
 A stored document that has expired, or expires within RESIGN_MARGIN_S (the tool was
 stopped for days; documents live 7 days), would be refused as `expired`: it is re-signed
 with the same content under the next version, stored, then sent (event `resigned`). It waits for the next reported
@@ -333,7 +334,7 @@ class Driver:
             actions: list[R.Action] = []
             for gw, t in r.targets.items():
                 rep = self.cache.reported.get(gw)
-                if t.status in ("sent", "committed") and rep is not None:
+                if t.status in R.REACHED and rep is not None:
                     d = docs.get(gw)
                     out = R.model_outcome(
                         rep, r.model, r.version, d.version if d else None, info.sha256
@@ -352,7 +353,7 @@ class Driver:
             docs.update(new)
             for gw in changed:
                 t = r.targets[gw]
-                if t.status in ("committed", "failed") and t.done_at == now:
+                if t.status in R.DONE and t.done_at == now:
                     self.emit(
                         {"event": "gateway", "gateway": gw, "status": t.status,
                          "outcome": t.outcome, "reason": t.reason}
@@ -402,7 +403,7 @@ async def revert(
     await cache.settle(quiet_s=1.0, max_s=10.0)
     n = 0
     for gw, t in r.targets.items():
-        if t.status not in ("sent", "committed", "failed"):
+        if t.status not in R.REACHED:
             continue
         d = docs.get(gw)
         previous = S.as_map(S.as_map(d.previous if d else None).get("models")).get(r.model)

@@ -3,7 +3,9 @@
 The database is the rollout's memory: the tool that drives a rollout writes the decisions
 of the state machine (edgerund/backend/rollout.py) here BEFORE it acts on them, so a
 killed tool resumes from what was decided, and `fleet status` / `fleet abort` work from
-any machine. Blocking psycopg calls: the driver runs them with `asyncio.to_thread`.
+any machine. A target's `status` is free text (no CHECK constraint, no enum: the
+machine's vocabulary, `overridden` included, needs no migration). Blocking psycopg
+calls: the driver runs them with `asyncio.to_thread`.
 
 Two processes never drive one rollout: the driver holds a session advisory lock on the
 rollout's id (`try_lock`), which PostgreSQL releases when its connection ends, however the
@@ -251,12 +253,14 @@ class RolloutStore:
             "count(t.*) FILTER (WHERE t.status <> 'skipped'), "
             "count(t.*) FILTER (WHERE t.status NOT IN ('pending', 'skipped')), "
             "count(t.*) FILTER (WHERE t.status = 'committed'), "
-            "count(t.*) FILTER (WHERE t.status = 'failed') "
+            "count(t.*) FILTER (WHERE t.status = 'failed'), "
+            "count(t.*) FILTER (WHERE t.status = 'overridden') "
             "FROM rollouts r LEFT JOIN rollout_targets t ON t.rollout = r.id "
             "GROUP BY r.id ORDER BY r.created DESC LIMIT %s",
             (limit,),
         ):
-            rid, model, ver, state, wave, waves, reason, created, updated, n, reached, ok, bad = row
+            (rid, model, ver, state, wave, waves, reason, created, updated, n, reached, ok, bad,
+             over) = row  # fmt: skip
             out.append(
                 {
                     "id": rid,
@@ -269,6 +273,7 @@ class RolloutStore:
                     "reached": reached,
                     "committed": ok,
                     "failed": bad,
+                    "overridden": over,
                     "reason": reason,
                     "created": created.isoformat(),
                     "updated": updated.isoformat(),

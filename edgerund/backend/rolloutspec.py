@@ -26,6 +26,7 @@ from typing import Any, Literal
 COUNTS = (
     "targeted",
     "committed",
+    "overridden",
     "pending",
     "rolled_back",
     "refused",

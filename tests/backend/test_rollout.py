@@ -365,3 +365,111 @@ def test_model_outcome_prefers_sha256_and_desired_version_of_the_entry() -> None
     assert R.model_outcome(doc, "motor-ae", "2.1.0", 9, sha) == ("committed", None)
     assert R.model_outcome(doc, "motor-ae", "2.1.0", 9, "cd" * 32) is None  # another file
     assert R.model_outcome(doc, "motor-ae", "2.1.0", 10, sha) is None  # an older answer
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def overridden_report(
+    gw: str, desired_version: int, *, runs: str = "2.2.0", target: str = "2.1.0"
+) -> dict[str, Any]:
+    """What a gateway reports once a technician installed `runs` over our target with
+    `edgerunctl update --override-twin` (docs/twin.md §5.2)."""
+    entry = {
+        "version": target,
+        "desired_version": desired_version,
+        "state": "overridden",
+        "reason": "twin_override",
+        "message": f"version {runs} installed locally over the target (socket:1000, --override-twin)",
+        "active_version": runs,
+        "override": {"version": runs, "source": "socket:1000", "at": 1796535990.1},
+    }
+    return reported(
+        gw,
+        desired={"version": desired_version, "models": {"motor-ae": entry}},
+        models=[{"name": "motor-ae", "version": runs, "state": "COMMITTED", "twin_override": True}],
+    )
+
+
+def test_model_outcome_reads_an_override() -> None:
+    doc = overridden_report("gw-1", 5)
+    assert R.model_outcome(doc, "motor-ae", "2.1.0", 5) == ("overridden", "twin_override")
+    assert R.model_outcome(doc, "motor-ae", "2.1.0", 6) is None  # an older document's
+    # it already ran a newer override when our (older) target came: the pipeline refuses
+    # to go back (version_rollback) and the override is what holds it
+    entry = {"version": "2.1.0", "desired_version": 6, "state": "refused",
+             "reason": "version_rollback", "active_version": "2.5.0"}  # fmt: skip
+    before = reported(
+        "gw-1",
+        desired={"version": 6, "models": {"motor-ae": entry}},
+        models=[
+            {"name": "motor-ae", "version": "2.5.0", "state": "COMMITTED", "twin_override": True}
+        ],
+    )
+    assert R.model_outcome(before, "motor-ae", "2.1.0", 6) == (
+        "overridden", "twin_override (version_rollback: runs 2.5.0)",
+    )  # fmt: skip
+    # the same refusal without an override (it runs a newer version the normal way) is one
+    del before["models"][0]["twin_override"]
+    assert R.model_outcome(before, "motor-ae", "2.1.0", 6) == ("refused", "version_rollback")
+
+
+def test_overridden_gateway_ends_its_wait_and_does_not_halt() -> None:
+    """One gateway of a wave overridden by a technician: the wave moves on at once (not
+    after the 600 s timeout), `failed_rate>2%` does not trip, the rollout succeeds with
+    the gateway counted as overridden, and no later wave sends it anything."""
+    r = new(n=12, halt="rolled_back>0 or failed_rate>2%", timeout_s=600.0, soak_s=0.0)
+    sends: list[str] = []
+    acts = R.tick(r, 0.0)
+    now, dv, victim = 0.0, 1, None
+    while not r.final and now < 10:
+        members = sent(acts)
+        sends += members
+        acts = []
+        for g in members:
+            if victim is None and r.targets[g].wave == 2:  # one of the 4-gateway wave
+                victim = g
+                out = R.model_outcome(overridden_report(g, dv), "motor-ae", "2.1.0", dv)
+            else:
+                out = ("committed", None)
+            R.record(r, g, out, now + 1)
+        now += 1
+        acts += R.tick(r, now)
+    assert victim is not None
+    assert r.state == "succeeded", r.reason  # within 10 s, not after the timeout
+    t = r.targets[victim]
+    assert (t.status, t.outcome, t.reason) == ("overridden", "overridden", "twin_override")
+    c = r.counts()
+    assert (c["overridden"], c["committed"], c["failed"], c["failed_rate"]) == (1, 11, 0, 0.0)
+    assert c["targeted"] == 12 and c["overridden_rate"] == 1 / 12
+    assert "overridden=1" in (r.reason or "")
+    assert sorted(sends) == sorted(r.order)  # each gateway sent to once, the victim too
+    assert victim in R.abort(r, "x")  # reached: a revert covers it
+
+
+def test_override_during_the_soak_and_after() -> None:
+    """A committed gateway overridden during the soak is counted as overridden (it no
+    longer runs the version), not failed; if our version is installed after all it is
+    committed again; a failure of our bundle is still a failure."""
+    r = new(halt="failed>0")
+    (g,) = sent(R.tick(r, 0.0))
+    assert R.observe(r, g, ("committed", None), 1.0) == [R.WaveDone(0)]
+    assert R.observe(r, g, ("overridden", "twin_override"), 10.0) == []
+    assert r.state == "soaking" and r.targets[g].status == "overridden"
+    assert r.counts()["committed"] == 0 and r.counts()["failed"] == 0
+    assert g in r.dirty
+    R.observe(r, g, ("fetching", None), 11.0)  # busy again: still overridden
+    assert r.targets[g].status == "overridden" and r.targets[g].outcome == "overridden"
+    R.observe(r, g, ("committed", None), 20.0)
+    assert r.targets[g].status == "committed" and r.targets[g].done_at == 20.0
+    R.observe(r, g, ("overridden", "twin_override"), 30.0)
+    acts = R.observe(r, g, ("rolled_back", "probation_faults"), 40.0)
+    assert isinstance(acts[0], R.Halted) and r.targets[g].status == "failed"
+    assert "overridden" not in acts[0].reason and "rolled_back=1" in acts[0].reason
+
+
+def test_halt_rule_may_name_overrides() -> None:
+    r = new(halt="overridden_rate>50%")
+    (g,) = sent(R.tick(r, 0.0))
+    acts = R.observe(r, g, ("overridden", "twin_override"), 1.0)
+    assert isinstance(acts[0], R.Halted) and "overridden=1" in acts[0].reason

@@ -8,6 +8,13 @@ the daemon does), and
 answers a model target with `fetching` then `committed`, or `rolled_back` when the
 bundle's sha256 is one it was told is bad. It keeps every desired payload it received, so
 tests can check who was targeted, when, and with what.
+
+Model pins (docs/twin.md §5.2): with `override="V"` a technician installs V over the first
+target it receives (`edgerunctl update --override-twin`): the target is reported
+`overridden`/`twin_override`, `models[]` says `twin_override: true`. With
+`override_before=True` it already runs that override when the rollout comes: a target of
+an older version is refused with `version_rollback` (the pipeline's anti-rollback) and the
+override stays reported. Every target entry carries `active_version`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ class FakeGateway:
         version: str = "2.0.0",
         bad: frozenset[str] = frozenset(),
         delay_s: float = 0.3,
+        override: str | None = None,
+        override_before: bool = False,
     ) -> None:
         self.broker = broker
         self.gateway = gateway
@@ -40,6 +49,10 @@ class FakeGateway:
         self.version = version
         self.bad = bad
         self.delay_s = delay_s
+        self.override = override
+        self.twin_override = False
+        if override is not None and override_before:
+            self.version, self.twin_override = override, True
         self.received: list[tuple[float, bytes]] = []  # every desired payload, with its time
         self.last_version: int | None = None
         self.outcome: dict[str, Any] = {}
@@ -66,13 +79,19 @@ class FakeGateway:
             "seq": self.seq,
             "ts": int(time.time() * 1000),
             "daemon_version": "0.1.0",
-            "desired": {**self.outcome, "models": dict(self.targets)},
+            "desired": {
+                **self.outcome,
+                "models": {
+                    k: {**e, "active_version": self.version} for k, e in self.targets.items()
+                },
+            },
             "models": [
                 {
                     "name": self.model,
                     "active_slot": "a",
                     "version": self.version,
                     "state": "COMMITTED",
+                    **({"twin_override": True} if self.twin_override else {}),
                 }
             ],
             "identity": {"kind": "software"},
@@ -149,11 +168,22 @@ class FakeGateway:
             entry["state"] = "committed"
             await self.report()
             return
+        if self.twin_override and _older(target["version"], self.version):
+            entry["state"], entry["reason"] = "refused", "version_rollback"
+            await self.report()
+            return
         await self.report()
         self._work = asyncio.create_task(self._install(entry))
 
     async def _install(self, entry: dict[str, Any]) -> None:
         await asyncio.sleep(self.delay_s)
+        if self.override is not None and not self.twin_override:
+            # the technician's --override-twin lands first; the target's own job would
+            # then be refused as a rollback and the gateway keeps reporting the override
+            self.version, self.twin_override = self.override, True
+            entry["state"], entry["reason"] = "overridden", "twin_override"
+            await self.report()
+            return
         entry["state"] = "probation"
         await self.report()
         await asyncio.sleep(self.delay_s)
@@ -163,6 +193,10 @@ class FakeGateway:
             entry["state"] = "committed"
             self.version = entry["version"]
         await self.report()
+
+
+def _older(a: str, b: str) -> bool:
+    return tuple(int(x) for x in a.split(".")) < tuple(int(x) for x in b.split("."))
 
 
 class Fleet:

@@ -173,6 +173,62 @@ async def test_bad_bundle_halts_after_first_wave_and_says_why(
     assert rc == 1 and "no rollout 'nope'" in err
 
 
+async def test_overridden_gateways_neither_hold_nor_halt_the_rollout(
+    mosquitto: Any, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Model pins (docs/twin.md §5.2) in a rollout: on one gateway of the last wave a
+    technician installs 2.2.0 over the target (`--override-twin`), another already runs
+    an override of 2.5.0 and refuses our older target (`version_rollback`). Both are
+    `overridden`: the wave does not wait for the 60 s gateway timeout, and two of four
+    (50 %) do not trip `failed_rate>20%`; the database and `fleet status` say so, and
+    neither is sent anything again."""
+    from edgerund.backend.rollout import spread_order
+
+    path, _ = bundle(tmp_path, "2.1.0")
+    gws = fleet(mosquitto, n=4)
+    plant = [g.gateway for g in gws if g.site.startswith("plant-")]
+    during, before = spread_order("ovr", plant)[1:3]  # both in wave 2 of `1,100%`
+    gws = [
+        FakeGateway(mosquitto, g.gateway, g.site, override="2.2.0")
+        if g.gateway == during
+        else FakeGateway(mosquitto, g.gateway, g.site, override="2.5.0", override_before=True)
+        if g.gateway == before
+        else g
+        for g in gws
+    ]
+    async with Fleet(gws) as f:
+        t0 = time.monotonic()
+        rc, out, err = await cli(
+            *rollout_args(mosquitto, pg_dsn, path, "ovr", **{"--waves": "1,100%"})
+        )
+        elapsed = time.monotonic() - t0
+        assert rc == 0, out + err
+        st = await status(pg_dsn, "ovr")
+        await asyncio.sleep(1.0)  # nothing more may arrive
+    assert elapsed < 45, elapsed  # not held for the 60 s timeout
+    assert st["state"] == "succeeded" and "overridden=2" in st["reason"]
+    c = st["counts"]
+    assert (c["committed"], c["overridden"], c["failed"], c["timed_out"]) == (2, 2, 0, 0)
+    rows = {t["gateway"]: t for t in st["targets"]}
+    assert (rows[during]["status"], rows[during]["outcome"], rows[during]["reason"]) == (
+        "overridden", "overridden", "twin_override",
+    )  # fmt: skip
+    assert rows[before]["status"] == "overridden"
+    assert rows[before]["reason"] == "twin_override (version_rollback: runs 2.5.0)"
+    assert f.gateways[during].version == "2.2.0" and f.gateways[before].version == "2.5.0"
+    for g in (during, before):
+        assert len(f.gateways[g].received) == 1  # the rollout's one document, no other
+    events = [json.loads(x) for x in out.splitlines()]
+    done = {e["gateway"]: e["status"] for e in events if e["event"] == "gateway"}
+    assert done[during] == done[before] == "overridden"
+    # the human views
+    rc, out, err = await cli("status", "--postgres", pg_dsn)
+    assert rc == 0 and "committed 2  failed 0  overridden 2" in out, out
+    rc, out, err = await cli("status", "ovr", "--postgres", pg_dsn)
+    assert rc == 0 and "overridden 2" in out
+    assert f"{during:<20} overridden overridden twin_override" in out, out
+
+
 async def spawn_fleet(args: list[str]) -> asyncio.subprocess.Process:
     """`edgerund fleet ARGS` as a process, its output piped."""
     return await asyncio.create_subprocess_exec(

@@ -147,16 +147,8 @@ class Verdict:
 
 def expected_binding_for_files(config_file: Path, manifests: Sequence[Path]) -> bytes:
     """binding_value() from the files themselves (manifests sorted by their `name`)."""
-    items: list[tuple[str, bytes]] = []
-    for m in manifests:
-        raw = m.read_bytes()
-        try:
-            name = str(json.loads(raw).get("name", m.parent.name))
-        except (ValueError, AttributeError):
-            name = m.parent.name
-        items.append((name, hashlib.sha256(raw).digest()))
-    items.sort(key=lambda x: x[0])
-    return binding_value(hashlib.sha256(config_file.read_bytes()).digest(), [d for _, d in items])
+    models = sorted(expected_models_for_files(manifests).items())
+    return binding_value(hashlib.sha256(config_file.read_bytes()).digest(), [d for _, d in models])
 
 
 def expected_models_for_files(manifests: Sequence[Path]) -> dict[str, bytes]:

@@ -20,6 +20,7 @@ from edgerund.twin.bundlewire import BundleMeta, chunk_topic, meta_topic
 from edgerund.twin.fetch import BundleFetcher, connect_properties
 from edgerund.twin.targets import Target
 from edgerund.updates.transfer import TransferError
+from tests.twin.rangeserver import RangeServer
 from tests.updates.support import wait_for
 
 C = 4096
@@ -127,60 +128,9 @@ async def test_meta_disagreeing_with_target_refused(tmp_path: Path, mosquitto: A
     assert ei.value.code == "bad_meta"
 
 
-class _Server:
-    """A real HTTP server (stdlib, own thread) serving one file, with Range support that
-    can be switched off, and an optional cut: the first response stops after `cut` bytes
-    (the connection drops mid-transfer)."""
-
-    def __init__(self, data: bytes) -> None:
-        import http.server
-        import threading
-
-        self.data = data
-        self.ranges = True
-        self.cut: int | None = None
-        self.requests: list[str | None] = []
-        srv = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a: object) -> None:
-                return None
-
-            def do_GET(self) -> None:
-                rng = self.headers.get("Range")
-                srv.requests.append(rng)
-                start = 0
-                if rng and srv.ranges:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
-                body = srv.data[start:]
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header(
-                        "Content-Range", f"bytes {start}-{len(srv.data) - 1}/{len(srv.data)}"
-                    )
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if srv.cut is not None:
-                    body, srv.cut = body[: srv.cut], None
-                    self.wfile.write(body)
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/b.bundle"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 async def test_url_source_resumes_with_range(tmp_path: Path, mosquitto: Any) -> None:
     blob, _, t0 = _blob(10 * C + 7)
-    srv = _Server(blob)
+    srv = RangeServer(blob)
     try:
         t = Target("m", "1.0.0", t0.sha256, t0.size, srv.url)
         srv.cut = 3 * C + 5  # the first connection drops part-way

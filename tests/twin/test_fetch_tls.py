@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import http.server
 import ipaddress
 import os
 import ssl
@@ -37,6 +36,7 @@ from edgerund.twin.desired import Desired
 from edgerund.twin.fetch import BundleFetcher, connect_properties
 from edgerund.twin.modeltargets import ModelTargets
 from edgerund.twin.targets import Target
+from tests.twin.rangeserver import RangeServer
 from tests.updates import models as M
 from tests.updates.support import Publisher, make_config, running, seed_dir, wait_for
 
@@ -133,58 +133,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     )
 
 
-class HttpsServer:
-    """One file over HTTPS (own thread); `client_ca`: a client certificate by that CA is
-    required. `cut`: the first response stops after that many bytes."""
-
-    def __init__(self, data: bytes, w: World, *, client_ca: Path | None = None) -> None:
-        self.data = data
-        self.gets: list[str | None] = []
-        self.cut: int | None = None
-        srv = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a: object) -> None:
-                return None
-
-            def do_GET(self) -> None:
-                rng = self.headers.get("Range")
-                srv.gets.append(rng)
-                start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
-                body = srv.data[start:]
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header(
-                        "Content-Range", f"bytes {start}-{len(srv.data) - 1}/{len(srv.data)}"
-                    )
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if srv.cut is not None:
-                    body, srv.cut = body[: srv.cut], None
-                    self.close_connection = True
-                self.wfile.write(body)
-
-        class Server(http.server.ThreadingHTTPServer):
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                return None  # refused handshakes are the point of some tests
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(*w.server)
-        if client_ca is not None:
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=client_ca)
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        # The handshake runs in the handler's thread, at its first read.
-        self.httpd.socket = ctx.wrap_socket(
-            self.httpd.socket, server_side=True, do_handshake_on_connect=False
-        )
-        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}/b.bundle"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def https_server(data: bytes, w: World, *, client_ca: Path | None = None) -> RangeServer:
+    """One file over HTTPS; `client_ca`: a client certificate by that CA is required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*w.server)
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=client_ca)
+    return RangeServer(data, ctx)
 
 
 def _target(url: str, n: int = 5 * C + 11) -> tuple[bytes, Target]:
@@ -234,7 +190,7 @@ def _no_broker(**kw: Any) -> TwinFetchConfig:
 
 
 async def test_right_ca_fetches_wrong_ca_refused_with_reason(tmp_path: Path, world: World) -> None:
-    srv = HttpsServer(b"", world)
+    srv = https_server(b"", world)
     try:
         blob, t = _target(srv.url)
         srv.data = blob
@@ -242,13 +198,13 @@ async def test_right_ca_fetches_wrong_ca_refused_with_reason(tmp_path: Path, wor
         f = _fetcher(tmp_path / "ok", _no_broker(ca_file=str(world.ca.pem)))
         path = await asyncio.wait_for(f.fetch_url(t, progress=lambda _: None), 30)
         assert path.read_bytes() == blob
-        assert srv.gets == [None, f"bytes={2 * C + 3}-"]
+        assert srv.requests == [None, f"bytes={2 * C + 3}-"]
 
         # the server's certificate is not by the configured CA: never trusted
-        srv.gets.clear()
+        srv.requests.clear()
         f = _fetcher(tmp_path / "bad", _no_broker(ca_file=str(world.other.pem)))
         errors = await _errors_until(f, t)
-        assert srv.gets == []  # no request ever went out
+        assert srv.requests == []  # no request ever went out
         assert "the server's certificate is not trusted" in errors[0], errors
         assert f"twin.fetch.ca_file {world.other.pem}" in errors[0]
         assert "unable to get local issuer certificate" in errors[0]
@@ -264,7 +220,7 @@ async def test_right_ca_fetches_wrong_ca_refused_with_reason(tmp_path: Path, wor
 async def test_mutual_tls_only_with_the_configured_client_cert(
     tmp_path: Path, world: World
 ) -> None:
-    srv = HttpsServer(b"", world, client_ca=world.client_ca.pem)
+    srv = https_server(b"", world, client_ca=world.client_ca.pem)
     try:
         blob, t = _target(srv.url)
         srv.data = blob
@@ -272,7 +228,7 @@ async def test_mutual_tls_only_with_the_configured_client_cert(
 
         # no client certificate: the server refuses the handshake
         errors = await _errors_until(_fetcher(tmp_path / "none", _no_broker(ca_file=ca)), t)
-        assert srv.gets == []
+        assert srv.requests == []
         assert "TLS" in errors[0] and "no client certificate is configured" in errors[0], errors
 
         # a certificate by a CA the server does not trust: refused as well
@@ -282,7 +238,7 @@ async def test_mutual_tls_only_with_the_configured_client_cert(
             _no_broker(ca_file=ca, client_cert=str(cert), client_key=str(key)),
         )
         errors = await _errors_until(f, t)
-        assert srv.gets == []
+        assert srv.requests == []
         assert "TLS" in errors[0] and str(cert) in errors[0], errors
 
         # the configured one: served
@@ -292,7 +248,7 @@ async def test_mutual_tls_only_with_the_configured_client_cert(
         )
         path = await asyncio.wait_for(f.fetch_url(t, progress=lambda _: None), 30)
         assert path.read_bytes() == blob
-        assert srv.gets == [None]
+        assert srv.requests == [None]
     finally:
         srv.close()
 
@@ -300,7 +256,7 @@ async def test_mutual_tls_only_with_the_configured_client_cert(
 async def test_url_failing_falls_back_to_the_broker_and_resumes(
     tmp_path: Path, world: World, mosquitto: Any
 ) -> None:
-    srv = HttpsServer(b"", world)
+    srv = https_server(b"", world)
     blob, t = _target(srv.url, 6 * C + 5)
     srv.data = blob
     srv.cut = 2 * C + 100  # the url delivers part of the file, then goes away for good
@@ -368,7 +324,7 @@ async def test_model_target_reports_the_tls_error_then_installs(
     cfg = msgspec.structs.replace(cfg, twin=msgspec.structs.replace(cfg.twin, fetch=fetch))
     bundle = pub.bundle(tmp_path / "b.bundle", version="2.0.0", counter=1)
     data = bundle.read_bytes()
-    srv = HttpsServer(data, world)
+    srv = https_server(data, world)
     target = {
         "version": "2.0.0",
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -395,13 +351,13 @@ async def test_model_target_reports_the_tls_error_then_installs(
                 assert e["state"] == "fetching", e
                 assert e["message"].startswith("url: TLS: the server's certificate is not trusted")
                 assert f"twin.fetch.ca_file {ca}" in e["message"]
-                assert srv.gets == []
+                assert srv.requests == []
 
                 ca.write_bytes(world.ca.pem.read_bytes())  # the right CA, in place
                 await wait_for(lambda: t.report()["m1"]["state"] == "committed", 60)
                 assert r.updates.slot_info("m1")["version"] == "2.0.0"
                 assert t.report()["m1"]["message"] is None
-                assert srv.gets == [None]
+                assert srv.requests == [None]
     finally:
         srv.close()
 

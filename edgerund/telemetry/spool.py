@@ -237,7 +237,13 @@ class Spool:
             commit_now = False
             stop = False
             for op in batch_items:
-                if op.future.done():  # cancelled by the caller
+                # Cancelled by its caller before it ran: skipped. Once running, the future
+                # cannot be cancelled any more (a caller that stops waiting, e.g. an
+                # uplink session torn down mid-fetch, cancels its wrapper only), so the
+                # set_result below never meets a cancelled future, which would raise
+                # InvalidStateError here and end this thread: the spool would take no
+                # more batches (soak and CI, 2026-12-06).
+                if not op.future.set_running_or_notify_cancel():
                     continue
                 try:
                     answer = op.run()

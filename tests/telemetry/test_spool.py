@@ -187,3 +187,41 @@ def test_disk_full_fails_the_group_loudly_and_recovers(tmp_path: Path) -> None:
     assert failed > 0 and ok > failed and tail > 0
     assert sp.stats.write_errors > 0 and "full" in (sp.stats.last_error or "")
     assert _files(tmp_path) <= cap
+
+
+def test_a_caller_giving_up_on_a_running_op_does_not_stop_the_writer(tmp_path: Path) -> None:
+    """A future cancelled while its op runs in the writer thread (an uplink session torn
+    down mid-fetch) used to raise InvalidStateError in the thread at set_result: the
+    thread ended and the spool took no more batches. A running op cannot be cancelled
+    now, and the writer goes on."""
+    import threading
+
+    from edgerund.telemetry.spool import _Answer
+
+    sp = Spool(tmp_path, max_bytes=1 << 22, ttl_s=TTL, commit_interval_s=0.01)
+    sp.open()
+    try:
+        started, release = threading.Event(), threading.Event()
+
+        def slow() -> _Answer[None]:
+            started.set()
+            release.wait(5.0)
+            return _Answer(None)
+
+        fut = sp._submit("slow", slow)
+        assert started.wait(5.0)
+        assert fut.cancel() is False  # running: the caller may stop waiting, not cancel
+        release.set()
+        assert fut.result(5.0) is None
+        # an op cancelled before it runs is skipped, and the writer still serves the next
+        release.clear()
+        blocker = sp._submit("slow", slow)
+        queued = sp.fetch(Cls.RAW, 0, 10)
+        assert queued.cancel() is True
+        release.set()
+        blocker.result(5.0)
+        seq = sp.append(Cls.RAW, _blocks(np.random.default_rng(1), 0), 1).result(5.0)
+        assert [r.seq for r in sp.fetch(Cls.RAW, 0, 10).result(5.0)] == [seq]
+    finally:
+        release.set()
+        sp.close()

@@ -178,10 +178,13 @@ def test_idle_flood_cannot_lock_out_root_or_the_admin_group(
 def test_newline_keepalive_does_not_hold_a_connection(tmp_path: Path) -> None:
     with DaemonProcess(tmp_path, {"diag": {"idle_timeout_s": 1.5}}) as d:
         d.wait_ready()
+        busy = DiagClient(d.socket_path, timeout_s=5)
+        # Taken before the connect: the daemon's idle clock starts at its accept, which is
+        # after this (one machine-wide monotonic clock), so an idle timeout kept shows as
+        # more than 1.5 s here (CI 2026-12-06: taken after, it read 1.49995 s).
+        t0 = time.monotonic()
         idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         idle.connect(d.socket_path)
-        busy = DiagClient(d.socket_path, timeout_s=5)
-        t0 = time.monotonic()
         closed_at = None
         answer: dict[str, object] | None = None
         idle.settimeout(0.25)

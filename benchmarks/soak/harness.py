@@ -84,6 +84,10 @@ STATUS_LIMIT_S = 1.0
 STEADY_AFTER_S = 600.0
 STEADY_MIN_SPAN_S = 300.0
 RESOURCES = ("rss_mb", "fds", "threads", "tasks")
+# RSS split (/proc/PID/status RssAnon, RssFile): reported, not judged. Heap that grows is a
+# leak or fragmentation; file pages that grow are library code and data paged in the first
+# time a path runs (bounded by the mapped files).
+RSS_PARTS = {"rss_anon_mb": "RssAnon", "rss_file_mb": "RssFile"}
 
 
 @dataclass
@@ -549,10 +553,16 @@ class Soak:
             rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
             threads = int(re.search(r"Threads:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
             fds = len(os.listdir(f"/proc/{pid}/fd"))
+            parts = {
+                name: int(re.search(rf"{key}:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
+                for name, key in RSS_PARTS.items()
+            }
         except (OSError, AttributeError):
             return
         r = self.st.res
         r["rss_mb"][pid].append((t, rss))
+        for name, mb in parts.items():
+            r[name][pid].append((t, mb))
         r["threads"][pid].append((t, threads))
         r["fds"][pid].append((t, fds))
         if isinstance(status.get("asyncio_tasks"), int):
@@ -736,7 +746,7 @@ class Soak:
             st.violate("sample_timestamps", count=len(bad_ts), first=bad_ts[:5])
         slopes = {
             name: inv.resource_slope(list(st.res[name].values()), STEADY_AFTER_S, STEADY_MIN_SPAN_S)
-            for name in RESOURCES
+            for name in (*RESOURCES, *RSS_PARTS)
         }
         b = self.bounds
         for name, limit in (
@@ -790,6 +800,9 @@ class Soak:
             "fd_slope_pooled_per_h": _r(slopes["fds"].pooled_per_h),
             "thread_slope_pooled_per_h": _r(slopes["threads"].pooled_per_h),
             "task_slope_pooled_per_h": _r(slopes["tasks"].pooled_per_h),
+            # where RSS went, same estimator (not judged): heap vs file pages
+            "rss_anon_slope_mb_per_h": _r(slopes["rss_anon_mb"].per_h),
+            "rss_file_slope_mb_per_h": _r(slopes["rss_file_mb"].per_h),
             "slope_basis": {k: v.basis for k, v in slopes.items()},
             "steady_after_s": STEADY_AFTER_S,
             "steady_processes": slopes["rss_mb"].steady_processes,

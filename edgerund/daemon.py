@@ -86,6 +86,7 @@ from edgerund.context import EventBus, FatalComponentError, Supervisor, TaskScop
 from edgerund.control import component as control_component
 from edgerund.diag import DiagServer
 from edgerund.errors import CommandError, ConfigError
+from edgerund.heapcensus import HeapCensus
 from edgerund.hub import component as hub_component
 from edgerund.hub.component import SimControl
 from edgerund.identity import component as identity_component
@@ -166,6 +167,7 @@ class Daemon:
         self.simulate = simulate
         self.started_wall = time.time()
         self.started_mono = time.monotonic()
+        self._census = HeapCensus()
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.fatal: FatalComponentError | None = None
@@ -376,6 +378,9 @@ class Daemon:
             # Test-only: step this process's wall clock (NTP-like correction) without
             # touching the host's clock (which needs CAP_SYS_TIME and breaks the machine).
             cmds["test-clock-step"] = Command(self._cmd_test_clock_step, mutating=True)
+            # Test-only: live objects by type and, under tracemalloc, what grew since the
+            # first call (leak hunts in the soak; edgerund/heapcensus.py).
+            cmds["test-heap"] = Command(self._cmd_test_heap, mutating=True)
         for comp in self.components:
             for name, cmd in comp.commands().items():
                 if name in cmds:
@@ -459,6 +464,10 @@ class Daemon:
         except (TypeError, ValueError) as exc:
             raise CommandError("bad_args", f"offset_s: expected a number: {exc}") from exc
         return {"offset_s": testclock.step(offset)}
+
+    async def _cmd_test_heap(self, args: dict[str, Any], peer: Peer) -> Any:
+        # On the loop on purpose: a census from another thread races the objects it counts.
+        return self._census.take(int(args.get("top", 30)))
 
     async def _cmd_reload(self, args: dict[str, Any], peer: Peer) -> Any:
         ok, message = await self.reload()

@@ -179,8 +179,12 @@ class Soak:
         *,
         profile: str = "short",
         exclude: Collection[str] = (),
+        heap_census_s: float = 0.0,
+        daemon_env: dict[str, str] | None = None,
     ) -> None:
         self.root = root
+        self.heap_census_s = heap_census_s
+        self.daemon_env = dict(daemon_env or {})
         self.seed = seed
         self.seconds = seconds
         self.bounds = bounds
@@ -544,6 +548,23 @@ class Soak:
                     span_s=round(t - prev[0], 2),
                 )
 
+    def _heap_census(self) -> None:
+        """A leak hunt (`--heap-census-s`): the daemon's `test-heap` census appended to
+        heap.jsonl; run the daemon under tracemalloc (`--daemon-env PYTHONTRACEMALLOC=1`)
+        for the allocation sites grown since the first census."""
+        st = self.st
+        t0 = st.now()
+        # The census walks the heap on the event loop (seconds under tracemalloc): the
+        # ticks and status latency of that window are not judged.
+        self.quiet(60, "heap census")
+        got = None if st.down else self.try_call("test-heap", {"top": 40}, timeout_s=60)
+        if isinstance(got, dict):
+            row = {"t": round(t0, 1), "s": round(st.now() - t0, 2), "pid": self._pid, **got}
+            with (self.root / "heap.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if st.now() + self.heap_census_s < self.seconds * 0.85:  # none in the quiet end
+            self.at(st.now() + self.heap_census_s, "heap census", self._heap_census)
+
     def _sample_resources(self, status: dict[str, Any], t: float) -> None:
         pid = status.get("pid")
         if not isinstance(pid, int) or t - self._pid_started < 60:
@@ -662,7 +683,7 @@ class Soak:
         )
         self._good_iter = iter(self.bundles["good"])
         st.bad_versions = {v for v, _ in self.bundles["bad"].values()}
-        rig.make_daemon()
+        rig.make_daemon().extra_env.update(self.daemon_env)
         st.t0 = time.monotonic()
         self.start_daemon()
         self.d.wait_ready(120)
@@ -671,6 +692,8 @@ class Soak:
         poller.start()
         for f in self.schedule:
             self.at(f.t, f.kind, functools.partial(self.run_fault, f))
+        if self.heap_census_s > 0:
+            self.at(self.heap_census_s, "heap census", self._heap_census)
         quiet_from = self.seconds * 0.85
         while self._actions or st.now() < quiet_from:
             with st.lock:
@@ -879,12 +902,23 @@ def run_soak(
     *,
     profile: str | None = None,
     exclude: Collection[str] = (),
+    heap_census_s: float = 0.0,
+    daemon_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One run. The profile (default: `long` from 30 minutes on, schedule.profile_for)
     sets the schedule's spacing of kill -9 / restarts and, unless given, the bounds."""
     prof = profile or profile_for(seconds)
     b = bounds or BOUNDS[prof]
-    return Soak(root, seed, seconds, b, profile=prof, exclude=exclude).run()
+    return Soak(
+        root,
+        seed,
+        seconds,
+        b,
+        profile=prof,
+        exclude=exclude,
+        heap_census_s=heap_census_s,
+        daemon_env=daemon_env,
+    ).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -908,6 +942,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KIND[,KIND]",
         help="fault kinds to leave out, e.g. daemon_kill9,daemon_restart (a light profile)",
     )
+    ap.add_argument(
+        "--heap-census-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="every S seconds append the daemon's test-heap census to WORKDIR/heap.jsonl",
+    )
+    ap.add_argument(
+        "--daemon-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of the daemon, e.g. PYTHONTRACEMALLOC=1 (repeatable)",
+    )
     ap.add_argument("--schedule-only", action="store_true")
     a = ap.parse_args(argv)
     seed = parse_seed(a.seed) if a.seed else random.SystemRandom().randrange(1, 10**6)
@@ -920,7 +968,16 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="edgerund-soak-"))
-    report = run_soak(root, seed, a.seconds, profile=profile, exclude=exclude)
+    daemon_env = dict(kv.split("=", 1) for kv in a.daemon_env)
+    report = run_soak(
+        root,
+        seed,
+        a.seconds,
+        profile=profile,
+        exclude=exclude,
+        heap_census_s=a.heap_census_s,
+        daemon_env=daemon_env,
+    )
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=1, sort_keys=True))
     for v in report["violations"]:

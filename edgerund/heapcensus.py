@@ -2,6 +2,8 @@
 by EDGERUND_TEST_HOOKS=1): live objects counted by type, and, when the process runs under
 tracemalloc (PYTHONTRACEMALLOC=N), the allocation sites that grew since the first census.
 
+Objects are those the garbage collector tracks outside the permanent generation: in the
+daemon, what was created after start-up's `gc.freeze()`, which is where a leak piles up.
 Called twice minutes apart on a running daemon, the difference names what accumulates:
 a type whose count only rises, or a line whose allocations only grow. It sees Python
 objects and what numpy reports to tracemalloc, not C libraries' own heaps (SQLite's page

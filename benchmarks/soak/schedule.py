@@ -13,7 +13,7 @@ reproducible (the daemon's own timing is not deterministic, the faults it meets 
 Profiles. `short` (the CI profile, and any run under 30 minutes) draws the lanes as above:
 kill -9 and restarts every ~4 minutes, so a 5-minute run meets every fault kind. `long`
 (the default from 30 minutes on) draws the same lanes from the same seeds, except that the
-`power` lane keeps `LONG_POWER_MIN_GAP_S` (20 minutes) between process faults and before
+`power` lane keeps `LONG_POWER_MIN_GAP_S` (30 minutes) between process faults and before
 the first one: a daemon process then lives long enough to be judged past its warm-up
 (harness.py, `STEADY_AFTER_S`), which a steady-state RSS slope needs. `exclude` drops
 fault kinds AFTER drawing, so the faults left are exactly those of the full schedule.
@@ -62,7 +62,7 @@ LANES: dict[str, tuple[float, list[tuple[str, int]]]] = {
 }
 
 # the long profile: at least this long between two kill -9 / restarts, and before the first
-LONG_POWER_MIN_GAP_S = 1200.0
+LONG_POWER_MIN_GAP_S = 1800.0  # STEADY_AFTER_S (20 min) + 10 min judged (harness.py)
 # lane -> minimum gap (s) between its faults and before its first one, per profile
 PROFILES: dict[str, dict[str, float]] = {
     "short": {},

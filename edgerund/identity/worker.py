@@ -200,7 +200,19 @@ class TpmWorker:
     # -- loop-side callbacks (all on the event loop thread)
 
     def _on_start(self, gen: _Generation, job: _Job) -> None:
-        if job.fut.done() or gen.abandoned:
+        if job.fut.done():
+            return
+        if gen.abandoned:
+            # The thread took this job before the loop abandoned its generation (the job
+            # before it broke the transport): no watchdog will ever bound it, and the
+            # context it runs on is being given up. Fail it as a queued call, now: a caller
+            # awaiting it forever wedged the uplink's session (soak, 2026-12-06).
+            job.fut.set_exception(
+                DeviceError(
+                    f"TPM at {self.tcti} stopped answering ({self._broken or 'abandoned'}); "
+                    f"cannot {job.what} now, retry (the context is being re-opened)"
+                )
+            )
             return
         job.timer = job.loop.call_later(job.timeout_s, self._on_timeout, gen, job)
 

@@ -22,6 +22,13 @@ of raw batches), waits for a byte token bucket (`replay_bytes_per_s`, burst
 (identity key; the trailer is added at send time so the spool holds unsigned rows and loss
 records can be written from the spool thread), and publishes it at QoS 1.
 
+No wait of a session is unbounded: the reader runs from the CONNACK on (so a broker
+lost during the birth ends the session), the birth has `BIRTH_TIMEOUTS` ack timeouts, and
+each signature `ack_timeout_s`. A soak run (seed soak1-20261206) once left the uplink
+connected to nobody for half an hour: its birth waited for a meta signature the identity
+never answered (a TPM call started on a context being abandoned, identity/worker.py),
+with no reader yet to notice that the broker had gone.
+
 Signing failures (TPM busy, hung or gone) never silently downgrade to unsigned telemetry:
 the batch is not published and stays undelivered in the spool (`sign_held` counts it), the
 sender pauses for `sign_retry_s`, waits for in-flight publishes, and re-reads the spool
@@ -85,6 +92,9 @@ log = structlog.get_logger("edgerund.telemetry.uplink")
 
 CONTENT_TYPE = "application/vnd.edgerund.tlm.v1"
 _NO_MATCHING_SUBSCRIBERS = 0x10  # PUBACK reason code (MQTT 5, 3.4.2.1)
+# the birth (subscribe, signed metas, state) may take this many ack timeouts, then the
+# session ends and the next one tries again
+BIRTH_TIMEOUTS = 3
 FETCH_ROWS = 64  # rows read per spool round trip (payloads, so bounded: <= 64 batches in RAM)
 Dispatch = Callable[[str, bytes], Awaitable[bytes | None]]
 """(command name, request payload) -> reply payload, or None for no reply."""
@@ -371,12 +381,16 @@ class Uplink:
             self._down.clear()
             self.stats.connected_since = time.time()
             log.info("uplink_connected", broker=self.broker, client_id=self.client_id)
-            await client.subscribe(
-                f"{self.base}/cmd/+", options=SubscribeOptions(qos=1, noLocal=True)
-            )
-            await self._publish_birth(client)
             async with asyncio.TaskGroup() as tg:
+                # The reader watches the connection from the first moment: a broker that
+                # goes away during the birth ends the session (a cancelled body), and the
+                # birth itself is bounded, so no wait of the session is without a limit.
                 reader = tg.create_task(self._reader(client))
+                async with asyncio.timeout(BIRTH_TIMEOUTS * self.cfg.ack_timeout_s):
+                    await client.subscribe(
+                        f"{self.base}/cmd/+", options=SubscribeOptions(qos=1, noLocal=True)
+                    )
+                    await self._publish_birth(client)
                 sender = tg.create_task(self._sender(client, tg))
                 await self._stopping.wait()
                 sender.cancel()
@@ -435,7 +449,8 @@ class Uplink:
         if self.signer is None:
             return text
         try:
-            return await self.signer.sign_meta(text)
+            async with asyncio.timeout(self.cfg.ack_timeout_s):
+                return await self.signer.sign_meta(text)
         except Exception as exc:
             self.stats.sign_errors += 1
             log.warning("telemetry_meta_sign_failed", error=repr(exc))
@@ -526,7 +541,10 @@ class Uplink:
         payload = row.payload
         if self.signer is not None:
             try:
-                payload = await self.signer.sign(payload)
+                # bounded here too: an identity that never answers one call must not hold
+                # an in-flight slot (and with it every later pause) for ever
+                async with asyncio.timeout(self.cfg.ack_timeout_s):
+                    payload = await self.signer.sign(payload)
             except Exception as exc:
                 self.stats.sign_errors += 1
                 if not self._signing_failed:  # log the state change, not every retry

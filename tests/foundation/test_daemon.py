@@ -261,3 +261,26 @@ def test_ctl_exit_codes(tmp_path: Path) -> None:
         with pytest.raises(CommandError):
             d.call("nope")
         assert d.stop() == 0
+
+
+def test_heap_census_hook_only_with_test_hooks(tmp_path: Path) -> None:
+    env = {"EDGERUND_TEST_HOOKS": "1", "PYTHONTRACEMALLOC": "1"}
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "plain").mkdir()
+    with DaemonProcess(tmp_path / "hooks", env=env) as d:
+        d.wait_ready()
+        first = d.call("test-heap", {"top": 5})
+        assert first["tracing"] is True and "grown_since_first" not in first
+        # objects since gc.freeze() at start-up: the running daemon's coroutines, futures...
+        assert len(first["by_type"]) == 5 and first["by_type"].get("coroutine", 0) > 0
+        time.sleep(1.0)
+        second = d.call("test-heap", {"top": 5})
+        grown = second["grown_since_first"]
+        assert len(grown) == 5 and all(":" in g["where"] for g in grown)
+        assert d.stop() == 0
+    with DaemonProcess(tmp_path / "plain") as d:
+        d.wait_ready()
+        with pytest.raises(CommandError) as err:
+            d.call("test-heap")
+        assert err.value.code == "unknown_command"
+        assert d.stop() == 0

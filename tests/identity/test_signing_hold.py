@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,45 @@ async def test_unsigned_only_when_configured(
 ) -> None:
     st = await _run(tmp_path, mosquitto, collector_factory, allow_unsigned=True)
     assert st["unsigned_batches"] >= 1 and st["sign_held_batches"] == 0
+
+
+class LosesFirstCalls:
+    """The identity's signing interface, never answering its first `n` calls (a TPM call
+    whose answer was lost), then signing normally."""
+
+    def __init__(self, real: Any, n: int) -> None:
+        self.real = real
+        self.kind = real.kind
+        self.lost = n
+
+    def public_key_pem(self) -> str:
+        return str(self.real.public_key_pem())
+
+    async def sign_digest(self, digest: bytes) -> bytes:
+        if self.lost > 0:
+            self.lost -= 1
+            await asyncio.Event().wait()  # never answered
+        return bytes(await self.real.sign_digest(digest))
+
+
+async def test_a_signature_never_answered_does_not_wedge_the_uplink(
+    tmp_path: Path, mosquitto: Any, collector_factory: Any
+) -> None:
+    """The birth's meta signature is the first call: it never returns. The session must
+    neither wait for it for ever (nothing sent again: soak, 2026-12-06) nor send unsigned."""
+    cfg = make_config(tmp_path, mosquitto, uplink={"sign_retry_s": 0.3, "ack_timeout_s": 1.0})
+    ctx = make_ctx(cfg, tmp_path)
+    hub = HubStandIn([("env", "temp", "degC")])
+    async with identity_in(ctx) as real:
+        signer = LosesFirstCalls(real, 1)
+        key = Consumer.load_public_key(real.public_key_pem().encode())
+        col = await collector_factory(mosquitto, public_keys=[key], require_signature=True)
+        async with telemetry_in(ctx, hub, signer=signer) as tel:
+            t0 = time.time() - 5
+            for i in range(30):
+                hub.emit("env", "temp", 20 + 0.01 * i, t0 + i * 0.1)
+            st = lambda: tel.status()["telemetry"]  # noqa: E731
+            await until(lambda: st()["sent_batches"] >= 1, 20, "a batch sent")
+            await col.wait_for(lambda: col.consumer.counts["batches"] >= 1, 20)
+            assert signer.lost == 0  # the lost call happened, and the session went on
+            assert col.consumer.counts["unverified"] == 0 and st()["unsigned_batches"] == 0

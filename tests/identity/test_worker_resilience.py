@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from edgerund.component import CommandError, Peer
 from edgerund.errors import DeviceError
 from edgerund.identity.tpm import TpmIdentity
+from edgerund.identity.tpm_errors import TCTI_LAYER, TpmError
 from edgerund.identity.worker import TpmBusy
 from tests.fixtures.swtpm import SwtpmProcess
 from tests.identity.conftest import make_identity, tpm_config
@@ -132,3 +134,40 @@ async def test_attest_is_rate_limited_per_client_uid(swtpm: SwtpmProcess, tmp_pa
             await cmd.handler({"nonce": "00" * 16}, alice)
         assert err.value.code == "rate_limited" and "uid 1001" in str(err.value)
         await cmd.handler({"nonce": "11" * 16}, bob)  # another client is not starved
+
+
+async def test_a_call_started_on_an_abandoned_context_fails_instead_of_hanging(
+    swtpm: SwtpmProcess, tmp_path: Path
+):
+    """The worker thread may take the next job before the loop abandons the generation
+    whose previous job broke the transport: that job got no watchdog and, stuck in
+    libtss2, was never answered (the soak's uplink waited for its meta signature forever)."""
+    ident = await opened(swtpm, tmp_path, call_timeout_ms=500)
+    a_started, a_go, b_release = threading.Event(), threading.Event(), threading.Event()
+
+    def broken_transport(_ectx: Any) -> None:
+        a_started.set()
+        a_go.wait(5)
+        raise TpmError("tcti: IO failure", TCTI_LAYER | 0xA, "sign a digest")
+
+    def stuck_in_libtss2(_ectx: Any) -> None:
+        b_release.wait(10)
+
+    try:
+        a = asyncio.ensure_future(ident.worker.call(broken_transport, what="sign a digest"))
+        b = asyncio.ensure_future(ident.worker.call(stuck_in_libtss2, what="sign a digest"))
+        assert await asyncio.to_thread(a_started.wait, 5)
+        a_go.set()
+        # Hold the loop: the thread posts A's failure, takes B and starts it before the
+        # loop abandons the generation (the interleaving the soak met).
+        time.sleep(0.3)  # noqa: ASYNC251 - blocking on purpose, see above
+        with pytest.raises(TpmError):
+            await a
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError, match="stopped answering"):
+            await asyncio.wait_for(b, 3.0)
+        assert time.monotonic() - t0 < 1.0
+        assert ident.worker.wedged
+    finally:
+        b_release.set()
+        await ident.close()

@@ -105,7 +105,7 @@ def test_long_profile_spaces_process_faults_and_keeps_the_other_lanes() -> None:
         short = make_schedule(seed, 3700)
         long = make_schedule(seed, 3700, profile="long")
         power = [f.t for f in long if f.params["lane"] == "power"]
-        # a process lives at least 20 min: before the first kill and between two
+        # a process lives at least 30 min: before the first kill and between two
         assert power and power[0] >= LONG_POWER_MIN_GAP_S
         assert all(b - a >= LONG_POWER_MIN_GAP_S for a, b in itertools.pairwise(power))
         assert len(power) < len([f for f in short if f.params["lane"] == "power"])

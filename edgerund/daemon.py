@@ -78,7 +78,7 @@ import structlog
 
 from drivers.base import Resources
 from drivers.registry import ActuatorSpec, actuator_drivers
-from edgerund import __version__, logs, testclock
+from edgerund import __version__, logs, taskdump, testclock
 from edgerund.component import Command, Component, Peer
 from edgerund.config import diff as config_diff
 from edgerund.config.schema import Config
@@ -367,6 +367,9 @@ class Daemon:
             "help": Command(self._cmd_help, help="list commands"),
             "ping": Command(self._cmd_ping, help="liveness check"),
             "metrics": Command(self._cmd_metrics, help="Prometheus text exposition"),
+            "tasks": Command(
+                self._cmd_tasks, help="what every asyncio task waits on (a stuck component)"
+            ),
             "reload": Command(
                 self._cmd_reload, mutating=True, help="re-read the config file (as SIGHUP)"
             ),
@@ -464,6 +467,9 @@ class Daemon:
         except (TypeError, ValueError) as exc:
             raise CommandError("bad_args", f"offset_s: expected a number: {exc}") from exc
         return {"offset_s": testclock.step(offset)}
+
+    async def _cmd_tasks(self, args: dict[str, Any], peer: Peer) -> Any:
+        return taskdump.dump()
 
     async def _cmd_test_heap(self, args: dict[str, Any], peer: Peer) -> Any:
         # On the loop on purpose: a census from another thread races the objects it counts.

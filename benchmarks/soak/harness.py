@@ -143,6 +143,7 @@ class State:
     # the daemon's telemetry section at the last poll: the uplink's state when a run ends
     # undrained (connected? in flight? last error?), for the report
     last_telemetry: Any = None
+    tasks_undrained: Any = None  # the daemon's `tasks` when the run ended undrained
     res: dict[str, dict[int, list[tuple[float, float]]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(list))
     )
@@ -747,6 +748,11 @@ class Soak:
                 drained = True
                 break
             time.sleep(2)
+        if not drained and not st.down:
+            # what the daemon's tasks wait on while its backlog does not drain (a session
+            # wedged before it could notice the broker: soak, 2026-12-06)
+            tasks = self.try_call("tasks", timeout_s=30)
+            st.tasks_undrained = tasks if isinstance(tasks, list) else repr(tasks)
         time.sleep(3)
         self.graceful_stop("end of run")
         self._stop.set()
@@ -867,6 +873,7 @@ class Soak:
                 for ep, q in acc.unaccounted_seqs[:200]
             ],
             "telemetry_status_last": st.last_telemetry,
+            "tasks_undrained": st.tasks_undrained,
             "resend_requests": len(rig.consumer.sink.resends),
             "resend_requests_first": rig.consumer.sink.resends[:20],
             "max_sample_time_ahead_s": round(rig.consumer.sink.max_future_skew_s, 1),

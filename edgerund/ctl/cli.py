@@ -77,6 +77,12 @@ SIMPLE: list[RemoteCommand] = [
         _no_args,
     ),
     ("help", "commands the daemon serves", lambda p: None, _no_args),
+    (
+        "tasks",
+        "what every task of the daemon waits on, down the await chain (a stuck component)",
+        lambda p: None,
+        _no_args,
+    ),
 ]
 
 
@@ -316,6 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edgerund.control.render import format_loops
 
         console.print(format_loops(result), markup=False, highlight=False)
+    elif cmd == "tasks" and isinstance(result, list):
+        for row in result:
+            console.print(f"{row['name']} [{row['state']}]", markup=False, highlight=False)
+            for hop in row["awaits"]:
+                console.print(f"    {hop}", markup=False, highlight=False)
     elif cmd == "serial-sniff":
         render_sniff(console, result)
     elif cmd == "config" and isinstance(result, dict):

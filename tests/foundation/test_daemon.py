@@ -260,6 +260,16 @@ def test_ctl_exit_codes(tmp_path: Path) -> None:
         assert r.returncode == 1 and "unknown_command" in r.stderr
         with pytest.raises(CommandError):
             d.call("nope")
+        # `tasks`: every task with the chain of awaits it is suspended in
+        rows = d.call("tasks")
+        waiting = [
+            r for r in rows if r["awaits"] and r["awaits"][-1].startswith(("future", "task"))
+        ]
+        assert waiting and all(r["state"] == "pending" for r in waiting)
+        assert any(any("/edgerund/" in hop for hop in r["awaits"]) for r in waiting)
+        r = subprocess.run([*ctl, "tasks"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "[pending]" in r.stdout, r.stderr
+        assert "    future (pending)" in r.stdout or "    task " in r.stdout
         assert d.stop() == 0
 
 

@@ -161,8 +161,15 @@ class TpmWorker:
     def _thread_main(self, gen: _Generation) -> None:
         while True:
             job = gen.jobs.get()
-            if job is None or gen.abandoned:
+            if job is None:
                 break
+            if gen.abandoned:
+                # Taken off the queue after the loop abandoned this generation but before
+                # its drain got to it: answer it (a job dropped here was never answered and
+                # its caller, the uplink's session, waited for ever: soak, 2026-12-06). The
+                # drain puts None at the end of the queue, which ends this thread.
+                _post(job.loop, self._refuse_abandoned, job)
+                continue
             if job.fut.done():  # failed while queued (abandoned generation)
                 continue
             gen.running = job
@@ -205,16 +212,20 @@ class TpmWorker:
         if gen.abandoned:
             # The thread took this job before the loop abandoned its generation (the job
             # before it broke the transport): no watchdog will ever bound it, and the
-            # context it runs on is being given up. Fail it as a queued call, now: a caller
-            # awaiting it forever wedged the uplink's session (soak, 2026-12-06).
-            job.fut.set_exception(
-                DeviceError(
-                    f"TPM at {self.tcti} stopped answering ({self._broken or 'abandoned'}); "
-                    f"cannot {job.what} now, retry (the context is being re-opened)"
-                )
-            )
+            # context it runs on is being given up. Fail it as a queued call, now.
+            self._refuse_abandoned(job)
             return
         job.timer = job.loop.call_later(job.timeout_s, self._on_timeout, gen, job)
+
+    def _refuse_abandoned(self, job: _Job) -> None:
+        if not job.fut.done():
+            job.fut.set_exception(self._abandoned_error(job.what, self._broken or "abandoned"))
+
+    def _abandoned_error(self, what: str, reason: str) -> DeviceError:
+        return DeviceError(
+            f"TPM at {self.tcti} stopped answering ({reason}); cannot {what} now, retry "
+            "(the context is being re-opened)"
+        )
 
     def _on_done(self, gen: _Generation, job: _Job, result: Any, exc: BaseException | None) -> None:
         if job.timer is not None:
@@ -255,12 +266,7 @@ class TpmWorker:
             except queue.Empty:
                 break
             if queued is not None and not queued.fut.done():
-                queued.fut.set_exception(
-                    DeviceError(
-                        f"TPM at {self.tcti} stopped answering ({reason}); cannot "
-                        f"{queued.what} now, retry (the context is being re-opened)"
-                    )
-                )
+                queued.fut.set_exception(self._abandoned_error(queued.what, reason))
         gen.jobs.put(None)
         if gen is self._gen:
             self._broken = reason

@@ -6,8 +6,10 @@ found the first of these); the tests here pin each fix in a second.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import sys
 import termios
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ import pytest
 
 from drivers.base import DeviceError
 from drivers.serial.port import AsyncSerialPort
+from edgerund.identity import worker as worker_mod
+from edgerund.identity.tpm_errors import TCTI_LAYER, TpmError
 
 
 def _uplinked(broker: Any, **uplink: Any) -> dict[str, Any]:
@@ -377,3 +381,51 @@ async def test_soak1_20261206_start_waits_for_a_tpm_that_is_restarting(
         assert comp.status()["identity"]["kind"] == "tpm"
     await back
     assert 1.0 < waited < ic.TPM_OPEN_WAIT_S + 5
+
+
+class _NoTpm:
+    """A context that is never used: the hammered jobs below do not touch the TPM."""
+
+    def close(self) -> None:
+        pass
+
+
+async def test_soak1_20261206_a_tpm_call_taken_after_its_context_was_abandoned_is_answered(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The uplink wedged for 30 minutes (40-minute single-process run). A race, hammered: the worker thread may take a call off the queue after the loop
+    abandoned its generation (the call before broke the transport) but before the loop's
+    drain reached it. That call was dropped unanswered: 4 rounds in 1000 here, and in the
+    soak the uplink's session awaited such a signature for half an hour. Thread switches
+    are made as frequent as Python allows to widen the window.
+
+    The race is in the worker's queue and generations, not in libtss2, so the contexts
+    are stand-ins: a real TCTI reopened 1000 times left ~3,000 sockets in TIME_WAIT, and
+    the machine's other tests then found no free loopback port."""
+    monkeypatch.setattr(worker_mod, "_open_context", lambda _tcti, _ms: (_NoTpm(), None))
+    w = worker_mod.TpmWorker("swtpm:port=1", 2000, reopen_backoff_s=0.0)
+    await w.open()
+
+    def broken_transport(_ectx: Any) -> None:
+        raise TpmError("tcti: IO failure", TCTI_LAYER | 0xA, "sign a digest")
+
+    def quick(_ectx: Any) -> int:
+        return 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    lost = 0
+    try:
+        for _ in range(1000):
+            calls = [asyncio.ensure_future(w.call(broken_transport, what="a"))]
+            calls += [asyncio.ensure_future(w.call(quick, what="b")) for _ in range(3)]
+            try:
+                await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 3)
+            except TimeoutError:
+                lost += 1
+            assert w.wedged  # the broken transport abandoned the context
+            assert await w.call(quick, what="reopen") == 1  # reopened for the next round
+    finally:
+        sys.setswitchinterval(old)
+        await w.close()
+    assert lost == 0, f"{lost} of 1000 rounds left a call unanswered"

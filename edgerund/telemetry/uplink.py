@@ -386,11 +386,17 @@ class Uplink:
                 # goes away during the birth ends the session (a cancelled body), and the
                 # birth itself is bounded, so no wait of the session is without a limit.
                 reader = tg.create_task(self._reader(client))
-                async with asyncio.timeout(BIRTH_TIMEOUTS * self.cfg.ack_timeout_s):
-                    await client.subscribe(
-                        f"{self.base}/cmd/+", options=SubscribeOptions(qos=1, noLocal=True)
-                    )
-                    await self._publish_birth(client)
+                limit_s = BIRTH_TIMEOUTS * self.cfg.ack_timeout_s
+                try:
+                    async with asyncio.timeout(limit_s):
+                        await client.subscribe(
+                            f"{self.base}/cmd/+", options=SubscribeOptions(qos=1, noLocal=True)
+                        )
+                        await self._publish_birth(client)
+                except TimeoutError:
+                    raise aiomqtt.MqttError(
+                        f"session start (subscribe, meta, state) not done within {limit_s:g} s"
+                    ) from None
                 sender = tg.create_task(self._sender(client, tg))
                 await self._stopping.wait()
                 sender.cancel()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +38,41 @@ class FlakySigner:
         return bytes(await self.real.sign_digest(digest))
 
 
-async def _run(tmp_path: Path, mosquitto: Any, collector_factory: Any, **uplink: Any) -> Any:
+@contextlib.asynccontextmanager
+async def _emitting(
+    tmp_path: Path,
+    mosquitto: Any,
+    collector_factory: Any,
+    wrap: Callable[[Any], Any],
+    *,
+    require_signature: bool = False,
+    **uplink: Any,
+) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """Telemetry signing through `wrap(real identity)`, 30 samples emitted, a consumer
+    that knows the real key: yields (telemetry, collector, signer)."""
     cfg = make_config(tmp_path, mosquitto, uplink={"sign_retry_s": 0.3, **uplink})
     ctx = make_ctx(cfg, tmp_path)
     hub = HubStandIn([("env", "temp", "degC")])
     async with identity_in(ctx) as real:
-        flaky = FlakySigner(real)
+        signer = wrap(real)
         key = Consumer.load_public_key(real.public_key_pem().encode())
-        col = await collector_factory(mosquitto, public_keys=[key], require_signature=False)
-        async with telemetry_in(ctx, hub, signer=flaky) as tel:
+        col = await collector_factory(
+            mosquitto, public_keys=[key], require_signature=require_signature
+        )
+        async with telemetry_in(ctx, hub, signer=signer) as tel:
             t0 = time.time() - 5
             for i in range(30):
                 hub.emit("env", "temp", 20 + 0.01 * i, t0 + i * 0.1)
-            return await _observe(tel, col, flaky, uplink.get("allow_unsigned", False))
+            yield tel, col, signer
+
+
+async def _run(tmp_path: Path, mosquitto: Any, collector_factory: Any, **uplink: Any) -> Any:
+    async with _emitting(tmp_path, mosquitto, collector_factory, FlakySigner, **uplink) as (
+        tel,
+        col,
+        flaky,
+    ):
+        return await _observe(tel, col, flaky, uplink.get("allow_unsigned", False))
 
 
 async def _observe(tel: Any, col: Any, flaky: FlakySigner, allow_unsigned: bool) -> Any:
@@ -108,19 +132,16 @@ async def test_a_signature_never_answered_does_not_wedge_the_uplink(
 ) -> None:
     """The birth's meta signature is the first call: it never returns. The session must
     neither wait for it for ever (nothing sent again: soak, 2026-12-06) nor send unsigned."""
-    cfg = make_config(tmp_path, mosquitto, uplink={"sign_retry_s": 0.3, "ack_timeout_s": 1.0})
-    ctx = make_ctx(cfg, tmp_path)
-    hub = HubStandIn([("env", "temp", "degC")])
-    async with identity_in(ctx) as real:
-        signer = LosesFirstCalls(real, 1)
-        key = Consumer.load_public_key(real.public_key_pem().encode())
-        col = await collector_factory(mosquitto, public_keys=[key], require_signature=True)
-        async with telemetry_in(ctx, hub, signer=signer) as tel:
-            t0 = time.time() - 5
-            for i in range(30):
-                hub.emit("env", "temp", 20 + 0.01 * i, t0 + i * 0.1)
-            st = lambda: tel.status()["telemetry"]  # noqa: E731
-            await until(lambda: st()["sent_batches"] >= 1, 20, "a batch sent")
-            await col.wait_for(lambda: col.consumer.counts["batches"] >= 1, 20)
-            assert signer.lost == 0  # the lost call happened, and the session went on
-            assert col.consumer.counts["unverified"] == 0 and st()["unsigned_batches"] == 0
+    async with _emitting(
+        tmp_path,
+        mosquitto,
+        collector_factory,
+        lambda real: LosesFirstCalls(real, 1),
+        require_signature=True,
+        ack_timeout_s=1.0,
+    ) as (tel, col, signer):
+        st = lambda: tel.status()["telemetry"]  # noqa: E731
+        await until(lambda: st()["sent_batches"] >= 1, 20, "a batch sent")
+        await col.wait_for(lambda: col.consumer.counts["batches"] >= 1, 20)
+        assert signer.lost == 0  # the lost call happened, and the session went on
+        assert col.consumer.counts["unverified"] == 0 and st()["unsigned_batches"] == 0

@@ -79,7 +79,7 @@ from edgerund.errors import CommandError
 
 STATUS_LIMIT_S = 1.0
 # A process's warm-up for the judged (steady-state) slopes, and how long it must live past
-# it to count: measured 2026-12-06 (README, soak section). RSS rises ~4 MB over a process's
+# it to count: measured 2026-12-06 (docs/soak.md, Resources). RSS rises ~4 MB over a process's
 # first ~18 minutes, all of it anonymous memory (RssFile stays flat), and its floor then
 # stays within 0.3 MB (a 40-minute single-process run, sampled from outside every 20 s);
 # the first estimate (10 minutes, from 20-minute processes) judged the end of that rise

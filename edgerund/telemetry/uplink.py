@@ -25,9 +25,10 @@ records can be written from the spool thread), and publishes it at QoS 1.
 No wait of a session is unbounded: the reader runs from the CONNACK on (so a broker
 lost during the birth ends the session), the birth has `BIRTH_TIMEOUTS` ack timeouts, and
 each signature `ack_timeout_s`. A soak run (seed soak1-20261206) once left the uplink
-connected to nobody for half an hour: its birth waited for a meta signature the identity
-never answered (a TPM call started on a context being abandoned, identity/worker.py),
-with no reader yet to notice that the broker had gone.
+connected to nobody for half an hour, most likely in its birth, awaiting a meta signature
+the identity never answered (the TPM worker dropped a call it took off the queue just
+after its context was abandoned; fixed in identity/worker.py), with no reader yet to
+notice that the broker had gone.
 
 Signing failures (TPM busy, hung or gone) never silently downgrade to unsigned telemetry:
 the batch is not published and stays undelivered in the spool (`sign_held` counts it), the

@@ -17,9 +17,10 @@ import pytest
 
 from edgerund.errors import TrustError
 from edgerund.twin.bundlewire import BundleMeta, chunk_topic, meta_topic
-from edgerund.twin.fetch import BundleFetcher, connect_properties
+from edgerund.twin.fetch import BundleFetcher
 from edgerund.twin.targets import Target
 from edgerund.updates.transfer import TransferError
+from tests.twin.fetchers import make_fetcher
 from tests.twin.rangeserver import RangeServer
 from tests.updates.support import wait_for
 
@@ -27,17 +28,7 @@ C = 4096
 
 
 def _fetcher(root: Path, broker: Any) -> BundleFetcher:
-    async def client() -> aiomqtt.Client:
-        return aiomqtt.Client(
-            broker.host,
-            broker.port,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            properties=connect_properties(C),
-        )
-
-    return BundleFetcher(
-        root, max_bytes=1 << 20, chunk_max=C, ttl_s=3600, client=client, backoff_initial_s=0.1
-    )
+    return make_fetcher(root, broker, C, backoff_initial_s=0.1)
 
 
 def _blob(n: int) -> tuple[bytes, BundleMeta, Target]:

@@ -33,9 +33,10 @@ from edgerund.errors import ConfigError
 from edgerund.twin.bundlewire import BundleMeta, chunk_topic, meta_topic
 from edgerund.twin.config import TwinFetchConfig
 from edgerund.twin.desired import Desired
-from edgerund.twin.fetch import BundleFetcher, connect_properties
+from edgerund.twin.fetch import BundleFetcher
 from edgerund.twin.modeltargets import ModelTargets
 from edgerund.twin.targets import Target
+from tests.twin.fetchers import make_fetcher
 from tests.twin.rangeserver import RangeServer
 from tests.updates import models as M
 from tests.updates.support import Publisher, make_config, running, seed_dir, wait_for
@@ -149,26 +150,7 @@ def _target(url: str, n: int = 5 * C + 11) -> tuple[bytes, Target]:
 
 
 def _fetcher(root: Path, tls: TwinFetchConfig, broker: Any = None) -> BundleFetcher:
-    async def client() -> aiomqtt.Client:
-        if broker is None:
-            raise AssertionError("no broker in this test")
-        return aiomqtt.Client(
-            broker.host,
-            broker.port,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            properties=connect_properties(C),
-        )
-
-    return BundleFetcher(
-        root,
-        max_bytes=1 << 20,
-        chunk_max=C,
-        ttl_s=3600,
-        client=client,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.2,
-        tls=tls,
-    )
+    return make_fetcher(root, broker, C, backoff_initial_s=0.05, backoff_max_s=0.2, tls=tls)
 
 
 async def _errors_until(f: BundleFetcher, t: Target, n: int = 2) -> list[str]:

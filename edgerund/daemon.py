@@ -537,7 +537,9 @@ class Daemon:
         tel = st.get("telemetry") or {}
         return Health(
             missed_ticks=sum(int(lp.get("missed") or 0) for lp in loops if isinstance(lp, dict)),
-            sensors_ok=sum(1 for s in sensors if isinstance(s, dict) and s.get("state") == "ok"),
+            sensors_ok=frozenset(
+                str(s.get("id")) for s in sensors if isinstance(s, dict) and s.get("state") == "ok"
+            ),
             connected=bool(tel.get("connected")),
         )
 

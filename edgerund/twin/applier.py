@@ -52,7 +52,9 @@ log = structlog.get_logger("edgerund.twin.applier")
 @dataclass(frozen=True, slots=True)
 class Health:
     missed_ticks: int  # summed over loops
-    sensors_ok: int
+    # WHICH sensors are ok, not how many: with a count, a sensor the change broke was
+    # hidden by another one recovering meanwhile
+    sensors_ok: frozenset[str]
     connected: bool
 
 
@@ -257,11 +259,9 @@ def judge(before: Health, after: Health, missed_max: int) -> tuple[str, str] | N
     missed = after.missed_ticks - before.missed_ticks
     if missed > missed_max:
         return "missed_ticks", f"loops missed {missed} ticks during probation (max {missed_max})"
-    if after.sensors_ok < before.sensors_ok:
-        return (
-            "sensors_failed",
-            f"sensors ok: expected >= {before.sensors_ok}, got {after.sensors_ok}",
-        )
+    lost = before.sensors_ok - after.sensors_ok
+    if lost:
+        return "sensors_failed", f"sensors ok before the change, not now: {', '.join(sorted(lost))}"
     if before.connected and not after.connected:
         return "uplink_lost", "the uplink was connected before the change and is not now"
     return None

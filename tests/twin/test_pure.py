@@ -207,3 +207,24 @@ def test_reported_hardware_id_and_labels_select_in_a_rollout() -> None:
     assert sel.matches(facts_of(canary))
     assert not sel.matches(facts_of(reported("pi5", {"tier": "main"})))
     assert not sel.matches(facts_of(reported("jetson-orin", {"tier": "canary"})))
+
+
+def test_probation_names_a_sensor_the_change_broke_even_if_another_recovered() -> None:
+    from edgerund.twin.applier import Health, judge
+
+    before = Health(missed_ticks=5, sensors_ok=frozenset({"gps", "cabinet"}), connected=True)
+    # same count of ok sensors: `drive` came back while `cabinet` failed
+    after = Health(missed_ticks=5, sensors_ok=frozenset({"gps", "drive"}), connected=True)
+    assert judge(before, after, 0) == (
+        "sensors_failed",
+        "sensors ok before the change, not now: cabinet",
+    )
+    healed = Health(
+        missed_ticks=5, sensors_ok=frozenset({"gps", "cabinet", "drive"}), connected=True
+    )
+    assert judge(before, healed, 0) is None
+    assert judge(before, Health(9, before.sensors_ok, True), 3) == (
+        "missed_ticks",
+        "loops missed 4 ticks during probation (max 3)",
+    )
+    assert judge(before, Health(5, before.sensors_ok, False), 0)[0] == "uplink_lost"  # type: ignore[index]

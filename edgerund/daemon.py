@@ -86,7 +86,6 @@ from edgerund.context import EventBus, FatalComponentError, Supervisor, TaskScop
 from edgerund.control import component as control_component
 from edgerund.diag import DiagServer
 from edgerund.errors import CommandError, ConfigError
-from edgerund.heapcensus import HeapCensus
 from edgerund.hub import component as hub_component
 from edgerund.hub.component import SimControl
 from edgerund.identity import component as identity_component
@@ -167,7 +166,7 @@ class Daemon:
         self.simulate = simulate
         self.started_wall = time.time()
         self.started_mono = time.monotonic()
-        self._census = HeapCensus()
+        self._census: Any = None  # heapcensus.HeapCensus, made by the test-only hook
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.fatal: FatalComponentError | None = None
@@ -473,6 +472,11 @@ class Daemon:
 
     async def _cmd_test_heap(self, args: dict[str, Any], peer: Peer) -> Any:
         # On the loop on purpose: a census from another thread races the objects it counts.
+        # Imported here: tracemalloc has no business in a production start-up.
+        from edgerund.heapcensus import HeapCensus
+
+        if self._census is None:
+            self._census = HeapCensus()
         return self._census.take(int(args.get("top", 30)))
 
     async def _cmd_reload(self, args: dict[str, Any], peer: Peer) -> Any:

@@ -53,10 +53,10 @@ def _leaf(obj: Any) -> str:
     return type(obj).__qualname__
 
 
-def dump(tasks: set[asyncio.Task[Any]] | None = None) -> list[dict[str, Any]]:
-    """One entry per task, sorted by name: name, state, and the await chain."""
+def dump() -> list[dict[str, Any]]:
+    """One entry per task of the running loop, sorted by name: name, state, await chain."""
     rows = []
-    for t in tasks if tasks is not None else asyncio.all_tasks():
+    for t in asyncio.all_tasks():
         coro: Coroutine[Any, Any, Any] | Generator[Any, Any, Any] | Any = t.get_coro()
         # the future a suspended task waits on: asyncio keeps it (C and Python tasks alike)
         # as _fut_waiter; the awaitable in the chain (a FutureIter) does not name it

@@ -29,7 +29,9 @@ bounds are loose and judge the whole run pooled (a leak per fault or per request
 shows). `--profile long` (the default from 30 minutes on) keeps 30 minutes between kill -9
 / restarts (schedule.py) and judges each resource by its steady-state slope: every process's
 samples from `STEADY_AFTER_S` after its start, for processes that then lived
-`STEADY_MIN_SPAN_S` more, pooled (invariants.resource_slope). The warm-up is measured, not
+`STEADY_MIN_SPAN_S` more, pooled, by the Theil-Sen median of pairwise slopes
+(invariants.resource_slope, robust_slope: a few hung clients holding fds for their
+timeout do not tilt it, a leak does). The warm-up is measured, not
 guessed: a process fills bounded things in its first minutes (the default executor's
 threads, lazily paged-in library code, malloc's free lists up to the high-water mark of
 the transient buffers an update needs) and its RSS slope then falls (README, soak
@@ -798,6 +800,7 @@ class Soak:
                     slope_per_h=round(sl.per_h, 2),
                     basis=sl.basis,
                     pooled_slope_per_h=_r(sl.pooled_per_h),
+                    steady_ls_slope_per_h=_r(sl.steady_ls_per_h),
                     limit=limit,
                 )
         missed_frac = {k: (st.missed[k] / st.ticks[k] if st.ticks[k] else 0.0) for k in st.ticks}
@@ -824,8 +827,8 @@ class Soak:
             "batches_in_loss_records": acc.batches_lost,
             "loss_record_samples_total": loss_samples_total,
             "drained": drained,
-            # judged: steady state (each process after its warm-up) where a process
-            # lived long enough, else the whole run pooled; `slope_basis` says which
+            # judged: steady state (each process after its warm-up, Theil-Sen) where a
+            # process lived long enough, else the whole run pooled; `slope_basis` says which
             "rss_slope_mb_per_h": _r(slopes["rss_mb"].per_h),
             "fd_slope_per_h": _r(slopes["fds"].per_h),
             "thread_slope_per_h": _r(slopes["threads"].per_h),
@@ -842,6 +845,8 @@ class Soak:
             "steady_after_s": STEADY_AFTER_S,
             "steady_processes": slopes["rss_mb"].steady_processes,
             "steady_slopes_per_h": {k: _r(v.steady_per_h) for k, v in slopes.items()},
+            # the same steady samples fitted by least squares (not judged: see Slope)
+            "steady_ls_slopes_per_h": {k: _r(v.steady_ls_per_h) for k, v in slopes.items()},
             "per_process": {
                 name: {
                     str(pid): {

@@ -142,3 +142,27 @@ def test_resource_slope_judges_steady_state_but_still_sees_a_leak() -> None:
     sl = inv.resource_slope(short, warmup_s=600, min_span_s=300)
     assert sl.basis == "pooled" and sl.steady_per_h is None
     assert sl.per_h == sl.pooled_per_h == pytest.approx(60.0)
+
+
+def test_robust_slope_ignores_transient_fds_but_sees_a_leak() -> None:
+    # 40 minutes of a flat fd count (31) sampled every second, with 30 hung diagnostics
+    # clients in the last quarter (one every 20 s), each holding one fd for 90 s: least squares
+    # tilts (what the 2026-12-06 run judged, 5.1/h against 5.0), the median does not
+    def fds(t: int) -> float:
+        hung = sum(1 for start in range(1800, 2400, 20) if start <= t < start + 90)
+        return 31.0 + hung
+
+    flat = [[(float(t), fds(t)) for t in range(0, 2400)]]
+    assert inv.pooled_slope(flat) * 3600 > 5.0
+    assert inv.robust_slope(flat) == pytest.approx(0.0, abs=1e-12)
+    # the same process leaking one fd every 10 minutes (6/h) from its start: every later
+    # sample moves, so the median moves with them, above the long profile's 5/h bound
+    # (a staircase of four steps fits 5.5/h alone, the hung clients lift it)
+    leak = [[(t, y + t // 600) for t, y in flat[0]]]
+    assert 5.0 < inv.robust_slope(leak) * 3600 < 9.0
+    # thinning a long segment keeps the figure
+    long = [[(float(t), 10.0 + t / 1800) for t in range(0, 20000)]]
+    assert inv.robust_slope(long, max_points=500) * 3600 == pytest.approx(2.0)
+    # segments pool; too short ones are skipped, none left is no figure
+    assert inv.robust_slope([[(0.0, 1.0), (100.0, 2.0)]]) is None
+    assert inv.robust_slope([[(0.0, 1.0), (10.0, 2.0), (20.0, 3.0)]]) is None

@@ -135,6 +135,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sensors_ok(status: dict[str, Any]) -> frozenset[str]:
+    """The ids of the sensors `status` reports ok."""
+    return frozenset(
+        str(s.get("id"))
+        for s in status.get("sensors") or []
+        if isinstance(s, dict) and s.get("state") == "ok"
+    )
+
+
 def _resources(
     cfg: Config, simulate: bool
 ) -> tuple[Resources, SimControl | None, Mapping[str, ActuatorSpec]]:
@@ -537,13 +546,10 @@ class Daemon:
         """What a desired state's probation compares (twin/applier.py)."""
         st = self.status()
         loops = st.get("loops") or []
-        sensors = st.get("sensors") or []
         tel = st.get("telemetry") or {}
         return Health(
             missed_ticks=sum(int(lp.get("missed") or 0) for lp in loops if isinstance(lp, dict)),
-            sensors_ok=frozenset(
-                str(s.get("id")) for s in sensors if isinstance(s, dict) and s.get("state") == "ok"
-            ),
+            sensors_ok=_sensors_ok(st),
             connected=bool(tel.get("connected")),
         )
 
@@ -551,11 +557,9 @@ class Daemon:
 
     def _status_line(self) -> str:
         st = self.status()
-        sensors = st.get("sensors") or []
-        ok = sum(1 for s in sensors if isinstance(s, dict) and s.get("state") == "ok")
         tel = st.get("telemetry") or {}
         return (
-            f"{ok}/{len(sensors)} sensors ok, {len(st.get('loops') or [])} loops, "
+            f"{len(_sensors_ok(st))}/{len(st.get('sensors') or [])} sensors ok, {len(st.get('loops') or [])} loops, "
             f"{len(st.get('models') or [])} models, uplink "
             f"{'connected' if tel.get('connected') else 'offline'}, "
             f"backlog {tel.get('backlog_batches', 0)}, lag {st['loop_lag_ms']:.1f} ms"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from edgerund.ctl.client import DiagClient
 from edgerund.errors import CommandError
-from tests.helpers.daemon import DaemonProcess
+from tests.helpers.daemon import DaemonProcess, simulated
 
 STATUS_KEYS = {
     "version",
@@ -62,6 +63,19 @@ def test_ready_status_and_clean_sigterm(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 5
         assert not Path(d.socket_path).exists(), "socket removed on orderly exit"
         assert d.notify is not None and d.notify.has("STOPPING", "1")
+
+
+def test_ready_carries_a_status_line_for_systemctl(tmp_path: Path) -> None:
+    # `systemctl status` shows the STATUS= of the READY datagram: its counts are status's
+    with simulated(tmp_path) as d:
+        d.wait_ready()
+        st = d.call("status")
+        assert d.notify is not None
+        line = next(m["STATUS"] for _, m in d.notify.messages if m.get("READY") == "1")
+        m = re.match(r"(\d+)/(\d+) sensors ok, (\d+) loops, (\d+) models, uplink ", line)
+        assert m, line
+        assert 0 < int(m[1]) <= int(m[2]) == len(st["sensors"])
+        assert int(m[3]) == len(st["loops"]) > 0 and int(m[4]) == len(st["models"]) > 0
 
 
 def test_sighup_with_bad_file_keeps_running(tmp_path: Path) -> None:

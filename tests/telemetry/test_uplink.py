@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 from pathlib import Path
@@ -397,5 +398,43 @@ async def test_a_session_dying_right_after_scheduling_a_publish_does_not_stall_t
         await proxy.start(port)
         try:
             await until(lambda: tel.spool.stats.backlog_batches == 0, 30)
+        finally:
+            await proxy.stop()
+
+
+async def test_a_session_start_that_never_completes_ends_the_session(
+    tmp_path: Path, mosquitto: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every await inside the birth is bounded on its own, except the spool's answers;
+    the session start as a whole has `BIRTH_TIMEOUTS` ack timeouts, so a spool call that
+    never answers costs one session, not the uplink (soak 2026-12-06, the 30-minute wedge)."""
+    port = free_port()
+    cfg = make_config(
+        tmp_path,
+        mosquitto,
+        uplink={"port": port, "require_subscriber": False, "ack_timeout_s": 0.5},
+    )
+    ctx = make_ctx(cfg, tmp_path)
+    async with telemetry_in(ctx, HubStandIn([])) as tel:
+        await _fill_backlog(tel, 3, 50)
+        up = tel.uplink
+        assert up is not None
+        real = tel.spool.backlog_schema_versions
+        asked: list[float] = []
+
+        def first_never_answers() -> Any:
+            asked.append(time.monotonic())
+            return concurrent.futures.Future() if len(asked) == 1 else real()
+
+        monkeypatch.setattr(tel.spool, "backlog_schema_versions", first_never_answers)
+        proxy = MqttProxy(mosquitto.port)
+        await proxy.start(port)
+        try:
+            await until(lambda: "session start" in (up.stats.last_error or ""), 10)
+            assert "within 1.5 s" in (up.stats.last_error or "")
+            assert up.stats.reconnects >= 1
+            # the next session is born and drains the backlog
+            await until(lambda: tel.spool.stats.backlog_batches == 0, 30)
+            assert len(asked) >= 2
         finally:
             await proxy.stop()

@@ -167,9 +167,13 @@ class Daemon:
         *,
         simulate: bool = False,
         applied: Desired | None = None,
+        offered: Desired | None = None,
     ) -> None:
         self.config_path = config_path
         self.applied = applied  # the desired state verified at start-up (twin/applier.py)
+        # a newer authenticated document whose config fragment was not applied: only its
+        # model targets count (the pins)
+        self.offered = offered
         self.applier: DesiredApplier | None = None
         self.config = config
         self.simulate = simulate
@@ -273,13 +277,15 @@ class Daemon:
 
         updates: updates_component.UpdatesComponent | None = None
         # The twin's model targets pin their models against local updates (twin/pins.py);
-        # seeded from the applied desired state (verified above) so that a restart without
+        # seeded from the newest desired document verified at start-up (applied, or
+        # offered with a refused or reverted config fragment) so that a restart without
         # the broker does not lift them, then kept by the twin's model targets.
         pins = Pins()
-        if slots is not None and self.applied is not None and cfg.twin.enabled:
+        pinning = self.offered or self.applied
+        if slots is not None and pinning is not None and cfg.twin.enabled:
             pins.seed(
-                self.applied.version,
-                self.applied.models,
+                pinning.version,
+                pinning.models,
                 managed=slots.records,
                 max_bytes=int(cfg.updates.bundle_max_mb * 1024 * 1024),
             )

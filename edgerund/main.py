@@ -25,7 +25,7 @@ from edgerund.config.schema import Config
 from edgerund.daemon import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Daemon
 from edgerund.errors import ConfigError, DeviceError
 from edgerund.private_dirs import ensure_private_dir
-from edgerund.twin.applier import load_applied
+from edgerund.twin.applier import load_applied, load_offered
 from edgerund.twin.desired import Desired
 
 log = structlog.get_logger("edgerund")
@@ -78,8 +78,10 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
         return EXIT_CONFIG
     # The desired state applied before, re-verified from its signature (twin/applier.py).
     applied: Desired | None = None
+    offered: Desired | None = None  # newer than `applied`: its model targets pin
     if cfg.twin.enabled:
         cfg, applied, _ = load_applied(cfg, path)
+        offered = load_offered(cfg, applied)
         if simulate and not cfg.simulation.enabled:
             cfg.simulation.enabled = True
     runner_kwargs: dict[str, Any] = {}
@@ -94,7 +96,13 @@ def run(config_path: str | os.PathLike[str], *, simulate: bool = False) -> int:
 
     async def main() -> int:
         workers.install(asyncio.get_running_loop())  # threads constant from READY on
-        d = Daemon(path, cfg, simulate=simulate or cfg.simulation.enabled, applied=applied)
+        d = Daemon(
+            path,
+            cfg,
+            simulate=simulate or cfg.simulation.enabled,
+            applied=applied,
+            offered=offered,
+        )
         daemon_holder.append(d)
         return await d.run()
 

@@ -24,6 +24,12 @@ Start-up (`load_applied`): the stored envelope is re-verified from its signature
 the verified keyring (never trusted because it is on disk; expiry is not re-checked: it
 was valid when applied) and merged over the file; a document that no longer verifies or
 validates is ignored with its reason and the file's config runs.
+
+The newest authenticated document is also kept, whatever its config fragment's fate, in
+`<state_dir>/twin/offered.json`: its model targets pin their models (twin/pins.py) even
+when its fragment was refused or reverted, and a restart while the broker is out of reach
+must not lift those pins. `load_offered` re-verifies it the same way at start-up; it only
+ever seeds pins, never config.
 """
 
 from __future__ import annotations
@@ -78,6 +84,10 @@ def config_with_patch(config_path: Path, patch: dict[str, Any], version: int) ->
     )
 
 
+def offered_path(cfg: Config) -> Path:
+    return Path(cfg.paths.state_dir) / "twin" / "offered.json"
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -101,27 +111,50 @@ def startup_keyring(cfg: Config) -> Keyring | None:
     return verdict.keyring if verdict.usable else None
 
 
+def _stored(cfg: Config, path: Path) -> Desired | None:
+    """A stored envelope re-verified from its signature (blocking); None when absent.
+    Raises TrustError (unreadable, no keyring, no longer verifies)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TrustError("unreadable", str(exc)) from None
+    kr = startup_keyring(cfg)
+    if kr is None:
+        raise TrustError("no_operator_keys", "no verified keyring")
+    return open_desired(
+        data,
+        gateway=cfg.gateway.id,
+        operators=kr.operators,
+        publishers=kr.keys,
+        last_version=0,
+        now_ms=None,
+    )
+
+
+def load_offered(cfg: Config, applied: Desired | None) -> Desired | None:
+    """The newest authenticated desired document, when newer than `applied` (blocking):
+    the source of the model pins at start-up."""
+    path = offered_path(cfg)
+    try:
+        doc = _stored(cfg, path)
+    except TrustError as exc:
+        log.error("twin_offered_state_ignored", path=str(path), reason=str(exc))
+        return None
+    if doc is None or (applied is not None and doc.version <= applied.version):
+        return None
+    log.info("twin_offered_state_loaded", version=doc.version)
+    return doc
+
+
 def load_applied(cfg: Config, config_path: Path) -> tuple[Config, Desired | None, str]:
     """(effective config, the applied desired document or None, why none) (blocking)."""
     path = applied_path(cfg)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return cfg, None, ""
-    except OSError as exc:
-        return cfg, None, f"unreadable: {exc}"
-    kr = startup_keyring(cfg)
-    try:
-        if kr is None:
-            raise TrustError("no_operator_keys", "no verified keyring")
-        doc = open_desired(
-            data,
-            gateway=cfg.gateway.id,
-            operators=kr.operators,
-            publishers=kr.keys,
-            last_version=0,
-            now_ms=None,
-        )
+        doc = _stored(cfg, path)
+        if doc is None:
+            return cfg, None, ""
         check_allowed(doc.config, cfg.twin.allow)
         eff = config_with_patch(config_path, doc.config, doc.version)
     except (TrustError, ConfigError) as exc:
@@ -222,6 +255,10 @@ class DesiredApplier:
         self.last_version = doc.version
         if self.models is not None:
             self.models(doc)  # fetched and installed in the background, not on probation here
+        try:  # its pins must outlive a restart, whatever becomes of its config fragment
+            await asyncio.to_thread(_write_atomic, offered_path(self.cfg), doc.raw)
+        except OSError as exc:
+            log.error("twin_offered_state_write_failed", error=str(exc))
         try:
             check_allowed(doc.config, self.cfg.twin.allow)
             new = await asyncio.to_thread(

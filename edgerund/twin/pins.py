@@ -22,8 +22,10 @@ until a newer desired version (one that still names the model re-applies its tar
 that does not leaves the model alone) or until the model runs another version again.
 
 The pins are set from the valid targets of each desired version offered (`set`, by
-twin/modeltargets.py) and, at start-up, from the applied desired document re-verified
-from its signature (the root), so a restart without the broker does not lift them. The
+twin/modeltargets.py) and, at start-up, from the newest desired document re-verified from
+its signature (the root: the applied one, or a newer one whose config fragment was refused
+or reverted, twin/applier.py `load_offered`), so a restart without the broker does not
+lift them. The
 overrides are persisted by the twin with its target memory (`model-targets.json`): they
 are reporting state, never a source of trust.
 """

@@ -284,3 +284,47 @@ async def test_target_pins_the_model_against_a_local_update(tmp_path: Path, mosq
         r = await asyncio.to_thread(ctl, "update", str(later))
         assert r.returncode == 1 and "[pinned_by_twin]" in r.stderr, (r.stdout, r.stderr)
         assert _model(d)["version"] == "2.2.0"
+
+
+async def test_a_target_still_pins_after_a_restart_when_its_config_was_refused(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A document whose config fragment is refused still pins its model targets; they used
+    to come back after a restart only when the broker re-delivered the document, so a
+    restart while the broker was out of reach let any local version in."""
+    local = _bundle(tmp_path / "local.bundle", "2.2.0", 2)
+    running = {"version": "2.0.0", "sha256": "ab" * 32, "size": 4096}  # the shipped model
+    forbidden = {"identity": {"kind": "software"}}
+    d = _daemon(tmp_path / "gw", mosquitto)
+
+    def update(path: Path) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "edgerund.ctl", "--socket", d.socket_path, "--timeout", "120"]
+        return subprocess.run([*cmd, "update", str(path)], capture_output=True, text=True)
+
+    with d:
+        d.wait_ready(90)
+        doc = T.desired(GW, 1, forbidden, OPERATOR, models={"motor-ae": running})
+        await _publish(mosquitto, [(f"twin/v1/sim/{GW}/desired", doc)])
+        await _reported(mosquitto, target_is(1, "committed"))
+        await _reported(
+            mosquitto,
+            lambda doc: (
+                (doc["desired"].get("outcome"), doc["desired"].get("reason"))
+                == ("refused", "forbidden_key")
+            ),
+        )
+        r = await asyncio.to_thread(update, local)
+        assert r.returncode == 1 and "[pinned_by_twin]" in r.stderr, (r.stdout, r.stderr)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = SimpleNamespace(host="127.0.0.1", port=s.getsockname()[1])
+    assert not (tmp_path / "gw" / "state" / "twin" / "applied.json").exists()
+    d = _daemon(tmp_path / "gw", dead)
+    with d:
+        d.wait_ready(90)
+        assert '"twin_offered_state_loaded"' in d.log_text
+        r = await asyncio.to_thread(update, local)
+        assert r.returncode == 1 and "[pinned_by_twin]" in r.stderr, (r.stdout, r.stderr)
+        assert "pinned to 2.0.0 by desired version 1" in r.stderr
+        assert _model(d)["version"] == "2.0.0"

@@ -305,8 +305,18 @@ class CommandGate(Protocol):
         ...
 
 
+# The refusal of a local update of a model a twin target pins to another version: a
+# refusal of the moment (the backend may lift the pin), not of the bundle.
+PINNED_BY_TWIN = "pinned_by_twin"
+
+
 class ModelPins(Protocol):
     """The twin's model targets as local updates see them (edgerund/twin/pins.py)."""
+
+    @property
+    def version(self) -> int:
+        """The desired version the pins come from: it changes when the targets may have."""
+        ...
 
     def check_local_update(
         self, model: str, version: str | None, *, source: str, override: bool

@@ -40,11 +40,13 @@ from typing import Any
 import structlog
 
 from edgerund.errors import TrustError
+from edgerund.ports import PINNED_BY_TWIN
 from edgerund.twin.targets import parse_targets
 
 log = structlog.get_logger("edgerund.twin.pins")
 
-PINNED_BY_TWIN = "pinned_by_twin"
+__all__ = ["OVERRIDDEN", "PINNED_BY_TWIN", "Override", "Pin", "Pins"]
+
 OVERRIDDEN = "overridden"  # the reported `desired.models[M].state` while an override runs
 
 

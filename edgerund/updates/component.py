@@ -181,6 +181,7 @@ class UpdatesComponent:
                 self.submit,
                 refused=self.refused,
                 limiter=self.limiter,
+                pins_version=self._pins_version,
             )
             self.scope.spawn("inbox", inbox.run, restart=True)
         if self.drift is not None and self.cfg.post_update_drift_window_s > 0:
@@ -264,6 +265,11 @@ class UpdatesComponent:
         """Until nothing is queued or in flight (tests, benchmark)."""
         async with asyncio.timeout(timeout_s):
             await self.steps.wait_until(self.runner.idle)
+
+    def _pins_version(self) -> int:
+        # read through the runner: the pins it checks are the ones that refused
+        pins = self.runner.pins
+        return pins.version if pins is not None else 0
 
     def status(self) -> dict[str, Any]:
         gate = self.steps.refusal()

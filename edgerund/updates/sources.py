@@ -10,8 +10,12 @@ mtime). The inbox also remembers, ACROSS RESTARTS, what it refused (refused.Refu
 a file is marked in flight durably before it is submitted and its outcome recorded after;
 a refused file (or one the daemon died on: `crashed_while_processing`) is never offered
 again, so a poisoned stick costs one refusal, not one per restart, and cannot put the
-service into a restart loop. The inbox takes its rate-limit token (ratelimit.py, bucket
-`inbox`) before marking a file: over the limit, the file simply waits for a later poll. MQTT messages are handled by transfer.TransferStore (resumable, size-capped, the
+service into a restart loop. One refusal is of the moment, not of the file:
+`pinned_by_twin` (a twin target pins the model to another version, twin/pins.py). Such a
+file is not remembered as refused; it is offered again when the pins' desired version
+changes (the backend may have lifted or moved the target) and at the next start, once
+each. The inbox takes its rate-limit token (ratelimit.py, bucket `inbox`) before marking a
+file: over the limit, the file simply waits for a later poll. MQTT messages are handled by transfer.TransferStore (resumable, size-capped, the
 whole file's SHA-256 checked at commit); a committed transfer is submitted as a job whose
 file the runner deletes afterwards. The MQTT handler is registered with the root's
 command router (ports.CommandRouter), so nothing waits for the telemetry uplink.
@@ -28,6 +32,7 @@ from typing import Any
 
 import structlog
 
+from edgerund.ports import PINNED_BY_TWIN
 from edgerund.updates.jobs import Job, JobTicket
 from edgerund.updates.ratelimit import SourceLimiter
 from edgerund.updates.refused import RefusedStore, file_key
@@ -71,13 +76,17 @@ class InboxSource:
         *,
         refused: RefusedStore,
         limiter: SourceLimiter | None = None,
+        pins_version: Callable[[], int] = lambda: 0,
     ) -> None:
         self.inbox = inbox
         self.poll_s = poll_ms / 1000.0
         self._submit = submit
         self.refused = refused
         self.limiter = limiter
+        self._pins_version = pins_version
         self._seen: set[tuple[str, int, int]] = set()
+        # files refused `pinned_by_twin`, with the pins' version of that refusal
+        self._pinned: dict[tuple[str, int, int], int] = {}
 
     async def run(self) -> None:
         sizes: dict[str, tuple[int, int]] = {}
@@ -87,6 +96,11 @@ class InboxSource:
                 entries = await asyncio.to_thread(scan_inbox, self.inbox)
             except OSError:
                 continue  # stick not inserted / unreadable: look again later
+            pins = self._pins_version()
+            for key, at in list(self._pinned.items()):
+                if at != pins:  # the targets changed: the pinned files get another look
+                    del self._pinned[key]
+                    self._seen.discard(key)
             for path, size, mtime in entries:
                 key = (str(path), size, mtime)
                 if key in self._seen:
@@ -122,14 +136,23 @@ class InboxSource:
         # Durable BEFORE the job touches the file: if the daemon dies on it, the next
         # start finds it in flight and refuses it instead of dying again.
         await asyncio.to_thread(self.refused.begin, fkey, path.name, time.time())
+        pins = self._pins_version()
         ticket = await self._submit(Job(path, f"inbox:{path.name}", admitted=True))
         await ticket.done.wait()
         err = ticket.error
+        pinned = err is not None and err.code == PINNED_BY_TWIN
+        if pinned:
+            self._pinned[seen_key] = pins
+            log.info(
+                "update_inbox_pinned",
+                path=str(path),
+                message="offered again when the twin's model targets change",
+            )
         await asyncio.to_thread(
             self.refused.finish,
             fkey,
             path.name,
-            None if err is None else err.code,
+            None if err is None or pinned else err.code,  # None: not remembered
             "" if err is None else str(err).split(": ", 1)[-1],
             time.time(),
         )

@@ -9,6 +9,7 @@ names the model lifts the pin."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,36 @@ async def test_local_update_refused_overridden_and_reported(tmp_path: Path, mosq
             await update({"path": str(newer), "wait": "commit"}, TECH)
             assert r.updates.slot_info("m1")["version"] == "2.2.0"
             assert t2.active_overrides() == {}
+
+
+async def test_inbox_file_refused_by_a_pin_is_offered_again_when_the_targets_change(
+    tmp_path: Path,
+) -> None:
+    """A technician's stick holds a newer version while a target pins the running one: the
+    refusal is of the moment, so the file is not remembered as refused (as a poisoned one
+    is); once the backend's next desired version no longer names the model it installs,
+    without renaming the file or restarting the daemon."""
+    pub = Publisher()
+    seed_dir(tmp_path / "shipped", M.affine())
+    pub.write_keyring(tmp_path / "keyring.json")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    cfg = make_config(tmp_path, updates={"inbox_dir": str(inbox), "inbox_poll_ms": 50})
+    pins = Pins()
+    pins.set(1, {"m1": "1.0.0"})  # the shipped version
+    async with running(cfg, pins=pins) as r:
+
+        def refusals() -> list[str]:
+            return [e["reason"] for e in r.updates.status()["updates"]["recent_rejections"]]
+
+        pub.bundle(inbox / "stick.bundle", version="2.1.0", counter=1)
+        await wait_for(lambda: refusals() == [PINNED_BY_TWIN], 20)
+        assert r.updates.slot_info("m1")["version"] == "1.0.0"
+        stored = (tmp_path / "state" / "updates" / "inbox-refused.json").read_text()
+        assert "stick.bundle" not in stored  # not remembered as refused
+        await asyncio.sleep(0.5)  # ten polls: not offered again while the pins hold
+        assert refusals() == [PINNED_BY_TWIN]
+
+        pins.set(2, {})  # the backend no longer targets m1
+        await wait_for(lambda: r.updates.slot_info("m1")["version"] == "2.1.0", 60)
+        assert refusals() == [PINNED_BY_TWIN]

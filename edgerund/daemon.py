@@ -564,8 +564,9 @@ class Daemon:
     def _status_line(self) -> str:
         st = self.status()
         tel = st.get("telemetry") or {}
+        ok, sensors = len(_sensors_ok(st)), len(st.get("sensors") or [])
         return (
-            f"{len(_sensors_ok(st))}/{len(st.get('sensors') or [])} sensors ok, {len(st.get('loops') or [])} loops, "
+            f"{ok}/{sensors} sensors ok, {len(st.get('loops') or [])} loops, "
             f"{len(st.get('models') or [])} models, uplink "
             f"{'connected' if tel.get('connected') else 'offline'}, "
             f"backlog {tel.get('backlog_batches', 0)}, lag {st['loop_lag_ms']:.1f} ms"

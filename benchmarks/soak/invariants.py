@@ -35,9 +35,10 @@ def robust_slope(
 ) -> float | None:
     """Theil-Sen slope (units per second), pooled over segments: the median of the slopes
     between every two samples of one segment at least `min_dt_s` apart. Least squares lets
-    a few minutes of transient load steer the whole fit: a technician's client that hangs
-    on the socket holds one fd for its timeout, and a dozen of those in the last quarter of
-    a run tilt an fd count that ends where it began by +5/h. The median ignores such
+    a few minutes of transient load steer the whole fit: hung and flooding diagnostics
+    clients hold fds for up to their timeout, and where in a 10-minute window they land
+    tilted an fd count that ended where it began by -7.5 to +5.1 /h (the 2026-12-06 runs,
+    against a 5 /h bound). The median ignores such
     excursions (it breaks down only past ~29 % outlying points) while a leak, which moves
     every later sample, still moves it. A segment longer than `max_points` is thinned
     evenly: pairs grow with its square."""

@@ -25,9 +25,8 @@ The pins are set from the valid targets of each desired version offered (`set`, 
 twin/modeltargets.py) and, at start-up, from the newest desired document re-verified from
 its signature (the root: the applied one, or a newer one whose config fragment was refused
 or reverted, twin/applier.py `load_offered`), so a restart without the broker does not
-lift them. The
-overrides are persisted by the twin with its target memory (`model-targets.json`): they
-are reporting state, never a source of trust.
+lift them. The overrides are persisted by the twin with its target memory
+(`model-targets.json`): they are reporting state, never a source of trust.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ service into a restart loop. One refusal is of the moment, not of the file:
 file is not remembered as refused; it is offered again when the pins' desired version
 changes (the backend may have lifted or moved the target) and at the next start, once
 each. The inbox takes its rate-limit token (ratelimit.py, bucket `inbox`) before marking a
-file: over the limit, the file simply waits for a later poll. MQTT messages are handled by transfer.TransferStore (resumable, size-capped, the
-whole file's SHA-256 checked at commit); a committed transfer is submitted as a job whose
-file the runner deletes afterwards. The MQTT handler is registered with the root's
+file: over the limit, the file simply waits for a later poll. MQTT messages are handled
+by transfer.TransferStore (resumable, size-capped, the whole file's SHA-256 checked at
+commit); a committed transfer is submitted as a job whose file the runner deletes
+afterwards. The MQTT handler is registered with the root's
 command router (ports.CommandRouter), so nothing waits for the telemetry uplink.
 """
 

@@ -325,6 +325,11 @@ class ModelPins(Protocol):
         `override` is not given; an override is recorded (and reported upstream)."""
         ...
 
+    def check_target_job(self, model: str, active_version: object) -> None:
+        """TrustError when the twin's own target job would undo an override made under
+        the same desired version (the target was in flight when it was made)."""
+        ...
+
 
 class EventSink(Protocol):
     def publish(self, kind: str, source: str, **fields: object) -> Event: ...

@@ -17,8 +17,9 @@ model and version, before a byte is verified or staged):
 An override is never silent: while the model runs the override's version (and that is not
 the target's), `active_override` returns it, the reported state marks the model
 `twin_override: true` and its target `overridden` (twin/modeltargets.py, reported.py).
-It is not undone behind the technician's back: it stands until the backend decides, i.e.
-until a newer desired version (one that still names the model re-applies its target; one
+It is not undone behind the technician's back, not even by the same desired version's
+target fetched meanwhile (`check_target_job`, at that job's turn in the pipeline): it
+stands until the backend decides, i.e. until a newer desired version (one that still names the model re-applies its target; one
 that does not leaves the model alone) or until the model runs another version again.
 
 The pins are set from the valid targets of each desired version offered (`set`, by
@@ -40,11 +41,11 @@ import structlog
 
 from edgerund.errors import TrustError
 from edgerund.ports import PINNED_BY_TWIN
-from edgerund.twin.targets import parse_targets
+from edgerund.twin.targets import OVERRIDDEN_LOCALLY, parse_targets
 
 log = structlog.get_logger("edgerund.twin.pins")
 
-__all__ = ["OVERRIDDEN", "PINNED_BY_TWIN", "Override", "Pin", "Pins"]
+__all__ = ["OVERRIDDEN", "OVERRIDDEN_LOCALLY", "PINNED_BY_TWIN", "Override", "Pin", "Pins"]
 
 OVERRIDDEN = "overridden"  # the reported `desired.models[M].state` while an override runs
 
@@ -142,6 +143,20 @@ class Pins:
         self.overrides[model] = o
         log.warning("twin_pin_overridden", **o.to_json())
         self.changed()
+
+    def check_target_job(self, model: str, active_version: object) -> None:
+        """Raise TrustError `overridden_locally` when `model` runs an override made under
+        the current pins: a target job of that same desired version (fetched while the
+        technician overrode it) must not undo the override. A newer desired version sets
+        new pins, and its target installs again."""
+        o = self.active_override(model, active_version)
+        if o is not None and o.desired_version == self.version:
+            raise TrustError(
+                OVERRIDDEN_LOCALLY,
+                f"model {model} runs {o.version}, installed over target {o.pinned} of"
+                f" desired version {o.desired_version} ({o.source}, --override-twin); the"
+                " override stands until a newer desired version",
+            )
 
     def active_override(self, model: str, active_version: object) -> Override | None:
         """The override `model` runs now: its version is active and is not the target's."""

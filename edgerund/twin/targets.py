@@ -59,6 +59,13 @@ TRANSFER_REASONS = frozenset(
 )
 
 
+# The pipeline refused the target's job because the model runs a local override made
+# under the same desired version (twin/pins.py): the backend has not decided yet, so a
+# newer desired version naming the same bundle installs it.
+OVERRIDDEN_LOCALLY = "overridden_locally"
+RETRY_REASONS = TRANSFER_REASONS | {OVERRIDDEN_LOCALLY}
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     name: str
@@ -86,7 +93,7 @@ class Outcome:
         """The bundle itself was judged: never fetched again."""
         if self.state == ROLLED_BACK:
             return True
-        return self.state == REFUSED and self.reason not in TRANSFER_REASONS
+        return self.state == REFUSED and self.reason not in RETRY_REASONS
 
 
 def parse_targets(

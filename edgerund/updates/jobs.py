@@ -266,7 +266,10 @@ class JobRunner:
             tracker.update(model=name)
             if records[name].state in machine.IN_FLIGHT:
                 raise TrustError("busy", f"{name} has an update in {records[name].state}")
-            if self.pins is not None and source_of(job.source) != "twin":
+            if self.pins is not None and source_of(job.source) == "twin":
+                # the target may have been fetched while a technician overrode it
+                self.pins.check_target_job(name, machine.summary(records[name]).get("version"))
+            elif self.pins is not None:
                 # A twin model target pins the model (its own jobs are the target). The
                 # version is not authenticated yet: a bundle that lies about it to pass
                 # fails the signature check of the same manifest in VERIFY.

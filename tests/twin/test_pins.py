@@ -20,6 +20,7 @@ from edgerund.backend.bundlestore import publish_bundle
 from edgerund.component import Peer
 from edgerund.errors import CommandError, TrustError
 from edgerund.twin import reported
+from edgerund.twin import targets as T
 from edgerund.twin.bundlewire import BundleMeta
 from edgerund.twin.desired import Desired
 from edgerund.twin.fetch import connect_properties
@@ -60,6 +61,29 @@ def test_pins_pure() -> None:
     p.set(4, {})  # a newer version without m1: the pin is lifted
     p.check_local_update("m1", "3.0.0", source="socket:0", override=False)
     assert p.active_override("m1", "2.1.0") is None  # no pin: nothing to override
+
+
+def test_a_target_refused_for_an_override_is_retried_by_a_newer_version() -> None:
+    """`overridden_locally` is a refusal of the moment (the backend has not decided): a
+    newer desired version naming the same bundle fetches it again, unlike a bundle the
+    pipeline judged (`version_rollback`), which is remembered as final."""
+    t = T.Target("m1", "2.1.0", "ab" * 32, 1024)
+
+    def refused(reason: str) -> T.Outcome:
+        return T.Outcome("m1", "2.1.0", t.sha256, T.REFUSED, reason, None, 1, 0.0)
+
+    kw = {"active_version": "2.0.5", "desired_version": 2}
+    assert T.decide(t, remembered=refused(T.OVERRIDDEN_LOCALLY), **kw) == "fetch"
+    assert T.decide(t, remembered=refused("version_rollback"), **kw) == "remembered"
+    p = Pins()
+    p.set(1, {"m1": "2.1.0"})
+    p.check_local_update("m1", "2.0.5", source="socket:1000", override=True)
+    with pytest.raises(TrustError) as ei:
+        p.check_target_job("m1", "2.0.5")
+    assert ei.value.code == T.OVERRIDDEN_LOCALLY
+    p.check_target_job("m1", "2.0.0")  # the override no longer runs
+    p.set(2, {"m1": "2.1.0"})
+    p.check_target_job("m1", "2.0.5")  # the backend's newer version decides
 
 
 async def test_local_update_refused_overridden_and_reported(tmp_path: Path, mosquitto: Any) -> None:
@@ -202,3 +226,39 @@ async def test_inbox_file_refused_by_a_pin_is_offered_again_when_the_targets_cha
         pins.set(2, {})  # the backend no longer targets m1
         await wait_for(lambda: r.updates.slot_info("m1")["version"] == "2.1.0", 60)
         assert refusals() == [PINNED_BY_TWIN]
+
+
+async def test_a_target_fetched_while_it_was_overridden_does_not_undo_the_override(
+    tmp_path: Path,
+) -> None:
+    """The technician overrides desired version 1's target (2.1.0) with 2.0.5 while that
+    target's bundle is still being fetched; the target's job then reaches the pipeline.
+    It must not install over the override (the override stands until the backend
+    decides); the next desired version's target does."""
+    pub = Publisher()
+    seed_dir(tmp_path / "shipped", M.affine())
+    pub.write_keyring(tmp_path / "keyring.json")
+    cfg = make_config(tmp_path)
+    target = pub.bundle(tmp_path / "target.bundle", version="2.1.0", counter=1)
+    local = pub.bundle(tmp_path / "local.bundle", version="2.0.5", counter=1)
+    pins = Pins()
+    pins.set(1, {"m1": "2.1.0"})
+    async with running(cfg, pins=pins) as r:
+        update = r.updates.commands()["update"].handler
+        await update({"path": str(local), "wait": "commit", "override_twin": True}, TECH)
+        assert r.updates.slot_info("m1")["version"] == "2.0.5"
+
+        # the target job of the same desired version, arriving after the override
+        ticket = await r.updates.submit(Job(target, "twin:m1", admitted=True))
+        await ticket.done.wait()
+        assert ticket.error is not None and ticket.error.code == T.OVERRIDDEN_LOCALLY
+        assert "installed over target 2.1.0 of desired version 1" in str(ticket.error)
+        assert r.updates.slot_info("m1")["version"] == "2.0.5"
+
+        # a newer desired version naming the target again: the backend decided
+        pins.set(2, {"m1": "2.1.0"})
+        ticket = await r.updates.submit(Job(target, "twin:m1", admitted=True))
+        await ticket.done.wait()
+        assert ticket.error is None, ticket.error
+        await wait_for(lambda: r.updates.slot_info("m1")["state"] == "COMMITTED", 60)
+        assert r.updates.slot_info("m1")["version"] == "2.1.0"

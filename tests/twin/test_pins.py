@@ -37,6 +37,14 @@ def _doc(version: int, models: dict[str, Any]) -> Desired:
     return Desired(version, {}, models, 2**62, "test", b"")
 
 
+def _pipeline(tmp_path: Path, **updates: Any) -> tuple[Publisher, Any]:
+    """A publisher, the shipped model m1 (1.0.0) and a config for `running`."""
+    pub = Publisher()
+    seed_dir(tmp_path / "shipped", M.affine())
+    pub.write_keyring(tmp_path / "keyring.json")
+    return pub, make_config(tmp_path, updates=updates or None)
+
+
 def _target(meta: BundleMeta, version: str) -> dict[str, Any]:
     return {"version": version, "sha256": meta.sha256, "size": meta.size}
 
@@ -87,10 +95,7 @@ def test_a_target_refused_for_an_override_is_retried_by_a_newer_version() -> Non
 
 
 async def test_local_update_refused_overridden_and_reported(tmp_path: Path, mosquitto: Any) -> None:
-    pub = Publisher()
-    seed_dir(tmp_path / "shipped", M.affine())
-    pub.write_keyring(tmp_path / "keyring.json")
-    cfg = make_config(tmp_path)
+    pub, cfg = _pipeline(tmp_path)
     target = pub.bundle(tmp_path / "target.bundle", version="2.0.0", counter=1)
     local = pub.bundle(tmp_path / "local.bundle", version="2.1.0", counter=1)
     async with aiomqtt.Client(
@@ -202,12 +207,9 @@ async def test_inbox_file_refused_by_a_pin_is_offered_again_when_the_targets_cha
     refusal is of the moment, so the file is not remembered as refused (as a poisoned one
     is); once the backend's next desired version no longer names the model it installs,
     without renaming the file or restarting the daemon."""
-    pub = Publisher()
-    seed_dir(tmp_path / "shipped", M.affine())
-    pub.write_keyring(tmp_path / "keyring.json")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    cfg = make_config(tmp_path, updates={"inbox_dir": str(inbox), "inbox_poll_ms": 50})
+    pub, cfg = _pipeline(tmp_path, inbox_dir=str(inbox), inbox_poll_ms=50)
     pins = Pins()
     pins.set(1, {"m1": "1.0.0"})  # the shipped version
     async with running(cfg, pins=pins) as r:
@@ -235,10 +237,7 @@ async def test_a_target_fetched_while_it_was_overridden_does_not_undo_the_overri
     target's bundle is still being fetched; the target's job then reaches the pipeline.
     It must not install over the override (the override stands until the backend
     decides); the next desired version's target does."""
-    pub = Publisher()
-    seed_dir(tmp_path / "shipped", M.affine())
-    pub.write_keyring(tmp_path / "keyring.json")
-    cfg = make_config(tmp_path)
+    pub, cfg = _pipeline(tmp_path)
     target = pub.bundle(tmp_path / "target.bundle", version="2.1.0", counter=1)
     local = pub.bundle(tmp_path / "local.bundle", version="2.0.5", counter=1)
     pins = Pins()

@@ -63,7 +63,14 @@ TRANSFER_REASONS = frozenset(
 # under the same desired version (twin/pins.py): the backend has not decided yet, so a
 # newer desired version naming the same bundle installs it.
 OVERRIDDEN_LOCALLY = "overridden_locally"
-RETRY_REASONS = TRANSFER_REASONS | {OVERRIDDEN_LOCALLY}
+# Refusals of the gateway's moment, not of the bundle (the pipeline's codes: updates/jobs.py
+# `busy`, updates/steps.py `refusal`, updates/ratelimit.py): a newer desired version
+# naming the same bundle tries again. Everything else the pipeline refused judged the
+# bundle itself (signature, hashes, counter, version, golden vectors, precheck).
+MOMENT_REASONS = frozenset(
+    {OVERRIDDEN_LOCALLY, "busy", "counter_unavailable", "keyring_unusable", "rate_limited"}
+)
+RETRY_REASONS = TRANSFER_REASONS | MOMENT_REASONS
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,8 @@ def test_pins_pure() -> None:
 def test_a_target_refused_for_an_override_is_retried_by_a_newer_version() -> None:
     """`overridden_locally` is a refusal of the moment (the backend has not decided): a
     newer desired version naming the same bundle fetches it again, unlike a bundle the
-    pipeline judged (`version_rollback`), which is remembered as final."""
+    pipeline judged (`version_rollback`), which is remembered as final. A target refused
+    while the counter could not be trusted used to be final too."""
     t = T.Target("m1", "2.1.0", "ab" * 32, 1024)
 
     def refused(reason: str) -> T.Outcome:
@@ -83,6 +84,11 @@ def test_a_target_refused_for_an_override_is_retried_by_a_newer_version() -> Non
     kw = {"active_version": "2.0.5", "desired_version": 2}
     assert T.decide(t, remembered=refused(T.OVERRIDDEN_LOCALLY), **kw) == "fetch"
     assert T.decide(t, remembered=refused("version_rollback"), **kw) == "remembered"
+    # so are the other refusals of the moment: a TPM counter not trusted at boot, another
+    # update in flight; a bundle whose signature failed is judged for good
+    for moment in ("counter_unavailable", "keyring_unusable", "busy"):
+        assert T.decide(t, remembered=refused(moment), **kw) == "fetch", moment
+    assert T.decide(t, remembered=refused("bad_signature"), **kw) == "remembered"
     p = Pins()
     p.set(1, {"m1": "2.1.0"})
     p.check_local_update("m1", "2.0.5", source="socket:1000", override=True)

@@ -3,7 +3,8 @@ updates component, stand-in models host and loop on onnxruntime) and a real mosq
 a bundle that passes its golden vectors but fails the probation ends `rolled_back` and is
 never fetched again; a bundle for another model is `wrong_model`; a newer desired version
 abandons a stalled fetch and installs its own target, while an unknown model in the same
-document is refused on its own. The documents are handed in already authenticated (the
+document is refused on its own; a refusal of the moment (`counter_unavailable`) is retried by
+a newer desired version. The documents are handed in already authenticated (the
 applier's part is tested in test_desired/test_model_targets)."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from edgerund.twin.bundlewire import BundleMeta
 from edgerund.twin.desired import Desired
 from edgerund.twin.fetch import connect_properties
 from edgerund.twin.modeltargets import ModelTargets
+from edgerund.updates.counter import RefusedCounter
 from tests.updates import models as M
 from tests.updates.support import Publisher, make_config, running, seed_dir, wait_for
 
@@ -180,3 +182,36 @@ async def test_newer_version_abandons_stalled_fetch(tmp_path: Path, mosquitto: A
             outcome = t.memory.get(meta2.sha256)
             assert outcome is not None and outcome.state == "committed"
             assert outcome.desired_version == 3
+
+
+async def test_a_target_refused_while_the_counter_was_untrusted_is_retried(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A gateway booted without a trustworthy anti-rollback counter refuses every bundle
+    (`counter_unavailable`): a refusal of that boot, not of the bundle. After a restart
+    with the counter back, the backend's next desired version naming the same bundle
+    installs it (the target memory used to keep the refusal as final)."""
+    rig = Rig(tmp_path, mosquitto)
+    good = rig.pub.bundle(tmp_path / "good.bundle", version="2.0.0", counter=1)
+    meta = await _publish(mosquitto, good)
+
+    def targets(r: Any, scope: Any) -> ModelTargets:
+        return ModelTargets(
+            rig.cfg, installer=r.updates, managed=lambda: r.updates.records,
+            scope=scope, notify=rig.notify, client=rig.client,
+        )  # fmt: skip
+
+    async with running(rig.cfg, counter=RefusedCounter("the TPM was missing at boot")) as r:
+        async with r.supervisor.scope("twin") as scope:
+            t = targets(r, scope)
+            await t.load()
+            t.offer(_doc(1, {"m1": _target(meta, "2.0.0")}))
+            await wait_for(lambda: _state(t)[:2] == (1, "refused"), 60)
+            assert _state(t)[2] == "counter_unavailable"
+    async with running(rig.cfg) as r:  # the restart, the counter trusted again
+        async with r.supervisor.scope("twin") as scope:
+            t = targets(r, scope)
+            await t.load()
+            t.offer(_doc(2, {"m1": _target(meta, "2.0.0")}))
+            await wait_for(lambda: _state(t)[:2] == (2, "committed"), 60)
+            assert r.updates.slot_info("m1")["version"] == "2.0.0"

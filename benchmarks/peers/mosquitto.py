@@ -141,6 +141,8 @@ class Broker:
     port: int = field(default_factory=free_port)
     tls: TlsFiles | None = None
     tls_port: int | None = None
+    # a mosquitto_passwd file: clients must log in (no anonymous access)
+    password_file: str | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -159,7 +161,11 @@ class Broker:
             # Started as root, mosquitto would drop to user `mosquitto`, which cannot
             # write the persistence file in the test's tmp dir: stay who we are.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-            "allow_anonymous true",
+            *(
+                ["allow_anonymous true"]
+                if self.password_file is None
+                else ["allow_anonymous false", f"password_file {self.password_file}"]
+            ),
             "persistence true",
             f"persistence_location {persist}/",
             "autosave_interval 1",

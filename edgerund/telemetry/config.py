@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from edgerund.config.base import Section
+from edgerund.tlsfiles import TlsFileError, client_context, file_problem
 
 
 class SeriesConfig(Section):
@@ -155,6 +156,23 @@ class _Telemetry(Protocol):
     def sensors(self) -> Sequence[_Sensor]: ...
 
 
+def _tls_files(tls: TlsConfig) -> list[tuple[str, str]]:
+    """The uplink's TLS files exist and load as what they claim to be (a key that is not
+    the certificate's, or an encrypted one, is a config error with its line, not a
+    connection that fails at every attempt)."""
+    errs = []
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, key)
+        if path is not None and (why := file_problem(path, absolute=False)) is not None:
+            errs.append((f"uplink.tls.{key}", why))
+    if not errs:
+        try:
+            client_context(tls.ca_file, tls.cert_file, tls.key_file)
+        except TlsFileError as exc:
+            errs.append((f"uplink.tls.{'ca_file' if exc.role == 'ca' else 'key_file'}", str(exc)))
+    return errs
+
+
 def cross_check(cfg: _Telemetry) -> list[tuple[str, str]]:
     """Checks across keys: returns (key.path, message) pairs, empty when fine."""
     errs: list[tuple[str, str]] = []
@@ -252,6 +270,8 @@ def cross_check(cfg: _Telemetry) -> list[tuple[str, str]]:
         errs.append(("uplink.session_expiry_s", f"expected >= 0, got {u.session_expiry_s}"))
     if u.tls is not None and (u.tls.cert_file is None) != (u.tls.key_file is None):
         errs.append(("uplink.tls.key_file", "cert_file and key_file go together (mutual TLS)"))
+    elif u.tls is not None and u.enabled:
+        errs += _tls_files(u.tls)
     if u.password_file is not None and u.username is None:
         errs.append(("uplink.username", "password_file is set but username is not"))
     if "#" in u.topic_prefix or "+" in u.topic_prefix or u.topic_prefix.endswith("/"):

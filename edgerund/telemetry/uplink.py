@@ -85,9 +85,10 @@ from edgerund.telemetry.codec import Cls
 from edgerund.telemetry.config import UplinkConfig
 from edgerund.telemetry.signing import Signer, meta_with_ver
 from edgerund.telemetry.spool import Row, Spool
+from edgerund.tlsfiles import client_context
 
 if TYPE_CHECKING:
-    pass
+    import ssl
 
 log = structlog.get_logger("edgerund.telemetry.uplink")
 
@@ -332,7 +333,20 @@ class Uplink:
             exc = exc.exceptions[0]
         return f"{type(exc).__name__}: {exc}"
 
-    def _make_client(self) -> _AckClient:
+    def _credentials(self) -> tuple[str | None, ssl.SSLContext | None]:
+        """The password and TLS context (blocking: reads files). The context is ours, not
+        paho's tls_set: an encrypted key fails with its file named instead of stopping at
+        OpenSSL's passphrase prompt (edgerund/tlsfiles.py)."""
+        cfg = self.cfg
+        password = Path(cfg.password_file).read_text().strip() if cfg.password_file else None
+        tls = None
+        if cfg.tls is not None:
+            tls = client_context(cfg.tls.ca_file, cfg.tls.cert_file, cfg.tls.key_file)
+        return password, tls
+
+    def _make_client(
+        self, password: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> _AckClient:
         cfg = self.cfg
         props = _props(PacketTypes.CONNECT)
         props.SessionExpiryInterval = cfg.session_expiry_s
@@ -345,14 +359,6 @@ class Uplink:
             retain=True,
             properties=will_props,
         )
-        tls = None
-        if cfg.tls is not None:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file
-            )
-        password = None
-        if cfg.password_file:
-            password = Path(cfg.password_file).read_text().strip()
         return _AckClient(
             cfg.host,
             cfg.port,
@@ -363,7 +369,7 @@ class Uplink:
             keepalive=cfg.keepalive_s,
             timeout=cfg.connect_timeout_s,
             properties=props,
-            tls_params=tls,
+            tls_context=tls,
             username=cfg.username,
             password=password,
             max_inflight_messages=cfg.inflight_max + 8,
@@ -371,11 +377,15 @@ class Uplink:
         )
 
     async def _session(self) -> None:
-        client = (
-            await asyncio.to_thread(self._make_client)
-            if self.cfg.password_file
-            else self._make_client()
+        # files are read off the loop; the client itself is made on it (aiomqtt binds it
+        # to the running loop: made in a thread it raised "no running event loop", so a
+        # `password_file` uplink never connected until 2026-12-06)
+        creds = (
+            await asyncio.to_thread(self._credentials)
+            if self.cfg.password_file or self.cfg.tls is not None
+            else (None, None)
         )
+        client = self._make_client(*creds)
         async with client:
             self._client = client
             self.stats.connected = True

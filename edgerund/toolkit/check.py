@@ -31,6 +31,7 @@ from typing import Any
 from edgerund.config.loader import load_config
 from edgerund.config.schema import Config
 from edgerund.errors import ConfigError
+from edgerund.tlsfiles import TlsFileError, client_context
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 LEVEL = {OK: 0, WARN: 1, FAIL: 2}
@@ -144,12 +145,12 @@ def broker_probe(
         raw.close()
         return OK, f"broker {host}:{port} reachable (no TLS)", ""
     try:
-        ctx = ssl.create_default_context(cafile=tls.get("ca_file") or None)
-        if tls.get("cert_file"):
-            ctx.load_cert_chain(tls["cert_file"], tls.get("key_file") or None)
+        ctx = client_context(
+            tls.get("ca_file") or None, tls.get("cert_file") or None, tls.get("key_file") or None
+        )
         with ctx.wrap_socket(raw, server_hostname=host) as s:
             cert = s.getpeercert()
-    except (ssl.SSLError, OSError) as exc:
+    except (ssl.SSLError, OSError, TlsFileError) as exc:
         raw.close()
         return (
             FAIL,

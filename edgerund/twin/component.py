@@ -54,6 +54,7 @@ from edgerund import logs
 from edgerund.component import Command
 from edgerund.errors import CommandError, EdgerundError
 from edgerund.telemetry.commands import json_obj
+from edgerund.tlsfiles import client_context
 from edgerund.twin import bundle, reported
 from edgerund.twin.applier import DesiredApplier
 from edgerund.twin.auth import reported_message
@@ -63,6 +64,8 @@ from edgerund.twin.gate import CommandGate, gateway_sign
 from edgerund.twin.modeltargets import ModelTargets
 
 if TYPE_CHECKING:
+    import ssl
+
     import aiomqtt
     from paho.mqtt.properties import Properties
 
@@ -237,31 +240,33 @@ class TwinComponent:
         """Publish the reported state soon (a desired version applied, a reload)."""
         self._kick.set()
 
-    def _password(self) -> str | None:
+    def _credentials(self) -> tuple[str | None, ssl.SSLContext | None]:
+        """The broker password and TLS context (blocking: reads files; the uplink's own
+        context, edgerund/tlsfiles.py: never OpenSSL's passphrase prompt)."""
         u = self.cfg.uplink
-        return Path(u.password_file).read_text().strip() if u.password_file else None
+        password = Path(u.password_file).read_text().strip() if u.password_file else None
+        tls = None
+        if u.tls is not None:
+            tls = client_context(u.tls.ca_file, u.tls.cert_file, u.tls.key_file)
+        return password, tls
 
     async def _bundle_client(self) -> aiomqtt.Client:
         """A session of its own for bundle fetches (twin/fetch.py): the same broker
         settings, so a long transfer never holds up the reported state."""
-        password = await asyncio.to_thread(self._password)
+        creds = await asyncio.to_thread(self._credentials)
         props = connect_properties(self.cfg.updates.mqtt_chunk_max_kb * 1024)
-        return self._client(password, f"edgerund-{self.cfg.gateway.id}-bundles", props)
+        return self._client(creds, f"edgerund-{self.cfg.gateway.id}-bundles", props)
 
     def _client(
         self,
-        password: str | None,
+        creds: tuple[str | None, ssl.SSLContext | None],
         identifier: str | None = None,
         properties: Properties | None = None,
     ) -> aiomqtt.Client:
         import aiomqtt  # loaded off the loop by __aenter__
 
         u = self.cfg.uplink
-        tls = None
-        if u.tls is not None:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=u.tls.ca_file, certfile=u.tls.cert_file, keyfile=u.tls.key_file
-            )
+        password, tls = creds
         return aiomqtt.Client(
             u.host,
             u.port,
@@ -269,7 +274,7 @@ class TwinComponent:
             protocol=aiomqtt.ProtocolVersion.V5,
             keepalive=u.keepalive_s,
             timeout=u.connect_timeout_s,
-            tls_params=tls,
+            tls_context=tls,
             username=u.username,
             password=password,
             properties=properties,
@@ -282,7 +287,7 @@ class TwinComponent:
         topic = reported_topic(self.cfg)
         while True:
             try:
-                client = self._client(await asyncio.to_thread(self._password))
+                client = self._client(await asyncio.to_thread(self._credentials))
                 async with client:
                     await client.subscribe(desired_topic(self.cfg), qos=1)
                     self._scope.spawn(

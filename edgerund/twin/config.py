@@ -11,12 +11,12 @@ in the fetch's worker thread (twin/fetch.py).
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from edgerund.config.base import Section
+from edgerund.tlsfiles import TlsFileError, client_context, file_problem
 
 if TYPE_CHECKING:
     import ssl
@@ -57,27 +57,6 @@ class _Twin(Protocol):
     def twin(self) -> TwinConfig: ...
 
 
-def _file_problem(path: str) -> str | None:
-    """Why `path` cannot serve as a PEM file, or None."""
-    if not os.path.isabs(path):
-        return f"expected an absolute path, got {path!r}"
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except FileNotFoundError:
-        return f"expected a PEM file, got {path!r}: no such file"
-    except IsADirectoryError:
-        return f"expected a PEM file, got {path!r}: a directory"
-    except PermissionError:
-        return (
-            f"expected a PEM file the daemon can read, got {path!r}: permission denied"
-            " (run as root or a member of the edgerund group)"
-        )
-    except OSError as exc:
-        return f"expected a PEM file, got {path!r}: {exc.strerror}"
-    return None
-
-
 def cross_check(cfg: _Twin) -> list[tuple[str, str]]:
     """`twin.fetch`: the files exist and load as what they claim to be."""
     errs: list[tuple[str, str]] = []
@@ -98,7 +77,7 @@ def cross_check(cfg: _Twin) -> list[tuple[str, str]]:
     bad = False
     for key in ("ca_file", "client_cert", "client_key"):
         path = getattr(f, key)
-        if path is not None and (why := _file_problem(path)) is not None:
+        if path is not None and (why := file_problem(path)) is not None:
             errs.append((f"twin.fetch.{key}", why))
             bad = True
     if bad or (f.ca_file is None and f.client_cert is None):
@@ -118,30 +97,11 @@ class FetchTlsError(ValueError):
         self.key = key
 
 
-def _no_password() -> bytes:
-    return b""  # never OpenSSL's terminal prompt: an encrypted key fails to load instead
-
-
 def ssl_context(f: TwinFetchConfig) -> ssl.SSLContext:
     """The client context of `url` downloads (blocking: reads the files; ssl is imported
     only here, when a url target or the section needs it). FetchTlsError names the file
     that does not load."""
-    import ssl
-
     try:
-        # With cafile: only those CAs (a private PKI); without: the system store.
-        ctx = ssl.create_default_context(cafile=f.ca_file)
-    except ssl.SSLError as exc:
-        raise FetchTlsError(
-            "ca_file", f"expected PEM CA certificates in {f.ca_file!r}, got: {exc}"
-        ) from None
-    if f.client_cert is not None:
-        try:
-            ctx.load_cert_chain(f.client_cert, f.client_key, password=_no_password)
-        except ssl.SSLError as exc:
-            raise FetchTlsError(
-                "client_key",
-                f"expected a PEM certificate in {f.client_cert!r} and its unencrypted private"
-                f" key in {f.client_key!r}, got: {exc}",
-            ) from None
-    return ctx
+        return client_context(f.ca_file, f.client_cert, f.client_key)
+    except TlsFileError as exc:
+        raise FetchTlsError("ca_file" if exc.role == "ca" else "client_key", str(exc)) from None

@@ -438,3 +438,30 @@ async def test_a_session_start_that_never_completes_ends_the_session(
             assert len(asked) >= 2
         finally:
             await proxy.stop()
+
+
+async def test_login_with_a_password_file(tmp_path: Path, mosquitto_auth: Any) -> None:
+    """`uplink.username` + `password_file` against a broker that refuses anonymous
+    clients. The uplink used to make its client in a worker thread when a password file
+    was set, where aiomqtt cannot bind it to the event loop: it never connected."""
+    b = mosquitto_auth
+    good, bad = tmp_path / "good.pw", tmp_path / "bad.pw"
+    good.write_text(b.password + "\n")
+    bad.write_text("not-the-password\n")
+    up = {"username": "gw", "password_file": str(good), "require_subscriber": False}
+    async with telemetry_in(
+        make_ctx(make_config(tmp_path, b, uplink=up), tmp_path), HubStandIn([])
+    ) as tel:
+        await _fill_backlog(tel, 2, 10)
+        await until(lambda: tel.spool.stats.backlog_batches == 0, 20)
+        assert tel.status()["telemetry"]["connected"]
+    other = tmp_path / "other"
+    other.mkdir()
+    up = {**up, "password_file": str(bad)}
+    async with telemetry_in(
+        make_ctx(make_config(other, b, uplink=up), other), HubStandIn([])
+    ) as tel:
+        await until(lambda: tel.uplink is not None and tel.uplink.stats.connect_failures >= 2, 20)
+        assert tel.status()["telemetry"]["connected"] is False
+        err = (tel.uplink.stats.last_error or "").lower()
+        assert "not authorized" in err or "bad user name or password" in err, err

@@ -11,12 +11,16 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
 
 from edgerund.config.base import Section
 from edgerund.tlsfiles import TlsFileError, client_context, file_problem
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class SeriesConfig(Section):
@@ -154,6 +158,18 @@ class _Telemetry(Protocol):
     def gateway(self) -> _Gateway: ...
     @property
     def sensors(self) -> Sequence[_Sensor]: ...
+
+
+def broker_credentials(u: UplinkConfig) -> tuple[str | None, ssl.SSLContext | None]:
+    """The broker password and TLS context of the uplink's (and the twin's) MQTT sessions
+    (blocking: reads files). The context is ours, not paho's `tls_set`: an encrypted key
+    fails with its file named instead of stopping at OpenSSL's passphrase prompt
+    (edgerund/tlsfiles.py)."""
+    password = Path(u.password_file).read_text().strip() if u.password_file else None
+    tls = None
+    if u.tls is not None:
+        tls = client_context(u.tls.ca_file, u.tls.cert_file, u.tls.key_file)
+    return password, tls
 
 
 def _tls_files(tls: TlsConfig) -> list[tuple[str, str]]:

@@ -70,7 +70,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -82,10 +81,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgerund.errors import CommandError as CommandRejected
 from edgerund.telemetry.codec import Cls
-from edgerund.telemetry.config import UplinkConfig
+from edgerund.telemetry.config import UplinkConfig, broker_credentials
 from edgerund.telemetry.signing import Signer, meta_with_ver
 from edgerund.telemetry.spool import Row, Spool
-from edgerund.tlsfiles import client_context
 
 if TYPE_CHECKING:
     import ssl
@@ -333,17 +331,6 @@ class Uplink:
             exc = exc.exceptions[0]
         return f"{type(exc).__name__}: {exc}"
 
-    def _credentials(self) -> tuple[str | None, ssl.SSLContext | None]:
-        """The password and TLS context (blocking: reads files). The context is ours, not
-        paho's tls_set: an encrypted key fails with its file named instead of stopping at
-        OpenSSL's passphrase prompt (edgerund/tlsfiles.py)."""
-        cfg = self.cfg
-        password = Path(cfg.password_file).read_text().strip() if cfg.password_file else None
-        tls = None
-        if cfg.tls is not None:
-            tls = client_context(cfg.tls.ca_file, cfg.tls.cert_file, cfg.tls.key_file)
-        return password, tls
-
     def _make_client(
         self, password: str | None = None, tls: ssl.SSLContext | None = None
     ) -> _AckClient:
@@ -381,7 +368,7 @@ class Uplink:
         # to the running loop: made in a thread it raised "no running event loop", so a
         # `password_file` uplink never connected until 2026-12-06)
         creds = (
-            await asyncio.to_thread(self._credentials)
+            await asyncio.to_thread(broker_credentials, self.cfg)
             if self.cfg.password_file or self.cfg.tls is not None
             else (None, None)
         )

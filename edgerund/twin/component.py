@@ -43,7 +43,6 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -54,7 +53,7 @@ from edgerund import logs
 from edgerund.component import Command
 from edgerund.errors import CommandError, EdgerundError
 from edgerund.telemetry.commands import json_obj
-from edgerund.tlsfiles import client_context
+from edgerund.telemetry.config import broker_credentials
 from edgerund.twin import bundle, reported
 from edgerund.twin.applier import DesiredApplier
 from edgerund.twin.auth import reported_message
@@ -241,14 +240,7 @@ class TwinComponent:
         self._kick.set()
 
     def _credentials(self) -> tuple[str | None, ssl.SSLContext | None]:
-        """The broker password and TLS context (blocking: reads files; the uplink's own
-        context, edgerund/tlsfiles.py: never OpenSSL's passphrase prompt)."""
-        u = self.cfg.uplink
-        password = Path(u.password_file).read_text().strip() if u.password_file else None
-        tls = None
-        if u.tls is not None:
-            tls = client_context(u.tls.ca_file, u.tls.cert_file, u.tls.key_file)
-        return password, tls
+        return broker_credentials(self.cfg.uplink)  # blocking: reads files
 
     async def _bundle_client(self) -> aiomqtt.Client:
         """A session of its own for bundle fetches (twin/fetch.py): the same broker

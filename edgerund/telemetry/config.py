@@ -96,7 +96,9 @@ class TlsConfig(Section):
     ca_file: str
     cert_file: str | None = None  # client certificate (mutual TLS)
     key_file: str | None = None
-    server_name: str | None = None  # SNI / certificate host name; default: host
+    # SNI / certificate host name: not used yet (a warning at start); the certificate is
+    # checked against `host`
+    server_name: str | None = None
 
 
 class UplinkConfig(Section):

@@ -227,6 +227,13 @@ class Uplink:
         dispatch: Dispatch,
     ) -> None:
         self.cfg = cfg
+        if cfg.tls is not None and cfg.tls.server_name is not None:
+            # accepted by the schema, not implemented: say so instead of ignoring it
+            log.warning(
+                "uplink_tls_server_name_unused",
+                server_name=cfg.tls.server_name,
+                message=f"the broker's certificate is checked against uplink.host ({cfg.host})",
+            )
         self.base = f"{cfg.topic_prefix}/{site}/{gateway}"
         self.client_id = cfg.client_id or f"edgerund-{gateway}"
         self.spool = spool

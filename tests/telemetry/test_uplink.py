@@ -12,6 +12,7 @@ from typing import Any
 import aiomqtt
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from edgerund.remote import RemoteCommands
 from edgerund.telemetry.codec import Cls, SeriesBlock
@@ -268,16 +269,21 @@ async def test_resend_republishes_kept_batches(
 async def test_tls_with_client_certificate(tmp_path: Path, mosquitto_tls: Any) -> None:
     b = mosquitto_tls
     tls = {"ca_file": b.tls.ca_file, "cert_file": b.tls.client_cert, "key_file": b.tls.client_key}
+    # not implemented: named at start, not silently ignored
+    tls["server_name"] = "broker.example"
     # no consumer: the TLS session is tested, a PUBACK (0x10 included) completes a publish
     up = {"port": b.tls_port, "tls": tls, "require_subscriber": False}
     ctx = make_ctx(make_config(tmp_path, b, uplink=up), tmp_path)
-    async with telemetry_in(ctx, HubStandIn([])) as tel:
-        await _fill_backlog(tel, 2, 10)
-        t0 = time.monotonic()
-        while tel.spool.stats.backlog_batches:
-            assert time.monotonic() - t0 < 20, tel.status()
-            await asyncio.sleep(0.05)
-        assert tel.status()["telemetry"]["connected"]
+    with capture_logs() as logs:
+        async with telemetry_in(ctx, HubStandIn([])) as tel:
+            await _fill_backlog(tel, 2, 10)
+            t0 = time.monotonic()
+            while tel.spool.stats.backlog_batches:
+                assert time.monotonic() - t0 < 20, tel.status()
+                await asyncio.sleep(0.05)
+            assert tel.status()["telemetry"]["connected"]
+    unused = [e for e in logs if e["event"] == "uplink_tls_server_name_unused"]
+    assert unused and unused[0]["server_name"] == "broker.example"
 
 
 async def test_tls_handshake_refused_is_reported_not_fatal(

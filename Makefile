@@ -22,9 +22,10 @@ simulate:
 SOAK_SECONDS ?= 3600
 SOAK_SEED ?=
 SOAK_REPORT ?= soak-report.json
+SOAK_ARGS ?=  # more harness flags, e.g. --exclude-faults daemon_kill9,daemon_restart
 soak:  ## seeded chaos run against mosquitto/swtpm/ptys; writes $(SOAK_REPORT)
 	PYTHONPATH=$(CURDIR) .venv/bin/python -m benchmarks.soak --seconds $(SOAK_SECONDS) \
-	    $(if $(SOAK_SEED),--seed $(SOAK_SEED)) --report $(SOAK_REPORT)
+	    $(if $(SOAK_SEED),--seed $(SOAK_SEED)) --report $(SOAK_REPORT) $(SOAK_ARGS)
 
 crash-check:  ## power-cut consistency of updates and spool, every crash state (needs strace)
 	PYTHONPATH=$(CURDIR) $(or $(PYTHON),.venv/bin/python) -m edgerund.toolkit.crashsim --keep-failed build/crash-failed

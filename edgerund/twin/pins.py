@@ -19,8 +19,9 @@ the target's), `active_override` returns it, the reported state marks the model
 `twin_override: true` and its target `overridden` (twin/modeltargets.py, reported.py).
 It is not undone behind the technician's back, not even by the same desired version's
 target fetched meanwhile (`check_target_job`, at that job's turn in the pipeline): it
-stands until the backend decides, i.e. until a newer desired version (one that still names the model re-applies its target; one
-that does not leaves the model alone) or until the model runs another version again.
+stands until the backend decides, i.e. until a newer desired version (one that still
+names the model re-applies its target; one that does not leaves the model alone) or
+until the model runs another version again.
 
 The pins are set from the valid targets of each desired version offered (`set`, by
 twin/modeltargets.py) and, at start-up, from the newest desired document re-verified from
